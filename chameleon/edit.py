@@ -1,0 +1,226 @@
+"""Hidden-state edits, many per batch.
+
+An `Edit` is one unit's directions at a few layers (a user's or a group's). An `EditBank` holds
+many edits as rows of stacked tensors on the model's device; row 0 is the identity. Inside one
+batched forward, every row of the batch picks its own bank row, and each edited layer applies all
+of them in one batched operation:
+
+    x ← x + α Σ_r ⟨x − μ, θP_r⟩ θP_r          (add the personalized component)
+    x ← x − β ⟨x − μ, θN⟩ θN                 (remove the non-personalized component)
+
+with μ = 0 when edits are not centered. The edit is applied through forward hooks, so it works
+with `generate()` and the KV cache (at decode time each call carries only the new token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from chameleon.model import layer_module
+
+
+@dataclass
+class Edit:
+    """Directions of one user or group at `layers` (θ unit-norm; zero rows past the rank)."""
+
+    layers: list[int]
+    theta_p: torch.Tensor
+    """[n_layers, r, d]"""
+    theta_n: torch.Tensor
+    """[n_layers, d]"""
+    mean: torch.Tensor
+    """[n_layers, d] μ of the centered edit."""
+    site: str = "mlp"
+
+    def __post_init__(self) -> None:
+        n, d = len(self.layers), self.theta_n.shape[-1]
+        if self.theta_p.ndim != 3 or self.theta_p.shape[0] != n or self.theta_p.shape[2] != d:
+            raise ValueError(f"theta_p must be [{n}, r, {d}], got {list(self.theta_p.shape)}")
+        if list(self.theta_n.shape) != [n, d] or list(self.mean.shape) != [n, d]:
+            raise ValueError("theta_n and mean must be [n_layers, d]")
+        if len(set(self.layers)) != n:
+            raise ValueError(f"duplicate layers in {self.layers}")
+        for name in ("theta_p", "theta_n", "mean"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ValueError(f"edit has non-finite values in {name}")
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "layers": torch.tensor(self.layers, dtype=torch.int64),
+            "theta_p": self.theta_p.float().contiguous(),
+            "theta_n": self.theta_n.float().contiguous(),
+            "mean": self.mean.float().contiguous(),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], site: str = "mlp") -> Edit:
+        return cls(
+            layers=[int(x) for x in tensors["layers"].tolist()],
+            theta_p=tensors["theta_p"],
+            theta_n=tensors["theta_n"],
+            mean=tensors["mean"],
+            site=site,
+        )
+
+
+def edit_rows(
+    x: torch.Tensor,
+    P: torch.Tensor,
+    N: torch.Tensor,
+    mu: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+) -> torch.Tensor:
+    """Apply per-row edits to x [B, T, d] with P [B, r, d], N [B, d], mu [B, d], alpha/beta [B].
+
+    The math runs in float32 and the result is cast back; rows with zero directions come back
+    with x unchanged up to that cast (callers mask identity rows to make them bit-exact).
+    """
+    xf = x.float()
+    c = xf - mu[:, None, :]
+    coef = torch.einsum("btd,brd->btr", c, P)
+    xf = xf + alpha[:, None, None] * torch.einsum("btr,brd->btd", coef, P)
+    c = xf - mu[:, None, :]
+    proj = torch.einsum("btd,bd->bt", c, N)
+    xf = xf - beta[:, None, None] * proj[..., None] * N[:, None, :]
+    return xf.to(x.dtype)
+
+
+class EditBank:
+    """Rows of edits for one model and site; row 0 is the identity (no edit)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        layers: Sequence[int],
+        site: str = "mlp",
+        max_rank: int = 3,
+        positions: str = "last",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if positions not in ("last", "all"):
+            raise ValueError("positions must be 'last' or 'all'")
+        self.hidden_size = hidden_size
+        self.layers = sorted(set(int(x) for x in layers))
+        self.site = site
+        self.max_rank = max_rank
+        self.positions = positions
+        self.device = torch.device(device)
+        n, d = len(self.layers), hidden_size
+        # Per bank layer, per row: the row's directions at that layer (zero = no edit there).
+        self.P = torch.zeros(1, n, max_rank, d, device=self.device)
+        self.N = torch.zeros(1, n, d, device=self.device)
+        self.mu = torch.zeros(1, n, d, device=self.device)
+        self.alpha = torch.zeros(1, device=self.device)
+        self.beta = torch.zeros(1, device=self.device)
+        self.active = torch.zeros(1, n, dtype=torch.bool, device=self.device)
+        self._rows: torch.Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.P.shape[0]
+
+    def _layer_slot(self, layer: int) -> int:
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise ValueError(f"layer {layer} is not one of this bank's layers {self.layers}") from None
+
+    def _row_tensors(self, edit: Edit, alpha: float, beta: float, centered: bool):
+        if edit.site != self.site:
+            raise ValueError(f"edit is for site {edit.site!r}, bank for {self.site!r}")
+        if edit.theta_n.shape[-1] != self.hidden_size:
+            raise ValueError(f"edit hidden size {edit.theta_n.shape[-1]} != model hidden size {self.hidden_size}")
+        if edit.theta_p.shape[1] > self.max_rank:
+            raise ValueError(f"edit rank {edit.theta_p.shape[1]} > bank max_rank {self.max_rank}")
+        n, d, r = len(self.layers), self.hidden_size, edit.theta_p.shape[1]
+        P = torch.zeros(n, self.max_rank, d)
+        N = torch.zeros(n, d)
+        mu = torch.zeros(n, d)
+        active = torch.zeros(n, dtype=torch.bool)
+        for i, layer in enumerate(edit.layers):
+            s = self._layer_slot(layer)
+            P[s, :r] = edit.theta_p[i].float().cpu()
+            N[s] = edit.theta_n[i].float().cpu()
+            if centered:
+                mu[s] = edit.mean[i].float().cpu()
+            active[s] = True
+        return P, N, mu, active
+
+    def add(self, edit: Edit, alpha: float = 1.0, beta: float = 1.0, centered: bool = True) -> int:
+        """Append an edit as a new row; return its row index."""
+        return self.add_many([edit], alpha, beta, centered)[0]
+
+    def add_many(self, edits: Sequence[Edit], alpha: float = 1.0, beta: float = 1.0, centered: bool = True) -> list[int]:
+        if not edits:
+            return []
+        rows = [self._row_tensors(e, alpha, beta, centered) for e in edits]
+        start = self.n_rows
+        dev = self.device
+        self.P = torch.cat([self.P, torch.stack([r[0] for r in rows]).to(dev)])
+        self.N = torch.cat([self.N, torch.stack([r[1] for r in rows]).to(dev)])
+        self.mu = torch.cat([self.mu, torch.stack([r[2] for r in rows]).to(dev)])
+        self.active = torch.cat([self.active, torch.stack([r[3] for r in rows]).to(dev)])
+        self.alpha = torch.cat([self.alpha, torch.full((len(edits),), float(alpha), device=dev)])
+        self.beta = torch.cat([self.beta, torch.full((len(edits),), float(beta), device=dev)])
+        return list(range(start, start + len(edits)))
+
+    def set_row(self, row: int, edit: Edit, alpha: float = 1.0, beta: float = 1.0, centered: bool = True) -> None:
+        """Overwrite a row in place (a cache slot being reused); row 0 stays the identity."""
+        if not 1 <= row < self.n_rows:
+            raise IndexError(f"row {row} is not an editable row (1..{self.n_rows - 1})")
+        P, N, mu, active = self._row_tensors(edit, alpha, beta, centered)
+        self.P[row], self.N[row], self.mu[row], self.active[row] = (t.to(self.device) for t in (P, N, mu, active))
+        self.alpha[row], self.beta[row] = float(alpha), float(beta)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _hook(self, slot: int):
+        def hook(module: nn.Module, args, output):
+            rows = self._rows
+            if rows is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            B = hidden.shape[0]
+            if rows.shape[0] != B:
+                raise RuntimeError(f"edit rows for {rows.shape[0]} sequences, batch has {B}")
+            # No `.any()` shortcut: it would force a device sync in every layer of every step.
+            on = self.active[rows, slot] & ((self.alpha[rows] != 0) | (self.beta[rows] != 0))
+            part = hidden[:, -1:, :] if self.positions == "last" else hidden
+            edited = edit_rows(
+                part, self.P[rows, slot], self.N[rows, slot], self.mu[rows, slot], self.alpha[rows], self.beta[rows]
+            )
+            # Rows without an edit here keep their exact values (bit-identical to the base model).
+            edited = torch.where(on[:, None, None], edited, part)
+            if self.positions == "last" and hidden.shape[1] > 1:
+                hidden = torch.cat([hidden[:, :-1, :], edited], dim=1)
+            else:
+                hidden = edited
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, rows: torch.Tensor | Sequence[int]) -> Iterator[None]:
+        """Edit `model` while inside the block; batch row i uses bank row rows[i]."""
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        if rows_t.ndim != 1:
+            raise ValueError("rows must be one bank row index per sequence")
+        if len(rows_t) and (int(rows_t.min()) < 0 or int(rows_t.max()) >= self.n_rows):
+            raise IndexError(f"bank has rows 0..{self.n_rows - 1}, got {rows_t.tolist()}")
+        handles = [
+            layer_module(model, layer, self.site).register_forward_hook(self._hook(slot))
+            for slot, layer in enumerate(self.layers)
+        ]
+        self._rows = rows_t
+        try:
+            yield
+        finally:
+            self._rows = None
+            for h in handles:
+                h.remove()

@@ -1,0 +1,76 @@
+"""Shared fixtures. Storage: a real S3-compatible server (SeaweedFS, SigV4 auth) on loopback."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from chameleon.s3server import LocalS3Server
+from chameleon.storage import LocalStore, S3Store
+
+TEST_BUCKET = "chameleon-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One SeaweedFS for the whole session (about 1 s to start), with generated access keys."""
+    with LocalS3Server(backend="seaweedfs") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_store(s3_server: LocalS3Server, request: pytest.FixtureRequest) -> S3Store:
+    """A fresh, empty prefix per test in one shared bucket (a new SeaweedFS bucket costs ~0.3 s)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:80]
+    return s3_server.store(TEST_BUCKET, f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def local_store(tmp_path) -> LocalStore:
+    """An empty local store in the test's temporary directory."""
+    return LocalStore(tmp_path / "store")
+
+
+# -- models and a published run (tiny random model, real tokenizer) -----------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (4 layers, hidden 64) saved with SmolLM2's real tokenizer."""
+    from tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def tiny_job_config(model_dir, **overrides):
+    """A fast job config for the tiny model (short generations, few CCS steps)."""
+    from chameleon.config import ChameleonConfig
+
+    base = {
+        "model.name_or_path": str(model_dir),
+        "synth.pairs_per_user": 4,
+        "synth.insight_max_new_tokens": 8,
+        "synth.answer_max_new_tokens": 8,
+        "synth.batch_size": 32,
+        "subspace.ccs_steps": 100,
+        "subspace.ccs_restarts": 3,
+        "groups.n_groups": 3,
+        "groups.min_group_size": 2,
+        "job.users_per_partition": 4,
+    }
+    return ChameleonConfig().with_overrides({**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def published_tiny_run(s3_server, tiny_model_dir, tmp_path_factory):
+    """A run of the in-process job on the 12 demo users with the tiny model, published to
+    SeaweedFS. Returns (store, manifest, model_dir)."""
+    from chameleon.demo import write_example_users
+    from chameleon.local import run_local
+
+    users = write_example_users(tmp_path_factory.mktemp("users") / "users.jsonl")
+    store = s3_server.store(TEST_BUCKET, f"published-{uuid.uuid4().hex[:8]}")
+    manifest = run_local(str(users), store, "tiny-run-1", tiny_job_config(tiny_model_dir), progress=False)
+    return store, manifest, tiny_model_dir

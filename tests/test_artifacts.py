@@ -1,0 +1,272 @@
+"""Run artifacts: manifest last, `latest` pointer, checksums, immutability, model fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from chameleon.artifacts import (
+    FINGERPRINT_KEY,
+    ArtifactError,
+    ArtifactModelMismatchError,
+    ChecksumMismatchError,
+    RunImmutableError,
+    RunNotFoundError,
+    RunReader,
+    RunWriter,
+    check_compatible,
+    fingerprint_model,
+    latest_run_id,
+    list_runs,
+    new_run_id,
+    validate_run_id,
+)
+from chameleon.storage import LocalStore
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request):
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+def _write_all(writer: RunWriter) -> None:
+    writer.put_safetensors(
+        "groups/g1.safetensors",
+        {"theta_p": torch.arange(12, dtype=torch.float32).reshape(3, 4), "layers": torch.tensor([3, 5])},
+        metadata={"group_id": "g1", "rank": "3"},
+    )
+    writer.put_parquet("assignments.parquet", pa.table({"user_id": ["u1", "u2"], "group_id": ["g1", "g1"]}))
+    writer.put_json("config.json", {"alpha": 1.0})
+    writer.put_jsonl(
+        "rejects.jsonl", [{"index": 3, "reason": "history is empty"}, {"index": 7, "reason": "ü"}]
+    )
+    writer.put_bytes("notes.txt", b"free text")
+
+
+def test_round_trip(store):
+    writer = RunWriter(store, "run-1")
+    _write_all(writer)
+    manifest = writer.commit({"model": "tiny", "counts": {"users": 2}})
+
+    reader = RunReader(store)  # follows `latest`
+    assert reader.run_id == "run-1"
+    assert reader.manifest == manifest
+    assert reader.manifest["model"] == "tiny" and reader.manifest["format_version"] == 1
+    assert reader.manifest["created_at"] and reader.manifest["run_id"] == "run-1"
+    assert reader.files == [
+        "assignments.parquet",
+        "config.json",
+        "groups/g1.safetensors",
+        "notes.txt",
+        "rejects.jsonl",
+    ]
+    assert manifest["files"]["notes.txt"] == {"sha256": hashlib.sha256(b"free text").hexdigest(), "bytes": 9}
+
+    tensors, meta = reader.get_safetensors("groups/g1.safetensors")
+    assert torch.equal(tensors["theta_p"], torch.arange(12, dtype=torch.float32).reshape(3, 4))
+    assert torch.equal(tensors["layers"], torch.tensor([3, 5]))
+    assert meta == {"group_id": "g1", "rank": "3"}
+    assert reader.get_parquet("assignments.parquet").column("group_id").to_pylist() == ["g1", "g1"]
+    assert reader.get_json("config.json") == {"alpha": 1.0}
+    assert reader.get_jsonl("rejects.jsonl")[1] == {"index": 7, "reason": "ü"}
+    assert reader.get_bytes("notes.txt") == b"free text"
+
+
+def test_manifest_is_written_last_then_latest(tmp_path):
+    class RecordingStore(LocalStore):
+        """A real local store that remembers the order of writes."""
+
+        writes: list[str] = []
+
+        def put_bytes(self, key, data):
+            super().put_bytes(key, data)
+            RecordingStore.writes.append(self.key_uri(key).removeprefix(root.uri + "/"))
+
+        def child(self, prefix):
+            return RecordingStore(self.root / prefix)
+
+    root = RecordingStore(tmp_path)
+    writer = RunWriter(root, "r1")
+    _write_all(writer)
+    writer.commit({})
+    assert RecordingStore.writes[-2:] == ["runs/r1/manifest.json", "latest"]
+    assert len(RecordingStore.writes) == 7
+
+
+def test_run_without_manifest_is_invisible(store):
+    writer = RunWriter(store, "half")
+    _write_all(writer)  # the job dies before commit()
+    with pytest.raises(RunNotFoundError, match="no 'latest' pointer"):
+        RunReader(store)
+    with pytest.raises(RunNotFoundError, match="no manifest.json"):
+        RunReader(store, "half")
+    assert list_runs(store) == []
+    assert latest_run_id(store) is None
+    # Even a `latest` pointing at it (say, written by hand) does not make it readable.
+    store.put_text("latest", "half\n")
+    with pytest.raises(RunNotFoundError, match="does not exist or is incomplete"):
+        RunReader(store)
+    assert isinstance(RunNotFoundError("x"), FileNotFoundError)
+
+
+def test_latest_points_at_newest_committed_run(store):
+    for run_id, alpha in [("r1", 1.0), ("r2", 2.0)]:
+        writer = RunWriter(store, run_id)
+        writer.put_json("config.json", {"alpha": alpha})
+        writer.commit({})
+    staging = RunWriter(store, "r3-staging")
+    staging.put_json("config.json", {"alpha": 3.0})
+    staging.commit({}, set_latest=False)
+    RunWriter(store, "r4-unfinished").put_json("config.json", {})
+
+    assert latest_run_id(store) == "r2"
+    assert RunReader(store).get_json("config.json") == {"alpha": 2.0}
+    assert RunReader(store, "r1").get_json("config.json") == {"alpha": 1.0}  # older runs stay readable
+    assert list_runs(store) == ["r1", "r2", "r3-staging"]
+
+
+def test_tampered_file_fails_checksum(store):
+    writer = RunWriter(store, "r1")
+    _write_all(writer)
+    manifest = writer.commit({})
+    store.put_bytes(
+        "runs/r1/groups/g1.safetensors", store.get_bytes("runs/r1/groups/g1.safetensors")[:-4] + b"\0\0\0\0"
+    )
+    reader = RunReader(store)
+    with pytest.raises(ChecksumMismatchError) as info:
+        reader.get_safetensors("groups/g1.safetensors")
+    message = str(info.value)
+    assert "groups/g1.safetensors" in message
+    assert manifest["files"]["groups/g1.safetensors"]["sha256"] in message
+    store.put_bytes("runs/r1/config.json", b"{}")  # truncated / replaced
+    with pytest.raises(ChecksumMismatchError, match="config.json"):
+        reader.get_json("config.json")
+    assert reader.get_parquet("assignments.parquet").num_rows == 2  # untouched files still read
+
+
+def test_files_not_in_manifest_are_refused(store):
+    writer = RunWriter(store, "r1")
+    writer.put_json("config.json", {})
+    writer.commit({})
+    store.put_bytes("runs/r1/extra.json", b"{}")
+    with pytest.raises(ArtifactError, match="not listed in the manifest"):
+        RunReader(store).get_json("extra.json")
+    with pytest.raises(ArtifactError, match="not listed"):
+        RunReader(store).get_json("../../latest")
+
+
+def test_committed_run_is_immutable(store):
+    writer = RunWriter(store, "r1")
+    writer.put_json("config.json", {})
+    writer.commit({})
+    with pytest.raises(RunImmutableError, match="already committed"):
+        writer.put_json("config.json", {"changed": True})
+    with pytest.raises(RunImmutableError):
+        writer.commit({})
+    with pytest.raises(RunImmutableError, match="write a new run id"):
+        RunWriter(store, "r1")
+    assert RunReader(store, "r1").get_json("config.json") == {}
+
+
+def test_resume_records_existing_files(store):
+    first = RunWriter(store, "r1")
+    first.put_parquet("pairs/part-00000.parquet", pa.table({"x": [1, 2]}))
+    # ...the job restarts; a new writer picks the run up.
+    second = RunWriter(store, "r1")
+    assert second.exists("pairs/part-00000.parquet")
+    assert not second.exists("pairs/part-00001.parquet")
+    entry = second.record_existing("pairs/part-00000.parquet")
+    assert entry == first.files["pairs/part-00000.parquet"]
+    second.put_parquet("pairs/part-00001.parquet", pa.table({"x": [3]}))
+    second.commit({})
+    reader = RunReader(store)
+    assert reader.files == ["pairs/part-00000.parquet", "pairs/part-00001.parquet"]
+    assert reader.get_parquet("pairs/part-00000.parquet").column("x").to_pylist() == [1, 2]
+
+
+@pytest.mark.parametrize("bad", ["", ".hidden", "../x", "a/b", "a b", "x" * 129, "latest\n", "é"])
+def test_invalid_run_ids(local_store, bad):
+    with pytest.raises(ValueError, match="invalid run id"):
+        RunWriter(local_store, bad)
+    with pytest.raises(ValueError, match="invalid run id"):
+        RunReader(local_store, bad)
+
+
+def test_valid_run_ids():
+    assert validate_run_id("2026-11-27_run.v1") == "2026-11-27_run.v1"
+    assert validate_run_id("x" * 128)
+    run_id = new_run_id("lamp7")
+    assert run_id.startswith("lamp7-") and validate_run_id(run_id)
+
+
+def test_invalid_artifact_paths_and_fields(local_store):
+    writer = RunWriter(local_store, "r1")
+    with pytest.raises(ValueError):
+        writer.put_bytes("../../latest", b"r0")
+    with pytest.raises(ValueError, match="written by commit"):
+        writer.put_json("manifest.json", {})
+    with pytest.raises(ValueError, match="set by commit"):
+        writer.commit({"files": {}})
+    with pytest.raises(ValueError, match="not this run's id"):
+        writer.commit({"run_id": "r2"})
+    with pytest.raises(TypeError, match="str to str"):
+        writer.put_safetensors("a.safetensors", {"t": torch.zeros(2)}, metadata={"rank": 3})
+    assert latest_run_id(local_store) is None
+
+
+# -- model fingerprints --------------------------------------------------------------------------
+
+
+def _tiny_llama(seed: int, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_fingerprint_identifies_the_model(tmp_path):
+    model = _tiny_llama(0)
+    fp = fingerprint_model(model, "tiny-0")
+    assert (fp.hidden_size, fp.num_layers) == (64, 2)
+    # The same weights saved and reloaded (also in bfloat16, as on a GPU) are the same model.
+    model.save_pretrained(tmp_path)
+    for dtype in (torch.float32, torch.bfloat16):
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+        check_compatible(fp.to_dict(), fingerprint_model(reloaded, str(tmp_path)))
+    assert fingerprint_model(_tiny_llama(0), "again") == fp.__class__(**{**fp.to_dict(), "model_id": "again"})
+
+
+def test_fingerprint_mismatch_is_refused(store):
+    made_with = fingerprint_model(_tiny_llama(0), "tiny-seed-0")
+    other = fingerprint_model(_tiny_llama(1), "tiny-seed-1")
+    assert other.config_sha256 == made_with.config_sha256 and other.weights_sha256 != made_with.weights_sha256
+    with pytest.raises(ArtifactModelMismatchError) as info:
+        check_compatible(made_with.to_dict(), other)
+    message = str(info.value)
+    assert "'tiny-seed-0'" in message and "'tiny-seed-1'" in message and "weights" in message
+
+    deeper = fingerprint_model(_tiny_llama(0, layers=3), "tiny-3-layers")
+    with pytest.raises(ArtifactModelMismatchError, match="layer count, config"):
+        check_compatible(made_with.to_dict(), deeper)
+
+    writer = RunWriter(store, "r1")
+    writer.put_json("config.json", {})
+    writer.commit({FINGERPRINT_KEY: made_with.to_dict()})
+    reader = RunReader(store)
+    reader.check_model(made_with)
+    with pytest.raises(ArtifactModelMismatchError, match="run 'r1'"):
+        reader.check_model(other)
+
+    # The fingerprint may also sit under manifest["model"]["fingerprint"].
+    writer = RunWriter(store, "r2")
+    writer.commit({"run_id": "r2", "model": {"id": "tiny-seed-0", "fingerprint": made_with.to_dict()}})
+    RunReader(store, "r2").check_model(made_with)
+    with pytest.raises(ArtifactModelMismatchError):
+        RunReader(store, "r2").check_model(other)
+    RunWriter(store, "r3").commit({})
+    with pytest.raises(ArtifactError, match="records no"):
+        RunReader(store, "r3").check_model(made_with)

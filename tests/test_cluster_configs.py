@@ -1,0 +1,434 @@
+"""Offline checks of the cluster artifacts: `ray-cluster.yaml` and everything under `cluster/`.
+
+The `ray up` config goes through Ray's own validator (the JSON schema plus the semantic checks of
+`validate_config`, after `prepare_config` fills in the provider defaults as `ray up` does). The
+Serve config goes through Ray Serve's own `ServeDeploySchema`. The KubeRay manifests have no
+offline validator, so they are checked structurally against the `ray.io/v1` CRD fields we use.
+Fast, no network, no cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Ray Serve's own models emit pydantic deprecation warnings on import; they are not ours.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+RAY_UP = ROOT / "ray-cluster.yaml"
+SERVE_CONFIG = CLUSTER / "serve-config.yaml"
+JOB_CONFIG = CLUSTER / "job-config.example.yaml"
+
+RAY_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
+S3_SECRET = "chameleon-s3"
+KUBERAY_MANIFESTS = {
+    "raycluster.yaml": "RayCluster",
+    "rayjob.yaml": "RayJob",
+    "rayservice.yaml": "RayService",
+}
+
+# Field names of the ray.io/v1 CRDs (KubeRay ray-operator/apis/ray/v1/*_types.go). A typo in a
+# manifest (say `shutdownAfterJobFinish`) is otherwise dropped or refused only at `kubectl apply`.
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionStrategy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes",
+    "suspend",
+}
+RAYSERVICE_SPEC_FIELDS = {
+    "serveConfigV2",
+    "rayClusterConfig",
+    "serveService",
+    "upgradeStrategy",
+    "excludeHeadPodFromServeSvc",
+    "rayClusterDeletionDelaySeconds",
+}
+RAYCLUSTER_SPEC_FIELDS = {
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "suspend",
+    "managedBy",
+    "gcsFaultToleranceOptions",
+    "authOptions",
+}
+HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
+WORKER_GROUP_FIELDS = {
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "numOfHosts",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "suspend",
+    "idleTimeoutSeconds",
+}
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+
+
+def load_all(path: Path) -> list:
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def load_one(path: Path):
+    docs = load_all(path)
+    assert len(docs) == 1, f"{path.name}: expected one YAML document, found {len(docs)}"
+    return docs[0]
+
+
+def manifest(name: str) -> dict:
+    return load_one(CLUSTER / name)
+
+
+def cluster_spec(doc: dict) -> dict:
+    """The RayClusterSpec inside any of the three kinds."""
+    spec = doc["spec"]
+    return {
+        "RayCluster": spec,
+        "RayJob": spec.get("rayClusterSpec"),
+        "RayService": spec.get("rayClusterConfig"),
+    }[doc["kind"]]
+
+
+def ray_containers(spec: dict):
+    """(group name, container) for the Ray container of the head and of every worker group."""
+    yield "head", spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for group in spec.get("workerGroupSpecs", []):
+        yield group["groupName"], group["template"]["spec"]["containers"][0]
+
+
+def gpu_limit(container: dict) -> int:
+    return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def serve_schema_validate(config: dict):
+    """Ray Serve's own schema check: pydantic v2 API on current Ray, v1 `parse_obj` on old Ray."""
+    from ray.serve.schema import ServeDeploySchema
+
+    if hasattr(ServeDeploySchema, "model_validate"):
+        return ServeDeploySchema.model_validate(config)
+    return ServeDeploySchema.parse_obj(config)  # pragma: no cover - Ray with pydantic v1 models
+
+
+def ray_up_validate(config: dict) -> None:
+    """What `ray up` does before launching anything: fill in defaults, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+# --------------------------------------------------------------------------------------------
+# ray-cluster.yaml (`ray up`)
+# --------------------------------------------------------------------------------------------
+
+
+def test_ray_up_config_passes_rays_own_validation():
+    ray_up_validate(load_one(RAY_UP))
+
+
+@pytest.mark.parametrize(
+    "breakage, error",
+    [
+        (lambda c: c.__setitem__("max_workers", "ten"), "jsonschema"),
+        (lambda c: c.__setitem__("head_node_type", "ray.head.missing"), ValueError),
+        (
+            lambda c: c["available_node_types"]["ray.worker.gpu.a10g.1x"]["resources"].__setitem__(
+                "GPU", 0.5
+            ),
+            "jsonschema",
+        ),
+        (lambda c: c.__setitem__("max_worker", 3), "jsonschema"),  # unknown top-level key
+    ],
+    ids=["max_workers-not-int", "unknown-head-type", "fractional-gpu-resource", "unknown-key"],
+)
+def test_ray_up_validation_rejects_a_broken_copy(breakage, error):
+    import jsonschema
+
+    config = load_one(RAY_UP)
+    breakage(config)
+    expected = jsonschema.ValidationError if error == "jsonschema" else error
+    with pytest.raises(expected):
+        ray_up_validate(config)
+
+
+def test_ray_up_node_types():
+    config = load_one(RAY_UP)
+    assert config["provider"]["type"] == "aws" and config["provider"]["region"]
+    assert config["auth"]["ssh_user"] == "ubuntu"
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["node_config"]["InstanceType"] == "m5.2xlarge"
+    assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
+
+    gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    instances = {t["node_config"]["InstanceType"]: t for t in gpu_types.values()}
+    assert {"g5.xlarge", "g5.12xlarge"} <= set(instances)
+    assert instances["g5.xlarge"]["resources"]["GPU"] == 1
+    assert instances["g5.12xlarge"]["resources"]["GPU"] == 4
+    for name, t in gpu_types.items():
+        assert t.get("min_workers", 0) == 0, f"{name} must scale from zero"
+        assert t["max_workers"] >= 1
+        assert t["max_workers"] <= config["max_workers"]
+
+
+def test_ray_up_installs_the_project_and_starts_ray():
+    config = load_one(RAY_UP)
+    assert config["docker"]["image"] == RAY_IMAGE
+    assert config["docker"]["container_name"]
+    setup = " ".join(config["setup_commands"])
+    assert "pip install" in setup
+    # The project is either synced by file_mounts and installed from there, or installed from git.
+    mounted = [remote for remote, local in config["file_mounts"].items() if local == "."]
+    from_mount = bool(mounted) and any(remote in setup for remote in mounted)
+    assert from_mount or "chameleon-on-ray @ git+" in setup
+    assert any(
+        "ray start --head" in c and "--autoscaling-config=~/ray_bootstrap_config.yaml" in c
+        for c in config["head_start_ray_commands"]
+    )
+    assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
+
+
+# --------------------------------------------------------------------------------------------
+# every YAML under cluster/
+# --------------------------------------------------------------------------------------------
+
+CLUSTER_YAMLS = sorted(p for p in CLUSTER.rglob("*") if p.suffix in {".yaml", ".yml"})
+
+
+def test_cluster_dir_has_the_expected_files():
+    names = {p.name for p in CLUSTER_YAMLS}
+    assert set(KUBERAY_MANIFESTS) | {"serve-config.yaml", "job-config.example.yaml", "s3-dev.yaml"} <= names
+    assert (CLUSTER / "README.md").is_file()
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_every_cluster_yaml_parses(path):
+    docs = load_all(path)
+    assert docs, f"{path.name} is empty"
+    for doc in docs:
+        assert isinstance(doc, dict), f"{path.name}: every document must be a mapping"
+        if str(doc.get("apiVersion", "")).startswith("ray.io/"):
+            assert doc["apiVersion"] == "ray.io/v1", f"{path.name}: use apiVersion ray.io/v1"
+        if "kind" in doc:
+            assert doc.get("apiVersion") and doc.get("metadata", {}).get("name"), path.name
+
+
+# --------------------------------------------------------------------------------------------
+# KubeRay manifests
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, kind", sorted(KUBERAY_MANIFESTS.items()))
+def test_kuberay_manifest_shape(name, kind):
+    doc = manifest(name)
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == kind
+    allowed = {
+        "RayJob": RAYJOB_SPEC_FIELDS,
+        "RayService": RAYSERVICE_SPEC_FIELDS,
+        "RayCluster": RAYCLUSTER_SPEC_FIELDS,
+    }[kind]
+    assert set(doc["spec"]) <= allowed, f"unknown spec fields: {set(doc['spec']) - allowed}"
+
+    spec = cluster_spec(doc)
+    assert spec, f"{name}: no Ray cluster spec"
+    assert set(spec) <= RAYCLUSTER_SPEC_FIELDS, set(spec) - RAYCLUSTER_SPEC_FIELDS
+    assert set(spec["headGroupSpec"]) <= HEAD_GROUP_FIELDS
+    assert spec.get("enableInTreeAutoscaling") is True, "GPU groups start at zero: the autoscaler adds pods"
+    assert gpu_limit(spec["headGroupSpec"]["template"]["spec"]["containers"][0]) == 0
+
+    groups = spec["workerGroupSpecs"]
+    assert len({g["groupName"] for g in groups}) == len(groups), "group names must be unique"
+    for g in groups:
+        assert set(g) <= WORKER_GROUP_FIELDS, set(g) - WORKER_GROUP_FIELDS
+        assert 0 <= g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"], g["groupName"]
+    gpu_groups = [g for g in groups if gpu_limit(g["template"]["spec"]["containers"][0]) > 0]
+    assert any(g["minReplicas"] == 0 for g in gpu_groups), f"{name}: no GPU worker group scaling from zero"
+    for g in gpu_groups:
+        resources = g["template"]["spec"]["containers"][0]["resources"]
+        requested = resources.get("requests", {}).get("nvidia.com/gpu")
+        assert requested is None or str(requested) == str(resources["limits"]["nvidia.com/gpu"])
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_kuberay_images_versions_and_s3_secret(name):
+    spec = cluster_spec(manifest(name))
+    for group, container in ray_containers(spec):
+        assert container["image"] == RAY_IMAGE, f"{name}/{group}"
+        assert container["image"].split(":")[1].startswith(spec["rayVersion"] + "-"), (
+            f"{name}: rayVersion {spec['rayVersion']} does not match image {container['image']}"
+        )
+        secrets = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
+        assert S3_SECRET in secrets, f"{name}/{group} does not read the {S3_SECRET} Secret"
+
+
+def test_rayjob_runs_the_personalize_job():
+    spec = manifest("rayjob.yaml")["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["python", "jobs/personalize.py"]
+    flags = {a for a in argv if a.startswith("--")}
+    assert {"--config", "--input", "--store", "--run-id"} <= flags
+    assert argv[argv.index("--store") + 1].startswith("s3://")
+    assert (ROOT / argv[argv.index("--config") + 1]).is_file(), "--config must name a file in the repo"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert isinstance(runtime_env, dict)
+    # The submitter pod has no checkout: the working_dir must be a remote URI.
+    assert re.match(r"^(https?|s3|gs)://", runtime_env["working_dir"])
+    assert any("chameleon-on-ray" in p for p in runtime_env.get("pip", []))
+
+
+def test_rayjob_flags_exist_in_the_job_entrypoint():
+    script = ROOT / "jobs" / "personalize.py"
+    if not script.is_file():
+        pytest.skip("jobs/personalize.py is not written yet")
+    source = script.read_text()
+    flags = {a for a in shlex.split(manifest("rayjob.yaml")["spec"]["entrypoint"]) if a.startswith("--")}
+    missing = sorted(f for f in flags if f not in source)
+    assert not missing, f"jobs/personalize.py has no {missing}"
+
+
+# --------------------------------------------------------------------------------------------
+# Serve config and RayService
+# --------------------------------------------------------------------------------------------
+
+
+def serve_app(config: dict) -> dict:
+    apps = config["applications"]
+    assert len(apps) == 1
+    return apps[0]
+
+
+def test_serve_config_passes_ray_serves_schema():
+    config = load_one(SERVE_CONFIG)
+    schema = serve_schema_validate(config)
+    assert schema.applications[0].import_path == "chameleon.serving:app_builder"
+
+
+def test_serve_schema_rejects_a_broken_copy():
+    config = load_one(SERVE_CONFIG)
+    serve_app(config)["deployments"][0]["num_replicas"] = "many"
+    with pytest.raises(Exception, match="num_replicas"):
+        serve_schema_validate(config)
+
+
+def test_serve_config_application():
+    app = serve_app(load_one(SERVE_CONFIG))
+    assert app["route_prefix"] == "/"
+    assert app["import_path"] == "chameleon.serving:app_builder"
+    assert set(app["args"]) == {"store", "run", "model", "api_key_env"}
+    assert app["args"]["run"] == "latest"
+    assert app["args"]["api_key_env"] == "CHAMELEON_API_KEY"
+    assert app["args"]["store"].startswith("s3://")
+    (deployment,) = app["deployments"]
+    assert deployment["name"] == "ChameleonServer"
+    assert deployment["num_replicas"] >= 1
+    assert deployment["ray_actor_options"]["num_gpus"] == 1
+    # The server must load the model the edits were computed for.
+    assert app["args"]["model"] == load_one(JOB_CONFIG)["model"]["name_or_path"]
+
+
+def test_rayservice_serves_the_serve_config_application():
+    spec = manifest("rayservice.yaml")["spec"]
+    assert isinstance(spec["serveConfigV2"], str), "serveConfigV2 is a YAML string"
+    embedded = yaml.safe_load(spec["serveConfigV2"])
+    serve_schema_validate(embedded)
+
+    # KubeRay pods start from Ray's image, so the embedded app also installs the package; apart
+    # from that runtime_env it is the same application as serve-config.yaml.
+    embedded_app = serve_app(embedded)
+    runtime_env = embedded_app.pop("runtime_env", {})
+    assert any("chameleon-on-ray" in p for p in runtime_env.get("pip", [])), runtime_env
+    assert embedded == load_one(SERVE_CONFIG)
+
+    # The GPU group can hold every Serve replica.
+    deployment = embedded_app["deployments"][0]
+    gpus = sum(
+        g["maxReplicas"] * gpu_limit(g["template"]["spec"]["containers"][0])
+        for g in spec["rayClusterConfig"]["workerGroupSpecs"]
+    )
+    assert gpus >= deployment["num_replicas"] * deployment["ray_actor_options"]["num_gpus"]
+
+
+# --------------------------------------------------------------------------------------------
+# job config example and dev S3
+# --------------------------------------------------------------------------------------------
+
+
+def test_job_config_example_has_the_documented_keys():
+    config = load_one(JOB_CONFIG)
+    expected = {
+        "model": {"name_or_path", "dtype", "device_map"},
+        "synth": {"history_k", "pairs_per_user", "max_new_tokens", "batch_size", "seed"},
+        "subspace": {"site", "n_layers", "max_rank", "theta_n"},
+        "groups": {"n_groups", "min_group_size"},
+        "job": {"num_actors", "num_gpus_per_actor", "users_per_partition"},
+    }
+    assert {k: set(v) for k, v in config.items()} == expected
+
+
+def test_s3_dev_server_and_secret():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in load_all(CLUSTER / "s3-dev.yaml")}
+    for (kind, name), doc in docs.items():
+        assert doc["metadata"]["labels"].get("chameleon.dev/dev-only") == "true", f"{kind}/{name}"
+
+    secret = docs[("Secret", S3_SECRET)]["stringData"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "CHAMELEON_S3_ENDPOINT"} <= set(
+        secret
+    )
+    assert secret["AWS_ENDPOINT_URL"] == secret["CHAMELEON_S3_ENDPOINT"]
+
+    deployments = [d for (kind, _), d in docs.items() if kind == "Deployment"]
+    services = [d for (kind, _), d in docs.items() if kind == "Service"]
+    assert len(deployments) == 1 and len(services) == 1
+    pod = deployments[0]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"].startswith("chrislusf/seaweedfs")
+    args = container["args"]
+    assert args[0] == "mini" or (args[0] == "server" and "-s3" in args)
+    keys = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]}
+    assert keys == {"AWS_ACCESS_KEY_ID": S3_SECRET, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+
+    # The endpoint in the Secret is this Service.
+    service = services[0]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    port = service["spec"]["ports"][0]["port"]
+    assert secret["AWS_ENDPOINT_URL"] == f"http://{service['metadata']['name']}:{port}"
+    bucket = next(a.split("=", 1)[1] for a in args if a.startswith("-bucket="))
+    assert load_one(SERVE_CONFIG)["applications"][0]["args"]["store"].startswith(f"s3://{bucket}/")
+
+
+def test_one_ray_image_everywhere():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(rf"^FROM {re.escape(RAY_IMAGE)}\s*$", dockerfile, re.M)
+    assert load_one(RAY_UP)["docker"]["image"] == RAY_IMAGE
