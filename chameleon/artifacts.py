@@ -109,7 +109,17 @@ def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | 
             raise TypeError(f"safetensors metadata must map str to str; offending entries: {bad}")
     # Views of one storage cannot be saved as separate tensors: give each its own memory.
     cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    return save(cpu, metadata=dict(metadata) if metadata else None)
+    raw = save(cpu)
+    if not metadata:
+        return raw
+    # safetensors writes metadata through a hash map, so its key order (and the file's hash) varies
+    # between calls. Rebuild the header with sorted keys: same tensors, same bytes, same checksum.
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text + raw[8 + header_len :]
 
 
 def read_safetensors_bytes(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:

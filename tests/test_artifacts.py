@@ -270,3 +270,15 @@ def test_fingerprint_mismatch_is_refused(store):
     RunWriter(store, "r3").commit({})
     with pytest.raises(ArtifactError, match="records no"):
         RunReader(store, "r3").check_model(made_with)
+
+
+def test_safetensors_bytes_are_deterministic_with_metadata():
+    # Checksums in manifests compare reruns: the same tensors and metadata must give the same bytes.
+    from chameleon.artifacts import read_safetensors_bytes, safetensors_bytes
+
+    tensors = {"b": torch.ones(2), "a": torch.zeros(3, 4), "i": torch.arange(5)}
+    meta = {f"k{i}": str(i) for i in range(12)}
+    blobs = {safetensors_bytes(tensors, meta) for _ in range(10)}
+    assert len(blobs) == 1
+    back, back_meta = read_safetensors_bytes(blobs.pop())
+    assert back_meta == meta and torch.equal(back["a"], tensors["a"]) and torch.equal(back["i"], tensors["i"])

@@ -1,0 +1,168 @@
+"""The Ray job on a local Ray with SeaweedFS (real SigV4 auth): layout, rejects, actor death, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import tiny_job_config
+
+from chameleon.artifacts import RunReader
+from chameleon.lamp import lamp_to_user_records, load_lamp7
+from chameleon.pipeline import run_ray_job
+from chameleon.runs import PublishedRun
+
+pytestmark = pytest.mark.slow
+
+N_USERS = 20
+BAD_RECORDS = [
+    {"history": [{"text": "a record without an id"}]},
+    {"user_id": "no-history", "history": []},
+    {"user_id": "bad-types", "history": [{"text": 42}]},
+    {"user_id": "huge", "history": [{"text": "x" * 10_000}]},
+    {"user_id": "bad\ttext", "history": [{"text": "tab in id"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def users_file(tmp_path_factory) -> Path:
+    """20 real LaMP-7 users (tuning split) plus planted bad records and a duplicated id."""
+    questions, _ = load_lamp7()
+    records = lamp_to_user_records(questions[:N_USERS])
+    for r in records:  # keep the tiny-model job fast: 8 history items each
+        r["history"] = r["history"][:8]
+    dup = dict(records[3])
+    path = tmp_path_factory.mktemp("users") / "users.jsonl"
+    lines = [json.dumps(r) for r in records + BAD_RECORDS + [dup]]
+    lines.insert(7, "{broken json")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def job_config(model_dir, **overrides):
+    base = {"job.num_actors": 2, "job.num_cpus_per_actor": 0.5, "job.users_per_partition": 2, "synth.answer_max_new_tokens": 12}
+    return tiny_job_config(model_dir, **{**base, **overrides})
+
+
+def artifact_hashes(manifest: dict) -> dict[str, str]:
+    """Checksums of everything a run publishes except per-attempt bookkeeping."""
+    return {k: v["sha256"] for k, v in manifest["files"].items() if not k.startswith("failures/")}
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_local, s3_server, tiny_model_dir, users_file):
+    store = s3_server.store("pipeline", "clean")
+    manifest = run_ray_job(str(users_file), store, "clean", job_config(tiny_model_dir))
+    return store, manifest
+
+
+def test_layout_checksums_assignments_and_rejects(clean_run):
+    store, manifest = clean_run
+    reader = RunReader(store, "latest")
+    assert reader.manifest["run_id"] == "clean"
+    for rel in reader.files:  # every listed file is present and matches its checksum
+        reader.get_bytes(rel)
+    keys = set(store.list("runs/clean/"))
+    n_parts = manifest["counts"]["partitions"]
+    for k in range(n_parts):
+        for kind, ext in (("pairs", "parquet"), ("profiles", "parquet"), ("failures", "jsonl")):
+            assert f"runs/clean/{kind}/part-{k:05d}.{ext}" in keys
+    accepted = {r["user_id"] for r in lamp_to_user_records(load_lamp7()[0][:N_USERS])} - {lamp_to_user_records(load_lamp7()[0][3:4])[0]["user_id"]}
+    run = PublishedRun(reader)
+    assert set(run.assignments()) == accepted
+    assert all(row["group_id"] in run.group_ids for row in run.assignments().values())
+    rejects = reader.get_jsonl("rejects.jsonl")
+    reasons = [r["reason"] for r in rejects]
+    assert len(rejects) == len(BAD_RECORDS) + 3, reasons  # + broken line + both duplicate copies
+    assert sum("duplicate user_id" in r for r in reasons) == 2
+    assert any("missing user_id" in r for r in reasons) and any("unreadable" in r for r in reasons)
+    assert any("characters (limit" in r for r in reasons) and any("must be a string" in r for r in reasons)
+    c = manifest["counts"]
+    assert c["accepted"] == N_USERS - 1 and c["rejected"] == len(rejects) and c["users_failed"] == 0
+    assert manifest["model"]["fingerprint"]["num_layers"] == 4
+
+
+def test_killed_actor_still_finishes_with_identical_artifacts(ray_local, clean_run, s3_server, tiny_model_dir, users_file):
+    store = s3_server.store("pipeline", "killed")
+    result: dict = {}
+
+    def job():
+        try:
+            result["manifest"] = run_ray_job(str(users_file), store, "killed", job_config(tiny_model_dir))
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = exc
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    killed = None
+    deadline = time.time() + 180
+    while time.time() < deadline and killed is None and thread.is_alive():
+        done = [k for k in store.list("runs/killed/pairs/")]
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "PartitionWorker" in " ".join(p.info["cmdline"] or [])]
+        if done and workers:
+            killed = (len(done), workers[0].pid)
+            os.kill(workers[0].pid, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed is not None, "the job finished before an actor could be killed"
+    assert "error" not in result, result.get("error")
+    assert killed[0] < result["manifest"]["counts"]["partitions"]
+    assert artifact_hashes(result["manifest"]) == artifact_hashes(clean_run[1])
+
+
+def test_interrupted_driver_resumes_without_recomputing(clean_run, s3_server, tiny_model_dir, users_file, tmp_path):
+    store = s3_server.store("pipeline", "resumed")
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}]\n"
+        "import ray\n"
+        "from conftest import tiny_job_config\n"
+        "from test_pipeline import job_config\n"
+        "from chameleon.storage import S3Store\n"
+        "from chameleon.pipeline import run_ray_job\n"
+        "ray.init(address='local', num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)\n"
+        f"store = S3Store('pipeline', 'resumed', endpoint_url={s3_server.endpoint_url!r}, access_key={s3_server.access_key!r}, secret_key={s3_server.secret_key!r})\n"
+        f"run_ray_job({str(users_file)!r}, store, 'resumed', job_config({str(tiny_model_dir)!r}))\n"
+    )
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and len(store.list("runs/resumed/pairs/")) < 3 and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole local Ray
+        proc.wait()
+    done_before = {k: store.get_bytes(k) for k in store.list("runs/resumed/pairs/")}
+    assert 3 <= len(done_before) < clean_run[1]["counts"]["partitions"], "interrupt came too late"
+    assert not store.exists("runs/resumed/manifest.json")
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+    manifest = run_ray_job(str(users_file), store, "resumed", job_config(tiny_model_dir))
+    assert manifest["counts"]["partitions_resumed"] >= len(done_before)
+    for key, data in done_before.items():  # finished partitions were kept, not recomputed
+        assert store.get_bytes(key) == data
+    assert artifact_hashes(manifest) == artifact_hashes(clean_run[1])
