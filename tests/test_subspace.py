@@ -176,3 +176,14 @@ def test_pool_groups_and_nearest_group():
     assert torch.equal(P[0, :4], H_P[0]) and torch.equal(P[0, 4:7], H_P[2, :3])
     idx, dist = ss.nearest_group(torch.tensor([[1.0, 0.1], [-0.1, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     assert idx.tolist() == [0, 1] and (dist < 0.01).all()
+
+
+def test_hand_written_ccs_gradient_matches_autograd():
+    g = torch.Generator().manual_seed(9)
+    zp, zn = torch.randn(2, 3, 6, 5, generator=g), torch.randn(2, 3, 6, 5, generator=g)
+    mask = torch.ones(2, 1, 1, 6)
+    mask[1, ..., 4:] = 0
+    params = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    loss, grad = ss.ccs_loss_and_grad(params, zp.double(), zn.double(), mask.double())
+    loss.sum().backward()
+    assert torch.allclose(grad, params.grad, atol=1e-10)

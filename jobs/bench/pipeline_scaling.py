@@ -1,0 +1,97 @@
+"""Scaling of the personalization job: per-user time at 100 vs 1,000 users, Ray vs in-process.
+
+    python jobs/bench/pipeline_scaling.py [--sizes 100 1000] [--actors 2] [--out FILE]
+
+A tiny random Llama (hidden 64, 4 layers) with the embedded model's real tokenizer stands in for
+the LLM, so the figures measure the system (partitioning, actors, Parquet to S3, reduce, publish)
+rather than the model. Output goes to a SeaweedFS on loopback. For each size the same users run
+through the Ray job (a local Ray, `--actors` model-replica actors, one CPU share each) and through
+the in-process driver.
+
+    per_user_time_ratio = (Ray time per user at the largest size) / (at the smallest)  goal: <= 1.10
+    ray_overhead_ratio  = Ray job time / in-process time, at the largest size            goal: <= 1.15
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import parser, report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def synthetic_users(n: int, items: int = 6) -> list[dict]:
+    styles = ["OMG so hyped!!!", "i guess it was fine.", "Indeed, most agreeable.", "lol ok 😂", "deploy done."]
+    return [
+        {
+            "user_id": f"user-{i:05d}",
+            "history": [{"text": f"{styles[i % len(styles)]} item {j} of user {i}"} for j in range(items)],
+        }
+        for i in range(n)
+    ]
+
+
+def main() -> None:
+    import ray
+    import torch
+    from tiny_models import save_tiny_model
+
+    from chameleon.config import ChameleonConfig
+    from chameleon.local import run_local
+    from chameleon.model import load_model
+    from chameleon.pipeline import run_ray_job
+    from chameleon.s3server import LocalS3Server
+
+    p = parser(__doc__)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--users-per-partition", type=int, default=25)
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="chameleon-bench-"))
+    model_dir = save_tiny_model(tmp / "model")
+    cpus = os.cpu_count() or 2
+    cfg = ChameleonConfig().with_overrides({
+        "model.name_or_path": str(model_dir),
+        "synth.pairs_per_user": 8,
+        "synth.insight_max_new_tokens": 16,
+        "synth.answer_max_new_tokens": 16,
+        "synth.batch_size": 64,
+        "job.users_per_partition": args.users_per_partition,
+        "job.num_actors": args.actors,
+        "job.num_cpus_per_actor": max(1.0, cpus / args.actors),
+    })
+    figures: dict = {}
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=512 * 2**20)
+    with LocalS3Server() as s3:
+        for n in args.sizes:
+            users = tmp / f"users-{n}.jsonl"
+            users.write_text("".join(json.dumps(u) + "\n" for u in synthetic_users(n)))
+            store = s3.store("bench", f"scaling-{n}")
+            t0 = time.perf_counter()
+            run_ray_job(str(users), store, f"ray-{n}", cfg)
+            t_ray = time.perf_counter() - t0
+            # In-process reference: the same work with all of the machine's threads.
+            torch.set_num_threads(cpus)
+            t1 = time.perf_counter()
+            run_local(str(users), store, f"local-{n}", cfg, model_and_tokenizer=load_model(cfg.model), progress=False)
+            t_local = time.perf_counter() - t1
+            figures[f"ray_s_{n}"] = t_ray
+            figures[f"local_s_{n}"] = t_local
+            figures[f"ray_per_user_s_{n}"] = t_ray / n
+    ray.shutdown()
+    lo, hi = min(args.sizes), max(args.sizes)
+    figures["ray_overhead_ratio"] = figures[f"ray_s_{hi}"] / figures[f"local_s_{hi}"]
+    figures["per_user_time_ratio"] = figures[f"ray_per_user_s_{hi}"] / figures[f"ray_per_user_s_{lo}"]
+    report(figures, "per_user_time_ratio", args.out, {"actors": args.actors, "cpus": cpus})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The LRU of group edits over EditBank rows (no Ray, no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chameleon.edit import Edit, EditBank
+from chameleon.edit_cache import CacheFullError, EditCache, EditParams
+
+D = 8
+LAYERS = [1, 3]
+
+
+def edit(seed: int, layers=(1, 3), rank: int = 2, site: str = "mlp", d: int = D) -> Edit:
+    g = torch.Generator().manual_seed(seed)
+    n = len(layers)
+    p = torch.linalg.qr(torch.randn(n, d, rank, generator=g)).Q.transpose(1, 2)  # [n, r, d] orthonormal rows
+    nvec = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    return Edit(layers=list(layers), theta_p=p, theta_n=nvec, mean=torch.randn(n, d, generator=g), site=site)
+
+
+def fresh(capacity: int) -> EditCache:
+    return EditCache(EditBank(D, LAYERS, max_rank=3), capacity)
+
+
+def row_matches(bank: EditBank, row: int, e: Edit, params: EditParams = EditParams()) -> bool:
+    ref = EditBank(D, LAYERS, max_rank=3)
+    r = ref.add(e, params.alpha, params.beta, params.centered)
+    return (
+        torch.equal(bank.P[row], ref.P[r])
+        and torch.equal(bank.N[row], ref.N[r])
+        and torch.equal(bank.mu[row], ref.mu[r])
+        and torch.equal(bank.active[row], ref.active[r])
+        and float(bank.alpha[row]) == params.alpha
+        and float(bank.beta[row]) == params.beta
+    )
+
+
+def test_miss_install_hit_release():
+    cache = fresh(2)
+    key = ("run-1", "g000")
+    assert cache.acquire(key) is None
+    row = cache.install(key, edit(0))
+    assert row == 1 and cache.pins(row) == 1 and row_matches(cache.bank, row, edit(0))
+    assert cache.acquire(key) == row and cache.pins(row) == 2
+    cache.release(row)
+    cache.release(row)
+    assert cache.pins(row) == 0
+    with pytest.raises(ValueError, match="not pinned"):
+        cache.release(row)
+    s = cache.stats()
+    assert (s.hits, s.misses, s.installs, s.resident, s.pinned, s.allocated) == (1, 1, 1, 1, 0, 1)
+
+
+def test_rows_grow_lazily_then_lru_reuses_the_oldest_unpinned_row():
+    cache = fresh(2)
+    a, b, c = ("r", "a"), ("r", "b"), ("r", "c")
+    ra = cache.install(a, edit(1))
+    rb = cache.install(b, edit(2))
+    assert (ra, rb) == (1, 2) and cache.bank.n_rows == 3
+    cache.release(ra)
+    cache.release(rb)
+    assert cache.acquire(a) == ra  # a is now the most recent: b is the LRU victim
+    cache.release(ra)
+    params = EditParams(alpha=0.5, beta=2.0, centered=False)
+    rc = cache.install(c, edit(3), params)
+    assert rc == rb and cache.bank.n_rows == 3, "the bank never grows past capacity"
+    assert b not in cache and cache.row_of(c) == rb and cache.key_of(rb) == c
+    assert row_matches(cache.bank, rc, edit(3), params), "set_row rewrote the reused row in place"
+    assert row_matches(cache.bank, ra, edit(1)), "the other row is untouched"
+    assert cache.stats().evictions == 1
+    assert cache.keys() == [a, c]
+
+
+def test_pinned_rows_are_never_evicted():
+    cache = fresh(2)
+    ra = cache.install(("r", "a"), edit(1))
+    rb = cache.install(("r", "b"), edit(2))
+    before = cache.bank.P.clone()
+    with pytest.raises(CacheFullError, match="in flight"):
+        cache.install(("r", "c"), edit(3))
+    assert torch.equal(cache.bank.P, before) and len(cache) == 2
+    cache.release(rb)
+    rc = cache.install(("r", "c"), edit(3))
+    assert rc == rb and ("r", "a") in cache and cache.pins(ra) == 1
+    assert row_matches(cache.bank, ra, edit(1))
+
+
+def test_same_group_of_two_runs_is_two_entries():
+    cache = fresh(4)
+    r1 = cache.install(("run-1", "g000"), edit(1))
+    r2 = cache.install(("run-2", "g000"), edit(2))
+    assert r1 != r2
+    assert row_matches(cache.bank, r1, edit(1)) and row_matches(cache.bank, r2, edit(2))
+    # A request admitted on run-1 keeps its row while run-2 takes over.
+    cache.release(r2)
+    assert cache.discard_run("run-1") == 0, "pinned entries of the old run stay"
+    cache.release(r1)
+    assert cache.discard_run("run-1") == 1
+    assert ("run-1", "g000") not in cache
+    r3 = cache.install(("run-2", "g001"), edit(3))
+    assert r3 == r1, "a discarded row is reused before the bank grows"
+    assert cache.bank.n_rows == 3
+
+
+def test_install_of_a_resident_key_pins_without_reloading():
+    cache = fresh(2)
+    row = cache.install(("r", "a"), edit(1))
+    again = cache.install(("r", "a"), edit(99))  # two requests raced on one miss
+    assert again == row and cache.pins(row) == 2
+    assert row_matches(cache.bank, row, edit(1))
+
+
+def test_bad_edits_leave_the_cache_unchanged():
+    cache = fresh(1)
+    row = cache.install(("r", "a"), edit(1))
+    cache.release(row)
+    with pytest.raises(ValueError, match="site"):
+        cache.install(("r", "b"), edit(2, site="residual"))
+    with pytest.raises(ValueError, match="not one of this bank's layers"):
+        cache.install(("r", "c"), edit(3, layers=(0, 1)))
+    with pytest.raises(ValueError, match="hidden size"):
+        cache.install(("r", "d"), edit(4, d=D + 1))
+    assert cache.keys() == [("r", "a")] and row_matches(cache.bank, row, edit(1))
+    assert cache.stats().evictions == 0
+
+
+def test_identity_row_and_arguments():
+    with pytest.raises(ValueError, match="capacity"):
+        fresh(0)
+    bank = EditBank(D, LAYERS)
+    bank.add(edit(0))
+    with pytest.raises(ValueError, match="fresh bank"):
+        EditCache(bank, 2)
+    cache = fresh(3)
+    rows = {cache.install(("r", str(i)), edit(i)) for i in range(3)}
+    assert 0 not in rows, "row 0 stays the identity"
+    assert not cache.bank.active[0].any()
+
+
+def test_cached_rows_edit_a_batch_like_a_freshly_built_bank(tiny_model_and_tok):
+    """Rows reused through the cache give the same batched forward as a bank built directly."""
+    model, tok = tiny_model_and_tok
+    d = model.config.hidden_size
+    layers = [1, 2]
+    edits = [edit(s, layers=layers, d=d) for s in range(3)]
+    cache = EditCache(EditBank(d, layers, max_rank=3), capacity=2)
+    r0 = cache.install(("r", "0"), edits[0])
+    cache.release(r0)
+    r1 = cache.install(("r", "1"), edits[1])
+    r2 = cache.install(("r", "2"), edits[2])  # evicts edit 0 (row reuse via set_row)
+    assert r2 == r0
+
+    ref = EditBank(d, layers, max_rank=3)
+    ref_rows = ref.add_many(edits[1:])
+    ids = tok(["hello there", "a b c d"], return_tensors="pt", padding=True).input_ids
+    with torch.no_grad():
+        with cache.bank.apply(model, [r1, r2]):
+            got = model(ids).logits
+        with ref.apply(model, ref_rows):
+            want = model(ids).logits
+        base = model(ids).logits
+    assert torch.equal(got, want)
+    assert not torch.equal(got, base)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_tok():
+    from tiny_models import embedded_tokenizer, tiny_llama
+
+    tok = embedded_tokenizer()
+    return tiny_llama(tok, layers=3), tok

@@ -1,0 +1,355 @@
+"""Tests for the evaluation code (chameleon.evaluation): split rule, baselines' prompts, scoring,
+bootstrap, the goal verdict, the prediction cache, in-memory reduces, report — not the figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_job_config
+
+from chameleon import evaluation as ev
+from chameleon.lamp import LAMP7_PROMPT, LampQuestion
+
+
+def _q(i: int, tweet: str = "hello world", profile: list[str] | None = None) -> LampQuestion:
+    texts = profile if profile is not None else [f"tweet {i} number {k}" for k in range(3)]
+    return LampQuestion(id=f"61{i}", input=LAMP7_PROMPT + tweet, profile=[{"id": f"61{i}_{k}", "text": t} for k, t in enumerate(texts)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The split rule
+
+
+def test_parse_range():
+    assert ev.parse_range("500:600") == (500, 600)
+    assert ev.parse_range((0, 4)) == (0, 4)
+    for bad in ("500", "a:b", "5:5", "7:3", "-1:4"):
+        with pytest.raises(ValueError):
+            ev.parse_range(bad)
+
+
+def test_select_users_enforces_the_split_rule():
+    qs = [_q(i) for i in range(1500)]
+    tuning, reported = ev.select_users(qs, "0:100", "500:600")
+    assert [q.id for q in tuning] == [f"61{i}" for i in range(100)]
+    assert [q.id for q in reported] == [f"61{i}" for i in range(500, 600)]
+    tuning, reported = ev.select_users(qs, (400, 500), (1400, 1500))
+    assert len(tuning) == 100 and len(reported) == 100
+    with pytest.raises(ValueError, match="split rule"):
+        ev.select_users(qs, "450:550", "600:700")  # tuning reaches into the reported part
+    with pytest.raises(ValueError, match="split rule"):
+        ev.select_users(qs, "0:100", "499:600")  # a tuning user would be reported
+    with pytest.raises(ValueError, match="split rule"):
+        ev.select_users(qs, "0:100", "1400:1501")  # past the end
+    assert ev.select_users(qs, None, "500:501") == ([], [qs[500]])
+
+
+def test_settings_validate_names_and_ranges():
+    s = ev.EvalSettings(out_dir="x", tuning_users="0:10", reported_users="500:510", ablations=("alpha",))
+    assert s.tuning_users == (0, 10) and s.reported_users == (500, 510)
+    with pytest.raises(ValueError, match="unknown methods"):
+        ev.EvalSettings(out_dir="x", methods=("base", "oracle"))
+    with pytest.raises(ValueError, match="unknown ablations"):
+        ev.EvalSettings(out_dir="x", ablations=("temperature",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines' inputs
+
+
+def test_copy_answer_is_the_tweet_inside_the_input():
+    assert ev.copy_answer(LAMP7_PROMPT + "  omg my cat is SO cute!!  ") == "omg my cat is SO cute!!"
+
+
+PROFILE = [
+    "going to the beach with my dog today",
+    "my new laptop keeps crashing, so annoying",
+    "the dog ate my homework again lol",
+    "watching football with friends tonight",
+    "laptop battery died in the middle of class",
+]
+
+
+def test_rag_retrieves_the_matching_profile_items_with_the_tweet_as_query():
+    q = _q(1, tweet="my laptop battery is dead again", profile=PROFILE)
+    assert sorted(ev.rag_items(q, 2)) == [1, 4]
+    q = _q(2, tweet="walked the dog", profile=PROFILE)
+    assert sorted(ev.rag_items(q, 2)) == [0, 2]
+
+
+def test_rag_prompt_has_lamp7_retrieval_form():
+    q = _q(1, tweet="my laptop battery is dead again", profile=PROFILE)
+    p = ev.rag_prompt(q, 2)
+    assert p.endswith("are written by a person. Following the given patterns " + q.input)
+    head = p.split(" are written by a person.")[0]
+    assert head.count(", and ") == 1
+    assert f'"{PROFILE[1]}" ' in head and f'"{PROFILE[4]}" ' in head
+    assert PROFILE[0] not in p and PROFILE[3] not in p
+    assert ev.rag_prompt(q, 0) == q.input
+    assert ev.rag_prompt(q, 10).count(", and ") == len(PROFILE) - 1  # k > profile size: every item once
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring on known inputs
+
+
+def test_score_methods_known_values_and_comparisons():
+    golds = ["the cat sat on the mat", "a b c d"]
+    preds = {
+        "copy": ["the cat sat on the mat", "a b c d"],  # perfect
+        "base": ["the cat", "x y z w"],
+        "rag": ["", "a b c d"],
+    }
+    s = ev.score_methods(preds, golds, n_resamples=200)
+    assert s["copy"]["rouge1"] == pytest.approx(1.0) and s["copy"]["rougeL"] == pytest.approx(1.0)
+    # "the cat" vs 6-token gold: P = 1, R = 2/6 -> F = 0.5; second item 0
+    assert s["base"]["per_user"]["rouge1"] == pytest.approx([0.5, 0.0])
+    assert s["base"]["rouge1"] == pytest.approx(0.25)
+    assert s["rag"]["rougeL"] == pytest.approx(0.5)  # empty prediction scores 0
+    vb = s["rag"]["vs_base"]["rougeL"]
+    assert vb["diff"] == pytest.approx(0.25)
+    assert vb["rel"] == pytest.approx(0.5 / 0.25 - 1)
+    assert vb["diff_ci95"][0] <= vb["diff"] <= vb["diff_ci95"][1]
+    assert vb["sign_test"]["n_pos"] == 1 and vb["sign_test"]["n_neg"] == 1
+    assert "vs_base" not in s["base"] and "vs_rag" not in s["rag"]
+    assert s["base"]["vs_copy"]["rougeL"]["diff"] < 0  # gap to the sanity line
+
+
+def test_bootstrap_intervals_are_deterministic_and_contain_the_mean():
+    rng = np.random.default_rng(1)
+    golds = [" ".join(rng.choice(list("abcdefgh"), 6)) for _ in range(60)]
+    preds = {"base": [" ".join(rng.choice(list("abcdefgh"), 6)) for _ in range(60)], "copy": golds}
+    a = ev.score_methods(preds, golds, n_resamples=300, seed=3)
+    b = ev.score_methods(preds, golds, n_resamples=300, seed=3)
+    assert a["base"]["rouge1_ci95"] == b["base"]["rouge1_ci95"]
+    lo, hi = a["base"]["rouge1_ci95"]
+    assert lo < a["base"]["rouge1"] < hi
+    assert hi - lo < 0.25
+    # a constant method has a zero-width interval
+    assert a["copy"]["rougeL_ci95"] == pytest.approx([1.0, 1.0])
+
+
+def _fake_scores(base: float, rag: float, group: float, n: int = 50, noise: float = 0.01):
+    rng = np.random.default_rng(0)
+    b = np.full(n, base) + rng.normal(0, noise, n)
+    preds = {}
+    per = {"base": b, "rag": np.full(n, rag) + rng.normal(0, noise, n), "chameleon_group": b * (group / base) + rng.normal(0, noise, n)}
+    out = {}
+    for m, v in per.items():
+        preds[m] = v
+        out[m] = {"per_user": {"rougeL": v.tolist(), "rouge1": v.tolist()}}
+    for m in ("rag", "chameleon_group"):
+        out[m]["vs_base"] = {"rougeL": ev.paired_comparison(per[m], per["base"], 300)}
+    out["chameleon_group"]["vs_rag"] = {"rougeL": ev.paired_comparison(per["chameleon_group"], per["rag"], 300)}
+    return out
+
+
+def test_goal_verdict():
+    met = ev.goal_verdict(_fake_scores(base=0.30, rag=0.25, group=0.36))
+    assert met["met"] and met["beats_base_by_target"] and met["beats_rag"]
+    assert met["rel_vs_base"] == pytest.approx(0.2, abs=0.02)
+    short = ev.goal_verdict(_fake_scores(base=0.30, rag=0.25, group=0.33))  # +10 %: significant but short
+    assert not short["met"] and not short["beats_base_by_target"] and short["beats_rag"]
+    below_rag = ev.goal_verdict(_fake_scores(base=0.20, rag=0.40, group=0.24))
+    assert below_rag["beats_base_by_target"] and not below_rag["beats_rag"] and not below_rag["met"]
+    assert ev.goal_verdict({"base": {}})["evaluated"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction cache (resume)
+
+
+def test_prediction_cache_roundtrip_and_resume(tmp_path):
+    cache = ev.PredictionCache(tmp_path)
+    key = {"model": "m", "alpha": 1.0}
+    calls = []
+
+    def produce():
+        calls.append(1)
+        return ["a", "b"]
+
+    assert cache.cached("base", key, ["u1", "u2"], produce) == (["a", "b"], False)
+    assert cache.cached("base", key, ["u1", "u2"], produce) == (["a", "b"], True)
+    assert cache.get("base", key, ["u2", "u1"]) == ["b", "a"]
+    assert len(calls) == 1
+    assert cache.get("base", {"model": "m", "alpha": 2.0}, ["u1"]) is None  # another configuration
+    assert cache.get("base", key, ["u1", "u3"]) is None  # users not covered
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation, in-memory reduce, derived runs (tiny random model)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """The in-process job on the 12 demo users with the tiny model, in a local store."""
+    from chameleon.demo import write_example_users
+    from chameleon.local import run_local
+    from chameleon.model import load_model
+    from chameleon.storage import LocalStore
+
+    root = tmp_path_factory.mktemp("eval-run")
+    users = write_example_users(root / "users.jsonl")
+    store = LocalStore(root / "store")
+    cfg = tiny_job_config(tiny_model_dir)
+    model_tok = load_model(cfg.model)
+    manifest = run_local(str(users), store, "r1", cfg, model_and_tokenizer=model_tok, progress=False)
+    return store, manifest, cfg, model_tok
+
+
+def test_generate_answers_keeps_input_order_and_applies_edits(tiny_run):
+    from chameleon.generation import chat_prompt, generate
+
+    store, manifest, cfg, (model, tok) = tiny_run
+    msgs = ["short", "a much longer message with many more tokens than the first one", "mid length one"]
+    got = ev.generate_answers(model, tok, msgs, max_new_tokens=5, batch_size=2)
+    want = [generate(model, tok, [chat_prompt(tok, m)], max_new_tokens=5)[0] for m in msgs]
+    assert got == want  # length-sorted batching, answers back in input order
+    pairs, profiles = ev.read_run_tables(store, "r1")
+    fit = ev.fit_edits(pairs, profiles, manifest["captured_layers"], cfg)
+    uid = sorted(fit.user)[0]
+    edit = fit.user[uid]
+    plain = ev.generate_answers(model, tok, msgs, edits=[None, None, None], max_new_tokens=5)
+    assert plain == got  # no edit = base model, bit for bit
+    strong = cfg.edit.model_copy(update={"alpha": 50.0, "beta": 1.0})
+    edited = ev.generate_answers(model, tok, msgs, edits=[edit, None, edit], edit_cfg=strong, max_new_tokens=5)
+    assert edited[1] == got[1]
+    assert edited != got
+
+
+def test_fit_edits_matches_published_run_and_group_sizes(tiny_run):
+    from chameleon.artifacts import RunReader
+    from chameleon.runs import PublishedRun
+
+    store, manifest, cfg, _ = tiny_run
+    pairs, profiles = ev.read_run_tables(store, "r1")
+    fit = ev.fit_edits(pairs, profiles, manifest["captured_layers"], cfg)
+    run = PublishedRun(RunReader(store, "r1"))
+    assert set(fit.user) == set(run.assignments())
+    for uid, edit in fit.user.items():
+        published = run.user_edit(uid)
+        assert (edit is None) == (published is None)
+        if edit is not None:
+            assert edit.layers == published.layers
+            assert np.allclose(edit.theta_n.numpy(), published.theta_n.numpy(), atol=1e-5)
+    assert {u: fit.group_of[u] for u in fit.user} == {u: run.user_group(u) for u in fit.user}
+    assert sum(fit.group_sizes.values()) == len(fit.user)
+    one = ev.fit_edits(pairs, profiles, manifest["captured_layers"], cfg.with_overrides(ev._group_overrides("all", 12)))
+    assert len(one.group) == 1 and one.mean_group_size == 12
+
+
+def test_derived_run_on_a_subset_and_unseen_assignment(tiny_run):
+    from chameleon.artifacts import RunReader
+    from chameleon.runs import PublishedRun
+
+    store, manifest, cfg, _ = tiny_run
+    ids = sorted(PublishedRun(RunReader(store, "r1")).assignments())
+    seen, unseen = ids[:8], ids[8:]
+    m = ev.derive_run(store, "r1", "r1-sub", cfg, seen)
+    assert m["counts"]["users_mapped"] == 8
+    assert ev.derive_run(store, "r1", "r1-sub", cfg, seen)["created_at"] == m["created_at"]  # reused, not redone
+    run = PublishedRun(RunReader(store, "r1-sub"))
+    assert set(run.assignments()) == set(seen)
+    _, profiles = ev.read_run_tables(store, "r1", unseen)
+    emb = ev.history_embeddings(profiles, unseen)
+    assert emb.shape == (4, manifest["hidden_size"])
+    gids, dist = run.assign_unseen(emb)
+    assert len(gids) == 4 and set(gids) <= set(run.group_ids)
+
+
+def test_recapture_at_the_same_site_reproduces_the_stored_states(tiny_run):
+    store, manifest, cfg, (model, tok) = tiny_run
+    pairs, _ = ev.read_run_tables(store, "r1")
+    pairs = pairs.slice(0, 6)
+    again = ev.recapture_pairs(model, tok, pairs, manifest["captured_layers"], "mlp", batch_size=4)
+    a = np.asarray(pairs.column("emb_p").combine_chunks().flatten())
+    b = np.asarray(again.column("emb_p").combine_chunks().flatten())
+    assert np.allclose(a, b, atol=1e-4)
+    resid = ev.recapture_pairs(model, tok, pairs, manifest["captured_layers"], "residual", batch_size=4)
+    assert resid.column("emb_n").type == pairs.column("emb_n").type
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole evaluation on a fake LaMP-7 file (tiny model): files, keys, resume, report
+
+
+@pytest.fixture
+def fake_lamp(tmp_path):
+    rng = np.random.default_rng(0)
+    words = "omg love my cat dog work today lol tired happy sad rain sun coffee".split()
+    qs, golds = [], []
+    for i in range(504):
+        prof = [" ".join(rng.choice(words, 6)) for _ in range(4)]
+        tweet = " ".join(rng.choice(words, 7))
+        qs.append({"id": f"61{i}", "input": LAMP7_PROMPT + tweet, "profile": [{"id": f"61{i}_{k}", "text": t} for k, t in enumerate(prof)]})
+        golds.append({"id": f"61{i}", "output": tweet.upper().lower() + " !"})
+    d = tmp_path / "lamp7"
+    d.mkdir()
+    (d / "dev_questions.json").write_text(json.dumps(qs))
+    (d / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_7", "golds": golds}))
+    return d
+
+
+def test_run_evaluation_end_to_end(tmp_path, fake_lamp, tiny_model_dir, monkeypatch):
+    from chameleon.model import load_model
+
+    cfg = tiny_job_config(tiny_model_dir, **{"groups.n_groups": 2, "subspace.ccs_steps": 30})
+    settings = ev.EvalSettings(out_dir=str(tmp_path / "out"), workdir=str(tmp_path / "work"), lamp_dir=str(fake_lamp),
+                               tuning_users=(0, 4), reported_users=(500, 504), max_new_tokens=4, n_resamples=50,
+                               command="chameleon eval --test")
+    model_tok = load_model(cfg.model)
+    res = ev.run_evaluation(settings, cfg, model_and_tokenizer=model_tok, progress=False)
+    assert {"model", "n_users", "methods"} <= set(res)
+    assert res["n_users"] == 4
+    assert list(res["methods"]) == list(ev.METHODS)
+    for m, e in res["methods"].items():
+        for k in ("rouge1", "rougeL", "rouge1_ci95", "rougeL_ci95"):
+            assert k in e
+        if m != "base":
+            assert "vs_base" in e
+        if m != "rag":
+            assert "vs_rag" in e
+    assert res["methods"]["copy"]["rougeL"] > 0.5
+    out = tmp_path / "out"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["methods"]["base"]["rougeL"] == res["methods"]["base"]["rougeL"]
+    preds = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert len(preds) == 4 * len(ev.METHODS)
+    assert {p["position"] for p in preds} == {500, 501, 502, 503}
+    assert all(p["group_id"] for p in preds if p["method"] in ("chameleon_group", "chameleon_unseen"))
+    report = (out / "report.md").read_text()
+    assert "copy" in report and "chameleon eval --test" in report and (out / "metric_by_method.png").is_file()
+
+    # Resume: a second run reads every answer from the cache and the runs from the store.
+    def no_generation(*a, **k):
+        raise AssertionError("generated again instead of reading the cache")
+
+    monkeypatch.setattr(ev, "generate_answers", no_generation)
+    again = ev.run_evaluation(settings, cfg, model_and_tokenizer=model_tok, progress=False)
+    assert again["methods"] == res["methods"]
+
+
+def test_ablations_and_report_on_tuning_users_only(tmp_path, fake_lamp, tiny_model_dir):
+    from chameleon.model import load_model
+
+    cfg = tiny_job_config(tiny_model_dir, **{"groups.n_groups": 2, "subspace.ccs_steps": 30})
+    settings = ev.EvalSettings(out_dir=str(tmp_path / "out"), workdir=str(tmp_path / "work"), lamp_dir=str(fake_lamp),
+                               tuning_users=(0, 6), reported_users=(500, 502), max_new_tokens=3, n_resamples=50,
+                               methods=("copy", "base", "chameleon_group"), ablations=("alpha", "group_size", "history"),
+                               history_users=(0, 3), select_on_tuning=True)
+    res = ev.run_evaluation(settings, cfg, model_and_tokenizer=load_model(cfg.model), progress=False)
+    out = tmp_path / "out"
+    ab = json.loads((out / "ablations.json").read_text())
+    assert ab["users"]["n_scored"] == 6 and ab["users"]["scored_positions"] == [0, 6]
+    labels = {p["label"] for p in ab["points"]}
+    assert {"default=default/group", "default=default/user", "alpha=0.0/group", "group_size=all/group"} <= labels
+    assert ab["history"]["n_users"] == 3 and {p["history_k"] for p in ab["history"]["points"]} == {1, 3, 5, "all"}
+    assert ab["selected"] is not None
+    if res["config"]["selected_on_tuning"]:
+        assert "chameleon_group_default" in res["methods"]
+    for f in ("metric_vs_alpha.png", "metric_vs_group_size.png", "metric_vs_history_size.png"):
+        assert (out / f).is_file()
+    assert "Ablations (tuning users only)" in (out / "report.md").read_text()

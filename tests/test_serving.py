@@ -1,0 +1,521 @@
+"""The Ray Serve endpoint, end to end on loopback: a run published to a real S3-compatible server
+(SeaweedFS), the Serve app on a local Ray, requests through the official `openai` client and raw
+HTTP. One Serve app for the whole module; tests that switch runs come last.
+
+The first tests need no Ray: the app builder against the cluster's Serve config, `ServeConfig`
+validation, and the batched decode loop against `generate()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+import torch
+import yaml
+
+from chameleon.config import ModelConfig
+from chameleon.generation import chat_prompt, generate
+from chameleon.model import load_model
+
+with warnings.catch_warnings():  # Ray Serve's own pydantic models warn on import; not ours
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from chameleon.serving import BatchDecoder, GenItem, ServeConfig, app_builder
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY_ENV = "CHAMELEON_TEST_SERVE_KEY"
+API_KEY = "sk-test-" + uuid.uuid4().hex
+APP = "chameleon-test"
+QUESTION = "Paraphrase the following tweet: the weather was cold this morning."
+
+
+# --------------------------------------------------------------------------------------------
+# Without Ray
+
+
+def test_app_builder_builds_the_cluster_serve_config_application():
+    from ray.serve._private.build_app import build_app as serve_build
+
+    app_cfg = yaml.safe_load((ROOT / "cluster" / "serve-config.yaml").read_text())["applications"][0]
+    built = serve_build(app_builder(app_cfg["args"]), name=app_cfg["name"])
+    names = {d.name for d in built.deployments}
+    assert names == {"ChameleonServer", "ChameleonIngress"}
+    assert built.ingress_deployment_name == "ChameleonIngress"
+    assert {d["name"] for d in app_cfg["deployments"]} <= names, "the config overrides a deployment that exists"
+
+
+def test_serve_config_validation():
+    ok = ServeConfig(store="s3://b/p", fallback="group:g001", run="run-1.a")
+    assert ok.fallback_group == "g001" and ok.model_name == "SmolLM2-135M-Instruct"
+    assert ServeConfig(store="/x", model="/models/my-llama").model_name == "my-llama"
+    assert ServeConfig(store="/x", model="Qwen/Qwen2.5-1.5B-Instruct").model_name == "Qwen/Qwen2.5-1.5B-Instruct"
+    for bad in (
+        {"run": "../etc"},
+        {"fallback": "group:../x"},
+        {"fallback": "user"},
+        {"api_key_env": "NOT A NAME"},
+        {"max_batch_size": 0},
+        {"default_max_tokens": 5000},
+        {"unknown_field": 1},
+    ):
+        with pytest.raises(ValueError):
+            ServeConfig(store="/x", **bad)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    return model, tok
+
+
+def test_decoder_matches_generate_and_keeps_rows_independent(tiny):
+    model, tok = tiny
+    prompts = [chat_prompt(tok, q) for q in ("hello there", "a much longer question about the weather today", "x")]
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    # Alone: token for token what model.generate gives.
+    for p, pid in zip(prompts, ids, strict=True):
+        (text, got, _), = BatchDecoder(model, tok, [GenItem(pid, 12)]).run()
+        enc = tok([p], return_tensors="pt", add_special_tokens=False)
+        ref = model.generate(**enc, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:].tolist()
+        assert got == ref[: len(got)]
+        assert text.strip() == generate(model, tok, [p], max_new_tokens=12)[0]
+    # A padded batch with per-row budgets: the same tokens as generate() on the same batch.
+    full = BatchDecoder(model, tok, [GenItem(i, 12, ignore_eos=True) for i in ids]).run()
+    short = BatchDecoder(model, tok, [GenItem(i, n, ignore_eos=True) for i, n in zip(ids, (3, 12, 7), strict=True)]).run()
+    assert [r[2] for r in short] == ["length"] * 3
+    for (_, a, _), (_, b, _), n in zip(full, short, (3, 12, 7), strict=True):
+        assert len(b) == n and b == a[:n], "rows that finish early leave the batch without changing the others"
+    # Sampling: reproducible per seed, independent of the batch's other rows' settings.
+    mixed = [GenItem(ids[0], 8, temperature=0.9, top_p=0.8, seed=7), GenItem(ids[1], 8)]
+    a = BatchDecoder(model, tok, mixed).run()
+    b = BatchDecoder(model, tok, mixed).run()
+    assert a[0][1] == b[0][1]
+    assert a[1][1] == full[1][1][: len(a[1][1])]
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_row_edits_are_bit_identical_to_the_edit_bank(tiny, positions):
+    from chameleon.edit import Edit, EditBank
+    from chameleon.serving import RowEdits
+
+    model, tok = tiny
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+
+    def edit(layers):
+        n = len(layers)
+        p = torch.linalg.qr(torch.randn(n, d, 2, generator=g)).Q.transpose(1, 2)
+        return Edit(layers, p, torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1),
+                    torch.randn(n, d, generator=g))
+
+    bank = EditBank(d, [0, 1, 2, 3], max_rank=3, positions=positions)
+    rows = bank.add_many([edit([1, 2]), edit([2]), edit([0, 3])], alpha=1.5, beta=0.5)
+    ids = tok(["hello there", "a b c d e f", "x", "weather"], return_tensors="pt", padding=True).input_ids
+    for batch_rows in ([rows[0], 0, rows[1], rows[2]], [0, rows[1], 0, rows[1]]):
+        with torch.no_grad():
+            with bank.apply(model, batch_rows):
+                want = model(ids).logits
+            edits = RowEdits(bank, batch_rows)
+            with edits.apply(model):
+                got = model(ids).logits
+        assert torch.equal(got, want)
+    assert sorted(RowEdits(bank, [0, rows[1]]).slots) == [2], "layers no row edits get no hook"
+
+
+def test_decoder_stop_sequences_are_cut_and_never_streamed(tiny):
+    model, tok = tiny
+    pid = tok(chat_prompt(tok, "hello"), add_special_tokens=False).input_ids
+    (text, ids, _), = BatchDecoder(model, tok, [GenItem(pid, 12, ignore_eos=True)]).run()
+    assert len(text) >= 2, "the tiny model produces some text"
+    stop = text[1:3]
+    dec = BatchDecoder(model, tok, [GenItem(pid, 12, ignore_eos=True, stop=(stop,))])
+    streamed, events = "", dec.prefill()
+    while True:
+        streamed += "".join(e.text for e in events if e is not None)
+        if dec.done:
+            break
+        events = dec.step()
+    assert streamed == text[: text.index(stop)]
+    assert dec.seqs[0].finish == "stop"
+
+
+# --------------------------------------------------------------------------------------------
+# The Serve app (one per module)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_run(src, dst, run_id: str, new_id: str | None = None, *, manifest_edit=None, corrupt: str | None = None,
+             set_latest: bool = False) -> str:
+    """Copy a committed run between stores (optionally renamed, with an edited manifest or one
+    corrupted file whose recorded checksum is kept), manifest last."""
+    new_id = new_id or run_id
+    manifest = src.get_json(f"runs/{run_id}/manifest.json")
+    for rel in manifest["files"]:
+        data = src.get_bytes(f"runs/{run_id}/{rel}")
+        if rel == corrupt:
+            data = data[:-8] + bytes(8)
+        dst.put_bytes(f"runs/{new_id}/{rel}", data)
+    manifest["run_id"] = new_id
+    if manifest_edit:
+        manifest_edit(manifest)
+    dst.put_json(f"runs/{new_id}/manifest.json", manifest)
+    if set_latest:
+        dst.put_text("latest", new_id + "\n")
+    return new_id
+
+
+@pytest.fixture(scope="module")
+def app(published_tiny_run, s3_server):
+    import ray
+    from conftest import TEST_BUCKET
+    from ray import serve
+
+    from chameleon.artifacts import RunReader
+    from chameleon.runs import PublishedRun
+    from chameleon.serving import build_app
+
+    src, manifest, model_dir = published_tiny_run
+    store = s3_server.store(TEST_BUCKET, f"serving-{uuid.uuid4().hex[:8]}")
+    copy_run(src, store, "tiny-run-1", set_latest=True)
+    run1 = PublishedRun(RunReader(store, "tiny-run-1"))
+
+    saved = {k: os.environ.get(k) for k in (KEY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")}
+    os.environ.update({KEY_ENV: API_KEY, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = ServeConfig(
+            store=store.uri,
+            model=str(model_dir),
+            api_key_env=KEY_ENV,
+            max_batch_size=16,
+            batch_wait_timeout_s=0.25,
+            edit_cache_size=2,  # fewer rows than groups: eviction and waiting for a row are exercised
+            max_prompt_tokens=200,
+            max_tokens_limit=64,
+            default_max_tokens=16,
+            max_request_bytes=32 * 1024,
+            refresh_interval_s=0.5,
+        )
+        serve.run(build_app(cfg, store=store), name=APP, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        yield SimpleNamespace(url=url, store=store, model_dir=model_dir, run1=run1, name=cfg.model_name,
+                              server=serve.get_deployment_handle("ChameleonServer", app_name=APP))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=app.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def users_by_group(run) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for uid, row in sorted(run.assignments().items()):
+        out.setdefault(row["group_id"], []).append(uid)
+    return out
+
+
+def health(app) -> dict:
+    return requests.get(app.url + "/healthz", timeout=30).json()
+
+
+def chat(client, app, user=None, personalization=None, **kw):
+    extra = {"personalization": personalization} if personalization else {}
+    extra.update(kw.pop("extra_body", {}))
+    raw = client.chat.completions.with_raw_response.create(
+        model=app.name, messages=[{"role": "user", "content": kw.pop("content", QUESTION)}],
+        max_tokens=kw.pop("max_tokens", 8), temperature=kw.pop("temperature", 0), user=user, extra_body=extra, **kw
+    )
+    return raw.headers, raw.parse()
+
+
+@pytest.mark.slow
+def test_models_and_health(app, client):
+    assert [m.id for m in client.models.list().data] == [app.name]
+    h = requests.get(app.url + "/healthz", timeout=30)
+    assert h.status_code == 200, h.text
+    body = h.json()
+    assert body["status"] == "ok" and body["run_id"] == "tiny-run-1" and body["auth"] is True
+    assert body["run"]["groups"] == len(app.run1.group_ids)
+
+
+@pytest.mark.slow
+def test_chat_and_completions_with_and_without_streaming(app, client):
+    groups = users_by_group(app.run1)
+    gid, users = next(iter(groups.items()))
+    user = users[0]
+    headers, resp = chat(client, app, user=user, extra_body={"return_token_ids": True})
+    pers = resp.personalization
+    assert pers == {"run_id": "tiny-run-1", "group_id": gid, "source": "user", "user": user}
+    assert headers["x-chameleon-run"] == "tiny-run-1" and headers["x-chameleon-group"] == gid
+    assert resp.object == "chat.completion" and resp.choices[0].message.role == "assistant"
+    assert resp.usage.completion_tokens == len(resp.choices[0].token_ids) <= 8
+    assert resp.choices[0].finish_reason in ("stop", "length")
+
+    stream = client.chat.completions.create(
+        model=app.name, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0, user=user,
+        stream=True, stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == resp.choices[0].message.content, "streaming and not give the same greedy answer"
+    assert all(c.personalization["group_id"] == gid for c in chunks)
+    assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == resp.choices[0].finish_reason
+
+    raw = client.completions.with_raw_response.create(
+        model=app.name, prompt="The weather today is", max_tokens=6, temperature=0, user=user
+    )
+    comp = raw.parse()
+    assert raw.headers["x-chameleon-group"] == gid and comp.object == "text_completion"
+    assert comp.personalization["group_id"] == gid
+    streamed = client.completions.create(
+        model=app.name, prompt="The weather today is", max_tokens=6, temperature=0, user=user, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == comp.choices[0].text
+
+    # Sampled requests with a seed are reproducible.
+    a = chat(client, app, user=user, temperature=1.0, seed=3, max_tokens=12)[1].choices[0].message.content
+    b = chat(client, app, user=user, temperature=1.0, seed=3, max_tokens=12)[1].choices[0].message.content
+    assert a == b
+
+
+@pytest.mark.slow
+def test_concurrent_burst_of_users_in_different_groups(app, client):
+    groups = users_by_group(app.run1)
+    assert len(groups) >= 2, "the tiny run has several groups"
+    jobs = [(u, g) for g, us in groups.items() for u in us[:2]] + [("someone-unknown", None)]
+    jobs += [(None, None)]  # no user at all: the fallback too
+
+    def one(job):
+        user, _ = job
+        stream = len(job[0] or "") % 2 == 0
+        if stream:
+            chunks = list(client.chat.completions.create(
+                model=app.name, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0,
+                user=user, stream=True))
+            return chunks[-1].personalization
+        return chat(client, app, user=user)[1].personalization
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(one, jobs))
+    for (user, gid), pers in zip(jobs, results, strict=True):
+        assert pers["run_id"] == "tiny-run-1"
+        assert pers["group_id"] == gid, (user, pers)
+        assert pers["source"] == ("user" if gid else "fallback")
+    batching = health(app)["batching"]
+    assert batching["max_groups_in_batch"] >= 2, f"one forward served several groups: {batching}"
+    cache = health(app)["edit_caches"][0]
+    assert cache["allocated"] <= 2 and cache["evictions"] >= 1, cache
+
+
+@pytest.mark.slow
+def test_edit_off_is_the_base_model_and_a_group_edit_matches_offline(app, client, tiny):
+    from chameleon.inference import bank_for
+
+    model, tok = tiny
+    groups = users_by_group(app.run1)
+    gid, users = next(iter(groups.items()))
+    prompt = chat_prompt(tok, QUESTION)
+    enc = tok([prompt], return_tensors="pt", add_special_tokens=False)
+    greedy = dict(max_new_tokens=16, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        base_ids = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1]:].tolist()
+
+    headers, off = chat(client, app, user=users[0], personalization={"off": True}, max_tokens=16,
+                        extra_body={"return_token_ids": True})
+    assert off.personalization["source"] == "off" and off.personalization["group_id"] is None
+    assert headers["x-chameleon-group"] == "none"
+    assert off.choices[0].token_ids == base_ids[: len(off.choices[0].token_ids)]
+    assert off.choices[0].message.content.strip() == generate(model, tok, [prompt], max_new_tokens=16)[0]
+
+    from chameleon.config import EditConfig
+
+    bank, rows = bank_for(model, app.run1, [app.run1.group_edit(gid)], EditConfig(**app.run1.manifest["edit"]))
+    with torch.no_grad(), bank.apply(model, rows):
+        edited_ids = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1]:].tolist()
+    _, on = chat(client, app, personalization={"group_id": gid}, max_tokens=16, extra_body={"return_token_ids": True})
+    assert on.personalization["source"] == "group" and on.personalization["group_id"] == gid
+    assert on.choices[0].token_ids == edited_ids[: len(on.choices[0].token_ids)]
+
+
+@pytest.mark.slow
+def test_auth(app, client):
+    from openai import AuthenticationError, OpenAI
+
+    bad = OpenAI(base_url=app.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(AuthenticationError) as err:
+        bad.chat.completions.create(model=app.name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert err.value.status_code == 401
+    r = requests.post(app.url + "/v1/chat/completions", json={"model": app.name, "messages": []}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert requests.get(app.url + "/v1/models", timeout=30).status_code == 401
+    assert requests.get(app.url + "/healthz", timeout=30).status_code == 200, "health needs no token"
+
+
+@pytest.mark.slow
+def test_malformed_requests_get_clear_4xx(app):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    chat_url, comp_url = app.url + "/v1/chat/completions", app.url + "/v1/completions"
+    msgs = [{"role": "user", "content": "hi"}]
+    ok = {"model": app.name, "messages": msgs, "max_tokens": 2}
+    cases = [
+        (chat_url, b"{not json", 400, "invalid_json"),
+        (chat_url, b"[1, 2]", 400, "invalid_json"),
+        (chat_url, b"\xff\xfe", 400, "invalid_json"),
+        (chat_url, {"model": app.name}, 422, "invalid_request_body"),
+        (chat_url, {**ok, "messages": []}, 422, "invalid_request_body"),
+        (chat_url, {**ok, "messages": [{"role": "wizard", "content": "x"}]}, 422, "invalid_request_body"),
+        (chat_url, {**ok, "messages": "hello"}, 422, "invalid_request_body"),
+        (chat_url, {**ok, "temperature": -1}, 422, "invalid_request_body"),
+        (chat_url, {**ok, "temperature": "hot"}, 422, "invalid_request_body"),
+        (chat_url, {**ok, "max_tokens": 0}, 422, "invalid_request_body"),
+        (chat_url, {**ok, "personalization": {"group": "g000"}}, 422, "invalid_request_body"),
+        (chat_url, {**ok, "personalization": "g000"}, 422, "invalid_request_body"),
+        (chat_url, {**ok, "max_tokens": 10_000}, 400, "max_tokens_too_large"),
+        (chat_url, {**ok, "n": 2}, 400, "unsupported_parameter"),
+        (chat_url, {**ok, "logprobs": True}, 400, "unsupported_parameter"),
+        (chat_url, {**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
+        (chat_url, {**ok, "user": "x" * 1000}, 400, "invalid_value"),
+        (chat_url, {**ok, "user": "bad\nuser"}, 400, "invalid_value"),
+        (chat_url, {**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+         "unsupported_content"),
+        (chat_url, {**ok, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
+        (chat_url, {**ok, "model": "gpt-4o"}, 404, "model_not_found"),
+        (chat_url, {**ok, "personalization": {"group_id": "../../latest"}}, 400, "invalid_value"),
+        (chat_url, {**ok, "personalization": {"group_id": "g000/../../x"}}, 400, "invalid_value"),
+        (chat_url, {**ok, "personalization": {"group_id": "no-such-group"}}, 404, "group_not_found"),
+        (chat_url, {**ok, "padding": "x" * 40_000}, 413, "request_too_large"),
+        (comp_url, {"model": app.name, "prompt": ["a", "b"]}, 400, "unsupported_parameter"),
+        (comp_url, {"model": app.name, "prompt": [1, 2, 3]}, 422, "invalid_request_body"),
+        (comp_url, {"model": app.name}, 422, "invalid_request_body"),
+        (comp_url, {"model": app.name, "prompt": ""}, 400, "invalid_value"),
+        (app.url + "/v1/nothing", {}, 404, "not_found"),
+    ]
+    for url, body, status, code in cases:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = requests.post(url, data=content, headers={**auth, "Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == status, (body if not isinstance(body, bytes) else body[:40], r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] == code and err["message"] and err["type"], err
+    r = requests.get(chat_url, headers=auth, timeout=30)
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    # The server is still fine.
+    assert requests.post(chat_url, json=ok, headers=auth, timeout=60).status_code == 200
+
+
+@pytest.mark.slow
+def test_new_latest_run_is_served_without_restart(app, client, tiny_model_dir, tmp_path):
+    from conftest import tiny_job_config
+
+    from chameleon.demo import write_example_users
+    from chameleon.local import run_local
+
+    users = users_by_group(app.run1)
+    user = next(iter(users.values()))[0]
+    # In flight across the switch: admitted on run 1 (its first chunk says so) before run 2 exists.
+    stream = client.chat.completions.create(
+        model=app.name, messages=[{"role": "user", "content": QUESTION}], max_tokens=64, temperature=0, user=user,
+        stream=True, extra_body={"ignore_eos": True},
+    )
+    first = next(iter(stream))
+    assert first.personalization["run_id"] == "tiny-run-1"
+
+    users_file = write_example_users(tmp_path / "users.jsonl")
+    run_local(str(users_file), app.store, "tiny-run-2", tiny_job_config(tiny_model_dir, **{"synth.seed": 1}),
+              progress=False)
+    rest = list(stream)
+    assert all(c.personalization["run_id"] == "tiny-run-1" for c in rest)
+    assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
+
+    deadline = time.monotonic() + 60
+    while True:
+        _, resp = chat(client, app, user=user)
+        if resp.personalization["run_id"] == "tiny-run-2" or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert resp.personalization["run_id"] == "tiny-run-2", "the replica follows latest without a restart"
+    h = health(app)
+    assert h["run_id"] == "tiny-run-2" and h["status"] == "ok" and h["run_switches"] >= 2
+
+    # A request admitted on run 2 while the pointer moves again keeps run 2 for all its chunks;
+    # the refresh is forced through the deployment handle so the switch happens mid-stream.
+    stream = client.chat.completions.create(
+        model=app.name, messages=[{"role": "user", "content": QUESTION}], max_tokens=64, temperature=0, user=user,
+        stream=True, extra_body={"ignore_eos": True},
+    )
+    it = iter(stream)
+    assert next(it).personalization["run_id"] == "tiny-run-2"
+    app.store.put_text("latest", "tiny-run-1\n")
+    assert app.server.refresh.remote().result()["run_id"] == "tiny-run-1"
+    assert all(c.personalization["run_id"] == "tiny-run-2" for c in it)
+    assert chat(client, app, user=user)[1].personalization["run_id"] == "tiny-run-1"
+    app.store.put_text("latest", "tiny-run-2\n")
+    assert app.server.refresh.remote().result()["run_id"] == "tiny-run-2"
+
+
+@pytest.mark.slow
+def test_runs_for_another_model_or_with_bad_checksums_are_refused(app, client):
+    store = app.store
+    user = next(iter(users_by_group(app.run1).values()))[0]
+    assert health(app)["run_id"] == "tiny-run-2"
+
+    def other_model(m):
+        m["model"]["fingerprint"]["weights_sha256"] = "0" * 64
+
+    copy_run(store, store, "tiny-run-2", "run-other-model", manifest_edit=other_model, set_latest=True)
+    h = app.server.refresh.remote().result()
+    assert h["run_id"] == "tiny-run-2" and h["status"] == "degraded"
+    assert "ArtifactModelMismatchError" in h["refused_runs"]["run-other-model"]
+    assert chat(client, app, user=user)[1].personalization["run_id"] == "tiny-run-2", "the old run keeps serving"
+
+    copy_run(store, store, "tiny-run-2", "run-bad-assignments", corrupt="assignments.parquet", set_latest=True)
+    h = app.server.refresh.remote().result()
+    assert "ChecksumMismatchError" in h["refused_runs"]["run-bad-assignments"]
+    assert h["run_id"] == "tiny-run-2"
+    public = health(app)
+    assert public["status"] == "degraded" and any("run-bad-assignments" in p for p in public["problems"])
+
+    # A group file that fails its checksum: the run loads, that group is refused per request.
+    run2 = json.loads(store.get_text("runs/tiny-run-2/manifest.json"))
+    gid = run2["groups"][0]["group_id"]
+    copy_run(store, store, "tiny-run-2", "run-bad-group", corrupt=f"groups/{gid}.safetensors", set_latest=True)
+    assert app.server.refresh.remote().result()["run_id"] == "run-bad-group"
+    r = requests.post(app.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+                   json={"model": app.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                         "personalization": {"group_id": gid}})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "artifact_error"
+    assert "ChecksumMismatchError" in r.json()["error"]["message"]
+    assert any("ChecksumMismatchError" in e for e in health(app)["artifact_errors"])
+    off = chat(client, app, personalization={"off": True})[1]
+    assert off.personalization["run_id"] == "run-bad-group", "other requests are still served"

@@ -1,0 +1,81 @@
+"""Fake it: history selection, queries, batched synthesis (tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_job_config
+from tiny_models import embedded_tokenizer, tiny_llama
+
+from chameleon import prompts
+from chameleon.schema import HistoryItem, UserRecord
+from chameleon.synth import pair_queries, select_history, synthesize
+
+
+def test_select_history_keeps_all_when_few():
+    assert select_history(torch.randn(3, 8), 5) == [0, 1, 2]
+
+
+def test_select_history_picks_the_items_that_load_on_top_components():
+    g = torch.Generator().manual_seed(0)
+    emb = 0.01 * torch.randn(10, 16, generator=g)
+    emb[2, 0] += 10.0  # dominates the first principal component
+    emb[7, 1] += 5.0  # the second
+    emb[4, 2] += 2.0  # the third
+    assert select_history(emb, 3) == [2, 4, 7]
+    assert len(select_history(emb, 6)) == 6 and len(set(select_history(emb, 6))) == 6
+
+
+def test_pair_queries_cycle_over_selected_items_and_never_use_outputs():
+    user = UserRecord("u", tuple(HistoryItem(text=f"t{i}", input=f"q{i}") for i in range(5)), query="test q")
+    assert pair_queries(user, [1, 3], 5) == ["q1", "q3", "q1", "q3", "q1"]
+    no_input = UserRecord("v", (HistoryItem(text="hello"),))
+    assert pair_queries(no_input, [0], 2) == ["hello", "hello"]
+
+
+def test_prompts_are_versioned_and_carry_history():
+    p, n = prompts.insight_prompts(["first  item", "x" * 1000])
+    assert "1. first item" in p and "1. first item" in n and p != n
+    assert "…" in p  # long items are cut
+    ap, an = prompts.answer_prompts("Q?", "likes caps", "plain")
+    assert ap.endswith("Q?") and "likes caps" in ap and "plain" in an
+    assert prompts.PROMPT_VERSION
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    tok = embedded_tokenizer()
+    return tiny_llama(tok, seed=3, layers=4), tok
+
+
+def users(n=3):
+    return [
+        UserRecord(f"u{j}", tuple(HistoryItem(text=f"user {j} wrote item {i} !!", input=f"Paraphrase: item {i} of {j}") for i in range(6)))
+        for j in range(n)
+    ]
+
+
+def test_synthesize_shapes_and_determinism(model_tok, tiny_model_dir):
+    model, tok = model_tok
+    cfg = tiny_job_config(tiny_model_dir, **{"synth.pairs_per_user": 3, "synth.history_k": 2})
+    a = synthesize(model, tok, users(), cfg, [1, 2])
+    b = synthesize(model, tok, users(), cfg, [1, 2])
+    assert [x.user_id for x in a] == ["u0", "u1", "u2"]
+    for x, y in zip(a, b, strict=True):
+        assert x.emb_p.shape == (3, 2, 64) and x.emb_n.shape == (3, 2, 64)
+        assert len(x.selected) == 2 and len(x.queries) == 3 and x.queries[0] == x.queries[2]
+        assert x.personalized == y.personalized and x.neutral == y.neutral
+        assert torch.equal(x.emb_p, y.emb_p)
+        assert x.history_embedding.shape == (64,)
+    other = synthesize(model, tok, users(), cfg.with_overrides({"synth.seed": 7}), [1, 2])
+    assert any(x.personalized != y.personalized for x, y in zip(a, other, strict=True))
+
+
+def test_a_user_alone_gets_the_same_queries_and_insights(model_tok, tiny_model_dir):
+    model, tok = model_tok
+    cfg = tiny_job_config(tiny_model_dir, **{"synth.pairs_per_user": 2, "synth.temperature": 0.0})
+    together = synthesize(model, tok, users(3), cfg, [1])
+    alone = synthesize(model, tok, users(3)[1:2], cfg, [1])
+    assert together[1].queries == alone[0].queries and together[1].selected == alone[0].selected
+    assert together[1].insight_p == alone[0].insight_p
+    assert together[1].personalized == alone[0].personalized  # greedy: batch-independent text
