@@ -138,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {m:26s} ROUGE-1 {e['rouge1']:.3f}  ROUGE-L {e['rougeL']:.3f}{rel}")
     g = res["goal"]
     if g.get("evaluated"):
-        print(f"goal (group ≥ base +15 % ROUGE-L and > RAG, paired): {'met' if g['met'] else 'NOT met'}")
+        print(f"goal (group >= base +15 % ROUGE-L and > RAG, paired): {'met' if g['met'] else 'NOT met'}")
     print(f"report: {args.out}/report.md")
     return 0
 

@@ -752,7 +752,7 @@ def _run_cfg(cfg: ChameleonConfig, group_size: Any, n_users: int) -> ChameleonCo
     return cfg if group_size is None else cfg.with_overrides(_group_overrides(group_size, n_users))
 
 
-def _main_methods(ev: Evaluator, synth_run: str | None, cfg: ChameleonConfig, suffix: str = "",
+def _main_methods(ev: Evaluator, synth_run: str | None, cfg: ChameleonConfig,
                   methods: Sequence[str] = METHODS, group_size: Any = None,
                   ) -> tuple[dict[str, list[str]], dict[str, list[Any]], dict[str, Any]]:
     """Raw answers of each method on the reported users; also per-user group ids and run ids.
@@ -767,11 +767,11 @@ def _main_methods(ev: Evaluator, synth_run: str | None, cfg: ChameleonConfig, su
     groups: dict[str, list[Any]] = {}
     info: dict[str, Any] = {}
     edit_key = cfg.edit.model_dump()
-    if "copy" in methods and not suffix:
+    if "copy" in methods:
         raw["copy"] = [copy_answer(q.input) for q in qs]
-    if "base" in methods and not suffix:
+    if "base" in methods:
         raw["base"] = ev.answers("base", {}, qs, [q.input for q in qs])
-    if "rag" in methods and not suffix:
+    if "rag" in methods:
         raw["rag"] = ev.answers("rag", {"k": ev.s.rag_k}, qs, [rag_prompt(q, ev.s.rag_k) for q in qs])
     need_all = any(m in methods for m in ("chameleon_user", "chameleon_group"))
     if need_all:
@@ -782,16 +782,16 @@ def _main_methods(ev: Evaluator, synth_run: str | None, cfg: ChameleonConfig, su
         run = PublishedRun(RunReader(ev.store, all_run))
         if "chameleon_user" in methods:
             edits = [run.user_edit(u) for u in ids]
-            info["users_without_own_edit" + suffix] = sum(e is None for e in edits)
-            raw["chameleon_user" + suffix] = ev.answers("chameleon_user", {"run": all_run, "edit": edit_key}, qs,
+            info["users_without_own_edit"] = sum(e is None for e in edits)
+            raw["chameleon_user"] = ev.answers("chameleon_user", {"run": all_run, "edit": edit_key}, qs,
                                                          [q.input for q in qs], edits, cfg.edit)
         if "chameleon_group" in methods:
             gids = [run.user_group(u) for u in ids]
             cache: dict[str, Edit] = {}
             edits = [cache.setdefault(g, run.group_edit(g)) for g in gids]
-            groups["chameleon_group" + suffix] = gids
-            info["groups_all" + suffix] = {g["group_id"]: g["n_users"] for g in run.manifest["groups"]}
-            raw["chameleon_group" + suffix] = ev.answers("chameleon_group", {"run": all_run, "edit": edit_key}, qs,
+            groups["chameleon_group"] = gids
+            info["groups_all"] = {g["group_id"]: g["n_users"] for g in run.manifest["groups"]}
+            raw["chameleon_group"] = ev.answers("chameleon_group", {"run": all_run, "edit": edit_key}, qs,
                                                           [q.input for q in qs], edits, cfg.edit)
     if "chameleon_unseen" in methods:
         tuning_ids = [q.id for q in ev.tuning]
@@ -802,9 +802,9 @@ def _main_methods(ev: Evaluator, synth_run: str | None, cfg: ChameleonConfig, su
         gids, dist = run_t.assign_unseen(history_embeddings(profiles, ids))
         cache = {}
         edits = [cache.setdefault(g, run_t.group_edit(g)) for g in gids]
-        groups["chameleon_unseen" + suffix] = gids
-        info["groups_tuning" + suffix] = {g["group_id"]: g["n_users"] for g in run_t.manifest["groups"]}
-        raw["chameleon_unseen" + suffix] = ev.answers("chameleon_unseen", {"run": t_run, "edit": edit_key}, qs,
+        groups["chameleon_unseen"] = gids
+        info["groups_tuning"] = {g["group_id"]: g["n_users"] for g in run_t.manifest["groups"]}
+        raw["chameleon_unseen"] = ev.answers("chameleon_unseen", {"run": t_run, "edit": edit_key}, qs,
                                                        [q.input for q in qs], edits, cfg.edit)
     return raw, groups, info
 
@@ -832,6 +832,8 @@ def run_evaluation(settings: EvalSettings, cfg: ChameleonConfig, *, model_and_to
     model_methods = [m for m in settings.methods if m in MODEL_METHODS and m.startswith("chameleon")]
     synth_run = ev.ensure_synthesis() if model_methods or settings.ablations else None
 
+    # The default configuration first: its answers are cached before the (long) ablations start.
+    raw, groups, info = _main_methods(ev, synth_run, cfg, methods=settings.methods)
     ablations = None
     final_cfg, group_size = cfg, None
     if settings.ablations:
@@ -842,14 +844,17 @@ def run_evaluation(settings: EvalSettings, cfg: ChameleonConfig, *, model_and_to
             final_cfg = cfg.with_overrides(selected["overrides"])
             group_size = selected.get("group_size")
     tuned = group_size is not None or _reduce_signature(final_cfg) != _reduce_signature(cfg)
-
-    raw, groups, info = _main_methods(ev, synth_run, final_cfg, methods=settings.methods, group_size=group_size)
     if tuned:
-        extra = [m for m in settings.methods if m.startswith("chameleon")]
-        raw_d, groups_d, info_d = _main_methods(ev, synth_run, cfg, suffix="_default", methods=extra)
-        raw.update(raw_d)
-        groups.update(groups_d)
-        info.update({k + "_default" if not k.endswith("_default") else k: v for k, v in info_d.items()})
+        # `chameleon_*` = the setting chosen on tuning users; the default's answers become `*_default`.
+        chameleon = [m for m in settings.methods if m.startswith("chameleon")]
+        raw_t, groups_t, info_t = _main_methods(ev, synth_run, final_cfg, methods=chameleon, group_size=group_size)
+        for m in chameleon:
+            raw[m + "_default"] = raw.pop(m)
+            if m in groups:
+                groups[m + "_default"] = groups.pop(m)
+        info = {**{f"{k}_default": v for k, v in info.items()}, **info_t}
+        raw.update(raw_t)
+        groups.update(groups_t)
 
     with ev.clock.stage("score"):
         preds = {m: _postprocess(r) for m, r in raw.items()}
@@ -999,7 +1004,7 @@ def run_ablations(ev: Evaluator, synth_run: str) -> dict[str, Any]:
     for meta in points_meta:
         sc = scores[meta["label"]]
         points.append({**meta, **{k: v for k, v in sc.items() if k != "per_user"}})
-    history = _history_ablation(ev) if "history" in s.ablations else None
+    history = _history_ablation(ev, synth_run) if "history" in s.ablations else None
     selected = _select(points, scores)
     return {
         "model": ev.cfg.model.name_or_path,
@@ -1049,8 +1054,9 @@ def _select(points: list[dict[str, Any]], scores: dict[str, dict[str, Any]]) -> 
             "rule": "best tuning ROUGE-L among group-level ablation points (site excluded)"}
 
 
-def _history_ablation(ev: Evaluator) -> dict[str, Any]:
-    """History size (1, 3, 5, all items) on a few tuning users: one synthesis per size."""
+def _history_ablation(ev: Evaluator, synth_run: str) -> dict[str, Any]:
+    """History size (1, 3, 5, all items) on a few tuning users: one synthesis per size (the main
+    synthesis is reused for the configured size). Edits and groups come from these users only."""
     s = ev.s
     qs = _slice_tuning(ev, s.history_users)
     ids = [q.id for q in qs]
@@ -1065,10 +1071,14 @@ def _history_ablation(ev: Evaluator) -> dict[str, Any]:
                                      "groups.min_group_size": 3})
         run_id = f"{s.run_tag}-hist-{s.history_users[0]}-{s.history_users[1]}-k{k}-" + _short(
             {"synth": cfg.synth.model_dump(), "subspace": cfg.subspace.model_dump(), "model": cfg.model.name_or_path})
-        path = write_users_jsonl(ev.work / "users" / f"{run_id}.jsonl", qs)
-        with ev.clock.stage("ablation:history-synthesis"):
-            run_synthesis(path, ev.store, run_id, cfg, model_and_tokenizer=ev.model_tok, progress=ev.progress)
-        pairs, profiles = read_run_tables(ev.store, run_id)
+        if hk == ev.cfg.synth.history_k:
+            run_id = synth_run
+            pairs, profiles = read_run_tables(ev.store, run_id, ids)
+        else:
+            path = write_users_jsonl(ev.work / "users" / f"{run_id}.jsonl", qs)
+            with ev.clock.stage("ablation:history-synthesis"):
+                run_synthesis(path, ev.store, run_id, cfg, model_and_tokenizer=ev.model_tok, progress=ev.progress)
+            pairs, profiles = read_run_tables(ev.store, run_id)
         layers = _manifest_layers(ev, run_id)
         with ev.clock.stage("ablation:reduce"):
             fit = fit_edits(pairs, profiles, layers, cfg)
@@ -1105,6 +1115,10 @@ _LABELS = {
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _pct(rel: float | None) -> str:
+    return "n/a (base scores 0)" if rel is None else f"{rel * 100:+.1f} %"
 
 
 def _fmt_ci(ci: Sequence[float]) -> str:
@@ -1241,10 +1255,10 @@ def write_report(out_dir: str | Path) -> Path:
         verdict = "**met**" if g["met"] else "**not met**"
         L.append(
             f"**Goal** (Chameleon group edit ≥ base + {g['target_rel_vs_base'] * 100:.0f} % relative ROUGE-L and above RAG, paired test): {verdict}. "
-            f"Group edit vs base: {g['rel_vs_base'] * 100:+.1f} % ROUGE-L (difference 95 % CI {_fmt_ci(g['diff_vs_base_ci95'])}, "
+            f"Group edit vs base: {_pct(g['rel_vs_base'])} ROUGE-L (difference 95 % CI {_fmt_ci(g['diff_vs_base_ci95'])}, "
             f"p = {g['p_vs_base']:.3f}); vs RAG: {g['diff_vs_rag']:+.3f} (95 % CI {_fmt_ci(g['diff_vs_rag_ci95'])}, p = {g['p_vs_rag']:.3f}).\n"
             if g.get("diff_vs_rag") is not None else
-            f"**Goal**: {verdict} (group edit vs base {g['rel_vs_base'] * 100:+.1f} % ROUGE-L; RAG not evaluated).\n")
+            f"**Goal**: {verdict} (group edit vs base {_pct(g['rel_vs_base'])} ROUGE-L; RAG not evaluated).\n")
     L.append("## Results on reported users\n")
     L.append("| method | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] | ROUGE-L vs base (diff [CI], rel, p) | ROUGE-L vs RAG | gap to copy (ROUGE-L) |")
     L.append("|---|---|---|---|---|---|")

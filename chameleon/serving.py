@@ -15,7 +15,8 @@ moment and its bank row is pinned, so a switch of `latest` never mixes runs insi
 never evicts a row a batch still reads. `@serve.batch` then gathers admitted requests; one manual
 decode loop (KV cache, per-row temperature/top-p/seed/stop/max_tokens) runs them together, so
 greedy and sampled requests of many groups share every forward pass and every edited layer applies
-all rows' edits in one batched operation. Finished rows leave the batch (their KV cache is dropped).
+all rows' edits in one batched operation (`RowEdits`: the `EditBank` math on the batch's rows,
+gathered once per batch composition). Finished rows leave the batch (their KV cache is dropped).
 
 Runs load from the store by id or through `latest` (polled every `refresh_interval_s` in a
 background thread). A run made for another model (fingerprint mismatch) or with a file that fails
@@ -1142,7 +1143,9 @@ class ChameleonServer:
         n, finish = 0, None
         try:
             async for ev in self._batch(adm):
-                if ev is None:
+                if ev is None or finish is not None:
+                    # After the end, keep draining: the batch then closes this request's stream
+                    # itself (breaking out would leave an orphaned future in @serve.batch).
                     continue
                 n += len(ev.token_ids)
                 if adm.stream:
@@ -1153,10 +1156,11 @@ class ChameleonServer:
                     ids += ev.token_ids
                 if ev.finish_reason:
                     finish = ev.finish_reason
-                    break
-            if not adm.stream:
-                yield {"type": "delta", "text": "".join(texts), "token_ids": ids}
-            yield {"type": "end", "finish_reason": finish or "length", "completion_tokens": n}
+                    if not adm.stream:
+                        yield {"type": "delta", "text": "".join(texts), "token_ids": ids}
+                    yield {"type": "end", "finish_reason": finish, "completion_tokens": n}
+            if finish is None:
+                raise RuntimeError("the batch ended before this request finished")
         except Exception as exc:
             log.exception("generation failed")
             yield ApiError(500, f"internal error during generation: {type(exc).__name__}: {exc}", "internal_error").to_event()
@@ -1192,15 +1196,17 @@ class ChameleonServer:
         from chameleon.edit_cache import CacheFullError  # noqa: PLC0415
 
         key = (run.run_id, group_id)
+        row = cache.acquire(key)
+        if row is not None:
+            return row
+        edit = await self._load(run, group_id)
         deadline = time.monotonic() + self.cfg.admission_timeout_s
         while True:
-            row = cache.acquire(key)
-            if row is not None:
-                return row
-            edit = await self._load(run, group_id)
             try:
+                # Pins the key's row if another request installed it meanwhile.
                 return cache.install(key, edit, run.params)
             except CacheFullError as exc:
+                # Every row is held by admitted requests: wait for a batch to finish.
                 if time.monotonic() > deadline:
                     raise ApiError(503, str(exc), "edit_slots_busy") from None
                 await asyncio.sleep(0.005)
@@ -1345,8 +1351,8 @@ class ChameleonIngress:
                 raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}", "invalid_json") from None
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise ApiError(400, f"request body is not valid JSON: {str(exc)[:200]}", "invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", "invalid_json")
         return data
@@ -1423,6 +1429,7 @@ class ChameleonIngress:
                 ids += ev["token_ids"]
             elif ev["type"] == "end":
                 end = ev
+                break
             elif ev["type"] == "error":
                 raise ApiError.from_event(ev)
         if end is None:
@@ -1468,6 +1475,7 @@ class ChameleonIngress:
                     yield chunk(None, ev["finish_reason"], [])
                     if req.include_usage():
                         yield _sse_line({**base, "choices": [], "usage": _usage(start, ev), "personalization": pers})
+                    break
                 elif ev["type"] == "error":
                     yield _sse_line(ApiError.from_event(ev).body())
             finished = True

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -119,9 +120,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.detach:
             return 0
         print("Ctrl-C to stop", flush=True)
+        # SIGTERM (Kubernetes, `kill`) cleans up like Ctrl-C.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         return 0
     finally:
         if not args.detach:

@@ -74,14 +74,14 @@ PROFILE = [
 
 
 def test_rag_retrieves_the_matching_profile_items_with_the_tweet_as_query():
-    q = _q(1, tweet="my laptop battery is dead again", profile=PROFILE)
+    q = _q(1, tweet="my laptop battery is dead", profile=PROFILE)
     assert sorted(ev.rag_items(q, 2)) == [1, 4]
     q = _q(2, tweet="walked the dog", profile=PROFILE)
     assert sorted(ev.rag_items(q, 2)) == [0, 2]
 
 
 def test_rag_prompt_has_lamp7_retrieval_form():
-    q = _q(1, tweet="my laptop battery is dead again", profile=PROFILE)
+    q = _q(1, tweet="my laptop battery is dead", profile=PROFILE)
     p = ev.rag_prompt(q, 2)
     assert p.endswith("are written by a person. Following the given patterns " + q.input)
     head = p.split(" are written by a person.")[0]

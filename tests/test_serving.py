@@ -73,6 +73,22 @@ def test_serve_config_validation():
             ServeConfig(store="/x", **bad)
 
 
+def test_serve_cli_settings(tmp_path):
+    import argparse
+
+    from chameleon.serving_cli import add_serve_parser, serve_settings
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    cfg_file = tmp_path / "serve.yaml"
+    cfg_file.write_text("store: s3://bucket/root\nrun: latest\nmax_batch_size: 8\nfallback: group:g001\n")
+    args = parser.parse_args(["serve", "--config", str(cfg_file), "--max-batch-size", "16", "--num-gpus", "1"])
+    cfg = ServeConfig.model_validate(serve_settings(args))
+    assert (cfg.store, cfg.max_batch_size, cfg.num_gpus, cfg.fallback_group) == ("s3://bucket/root", 16, 1.0, "g001")
+    with pytest.raises(ValueError, match="--store"):
+        serve_settings(parser.parse_args(["serve"]))
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
@@ -393,6 +409,7 @@ def test_malformed_requests_get_clear_4xx(app):
         (chat_url, b"{not json", 400, "invalid_json"),
         (chat_url, b"[1, 2]", 400, "invalid_json"),
         (chat_url, b"\xff\xfe", 400, "invalid_json"),
+        (chat_url, b"[" * 15_000 + b"]" * 15_000, 400, "invalid_json"),
         (chat_url, {"model": app.name}, 422, "invalid_request_body"),
         (chat_url, {**ok, "messages": []}, 422, "invalid_request_body"),
         (chat_url, {**ok, "messages": [{"role": "wizard", "content": "x"}]}, 422, "invalid_request_body"),
