@@ -99,6 +99,9 @@ class SubspaceConfig(_Section):
     """L2 penalty on the probe."""
     pair_cos_max: float = Field(0.8, gt=0.0, le=1.0)
     """Drop pairs whose two embeddings (at the middle candidate layer) have cosine above this."""
+    max_group_pairs: int = Field(2048, ge=2)
+    """Pairs pooled into one group edit; larger groups use a seeded random subset, so a group's
+    reduce costs the same at any group size."""
     min_pairs: int = Field(2, ge=1)
     """Users left with fewer pairs after filtering get no user edit (they still join groups)."""
     seed: int = 0

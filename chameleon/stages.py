@@ -270,6 +270,8 @@ def reduce_groups(data: UnitData, red: UserReduce, grouping: Grouping, cfg: Subs
     Returns (Subspaces over groups, chosen layers [G, n]).
     """
     member_pairs = red.keep & red.has_edit[:, None]
-    H_P, H_N, mask = ss.pool_groups(data.H_P, data.H_N, member_pairs, grouping.labels, len(grouping.group_ids))
+    H_P, H_N, mask = ss.pool_groups(
+        data.H_P, data.H_N, member_pairs, grouping.labels, len(grouping.group_ids), cfg.max_group_pairs, cfg.seed
+    )
     sub = ss.fit_subspaces(H_P, H_N, mask, cfg)
     return sub, ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers)

@@ -237,7 +237,9 @@ def ccs_direction(
     m = basis.shape[-2]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # Drawn at full width and cut to m, so padding a unit (which changes m) never changes its init.
-    w_full = torch.rand(restarts, d + 1, generator=gen) * 2 - 1
+    # Scale of torch.nn.Linear's default init on d inputs (Burns et al.'s probe): small next to the
+    # learned weights, so the directions training leaves alone add little to the result.
+    w_full = (torch.rand(restarts, d + 1, generator=gen) * 2 - 1) / d**0.5
     w0 = torch.cat([w_full[:, :m], w_full[:, d:]], 1)
     params = w0.to(H_P.device, H_P.dtype).expand(U, L, restarts, m + 1).clone()
     velocity = torch.zeros_like(params)
@@ -306,19 +308,29 @@ def choose_layers(sub: Subspaces, captured_layers: list[int], n_layers: int, exp
 
 
 def pool_groups(
-    H_P: torch.Tensor, H_N: torch.Tensor, mask: torch.Tensor, group_index: torch.Tensor, n_groups: int
+    H_P: torch.Tensor,
+    H_N: torch.Tensor,
+    mask: torch.Tensor,
+    group_index: torch.Tensor,
+    n_groups: int,
+    max_pairs: int | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack the real pairs of every member of each group into one unit per group.
 
-    group_index [U] (values in 0..n_groups-1; -1 = in no group). Returns H_P, H_N [G, Kmax, L, d]
-    and mask [G, Kmax].
+    group_index [U] (values in 0..n_groups-1; -1 = in no group). Groups with more than
+    `max_pairs` pairs keep a seeded random subset, so a group's reduce costs the same at any size.
+    Returns H_P, H_N [G, Kmax, L, d] and mask [G, Kmax].
     """
     U, K, L, d = H_P.shape
+    gen = torch.Generator().manual_seed(seed)
     rows_p, rows_n = [], []
     for g in range(n_groups):
-        sel = (group_index == g)[:, None] & mask
-        rows_p.append(H_P[sel])
-        rows_n.append(H_N[sel])
+        idx = torch.nonzero(((group_index == g)[:, None] & mask).flatten()).flatten()
+        if max_pairs is not None and len(idx) > max_pairs:
+            idx = idx[torch.randperm(len(idx), generator=gen)[:max_pairs].sort().values]
+        rows_p.append(H_P.reshape(U * K, L, d)[idx])
+        rows_n.append(H_N.reshape(U * K, L, d)[idx])
     kmax = max([r.shape[0] for r in rows_p] + [1])
     out_p = H_P.new_zeros(n_groups, kmax, L, d)
     out_n = H_N.new_zeros(n_groups, kmax, L, d)

@@ -187,3 +187,12 @@ def test_hand_written_ccs_gradient_matches_autograd():
     loss, grad = ss.ccs_loss_and_grad(params, zp.double(), zn.double(), mask.double())
     loss.sum().backward()
     assert torch.allclose(grad, params.grad, atol=1e-10)
+
+
+def test_pool_groups_caps_pairs_per_group_reproducibly():
+    H_P, H_N, _, _ = planted(6, K=4, seed=8)
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    P1, _, M1 = ss.pool_groups(H_P, H_N, mask, labels, 2, max_pairs=10, seed=3)
+    P2, _, M2 = ss.pool_groups(H_P, H_N, mask, labels, 2, max_pairs=10, seed=3)
+    assert M1.sum(1).tolist() == [10, 8] and torch.equal(P1, P2) and torch.equal(M1, M2)
