@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chameleon.config import ChameleonConfig
+from chameleon.serving_cli import add_serve_parser
 
 log = logging.getLogger("chameleon")
 
@@ -132,7 +133,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if args.quick:
         cfg = cfg.with_overrides({"synth.pairs_per_user": 4, "synth.answer_max_new_tokens": 24, "synth.insight_max_new_tokens": 40})
-    cfg = cfg.with_overrides({"groups.n_groups": 6, "groups.min_group_size": 2})
+    # One replica on this machine: let it use every core (Ray would give it one thread).
+    cfg = cfg.with_overrides({"groups.n_groups": 6, "groups.min_group_size": 2, "job.torch_threads": os.cpu_count() or 1})
     args.run_id = args.run_id or new_run_id("demo")
     t0 = time.perf_counter()
     with embedded_store(workdir) as (s3, store):
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="output store: s3://bucket/prefix or a local dir (default: an embedded S3 server)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL / CHAMELEON_S3_ENDPOINT)")
     p.add_argument("--run-id", help="run id (default: a new one); rerun with the same id to resume")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (`auto` = the running cluster; default: RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--local", action="store_true", help="run in this process without Ray")
     p.add_argument("--workdir", default="demo-out", help="data dir of the embedded S3 server")
     add_config_flags(p)
@@ -178,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer pairs and shorter answers")
     add_config_flags(p)
     p.set_defaults(func=cmd_demo)
+
+    add_serve_parser(sub)
     return parser
 
 

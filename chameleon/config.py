@@ -143,6 +143,8 @@ class JobConfig(_Section):
     """GPUs per actor; 0 on CPU; >1 with `model.device_map: auto` to shard one replica."""
     num_cpus_per_actor: float = Field(1.0, gt=0)
     """CPUs reserved per actor (fractional keeps CPUs free for Ray Data's own tasks)."""
+    torch_threads: int = Field(0, ge=0)
+    """Torch threads per actor; 0 = the actor's CPUs (what Ray sets in OMP_NUM_THREADS)."""
     users_per_partition: int = Field(64, ge=1)
     """Users per map partition (the unit of resume)."""
     max_user_failures: float = Field(0.5, ge=0, le=1)

@@ -119,7 +119,6 @@ class EditBank:
         self.alpha = torch.zeros(1, device=self.device)
         self.beta = torch.zeros(1, device=self.device)
         self.active = torch.zeros(1, n, dtype=torch.bool, device=self.device)
-        self._rows: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -180,24 +179,55 @@ class EditBank:
 
     # -----------------------------------------------------------------------------------------
 
+    def bind(self, rows: torch.Tensor | Sequence[int]) -> BoundEdits:
+        """The edits of one batch composition (batch row i uses bank row rows[i]), gathered once.
+
+        Reuse the result while the composition holds (e.g. across decode steps): gathering is done
+        once instead of in every layer call, and layers no row edits get no hook at all.
+        """
+        return BoundEdits(self, rows)
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, rows: torch.Tensor | Sequence[int]) -> Iterator[None]:
+        """Edit `model` while inside the block; batch row i uses bank row rows[i]."""
+        with self.bind(rows).apply(model):
+            yield
+
+
+class BoundEdits:
+    """An `EditBank`'s rows for one batch, applied to a model through forward hooks.
+
+    Holds views of the bank's rows: valid while those rows are not overwritten (`set_row`).
+    """
+
+    def __init__(self, bank: EditBank, rows: torch.Tensor | Sequence[int]) -> None:
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=bank.device)
+        if rows_t.ndim != 1:
+            raise ValueError("rows must be one bank row index per sequence")
+        if len(rows_t) and (int(rows_t.min()) < 0 or int(rows_t.max()) >= bank.n_rows):
+            raise IndexError(f"bank has rows 0..{bank.n_rows - 1}, got {rows_t.tolist()}")
+        self.bank = bank
+        self.n = len(rows_t)
+        self.alpha, self.beta = bank.alpha[rows_t], bank.beta[rows_t]
+        on = bank.active[rows_t] & ((self.alpha != 0) | (self.beta != 0))[:, None]  # [B, n_layers]
+        self.slots = {
+            slot: (bank.P[rows_t, slot], bank.N[rows_t, slot], bank.mu[rows_t, slot], on[:, slot])
+            for slot, used in enumerate(on.any(0).tolist())
+            if used
+        }
+
     def _hook(self, slot: int):
+        P, N, mu, on = self.slots[slot]
+        last = self.bank.positions == "last"
+
         def hook(module: nn.Module, args, output):
-            rows = self._rows
-            if rows is None:
-                return None
             hidden = output[0] if isinstance(output, tuple) else output
-            B = hidden.shape[0]
-            if rows.shape[0] != B:
-                raise RuntimeError(f"edit rows for {rows.shape[0]} sequences, batch has {B}")
-            # No `.any()` shortcut: it would force a device sync in every layer of every step.
-            on = self.active[rows, slot] & ((self.alpha[rows] != 0) | (self.beta[rows] != 0))
-            part = hidden[:, -1:, :] if self.positions == "last" else hidden
-            edited = edit_rows(
-                part, self.P[rows, slot], self.N[rows, slot], self.mu[rows, slot], self.alpha[rows], self.beta[rows]
-            )
+            if hidden.shape[0] != self.n:
+                raise RuntimeError(f"edit rows for {self.n} sequences, batch has {hidden.shape[0]}")
+            part = hidden[:, -1:, :] if last else hidden
             # Rows without an edit here keep their exact values (bit-identical to the base model).
-            edited = torch.where(on[:, None, None], edited, part)
-            if self.positions == "last" and hidden.shape[1] > 1:
+            edited = torch.where(on[:, None, None], edit_rows(part, P, N, mu, self.alpha, self.beta), part)
+            if last and hidden.shape[1] > 1:
                 hidden = torch.cat([hidden[:, :-1, :], edited], dim=1)
             else:
                 hidden = edited
@@ -206,21 +236,13 @@ class EditBank:
         return hook
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module, rows: torch.Tensor | Sequence[int]) -> Iterator[None]:
-        """Edit `model` while inside the block; batch row i uses bank row rows[i]."""
-        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        if rows_t.ndim != 1:
-            raise ValueError("rows must be one bank row index per sequence")
-        if len(rows_t) and (int(rows_t.min()) < 0 or int(rows_t.max()) >= self.n_rows):
-            raise IndexError(f"bank has rows 0..{self.n_rows - 1}, got {rows_t.tolist()}")
+    def apply(self, model: nn.Module) -> Iterator[None]:
         handles = [
-            layer_module(model, layer, self.site).register_forward_hook(self._hook(slot))
-            for slot, layer in enumerate(self.layers)
+            layer_module(model, self.bank.layers[slot], self.bank.site).register_forward_hook(self._hook(slot))
+            for slot in self.slots
         ]
-        self._rows = rows_t
         try:
             yield
         finally:
-            self._rows = None
             for h in handles:
                 h.remove()

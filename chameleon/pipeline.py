@@ -44,7 +44,7 @@ class PartitionWorker:
 
         self.cfg = ChameleonConfig.model_validate_json(cfg_json)
         # Ray sets OMP_NUM_THREADS from the actor's CPUs; follow it so replicas don't oversubscribe.
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(self.cfg.job.torch_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.model, self.tok = load_model(self.cfg.model)
         self.layers = layers
         self.writer = RunWriter(store, run_id)
@@ -68,15 +68,17 @@ class PartitionWorker:
 
 
 def init_ray(address: str | None = None) -> None:
-    """Connect to `address` (or RAY_ADDRESS); with neither, start a local Ray."""
+    """Connect to `address` (or RAY_ADDRESS; `auto` finds a running cluster); with neither, start
+    a new local Ray (never silently attach to whatever cluster this machine last ran)."""
     import ray  # noqa: PLC0415
 
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)
 
 
 def model_num_layers(cfg: ChameleonConfig) -> int:

@@ -249,6 +249,7 @@ class LocalS3Server:
                 self._proc = subprocess.Popen(
                     args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                     cwd=root, start_new_session=True,  # own process group: stop() kills all of it
+                    preexec_fn=_die_with_parent,
                 )  # fmt: skip
             # weed hardcodes /tmp/seaweedfs-<component>-grpc-<port>.sock and never removes them.
             self._grpc_sockets = [
@@ -316,6 +317,16 @@ class LocalS3Server:
         host, port = server.get_host_and_port()
         self._moto = server
         self._endpoint = f"http://{host}:{port}"
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies (Linux), so a killed demo or test run
+    leaves no SeaweedFS holding its data directory's locks."""
+    if sys.platform.startswith("linux"):
+        import ctypes  # noqa: PLC0415
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:

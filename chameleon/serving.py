@@ -15,8 +15,8 @@ moment and its bank row is pinned, so a switch of `latest` never mixes runs insi
 never evicts a row a batch still reads. `@serve.batch` then gathers admitted requests; one manual
 decode loop (KV cache, per-row temperature/top-p/seed/stop/max_tokens) runs them together, so
 greedy and sampled requests of many groups share every forward pass and every edited layer applies
-all rows' edits in one batched operation (`RowEdits`: the `EditBank` math on the batch's rows,
-gathered once per batch composition). Finished rows leave the batch (their KV cache is dropped).
+all rows' edits in one batched operation (`EditBank.bind`: the batch's rows are gathered once
+per batch composition). Finished rows leave the batch (their KV cache is dropped).
 
 Runs load from the store by id or through `latest` (polled every `refresh_interval_s` in a
 background thread). A run made for another model (fingerprint mismatch) or with a file that fails
@@ -57,7 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chameleon.config import EMBEDDED_MODEL
 
 if TYPE_CHECKING:  # heavy imports stay out of the ingress process
-    from chameleon.edit import Edit, EditBank
+    from chameleon.edit import BoundEdits, Edit, EditBank
     from chameleon.edit_cache import EditCache, EditParams
     from chameleon.runs import PublishedRun
     from chameleon.storage import Store
@@ -418,67 +418,6 @@ class _Seq:
     generator: Any = None
 
 
-class RowEdits:
-    """The bank rows of one batch composition, gathered once, applied through forward hooks.
-
-    Same math and the same input values as `EditBank.apply` (it calls `chameleon.edit.edit_rows`
-    on the rows `EditBank` would gather), so results are bit-identical; but the rows are gathered
-    once per composition instead of in every layer call of every step, and layers that no row of
-    the batch edits get no hook at all. Valid while the rows stay pinned (`EditCache`).
-    """
-
-    def __init__(self, bank: EditBank, rows: Sequence[int]) -> None:
-        import torch  # noqa: PLC0415
-
-        rows_t = torch.as_tensor(list(rows), dtype=torch.long, device=bank.device)
-        if len(rows_t) and (int(rows_t.min()) < 0 or int(rows_t.max()) >= bank.n_rows):
-            raise IndexError(f"bank has rows 0..{bank.n_rows - 1}, got {list(rows)}")
-        self.bank = bank
-        self.alpha, self.beta = bank.alpha[rows_t], bank.beta[rows_t]
-        on = bank.active[rows_t] & ((self.alpha != 0) | (self.beta != 0))[:, None]  # [B, n_layers]
-        used = on.any(0).tolist()
-        self.slots = {
-            slot: (bank.P[rows_t, slot], bank.N[rows_t, slot], bank.mu[rows_t, slot], on[:, slot])
-            for slot, u in enumerate(used) if u
-        }
-
-    def _hook(self, slot: int):
-        import torch  # noqa: PLC0415
-
-        from chameleon.edit import edit_rows  # noqa: PLC0415
-
-        P, N, mu, on = self.slots[slot]
-        last = self.bank.positions == "last"
-
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if hidden.shape[0] != P.shape[0]:
-                raise RuntimeError(f"edit rows for {P.shape[0]} sequences, batch has {hidden.shape[0]}")
-            part = hidden[:, -1:, :] if last else hidden
-            edited = torch.where(on[:, None, None], edit_rows(part, P, N, mu, self.alpha, self.beta), part)
-            if last and hidden.shape[1] > 1:
-                hidden = torch.cat([hidden[:, :-1, :], edited], dim=1)
-            else:
-                hidden = edited
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return hook
-
-    @contextlib.contextmanager
-    def apply(self, model):
-        from chameleon.model import layer_module  # noqa: PLC0415
-
-        handles = [
-            layer_module(model, self.bank.layers[slot], self.bank.site).register_forward_hook(self._hook(slot))
-            for slot in self.slots
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-
 class BatchDecoder:
     """Greedy or sampled decoding of a batch of prompts with the KV cache, row by row.
 
@@ -512,7 +451,7 @@ class BatchDecoder:
         self._keep_logits = "logits_to_keep" in params
         self._alive: list[int] = []
         self._cache = self._mask = self._pos = self._next = None
-        self._edits: tuple[tuple[int, ...], RowEdits] | None = None
+        self._edits: tuple[tuple[int, ...], BoundEdits] | None = None
         self._max_stop = max((len(s) for it in items for s in it.stop), default=0)
         self.forward_calls = 0
 
@@ -601,7 +540,7 @@ class BatchDecoder:
         if self.bank is not None and any(rows):
             key = tuple(rows)
             if self._edits is None or self._edits[0] != key:  # a new composition (rows left the batch)
-                self._edits = (key, RowEdits(self.bank, rows))
+                self._edits = (key, self.bank.bind(rows))
             with self._edits[1].apply(self.model):
                 out = self.model(**kwargs)
         else:

@@ -164,3 +164,21 @@ def test_edit_tensors_round_trip():
     e = random_edit(20)
     back = Edit.from_tensors(e.to_tensors())
     assert back.layers == e.layers and torch.equal(back.theta_p, e.theta_p) and torch.equal(back.mean, e.mean)
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_bound_edits_equal_apply_and_skip_unused_layers(model, tok, positions):
+    bank = EditBank(64, [0, 1, 2, 3], max_rank=2, positions=positions)
+    rows = bank.add_many([random_edit(30, layers=[1, 2]), random_edit(31, layers=[2]), random_edit(32, layers=[0, 3])])
+    enc = batch(tok, TEXTS)
+    for batch_rows in ([rows[0], 0, rows[1], rows[2]], [0, rows[1], 0, rows[1]]):
+        bound = bank.bind(batch_rows)
+        with torch.no_grad():
+            with bank.apply(model, batch_rows):
+                want = model(**enc).logits
+            with bound.apply(model):  # reused across calls, as a decode loop does
+                first = model(**enc).logits
+            with bound.apply(model):
+                second = model(**enc).logits
+        assert torch.equal(first, want) and torch.equal(second, want)
+    assert sorted(bank.bind([0, rows[1]]).slots) == [2], "layers no row edits get no hook"

@@ -121,35 +121,6 @@ def test_decoder_matches_generate_and_keeps_rows_independent(tiny):
     assert a[1][1] == full[1][1][: len(a[1][1])]
 
 
-@pytest.mark.parametrize("positions", ["last", "all"])
-def test_row_edits_are_bit_identical_to_the_edit_bank(tiny, positions):
-    from chameleon.edit import Edit, EditBank
-    from chameleon.serving import RowEdits
-
-    model, tok = tiny
-    d = model.config.hidden_size
-    g = torch.Generator().manual_seed(0)
-
-    def edit(layers):
-        n = len(layers)
-        p = torch.linalg.qr(torch.randn(n, d, 2, generator=g)).Q.transpose(1, 2)
-        return Edit(layers, p, torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1),
-                    torch.randn(n, d, generator=g))
-
-    bank = EditBank(d, [0, 1, 2, 3], max_rank=3, positions=positions)
-    rows = bank.add_many([edit([1, 2]), edit([2]), edit([0, 3])], alpha=1.5, beta=0.5)
-    ids = tok(["hello there", "a b c d e f", "x", "weather"], return_tensors="pt", padding=True).input_ids
-    for batch_rows in ([rows[0], 0, rows[1], rows[2]], [0, rows[1], 0, rows[1]]):
-        with torch.no_grad():
-            with bank.apply(model, batch_rows):
-                want = model(ids).logits
-            edits = RowEdits(bank, batch_rows)
-            with edits.apply(model):
-                got = model(ids).logits
-        assert torch.equal(got, want)
-    assert sorted(RowEdits(bank, [0, rows[1]]).slots) == [2], "layers no row edits get no hook"
-
-
 def test_decoder_stop_sequences_are_cut_and_never_streamed(tiny):
     model, tok = tiny
     pid = tok(chat_prompt(tok, "hello"), add_special_tokens=False).input_ids
