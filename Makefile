@@ -35,6 +35,7 @@ bench: install
 	$(PY) jobs/bench/edit_overhead.py
 	$(PY) jobs/bench/reduce_speed.py
 	$(PY) jobs/bench/pipeline_scaling.py
+	$(PY) jobs/bench/serve_mixed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out
