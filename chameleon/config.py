@@ -59,6 +59,7 @@ class SynthConfig(_Section):
     temperature: float = Field(0.7, ge=0.0)
     """Sampling temperature for paired answers; 0 means greedy."""
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Nucleus sampling mass for paired answers (ignored when greedy)."""
     batch_size: int = Field(16, ge=1)
     """Sequences per `generate()` / capture call."""
     seed: int = 0
@@ -105,6 +106,7 @@ class SubspaceConfig(_Section):
     min_pairs: int = Field(2, ge=1)
     """Users left with fewer pairs after filtering get no user edit (they still join groups)."""
     seed: int = 0
+    """Seeds CCS restarts and the subsampling of large groups' pairs."""
 
 
 class EditConfig(_Section):
@@ -132,6 +134,7 @@ class GroupConfig(_Section):
     group_column: str | None = None
     """Group by this field of the user records instead of clustering."""
     seed: int = 0
+    """Seeds the k-means++ initialization."""
 
 
 class JobConfig(_Section):
