@@ -59,6 +59,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--run-tag", default="lamp7", help="prefix of run ids in the store")
+    p.add_argument("--synth-run", help="run id of the synthesis (reused when committed in the work dir's store)")
     p.add_argument("--ablations", type=_csv(ABLATIONS), default=(),
                    help="comma list or all (tuning users only): " + ",".join(ABLATIONS))
     p.add_argument("--ablation-users", help="tuning positions scored in ablations (default: all tuning users)")
@@ -122,6 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         n_resamples=args.n_resamples,
         seed=args.seed if args.seed is not None else 0,
         run_tag=args.run_tag,
+        synth_run=args.synth_run,
         use_ray=args.ray,
         address=args.address,
         ablations=tuple(args.ablations),

@@ -591,6 +591,9 @@ class EvalSettings:
     seed: int = 0
     run_tag: str = "lamp7"
     """Prefix of the run ids in the store."""
+    synth_run: str | None = None
+    """Run id of the synthesis (created when absent, reused when committed); default: derived from
+    the tag, the users and the synthesis settings."""
     use_ray: bool = False
     address: str | None = None
     ablations: tuple[str, ...] = ()
@@ -722,6 +725,8 @@ class Evaluator:
 
     # -- runs ------------------------------------------------------------------------------
     def synth_run_id(self) -> str:
+        if self.s.synth_run:
+            return self.s.synth_run
         t, r = self.s.tuning_users, self.s.reported_users
         sig = _short({"synth": self.cfg.synth.model_dump(), "subspace": self.cfg.subspace.model_dump(),
                       "model": self.cfg.model.name_or_path})
@@ -776,7 +781,9 @@ def _main_methods(ev: Evaluator, synth_run: str | None, cfg: ChameleonConfig,
     need_all = any(m in methods for m in ("chameleon_user", "chameleon_group"))
     if need_all:
         all_cfg = _run_cfg(cfg, group_size, len(ev.tuning) + len(ev.reported))
-        same = _reduce_signature(all_cfg) == _reduce_signature(ev.cfg)
+        # The synthesis run's own reduce is used when it was published with exactly this setting.
+        published = (committed_manifest(ev.store, synth_run) or {}).get("config", {})
+        same = _reduce_signature(all_cfg) == {k: published.get(k) for k in REDUCE_KEYS}
         all_run = synth_run if same else ev.derived(synth_run, "all", all_cfg, None)
         info["run_all"] = all_run
         run = PublishedRun(RunReader(ev.store, all_run))
@@ -925,19 +932,19 @@ class _Point:
 def _ablation_grid(names: Sequence[str]) -> list[_Point]:
     pts: list[_Point] = [_Point("default", "default", "group"), _Point("default", "default", "user")]
     if "alpha" in names:
-        pts += [_Point("alpha", a, "group", {"edit.alpha": a}) for a in (0.0, 0.5, 2.0, 4.0)]
+        pts += [_Point("alpha", a, "group", {"edit.alpha": a}) for a in (0.5, 2.0, 4.0)]
     if "beta" in names:
-        pts += [_Point("beta", b, "group", {"edit.beta": b}) for b in (0.0, 0.5, 2.0)]
+        pts += [_Point("beta", b, "group", {"edit.beta": b}) for b in (0.0, 2.0)]
     if "n_layers" in names:
         pts += [_Point("n_layers", n, "group", {"subspace.n_layers": n}) for n in (1, 5)]
     if "theta_p" in names:
-        pts += [_Point("theta_p", m, "group", {"subspace.theta_p": m}) for m in ("svd_diff", "mean_diff")]
+        pts += [_Point("theta_p", m, "group", {"subspace.theta_p": m}) for m in ("mean_diff",)]
     if "theta_n" in names:
         pts += [_Point("theta_n", "mean_diff", "group", {"subspace.theta_n": "mean_diff"})]
     if "site" in names:
         pts += [_Point("site", "residual", "group", {"subspace.site": "residual"})]
     if "group_size" in names:
-        pts += [_Point("group_size", s, "group", {}, note="target users per group") for s in (5, 25, 50, "all")]
+        pts += [_Point("group_size", s, "group", {}, note="target users per group") for s in (5, 50, "all")]
     return pts
 
 

@@ -345,7 +345,7 @@ def test_ablations_and_report_on_tuning_users_only(tmp_path, fake_lamp, tiny_mod
     ab = json.loads((out / "ablations.json").read_text())
     assert ab["users"]["n_scored"] == 6 and ab["users"]["scored_positions"] == [0, 6]
     labels = {p["label"] for p in ab["points"]}
-    assert {"default=default/group", "default=default/user", "alpha=0.0/group", "group_size=all/group"} <= labels
+    assert {"default=default/group", "default=default/user", "alpha=0.5/group", "group_size=all/group"} <= labels
     assert ab["history"]["n_users"] == 3 and {p["history_k"] for p in ab["history"]["points"]} == {1, 3, 5, "all"}
     assert ab["selected"] is not None
     if res["config"]["selected_on_tuning"]:
@@ -353,3 +353,20 @@ def test_ablations_and_report_on_tuning_users_only(tmp_path, fake_lamp, tiny_mod
     for f in ("metric_vs_alpha.png", "metric_vs_group_size.png", "metric_vs_history_size.png"):
         assert (out / f).is_file()
     assert "Ablations (tuning users only)" in (out / "report.md").read_text()
+
+
+def test_eval_cli_flags_map_onto_settings_and_config():
+    import argparse
+
+    from chameleon.eval_cli import add_eval_parser, eval_config
+
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--out", "o", "--methods", "base,rag", "--ablations", "all", "--alpha", "2",
+                              "--pairs-per-user", "6", "--reported-users", "600:700"])
+    assert args.methods == ("base", "rag") and args.ablations == ev.ABLATIONS
+    cfg = eval_config(args)
+    assert cfg.edit.alpha == 2.0 and cfg.synth.pairs_per_user == 6
+    assert cfg.synth.answer_max_new_tokens == ev.EVAL_SYNTH_DEFAULTS["synth.answer_max_new_tokens"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--out", "o", "--methods", "base,oracle"])

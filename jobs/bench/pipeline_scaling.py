@@ -54,15 +54,17 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--users-per-partition", type=int, default=25)
+    p.add_argument("--pairs", type=int, default=4, help="pairs per user")
+    p.add_argument("--tokens", type=int, default=8, help="new tokens per insight and answer")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="chameleon-bench-"))
     model_dir = save_tiny_model(tmp / "model")
     cpus = os.cpu_count() or 2
     cfg = ChameleonConfig().with_overrides({
         "model.name_or_path": str(model_dir),
-        "synth.pairs_per_user": 8,
-        "synth.insight_max_new_tokens": 16,
-        "synth.answer_max_new_tokens": 16,
+        "synth.pairs_per_user": args.pairs,
+        "synth.insight_max_new_tokens": args.tokens,
+        "synth.answer_max_new_tokens": args.tokens,
         "synth.batch_size": 64,
         "job.users_per_partition": args.users_per_partition,
         "job.num_actors": args.actors,
