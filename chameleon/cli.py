@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chameleon.config import ChameleonConfig
+from chameleon.eval_cli import add_eval_parser
 from chameleon.serving_cli import add_serve_parser
 
 log = logging.getLogger("chameleon")
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_serve_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
