@@ -60,6 +60,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--run-tag", default="lamp7", help="prefix of run ids in the store")
     p.add_argument("--synth-run", help="run id of the synthesis (reused when committed in the work dir's store)")
+    p.add_argument("--reuse-synthesis-from", metavar="RUN_ID",
+                   help="copy the partitions of this committed run that hold the same users (extends an evaluation)")
     p.add_argument("--ablations", type=_csv(ABLATIONS), default=(),
                    help="comma list or all (tuning users only): " + ",".join(ABLATIONS))
     p.add_argument("--ablation-users", help="tuning positions scored in ablations (default: all tuning users)")
@@ -124,6 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else 0,
         run_tag=args.run_tag,
         synth_run=args.synth_run,
+        reuse_synthesis_from=args.reuse_synthesis_from,
         use_ray=args.ray,
         address=args.address,
         ablations=tuple(args.ablations),

@@ -434,6 +434,51 @@ def run_synthesis(
     return run_local(str(users_path), store, run_id, cfg, model_and_tokenizer=model_and_tokenizer, progress=progress)
 
 
+def seed_partitions(store, src_run_id: str, dst_run_id: str, users_path: str | Path, cfg: ChameleonConfig) -> list[int]:
+    """Copy the finished partitions of a committed run into a new, uncommitted run wherever the new
+    run's partition holds exactly the same users with the same synthesis settings; the job then
+    adopts them as resumed partitions instead of generating again. Returns the partitions copied.
+
+    This extends an evaluation to more users (same tuning users first, more reported users after)
+    at the cost of the new users only.
+    """
+    from chameleon.artifacts import RunReader, RunWriter  # noqa: PLC0415
+    from chameleon.local import prepare_input  # noqa: PLC0415
+    from chameleon.runs import part_keys, partition_users  # noqa: PLC0415
+
+    reader = RunReader(store, src_run_id)
+    src_cfg = reader.manifest.get("config", {})
+    capture_keys = ("site", "candidate_layers", "layers")
+    mismatch = [
+        name for name, a, b in (
+            ("synth", src_cfg.get("synth"), cfg.synth.model_dump()),
+            ("model", src_cfg.get("model", {}).get("name_or_path"), cfg.model.name_or_path),
+            ("users_per_partition", src_cfg.get("job", {}).get("users_per_partition"), cfg.job.users_per_partition),
+            ("capture", {k: src_cfg.get("subspace", {}).get(k) for k in capture_keys},
+             {k: getattr(cfg.subspace, k) for k in capture_keys}),
+        ) if a != b
+    ]
+    if mismatch:
+        raise ValueError(f"cannot reuse the synthesis of run {src_run_id}: different {', '.join(mismatch)}")
+    if committed_manifest(store, dst_run_id) is not None:
+        return []
+    writer = RunWriter(store, dst_run_id)
+    parts = partition_users(prepare_input(str(users_path), cfg).users, cfg.job.users_per_partition)
+    copied = []
+    for k in range(min(len(parts), int(reader.manifest["counts"]["partitions"]))):
+        keys = part_keys(k)
+        if writer.exists(keys["pairs"]):
+            continue
+        ids = set(reader.get_parquet(keys["profiles"]).column("user_id").to_pylist())
+        ids |= {r["user_id"] for r in reader.get_jsonl(keys["failures"])}
+        if ids != {u.user_id for u in parts[k]}:
+            continue
+        for name in ("profiles", "failures", "pairs"):  # pairs last: it marks the partition complete
+            writer.run_store.put_bytes(keys[name], reader.get_bytes(keys[name]))
+        copied.append(k)
+    return copied
+
+
 def read_run_tables(store, run_id: str, user_ids: Sequence[str] | None = None) -> tuple[pa.Table, pa.Table]:
     """(pairs, profiles) of a committed run's partitions, optionally only ``user_ids``' rows."""
     from chameleon.artifacts import RunReader  # noqa: PLC0415
@@ -594,6 +639,9 @@ class EvalSettings:
     synth_run: str | None = None
     """Run id of the synthesis (created when absent, reused when committed); default: derived from
     the tag, the users and the synthesis settings."""
+    reuse_synthesis_from: str | None = None
+    """A committed synthesis run whose partitions with the same users are copied instead of
+    generated again (see :func:`seed_partitions`)."""
     use_ray: bool = False
     address: str | None = None
     ablations: tuple[str, ...] = ()
@@ -736,6 +784,9 @@ class Evaluator:
         run_id = self.synth_run_id()
         users = self.tuning + self.reported
         path = write_users_jsonl(self.work / "users" / f"{run_id}.jsonl", users)
+        if self.s.reuse_synthesis_from and self.s.reuse_synthesis_from != run_id:
+            copied = seed_partitions(self.store, self.s.reuse_synthesis_from, run_id, path, self.cfg)
+            log.info("reused %d partitions of run %s", len(copied), self.s.reuse_synthesis_from)
         with self.clock.stage("synthesis"):
             model_tok = None if self.s.use_ray else self.model_tok
             run_synthesis(path, self.store, run_id, self.cfg, model_and_tokenizer=model_tok,

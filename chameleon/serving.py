@@ -38,6 +38,8 @@ import math
 import os
 import re
 import secrets
+import signal
+import sys
 import threading
 import time
 import typing
@@ -1484,3 +1486,56 @@ def app_builder(args: dict[str, Any]):
     """Import path of the Serve config files: `chameleon.serving:app_builder` with `args` =
     `ServeConfig` fields (`store`, `run`, `model`, `api_key_env`, ...)."""
     return build_app(ServeConfig.model_validate(dict(args or {})))
+
+
+def run_server(
+    cfg: ServeConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    ray_num_cpus: int | None = None,
+    app_name: str = "chameleon",
+    detach: bool = False,
+) -> int:
+    """Start Ray (or join `address` / RAY_ADDRESS), deploy the app, and serve until Ctrl-C or
+    SIGTERM (or return at once with `detach` on a running cluster)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray  # noqa: PLC0415
+    from ray import serve  # noqa: PLC0415
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if detach and not address:
+        raise ValueError("--detach needs a running cluster (--address or RAY_ADDRESS): a local Ray ends with this process")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", include_dashboard=False, num_cpus=ray_num_cpus)
+    started = time.perf_counter()
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(cfg), name=app_name, route_prefix="/")
+        url = f"http://{host}:{port}"
+        auth = f"bearer token from ${cfg.api_key_env}" if cfg.api_key_env and os.environ.get(cfg.api_key_env) else "no auth"
+        print(
+            f"serving {cfg.model_name!r} with run {cfg.run!r} of {cfg.store} at {url}/v1 ({auth}); "
+            f"health: {url}/healthz; ready in {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
+        if detach:
+            return 0
+        print("Ctrl-C to stop", flush=True)
+        # SIGTERM (Kubernetes, `kill`) cleans up like Ctrl-C.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, SystemExit):
+        return 0
+    finally:
+        if not detach:
+            if address:
+                serve.delete(app_name)
+            else:
+                serve.shutdown()
+            ray.shutdown()

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -91,48 +88,13 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray  # noqa: PLC0415
-    from ray import serve  # noqa: PLC0415
-
-    from chameleon.serving import ServeConfig, build_app  # noqa: PLC0415
+    from chameleon.serving import ServeConfig, run_server  # noqa: PLC0415 (Ray loads only here)
 
     cfg = ServeConfig.model_validate(serve_settings(args))
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if args.detach and not address:
-        raise ValueError("--detach needs a running cluster (--address or RAY_ADDRESS): a local Ray ends with this process")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False, num_cpus=args.ray_num_cpus)
-    started = time.perf_counter()
-    try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(cfg), name=args.app_name, route_prefix="/")
-        url = f"http://{args.host}:{args.port}"
-        auth = f"bearer token from ${cfg.api_key_env}" if cfg.api_key_env and os.environ.get(cfg.api_key_env) else "no auth"
-        print(
-            f"serving {cfg.model_name!r} with run {cfg.run!r} of {cfg.store} at {url}/v1 ({auth}); "
-            f"health: {url}/healthz; ready in {time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
-        if args.detach:
-            return 0
-        print("Ctrl-C to stop", flush=True)
-        # SIGTERM (Kubernetes, `kill`) cleans up like Ctrl-C.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        while True:
-            time.sleep(3600)
-    except (KeyboardInterrupt, SystemExit):
-        return 0
-    finally:
-        if not args.detach:
-            if address:
-                serve.delete(args.app_name)
-            else:
-                serve.shutdown()
-            ray.shutdown()
+    return run_server(
+        cfg, host=args.host, port=args.port, address=args.address, ray_num_cpus=args.ray_num_cpus,
+        app_name=args.app_name, detach=args.detach,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

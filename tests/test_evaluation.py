@@ -370,3 +370,22 @@ def test_eval_cli_flags_map_onto_settings_and_config():
     assert cfg.synth.answer_max_new_tokens == ev.EVAL_SYNTH_DEFAULTS["synth.answer_max_new_tokens"]
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--out", "o", "--methods", "base,oracle"])
+
+
+def test_seed_partitions_reuses_the_same_users_synthesis(tiny_run, tmp_path):
+    from chameleon.local import run_local
+
+    store, manifest, cfg, model_tok = tiny_run
+    src_users = [json.loads(line) for line in (store.root.parent / "users.jsonl").read_text().splitlines()]
+    extra = [{**u, "user_id": u["user_id"] + "-x"} for u in src_users[:3]]
+    path = tmp_path / "more.jsonl"
+    path.write_text("".join(json.dumps(u) + "\n" for u in src_users + extra))
+    copied = ev.seed_partitions(store, "r1", "r2", path, cfg)
+    assert copied == [0, 1, 2]  # 12 users in partitions of 4; the 4th partition holds new users
+    m = run_local(str(path), store, "r2", cfg, model_and_tokenizer=model_tok, progress=False)
+    assert m["counts"]["partitions_resumed"] == 3 and m["counts"]["users_mapped"] == 15
+    a, _ = ev.read_run_tables(store, "r1")
+    b, _ = ev.read_run_tables(store, "r2", [u["user_id"] for u in src_users])
+    assert a.column("personalized").to_pylist() == b.column("personalized").to_pylist()
+    with pytest.raises(ValueError, match="synth"):
+        ev.seed_partitions(store, "r1", "r3", path, cfg.with_overrides({"synth.pairs_per_user": 5}))
