@@ -64,6 +64,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="copy the partitions of this committed run that hold the same users (extends an evaluation)")
     p.add_argument("--ablations", type=_csv(ABLATIONS), default=(),
                    help="comma list or all (tuning users only): " + ",".join(ABLATIONS))
+    p.add_argument("--ablation-run", metavar="RUN_ID",
+                   help="committed run holding the tuning users' pairs for the ablations (default: this synthesis)")
     p.add_argument("--ablation-users", help="tuning positions scored in ablations (default: all tuning users)")
     p.add_argument("--history-users", default="0:20", help="tuning positions of the history-size ablation")
     p.add_argument("--select-on-tuning", action="store_true",
@@ -108,6 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     logging.getLogger("chameleon").setLevel(logging.INFO)
+    import bm25s  # noqa: F401, PLC0415 (it sets its logger to DEBUG on import; quiet it after)
+
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -130,6 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         use_ray=args.ray,
         address=args.address,
         ablations=tuple(args.ablations),
+        ablation_run=args.ablation_run,
         ablation_users=args.ablation_users,
         history_users=args.history_users,
         select_on_tuning=args.select_on_tuning,

@@ -645,6 +645,9 @@ class EvalSettings:
     use_ray: bool = False
     address: str | None = None
     ablations: tuple[str, ...] = ()
+    ablation_run: str | None = None
+    """Committed run whose pairs of the tuning users feed the ablations (default: this evaluation's
+    synthesis); lets an extended evaluation reuse the ablations of an earlier one."""
     ablation_users: tuple[int, int] | None = None
     """Tuning users scored in the ablations (default: all tuning users)."""
     history_users: tuple[int, int] = (0, 20)
@@ -895,7 +898,7 @@ def run_evaluation(settings: EvalSettings, cfg: ChameleonConfig, *, model_and_to
     ablations = None
     final_cfg, group_size = cfg, None
     if settings.ablations:
-        ablations = run_ablations(ev, synth_run)
+        ablations = run_ablations(ev, settings.ablation_run or synth_run)
         (out / "ablations.json").write_text(json.dumps(ablations, indent=2) + "\n")
         selected = ablations.get("selected") or {}
         if settings.select_on_tuning and selected:
