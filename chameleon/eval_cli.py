@@ -49,7 +49,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "predictions.parquet and report.md with plots. Ablations run on tuning users only.",
     )
     p.add_argument("--out", required=True, help="output directory (results.json, predictions.parquet, report.md, *.png)")
-    p.add_argument("--workdir", default=".cache/eval", help="store of runs + prediction cache (rerun to resume)")
+    p.add_argument("--workdir", default=".cache/eval", help="prediction cache, users files and (default) the store of runs; rerun to resume")
+    p.add_argument("--store", help="store of the runs: s3://bucket/prefix or a path (default: WORKDIR/store); "
+                   "with --ray on a cluster, one every node reaches")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for an s3:// --store")
     p.add_argument("--lamp-dir", help="LaMP-7 directory (default: $CHAMELEON_LAMP7_DIR or ../shared/data/lamp/lamp7)")
     p.add_argument("--tuning-users", default="0:100", help="file positions START:STOP of tuning users, inside 0:500")
     p.add_argument("--reported-users", default="500:600", help="file positions START:STOP of reported users, inside 500:1500")
@@ -119,6 +122,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         out_dir=args.out,
         workdir=args.workdir,
+        store=args.store,
+        store_options={"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {},
         lamp_dir=args.lamp_dir,
         tuning_users=args.tuning_users,
         reported_users=args.reported_users,

@@ -418,6 +418,7 @@ def run_synthesis(
     use_ray: bool = False,
     address: str | None = None,
     progress: bool = True,
+    store_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The job over the users file (fake it for every user, reduce, publish) unless ``run_id`` is
     already committed in ``store``; an interrupted run resumes from its finished partitions."""
@@ -428,7 +429,7 @@ def run_synthesis(
     if use_ray:
         from chameleon.pipeline import run_ray_job  # noqa: PLC0415
 
-        return run_ray_job(str(users_path), store, run_id, cfg, address=address)
+        return run_ray_job(str(users_path), store, run_id, cfg, address=address, **(store_options or {}))
     from chameleon.local import run_local  # noqa: PLC0415
 
     return run_local(str(users_path), store, run_id, cfg, model_and_tokenizer=model_and_tokenizer, progress=progress)
@@ -621,7 +622,12 @@ class EvalSettings:
     out_dir: str
     """Where results.json, predictions.parquet, report.md and plots go."""
     workdir: str = ".cache/eval"
-    """Store of runs, users files and the prediction cache (resumable state)."""
+    """Users files, the prediction cache and (without ``store``) the store of runs: resumable state."""
+    store: str | None = None
+    """Store of the runs (``s3://bucket/prefix`` or a path; a cluster's actors must reach it);
+    default ``<workdir>/store``."""
+    store_options: dict[str, Any] = field(default_factory=dict)
+    """Options of an ``s3://`` store (e.g. ``endpoint_url``)."""
     lamp_dir: str | None = None
     tuning_users: tuple[int, int] = (0, 100)
     """File positions of the tuning users (synthesis + groups; ablations)."""
@@ -715,7 +721,7 @@ class Evaluator:
 
     def __init__(self, settings: EvalSettings, cfg: ChameleonConfig, model_and_tokenizer=None, progress: bool = True) -> None:
         from chameleon.lamp import load_lamp7  # noqa: PLC0415
-        from chameleon.storage import LocalStore  # noqa: PLC0415
+        from chameleon.storage import LocalStore, open_store  # noqa: PLC0415
 
         self.s = settings
         self.cfg = cfg
@@ -723,7 +729,7 @@ class Evaluator:
         self.clock = _Clock()
         self.work = Path(settings.workdir)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.store = LocalStore(self.work / "store")
+        self.store = open_store(settings.store, **settings.store_options) if settings.store else LocalStore(self.work / "store")
         self.cache = PredictionCache(self.work / "predictions")
         questions, self.golds = load_lamp7(settings.lamp_dir)
         self.position = {q.id: i for i, q in enumerate(questions)}
@@ -787,13 +793,17 @@ class Evaluator:
         run_id = self.synth_run_id()
         users = self.tuning + self.reported
         path = write_users_jsonl(self.work / "users" / f"{run_id}.jsonl", users)
-        if self.s.reuse_synthesis_from and self.s.reuse_synthesis_from != run_id:
+        reuse = self.s.reuse_synthesis_from
+        if reuse and reuse != run_id and committed_manifest(self.store, reuse) is None:
+            log.warning("run %s (to reuse) is not in %s; synthesizing every user", reuse, self.store.uri)
+        elif reuse and reuse != run_id:
             copied = seed_partitions(self.store, self.s.reuse_synthesis_from, run_id, path, self.cfg)
             log.info("reused %d partitions of run %s", len(copied), self.s.reuse_synthesis_from)
         with self.clock.stage("synthesis"):
             model_tok = None if self.s.use_ray else self.model_tok
             run_synthesis(path, self.store, run_id, self.cfg, model_and_tokenizer=model_tok,
-                          use_ray=self.s.use_ray, address=self.s.address, progress=self.progress)
+                          use_ray=self.s.use_ray, address=self.s.address, progress=self.progress,
+                          store_options=self.s.store_options)
         return run_id
 
     def derived(self, src: str, name: str, cfg: ChameleonConfig, user_ids: Sequence[str] | None) -> str:
@@ -898,7 +908,11 @@ def run_evaluation(settings: EvalSettings, cfg: ChameleonConfig, *, model_and_to
     ablations = None
     final_cfg, group_size = cfg, None
     if settings.ablations:
-        ablations = run_ablations(ev, settings.ablation_run or synth_run)
+        ab_run = settings.ablation_run
+        if ab_run and committed_manifest(ev.store, ab_run) is None:
+            log.warning("ablation run %s is not in the store; the ablations use this synthesis", ab_run)
+            ab_run = None
+        ablations = run_ablations(ev, ab_run or synth_run)
         (out / "ablations.json").write_text(json.dumps(ablations, indent=2) + "\n")
         selected = ablations.get("selected") or {}
         if settings.select_on_tuning and selected:
@@ -1174,6 +1188,23 @@ _LABELS = {
 }
 
 
+def _label(m: str) -> str:
+    if m.endswith("_default") and m[: -len("_default")] in _LABELS:
+        return _LABELS[m[: -len("_default")]] + " (default setting)"
+    return _LABELS.get(m, m)
+
+
+def _display_order(methods: Sequence[str]) -> list[str]:
+    """Report order: the issue's methods, each Chameleon method followed by its `_default` twin."""
+    out = []
+    for m in METHODS:
+        if m in methods:
+            out.append(m)
+        if f"{m}_default" in methods:
+            out.append(f"{m}_default")
+    return out + [m for m in methods if m not in out]
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -1199,7 +1230,7 @@ def _plot_methods(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    methods = list(results["methods"])
+    methods = _display_order(list(results["methods"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, metric in zip(axes, ("rouge1", "rougeL"), strict=True):
         means = [results["methods"][m][metric] for m in methods]
@@ -1323,8 +1354,9 @@ def write_report(out_dir: str | Path) -> Path:
     L.append("## Results on reported users\n")
     L.append("| method | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] | ROUGE-L vs base (diff [CI], rel, p) | ROUGE-L vs RAG | gap to copy (ROUGE-L) |")
     L.append("|---|---|---|---|---|---|")
-    for m, e in M.items():
-        name = _LABELS.get(m, m)
+    for m in _display_order(list(M)):
+        e = M[m]
+        name = _label(m)
         vb = _fmt_cmp(e.get("vs_base", {}).get("rougeL"))
         vr = _fmt_cmp(e.get("vs_rag", {}).get("rougeL"))
         gap = e.get("vs_copy", {}).get("rougeL")
@@ -1333,7 +1365,8 @@ def write_report(out_dir: str | Path) -> Path:
     L.append("")
     L.append(f"Paired comparisons resample users jointly for both methods ({res['scoring']['bootstrap']['n_resamples']:,} bootstrap "
              "resamples); p is the two-sided "
-             "bootstrap p-value. ROUGE-1 comparisons and exact sign tests are in `results.json`. `copy` answers with "
+             "bootstrap p-value of that one comparison, not corrected for the number of comparisons in the table. "
+             "ROUGE-1 comparisons and exact sign tests are in `results.json`. `copy` answers with "
              "the tweet inside the LaMP input and uses no model: on this task it is the sanity line every method should "
              "be read against (the gap column: negative = below copy).\n")
     L.append("![metric by method](metric_by_method.png)\n")
@@ -1345,7 +1378,10 @@ def write_report(out_dir: str | Path) -> Path:
     L.append(f"- Scoring: {res['scoring']['metric']}; 95 % percentile bootstrap over users.")
     fin = cfg["final"]
     L.append(f"- Chameleon synthesis: {fin['synth']}.")
-    L.append(f"- Chameleon reduce/edit used for `chameleon_*`: subspace {fin['subspace']}, groups {fin['groups']}, edit {fin['edit']}.")
+    groups_s = (f"one group per about {cfg['final_group_size']} users (group count scaled to each run)"
+                if cfg.get("final_group_size") not in (None, "all") else
+                "all users in one group" if cfg.get("final_group_size") == "all" else str(fin["groups"]))
+    L.append(f"- Chameleon reduce/edit used for `chameleon_*`: subspace {fin['subspace']}, groups: {groups_s}, edit {fin['edit']}.")
     if cfg.get("selected_on_tuning"):
         sel = cfg["selected"] or {}
         L.append(f"- That reduce/edit setting was **selected on tuning users** (ablations below): `{sel.get('label')}`, overrides "
@@ -1360,7 +1396,9 @@ def write_report(out_dir: str | Path) -> Path:
     if "users_without_own_edit" in runs:
         L.append(f"- Reported users without an own edit (too few pairs kept; they get the base model in `chameleon_user`): {runs['users_without_own_edit']}.")
     t = res["timings"]
-    L.append(f"- Wall time of the stages (this machine, shared): {t['total_wall_s'] / 60:.1f} min in all; per stage (s): "
+    total = t.get("wall_s_this_invocation", t["total_wall_s"])
+    L.append(f"- Wall time of this invocation (2 shared CPU cores; work found in the store or the prediction cache is not "
+             f"redone and not counted): {total / 60:.1f} min; per stage (s, cumulative; ablation stages nest): "
              + ", ".join(f"{k} {v:.0f}" for k, v in t["wall_s"].items()) + ". CPU seconds per stage are in `results.json`.")
     L.append(f"- Runs in the store: {', '.join(f'{k}=`{v}`' for k, v in runs.items() if isinstance(v, str))}.\n")
     if ab:

@@ -389,3 +389,25 @@ def test_seed_partitions_reuses_the_same_users_synthesis(tiny_run, tmp_path):
     assert a.column("personalized").to_pylist() == b.column("personalized").to_pylist()
     with pytest.raises(ValueError, match="synth"):
         ev.seed_partitions(store, "r1", "r3", path, cfg.with_overrides({"synth.pairs_per_user": 5}))
+
+
+@pytest.mark.slow
+def test_synthesis_through_the_ray_job(tmp_path, fake_lamp, tiny_model_dir):
+    """`--ray`: the synthesis runs as the Ray job's map stage (a local Ray), then the same evaluation."""
+    import os
+
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    cfg = tiny_job_config(tiny_model_dir, **{"groups.n_groups": 2, "subspace.ccs_steps": 30})
+    settings = ev.EvalSettings(out_dir=str(tmp_path / "out"), workdir=str(tmp_path / "work"), lamp_dir=str(fake_lamp),
+                               tuning_users=(0, 4), reported_users=(500, 504), max_new_tokens=3, n_resamples=50,
+                               methods=("copy", "base", "chameleon_group", "chameleon_unseen"), use_ray=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+    try:
+        res = ev.run_evaluation(settings, cfg, progress=False)
+    finally:
+        ray.shutdown()
+    assert res["n_users"] == 4 and "chameleon_unseen" in res["methods"]
+    assert res["runs"]["synthesis"].startswith("lamp7-t0-4-r500-504")
