@@ -83,7 +83,7 @@ REFERENCES = ("base", "rag")
 GOAL_REL_ROUGE_L = 0.15
 """The project's goal: Chameleon (group level) beats base by at least this relative ROUGE-L."""
 
-ABLATIONS = ("alpha", "beta", "n_layers", "theta_p", "theta_n", "site", "group_size", "history")
+ABLATIONS = ("alpha", "beta", "n_layers", "theta_p", "theta_n", "site", "positions", "group_size", "history")
 """Ablations run on tuning users; ``history`` needs its own (small) synthesis."""
 
 EVAL_SYNTH_DEFAULTS: dict[str, Any] = {
@@ -1011,6 +1011,11 @@ def _ablation_grid(names: Sequence[str]) -> list[_Point]:
         pts += [_Point("theta_n", "mean_diff", "group", {"subspace.theta_n": "mean_diff"})]
     if "site" in names:
         pts += [_Point("site", "residual", "group", {"subspace.site": "residual"})]
+    if "positions" in names:
+        # Which token positions get the edit is open in the method (the lab's hooks edit the last
+        # position of each call); editing every prompt position is a stronger edit, so weaker α too.
+        pts += [_Point("positions", f"all, α=β={a:g}", "group", {"edit.positions": "all", "edit.alpha": a, "edit.beta": a},
+                       note="every position edited") for a in (1.0, 0.5, 0.25)]
     if "group_size" in names:
         pts += [_Point("group_size", s, "group", {}, note="target users per group") for s in (5, 50, "all")]
     return pts

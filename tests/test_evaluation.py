@@ -355,6 +355,15 @@ def test_ablations_and_report_on_tuning_users_only(tmp_path, fake_lamp, tiny_mod
     assert "Ablations (tuning users only)" in (out / "report.md").read_text()
 
 
+def test_positions_ablation_edits_every_position_at_weaker_scales():
+    pts = [p for p in ev._ablation_grid(("positions",)) if p.ablation == "positions"]
+    assert [p.overrides["edit.alpha"] for p in pts] == [1.0, 0.5, 0.25]
+    for p in pts:
+        cfg = tiny_job_config("unused").with_overrides(p.overrides)
+        assert cfg.edit.positions == "all" and cfg.edit.beta == cfg.edit.alpha and p.level == "group"
+    assert not any(p.ablation == "positions" for p in ev._ablation_grid(("alpha",)))
+
+
 def test_eval_cli_flags_map_onto_settings_and_config():
     import argparse
 
