@@ -75,7 +75,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="use the ablations' best group-level setting (tuning ROUGE-L) for the reported run")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--report-only", action="store_true", help="redraw report.md and plots from the files in --out")
-    p.add_argument("--ray", action="store_true", help="run the synthesis as the Ray job (map stage on actors)")
+    p.add_argument("--ray", action="store_true", help="run on Ray: the synthesis as the Ray job, and every method's answers on the same kind of actor pool "
+                   "(--num-actors, --num-gpus-per-actor size both)")
     p.add_argument("--address", help="Ray cluster address (with --ray; default RAY_ADDRESS or a local Ray)")
     add_config_flags(p)
     p.add_argument("--insight-max-new-tokens", type=int, help="token budget of each insight")

@@ -21,7 +21,8 @@ The split rule: users are addressed by their position in the LaMP file; the firs
 refuses a reported slice that reaches into the tuning part and the reverse.
 
 Costs: the synthesis (fake it) runs once over tuning + reported users, as one job (in-process or the
-Ray job's map stage); its partitions hold the pairs and hidden states, so every reduce-side variant
+Ray job's map stage; with ``use_ray`` the answers of every method are generated on the same kind of
+actor pool, :func:`chameleon.pipeline.generate_answers_on_ray`); its partitions hold the pairs and hidden states, so every reduce-side variant
 (θP/θN method, number of layers, group size, α/β) re-reduces them in memory without generating
 again. Predictions are cached per method and configuration (Parquet under the work dir), so an
 interrupted evaluation continues where it stopped.
@@ -649,7 +650,10 @@ class EvalSettings:
     """A committed synthesis run whose partitions with the same users are copied instead of
     generated again (see :func:`seed_partitions`)."""
     use_ray: bool = False
+    """Run the synthesis as the Ray job and generate every method's answers on a Ray Data actor
+    pool (``cfg.job`` sizes both); otherwise everything runs in this process."""
     address: str | None = None
+    """Ray cluster address with ``use_ray`` (default ``RAY_ADDRESS``, else a new local Ray)."""
     ablations: tuple[str, ...] = ()
     ablation_run: str | None = None
     """Committed run whose pairs of the tuning users feed the ablations (default: this evaluation's
@@ -769,6 +773,12 @@ class Evaluator:
         full = {**self.gen_key(), **key, "name": name, "users": _key_hash({"ids": ids}), "messages": _key_hash({"m": list(messages)})}
 
         def produce() -> list[str]:
+            if self.s.use_ray:
+                from chameleon.pipeline import generate_answers_on_ray  # noqa: PLC0415
+
+                return generate_answers_on_ray(self.cfg, list(messages), edits=None if edits is None else list(edits),
+                                               edit_cfg=edit_cfg, max_new_tokens=self.s.max_new_tokens,
+                                               batch_size=self.s.batch_size, address=self.s.address)
             model, tok = self.model_tok
             return generate_answers(model, tok, messages, edits=edits, edit_cfg=edit_cfg,
                                     max_new_tokens=self.s.max_new_tokens, batch_size=self.s.batch_size,

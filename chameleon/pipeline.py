@@ -5,6 +5,9 @@
                                                    pairs/profiles/failures of its partitions
                ◀─ reduce users, group, reduce groups, publish (driver; chameleon.runs)
 
+The evaluation's answers (every method, many users, each row with its own edit or none) run on the
+same kind of actor pool: `generate_answers_on_ray`.
+
 The map stage runs exactly `chameleon.stages.process_partition`, the same function as the
 in-process driver. Partitions are the unit of resume and of fault tolerance: a partition is done
 when its pairs file exists, so a rerun with the same run id skips it, and a partition whose actor
@@ -150,3 +153,131 @@ def run_ray_job(
         "partitions_resumed": len(parts) - len(todo),
     }
     return reduce_and_publish(writer, cfg, layers, fp, cfg.model.name_or_path, len(parts), counts, timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer generation on the same actor pool (evaluation: every method's answers for many users)
+
+
+def _pack_edits(edits: list[Any]) -> bytes:
+    """Distinct edits of one shard as bytes (Arrow carries them; torch.save keeps dtypes exact)."""
+    import io  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    torch.save([{"site": e.site, **e.to_tensors()} for e in edits], buf)
+    return buf.getvalue()
+
+
+def _unpack_edits(blob: bytes) -> list[Any]:
+    import io  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from chameleon.edit import Edit  # noqa: PLC0415
+
+    out = []
+    for t in torch.load(io.BytesIO(blob), weights_only=True):
+        site = t.pop("site")
+        out.append(Edit.from_tensors(t, site=site))
+    return out
+
+
+class AnswerWorker:
+    """A Ray Data actor holding one model replica; maps shards of user messages (each with its
+    own edit, or none) to greedy answers, with `chameleon.evaluation.generate_answers`, the
+    function the in-process evaluation runs."""
+
+    def __init__(self, cfg_json: str, edit_cfg_json: str, max_new_tokens: int, batch_size: int) -> None:
+        import torch  # noqa: PLC0415
+
+        from chameleon.config import EditConfig  # noqa: PLC0415
+        from chameleon.model import load_model  # noqa: PLC0415
+
+        self.cfg = ChameleonConfig.model_validate_json(cfg_json)
+        torch.set_num_threads(self.cfg.job.torch_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.model, self.tok = load_model(self.cfg.model)
+        self.edit_cfg = EditConfig.model_validate_json(edit_cfg_json)
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from chameleon.evaluation import generate_answers  # noqa: PLC0415
+
+        out: dict[str, list] = {"shard": [], "answers": []}
+        for k, messages_json, rows_json, blob in zip(batch["shard"], batch["messages"], batch["edit_rows"], batch["edits"], strict=True):
+            messages = json.loads(str(messages_json))
+            rows = json.loads(str(rows_json))
+            distinct = _unpack_edits(bytes(blob)) if blob else []
+            edits = [None if r < 0 else distinct[r] for r in rows] if distinct else None
+            answers = generate_answers(self.model, self.tok, messages, edits=edits, edit_cfg=self.edit_cfg,
+                                       max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+            out["shard"].append(int(k))
+            out["answers"].append(json.dumps(answers))
+        return out
+
+
+def answer_shards(n: int, n_shards: int, batch_size: int) -> list[range]:
+    """Contiguous shards of `n` rows, each a whole number of batches where possible."""
+    if n == 0:
+        return []
+    per = max(1, -(-n // max(1, n_shards)))
+    per = -(-per // batch_size) * batch_size
+    return [range(s, min(n, s + per)) for s in range(0, n, per)]
+
+
+def generate_answers_on_ray(
+    cfg: ChameleonConfig,
+    messages: list[str],
+    *,
+    edits: list[Any] | None = None,
+    edit_cfg: Any = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    address: str | None = None,
+    shards_per_actor: int = 2,
+) -> list[str]:
+    """`evaluation.generate_answers` over a Ray Data actor pool (`cfg.job` sizes it as for the
+    job's map stage): answers in input order. Each shard carries only the edits its rows use."""
+    import ray  # noqa: PLC0415
+
+    from chameleon.config import EditConfig  # noqa: PLC0415
+
+    if edits is not None and len(edits) != len(messages):
+        raise ValueError(f"{len(edits)} edits for {len(messages)} messages")
+    init_ray(address)
+    shards = answer_shards(len(messages), cfg.job.num_actors * shards_per_actor, batch_size)
+    if not shards:
+        return []
+    items = []
+    for k, idx in enumerate(shards):
+        distinct: dict[int, int] = {}
+        unique, rows = [], []
+        for i in idx:
+            e = edits[i] if edits is not None else None
+            if e is None:
+                rows.append(-1)
+                continue
+            if id(e) not in distinct:
+                distinct[id(e)] = len(unique)
+                unique.append(e)
+            rows.append(distinct[id(e)])
+        items.append({"shard": k, "messages": json.dumps([messages[i] for i in idx]), "edit_rows": json.dumps(rows),
+                      "edits": _pack_edits(unique) if unique else b""})
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        AnswerWorker,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.job.num_actors, len(items))),
+        num_gpus=cfg.job.num_gpus_per_actor or None,
+        num_cpus=cfg.job.num_cpus_per_actor,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "edit_cfg_json": (edit_cfg or EditConfig()).model_dump_json(),
+                               "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+    )
+    by_shard = {int(r["shard"]): json.loads(r["answers"]) for r in ds.take_all()}
+    missing = [k for k in range(len(shards)) if k not in by_shard]
+    if missing:
+        raise RuntimeError(f"answer shards {missing} returned nothing")
+    answers = [a for k in range(len(shards)) for a in by_shard[k]]
+    if len(answers) != len(messages):
+        raise RuntimeError(f"{len(answers)} answers for {len(messages)} messages")
+    return answers

@@ -166,3 +166,53 @@ def test_interrupted_driver_resumes_without_recomputing(clean_run, s3_server, ti
     for key, data in done_before.items():  # finished partitions were kept, not recomputed
         assert store.get_bytes(key) == data
     assert artifact_hashes(manifest) == artifact_hashes(clean_run[1])
+
+
+def test_answer_shards_cover_every_row_once_in_whole_batches():
+    from chameleon.pipeline import answer_shards
+
+    for n, k, b in [(0, 4, 16), (1, 4, 16), (10, 4, 3), (100, 4, 16), (7, 1, 2)]:
+        shards = answer_shards(n, k, b)
+        assert [i for s in shards for i in s] == list(range(n))
+        assert all(len(s) % b == 0 for s in shards[:-1])
+
+
+def test_answers_on_ray_equal_the_in_process_answers(ray_local, tiny_model_dir):
+    """Each row keeps its own edit (or none) across shards and actors; order is the input order."""
+    import torch
+
+    from chameleon.config import EditConfig
+    from chameleon.edit import Edit
+    from chameleon.evaluation import generate_answers
+    from chameleon.model import load_model
+    from chameleon.pipeline import generate_answers_on_ray
+
+    cfg = job_config(tiny_model_dir, **{"job.torch_threads": 1})
+    model, tok = load_model(cfg.model)
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+
+    def edit() -> Edit:
+        p = torch.nn.functional.normalize(torch.randn(2, 1, d, generator=g), dim=-1)
+        n = torch.nn.functional.normalize(torch.randn(2, d, generator=g), dim=-1)
+        # A far-off μ makes each edit push the tiny random model to its own distinct token.
+        return Edit(layers=[1, 2], theta_p=p, theta_n=n, mean=5 * torch.randn(2, d, generator=g), site="mlp")
+
+    e1, e2 = edit(), edit()
+    messages = [f"Paraphrase the following tweet without any explanation before or after it: tweet number {i} is here" for i in range(7)]
+    edits = [None, e1, e2, e1, None, e2, e1]
+    edit_cfg = EditConfig(alpha=4.0, beta=1.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = generate_answers(model, tok, messages, edits=edits, edit_cfg=edit_cfg, max_new_tokens=6, batch_size=1)
+        plain = generate_answers(model, tok, messages, max_new_tokens=6, batch_size=1)
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = generate_answers_on_ray(cfg, messages, edits=edits, edit_cfg=edit_cfg, max_new_tokens=6, batch_size=1)
+    assert on_ray == local
+    # Rows with different edits answer differently, so a lost or swapped edit would show.
+    assert len({local[1], local[2], plain[0]}) == 3 and local[0] == plain[0]
+    assert generate_answers_on_ray(cfg, messages, max_new_tokens=6, batch_size=1) == plain
+    with pytest.raises(ValueError, match="edits for"):
+        generate_answers_on_ray(cfg, messages, edits=edits[:3])
