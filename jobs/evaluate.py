@@ -1,6 +1,8 @@
 """Entrypoint for the LaMP-7 evaluation: `python jobs/evaluate.py --out DIR ...` locally, or
 `ray job submit --working-dir . -- python jobs/evaluate.py --ray --out DIR ...` on a cluster
-(the synthesis then runs as the Ray job's map stage). Flags: those of `chameleon eval --help`.
+(the synthesis then runs as the Ray job's map stage, and every method's answers on an actor pool of
+the same shape: `--num-actors`, `--num-gpus-per-actor`; give `--store s3://…` that every node
+reaches). Flags: those of `chameleon eval --help`.
 """
 
 import argparse
