@@ -84,7 +84,7 @@ REFERENCES = ("base", "rag")
 GOAL_REL_ROUGE_L = 0.15
 """The project's goal: Chameleon (group level) beats base by at least this relative ROUGE-L."""
 
-ABLATIONS = ("alpha", "beta", "n_layers", "theta_p", "theta_n", "site", "positions", "group_size", "history")
+ABLATIONS = ("alpha", "beta", "n_layers", "theta_p", "theta_n", "site", "positions", "group_size", "unseen", "history")
 """Ablations run on tuning users; ``history`` needs its own (small) synthesis."""
 
 EVAL_SYNTH_DEFAULTS: dict[str, Any] = {
@@ -557,6 +557,10 @@ class FittedEdits:
     group_of: dict[str, str]
     group: dict[str, Edit]
     group_sizes: dict[str, int]
+    group_ids: list[str] = field(default_factory=list)
+    """Order of the rows of ``history_centroids``."""
+    history_centroids: torch.Tensor | None = None
+    """[G, d] mean history embedding of each group's members (the job's rule for unseen users)."""
 
     def for_users(self, user_ids: Sequence[str], level: str) -> list[Edit | None]:
         if level == "user":
@@ -564,6 +568,13 @@ class FittedEdits:
         if level == "group":
             return [self.group[self.group_of[u]] if u in self.group_of else None for u in user_ids]
         raise ValueError(f"level must be 'user' or 'group', got {level!r}")
+
+    def for_history(self, history_embedding: torch.Tensor) -> list[Edit]:
+        """Group edits by the nearest history centroid, as the job assigns users it never saw."""
+        from chameleon.subspace import nearest_group  # noqa: PLC0415
+
+        idx, _ = nearest_group(history_embedding, self.history_centroids)
+        return [self.group[self.group_ids[i]] for i in idx.tolist()]
 
     @property
     def mean_group_size(self) -> float:
@@ -587,7 +598,7 @@ def fit_edits(pairs: pa.Table, profiles: pa.Table, layers: Sequence[int], cfg: C
     group = {gid: unit_edit(gsub, j, gchosen, layers, site) for j, gid in enumerate(grouping.group_ids)}
     group_of = {u: grouping.group_ids[int(grouping.labels[i])] for i, u in enumerate(data.user_ids)}
     sizes = {gid: int(s) for gid, s in zip(grouping.group_ids, grouping.sizes, strict=True)}
-    return FittedEdits(user, group_of, group, sizes)
+    return FittedEdits(user, group_of, group, sizes, list(grouping.group_ids), grouping.history_centroids)
 
 
 def recapture_pairs(model, tok, pairs: pa.Table, layers: Sequence[int], site: str, batch_size: int = 16) -> pa.Table:
@@ -1088,6 +1099,10 @@ def run_ablations(ev: Evaluator, synth_run: str) -> dict[str, Any]:
                             "overrides": overrides, "mean_group_size": 1.0 if pt.level == "user" else fit.mean_group_size,
                             "n_groups": len(fit.group), "users_without_own_edit": sum(e is None for e in fit.for_users(eval_ids, "user")),
                             "alpha": cfg.edit.alpha, "beta": cfg.edit.beta, "note": pt.note})
+    if "unseen" in s.ablations:
+        for meta, raw in _unseen_points(ev, synth_run, pairs, profiles, layers, eval_qs, messages):
+            preds[meta["label"]] = _postprocess(raw)
+            points_meta.append(meta)
     with ev.clock.stage("ablation:score"):
         scores = score_methods(preds, golds, n_resamples=s.n_resamples, seed=s.seed)
     points = []
@@ -1109,6 +1124,62 @@ def run_ablations(ev: Evaluator, synth_run: str) -> dict[str, Any]:
     }
 
 
+def _rows_of(table: pa.Table, user_ids: Sequence[str]) -> pa.Table:
+    import pyarrow.compute as pc  # noqa: PLC0415
+
+    return table.filter(pc.is_in(table.column("user_id"), value_set=pa.array(list(user_ids))))
+
+
+def _unseen_points(ev: Evaluator, synth_run: str, pairs: pa.Table, profiles: pa.Table, layers: Sequence[int],
+                   eval_qs: Sequence[LampQuestion], messages: Sequence[str]) -> list[tuple[dict[str, Any], list[str]]]:
+    """The unseen-user setting inside the tuning users, and what of it is the assignment rule.
+
+    ``unseen=2-fold``: the tuning users are split in two halves by file position; each half gets
+    the group edits fitted on the other half only (group count scaled to keep the default group
+    size), assigned from history alone, the job's rule for users it never saw.
+    ``assignment=history``: the default fit on all tuning users, but each user takes the group of
+    the nearest history centroid instead of its own cluster: the same rule on users that were seen.
+    """
+    cfg = ev.cfg
+    tuning_ids = [q.id for q in ev.tuning]
+    eval_ids = [q.id for q in eval_qs]
+    hist = history_embeddings(profiles, eval_ids)
+    common = {"overrides": {}, "alpha": cfg.edit.alpha, "beta": cfg.edit.beta, "users_without_own_edit": 0}
+    out = []
+    with ev.clock.stage("ablation:reduce"):
+        full = fit_edits(pairs, profiles, layers, cfg)
+    key = {"run": synth_run, "users_fit": _key_hash({"ids": tuning_ids}), "fit": _short(_reduce_signature(cfg)),
+           "assign": "history", "edit": cfg.edit.model_dump()}
+    raw = ev.answers("ablation-assignment", key, eval_qs, messages, full.for_history(hist), cfg.edit)
+    out.append(({"label": "assignment=history/group", "ablation": "assignment", "value": "history", "level": "group",
+                 "mean_group_size": full.mean_group_size, "n_groups": len(full.group),
+                 "note": "own cluster replaced by the nearest history centroid", **common}, raw))
+
+    half = len(tuning_ids) // 2
+    folds = [tuning_ids[:half], tuning_ids[half:]]
+    n_groups = max(1, round(cfg.groups.n_groups * half / max(1, len(tuning_ids))))
+    fold_cfg = cfg.with_overrides({"groups.n_groups": n_groups})
+    edits: list[Edit | None] = [None] * len(eval_ids)
+    sizes = []
+    for k, fold in enumerate(folds):
+        other = folds[1 - k]
+        if not other:
+            continue
+        with ev.clock.stage("ablation:reduce"):
+            fit = fit_edits(_rows_of(pairs, other), _rows_of(profiles, other), layers, fold_cfg)
+        sizes.append(fit.mean_group_size)
+        members = set(fold)
+        in_fold = [i for i, u in enumerate(eval_ids) if u in members]
+        for i, e in zip(in_fold, fit.for_history(hist[in_fold]), strict=True):
+            edits[i] = e
+    key = {"run": synth_run, "folds": _key_hash({"f": folds}), "fit": _short(_reduce_signature(fold_cfg)), "edit": cfg.edit.model_dump()}
+    raw = ev.answers("ablation-unseen", key, eval_qs, messages, edits, cfg.edit)
+    out.append(({"label": "unseen=2-fold/unseen", "ablation": "unseen", "value": "2-fold", "level": "unseen",
+                 "mean_group_size": float(np.mean(sizes)) if sizes else 0.0, "n_groups": n_groups,
+                 "note": "groups fitted on the other half of the tuning users, assigned from history", **common}, raw))
+    return out
+
+
 def _slice_tuning(ev: Evaluator, rng: tuple[int, int]) -> list[LampQuestion]:
     start, stop = rng
     t0, t1 = ev.s.tuning_users
@@ -1124,9 +1195,11 @@ def _manifest_layers(ev: Evaluator, run_id: str) -> list[int]:
 
 def _select(points: list[dict[str, Any]], scores: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The group-level setting with the best tuning ROUGE-L among the ablation points whose settings
-    can be applied to the stored pairs of the reported run (site changes cannot), if it beats the
+    can be applied to the stored pairs of the reported run (site changes cannot) by a config
+    override (the history-assignment diagnostic is none), if it beats the
     default group edit; else None (keep the default)."""
-    eligible = [p for p in points if p["level"] == "group" and p["ablation"] not in ("site",)]
+    # Site changes need other stored states; the assignment point is a diagnostic, not a setting.
+    eligible = [p for p in points if p["level"] == "group" and p["ablation"] not in ("site", "assignment")]
     if not eligible:
         return None
     default = next((p for p in eligible if p["ablation"] == "default"), None)
@@ -1141,7 +1214,7 @@ def _select(points: list[dict[str, Any]], scores: dict[str, dict[str, Any]]) -> 
         overrides, group_size = {}, best["value"]
     return {"label": best["label"], "overrides": overrides, "group_size": group_size, "rougeL_tuning": best["rougeL"],
             "default_rougeL_tuning": default["rougeL"],
-            "rule": "best tuning ROUGE-L among group-level ablation points (site excluded)"}
+            "rule": "best tuning ROUGE-L among group-level ablation points (site and assignment excluded)"}
 
 
 def _history_ablation(ev: Evaluator, synth_run: str) -> dict[str, Any]:

@@ -338,14 +338,16 @@ def test_ablations_and_report_on_tuning_users_only(tmp_path, fake_lamp, tiny_mod
     cfg = tiny_job_config(tiny_model_dir, **{"groups.n_groups": 2, "subspace.ccs_steps": 30})
     settings = ev.EvalSettings(out_dir=str(tmp_path / "out"), workdir=str(tmp_path / "work"), lamp_dir=str(fake_lamp),
                                tuning_users=(0, 6), reported_users=(500, 502), max_new_tokens=3, n_resamples=50,
-                               methods=("copy", "base", "chameleon_group"), ablations=("alpha", "group_size", "history"),
+                               methods=("copy", "base", "chameleon_group"), ablations=("alpha", "group_size", "unseen", "history"),
                                history_users=(0, 3), select_on_tuning=True)
     res = ev.run_evaluation(settings, cfg, model_and_tokenizer=load_model(cfg.model), progress=False)
     out = tmp_path / "out"
     ab = json.loads((out / "ablations.json").read_text())
     assert ab["users"]["n_scored"] == 6 and ab["users"]["scored_positions"] == [0, 6]
     labels = {p["label"] for p in ab["points"]}
-    assert {"default=default/group", "default=default/user", "alpha=0.5/group", "group_size=all/group"} <= labels
+    assert {"default=default/group", "default=default/user", "alpha=0.5/group", "group_size=all/group",
+            "assignment=history/group", "unseen=2-fold/unseen"} <= labels
+    assert not ab["selected"]["label"].startswith("assignment")
     assert ab["history"]["n_users"] == 3 and {p["history_k"] for p in ab["history"]["points"]} == {1, 3, 5, "all"}
     assert ab["selected"] is not None
     if res["config"]["selected_on_tuning"]:
@@ -353,6 +355,25 @@ def test_ablations_and_report_on_tuning_users_only(tmp_path, fake_lamp, tiny_mod
     for f in ("metric_vs_alpha.png", "metric_vs_group_size.png", "metric_vs_history_size.png"):
         assert (out / f).is_file()
     assert "Ablations (tuning users only)" in (out / "report.md").read_text()
+
+
+def test_select_never_picks_a_diagnostic_or_a_site_change():
+    def pt(ablation, rouge_l, level="group"):
+        return {"label": f"{ablation}/{level}", "ablation": ablation, "level": level, "rougeL": rouge_l,
+                "overrides": {}, "value": 1}
+
+    points = [pt("default", 0.30), pt("assignment", 0.40), pt("site", 0.50), pt("unseen", 0.45, "unseen"), pt("alpha", 0.35)]
+    assert ev._select(points, {})["label"] == "alpha/group"
+    assert ev._select(points[:4], {})["label"] == "default"
+
+
+def test_for_history_takes_the_group_of_the_nearest_history_centroid():
+    import torch
+
+    a, b = object(), object()
+    fit = ev.FittedEdits(user={}, group_of={}, group={"g000": a, "g001": b}, group_sizes={"g000": 1, "g001": 1},
+                         group_ids=["g000", "g001"], history_centroids=torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert fit.for_history(torch.tensor([[0.1, 2.0], [3.0, 0.2], [1.0, 0.9]])) == [b, a, a]
 
 
 def test_positions_ablation_edits_every_position_at_weaker_scales():
