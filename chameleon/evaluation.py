@@ -181,6 +181,23 @@ def rag_prompt(question: LampQuestion, k: int, max_item_chars: int = 300) -> str
 # Generation
 
 
+def distinct_edits(edits: Sequence[Edit | None]) -> tuple[list[Edit], list[int]]:
+    """(the distinct edits, by identity, in first-use order; per row its index there or -1 for none).
+    Users of one group share one Edit object, so a bank gets one row per group, not per user."""
+    index_of: dict[int, int] = {}
+    unique: list[Edit] = []
+    index = []
+    for e in edits:
+        if e is None:
+            index.append(-1)
+            continue
+        if id(e) not in index_of:
+            index_of[id(e)] = len(unique)
+            unique.append(e)
+        index.append(index_of[id(e)])
+    return unique, index
+
+
 def bank_for_edits(model, edits: Sequence[Edit], edit_cfg: EditConfig) -> tuple[EditBank, list[int]]:
     """An EditBank with the given (distinct) edits as rows 1..n; returns (bank, rows)."""
     from chameleon.model import hidden_size, model_device  # noqa: PLC0415
@@ -222,15 +239,10 @@ def generate_answers(
     lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(n), key=lambda i: (lengths[i], i))
     bank, row_of = None, [0] * n
-    if edits is not None and any(e is not None for e in edits):
-        distinct: dict[int, int] = {}
-        unique: list[Edit] = []
-        for e in edits:
-            if e is not None and id(e) not in distinct:
-                distinct[id(e)] = len(unique)
-                unique.append(e)
+    unique, index = distinct_edits(edits or [])
+    if unique:
         bank, rows = bank_for_edits(model, unique, edit_cfg or EditConfig())
-        row_of = [0 if e is None else rows[distinct[id(e)]] for e in edits]
+        row_of = [0 if i < 0 else rows[i] for i in index]
     out: list[str | None] = [None] * n
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
@@ -818,8 +830,8 @@ class Evaluator:
         if reuse and reuse != run_id and committed_manifest(self.store, reuse) is None:
             log.warning("run %s (to reuse) is not in %s; synthesizing every user", reuse, self.store.uri)
         elif reuse and reuse != run_id:
-            copied = seed_partitions(self.store, self.s.reuse_synthesis_from, run_id, path, self.cfg)
-            log.info("reused %d partitions of run %s", len(copied), self.s.reuse_synthesis_from)
+            copied = seed_partitions(self.store, reuse, run_id, path, self.cfg)
+            log.info("reused %d partitions of run %s", len(copied), reuse)
         with self.clock.stage("synthesis"):
             model_tok = None if self.s.use_ray else self.model_tok
             run_synthesis(path, self.store, run_id, self.cfg, model_and_tokenizer=model_tok,
@@ -1078,7 +1090,7 @@ def run_ablations(ev: Evaluator, synth_run: str) -> dict[str, Any]:
             overrides.update(_group_overrides(pt.value, len(tuning_ids)))
         cfg = ev.cfg.with_overrides(overrides)
         label = f"{pt.ablation}={pt.value}/{pt.level}"
-        sig = _short({"subspace": cfg.subspace.model_dump(), "groups": cfg.groups.model_dump()})
+        sig = _fit_signature(cfg)
         if sig not in fits:
             with ev.clock.stage("ablation:reduce"):
                 tbl = pairs
@@ -1100,7 +1112,8 @@ def run_ablations(ev: Evaluator, synth_run: str) -> dict[str, Any]:
                             "n_groups": len(fit.group), "users_without_own_edit": sum(e is None for e in fit.for_users(eval_ids, "user")),
                             "alpha": cfg.edit.alpha, "beta": cfg.edit.beta, "note": pt.note})
     if "unseen" in s.ablations:
-        for meta, raw in _unseen_points(ev, synth_run, pairs, profiles, layers, eval_qs, messages):
+        default_fit = fits[_fit_signature(ev.cfg)]  # the grid's first point is always the default
+        for meta, raw in _unseen_points(ev, synth_run, pairs, profiles, layers, default_fit, eval_qs, messages):
             preds[meta["label"]] = _postprocess(raw)
             points_meta.append(meta)
     with ev.clock.stage("ablation:score"):
@@ -1124,6 +1137,11 @@ def run_ablations(ev: Evaluator, synth_run: str) -> dict[str, Any]:
     }
 
 
+def _fit_signature(cfg: ChameleonConfig) -> str:
+    """What an in-memory fit depends on (the edit settings apply later)."""
+    return _short({"subspace": cfg.subspace.model_dump(), "groups": cfg.groups.model_dump()})
+
+
 def _rows_of(table: pa.Table, user_ids: Sequence[str]) -> pa.Table:
     import pyarrow.compute as pc  # noqa: PLC0415
 
@@ -1131,7 +1149,8 @@ def _rows_of(table: pa.Table, user_ids: Sequence[str]) -> pa.Table:
 
 
 def _unseen_points(ev: Evaluator, synth_run: str, pairs: pa.Table, profiles: pa.Table, layers: Sequence[int],
-                   eval_qs: Sequence[LampQuestion], messages: Sequence[str]) -> list[tuple[dict[str, Any], list[str]]]:
+                   full: FittedEdits, eval_qs: Sequence[LampQuestion], messages: Sequence[str],
+                   ) -> list[tuple[dict[str, Any], list[str]]]:
     """The unseen-user setting inside the tuning users, and what of it is the assignment rule.
 
     ``unseen=2-fold``: the tuning users are split in two halves by file position; each half gets
@@ -1139,6 +1158,7 @@ def _unseen_points(ev: Evaluator, synth_run: str, pairs: pa.Table, profiles: pa.
     size), assigned from history alone, the job's rule for users it never saw.
     ``assignment=history``: the default fit on all tuning users, but each user takes the group of
     the nearest history centroid instead of its own cluster: the same rule on users that were seen.
+    ``full`` is that default fit on all tuning users.
     """
     cfg = ev.cfg
     tuning_ids = [q.id for q in ev.tuning]
@@ -1146,8 +1166,6 @@ def _unseen_points(ev: Evaluator, synth_run: str, pairs: pa.Table, profiles: pa.
     hist = history_embeddings(profiles, eval_ids)
     common = {"overrides": {}, "alpha": cfg.edit.alpha, "beta": cfg.edit.beta, "users_without_own_edit": 0}
     out = []
-    with ev.clock.stage("ablation:reduce"):
-        full = fit_edits(pairs, profiles, layers, cfg)
     key = {"run": synth_run, "users_fit": _key_hash({"ids": tuning_ids}), "fit": _short(_reduce_signature(cfg)),
            "assign": "history", "edit": cfg.edit.model_dump()}
     raw = ev.answers("ablation-assignment", key, eval_qs, messages, full.for_history(hist), cfg.edit)
@@ -1248,7 +1266,7 @@ def _history_ablation(ev: Evaluator, synth_run: str) -> dict[str, Any]:
         for level in ("user", "group"):
             label = f"history={k}/{level}"
             key = {"run": run_id, "level": level, "edit": cfg.edit.model_dump(),
-                   "fit": _short({"subspace": cfg.subspace.model_dump(), "groups": cfg.groups.model_dump()})}
+                   "fit": _fit_signature(cfg)}
             raw = ev.answers("ablation-history", key, qs, messages, fit.for_users(ids, level), cfg.edit)
             preds[label] = _postprocess(raw)
             meta.append({"label": label, "history_k": k, "level": level, "run": run_id,

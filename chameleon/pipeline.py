@@ -242,6 +242,7 @@ def generate_answers_on_ray(
     import ray  # noqa: PLC0415
 
     from chameleon.config import EditConfig  # noqa: PLC0415
+    from chameleon.evaluation import distinct_edits  # noqa: PLC0415
 
     if edits is not None and len(edits) != len(messages):
         raise ValueError(f"{len(edits)} edits for {len(messages)} messages")
@@ -251,17 +252,7 @@ def generate_answers_on_ray(
         return []
     items = []
     for k, idx in enumerate(shards):
-        distinct: dict[int, int] = {}
-        unique, rows = [], []
-        for i in idx:
-            e = edits[i] if edits is not None else None
-            if e is None:
-                rows.append(-1)
-                continue
-            if id(e) not in distinct:
-                distinct[id(e)] = len(unique)
-                unique.append(e)
-            rows.append(distinct[id(e)])
+        unique, rows = distinct_edits([edits[i] for i in idx] if edits is not None else [None] * len(idx))
         items.append({"shard": k, "messages": json.dumps([messages[i] for i in idx]), "edit_rows": json.dumps(rows),
                       "edits": _pack_edits(unique) if unique else b""})
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
