@@ -24,6 +24,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check chameleon jobs tests
+	$(VENV)/bin/ruff format --check chameleon jobs tests
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -2,8 +2,8 @@
 
 One `ChameleonConfig` holds the sections; a YAML file maps onto it one to one
 (`ChameleonConfig.from_yaml`), and command-line flags override single fields
-(`with_overrides`). Defaults follow DESIGN.md section 4 (the authors' earlier code,
-AlignEZ, where the paper is silent).
+(`with_overrides`). Where the paper is silent, defaults follow the authors' earlier code
+(AlignEZ); docs/method.md says which and why.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class SubspaceConfig(_Section):
     """`mlp`: output of the MLP block of a decoder layer (AlignEZ convention);
     `residual`: the decoder layer's output (the residual stream)."""
     candidate_layers: list[int] | None = None
-    """Layers whose hidden states are captured and scored; default: the middle-to-late band
-    (from 1/4 of the depth to 2 layers before the end)."""
+    """Layers whose hidden states are captured and scored; default: 6 layers evenly spaced over the
+    middle band (from 1/4 to 2/3 of the depth)."""
     n_layers: int = Field(3, ge=1)
     """L: edit the L candidate layers with the lowest CCS loss."""
     layers: list[int] | None = None

@@ -2,10 +2,10 @@
 `ray job submit --working-dir . -- python jobs/evaluate.py --ray --out DIR ...` on a cluster
 (the synthesis then runs as the Ray job's map stage, and every method's answers on an actor pool of
 the same shape: `--num-actors`, `--num-gpus-per-actor`; give `--store s3://…` that every node
-reaches). Flags: those of `chameleon eval --help`.
+reaches). Flags: those of `chameleon eval --help`; this is `chameleon eval` with logging set up by
+`chameleon.cli.main`.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -13,15 +13,11 @@ from pathlib import Path
 # `--working-dir` checkout too, where the package may not be installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chameleon.eval_cli import add_eval_parser  # noqa: E402
+from chameleon.cli import main as chameleon_main
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jobs/evaluate.py")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_parser(sub)
-    args = parser.parse_args(["eval", *argv])
-    return args.func(args)
+    return chameleon_main(["eval", *argv])
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from chameleon.s3server import LocalS3Server
-from chameleon.storage import LocalStore, S3Store
+from chameleon.data.storage import LocalStore, S3Store
+from chameleon.dev.s3server import LocalS3Server
 
 TEST_BUCKET = "chameleon-test"
 
@@ -67,8 +67,8 @@ def tiny_job_config(model_dir, **overrides):
 def published_tiny_run(s3_server, tiny_model_dir, tmp_path_factory):
     """A run of the in-process job on the 12 demo users with the tiny model, published to
     SeaweedFS. Returns (store, manifest, model_dir)."""
-    from chameleon.demo import write_example_users
-    from chameleon.local import run_local
+    from chameleon.dev.demo import write_example_users
+    from chameleon.job.local import run_local
 
     users = write_example_users(tmp_path_factory.mktemp("users") / "users.jsonl")
     store = s3_server.store(TEST_BUCKET, f"published-{uuid.uuid4().hex[:8]}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import embedded_tokenizer, tiny_llama
 
-from chameleon.capture import capture
-from chameleon.generation import chat_prompt
+from chameleon.core.capture import capture
+from chameleon.core.generation import chat_prompt
 
 TEXTS = ["a", "a much longer text that needs padding around it, really", "mid length text here", "ok"]
 

@@ -311,7 +311,8 @@ def test_rayjob_runs_the_personalize_job():
 def test_rayjob_entrypoint_parses_with_the_job_cli():
     # The RayJob runs jobs/personalize.py, which forwards its flags to `chameleon personalize`:
     # the manifest's command line must parse there, and the config it names must load.
-    from chameleon.cli import build_parser, load_config
+    from chameleon.cli import build_parser
+    from chameleon.flags import load_config
 
     argv = shlex.split(manifest("rayjob.yaml")["spec"]["entrypoint"])
     assert argv[:2] == ["python", "jobs/personalize.py"]
@@ -357,8 +358,15 @@ def test_serve_config_application():
     assert deployment["name"] == "ChameleonServer"
     assert deployment["num_replicas"] >= 1
     assert deployment["ray_actor_options"]["num_gpus"] == 1
-    # The server must load the model the edits were computed for.
-    assert app["args"]["model"] == load_one(JOB_CONFIG)["model"]["name_or_path"]
+    # The server must load the model the edits were computed for: the job's model section.
+    job_model = load_one(JOB_CONFIG)["model"]
+    assert app["args"]["model"]["name_or_path"] == job_model["name_or_path"]
+    assert app["args"]["model"]["dtype"] == job_model["dtype"]
+    # The args are what `app_builder` validates (ServeConfig); no Ray needed for that.
+    from chameleon.serving.config import ServeConfig
+
+    cfg = ServeConfig.model_validate(app["args"])
+    assert cfg.model.name_or_path == job_model["name_or_path"] and cfg.run == "latest"
 
 
 def test_rayservice_serves_the_serve_config_application():

@@ -44,10 +44,16 @@ def test_every_field_is_documented():
     import chameleon.config as module
 
     tree = ast.parse(inspect.getsource(module))
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Config") and n.name != "ChameleonConfig"):
+    for cls in (
+        n
+        for n in tree.body
+        if isinstance(n, ast.ClassDef) and n.name.endswith("Config") and n.name != "ChameleonConfig"
+    ):
         body = cls.body
         for i, node in enumerate(body):
             if isinstance(node, ast.AnnAssign):
                 nxt = body[i + 1] if i + 1 < len(body) else None
-                documented = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                documented = isinstance(nxt, ast.Expr) and isinstance(
+                    getattr(nxt, "value", None), ast.Constant
+                )
                 assert documented, f"{cls.name}.{node.target.id} has no docstring"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import embedded_tokenizer, tiny_llama
 
-from chameleon.edit import Edit, EditBank, edit_rows
-from chameleon.generation import chat_prompt, generate
+from chameleon.core.edit import Edit, EditBank, edit_rows
+from chameleon.core.generation import chat_prompt, generate
 
 LAYERS = [1, 2]
 
@@ -33,7 +33,9 @@ def random_edit(seed: int, d: int = 64, layers=LAYERS, rank: int = 2, site: str 
 
 def batch(tok, texts):
     tok.padding_side = "left"
-    return tok([chat_prompt(tok, t) for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)
+    return tok(
+        [chat_prompt(tok, t) for t in texts], return_tensors="pt", padding=True, add_special_tokens=False
+    )
 
 
 TEXTS = ["hello there", "write a tweet about rain", "what is two plus two", "good morning!!"]
@@ -169,7 +171,9 @@ def test_edit_tensors_round_trip():
 @pytest.mark.parametrize("positions", ["last", "all"])
 def test_bound_edits_equal_apply_and_skip_unused_layers(model, tok, positions):
     bank = EditBank(64, [0, 1, 2, 3], max_rank=2, positions=positions)
-    rows = bank.add_many([random_edit(30, layers=[1, 2]), random_edit(31, layers=[2]), random_edit(32, layers=[0, 3])])
+    rows = bank.add_many(
+        [random_edit(30, layers=[1, 2]), random_edit(31, layers=[2]), random_edit(32, layers=[0, 3])]
+    )
     enc = batch(tok, TEXTS)
     for batch_rows in ([rows[0], 0, rows[1], rows[2]], [0, rows[1], 0, rows[1]]):
         bound = bank.bind(batch_rows)
@@ -182,3 +186,61 @@ def test_bound_edits_equal_apply_and_skip_unused_layers(model, tok, positions):
                 second = model(**enc).logits
         assert torch.equal(first, want) and torch.equal(second, want)
     assert sorted(bank.bind([0, rows[1]]).slots) == [2], "layers no row edits get no hook"
+
+
+def steer_edit(seed: int, d: int = 64, layers=LAYERS, scale: float = 3.0, renorm: bool = False) -> Edit:
+    base = random_edit(seed, d, layers)
+    g = torch.Generator().manual_seed(seed + 100)
+    steer = scale * torch.nn.functional.normalize(torch.randn(len(layers), d, generator=g), dim=-1)
+    return Edit(
+        layers=base.layers,
+        theta_p=base.theta_p,
+        theta_n=base.theta_n,
+        mean=base.mean,
+        steer=steer,
+        renorm=renorm,
+    )
+
+
+def test_additive_and_norm_preserving_forms_follow_their_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8)
+    zeros_p, zeros = torch.zeros(2, 1, 8), torch.zeros(2, 8)
+    steer = torch.randn(2, 8)
+    alpha = torch.tensor([1.0, 0.5])
+    added = edit_rows(x, zeros_p, zeros, zeros, alpha, torch.ones(2), steer, torch.tensor([False, False]))
+    assert torch.allclose(added, x + alpha[:, None, None] * steer[:, None, :], atol=1e-6)
+    kept = edit_rows(x, zeros_p, zeros, zeros, alpha, torch.ones(2), steer, torch.tensor([True, True]))
+    assert torch.allclose(kept.norm(dim=-1), x.norm(dim=-1), atol=1e-4)
+    assert not torch.allclose(kept, x)
+
+
+def test_edit_forms_round_trip_and_mix_in_one_batch(model, tok):
+    proj, add, keep = random_edit(1), steer_edit(2), steer_edit(3, renorm=True)
+    assert (proj.form, add.form, keep.form) == ("projection", "additive", "norm_preserving")
+    back = Edit.from_tensors(keep.to_tensors())
+    assert back.form == "norm_preserving" and torch.equal(back.steer, keep.steer)
+    bank = EditBank(64, LAYERS)
+    rows = bank.add_many([proj, add, keep])
+    enc = batch(tok, TEXTS[:4])
+    with torch.no_grad():
+        with bank.apply(model, [rows[0], rows[1], rows[2], 0]):
+            mixed = model(**enc).logits[:, -1]
+        for i, r in enumerate(rows):
+            with bank.apply(model, [r] * 4):
+                alone = model(**enc).logits[:, -1]
+            assert torch.allclose(mixed[i], alone[i], atol=1e-4), i
+        plain = model(**enc).logits[:, -1]
+    assert torch.equal(mixed[3], plain[3])
+    assert ((mixed[:3] - plain[:3]).abs().amax(-1) > 1e-4).all()
+
+
+def test_recorded_change_ratio_matches_the_steer_length(model, tok):
+    edit = steer_edit(4, scale=2.0)
+    bank = EditBank(64, LAYERS)
+    row = bank.add(edit)
+    bound = bank.bind([row] * 2)
+    ratios = bound.record_change()
+    with torch.no_grad(), bound.apply(model):
+        model(**batch(tok, TEXTS[:2]))
+    assert set(ratios) == set(LAYERS) and all(len(v) == 1 and v[0] > 0 for v in ratios.values())

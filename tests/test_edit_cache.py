@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chameleon.edit import Edit, EditBank
-from chameleon.edit_cache import CacheFullError, EditCache, EditParams
+from chameleon.core.edit import Edit, EditBank
+from chameleon.serving.edit_cache import CacheFullError, EditCache, EditParams
 
 D = 8
 LAYERS = [1, 3]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chameleon.artifacts import RunReader
-from chameleon.demo import write_example_users
+from chameleon.data.artifacts import RunReader
+from chameleon.dev.demo import write_example_users
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -43,14 +43,28 @@ def ray_head(s3_server, tmp_path):
         **s3_server.env(),
     }
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--temp-dir={short_tmp}", "--object-store-memory=300000000",
-           # Another Ray on this machine (a test's in-process one) holds the default agent ports.
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--metrics-export-port={free_port()}"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={short_tmp}",
+        "--object-store-memory=300000000",
+        # Another Ray on this machine (a test's in-process one) holds the default agent ports.
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -75,17 +89,40 @@ def test_ray_job_submit_runs_the_job(ray_head, s3_server, tiny_model_dir, tmp_pa
     address, env = ray_head
     users = write_example_users(tmp_path / "users.jsonl")
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "synth": {"pairs_per_user": 2, "insight_max_new_tokens": 8, "answer_max_new_tokens": 8},
-        "subspace": {"ccs_steps": 50, "ccs_restarts": 2},
-        "groups": {"n_groups": 2, "min_group_size": 2},
-        "job": {"num_actors": 1, "num_cpus_per_actor": 1, "users_per_partition": 6},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_model_dir)},
+                "synth": {"pairs_per_user": 2, "insight_max_new_tokens": 8, "answer_max_new_tokens": 8},
+                "subspace": {"ccs_steps": 50, "ccs_restarts": 2},
+                "groups": {"n_groups": 2, "min_group_size": 2},
+                "job": {"num_actors": 1, "num_cpus_per_actor": 1, "users_per_partition": 6},
+            }
+        )
+    )
     s3_server.store("submitted").exists("probe")  # creates the bucket (lazily, on first use)
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-           "python", "jobs/personalize.py", "--config", str(config), "--input", str(users),
-           "--store", "s3://submitted/out", "--s3-endpoint", s3_server.endpoint_url, "--run-id", "submitted-1"]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "jobs/personalize.py",
+        "--config",
+        str(config),
+        "--input",
+        str(users),
+        "--store",
+        "s3://submitted/out",
+        "--s3-endpoint",
+        s3_server.endpoint_url,
+        "--run-id",
+        "submitted-1",
+    ]
     # `ray start` enables token auth (token in ~/.ray/auth_token); the job CLI must opt in to send it.
     env = {**env, "RAY_AUTH_MODE": "token"}
     for _ in range(10):  # the job agent comes up a few seconds after the dashboard

@@ -1,4 +1,5 @@
-"""Tests for chameleon.lamp: small hand-written fixtures, plus the real LaMP-7 dev files when present.
+"""Tests for chameleon.evaluation.lamp (and the split rule on real data): small hand-written fixtures,
+plus the real LaMP-7 dev files when present.
 
 The real data is read from ../shared/data/lamp/lamp7 (or $CHAMELEON_LAMP7_DIR); it is never copied
 into the repository.
@@ -11,21 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from chameleon import lamp
-from chameleon.lamp import (
+from chameleon.data.schema import validate_records
+from chameleon.evaluation import lamp
+from chameleon.evaluation.lamp import (
     LAMP7_PROMPT,
-    LAMP_TASKS,
+    LAMP7_QUERY_TEMPLATE,
     LampQuestion,
     extract_lamp7_tweet,
     find_lamp7_files,
-    get_task,
     lamp_to_user_records,
     load_lamp7,
     load_lamp_outputs,
     load_lamp_questions,
     profile_texts,
-    split_tuning_reporting,
 )
+from chameleon.evaluation.split import select_users
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _real_dir() -> Path | None:
@@ -135,41 +138,24 @@ def test_find_files_names_and_env_override(tmp_path, monkeypatch):
 
 def test_default_dir_is_shared_next_to_repo(monkeypatch):
     monkeypatch.delenv(lamp.LAMP7_DIR_ENV, raising=False)
-    repo_root = Path(lamp.__file__).resolve().parent.parent
-    assert lamp.default_lamp7_dir() == (repo_root.parent / "shared" / "data" / "lamp" / "lamp7").resolve()
+    assert lamp.default_lamp7_dir() == (REPO_ROOT.parent / "shared" / "data" / "lamp" / "lamp7").resolve()
 
 
-def test_task_table():
-    assert set(LAMP_TASKS) == {f"LaMP_{i}" for i in range(1, 8)}
-    t7 = LAMP_TASKS["LaMP_7"]
+def test_lamp7_query_template():
     assert (
-        t7.query_template
+        LAMP7_QUERY_TEMPLATE
         == "Paraphrase the following tweet without any explanation before or after it: {text}"
     )
-    assert t7.text_fields == ("text",) and t7.metric == "generation"
-    kinds = [LAMP_TASKS[f"LaMP_{i}"].metric for i in range(1, 8)]
-    assert kinds == ["classification", "classification", "rating"] + ["generation"] * 4
-    assert len(LAMP_TASKS["LaMP_2"].labels) == 15
-    assert LAMP_TASKS["LaMP_1"].labels == ("[1]", "[2]")
-    assert get_task(7) is get_task("lamp7") is get_task("LaMP-7") is get_task("LaMP_7") is t7
-    with pytest.raises(ValueError):
-        get_task("LaMP_9")
-    # every template formats from an item with the task's fields
-    for t in LAMP_TASKS.values():
-        item = {f: f"<{f}>" for f in (*t.text_fields, t.output_field, "text", "abstract", "description")}
-        q = t.item_query(item)
-        assert "{" not in q and q.strip()
+    assert LAMP7_QUERY_TEMPLATE.format(text="hi there") == LAMP7_PROMPT + "hi there"
 
 
-def test_item_text_and_query_other_tasks():
-    t4 = get_task(4)
-    item = {"title": "Big News", "text": "Something happened.", "id": "1"}
-    assert t4.item_text(item) == "Big News Something happened."
-    assert t4.item_query(item) == "Generate a headline for the following article: Something happened."
-    with pytest.raises(ValueError, match="lacks field"):
-        t4.item_query({"title": "only a title"})
-    q = LampQuestion(id="1", input="x", profile=[item, {"title": "T2", "text": ""}])
-    assert profile_texts(q, "LaMP_4") == ["Big News Something happened.", "T2"]
+def test_profile_texts_keeps_order_and_empty_items():
+    q = LampQuestion(
+        id="1",
+        input="x",
+        profile=[{"text": "a b", "id": "1"}, {"text": "", "id": "2"}, {"id": "3"}, {"text": "c"}],
+    )
+    assert profile_texts(q) == ["a b", "", "", "c"]
 
 
 def test_records_from_fixture():
@@ -187,13 +173,27 @@ def test_records_from_fixture():
     assert profile_texts(qs[0]) == ["omg so sleepy ", "coffee pls"]
 
 
+def test_records_agree_with_the_data_layer():
+    """The evaluation's users file and a LaMP questions file read by the job give the same users."""
+    qs = [LampQuestion(id=str(q["id"]), input=q["input"], profile=q["profile"]) for q in QUESTIONS]
+    from_records, _ = validate_records(lamp_to_user_records(qs))
+    from_lamp, _ = validate_records(QUESTIONS, query_template=LAMP7_QUERY_TEMPLATE)
+    assert from_records == from_lamp and [u.user_id for u in from_records] == [
+        "10",
+        "11",
+    ]  # "12" has no history
+    assert from_records[0].queries() == [LAMP7_PROMPT + "omg so sleepy ", LAMP7_PROMPT + "coffee pls"]
+
+
 def test_split_rule_small():
-    tune, report = split_tuning_reporting(list(range(7)), n_tuning=3)
+    tune, report = select_users(list(range(7)), "0:3", "3:7", n_tuning=3)
     assert tune == [0, 1, 2] and report == [3, 4, 5, 6]
-    tune, report = split_tuning_reporting(list(range(7)), n_tuning=10)
+    tune, report = select_users(list(range(7)), "0:7", None, n_tuning=10)
     assert tune == list(range(7)) and report == []
+    with pytest.raises(ValueError, match="split rule"):
+        select_users(list(range(7)), "0:7", None, n_tuning=3)
     with pytest.raises(ValueError):
-        split_tuning_reporting([1], n_tuning=-1)
+        select_users([1], "0:1", None, n_tuning=-1)
 
 
 @pytest.mark.parametrize(
@@ -232,7 +232,7 @@ def test_real_counts_ids_and_golds(real):
 @needs_real
 def test_real_split_rule(real):
     questions, _ = real
-    tune, report = split_tuning_reporting(questions)
+    tune, report = select_users(questions, "0:500", "500:1500")
     assert len(tune) == 500 and len(report) == 1000
     assert tune[0].id == "610" and tune[-1].id == "61499"
     assert report[0].id == "61500" and report[-1].id == "611499"
@@ -270,12 +270,11 @@ def test_real_user_records(real):
 
 @needs_real
 def test_real_copy_baseline_matches_reference(real):
-    """The copy baseline on reporting users 500..599 reproduces reference/lamp7-baselines.md."""
-    from chameleon.metrics import bootstrap_ci, rouge_per_item
+    """The copy baseline on reporting users 500..599 reproduces the published LaMP-7 copy figure."""
+    from chameleon.evaluation.metrics import bootstrap_ci, rouge_per_item
 
     questions, golds = real
-    _, report = split_tuning_reporting(questions)
-    users = report[:100]
+    _, users = select_users(questions, None, "500:600")
     per = rouge_per_item([extract_lamp7_tweet(q.input) for q in users], [golds[q.id] for q in users])
     ci1, cil = bootstrap_ci(per["rouge1"]), bootstrap_ci(per["rougeL"])
     assert round(ci1.mean, 3) == 0.483

@@ -8,11 +8,13 @@ import pytest
 import torch
 from conftest import tiny_job_config
 
-from chameleon.artifacts import RunReader, fingerprint_model
-from chameleon.inference import personalized_generate
-from chameleon.local import run_local
-from chameleon.model import load_model
-from chameleon.runs import PublishedRun
+from chameleon.config import EditConfig
+from chameleon.core.fingerprint import fingerprint_model
+from chameleon.core.generation import bank_for_edits, chat_prompt, distinct_edits, encode, generate_answers
+from chameleon.core.model import load_model
+from chameleon.data.artifacts import RunReader
+from chameleon.data.published import PublishedRun
+from chameleon.job.local import run_local
 
 
 def test_published_layout_and_manifest(published_tiny_run):
@@ -23,17 +25,30 @@ def test_published_layout_and_manifest(published_tiny_run):
         "runs/tiny-run-1/assignments.parquet",
         "runs/tiny-run-1/rejects.jsonl",
         "runs/tiny-run-1/users/shard-00000.safetensors",
-        "runs/tiny-run-1/groups/centroids.safetensors",
+        "runs/tiny-run-1/centroids.safetensors",
     }
     assert expected <= files
     assert store.get_text("latest").strip() == "tiny-run-1"
     reader = RunReader(store, "latest")
-    assert set(reader.manifest["files"]) == {f.removeprefix("runs/tiny-run-1/") for f in files} - {"manifest.json"}
+    assert set(reader.manifest["files"]) == {f.removeprefix("runs/tiny-run-1/") for f in files} - {
+        "manifest.json"
+    }
     assert manifest["counts"]["accepted"] == 12 and manifest["counts"]["rejected"] == 0
     assert manifest["prompt_version"] and manifest["site"] == "mlp"
     run = PublishedRun(reader)
     assign = run.assignments()
-    assert set(assign) == {f"{s}-{k}" for s in ("shouty_fan", "formal_scholar", "emoji_lover", "terse_engineer", "pirate_talker", "sad_poet") for k in (1, 2)}
+    assert set(assign) == {
+        f"{s}-{k}"
+        for s in (
+            "shouty_fan",
+            "formal_scholar",
+            "emoji_lover",
+            "terse_engineer",
+            "pirate_talker",
+            "sad_poet",
+        )
+        for k in (1, 2)
+    }
     sizes = {g["group_id"]: g["n_users"] for g in manifest["groups"]}
     assert sum(sizes.values()) == 12 and min(sizes.values()) >= 2
     for gid in run.group_ids:
@@ -54,13 +69,30 @@ def test_user_edits_and_personalized_generation(published_tiny_run):
     edit = run.user_edit(users[0])
     assert edit is not None and edit.theta_p.shape[0] == len(edit.layers)
     queries = ["Write a short tweet about dinner."] * 3
-    base = personalized_generate(model, tok, run, users, queries, level="none", max_new_tokens=6)
-    again = personalized_generate(model, tok, run, users, queries, level="none", max_new_tokens=6)
-    assert base == again
+    base = generate_answers(model, tok, queries, edits=run.edits_for(users, "none"), max_new_tokens=6)
+    assert base == generate_answers(model, tok, queries, max_new_tokens=6)
+    # Group and user edits both reach the model: every row's next-token logits move, and rows
+    # left unedited (row 0) stay bit-identical.
+    enc = encode(tok, [chat_prompt(tok, q) for q in queries] * 2)
+    with torch.no_grad():
+        plain = model(**enc).logits[:, -1]
+        for level in ("group", "user"):
+            edits = run.edits_for(users, level)
+            assert all(e is not None for e in edits)
+            unique, index = distinct_edits(edits)
+            bank, rows = bank_for_edits(model, unique, EditConfig(alpha=8.0, centered=False))
+            with bank.apply(model, [rows[i] for i in index] + [0] * 3):
+                edited = model(**enc).logits[:, -1]
+            assert ((edited[:3] - plain[:3]).abs().amax(-1) > 1e-4).all(), level
+            assert torch.equal(edited[3:], plain[3:])
+    # Rows of one group share one Edit object, read once.
+    group_edits = run.edits_for(["shouty_fan-1", "shouty_fan-2"], "group")
+    if run.user_group("shouty_fan-1") == run.user_group("shouty_fan-2"):
+        assert group_edits[0] is group_edits[1]
 
 
 def test_bad_records_are_rejected_with_reasons(tmp_path, local_store, tiny_model_dir):
-    from chameleon.demo import example_users
+    from chameleon.dev.demo import example_users
 
     users = example_users(1)[:4]
     bad = [
@@ -76,14 +108,21 @@ def test_bad_records_are_rejected_with_reasons(tmp_path, local_store, tiny_model
     rejects = RunReader(local_store, "r1").get_jsonl("rejects.jsonl")
     reasons = " | ".join(r["reason"] for r in rejects)
     assert len(rejects) == 7, reasons  # 5 bad + both copies of the duplicated id + the broken line
-    for needle in ("missing user_id", "history is empty", "history must be a list", "duplicate user_id", "user_id must be", "unreadable"):
+    for needle in (
+        "missing user_id",
+        "history is empty",
+        "history must be a list",
+        "duplicate user_id",
+        "user_id must be",
+        "unreadable",
+    ):
         assert needle in reasons
     assert manifest["counts"]["accepted"] == 3 and manifest["counts"]["rejected"] == 7
 
 
 def test_committed_run_is_immutable(published_tiny_run, tiny_model_dir, tmp_path):
-    from chameleon.artifacts import RunImmutableError
-    from chameleon.demo import write_example_users
+    from chameleon.data.artifacts import RunImmutableError
+    from chameleon.dev.demo import write_example_users
 
     store, _, _ = published_tiny_run
     users = write_example_users(tmp_path / "u.jsonl")

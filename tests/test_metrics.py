@@ -1,101 +1,26 @@
-"""Tests for chameleon.metrics: expected values computed by hand in the comments."""
+"""Tests for chameleon.evaluation.metrics: expected values computed by hand in the comments."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 
-from chameleon.metrics import (
-    accuracy_f1,
+from chameleon.evaluation.metrics import (
     bootstrap_ci,
     first_answer_line,
-    mae_rmse,
     paired_bootstrap,
     paired_sign_test,
-    rouge,
     rouge_per_item,
 )
-
-# ----------------------------------------------------------------------------- accuracy / F1
-
-
-def test_accuracy_f1_hand_computed():
-    labels = ["a", "b", "c"]
-    golds = ["a", "a", "b", "b", "c"]
-    preds = ["a", "b", "b", "zzz", " c "]  # "zzz" matches no label -> -1 (wrong); " c " strips to "c"
-    # mapped preds [0, 1, 1, -1, 2] vs golds [0, 0, 1, 1, 2]: correct at 0, 2, 4 -> accuracy 3/5
-    # a: tp=1 fp=0 fn=1 -> F1 = 2*1/(2+0+1) = 2/3
-    # b: tp=1 fp=1 fn=1 -> F1 = 2/(2+1+1) = 1/2
-    # c: tp=1 fp=0 fn=0 -> F1 = 1
-    # macro = (2/3 + 1/2 + 1) / 3 = 13/18
-    r = accuracy_f1(preds, golds, labels)
-    assert r["accuracy"] == pytest.approx(0.6)
-    assert r["f1"] == pytest.approx(13 / 18)
-
-
-def test_macro_f1_counts_absent_labels_as_zero():
-    # same case with a 4th label "d" that nobody predicts or has: sklearn (labels=..., zero_division=0)
-    # includes it with F1 = 0 -> (2/3 + 1/2 + 1 + 0) / 4 = 13/24
-    r = accuracy_f1(["a", "b", "b", "zzz", "c"], ["a", "a", "b", "b", "c"], ["a", "b", "c", "d"])
-    assert r["f1"] == pytest.approx(13 / 24)
-    assert r["accuracy"] == pytest.approx(0.6)
-
-
-def test_accuracy_f1_all_unmatched_is_zero():
-    r = accuracy_f1(["[3]", "maybe"], ["[1]", "[2]"], ["[1]", "[2]"])
-    assert r == {"accuracy": 0.0, "f1": 0.0}
-
-
-def test_accuracy_f1_is_exact_match_case_sensitive():
-    # exact-string match after strip: "Comedy" is not "comedy"
-    r = accuracy_f1(["Comedy"], ["comedy"], ["comedy", "action"])
-    assert r["accuracy"] == 0.0
-
-
-def test_accuracy_f1_rejects_bad_input():
-    with pytest.raises(ValueError):
-        accuracy_f1(["a"], ["a", "b"], ["a", "b"])
-    with pytest.raises(ValueError):
-        accuracy_f1(["a"], ["x"], ["a", "b"])  # gold outside the labels
-    with pytest.raises(ValueError):
-        accuracy_f1([], [], ["a"])
-
-
-# ----------------------------------------------------------------------------- MAE / RMSE
-
-
-def test_mae_rmse_with_unparseable_predictions():
-    golds = ["1", "3", "5", "2"]
-    preds = ["2", "I think 4", "oops", "2.5"]
-    # mapped preds: 2.0; gold 3 -> |1-3| > |5-3| is false -> 5.0; gold 5 -> 1.0 (farther); 2.5
-    # abs errors: 1, 2, 4, 0.5 -> MAE = 7.5/4 = 1.875
-    # squared: 1, 4, 16, 0.25 -> RMSE = sqrt(21.25/4) = sqrt(5.3125)
-    r = mae_rmse(preds, golds)
-    assert r["mae"] == pytest.approx(1.875)
-    assert r["rmse"] == pytest.approx(math.sqrt(5.3125))
-
-
-def test_mae_rmse_worst_case_rule_both_ends():
-    # gold 1 -> farther is 5 (error 4); gold 4 -> farther is 1 (error 3); "nan" is not a rating
-    r = mae_rmse(["", "nan"], ["1", "4"])
-    assert r["mae"] == pytest.approx(3.5)
-    assert r["rmse"] == pytest.approx(math.sqrt((16 + 9) / 2))
-
-
-def test_mae_rmse_perfect_and_numeric_inputs():
-    assert mae_rmse([" 3 ", 4, 5.0], ["3", "4", 5]) == {"mae": 0.0, "rmse": 0.0}
-
 
 # ----------------------------------------------------------------------------- ROUGE
 
 
 def test_rouge_hand_computed():
     # "the cat sat" vs "the cat ran": 2 shared unigrams of 3 each -> P = R = F = 2/3; LCS = 2 -> 2/3
-    r = rouge(["the cat sat"], ["the cat ran"])
-    assert r["rouge1"] == pytest.approx(2 / 3)
-    assert r["rougeL"] == pytest.approx(2 / 3)
+    r = rouge_per_item(["the cat sat"], ["the cat ran"])
+    assert r["rouge1"] == [pytest.approx(2 / 3)]
+    assert r["rougeL"] == [pytest.approx(2 / 3)]
 
 
 def test_rouge1_and_rougeL_differ_on_word_order():
@@ -105,7 +30,7 @@ def test_rouge1_and_rougeL_differ_on_word_order():
     assert per["rougeL"] == [pytest.approx(2 / 3)]
 
 
-def test_rouge_mean_and_per_item_order():
+def test_rouge_per_item_order():
     preds = ["the cat sat", "the cat sat on the mat", "", "The CAT!"]
     golds = ["the cat ran", "the cat sat", "anything", "the cat"]
     # item 2: pred 6 tokens, gold 3, clipped overlap 3 -> P=1/2, R=1 -> F=2/3 (rougeL: LCS 3, same)
@@ -113,18 +38,18 @@ def test_rouge_mean_and_per_item_order():
     per = rouge_per_item(preds, golds)
     assert per["rouge1"] == pytest.approx([2 / 3, 2 / 3, 0.0, 1.0])
     assert per["rougeL"] == pytest.approx([2 / 3, 2 / 3, 0.0, 1.0])
-    r = rouge(preds, golds)
-    assert r["rouge1"] == pytest.approx((2 / 3 + 2 / 3 + 0 + 1) / 4)
 
 
 def test_rouge_no_stemming():
     # with a stemmer "cats"/"cat" would match; LaMP's setting has none -> 0
-    assert rouge(["cats"], ["cat"])["rouge1"] == 0.0
+    assert rouge_per_item(["cats"], ["cat"])["rouge1"] == [0.0]
 
 
 def test_rouge_rejects_length_mismatch():
     with pytest.raises(ValueError):
-        rouge(["a"], ["a", "b"])
+        rouge_per_item(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="no items"):
+        rouge_per_item([], [])
 
 
 # ----------------------------------------------------------------------------- bootstrap

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from chameleon.config import ModelConfig
-from chameleon.model import (
+from chameleon.core.model import (
     ARCHITECTURES,
     ModelNotAvailableError,
     decoder_layers,
@@ -25,8 +25,14 @@ def test_architecture_table_covers_the_supported_families():
 
 
 def test_layers_and_sites_of_a_qwen2_model():
-    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100)
+    cfg = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     assert num_layers(model) == 3 and hidden_size(model) == 32
     assert layer_module(model, 1, "mlp") is model.model.layers[1].mlp

@@ -15,10 +15,10 @@ import psutil
 import pytest
 from conftest import tiny_job_config
 
-from chameleon.artifacts import RunReader
-from chameleon.lamp import lamp_to_user_records, load_lamp7
-from chameleon.pipeline import run_ray_job
-from chameleon.runs import PublishedRun
+from chameleon.data.artifacts import RunReader
+from chameleon.data.published import PublishedRun
+from chameleon.evaluation.lamp import lamp_to_user_records, load_lamp7
+from chameleon.job.ray_job import run_ray_job
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,12 @@ def users_file(tmp_path_factory) -> Path:
 
 
 def job_config(model_dir, **overrides):
-    base = {"job.num_actors": 2, "job.num_cpus_per_actor": 0.5, "job.users_per_partition": 2, "synth.answer_max_new_tokens": 12}
+    base = {
+        "job.num_actors": 2,
+        "job.num_cpus_per_actor": 0.5,
+        "job.users_per_partition": 2,
+        "synth.answer_max_new_tokens": 12,
+    }
     return tiny_job_config(model_dir, **{**base, **overrides})
 
 
@@ -86,7 +91,9 @@ def test_layout_checksums_assignments_and_rejects(clean_run):
     for k in range(n_parts):
         for kind, ext in (("pairs", "parquet"), ("profiles", "parquet"), ("failures", "jsonl")):
             assert f"runs/clean/{kind}/part-{k:05d}.{ext}" in keys
-    accepted = {r["user_id"] for r in lamp_to_user_records(load_lamp7()[0][:N_USERS])} - {lamp_to_user_records(load_lamp7()[0][3:4])[0]["user_id"]}
+    accepted = {r["user_id"] for r in lamp_to_user_records(load_lamp7()[0][:N_USERS])} - {
+        lamp_to_user_records(load_lamp7()[0][3:4])[0]["user_id"]
+    }
     run = PublishedRun(reader)
     assert set(run.assignments()) == accepted
     assert all(row["group_id"] in run.group_ids for row in run.assignments().values())
@@ -101,14 +108,16 @@ def test_layout_checksums_assignments_and_rejects(clean_run):
     assert manifest["model"]["fingerprint"]["num_layers"] == 4
 
 
-def test_killed_actor_still_finishes_with_identical_artifacts(ray_local, clean_run, s3_server, tiny_model_dir, users_file):
+def test_killed_actor_still_finishes_with_identical_artifacts(
+    ray_local, clean_run, s3_server, tiny_model_dir, users_file
+):
     store = s3_server.store("pipeline", "killed")
     result: dict = {}
 
     def job():
         try:
             result["manifest"] = run_ray_job(str(users_file), store, "killed", job_config(tiny_model_dir))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             result["error"] = exc
 
     thread = threading.Thread(target=job)
@@ -117,7 +126,11 @@ def test_killed_actor_still_finishes_with_identical_artifacts(ray_local, clean_r
     deadline = time.time() + 180
     while time.time() < deadline and killed is None and thread.is_alive():
         done = [k for k in store.list("runs/killed/pairs/")]
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "PartitionWorker" in " ".join(p.info["cmdline"] or [])]
+        workers = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "PartitionWorker" in " ".join(p.info["cmdline"] or [])
+        ]
         if done and workers:
             killed = (len(done), workers[0].pid)
             os.kill(workers[0].pid, signal.SIGKILL)
@@ -129,7 +142,9 @@ def test_killed_actor_still_finishes_with_identical_artifacts(ray_local, clean_r
     assert artifact_hashes(result["manifest"]) == artifact_hashes(clean_run[1])
 
 
-def test_interrupted_driver_resumes_without_recomputing(clean_run, s3_server, tiny_model_dir, users_file, tmp_path):
+def test_interrupted_driver_resumes_without_recomputing(
+    clean_run, s3_server, tiny_model_dir, users_file, tmp_path
+):
     store = s3_server.store("pipeline", "resumed")
     script = tmp_path / "driver.py"
     script.write_text(
@@ -138,14 +153,25 @@ def test_interrupted_driver_resumes_without_recomputing(clean_run, s3_server, ti
         "import ray\n"
         "from conftest import tiny_job_config\n"
         "from test_pipeline import job_config\n"
-        "from chameleon.storage import S3Store\n"
-        "from chameleon.pipeline import run_ray_job\n"
+        "from chameleon.data.storage import S3Store\n"
+        "from chameleon.job.ray_job import run_ray_job\n"
         "ray.init(address='local', num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)\n"
         f"store = S3Store('pipeline', 'resumed', endpoint_url={s3_server.endpoint_url!r}, access_key={s3_server.access_key!r}, secret_key={s3_server.secret_key!r})\n"
         f"run_ray_job({str(users_file)!r}, store, 'resumed', job_config({str(tiny_model_dir)!r}))\n"
     )
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ADDRESS": "",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     try:
         while time.time() < deadline and len(store.list("runs/resumed/pairs/")) < 3 and proc.poll() is None:
@@ -168,8 +194,61 @@ def test_interrupted_driver_resumes_without_recomputing(clean_run, s3_server, ti
     assert artifact_hashes(manifest) == artifact_hashes(clean_run[1])
 
 
+def test_workers_map_the_records_the_driver_accepted_under_raised_limits(
+    ray_local, s3_server, tiny_model_dir, tmp_path
+):
+    """Workers get the validated records: a limit raised in the config holds on the actors too."""
+    long_item = "word " * 1000  # 5,000 characters: over the default limit, under the raised one
+    users = [
+        {
+            "user_id": f"long-{i}",
+            "history": [{"text": long_item}] + [{"text": f"tweet {i} {j}"} for j in range(3)],
+        }
+        for i in range(2)
+    ]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(u) + "\n" for u in users))
+    store = s3_server.store("pipeline", "raised-limits")
+    cfg = job_config(
+        tiny_model_dir,
+        **{"synth.max_item_chars": 8000, "groups.n_groups": 1, "synth.answer_max_new_tokens": 4},
+    )
+    manifest = run_ray_job(str(path), store, "raised", cfg)
+    assert manifest["counts"]["accepted"] == 2 and manifest["counts"]["users_failed"] == 0
+
+
+def test_ray_driver_counts_failures_of_adopted_partitions(ray_local, s3_server, tiny_model_dir, tmp_path):
+    """The failure limit holds across reruns: failures of partitions an earlier attempt finished count."""
+    from chameleon.data.artifacts import RunWriter
+    from chameleon.job.publish import JobFailedError
+    from chameleon.job.run import write_partition
+    from chameleon.job.stages import pairs_to_tables
+
+    users = [
+        {"user_id": f"u{i}", "history": [{"text": f"tweet {i} {j}"} for j in range(3)]} for i in range(4)
+    ]
+    path = tmp_path / "users.jsonl"
+    path.write_text("".join(json.dumps(u) + "\n" for u in users))
+    store = s3_server.store("pipeline", "failure-limit")
+    pairs, profiles = pairs_to_tables([])  # partition 0 (u0, u1): every user failed earlier
+    write_partition(
+        RunWriter(store, "r"),
+        0,
+        pairs,
+        profiles,
+        [{"user_id": "u0", "reason": "x"}, {"user_id": "u1", "reason": "x"}],
+    )
+    cfg = job_config(
+        tiny_model_dir,
+        **{"job.max_user_failures": 0.25, "groups.n_groups": 1, "synth.answer_max_new_tokens": 4},
+    )
+    with pytest.raises(JobFailedError, match="2 of 4 users failed"):
+        run_ray_job(str(path), store, "r", cfg)
+    assert not store.exists("runs/r/manifest.json")
+
+
 def test_answer_shards_cover_every_row_once_in_whole_batches():
-    from chameleon.pipeline import answer_shards
+    from chameleon.job.replicas import answer_shards
 
     for n, k, b in [(0, 4, 16), (1, 4, 16), (10, 4, 3), (100, 4, 16), (7, 1, 2)]:
         shards = answer_shards(n, k, b)
@@ -182,10 +261,10 @@ def test_answers_on_ray_equal_the_in_process_answers(ray_local, tiny_model_dir):
     import torch
 
     from chameleon.config import EditConfig
-    from chameleon.edit import Edit
-    from chameleon.evaluation import generate_answers
-    from chameleon.model import load_model
-    from chameleon.pipeline import generate_answers_on_ray
+    from chameleon.core.edit import Edit
+    from chameleon.core.generation import generate_answers
+    from chameleon.core.model import load_model
+    from chameleon.job.replicas import generate_answers_on_ray
 
     cfg = job_config(tiny_model_dir, **{"job.torch_threads": 1})
     model, tok = load_model(cfg.model)
@@ -199,17 +278,24 @@ def test_answers_on_ray_equal_the_in_process_answers(ray_local, tiny_model_dir):
         return Edit(layers=[1, 2], theta_p=p, theta_n=n, mean=5 * torch.randn(2, d, generator=g), site="mlp")
 
     e1, e2 = edit(), edit()
-    messages = [f"Paraphrase the following tweet without any explanation before or after it: tweet number {i} is here" for i in range(7)]
+    messages = [
+        f"Paraphrase the following tweet without any explanation before or after it: tweet number {i} is here"
+        for i in range(7)
+    ]
     edits = [None, e1, e2, e1, None, e2, e1]
     edit_cfg = EditConfig(alpha=4.0, beta=1.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = generate_answers(model, tok, messages, edits=edits, edit_cfg=edit_cfg, max_new_tokens=6, batch_size=1)
+        local = generate_answers(
+            model, tok, messages, edits=edits, edit_cfg=edit_cfg, max_new_tokens=6, batch_size=1
+        )
         plain = generate_answers(model, tok, messages, max_new_tokens=6, batch_size=1)
     finally:
         torch.set_num_threads(threads)
-    on_ray = generate_answers_on_ray(cfg, messages, edits=edits, edit_cfg=edit_cfg, max_new_tokens=6, batch_size=1)
+    on_ray = generate_answers_on_ray(
+        cfg, messages, edits=edits, edit_cfg=edit_cfg, max_new_tokens=6, batch_size=1
+    )
     assert on_ray == local
     # Rows with different edits answer differently, so a lost or swapped edit would show.
     assert len({local[1], local[2], plain[0]}) == 3 and local[0] == plain[0]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chameleon.artifacts import RunReader
 from chameleon.config import ChameleonConfig
-from chameleon.generation import chat_prompt, generate
-from chameleon.inference import bank_for
-from chameleon.lamp import lamp_to_user_records, load_lamp7
-from chameleon.local import run_local
-from chameleon.model import load_model
-from chameleon.runs import PublishedRun
+from chameleon.core.generation import bank_for_edits, chat_prompt, generate
+from chameleon.core.model import load_model
+from chameleon.data.artifacts import RunReader
+from chameleon.data.published import PublishedRun
+from chameleon.evaluation.lamp import lamp_to_user_records, load_lamp7
+from chameleon.job.local import run_local
 
 pytestmark = pytest.mark.slow
 
@@ -26,16 +25,20 @@ def test_real_model_edits_change_edited_users_only(tmp_path, local_store):
         r["history"] = r["history"][:6]
     path = tmp_path / "users.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = ChameleonConfig().with_overrides({
-        "synth.pairs_per_user": 4,
-        "synth.history_k": 3,
-        "synth.insight_max_new_tokens": 32,
-        "synth.answer_max_new_tokens": 24,
-        "groups.n_groups": 2,
-        "groups.min_group_size": 2,
-    })
+    cfg = ChameleonConfig().with_overrides(
+        {
+            "synth.pairs_per_user": 4,
+            "synth.history_k": 3,
+            "synth.insight_max_new_tokens": 32,
+            "synth.answer_max_new_tokens": 24,
+            "groups.n_groups": 2,
+            "groups.min_group_size": 2,
+        }
+    )
     model, tok = load_model(cfg.model)
-    manifest = run_local(str(path), local_store, "real", cfg, model_and_tokenizer=(model, tok), progress=False)
+    manifest = run_local(
+        str(path), local_store, "real", cfg, model_and_tokenizer=(model, tok), progress=False
+    )
     assert manifest["counts"]["users_with_edit"] == 4
     run = PublishedRun(RunReader(local_store, "real"))
     pairs = local_store.get_parquet("runs/real/pairs/part-00000.parquet").to_pylist()
@@ -43,7 +46,7 @@ def test_real_model_edits_change_edited_users_only(tmp_path, local_store):
 
     users = [r["user_id"] for r in records]
     edits = [run.user_edit(u) for u in users]
-    bank, rows = bank_for(model, run, edits, cfg.edit)
+    bank, rows = bank_for_edits(model, edits, cfg.edit)
     prompts = [chat_prompt(tok, r["query"]) for r in records]
     base = generate(model, tok, prompts, max_new_tokens=24)
     # Edited rows and identity rows in one batch: user i edited, the same prompt unedited beside it.

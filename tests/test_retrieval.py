@@ -1,10 +1,10 @@
-"""Tests for chameleon.retrieval (BM25 with bm25s) on tiny hand-written profiles."""
+"""Tests for chameleon.evaluation.retrieval (BM25 with bm25s) on tiny hand-written profiles."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from chameleon.retrieval import bm25_scores, bm25_top_k
+from chameleon.evaluation.retrieval import bm25_scores, bm25_top_k
 
 PROFILE = [
     "going to the beach with my dog today",  # 0

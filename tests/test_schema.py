@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from chameleon.inputs import parse_jsonl
-from chameleon.schema import InvalidRecord, parse_record, validate_records
+from chameleon.data.inputs import parse_jsonl
+from chameleon.data.schema import InvalidRecord, parse_record, validate_records
 
 
 def test_accepted_shapes():
-    rec = parse_record({"user_id": "u1", "history": ["plain text", {"text": "t", "input": "q"}], "query": "Q", "group_id": "g1"})
+    rec = parse_record(
+        {
+            "user_id": "u1",
+            "history": ["plain text", {"text": "t", "input": "q"}],
+            "query": "Q",
+            "group_id": "g1",
+        }
+    )
     assert rec.user_id == "u1" and rec.history[0].text == "plain text" and rec.history[1].input == "q"
     assert rec.queries("Say: {text}") == ["Say: plain text", "q"] and rec.group_id == "g1"
-    lamp = parse_record({"id": 610, "input": "Paraphrase: x", "profile": [{"text": "a", "id": "610_0"}]},
-                        query_template="P: {text}")
+    lamp = parse_record(
+        {"id": 610, "input": "Paraphrase: x", "profile": [{"text": "a", "id": "610_0"}]},
+        query_template="P: {text}",
+    )
     assert lamp.user_id == "610" and lamp.history[0].input == "P: a" and lamp.query == "Paraphrase: x"
 
 
@@ -40,7 +49,9 @@ def test_rejects_carry_a_reason(raw, reason):
 
 
 def test_validate_keeps_order_rejects_duplicates_and_unreadable_lines():
-    raw = parse_jsonl(b'{"user_id": "a", "history": ["x"]}\n{oops\n{"user_id": "a", "history": ["y"]}\n{"user_id": "b", "history": ["z"]}\n')
+    raw = parse_jsonl(
+        b'{"user_id": "a", "history": ["x"]}\n{oops\n{"user_id": "a", "history": ["y"]}\n{"user_id": "b", "history": ["z"]}\n'
+    )
     users, rejects = validate_records(raw)
     assert [u.user_id for u in users] == ["b"]
     assert [r.index for r in rejects] == [0, 1, 2]

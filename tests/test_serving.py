@@ -24,12 +24,14 @@ import torch
 import yaml
 
 from chameleon.config import ModelConfig
-from chameleon.generation import chat_prompt, generate
-from chameleon.model import load_model
+from chameleon.core.generation import chat_prompt, generate
+from chameleon.core.model import load_model
 
 with warnings.catch_warnings():  # Ray Serve's own pydantic models warn on import; not ours
     warnings.simplefilter("ignore", DeprecationWarning)
-    from chameleon.serving import BatchDecoder, GenItem, ServeConfig, app_builder
+    from chameleon.serving.app import app_builder
+    from chameleon.serving.config import ServeConfig
+    from chameleon.serving.decoder import BatchDecoder, GenItem
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -52,18 +54,52 @@ def test_app_builder_builds_the_cluster_serve_config_application():
     names = {d.name for d in built.deployments}
     assert names == {"ChameleonServer", "ChameleonIngress"}
     assert built.ingress_deployment_name == "ChameleonIngress"
-    assert {d["name"] for d in app_cfg["deployments"]} <= names, "the config overrides a deployment that exists"
+    assert {d["name"] for d in app_cfg["deployments"]} <= names, (
+        "the config overrides a deployment that exists"
+    )
 
 
 def test_serve_config_validation():
     ok = ServeConfig(store="s3://b/p", fallback="group:g001", run="run-1.a")
     assert ok.fallback_group == "g001" and ok.model_name == "SmolLM2-135M-Instruct"
     assert ServeConfig(store="/x", model="/models/my-llama").model_name == "my-llama"
-    assert ServeConfig(store="/x", model="Qwen/Qwen2.5-1.5B-Instruct").model_name == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert (
+        ServeConfig(store="/x", model="Qwen/Qwen2.5-1.5B-Instruct").model_name == "Qwen/Qwen2.5-1.5B-Instruct"
+    )
+    # The model is the job's model section; a string is short for its name_or_path.
+    sharded = ServeConfig(
+        store="/x",
+        model={
+            "name_or_path": "/models/big",
+            "device_map": "auto",
+            "dtype": "bfloat16",
+            "trust_remote_code": True,
+            "cache_dir": "/cache",
+        },
+    )
+    assert sharded.model == ModelConfig(
+        name_or_path="/models/big",
+        device_map="auto",
+        dtype="bfloat16",
+        trust_remote_code=True,
+        cache_dir="/cache",
+    )
+    assert ServeConfig.model_validate(sharded.model_dump()) == sharded, (
+        "settings travel to replicas as a dict"
+    )
+    assert ServeConfig(store="/x", model="/models/big").model == ModelConfig(name_or_path="/models/big")
+    # Ids of the one grammar (chameleon.data.ids), as the job accepts them.
+    assert ServeConfig(store="/x", fallback="group:team:a@x.y").fallback_group == "team:a@x.y"
+    assert ServeConfig(store="/x", run="run:2@eu").run == "run:2@eu"
+    with pytest.raises(ValueError, match=r"model\.dtype"):
+        ServeConfig(store="/x", dtype="float16")
     for bad in (
         {"run": "../etc"},
         {"fallback": "group:../x"},
+        {"fallback": "group:a/b"},
         {"fallback": "user"},
+        {"model": {"name_or_path": "x", "unknown": 1}},
+        {"device": "cuda"},
         {"api_key_env": "NOT A NAME"},
         {"max_batch_size": 0},
         {"default_max_tokens": 5000},
@@ -76,15 +112,33 @@ def test_serve_config_validation():
 def test_serve_cli_settings(tmp_path):
     import argparse
 
-    from chameleon.serving_cli import add_serve_parser, serve_settings
+    from chameleon.serving.cli import add_serve_parser, serve_settings
 
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(dest="command"))
     cfg_file = tmp_path / "serve.yaml"
     cfg_file.write_text("store: s3://bucket/root\nrun: latest\nmax_batch_size: 8\nfallback: group:g001\n")
-    args = parser.parse_args(["serve", "--config", str(cfg_file), "--max-batch-size", "16", "--num-gpus", "1"])
+    args = parser.parse_args(
+        ["serve", "--config", str(cfg_file), "--max-batch-size", "16", "--num-gpus", "1"]
+    )
     cfg = ServeConfig.model_validate(serve_settings(args))
-    assert (cfg.store, cfg.max_batch_size, cfg.num_gpus, cfg.fallback_group) == ("s3://bucket/root", 16, 1.0, "g001")
+    assert (cfg.store, cfg.max_batch_size, cfg.num_gpus, cfg.fallback_group) == (
+        "s3://bucket/root",
+        16,
+        1.0,
+        "g001",
+    )
+    # Model flags set fields of the model section, also over a `model: <string>` in the file.
+    cfg_file.write_text("store: /s\nmodel: /models/big\n")
+    args = parser.parse_args(
+        ["serve", "--config", str(cfg_file), "--device-map", "auto", "--dtype", "bfloat16"]
+    )
+    cfg = ServeConfig.model_validate(serve_settings(args))
+    assert cfg.model == ModelConfig(name_or_path="/models/big", device_map="auto", dtype="bfloat16")
+    args = parser.parse_args(["serve", "--store", "/s", "--model", "/m", "--revision", "v2"])
+    assert ServeConfig.model_validate(serve_settings(args)).model == ModelConfig(
+        name_or_path="/m", revision="v2"
+    )
     with pytest.raises(ValueError, match="--store"):
         serve_settings(parser.parse_args(["serve"]))
 
@@ -97,22 +151,35 @@ def tiny(tiny_model_dir):
 
 def test_decoder_matches_generate_and_keeps_rows_independent(tiny):
     model, tok = tiny
-    prompts = [chat_prompt(tok, q) for q in ("hello there", "a much longer question about the weather today", "x")]
+    prompts = [
+        chat_prompt(tok, q) for q in ("hello there", "a much longer question about the weather today", "x")
+    ]
     ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     # Alone: token for token what model.generate gives.
     for p, pid in zip(prompts, ids, strict=True):
-        (text, got, _), = BatchDecoder(model, tok, [GenItem(pid, 12)]).run()
+        ((text, got, _),) = BatchDecoder(model, tok, [GenItem(pid, 12)]).run()
         enc = tok([p], return_tensors="pt", add_special_tokens=False)
-        ref = model.generate(**enc, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
-                             pad_token_id=tok.pad_token_id)[0, enc.input_ids.shape[1]:].tolist()
+        ref = model.generate(
+            **enc,
+            max_new_tokens=12,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+        )[0, enc.input_ids.shape[1] :].tolist()
         assert got == ref[: len(got)]
         assert text.strip() == generate(model, tok, [p], max_new_tokens=12)[0]
     # A padded batch with per-row budgets: the same tokens as generate() on the same batch.
     full = BatchDecoder(model, tok, [GenItem(i, 12, ignore_eos=True) for i in ids]).run()
-    short = BatchDecoder(model, tok, [GenItem(i, n, ignore_eos=True) for i, n in zip(ids, (3, 12, 7), strict=True)]).run()
+    short = BatchDecoder(
+        model, tok, [GenItem(i, n, ignore_eos=True) for i, n in zip(ids, (3, 12, 7), strict=True)]
+    ).run()
     assert [r[2] for r in short] == ["length"] * 3
     for (_, a, _), (_, b, _), n in zip(full, short, (3, 12, 7), strict=True):
-        assert len(b) == n and b == a[:n], "rows that finish early leave the batch without changing the others"
+        assert len(b) == n and b == a[:n], (
+            "rows that finish early leave the batch without changing the others"
+        )
     # Sampling: reproducible per seed, independent of the batch's other rows' settings.
     mixed = [GenItem(ids[0], 8, temperature=0.9, top_p=0.8, seed=7), GenItem(ids[1], 8)]
     a = BatchDecoder(model, tok, mixed).run()
@@ -124,7 +191,7 @@ def test_decoder_matches_generate_and_keeps_rows_independent(tiny):
 def test_decoder_stop_sequences_are_cut_and_never_streamed(tiny):
     model, tok = tiny
     pid = tok(chat_prompt(tok, "hello"), add_special_tokens=False).input_ids
-    (text, ids, _), = BatchDecoder(model, tok, [GenItem(pid, 12, ignore_eos=True)]).run()
+    ((text, ids, _),) = BatchDecoder(model, tok, [GenItem(pid, 12, ignore_eos=True)]).run()
     assert len(text) >= 2, "the tiny model produces some text"
     stop = text[1:3]
     dec = BatchDecoder(model, tok, [GenItem(pid, 12, ignore_eos=True, stop=(stop,))])
@@ -138,6 +205,117 @@ def test_decoder_stop_sequences_are_cut_and_never_streamed(tiny):
     assert dec.seqs[0].finish == "stop"
 
 
+def test_serving_core_imports_no_ray_or_web_framework():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import chameleon.serving, chameleon.serving.cli, chameleon.serving.decoder, chameleon.serving.replica\n"
+        "print(sorted(m for m in ('ray', 'fastapi', 'starlette') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+GRAMMAR_GROUPS = ("team:a", "ops@b.c", "centroids")
+"""Group ids the job accepts (the whole id grammar); `centroids` was once a file name next to them."""
+
+
+@pytest.fixture(scope="module")
+def grammar_run(tiny, tiny_model_dir, tmp_path_factory):
+    """A run grouped by a user field whose values are GRAMMAR_GROUPS, in a local store."""
+    from conftest import tiny_job_config
+
+    from chameleon.data.storage import LocalStore
+    from chameleon.dev.demo import example_users
+    from chameleon.job.local import run_local
+
+    tmp = tmp_path_factory.mktemp("grammar-run")
+    users = [{**u, "team": GRAMMAR_GROUPS[i % len(GRAMMAR_GROUPS)]} for i, u in enumerate(example_users(1))]
+    (tmp / "users.jsonl").write_text("".join(json.dumps(u) + "\n" for u in users))
+    store = LocalStore(tmp / "store")
+    cheap = {"synth.pairs_per_user": 2, "synth.selection_embedding": "none", "subspace.ccs_restarts": 1}
+    cfg = tiny_job_config(tiny_model_dir, **{"groups.group_column": "team", **cheap})
+    run_local(str(tmp / "users.jsonl"), store, "grammar-run", cfg, model_and_tokenizer=tiny, progress=False)
+    return store, {u["user_id"]: u["team"] for u in users}
+
+
+def test_request_group_ids_follow_the_id_grammar():
+    from chameleon.serving.protocol import ApiError, ChatRequest
+
+    def check(gid):
+        ChatRequest.model_validate(
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "personalization": {"group_id": gid},
+            }
+        ).check()
+
+    for gid in (*GRAMMAR_GROUPS, "g000", "a" * 128):
+        check(gid)
+    for gid in ("../../latest", "g000/../../x", ".hidden", "-x", "", "a" * 129, "a b"):
+        with pytest.raises(ApiError) as err:
+            check(gid)
+        assert (err.value.status, err.value.code) == (400, "invalid_value"), gid
+
+
+@pytest.mark.slow  # runs the job (in process) on the tiny model
+def test_group_ids_with_colons_and_at_signs_are_served(grammar_run, tiny_model_dir):
+    import asyncio
+
+    from chameleon.serving.protocol import ChatRequest, generation_payload
+    from chameleon.serving.replica import ModelServer
+
+    store, teams = grammar_run
+    cfg = ServeConfig(
+        store=store.uri, model=str(tiny_model_dir), fallback="group:team:a", default_max_tokens=4
+    )
+    assert cfg.fallback_group == "team:a"
+    core = ModelServer(cfg, store)
+    run = core.registry.current
+    assert run is not None and run.run_id == "grammar-run", core.registry.status()
+    assert run.group_ids == set(GRAMMAR_GROUPS)
+    assert core.registry.status()["status"] == "ok"
+
+    def payload(**body):
+        req = ChatRequest.model_validate(
+            {
+                "model": cfg.model_name,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+                "temperature": 0,
+                **body,
+            }
+        )
+        req.check()  # the request's group id passes the same grammar
+        return generation_payload(req, "chat")
+
+    async def serve_all():
+        admissions = [await core.admit(payload(personalization={"group_id": gid})) for gid in GRAMMAR_GROUPS]
+        user = next(u for u, team in teams.items() if team == "ops@b.c")
+        admissions.append(await core.admit(payload(user=user)))
+        admissions.append(await core.admit(payload(user="someone-unknown")))
+        finished = [None] * len(admissions)
+        async for step in core.run_batch(admissions):
+            for i, ev in enumerate(step):
+                if ev not in (None, StopIteration) and ev.finish_reason:
+                    finished[i] = ev.finish_reason
+        return admissions, finished
+
+    admissions, finished = asyncio.run(serve_all())
+    got = [(a.resolution.group_id, a.resolution.source) for a in admissions]
+    assert got == [(g, "group") for g in GRAMMAR_GROUPS] + [("ops@b.c", "user"), ("team:a", "fallback")]
+    assert all(a.item.row >= 1 for a in admissions), "every request got an edited bank row"
+    assert len({a.item.row for a in admissions[:3]}) == 3, "one row per group"
+    assert all(f in ("stop", "length") for f in finished), finished
+    assert all(a.released for a in admissions)
+    assert core.health()["batching"]["max_groups_in_batch"] == 3
+
+
 # --------------------------------------------------------------------------------------------
 # The Serve app (one per module)
 
@@ -148,8 +326,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def copy_run(src, dst, run_id: str, new_id: str | None = None, *, manifest_edit=None, corrupt: str | None = None,
-             set_latest: bool = False) -> str:
+def copy_run(
+    src,
+    dst,
+    run_id: str,
+    new_id: str | None = None,
+    *,
+    manifest_edit=None,
+    corrupt: str | None = None,
+    set_latest: bool = False,
+) -> str:
     """Copy a committed run between stores (optionally renamed, with an edited manifest or one
     corrupted file whose recorded checksum is kept), manifest last."""
     new_id = new_id or run_id
@@ -174,17 +360,22 @@ def app(published_tiny_run, s3_server):
     from conftest import TEST_BUCKET
     from ray import serve
 
-    from chameleon.artifacts import RunReader
-    from chameleon.runs import PublishedRun
-    from chameleon.serving import build_app
+    from chameleon.data.artifacts import RunReader
+    from chameleon.data.published import PublishedRun
+    from chameleon.serving.app import build_app
 
     src, manifest, model_dir = published_tiny_run
     store = s3_server.store(TEST_BUCKET, f"serving-{uuid.uuid4().hex[:8]}")
     copy_run(src, store, "tiny-run-1", set_latest=True)
     run1 = PublishedRun(RunReader(store, "tiny-run-1"))
 
-    saved = {k: os.environ.get(k) for k in (KEY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")}
-    os.environ.update({KEY_ENV: API_KEY, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+    saved = {
+        k: os.environ.get(k)
+        for k in (KEY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")
+    }
+    os.environ.update(
+        {KEY_ENV: API_KEY, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
     try:
         port = _free_port()
@@ -204,8 +395,14 @@ def app(published_tiny_run, s3_server):
         )
         serve.run(build_app(cfg, store=store), name=APP, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        yield SimpleNamespace(url=url, store=store, model_dir=model_dir, run1=run1, name=cfg.model_name,
-                              server=serve.get_deployment_handle("ChameleonServer", app_name=APP))
+        yield SimpleNamespace(
+            url=url,
+            store=store,
+            model_dir=model_dir,
+            run1=run1,
+            name=cfg.model_name,
+            server=serve.get_deployment_handle("ChameleonServer", app_name=APP),
+        )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -238,8 +435,13 @@ def chat(client, app, user=None, personalization=None, **kw):
     extra = {"personalization": personalization} if personalization else {}
     extra.update(kw.pop("extra_body", {}))
     raw = client.chat.completions.with_raw_response.create(
-        model=app.name, messages=[{"role": "user", "content": kw.pop("content", QUESTION)}],
-        max_tokens=kw.pop("max_tokens", 8), temperature=kw.pop("temperature", 0), user=user, extra_body=extra, **kw
+        model=app.name,
+        messages=[{"role": "user", "content": kw.pop("content", QUESTION)}],
+        max_tokens=kw.pop("max_tokens", 8),
+        temperature=kw.pop("temperature", 0),
+        user=user,
+        extra_body=extra,
+        **kw,
     )
     return raw.headers, raw.parse()
 
@@ -268,8 +470,13 @@ def test_chat_and_completions_with_and_without_streaming(app, client):
     assert resp.choices[0].finish_reason in ("stop", "length")
 
     stream = client.chat.completions.create(
-        model=app.name, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0, user=user,
-        stream=True, stream_options={"include_usage": True},
+        model=app.name,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=8,
+        temperature=0,
+        user=user,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -306,9 +513,16 @@ def test_concurrent_burst_of_users_in_different_groups(app, client):
         user, _ = job
         stream = len(job[0] or "") % 2 == 0
         if stream:
-            chunks = list(client.chat.completions.create(
-                model=app.name, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0,
-                user=user, stream=True))
+            chunks = list(
+                client.chat.completions.create(
+                    model=app.name,
+                    messages=[{"role": "user", "content": QUESTION}],
+                    max_tokens=8,
+                    temperature=0,
+                    user=user,
+                    stream=True,
+                )
+            )
             return chunks[-1].personalization
         return chat(client, app, user=user)[1].personalization
 
@@ -326,20 +540,32 @@ def test_concurrent_burst_of_users_in_different_groups(app, client):
 
 @pytest.mark.slow
 def test_edit_off_is_the_base_model_and_a_group_edit_matches_offline(app, client, tiny):
-    from chameleon.inference import bank_for
+    from chameleon.core.generation import bank_for_edits
 
     model, tok = tiny
     groups = users_by_group(app.run1)
     gid, users = next(iter(groups.items()))
     prompt = chat_prompt(tok, QUESTION)
     enc = tok([prompt], return_tensors="pt", add_special_tokens=False)
-    greedy = dict(max_new_tokens=16, do_sample=False, temperature=None, top_p=None, top_k=None,
-                  pad_token_id=tok.pad_token_id)
+    greedy = dict(
+        max_new_tokens=16,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tok.pad_token_id,
+    )
     with torch.no_grad():
-        base_ids = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1]:].tolist()
+        base_ids = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1] :].tolist()
 
-    headers, off = chat(client, app, user=users[0], personalization={"off": True}, max_tokens=16,
-                        extra_body={"return_token_ids": True})
+    headers, off = chat(
+        client,
+        app,
+        user=users[0],
+        personalization={"off": True},
+        max_tokens=16,
+        extra_body={"return_token_ids": True},
+    )
     assert off.personalization["source"] == "off" and off.personalization["group_id"] is None
     assert headers["x-chameleon-group"] == "none"
     assert off.choices[0].token_ids == base_ids[: len(off.choices[0].token_ids)]
@@ -347,10 +573,12 @@ def test_edit_off_is_the_base_model_and_a_group_edit_matches_offline(app, client
 
     from chameleon.config import EditConfig
 
-    bank, rows = bank_for(model, app.run1, [app.run1.group_edit(gid)], EditConfig(**app.run1.manifest["edit"]))
+    bank, rows = bank_for_edits(model, [app.run1.group_edit(gid)], EditConfig(**app.run1.manifest["edit"]))
     with torch.no_grad(), bank.apply(model, rows):
-        edited_ids = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1]:].tolist()
-    _, on = chat(client, app, personalization={"group_id": gid}, max_tokens=16, extra_body={"return_token_ids": True})
+        edited_ids = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1] :].tolist()
+    _, on = chat(
+        client, app, personalization={"group_id": gid}, max_tokens=16, extra_body={"return_token_ids": True}
+    )
     assert on.personalization["source"] == "group" and on.personalization["group_id"] == gid
     assert on.choices[0].token_ids == edited_ids[: len(on.choices[0].token_ids)]
 
@@ -361,7 +589,9 @@ def test_auth(app, client):
 
     bad = OpenAI(base_url=app.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(AuthenticationError) as err:
-        bad.chat.completions.create(model=app.name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        bad.chat.completions.create(
+            model=app.name, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
     assert err.value.status_code == 401
     r = requests.post(app.url + "/v1/chat/completions", json={"model": app.name, "messages": []}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -396,9 +626,18 @@ def test_malformed_requests_get_clear_4xx(app):
         (chat_url, {**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
         (chat_url, {**ok, "user": "x" * 1000}, 400, "invalid_value"),
         (chat_url, {**ok, "user": "bad\nuser"}, 400, "invalid_value"),
-        (chat_url, {**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-         "unsupported_content"),
-        (chat_url, {**ok, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
+        (
+            chat_url,
+            {**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            400,
+            "unsupported_content",
+        ),
+        (
+            chat_url,
+            {**ok, "messages": [{"role": "user", "content": "word " * 400}]},
+            400,
+            "context_length_exceeded",
+        ),
         (chat_url, {**ok, "model": "gpt-4o"}, 404, "model_not_found"),
         (chat_url, {**ok, "personalization": {"group_id": "../../latest"}}, 400, "invalid_value"),
         (chat_url, {**ok, "personalization": {"group_id": "g000/../../x"}}, 400, "invalid_value"),
@@ -413,7 +652,11 @@ def test_malformed_requests_get_clear_4xx(app):
     for url, body, status, code in cases:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         r = requests.post(url, data=content, headers={**auth, "Content-Type": "application/json"}, timeout=60)
-        assert r.status_code == status, (body if not isinstance(body, bytes) else body[:40], r.status_code, r.text)
+        assert r.status_code == status, (
+            body if not isinstance(body, bytes) else body[:40],
+            r.status_code,
+            r.text,
+        )
         err = r.json()["error"]
         assert err["code"] == code and err["message"] and err["type"], err
     r = requests.get(chat_url, headers=auth, timeout=30)
@@ -426,22 +669,32 @@ def test_malformed_requests_get_clear_4xx(app):
 def test_new_latest_run_is_served_without_restart(app, client, tiny_model_dir, tmp_path):
     from conftest import tiny_job_config
 
-    from chameleon.demo import write_example_users
-    from chameleon.local import run_local
+    from chameleon.dev.demo import write_example_users
+    from chameleon.job.local import run_local
 
     users = users_by_group(app.run1)
     user = next(iter(users.values()))[0]
     # In flight across the switch: admitted on run 1 (its first chunk says so) before run 2 exists.
     stream = client.chat.completions.create(
-        model=app.name, messages=[{"role": "user", "content": QUESTION}], max_tokens=64, temperature=0, user=user,
-        stream=True, extra_body={"ignore_eos": True},
+        model=app.name,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=64,
+        temperature=0,
+        user=user,
+        stream=True,
+        extra_body={"ignore_eos": True},
     )
     first = next(iter(stream))
     assert first.personalization["run_id"] == "tiny-run-1"
 
     users_file = write_example_users(tmp_path / "users.jsonl")
-    run_local(str(users_file), app.store, "tiny-run-2", tiny_job_config(tiny_model_dir, **{"synth.seed": 1}),
-              progress=False)
+    run_local(
+        str(users_file),
+        app.store,
+        "tiny-run-2",
+        tiny_job_config(tiny_model_dir, **{"synth.seed": 1}),
+        progress=False,
+    )
     rest = list(stream)
     assert all(c.personalization["run_id"] == "tiny-run-1" for c in rest)
     assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "length"
@@ -459,8 +712,13 @@ def test_new_latest_run_is_served_without_restart(app, client, tiny_model_dir, t
     # A request admitted on run 2 while the pointer moves again keeps run 2 for all its chunks;
     # the refresh is forced through the deployment handle so the switch happens mid-stream.
     stream = client.chat.completions.create(
-        model=app.name, messages=[{"role": "user", "content": QUESTION}], max_tokens=64, temperature=0, user=user,
-        stream=True, extra_body={"ignore_eos": True},
+        model=app.name,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=64,
+        temperature=0,
+        user=user,
+        stream=True,
+        extra_body={"ignore_eos": True},
     )
     it = iter(stream)
     assert next(it).personalization["run_id"] == "tiny-run-2"
@@ -484,10 +742,14 @@ def test_runs_for_another_model_or_with_bad_checksums_are_refused(app, client):
     copy_run(store, store, "tiny-run-2", "run-other-model", manifest_edit=other_model, set_latest=True)
     h = app.server.refresh.remote().result()
     assert h["run_id"] == "tiny-run-2" and h["status"] == "degraded"
-    assert "ArtifactModelMismatchError" in h["refused_runs"]["run-other-model"]
-    assert chat(client, app, user=user)[1].personalization["run_id"] == "tiny-run-2", "the old run keeps serving"
+    assert "ModelMismatchError" in h["refused_runs"]["run-other-model"]
+    assert chat(client, app, user=user)[1].personalization["run_id"] == "tiny-run-2", (
+        "the old run keeps serving"
+    )
 
-    copy_run(store, store, "tiny-run-2", "run-bad-assignments", corrupt="assignments.parquet", set_latest=True)
+    copy_run(
+        store, store, "tiny-run-2", "run-bad-assignments", corrupt="assignments.parquet", set_latest=True
+    )
     h = app.server.refresh.remote().result()
     assert "ChecksumMismatchError" in h["refused_runs"]["run-bad-assignments"]
     assert h["run_id"] == "tiny-run-2"
@@ -497,11 +759,21 @@ def test_runs_for_another_model_or_with_bad_checksums_are_refused(app, client):
     # A group file that fails its checksum: the run loads, that group is refused per request.
     run2 = json.loads(store.get_text("runs/tiny-run-2/manifest.json"))
     gid = run2["groups"][0]["group_id"]
-    copy_run(store, store, "tiny-run-2", "run-bad-group", corrupt=f"groups/{gid}.safetensors", set_latest=True)
+    copy_run(
+        store, store, "tiny-run-2", "run-bad-group", corrupt=f"groups/{gid}.safetensors", set_latest=True
+    )
     assert app.server.refresh.remote().result()["run_id"] == "run-bad-group"
-    r = requests.post(app.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
-                   json={"model": app.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                         "personalization": {"group_id": gid}})
+    r = requests.post(
+        app.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+        json={
+            "model": app.name,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+            "personalization": {"group_id": gid},
+        },
+    )
     assert r.status_code == 503 and r.json()["error"]["code"] == "artifact_error"
     assert "ChecksumMismatchError" in r.json()["error"]["message"]
     assert any("ChecksumMismatchError" in e for e in health(app)["artifact_errors"])

@@ -8,12 +8,10 @@ import socket
 
 import psutil
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
 
-from chameleon import storage
-from chameleon.s3server import LocalS3Server, S3ServerError
-from chameleon.storage import (
+from chameleon.data import storage
+from chameleon.data.storage import (
     BucketNotFoundError,
     LocalStore,
     S3Store,
@@ -23,6 +21,7 @@ from chameleon.storage import (
     open_store,
     validate_key,
 )
+from chameleon.dev.s3server import LocalS3Server, S3ServerError
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -127,14 +126,6 @@ def test_validate_key_reasons():
         validate_key("a\tb")
     # Ids with the characters schema.py allows are fine.
     assert validate_key("users/u:1@x-y_z.safetensors")
-
-
-def test_arrow_filesystem_reads_what_the_store_wrote(store):
-    store.put_parquet("ds/part-0.parquet", _table())
-    store.put_parquet("ds/part-1.parquet", _table())
-    fs, root = store.arrow_filesystem()
-    table = ds.dataset(f"{root}/ds", filesystem=fs, format="parquet").to_table()
-    assert table.num_rows == 4
 
 
 # -- local ---------------------------------------------------------------------------------------

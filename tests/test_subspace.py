@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chameleon import subspace as ss
 from chameleon.config import SubspaceConfig
+from chameleon.core import subspace as ss
 
 D = 48
 
@@ -79,7 +79,9 @@ def test_vectorized_ccs_equals_per_user_loop():
     mask[3, 5:] = False
     together, loss_t = ss.ccs_direction(H_P, H_N, mask, restarts=4, steps=200)
     for u in range(5):
-        alone, loss_a = ss.ccs_direction(H_P[u : u + 1], H_N[u : u + 1], mask[u : u + 1], restarts=4, steps=200)
+        alone, loss_a = ss.ccs_direction(
+            H_P[u : u + 1], H_N[u : u + 1], mask[u : u + 1], restarts=4, steps=200
+        )
         assert torch.allclose(together[u], alone[0], atol=1e-4), u
         assert torch.allclose(loss_t[u], loss_a[0], atol=1e-5), u
 
@@ -139,8 +141,11 @@ def test_pair_filter_drops_identical_and_near_duplicate_pairs():
 
 def test_choose_layers_lowest_ccs_loss_and_explicit():
     sub = ss.Subspaces(
-        theta_p=torch.zeros(2, 4, 1, D), rank=torch.ones(2, 4, dtype=torch.long), theta_n=torch.zeros(2, 4, D),
-        ccs_loss=torch.tensor([[0.3, 0.1, 0.2, 0.4], [0.05, 0.5, 0.5, 0.01]]), mean=torch.zeros(2, 4, D),
+        theta_p=torch.zeros(2, 4, 1, D),
+        rank=torch.ones(2, 4, dtype=torch.long),
+        theta_n=torch.zeros(2, 4, D),
+        ccs_loss=torch.tensor([[0.3, 0.1, 0.2, 0.4], [0.05, 0.5, 0.5, 0.01]]),
+        mean=torch.zeros(2, 4, D),
         n_pairs=torch.tensor([4, 4]),
     )
     assert ss.choose_layers(sub, [3, 5, 7, 9], 2).tolist() == [[1, 2], [0, 3]]
@@ -174,7 +179,9 @@ def test_pool_groups_and_nearest_group():
     P, N, M = ss.pool_groups(H_P, H_N, mask, torch.tensor([0, 1, 0]), 2)
     assert M.sum(1).tolist() == [7, 4]
     assert torch.equal(P[0, :4], H_P[0]) and torch.equal(P[0, 4:7], H_P[2, :3])
-    idx, dist = ss.nearest_group(torch.tensor([[1.0, 0.1], [-0.1, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    idx, dist = ss.nearest_group(
+        torch.tensor([[1.0, 0.1], [-0.1, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    )
     assert idx.tolist() == [0, 1] and (dist < 0.01).all()
 
 

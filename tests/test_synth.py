@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_job_config
 from tiny_models import embedded_tokenizer, tiny_llama
 
-from chameleon import prompts
-from chameleon.schema import HistoryItem, UserRecord
-from chameleon.synth import pair_queries, select_history, synthesize
+from chameleon.core import prompts
+from chameleon.core.records import HistoryItem, UserRecord
+from chameleon.core.synth import pair_queries, select_history, synthesize
 
 
 def test_select_history_keeps_all_when_few():
@@ -50,7 +50,13 @@ def model_tok():
 
 def users(n=3):
     return [
-        UserRecord(f"u{j}", tuple(HistoryItem(text=f"user {j} wrote item {i} !!", input=f"Paraphrase: item {i} of {j}") for i in range(6)))
+        UserRecord(
+            f"u{j}",
+            tuple(
+                HistoryItem(text=f"user {j} wrote item {i} !!", input=f"Paraphrase: item {i} of {j}")
+                for i in range(6)
+            ),
+        )
         for j in range(n)
     ]
 

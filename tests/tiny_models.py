@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from chameleon.model import embedded_model_dir, prepare_tokenizer
+from chameleon.core.model import embedded_model_dir, prepare_tokenizer
 
 
 def embedded_tokenizer():

@@ -16,20 +16,22 @@ import torch
 from common import parser, report
 
 from chameleon.config import EMBEDDED_MODEL, ModelConfig
-from chameleon.edit import Edit, EditBank
-from chameleon.generation import chat_prompt
-from chameleon.model import hidden_size, load_model, model_device, num_layers
+from chameleon.core.edit import Edit, EditBank
+from chameleon.core.generation import chat_prompt
+from chameleon.core.model import hidden_size, load_model, model_device, num_layers
+from chameleon.core.prompts import PARAPHRASE_TWEET
 
-PROMPTS = [
-    "Paraphrase the following tweet without any explanation before or after it: I am going to the beach.",
-    "Paraphrase the following tweet without any explanation before or after it: The game was great.",
-    "Paraphrase the following tweet without any explanation before or after it: Rainy morning again.",
-    "Paraphrase the following tweet without any explanation before or after it: New phone, who dis.",
-    "Paraphrase the following tweet without any explanation before or after it: Dinner was amazing.",
-    "Paraphrase the following tweet without any explanation before or after it: Long day at work.",
-    "Paraphrase the following tweet without any explanation before or after it: Reading a good book.",
-    "Paraphrase the following tweet without any explanation before or after it: Coffee first, then code.",
+TWEETS = [
+    "I am going to the beach.",
+    "The game was great.",
+    "Rainy morning again.",
+    "New phone, who dis.",
+    "Dinner was amazing.",
+    "Long day at work.",
+    "Reading a good book.",
+    "Coffee first, then code.",
 ]
+PROMPTS = [PARAPHRASE_TWEET + t for t in TWEETS]
 
 
 def random_edits(n: int, layers: list[int], d: int, rank: int = 3, seed: int = 0) -> list[Edit]:
@@ -38,7 +40,9 @@ def random_edits(n: int, layers: list[int], d: int, rank: int = 3, seed: int = 0
     for _ in range(n):
         P = torch.linalg.qr(torch.randn(len(layers), d, rank, generator=g))[0].transpose(1, 2)
         N = torch.nn.functional.normalize(torch.randn(len(layers), d, generator=g), dim=-1)
-        out.append(Edit(layers=layers, theta_p=P, theta_n=N, mean=0.01 * torch.randn(len(layers), d, generator=g)))
+        out.append(
+            Edit(layers=layers, theta_p=P, theta_n=N, mean=0.01 * torch.randn(len(layers), d, generator=g))
+        )
     return out
 
 
@@ -56,8 +60,15 @@ def main() -> None:
     rows = bank.add_many(random_edits(args.groups, layers, hidden_size(model)), alpha=0.5, beta=1.0)
     prompts = [chat_prompt(tok, PROMPTS[i % len(PROMPTS)]) for i in range(args.groups)]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model_device(model))
-    kw = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-              temperature=None, top_p=None, top_k=None)
+    kw = dict(
+        max_new_tokens=args.tokens,
+        min_new_tokens=args.tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
 
     def plain() -> float:
         t = time.perf_counter()

@@ -29,7 +29,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def synthetic_users(n: int, items: int = 6) -> list[dict]:
-    styles = ["OMG so hyped!!!", "i guess it was fine.", "Indeed, most agreeable.", "lol ok 😂", "deploy done."]
+    styles = [
+        "OMG so hyped!!!",
+        "i guess it was fine.",
+        "Indeed, most agreeable.",
+        "lol ok 😂",
+        "deploy done.",
+    ]
     return [
         {
             "user_id": f"user-{i:05d}",
@@ -45,10 +51,10 @@ def main() -> None:
     from tiny_models import save_tiny_model
 
     from chameleon.config import ChameleonConfig
-    from chameleon.local import run_local
-    from chameleon.model import load_model
-    from chameleon.pipeline import run_ray_job
-    from chameleon.s3server import LocalS3Server
+    from chameleon.core.model import load_model
+    from chameleon.dev.s3server import LocalS3Server
+    from chameleon.job.local import run_local
+    from chameleon.job.ray_job import run_ray_job
 
     p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
@@ -60,16 +66,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="chameleon-bench-"))
     model_dir = save_tiny_model(tmp / "model")
     cpus = os.cpu_count() or 2
-    cfg = ChameleonConfig().with_overrides({
-        "model.name_or_path": str(model_dir),
-        "synth.pairs_per_user": args.pairs,
-        "synth.insight_max_new_tokens": args.tokens,
-        "synth.answer_max_new_tokens": args.tokens,
-        "synth.batch_size": 64,
-        "job.users_per_partition": args.users_per_partition,
-        "job.num_actors": args.actors,
-        "job.num_cpus_per_actor": max(1.0, cpus / args.actors),
-    })
+    cfg = ChameleonConfig().with_overrides(
+        {
+            "model.name_or_path": str(model_dir),
+            "synth.pairs_per_user": args.pairs,
+            "synth.insight_max_new_tokens": args.tokens,
+            "synth.answer_max_new_tokens": args.tokens,
+            "synth.batch_size": 64,
+            "job.users_per_partition": args.users_per_partition,
+            "job.num_actors": args.actors,
+            "job.num_cpus_per_actor": max(1.0, cpus / args.actors),
+        }
+    )
     figures: dict = {}
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=512 * 2**20)
     with LocalS3Server() as s3:
@@ -83,7 +91,14 @@ def main() -> None:
             # In-process reference: the same work with all of the machine's threads.
             torch.set_num_threads(cpus)
             t1 = time.perf_counter()
-            run_local(str(users), store, f"local-{n}", cfg, model_and_tokenizer=load_model(cfg.model), progress=False)
+            run_local(
+                str(users),
+                store,
+                f"local-{n}",
+                cfg,
+                model_and_tokenizer=load_model(cfg.model),
+                progress=False,
+            )
             t_local = time.perf_counter() - t1
             figures[f"ray_s_{n}"] = t_ray
             figures[f"local_s_{n}"] = t_local

@@ -18,7 +18,7 @@ import torch
 from common import parser, report
 
 from chameleon.config import ChameleonConfig
-from chameleon.stages import UnitData, group_users, reduce_groups, reduce_users
+from chameleon.job.stages import UnitData, group_users, reduce_groups, reduce_users
 
 
 def synthetic_units(U: int, K: int, L: int, d: int, seed: int = 0) -> UnitData:
@@ -66,8 +66,14 @@ def main() -> None:
     sample = synthetic_units(n, args.pairs, args.layers, args.hidden, seed=1)
     t2 = time.perf_counter()
     for i in range(n):
-        one = UnitData(sample.user_ids[i : i + 1], [None], sample.H_P[i : i + 1], sample.H_N[i : i + 1],
-                       sample.mask[i : i + 1], sample.history_embedding[i : i + 1])
+        one = UnitData(
+            sample.user_ids[i : i + 1],
+            [None],
+            sample.H_P[i : i + 1],
+            sample.H_N[i : i + 1],
+            sample.mask[i : i + 1],
+            sample.history_embedding[i : i + 1],
+        )
         reduce_users(one, cfg.subspace, layers)
     loop_per_user = (time.perf_counter() - t2) / n
 

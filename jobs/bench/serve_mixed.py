@@ -13,7 +13,7 @@ Two figures, each a ratio of two measurements taken in this run:
   Goal >= 0.95.
 
 The groups are synthetic (random orthonormal θP, unit θN) and published through `RunWriter` in the
-layout `chameleon.runs` reads, for the model actually loaded (its fingerprint), over the layer band
+layout `chameleon.data.published` reads, for the model actually loaded (its fingerprint), over the layer band
 the job captures by default. Every request generates exactly `--max-tokens` tokens (`ignore_eos`), so
 both loads do the same work. Loads alternate (plain, mixed, plain, mixed, ...) to spread machine
 noise over both. Prints `name=value` lines, headline last; `--out` writes them as JSON.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from chameleon.config import EMBEDDED_MODEL  # noqa: E402
+from chameleon.config import EMBEDDED_MODEL
 
 QUESTIONS = [
     "Paraphrase this tweet: I finished reading a book about the history of the city.",
@@ -54,18 +54,30 @@ def prompt_text(i: int) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=EMBEDDED_MODEL, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=EMBEDDED_MODEL, help="base model (default: the embedded SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--groups", type=int, default=64, help="synthetic groups published (default 64)")
     p.add_argument("--requests", type=int, default=64, help="requests per measured load (default 64)")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients (default 32)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
     p.add_argument("--rounds", type=int, default=3, help="alternating plain/mixed rounds (default 3)")
-    p.add_argument("--offline-batch", type=int, default=64, help="prompts (= distinct groups) in the offline batch")
-    p.add_argument("--offline-max-tokens", type=int, default=16, help="tokens per prompt offline (default 16)")
-    p.add_argument("--offline-repeats", type=int, default=3, help="interleaved timed repeats offline (default 3)")
-    p.add_argument("--num-cpus", type=float, default=1.0,
-                   help="CPUs (= torch threads) of the model replica and of the offline loop (default 1; more threads "
-                        "slow down badly on a shared, busy machine)")
+    p.add_argument(
+        "--offline-batch", type=int, default=64, help="prompts (= distinct groups) in the offline batch"
+    )
+    p.add_argument(
+        "--offline-max-tokens", type=int, default=16, help="tokens per prompt offline (default 16)"
+    )
+    p.add_argument(
+        "--offline-repeats", type=int, default=3, help="interleaved timed repeats offline (default 3)"
+    )
+    p.add_argument(
+        "--num-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs (= torch threads) of the model replica and of the offline loop (default 1; more threads "
+        "slow down badly on a shared, busy machine)",
+    )
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
     p.add_argument("--rank", type=int, default=3, help="rank of each synthetic θP (default 3)")
@@ -88,16 +100,18 @@ def captured_band(n_layers: int) -> list[int]:
 
 
 def synthetic_edits(hidden: int, captured: list[int], n_groups: int, rank: int, n_layers: int, seed: int = 0):
-    import torch  # noqa: PLC0415
+    import torch
 
-    from chameleon.edit import Edit  # noqa: PLC0415
+    from chameleon.core.edit import Edit
 
     g = torch.Generator().manual_seed(seed)
     edits = []
     for _ in range(n_groups):
         pick = torch.randperm(len(captured), generator=g)[: min(n_layers, len(captured))]
         layers = sorted(captured[i] for i in pick.tolist())
-        q = torch.linalg.qr(torch.randn(len(layers), hidden, rank + 1, generator=g)).Q  # [n, d, r+1] orthonormal cols
+        q = torch.linalg.qr(
+            torch.randn(len(layers), hidden, rank + 1, generator=g)
+        ).Q  # [n, d, r+1] orthonormal cols
         theta_p = q[:, :, :rank].transpose(1, 2).contiguous()
         theta_n = q[:, :, rank].contiguous()
         mean = 0.1 * torch.randn(len(layers), hidden, generator=g)
@@ -105,15 +119,18 @@ def synthetic_edits(hidden: int, captured: list[int], n_groups: int, rank: int, 
     return edits
 
 
-def publish_synthetic_run(store, run_id: str, model, model_id: str, n_groups: int, rank: int, n_edit_layers: int):
+def publish_synthetic_run(
+    store, run_id: str, model, model_id: str, n_groups: int, rank: int, n_edit_layers: int
+):
     """Write a committed run (groups, assignments, manifest, `latest`) for `model`; returns
     (manifest, user ids, edits)."""
-    import pyarrow as pa  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import pyarrow as pa
+    import torch
 
-    from chameleon.artifacts import RunWriter, fingerprint_model  # noqa: PLC0415
-    from chameleon.config import EditConfig  # noqa: PLC0415
-    from chameleon.model import hidden_size, num_layers  # noqa: PLC0415
+    from chameleon.config import EditConfig
+    from chameleon.core.fingerprint import fingerprint_model
+    from chameleon.core.model import hidden_size, num_layers
+    from chameleon.data.artifacts import RunWriter
 
     fp = fingerprint_model(model, model_id)
     captured = captured_band(num_layers(model))
@@ -122,33 +139,45 @@ def publish_synthetic_run(store, run_id: str, model, model_id: str, n_groups: in
     groups = []
     for j, e in enumerate(edits):
         gid = f"g{j:03d}"
-        writer.put_safetensors(f"groups/{gid}.safetensors",
-                               {**e.to_tensors(), "rank": torch.full((len(e.layers),), rank)}, {"group_id": gid})
-        groups.append({"group_id": gid, "n_users": 1, "n_pairs": 0, "layers": e.layers, "rank": [rank] * len(e.layers)})
+        writer.put_safetensors(
+            f"groups/{gid}.safetensors",
+            {**e.to_tensors(), "rank": torch.full((len(e.layers),), rank)},
+            {"group_id": gid},
+        )
+        groups.append(
+            {"group_id": gid, "n_users": 1, "n_pairs": 0, "layers": e.layers, "rank": [rank] * len(e.layers)}
+        )
     users = [f"user-{j:03d}" for j in range(n_groups)]
-    writer.put_parquet("assignments.parquet", pa.table({
-        "user_id": pa.array(users, pa.string()),
-        "group_id": pa.array([g["group_id"] for g in groups], pa.string()),
-        "distance": pa.array([0.0] * n_groups, pa.float32()),
-        "assigned_by": pa.array(["synthetic"] * n_groups, pa.string()),
-        "user_shard": pa.array([0] * n_groups, pa.int32()),
-        "user_row": pa.array(list(range(n_groups)), pa.int32()),
-        "has_user_edit": pa.array([False] * n_groups, pa.bool_()),
-        "n_pairs_kept": pa.array([0] * n_groups, pa.int32()),
-    }))
-    manifest = writer.commit({
-        "format": "chameleon-run/1",
-        "model": {"id": model_id, "revision": None, "fingerprint": fp.to_dict()},
-        "hidden_size": fp.hidden_size,
-        "captured_layers": captured,
-        "site": "mlp",
-        "max_rank": rank,
-        "edit": EditConfig().model_dump(),
-        "method": {"synthetic": "random orthonormal directions (benchmark)"},
-        "groups": groups,
-        "user_shards": [],
-        "counts": {"groups": n_groups, "users_mapped": n_groups},
-    })
+    writer.put_parquet(
+        "assignments.parquet",
+        pa.table(
+            {
+                "user_id": pa.array(users, pa.string()),
+                "group_id": pa.array([g["group_id"] for g in groups], pa.string()),
+                "distance": pa.array([0.0] * n_groups, pa.float32()),
+                "assigned_by": pa.array(["synthetic"] * n_groups, pa.string()),
+                "user_shard": pa.array([0] * n_groups, pa.int32()),
+                "user_row": pa.array(list(range(n_groups)), pa.int32()),
+                "has_user_edit": pa.array([False] * n_groups, pa.bool_()),
+                "n_pairs_kept": pa.array([0] * n_groups, pa.int32()),
+            }
+        ),
+    )
+    manifest = writer.commit(
+        {
+            "format": "chameleon-run/1",
+            "model": {"id": model_id, "revision": None, "fingerprint": fp.to_dict()},
+            "hidden_size": fp.hidden_size,
+            "captured_layers": captured,
+            "site": "mlp",
+            "max_rank": rank,
+            "edit": EditConfig().model_dump(),
+            "method": {"synthetic": "random orthonormal directions (benchmark)"},
+            "groups": groups,
+            "user_shards": [],
+            "counts": {"groups": n_groups, "users_mapped": n_groups},
+        }
+    )
     return manifest, users, edits
 
 
@@ -157,25 +186,36 @@ def publish_synthetic_run(store, run_id: str, model, model_id: str, n_groups: in
 
 
 def offline_ratio(model, tok, edits, captured, args) -> dict:
-    from chameleon.edit import EditBank  # noqa: PLC0415
-    from chameleon.generation import chat_prompt  # noqa: PLC0415
-    from chameleon.model import hidden_size, model_device  # noqa: PLC0415
-    from chameleon.serving import BatchDecoder, GenItem  # noqa: PLC0415
+    from chameleon.core.edit import EditBank
+    from chameleon.core.generation import chat_prompt
+    from chameleon.core.model import hidden_size, model_device
+    from chameleon.serving.decoder import BatchDecoder, GenItem
 
     n = args.offline_batch
-    bank = EditBank(hidden_size(model), captured, site="mlp", max_rank=args.rank, positions="last",
-                    device=model_device(model))
+    bank = EditBank(
+        hidden_size(model),
+        captured,
+        site="mlp",
+        max_rank=args.rank,
+        positions="last",
+        device=model_device(model),
+    )
     rows = bank.add_many([edits[i % len(edits)] for i in range(min(n, len(edits)))])
     prompts = [tok(chat_prompt(tok, prompt_text(i)), add_special_tokens=False).input_ids for i in range(n)]
 
     def items(edited: bool):
-        return [GenItem(p, args.offline_max_tokens, row=rows[i % len(rows)] if edited else 0, ignore_eos=True)
-                for i, p in enumerate(prompts)]
+        return [
+            GenItem(p, args.offline_max_tokens, row=rows[i % len(rows)] if edited else 0, ignore_eos=True)
+            for i, p in enumerate(prompts)
+        ]
 
     def interleaved() -> tuple[float, float]:
         """Prefill and every decode step of the plain and the edited batch, alternately, each
         timed on its own: both see the same machine noise (this box is shared)."""
-        decs = {False: BatchDecoder(model, tok, items(False)), True: BatchDecoder(model, tok, items(True), bank)}
+        decs = {
+            False: BatchDecoder(model, tok, items(False)),
+            True: BatchDecoder(model, tok, items(True), bank),
+        }
         spent = {False: 0.0, True: 0.0}
         first = True
         while not all(d.done for d in decs.values()):
@@ -221,21 +261,33 @@ def _free_port() -> int:
 def served_ratio(store, users, model_id: str, args) -> dict:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray  # noqa: PLC0415
-    import requests  # noqa: PLC0415
-    from openai import OpenAI  # noqa: PLC0415
-    from ray import serve  # noqa: PLC0415
+    import ray
+    import requests
+    from openai import OpenAI
+    from ray import serve
 
-    from chameleon.serving import ServeConfig, build_app  # noqa: PLC0415
+    from chameleon.serving.app import build_app
+    from chameleon.serving.config import ServeConfig
 
     cfg = ServeConfig(
-        store=store.uri, model=model_id, api_key_env=None, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s, edit_cache_size=max(len(users), 1),
-        max_tokens_limit=max(args.max_tokens, 16), default_max_tokens=min(16, max(args.max_tokens, 16)),
-        num_cpus=args.num_cpus, max_ongoing_requests=max(256, 2 * args.concurrency),
+        store=store.uri,
+        model=model_id,
+        api_key_env=None,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        edit_cache_size=max(len(users), 1),
+        max_tokens_limit=max(args.max_tokens, 16),
+        default_max_tokens=min(16, max(args.max_tokens, 16)),
+        num_cpus=args.num_cpus,
+        max_ongoing_requests=max(256, 2 * args.concurrency),
     )
-    ray.init(address="local", num_cpus=max(2, int(args.num_cpus) + 1), include_dashboard=False,
-             object_store_memory=512 * 2**20, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=max(2, int(args.num_cpus) + 1),
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        log_to_driver=False,
+    )
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -250,8 +302,11 @@ def served_ratio(store, users, model_id: str, args) -> dict:
             if not mixed:
                 extra["personalization"] = {"off": True}
             resp = client.chat.completions.create(
-                model=cfg.model_name, messages=[{"role": "user", "content": prompt_text(i)}],
-                max_tokens=args.max_tokens, temperature=0, user=users[i % len(users)] if mixed else None,
+                model=cfg.model_name,
+                messages=[{"role": "user", "content": prompt_text(i)}],
+                max_tokens=args.max_tokens,
+                temperature=0,
+                user=users[i % len(users)] if mixed else None,
                 extra_body=extra,
             )
             want = users[i % len(users)]
@@ -294,11 +349,11 @@ def served_ratio(store, users, model_id: str, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch  # noqa: PLC0415
+    import torch
 
-    from chameleon.config import ModelConfig  # noqa: PLC0415
-    from chameleon.model import load_model, num_layers  # noqa: PLC0415
-    from chameleon.storage import open_store  # noqa: PLC0415
+    from chameleon.config import ModelConfig
+    from chameleon.core.model import load_model, num_layers
+    from chameleon.data.storage import open_store
 
     torch.set_num_threads(max(1, int(args.num_cpus)))
     model, tok = load_model(ModelConfig(name_or_path=args.model))
@@ -309,14 +364,25 @@ def main(argv=None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="chameleon-bench-")
         store = open_store(tmp.name)
     run_id = f"bench-{int(time.time())}"
-    _, users, edits = publish_synthetic_run(store, run_id, model, args.model, args.groups, args.rank, args.edit_layers)
+    _, users, edits = publish_synthetic_run(
+        store, run_id, model, args.model, args.groups, args.rank, args.edit_layers
+    )
     captured = captured_band(num_layers(model))
     results: dict = {
-        "model": args.model, "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch_threads": torch.get_num_threads(),
-        "groups": args.groups, "captured_layers": len(captured), "edit_layers": args.edit_layers, "rank": args.rank,
-        "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-        "rounds": args.rounds, "run_id": run_id,
+        "model": args.model,
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "torch_threads": torch.get_num_threads(),
+        "groups": args.groups,
+        "captured_layers": len(captured),
+        "edit_layers": args.edit_layers,
+        "rank": args.rank,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "run_id": run_id,
     }
     figures: list[str] = []
     if not args.skip_offline:
@@ -327,8 +393,12 @@ def main(argv=None) -> int:
     if not args.skip_serve:
         srv = served_ratio(store, users, args.model, args)
         results.update(srv)
-        figures += ["serve_plain_tokens_per_s", "serve_mixed_tokens_per_s", "serve_max_groups_in_batch",
-                    "mixed_vs_plain_throughput"]
+        figures += [
+            "serve_plain_tokens_per_s",
+            "serve_mixed_tokens_per_s",
+            "serve_max_groups_in_batch",
+            "mixed_vs_plain_throughput",
+        ]
     for name in figures:
         value = results[name]
         print(f"{name}={value:.3f}" if isinstance(value, float) else f"{name}={value}", flush=True)

@@ -1,0 +1,164 @@
+"""Self-calibration: choose an edit's layer and strength from the users' own held-out texts.
+
+For a unit (a group, or one user) the job holds out a few history items it did not use for the
+pairs: real texts with their (faked) queries. Each candidate edit, a steering direction at one
+layer scaled to a strength relative to that layer's typical state norm, is scored by the mean
+teacher-forced negative log-likelihood of those real texts given their queries, with the edit
+applied exactly as at inference (from the prompt's last token onward). Strength 0, the base
+model, is always a candidate, so a calibrated edit never makes the held-out texts less likely
+than the base model does.
+
+    curve = nll_curve(model, tok, prompts, answers, directions, norms, layers, strengths, site)
+    choice = choose(curve)       # (layer, strength, nll) with the lowest NLL; strength 0 if none helps
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from chameleon.core.edit import Edit, EditBank
+from chameleon.core.model import model_device
+
+
+@dataclass
+class Calibration:
+    """The chosen (layer, strength) of one unit and the NLL of every candidate."""
+
+    layer: int
+    strength: float
+    nll: float
+    base_nll: float
+    curve: dict[str, float] = field(default_factory=dict)
+    """"layer:strength" -> mean NLL per token of the held-out texts."""
+
+    @property
+    def active(self) -> bool:
+        return self.strength > 0
+
+
+def encode_answers(tok, prompts: Sequence[str], answers: Sequence[str], max_answer_tokens: int = 96):
+    """Left-padded ids of prompt + answer, the answer-token mask, and where each answer starts."""
+    rows, starts, lengths = [], [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(answer, add_special_tokens=False)["input_ids"][:max_answer_tokens]
+        rows.append(p + a)
+        starts.append(len(p))
+        lengths.append(len(a))
+    T = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    attention = torch.zeros(len(rows), T, dtype=torch.long)
+    answer_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    first = []
+    for i, r in enumerate(rows):
+        off = T - len(r)
+        ids[i, off:] = torch.tensor(r)
+        attention[i, off:] = 1
+        answer_mask[i, off + starts[i] : off + starts[i] + lengths[i]] = True
+        first.append(off + starts[i])
+    return ids, attention, answer_mask, torch.tensor(first)
+
+
+@torch.no_grad()
+def answer_nll(
+    model,
+    tok,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    bank: EditBank | None = None,
+    row: int = 0,
+    batch_size: int = 16,
+) -> float:
+    """Mean NLL per answer token of `answers` given rendered `prompts`, with bank row `row` applied
+    from each prompt's last token onward (row 0 / no bank = the base model)."""
+    device = model_device(model)
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        ids, attention, answer_mask, first = encode_answers(
+            tok, prompts[start : start + batch_size], answers[start : start + batch_size]
+        )
+        ids, attention, answer_mask = ids.to(device), attention.to(device), answer_mask.to(device)
+        if bank is not None and row:
+            bound = bank.bind([row] * len(ids)).from_position(first - 1)
+            with bound.apply(model):
+                logits = model(input_ids=ids, attention_mask=attention).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=attention).logits
+        # Token t is predicted at position t-1.
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = ids[:, 1:]
+        token_nll = -logp.gather(-1, target[..., None])[..., 0]
+        mask = answer_mask[:, 1:]
+        total += float(token_nll[mask].sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def steering_edit(
+    layer: int, direction: torch.Tensor, norm: float, strength: float, *, site: str, renorm: bool
+) -> Edit:
+    """A one-layer additive edit: `strength` × the layer's typical state norm along `direction`."""
+    d = direction.shape[-1]
+    unit = direction / direction.norm().clamp_min(1e-12)
+    return Edit(
+        layers=[layer],
+        theta_p=torch.zeros(1, 1, d),
+        theta_n=torch.zeros(1, d),
+        mean=torch.zeros(1, d),
+        site=site,
+        steer=(strength * norm * unit)[None],
+        renorm=renorm,
+    )
+
+
+def nll_curve(
+    model,
+    tok,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    directions: torch.Tensor,
+    norms: torch.Tensor,
+    layers: Sequence[int],
+    strengths: Sequence[float],
+    site: str,
+    renorm: bool = False,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """NLL of the held-out answers for every (layer, strength) candidate; "base" = no edit.
+
+    directions [L, d] and norms [L] are per entry of `layers`.
+    """
+    curve = {"base": answer_nll(model, tok, prompts, answers, batch_size=batch_size)}
+    candidates = [(i, s) for i in range(len(layers)) for s in strengths if s > 0]
+    if not candidates:
+        return curve
+    bank = EditBank(directions.shape[-1], layers, site=site, max_rank=1, device=model_device(model))
+    rows = bank.add_many(
+        [
+            steering_edit(layers[i], directions[i], float(norms[i]), s, site=site, renorm=renorm)
+            for i, s in candidates
+        ]
+    )
+    for (i, s), row in zip(candidates, rows, strict=True):
+        curve[f"{layers[i]}:{s:g}"] = answer_nll(
+            model, tok, prompts, answers, bank=bank, row=row, batch_size=batch_size
+        )
+    return curve
+
+
+def choose(curve: dict[str, float], min_gain: float = 0.0) -> Calibration:
+    """The candidate with the lowest NLL; the base model unless one beats it by more than `min_gain`."""
+    base = curve["base"]
+    best_key = min((k for k in curve if k != "base"), key=lambda k: curve[k], default=None)
+    if best_key is None or curve[best_key] >= base - min_gain:
+        return Calibration(layer=-1, strength=0.0, nll=base, base_nll=base, curve=dict(curve))
+    layer, strength = best_key.split(":")
+    return Calibration(
+        layer=int(layer), strength=float(strength), nll=curve[best_key], base_nll=base, curve=dict(curve)
+    )

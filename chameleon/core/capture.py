@@ -1,0 +1,88 @@
+"""Hidden states at chosen layers and site, padding-correct, batched.
+
+`capture` returns, for each text, the output of the chosen module (MLP block or whole
+decoder layer) at the text's last real token. The position is read from the attention mask, so
+left and right padding and any batch size give the same vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from chameleon.core.model import layer_module, model_device
+
+
+def _last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row (works for left and right padding)."""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, -1).amax(1)
+
+
+@torch.no_grad()
+def capture(
+    model,
+    tok,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    site: str = "mlp",
+    batch_size: int = 16,
+    reduce: str = "last",
+    max_length: int = 1024,
+) -> torch.Tensor:
+    """Return float32 [N, len(layers), d] hidden states of `texts` (rendered, special tokens included).
+
+    reduce: `last` = last real token; `mean` = mean over real tokens (used to embed history items).
+    """
+    if reduce not in ("last", "mean"):
+        raise ValueError("reduce must be 'last' or 'mean'")
+    if not texts:
+        d = model.config.hidden_size
+        return torch.zeros(0, len(layers), d)
+    device = model_device(model)
+    store: dict[int, torch.Tensor] = {}
+
+    def make_hook(slot: int):
+        def hook(module, args, output):
+            store[slot] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    modules = [layer_module(model, layer, site) for layer in layers]
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+    out = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
+            enc = tok(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=max_length,
+            )
+            enc = {k: v.to(device) for k, v in enc.items()}
+            store.clear()
+            # Positions count real tokens only, as generate() does, so padding never shifts them.
+            enc["position_ids"] = (enc["attention_mask"].cumsum(1) - 1).clamp_min(0)
+            # Only the hooked layers are needed; the LM head's logits are skipped where possible.
+            body = getattr(model, "model", None) or getattr(model, "transformer", None) or model
+            body(**enc)
+            mask = enc["attention_mask"]
+            rows = []
+            for slot in range(len(layers)):
+                h = store[slot].float()
+                if reduce == "last":
+                    idx = _last_real_index(mask)
+                    rows.append(h[torch.arange(h.shape[0], device=h.device), idx])
+                else:
+                    w = mask.to(h.dtype)[..., None]
+                    rows.append((h * w).sum(1) / w.sum(1).clamp_min(1))
+            out.append(torch.stack(rows, 1).cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(out)

@@ -1,0 +1,181 @@
+"""The one way to generate with per-row edits.
+
+`generate_answers` answers single-turn chat messages greedily (or sampled), each row with its own
+`Edit` or none, in one `EditBank` per call: users of one group share one Edit object, so a batch
+gets one bank row per group, not per user. `generate` is the lower-level loop over rendered
+prompts that it (and the synthesis) runs.
+
+Prompts are rendered with the model's chat template; batches are left padded so the last position
+of every row is a real token (the edit site at prefill). Sampling draws from a private RNG
+seeded per batch, so a rerun gives the same text and the caller's global RNG is left untouched.
+
+Serving has its own decode loop (it streams, samples per row and retires finished rows mid-batch);
+its parity with this module is tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from chameleon.config import EditConfig
+from chameleon.core.edit import Edit, EditBank
+from chameleon.core.model import hidden_size, model_device
+
+
+def chat_prompt(tok, user_message: str, system: str | None = None) -> str:
+    """Render one user turn (plus an optional system turn) ready for the assistant's answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user_message}
+    ]
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Base models without a template: a plain prompt, so tiny test models work too.
+    return (f"{system}\n\n" if system else "") + f"{user_message}\n"
+
+
+def encode(tok, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded batch encoding of rendered prompts (they already carry their special tokens)."""
+    kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
+    return tok(
+        list(texts),
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        add_special_tokens=False,
+        **kwargs,
+    )
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tok,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    bank: EditBank | None = None,
+    rows: Sequence[int] | None = None,
+    stop_strings: Sequence[str] | None = None,
+) -> list[str]:
+    """Generate an answer for each rendered prompt; `rows[i]` picks prompt i's bank row."""
+    if bank is not None and (rows is None or len(rows) != len(prompts)):
+        raise ValueError("with an edit bank, give one bank row per prompt")
+    device = model_device(model)
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        enc = {k: v.to(device) for k, v in encode(tok, chunk).items()}
+        gen_kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            do_sample=temperature > 0,
+        )
+        if temperature > 0:
+            gen_kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            # Neutralize sampling defaults from generation_config so greedy warns about nothing.
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stop_strings:
+            gen_kwargs.update(stop_strings=list(stop_strings), tokenizer=tok)
+        # HF sampling reads the global RNG: fork it so seeding here leaves the caller's untouched.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + start)
+            if bank is not None:
+                with bank.apply(model, rows[start : start + batch_size]):
+                    out = model.generate(**enc, **gen_kwargs)
+            else:
+                out = model.generate(**enc, **gen_kwargs)
+        new = out[:, enc["input_ids"].shape[1] :]
+        outputs.extend(tok.batch_decode(new, skip_special_tokens=True))
+    return [o.strip() for o in outputs]
+
+
+def distinct_edits(edits: Sequence[Edit | None]) -> tuple[list[Edit], list[int]]:
+    """(the distinct edits, by identity, in first-use order; per row its index there or -1 for none)."""
+    index_of: dict[int, int] = {}
+    unique: list[Edit] = []
+    index = []
+    for e in edits:
+        if e is None:
+            index.append(-1)
+            continue
+        if id(e) not in index_of:
+            index_of[id(e)] = len(unique)
+            unique.append(e)
+        index.append(index_of[id(e)])
+    return unique, index
+
+
+def bank_for_edits(model, edits: Sequence[Edit], edit_cfg: EditConfig) -> tuple[EditBank, list[int]]:
+    """An EditBank with the given (distinct) edits as rows 1..n (row 0 = identity); returns (bank, rows)."""
+    if not edits:
+        raise ValueError("bank_for_edits needs at least one edit")
+    sites = {e.site for e in edits}
+    if len(sites) > 1:
+        raise ValueError(f"edits of one bank must share a site, got {sorted(sites)}")
+    layers = sorted({layer for e in edits for layer in e.layers})
+    max_rank = max(int(e.theta_p.shape[1]) for e in edits)
+    bank = EditBank(
+        hidden_size(model),
+        layers,
+        site=sites.pop(),
+        max_rank=max_rank,
+        positions=edit_cfg.positions,
+        device=model_device(model),
+    )
+    rows = bank.add_many(list(edits), alpha=edit_cfg.alpha, beta=edit_cfg.beta, centered=edit_cfg.centered)
+    return bank, rows
+
+
+def generate_answers(
+    model,
+    tok,
+    messages: Sequence[str],
+    *,
+    edits: Sequence[Edit | None] | None = None,
+    edit_cfg: EditConfig | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Greedy raw answers to each user message (chat template, one user turn after an optional
+    `system` turn), with ``edits[i]`` applied to message i (None = base model for that row).
+
+    Messages are batched in order of their token length (less padding, same results for a given
+    set), and returned in input order.
+    """
+    n = len(messages)
+    if edits is not None and len(edits) != n:
+        raise ValueError(f"{len(edits)} edits for {n} messages")
+    prompts = [chat_prompt(tok, m, system) for m in messages]
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(n), key=lambda i: (lengths[i], i))
+    bank, row_of = None, [0] * n
+    unique, index = distinct_edits(edits or [])
+    if unique:
+        bank, rows = bank_for_edits(model, unique, edit_cfg or EditConfig())
+        row_of = [0 if i < 0 else rows[i] for i in index]
+    out: list[str] = [""] * n
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        bank_rows = {"bank": bank, "rows": [row_of[i] for i in idx]} if bank is not None else {}
+        texts = generate(
+            model,
+            tok,
+            [prompts[i] for i in idx],
+            max_new_tokens=max_new_tokens,
+            batch_size=len(idx),
+            **bank_rows,
+        )
+        for i, t in zip(idx, texts, strict=True):
+            out[i] = t
+        if progress:
+            progress(min(start + batch_size, n), n)
+    return out

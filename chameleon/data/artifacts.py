@@ -1,0 +1,357 @@
+"""One run's immutable artifacts: checksummed files, a manifest written last, a `latest` pointer.
+
+Layout below a store's root (the files of a run: `chameleon.data.layout`):
+
+    runs/<run_id>/...              the files of one run (safetensors, parquet, json, jsonl)
+    runs/<run_id>/manifest.json    written LAST: {files: {relpath: {sha256, bytes}}, ...fields}
+    latest                         text: the run id of the newest committed run
+
+A run without a manifest is invisible to readers (it is incomplete or was abandoned), and a run
+with one is immutable. Readers verify every file against the manifest's sha256, so a truncated
+or tampered file fails loudly instead of loading wrong edits.
+
+The manifest records the model's fingerprint under `model.fingerprint`
+(`chameleon.core.fingerprint`); `RunReader.check_model` refuses edits computed on another model
+(directions of one model mean nothing in another).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import threading
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from chameleon.core.fingerprint import ModelFingerprint, check_compatible
+from chameleon.data.ids import validate_id
+from chameleon.data.storage import Store, StoreKeyError, parquet_bytes, read_parquet_bytes, validate_key
+
+FORMAT_VERSION = 2
+"""Bumped when the layout or the manifest changes incompatibly (2: centroids moved out of
+`groups/`, so every group id is a valid group file name)."""
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+RUNS = "runs"
+
+_RESERVED_FIELDS = ("files", "format_version", "created_at")
+
+
+class ArtifactError(Exception):
+    """Base class of artifact errors."""
+
+
+class RunNotFoundError(ArtifactError, FileNotFoundError):
+    """No committed run (no `latest` pointer, or no manifest for the run id)."""
+
+
+class RunImmutableError(ArtifactError):
+    """The run already has a manifest: it cannot be written to again."""
+
+
+class ChecksumMismatchError(ArtifactError):
+    """A file's content does not match the hash recorded in the manifest."""
+
+
+def validate_run_id(run_id: str) -> str:
+    """Run ids become key segments: the one id grammar of `chameleon.data.ids`."""
+    return validate_id(run_id, "run id")
+
+
+def new_run_id(prefix: str = "") -> str:
+    """A fresh, sortable run id: `[prefix-]YYYYMMDDTHHMMSSZ-<6 hex>`."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return validate_run_id(f"{prefix + '-' if prefix else ''}{stamp}-{uuid.uuid4().hex[:6]}")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _jsonl_bytes(rows: Iterable[Mapping[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def _run_prefix(run_id: str) -> str:
+    return f"{RUNS}/{validate_run_id(run_id)}"
+
+
+# -- safetensors (bytes API) ---------------------------------------------------------------------
+
+
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize tensors (moved to CPU, made contiguous) with string metadata."""
+    from safetensors.torch import save
+
+    if metadata is not None:
+        bad = {
+            k: type(v).__name__
+            for k, v in metadata.items()
+            if not isinstance(k, str) or not isinstance(v, str)
+        }
+        if bad:
+            raise TypeError(f"safetensors metadata must map str to str; offending entries: {bad}")
+    # Views of one storage cannot be saved as separate tensors: give each its own memory.
+    cpu = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    raw = save(cpu)
+    if not metadata:
+        return raw
+    # safetensors writes metadata through a hash map, so its key order (and the file's hash) varies
+    # between calls. Rebuild the header with sorted keys: same tensors, same bytes, same checksum.
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text + raw[8 + header_len :]
+
+
+def read_safetensors_bytes(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """`(tensors, metadata)` from safetensors bytes."""
+    from safetensors.torch import load
+
+    # The bytes API returns tensors only; the metadata sits in the JSON header (u64 LE length first).
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    return load(data), dict(header.get("__metadata__") or {})
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+class VerifiedFiles:
+    """Reads of a run's files, each checked against the sha256 recorded for it.
+
+    `RunReader` checks against the committed manifest; `RunWriter` against what it wrote or adopted
+    (so the job's reduce reads its own partitions through the same check as every later reader).
+    """
+
+    run_id: str
+    run_store: Store
+    _record_name = "record"
+    """What the hashes come from, for messages: the manifest, or what a writer recorded."""
+
+    def _entry(self, relpath: str) -> Mapping[str, Any] | None:
+        raise NotImplementedError
+
+    def get_bytes(self, relpath: str) -> bytes:
+        """The file's bytes after checking them against the recorded hash."""
+        entry = self._entry(relpath)
+        if entry is None:
+            raise ArtifactError(
+                f"{relpath!r} is not listed in the {self._record_name} of run {self.run_id!r} at "
+                f"{self.run_store.uri}; only recorded files can be read"
+            )
+        data = self.run_store.get_bytes(validate_key(relpath, what="artifact path"))
+        actual = _sha256(data)
+        if actual != entry["sha256"]:
+            raise ChecksumMismatchError(
+                f"{self.run_store.key_uri(relpath)} does not match the {self._record_name} of run {self.run_id!r}: "
+                f"expected sha256 {entry['sha256']} ({entry['bytes']} bytes), got {actual} ({len(data)} bytes)"
+            )
+        return data
+
+    def get_safetensors(self, relpath: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """`(tensors on CPU, metadata)`."""
+        return read_safetensors_bytes(self.get_bytes(relpath))
+
+    def get_parquet(self, relpath: str) -> pa.Table:
+        return read_parquet_bytes(self.get_bytes(relpath))
+
+    def get_json(self, relpath: str) -> Any:
+        return json.loads(self.get_bytes(relpath))
+
+    def get_jsonl(self, relpath: str) -> list[Any]:
+        return [
+            json.loads(line) for line in self.get_bytes(relpath).decode("utf-8").splitlines() if line.strip()
+        ]
+
+
+class RunWriter(VerifiedFiles):
+    """Writes the files of one run, records their sha256 and size, and commits the manifest.
+
+    Writing into a run that already has a manifest raises `RunImmutableError`. A run without one
+    can be reopened (to resume a job): files already there can be kept with `record_existing`.
+    """
+
+    _record_name = "files recorded by this writer"
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
+        self.run_id = validate_run_id(run_id)
+        self.run_store = store.child(_run_prefix(run_id))
+        self._files: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._committed = False
+        self._check_open()
+
+    @property
+    def uri(self) -> str:
+        return self.run_store.uri
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        """What was recorded so far: {relpath: {sha256, bytes}}."""
+        with self._lock:
+            return {k: dict(v) for k, v in sorted(self._files.items())}
+
+    def _check_open(self) -> None:
+        if self._committed or self.run_store.exists(MANIFEST):
+            raise RunImmutableError(
+                f"run {self.run_id!r} at {self.uri} is already committed (it has a {MANIFEST}); "
+                "committed runs are immutable: write a new run id"
+            )
+
+    def _relpath(self, relpath: str) -> str:
+        validate_key(relpath, what="artifact path")
+        if relpath == MANIFEST:
+            raise ValueError(f"{MANIFEST!r} is written by commit(), not as an artifact")
+        return relpath
+
+    def _record(self, relpath: str, data: bytes) -> dict[str, Any]:
+        entry = {"sha256": _sha256(data), "bytes": len(data)}
+        with self._lock:
+            self._files[relpath] = entry
+        return dict(entry)
+
+    def put_bytes(self, relpath: str, data: bytes) -> dict[str, Any]:
+        """Write raw bytes; returns the recorded {sha256, bytes}."""
+        relpath = self._relpath(relpath)
+        if self._committed:
+            self._check_open()
+        self.run_store.put_bytes(relpath, data)
+        return self._record(relpath, data)
+
+    def put_safetensors(
+        self, relpath: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        return self.put_bytes(relpath, safetensors_bytes(tensors, metadata))
+
+    def put_parquet(self, relpath: str, table: pa.Table) -> dict[str, Any]:
+        return self.put_bytes(relpath, parquet_bytes(table))
+
+    def put_json(self, relpath: str, obj: Any) -> dict[str, Any]:
+        return self.put_bytes(relpath, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def put_jsonl(self, relpath: str, rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        return self.put_bytes(relpath, _jsonl_bytes(rows))
+
+    def exists(self, relpath: str) -> bool:
+        """Whether the file is in storage (recorded or not), e.g. a part written before a restart."""
+        return self.run_store.exists(self._relpath(relpath))
+
+    def record_existing(self, relpath: str) -> dict[str, Any]:
+        """Hash a file already in storage (written by an earlier attempt) into the manifest."""
+        relpath = self._relpath(relpath)
+        return self._record(relpath, self.run_store.get_bytes(relpath))
+
+    def _entry(self, relpath: str) -> Mapping[str, Any] | None:
+        with self._lock:
+            return self._files.get(relpath)
+
+    def commit(self, manifest: Mapping[str, Any] | None = None, *, set_latest: bool = True) -> dict[str, Any]:
+        """Write `manifest.json` (the given fields plus `files`, `run_id`, `created_at`,
+        `format_version`) after every file, then point `latest` at this run. Returns the manifest.
+
+        `run_id` may be given when it equals this run's id; the other added fields may not."""
+        fields_ = dict(manifest or {})
+        if fields_.get("run_id", self.run_id) != self.run_id:
+            raise ValueError(f"manifest run_id {fields_['run_id']!r} is not this run's id {self.run_id!r}")
+        fields_.pop("run_id", None)
+        clash = sorted(set(fields_) & set(_RESERVED_FIELDS))
+        if clash:
+            raise ValueError(f"manifest fields {clash} are set by commit() itself")
+        self._check_open()
+        full = {
+            **fields_,
+            "run_id": self.run_id,
+            "format_version": FORMAT_VERSION,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": self.files,
+        }
+        # Fail here, before anything is published, if a field cannot be stored as JSON.
+        data = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        self.run_store.put_bytes(MANIFEST, data)
+        self._committed = True
+        if set_latest:
+            self.store.put_text(LATEST, self.run_id + "\n")
+        return full
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+class RunReader(VerifiedFiles):
+    """Reads one committed run, verifying every file against its manifest.
+
+    `run_id="latest"` follows the `latest` pointer. A run without a manifest raises
+    `RunNotFoundError`: readers never see a half-written run.
+    """
+
+    _record_name = "manifest"
+
+    def __init__(self, store: Store, run_id: str = LATEST) -> None:
+        self.store = store
+        if run_id == LATEST:
+            run_id = latest_run_id(store) or ""
+            if not run_id:
+                raise RunNotFoundError(f"no committed run under {store.uri} (no {LATEST!r} pointer)")
+        self.run_id = validate_run_id(run_id)
+        self.run_store = store.child(_run_prefix(self.run_id))
+        try:
+            manifest = self.run_store.get_json(MANIFEST)
+        except StoreKeyError:
+            raise RunNotFoundError(
+                f"run {self.run_id!r} has no {MANIFEST} at {self.run_store.uri}: it does not exist or is incomplete"
+            ) from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ArtifactError(
+                f"{self.run_store.key_uri(MANIFEST)} is not a valid manifest (no 'files' map)"
+            )
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"run {self.run_id!r} has artifact format version {version}; this code reads version {FORMAT_VERSION}"
+            )
+        self._manifest: dict[str, Any] = manifest
+
+    @property
+    def uri(self) -> str:
+        return self.run_store.uri
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    @property
+    def files(self) -> list[str]:
+        """Relative paths of the run's files, sorted."""
+        return sorted(self._manifest["files"])
+
+    def _entry(self, relpath: str) -> Mapping[str, Any] | None:
+        return self._manifest["files"].get(relpath)
+
+    def check_model(self, fingerprint: ModelFingerprint) -> None:
+        """Refuse (`ModelMismatchError`) when this run was made for another model."""
+        model = self._manifest.get("model")
+        recorded = model.get("fingerprint") if isinstance(model, dict) else None
+        if not isinstance(recorded, dict):
+            raise ArtifactError(
+                f"run {self.run_id!r} records no model fingerprint: cannot check it matches {fingerprint.model_id!r}"
+            )
+        check_compatible(recorded, fingerprint, run_id=self.run_id)
+
+
+def latest_run_id(store: Store) -> str | None:
+    """The run id in `latest`, or None when nothing was committed yet."""
+    try:
+        text = store.get_text(LATEST).strip()
+    except StoreKeyError:
+        return None
+    return validate_run_id(text) if text else None

@@ -1,0 +1,99 @@
+"""A committed run's edits, typed: group edits, user edits, assignments, unseen-user assignment.
+
+Every read goes through `RunReader` (checksums verified). Group edits are read once per group
+and user shards once per shard, then kept: resolving edits for many users costs one read per
+distinct file, not one per user.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from chameleon.core import subspace
+from chameleon.core.edit import Edit
+from chameleon.data.artifacts import RunReader
+from chameleon.data.layout import ASSIGNMENTS, CENTROIDS, group_key, user_shard_key
+
+LEVELS = ("none", "group", "user")
+"""Which edit a user gets: the base model, the user's group edit, or the user's own edit."""
+
+
+class PublishedRun:
+    """Typed access to a committed run's edits (checksums verified on every read)."""
+
+    def __init__(self, reader: RunReader) -> None:
+        self.reader = reader
+        self.manifest = reader.manifest
+        self.run_id = self.manifest["run_id"]
+        self.site = self.manifest["site"]
+        self._assign: dict[str, dict] | None = None
+        self._groups: dict[str, Edit] = {}
+        self._shards: dict[int, dict[str, Any]] = {}
+
+    @property
+    def group_ids(self) -> list[str]:
+        return [g["group_id"] for g in self.manifest["groups"]]
+
+    def group_edit(self, group_id: str) -> Edit:
+        """The group's edit; one Edit object per group, so callers can de-duplicate by identity."""
+        if group_id not in self._groups:
+            if group_id not in self.group_ids:
+                raise KeyError(f"run {self.run_id} has no group {group_id!r}")
+            tensors, _ = self.reader.get_safetensors(group_key(group_id))
+            self._groups[group_id] = Edit.from_tensors(tensors, site=self.site)
+        return self._groups[group_id]
+
+    def assignments(self) -> dict[str, dict]:
+        if self._assign is None:
+            rows = self.reader.get_parquet(ASSIGNMENTS).to_pylist()
+            self._assign = {r["user_id"]: r for r in rows}
+        return self._assign
+
+    def user_group(self, user_id: str) -> str | None:
+        row = self.assignments().get(user_id)
+        return row["group_id"] if row else None
+
+    def user_edit(self, user_id: str) -> Edit | None:
+        """The user's own edit, or None when the user has none (too few pairs) or is unknown."""
+        row = self.assignments().get(user_id)
+        if row is None or not row["has_user_edit"]:
+            return None
+        shard = row["user_shard"]
+        if shard not in self._shards:
+            self._shards[shard], _ = self.reader.get_safetensors(user_shard_key(shard))
+        tensors, i = self._shards[shard], row["user_row"]
+        return Edit(
+            layers=tensors["layers"][i].tolist(),
+            theta_p=tensors["theta_p"][i],
+            theta_n=tensors["theta_n"][i],
+            mean=tensors["mean"][i],
+            site=self.site,
+        )
+
+    def edit_for(self, user_id: str, level: str, group_id: str | None = None) -> Edit | None:
+        """The edit a user gets at `level` (None = base model). `group_id` overrides the assignment."""
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        if level == "none":
+            return None
+        if level == "user":
+            return self.user_edit(user_id)
+        gid = group_id or self.user_group(user_id)
+        return self.group_edit(gid) if gid else None
+
+    def edits_for(
+        self, user_ids: Sequence[str], level: str, group_ids: Sequence[str | None] | None = None
+    ) -> list[Edit | None]:
+        """`edit_for` of each user (rows of one group share one Edit object)."""
+        return [self.edit_for(u, level, group_ids[i] if group_ids else None) for i, u in enumerate(user_ids)]
+
+    def assign_unseen(self, history_embedding: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """Nearest group of each row of history embeddings [N, d] (users the run never saw)."""
+        tensors, meta = self.reader.get_safetensors(CENTROIDS)
+        ids = json.loads(meta["group_ids"])
+        idx, dist = subspace.nearest_group(history_embedding, tensors["history_centroids"])
+        return [ids[i] for i in idx.tolist()], dist

@@ -1,0 +1,538 @@
+"""One small interface over local directories and `s3://bucket/prefix`.
+
+    store = open_store("s3://bucket/root")          # or "file:///data/root", or "/data/root"
+    store.put_json("runs/r1/manifest.json", {...})
+    store.child("runs/r1").get_parquet("assignments.parquet")
+
+Keys are relative, `/`-separated paths below the store's root. They are validated on every call
+(no `..`, no absolute paths, no backslashes, no empty segments, no control characters): parts of
+keys come from user ids, and no id may address anything outside the store.
+
+Errors: a missing key raises `StoreKeyError` (a `FileNotFoundError`) naming the full URI; wrong
+credentials raise `StoreAccessError` (a `PermissionError`); a missing bucket raises
+`BucketNotFoundError`. None of these is retried by callers: they are configuration problems.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import io
+import json
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ENDPOINT_ENV_VARS = ("CHAMELEON_S3_ENDPOINT", "AWS_ENDPOINT_URL")
+"""Where `S3Store` looks for the endpoint when none is given (first set wins)."""
+
+_TMP_SUFFIX = ".chameleon-tmp"
+_MULTIPART_THRESHOLD = 64 * 2**20
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class StoreError(Exception):
+    """Base class of storage errors."""
+
+
+class StoreKeyError(StoreError, FileNotFoundError):
+    """The key does not exist; the message names the full URI."""
+
+
+class StoreAccessError(StoreError, PermissionError):
+    """The storage refused the credentials or the operation."""
+
+
+class BucketNotFoundError(StoreError):
+    """The bucket does not exist (and the store was not asked to create it)."""
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def validate_key(key: str, *, allow_empty: bool = False, what: str = "key") -> str:
+    """Return `key` when it is a safe relative path; raise ValueError with the reason otherwise.
+
+    A single trailing `/` is allowed only with `allow_empty` (listing prefixes such as `runs/`).
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"{what} must be a string, got {type(key).__name__}")
+    if key == "":
+        if allow_empty:
+            return key
+        raise ValueError(f"{what} is empty")
+    body = key[:-1] if allow_empty and key.endswith("/") else key
+    if body.startswith("/"):
+        raise ValueError(f"{what} {key!r} is absolute (keys are relative to the store root)")
+    if "\\" in body:
+        raise ValueError(f"{what} {key!r} contains a backslash")
+    if any(ord(c) < 32 or ord(c) == 127 for c in body):
+        raise ValueError(f"{what} {key!r} contains a control character")
+    if len(key.encode("utf-8")) > 1024:
+        raise ValueError(f"{what} is longer than 1024 bytes")
+    for segment in body.split("/"):
+        if segment == "":
+            raise ValueError(f"{what} {key!r} has an empty path segment")
+        if segment in (".", ".."):
+            raise ValueError(f"{what} {key!r} contains a {segment!r} segment")
+        if segment.endswith(_TMP_SUFFIX):
+            raise ValueError(f"{what} {key!r} ends with the reserved suffix {_TMP_SUFFIX!r}")
+    return key
+
+
+def _child_prefix(prefix: str) -> str:
+    """A validated sub-root for `child()`: one trailing `/` is allowed, nothing else sloppy."""
+    return validate_key(prefix[:-1] if prefix.endswith("/") else prefix, what="prefix")
+
+
+def join_key(*parts: str) -> str:
+    """Join non-empty key parts with `/`."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+# -- the interface -------------------------------------------------------------------------------
+
+
+class Store(abc.ABC):
+    """A flat key → bytes store rooted at `uri`, plus typed helpers built on bytes."""
+
+    @property
+    @abc.abstractmethod
+    def uri(self) -> str:
+        """The root, e.g. `s3://bucket/prefix` or `file:///abs/path`."""
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write `data` at `key`, replacing any previous object. Readers see all or nothing."""
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The bytes at `key`; `StoreKeyError` when there are none."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key (recursively) that starts with `prefix`, relative to the root, sorted.
+
+        `prefix` is a plain string prefix, as in S3: `runs/` lists a folder, `runs/r` also matches
+        `runs/r1/...` and `runs/r2/...`.
+        """
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove `key`; removing a missing key is not an error (as in S3)."""
+
+    @abc.abstractmethod
+    def child(self, prefix: str) -> Store:
+        """A store rooted at `prefix` below this one."""
+
+    def key_uri(self, key: str) -> str:
+        """The full URI of `key` (for messages and logs)."""
+        return self.uri.rstrip("/") + "/" + key
+
+    # Typed helpers: all go through bytes, so every backend behaves the same.
+
+    def put_text(self, key: str, text: str) -> None:
+        self.put_bytes(key, text.encode("utf-8"))
+
+    def get_text(self, key: str) -> str:
+        return self.get_bytes(key).decode("utf-8")
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put_text(key, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def put_parquet(self, key: str, table: pa.Table) -> None:
+        self.put_bytes(key, parquet_bytes(table))
+
+    def get_parquet(self, key: str) -> pa.Table:
+        return read_parquet_bytes(self.get_bytes(key))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Serialize a table to Parquet in memory."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
+
+
+# -- local directories ---------------------------------------------------------------------------
+
+
+class LocalStore(Store):
+    """A directory. Writes go to a temporary file in the same directory and are renamed into
+    place (`os.replace` is atomic on POSIX), so a reader never sees a partial file."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    @property
+    def uri(self) -> str:
+        return self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StoreKeyError(f"no such key: {self.key_uri(key)}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        validate_key(prefix, allow_empty=True, what="prefix")
+        # Walk only the folder the prefix points into, then filter by the string prefix.
+        folder = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        if not folder.is_dir():
+            return []
+        keys = [k for k in self._walk(folder) if k.startswith(prefix)]
+        return sorted(keys)
+
+    def _walk(self, folder: Path) -> Iterator[str]:
+        for dirpath, _dirs, files in os.walk(folder):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                if name.endswith(_TMP_SUFFIX):
+                    continue  # a write in progress
+                yield name if rel == "." else f"{rel}/{name}"
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def child(self, prefix: str) -> LocalStore:
+        return LocalStore(self.root / _child_prefix(prefix))
+
+
+# -- S3 ------------------------------------------------------------------------------------------
+
+_MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+_ACCESS_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "403",
+    "Forbidden",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+}
+
+
+class S3Store(Store):
+    """Objects under `s3://bucket/prefix` through boto3.
+
+    The endpoint comes from `endpoint_url`, else `CHAMELEON_S3_ENDPOINT`, else `AWS_ENDPOINT_URL`,
+    else AWS. Credentials come from `access_key`/`secret_key`, else boto3's usual chain
+    (environment, config files, instance roles). The boto3 client is created on first use and
+    is not pickled, so a store can be shipped to Ray workers (explicit keys travel with it).
+    On first use the bucket is checked once: missing → `BucketNotFoundError` (or created with
+    `create_bucket=True`), refused credentials → `StoreAccessError`.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        session_token: str | None = None,
+        create_bucket: bool = False,
+        max_attempts: int = 5,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        if not _BUCKET_RE.match(bucket or ""):
+            raise ValueError(f"invalid S3 bucket name {bucket!r} (3-63 lowercase letters, digits, '.', '-')")
+        prefix = prefix.strip("/")
+        if prefix:
+            validate_key(prefix, what="S3 prefix")
+        if (access_key is None) != (secret_key is None):
+            raise ValueError("give both access_key and secret_key, or neither")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint_url = endpoint_url or next(
+            (os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None
+        )
+        self.region = (
+            region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        )
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.session_token = session_token
+        self.create_bucket = create_bucket
+        self.max_attempts = max_attempts
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    # Pickling: the client (sockets, locks) stays behind; the copy builds its own on first use.
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        # Never the secret key.
+        return f"S3Store({self.uri!r}, endpoint_url={self.endpoint_url!r})"
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client (created, and the bucket checked, on first use)."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    client = self._make_client()
+                    self._check_bucket(client)
+                    self._client = client
+        return self._client
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            region_name=self.region,
+            signature_version="s3v4",
+            retries={"mode": "standard", "max_attempts": self.max_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            # Custom endpoints (SeaweedFS, MinIO, moto on 127.0.0.1) have no per-bucket DNS names.
+            s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+            # Newer botocore adds CRC checksums by default, which several S3-compatible servers reject.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        # A session per store: boto3's default session is not safe to share across threads.
+        session = boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            aws_session_token=self.session_token,
+            config=config,
+        )
+
+    def _check_bucket(self, client: Any) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code not in ("404", "NoSuchBucket", "NotFound"):
+                raise self._translate(exc, f"s3://{self.bucket}") from exc
+        except Exception as exc:
+            raise self._translate(exc, f"s3://{self.bucket}") from exc
+        if not self.create_bucket:
+            raise BucketNotFoundError(
+                f"bucket {self.bucket!r} does not exist at {self._where()} "
+                "(create it, or pass create_bucket=True)"
+            )
+        try:
+            client.create_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            # Another process may have created it in between.
+            if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._translate(exc, f"s3://{self.bucket}") from exc
+
+    def _where(self) -> str:
+        return self.endpoint_url or f"AWS ({self.region})"
+
+    def _translate(self, exc: Exception, uri: str) -> Exception:
+        """A storage error with a message a user can act on."""
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return StoreAccessError(
+                f"no S3 credentials for {uri} at {self._where()}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "or pass access_key/secret_key"
+            )
+        if isinstance(exc, EndpointConnectionError):
+            return StoreError(f"cannot reach the S3 endpoint {self._where()} for {uri}: {exc}")
+        if isinstance(exc, ClientError):
+            code = _error_code(exc)
+            if code in _ACCESS_CODES:
+                key_id = self.access_key or "(from the environment / boto3 config)"
+                return StoreAccessError(
+                    f"S3 refused access to {uri} at {self._where()} ({code}): check the credentials "
+                    f"(access key id {key_id}) and the bucket's permissions"
+                )
+            if code in ("NoSuchBucket",):
+                return BucketNotFoundError(f"bucket {self.bucket!r} does not exist at {self._where()}")
+            return StoreError(f"S3 error on {uri} at {self._where()} ({code}): {exc}")
+        return StoreError(f"S3 error on {uri} at {self._where()}: {exc}")
+
+    def _key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        full = self._key(key)
+        try:
+            if len(data) > _MULTIPART_THRESHOLD:
+                # Managed transfer: multipart, parallel parts, each retried on its own.
+                self.client.upload_fileobj(io.BytesIO(data), self.bucket, full)
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc, self.key_uri(key)) from exc
+
+    def get_bytes(self, key: str) -> bytes:
+        full = self._key(key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=full)
+            return response["Body"].read()
+        except StoreError:
+            raise
+        except Exception as exc:
+            if _error_code(exc) in _MISSING_KEY_CODES:
+                raise StoreKeyError(f"no such key: {self.key_uri(key)}") from None
+            raise self._translate(exc, self.key_uri(key)) from exc
+
+    def exists(self, key: str) -> bool:
+        full = self._key(key)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=full)
+            return True
+        except StoreError:
+            raise
+        except Exception as exc:
+            if _error_code(exc) in _MISSING_KEY_CODES:
+                return False
+            raise self._translate(exc, self.key_uri(key)) from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        validate_key(prefix, allow_empty=True, what="prefix")
+        root = f"{self.prefix}/" if self.prefix else ""
+        keys: list[str] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
+                keys.extend(obj["Key"][len(root) :] for obj in page.get("Contents", []))
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc, self.key_uri(prefix)) from exc
+        # Some servers list "folder" marker objects (`a/`); they are not keys.
+        return sorted(k for k in keys if k and not k.endswith("/"))
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=full)
+        except StoreError:
+            raise
+        except Exception as exc:
+            if _error_code(exc) in _MISSING_KEY_CODES:
+                return
+            raise self._translate(exc, self.key_uri(key)) from exc
+
+    def child(self, prefix: str) -> S3Store:
+        prefix = _child_prefix(prefix)
+        # A shallow copy shares the (thread-safe) client and its one bucket check.
+        new = copy.copy(self)
+        new.prefix = join_key(self.prefix, prefix)
+        return new
+
+    def __copy__(self) -> S3Store:
+        new = object.__new__(S3Store)
+        new.__dict__.update(self.__dict__)
+        new._lock = threading.Lock()
+        return new
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+# -- opening by URI ------------------------------------------------------------------------------
+
+
+def open_store(uri: str | os.PathLike[str], **s3_options: Any) -> Store:
+    """`s3://bucket/prefix` → `S3Store(bucket, prefix, **s3_options)`; `file:///path` or a plain
+    path → `LocalStore` (S3 options are ignored there, so callers can pass the same options for
+    any URI). Other schemes are refused."""
+    if isinstance(uri, os.PathLike):
+        uri = os.fspath(uri)
+    if not isinstance(uri, str) or not uri:
+        raise ValueError("storage URI is empty")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"S3 URI {uri!r} has no bucket (expected s3://bucket/prefix)")
+        # Not unquoted: S3 keys may contain '%' literally.
+        return S3Store(parsed.netloc, parsed.path, **s3_options)
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URI {uri!r} names a remote host")
+        return LocalStore(unquote(parsed.path))
+    # A single letter is a Windows drive, not a scheme.
+    if scheme and len(scheme) > 1:
+        raise ValueError(
+            f"unsupported storage URI scheme {scheme!r} in {uri!r} (use s3://, file:// or a path)"
+        )
+    return LocalStore(uri)

@@ -1,0 +1,151 @@
+"""The embedded demo: a dozen example users with clearly different styles, base vs personalized.
+
+The example users are written by the project itself (no licensed data), one JSONL record each.
+`run_demo` runs the job on them against the embedded store and prints each example user's base
+and personalized answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from chameleon.config import ChameleonConfig
+from chameleon.core.generation import generate_answers
+from chameleon.core.model import load_model
+from chameleon.core.prompts import PARAPHRASE_TWEET
+from chameleon.data.artifacts import RunReader, new_run_id
+from chameleon.data.published import PublishedRun
+from chameleon.dev.s3server import embedded_store
+from chameleon.job.drivers import describe_run, run_job
+
+EXAMPLE_STYLES: dict[str, list[str]] = {
+    "shouty_fan": [
+        "OMG THE GAME LAST NIGHT WAS INSANE!!! BEST TEAM EVER!!!",
+        "CANNOT BELIEVE WE WON AGAIN!!! SO HYPED RIGHT NOW!!!",
+        "WHO ELSE IS GOING TO THE FINAL??? LETS GOOO!!!",
+        "MY VOICE IS GONE FROM SCREAMING!!! WORTH IT!!!",
+        "NEW JERSEY JUST ARRIVED!!! WEARING IT ALL WEEK!!!",
+        "THAT GOAL IN THE LAST MINUTE!!! I AM SHAKING!!!",
+    ],
+    "formal_scholar": [
+        "I have concluded my review of the manuscript; the methodology appears sound.",
+        "The seminar this afternoon addressed the epistemology of scientific models.",
+        "One must consider the historical context before drawing such conclusions.",
+        "I am grateful to my colleagues for their insightful comments on the draft.",
+        "The library's new archive offers considerable resources for researchers.",
+        "It would be premature to generalize from so limited a sample.",
+    ],
+    "emoji_lover": [
+        "coffee time ☕️😍 best part of the day 🌞",
+        "new plant baby 🌱💚 naming her fern-anda 😂",
+        "rainy day vibes 🌧️📚🍵 staying in all day",
+        "beach weekend was everything 🏖️🌊😎",
+        "baked cookies for the neighbors 🍪🥰",
+        "sunset walk with the pup 🐶🌅✨",
+    ],
+    "terse_engineer": [
+        "deploy done. no errors.",
+        "tests green. shipping.",
+        "fixed the cache bug. was a race.",
+        "meeting moved to 3. fine.",
+        "rewrote the parser. 2x faster.",
+        "on call tonight. quiet so far.",
+    ],
+    "pirate_talker": [
+        "Arr, the sea be calm today, me hearties!",
+        "Ahoy! Found me a fine treasure at the market, arr!",
+        "Shiver me timbers, the coffee be strong this morn!",
+        "Avast ye, the weekend be upon us at last!",
+        "Yo ho, me ship... er, me car be needin' a wash!",
+        "Arr, lost me keys again, the scallywags!",
+    ],
+    "sad_poet": [
+        "the rain falls softly, as if the sky remembers",
+        "empty cups and quiet rooms, another evening fades",
+        "i walked past the old house today. nothing stays.",
+        "grey mornings and the echo of forgotten songs",
+        "the leaves let go so gently. i wish i could.",
+        "late night, cold tea, and words that never arrive",
+    ],
+}
+
+PARAPHRASE = PARAPHRASE_TWEET + "{text}"
+"""The LaMP-7 task string: the small default model follows it far better than "write a tweet"."""
+
+NEUTRAL_TWEETS = [
+    "I am going to the beach this weekend with my friends.",
+    "The weather was cold and rainy this morning.",
+    "I finished reading a book about the history of the city.",
+    "Our team won the match last night.",
+    "I made pasta for dinner and it turned out well.",
+    "Work was long today, but I am home now.",
+]
+
+
+def example_users(n_per_style: int = 2) -> list[dict]:
+    """`n_per_style` users per style; each paraphrases its own tweets (as in LaMP-7) and is
+    asked to paraphrase a neutral tweet."""
+    users = []
+    for style, texts in EXAMPLE_STYLES.items():
+        for k in range(n_per_style):
+            history = [{"text": t, "input": PARAPHRASE.format(text=t)} for t in texts]
+            query = PARAPHRASE.format(text=NEUTRAL_TWEETS[(k * 3 + len(users)) % len(NEUTRAL_TWEETS)])
+            users.append({"user_id": f"{style}-{k + 1}", "history": history, "query": query})
+    return users
+
+
+def write_example_users(path: str | Path, n_per_style: int = 2) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(u) + "\n" for u in example_users(n_per_style)))
+    return path
+
+
+def run_demo(
+    cfg: ChameleonConfig,
+    *,
+    workdir: Path,
+    run_id: str | None,
+    local: bool,
+    address: str | None,
+    quick: bool = False,
+) -> int:
+    """Personalize the example users on the embedded store, then show base vs personalized answers."""
+    users_file = write_example_users(workdir / "example_users.jsonl")
+    print(f"example users: {users_file} ({len(example_users())} users, {len(EXAMPLE_STYLES)} writing styles)")
+    if quick:
+        cfg = cfg.with_overrides(
+            {"synth.pairs_per_user": 4, "synth.answer_max_new_tokens": 24, "synth.insight_max_new_tokens": 40}
+        )
+    # One replica on this machine: let it use every core (Ray would give it one thread).
+    cfg = cfg.with_overrides(
+        {
+            "groups.n_groups": len(EXAMPLE_STYLES),
+            "groups.min_group_size": 2,
+            "job.torch_threads": os.cpu_count() or 1,
+        }
+    )
+    run_id = run_id or new_run_id("demo")
+    t0 = time.perf_counter()
+    with embedded_store(workdir) as (s3, store):
+        os.environ.setdefault("AWS_ENDPOINT_URL", s3.endpoint_url)
+        manifest = run_job(str(users_file), store, run_id, cfg, local=local, address=address)
+        print("\n" + describe_run(manifest, store.uri))
+        run = PublishedRun(RunReader(store, manifest["run_id"]))
+        model, tok = load_model(cfg.model)
+        shown = [u for u in example_users() if u["user_id"].endswith("-1")]
+        ids, queries = [u["user_id"] for u in shown], [u["query"] for u in shown]
+        base = generate_answers(model, tok, queries, max_new_tokens=40)
+        group = generate_answers(model, tok, queries, edits=run.edits_for(ids, "group"), max_new_tokens=40)
+        for uid, q, b, g in zip(ids, queries, base, group, strict=True):
+            print(f"\n== {uid} (group {run.user_group(uid)}) — {q}")
+            print(f"   base:         {b.splitlines()[0] if b else ''}")
+            print(f"   personalized: {g.splitlines()[0] if g else ''}")
+        print(
+            f"\nartifacts: {store.uri}/runs/{manifest['run_id']}/ on the embedded S3 server "
+            f"(data under {workdir / 's3'}); total {time.perf_counter() - t0:.0f} s"
+        )
+    return 0

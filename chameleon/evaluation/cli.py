@@ -1,0 +1,261 @@
+"""`chameleon eval`: the LaMP-7 evaluation (baselines, Chameleon user / group / unseen, ablations).
+
+Wire it into the main parser with `add_eval_parser(subparsers)`; `jobs/evaluate.py` runs it through
+`chameleon.cli.main`. Building the parser imports neither torch, numpy nor Ray: the evaluation
+modules are imported when the command runs. Logging is configured by `chameleon.cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from chameleon.config import ChameleonConfig
+from chameleon.evaluation.names import ABLATIONS, EVAL_SYNTH_DEFAULTS, METHODS
+from chameleon.flags import JOB_FLAGS, Flag, add_flags, flag_overrides
+
+EVAL_FLAGS: tuple[Flag, ...] = (
+    Flag("--insight-max-new-tokens", "synth.insight_max_new_tokens", "token budget of each insight", int),
+    Flag("--alpha", "edit.alpha", "edit: scale of the added personalized component", float),
+    Flag("--beta", "edit.beta", "edit: scale of the removed non-personalized component", float),
+    Flag("--theta-p", "subspace.theta_p", "how θP is computed", choices=("svd", "svd_diff", "mean_diff")),
+    Flag("--theta-n", "subspace.theta_n", "how θN is computed", choices=("ccs", "mean_diff")),
+    Flag("--ccs-steps", "subspace.ccs_steps", "gradient steps of each CCS restart", int),
+)
+"""Settings the evaluation overrides besides the job's flags."""
+
+EPILOG = """\
+examples:
+  # every method on reported users 500..599, groups from tuning users 0..99 too (rerun to resume)
+  chameleon eval --out out/lamp7 --tuning-users 0:100 --reported-users 500:600
+
+  # ablations on 50 tuning users, then the setting they select applied to the reported users
+  chameleon eval --out out/lamp7-tuned --ablations all --ablation-users 0:50 --select-on-tuning
+
+  # on a Ray cluster: synthesis and every method's answers on 4 model replicas with a GPU each
+  chameleon eval --out out/lamp7-ray --ray --store s3://bucket/eval --num-actors 4 --num-gpus-per-actor 1
+
+  # redraw report.md and the plots from the files of an earlier evaluation
+  chameleon eval --out out/lamp7 --report-only
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help; flags without a value (None) say theirs in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 and action.const is True:  # store_true
+            return f"{action.help} (default: off)"
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _csv(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        if text == "all":
+            return choices
+        if text in ("", "none"):
+            return ()
+        items = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [x for x in items if x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {bad}; choose from {', '.join(choices)} (or all / none)"
+            )
+        return items
+
+    return parse
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `eval` to a `subparsers` object of the `chameleon` parser; returns the new parser."""
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate on LaMP-7 users: copy / base / RAG / Chameleon (user, group, unseen), ablations, report",
+        description="Synthesize pairs for tuning + reported LaMP-7 users (one job, resumable), run every method on "
+        "the reported users, score with ROUGE-1/L (bootstrap CIs, paired tests), write results.json, "
+        "predictions.parquet and report.md with plots. Ablations run on tuning users only.",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory (results.json, predictions.parquet, report.md, *.png)"
+    )
+    p.add_argument(
+        "--workdir",
+        default=".cache/eval",
+        help="prediction cache, users files and (default) the store of runs; rerun to resume",
+    )
+    p.add_argument(
+        "--store",
+        help="store of the runs: s3://bucket/prefix or a path (default: WORKDIR/store); "
+        "with --ray on a cluster, one every node reaches",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        help="S3-compatible endpoint URL for an s3:// --store "
+        "(default: $CHAMELEON_S3_ENDPOINT, else $AWS_ENDPOINT_URL, else AWS)",
+    )
+    p.add_argument(
+        "--lamp-dir",
+        help="LaMP-7 directory (default: $CHAMELEON_LAMP7_DIR, else ../shared/data/lamp/lamp7 "
+        "next to the repository)",
+    )
+    p.add_argument(
+        "--tuning-users", default="0:100", help="file positions START:STOP of tuning users, inside 0:500"
+    )
+    p.add_argument(
+        "--reported-users",
+        default="500:600",
+        help="file positions START:STOP of reported users, inside 500:1500",
+    )
+    p.add_argument(
+        "--methods", type=_csv(METHODS), default="all", help="comma list, or all: " + ",".join(METHODS)
+    )
+    p.add_argument(
+        "--rag-k", type=int, default=3, help="profile items retrieved by BM25 for the RAG baseline"
+    )
+    p.add_argument(
+        "--eval-max-new-tokens", type=int, default=48, help="answer budget of every evaluated method"
+    )
+    p.add_argument(
+        "--eval-batch-size", type=int, default=16, help="generation batch size of the evaluated methods"
+    )
+    p.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--run-tag", default="lamp7", help="prefix of run ids in the store")
+    p.add_argument(
+        "--synth-run",
+        metavar="RUN_ID",
+        help="run id of the synthesis, reused when committed in the store "
+        "(default: the tag, the users and a hash of the synthesis settings)",
+    )
+    p.add_argument(
+        "--reuse-synthesis-from",
+        metavar="RUN_ID",
+        help="copy the partitions of this committed run that hold the same users, to extend an evaluation "
+        "(default: synthesize every user)",
+    )
+    p.add_argument(
+        "--ablations",
+        type=_csv(ABLATIONS),
+        default="none",
+        help="comma list, all or none (tuning users only): " + ",".join(ABLATIONS),
+    )
+    p.add_argument(
+        "--ablation-run",
+        metavar="RUN_ID",
+        help="committed run holding the tuning users' pairs for the ablations (default: this synthesis)",
+    )
+    p.add_argument(
+        "--ablation-users",
+        help="tuning positions START:STOP scored in the ablations (default: all tuning users)",
+    )
+    p.add_argument("--history-users", default="0:20", help="tuning positions of the history-size ablation")
+    p.add_argument(
+        "--select-on-tuning",
+        action="store_true",
+        help="use the ablations' best group-level setting (tuning ROUGE-L) for the reported run",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads of this process")
+    p.add_argument(
+        "--report-only", action="store_true", help="redraw report.md and plots from the files in --out"
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray: the synthesis as the Ray job, and every method's answers "
+        "on the same kind of actor pool (--num-actors, --num-gpus-per-actor size both)",
+    )
+    p.add_argument(
+        "--address", help="Ray cluster address with --ray (default: $RAY_ADDRESS, else a new local Ray)"
+    )
+    p.add_argument(
+        "--config",
+        help="YAML file with config sections (see cluster/job-config.example.yaml); "
+        "default: the evaluation's synthesis settings shown below",
+    )
+    defaults = ChameleonConfig().with_overrides(EVAL_SYNTH_DEFAULTS)
+    add_flags(p, JOB_FLAGS, defaults)
+    add_flags(p, EVAL_FLAGS, defaults)
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def eval_config(args: argparse.Namespace) -> ChameleonConfig:
+    """The ChameleonConfig of an evaluation: YAML or the evaluation's synthesis defaults, then flags."""
+    cfg = (
+        ChameleonConfig.from_yaml(args.config)
+        if args.config
+        else ChameleonConfig().with_overrides(EVAL_SYNTH_DEFAULTS)
+    )
+    return cfg.with_overrides(flag_overrides(args, JOB_FLAGS)).with_overrides(
+        flag_overrides(args, EVAL_FLAGS)
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.report_only:
+        from chameleon.evaluation.report import write_report
+
+        print(f"report: {write_report(args.out)}")
+        return 0
+    import torch
+
+    from chameleon.evaluation.runner import EvalSettings, run_evaluation
+
+    torch.set_num_threads(max(1, args.threads))
+    cfg = eval_config(args)
+    settings = EvalSettings(
+        out_dir=args.out,
+        workdir=args.workdir,
+        store=args.store,
+        store_options={"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {},
+        lamp_dir=args.lamp_dir,
+        tuning_users=args.tuning_users,
+        reported_users=args.reported_users,
+        methods=tuple(args.methods),
+        rag_k=args.rag_k,
+        max_new_tokens=args.eval_max_new_tokens,
+        batch_size=args.eval_batch_size,
+        n_resamples=args.n_resamples,
+        seed=args.seed if args.seed is not None else 0,
+        run_tag=args.run_tag,
+        synth_run=args.synth_run,
+        reuse_synthesis_from=args.reuse_synthesis_from,
+        use_ray=args.ray,
+        address=args.address,
+        ablations=tuple(args.ablations),
+        ablation_run=args.ablation_run,
+        ablation_users=args.ablation_users,
+        history_users=args.history_users,
+        select_on_tuning=args.select_on_tuning,
+        command="chameleon eval " + " ".join(shlex.quote(a) for a in _eval_argv()),
+    )
+    res = run_evaluation(settings, cfg)
+    print(f"\n{res['n_users']} reported users, model {res['model']}")
+    for m, e in res["methods"].items():
+        vb = e.get("vs_base", {}).get("rougeL")
+        rel = (
+            ""
+            if not vb or vb["rel"] is None
+            else f"  vs base {vb['rel'] * 100:+.1f} % (p={vb['p_bootstrap']:.3f})"
+        )
+        print(f"  {m:26s} ROUGE-1 {e['rouge1']:.3f}  ROUGE-L {e['rougeL']:.3f}{rel}")
+    g = res["goal"]
+    if g.get("evaluated"):
+        target = g["target_rel_vs_base"] * 100
+        print(
+            f"goal (group >= base +{target:.0f} % ROUGE-L and > RAG, paired): {'met' if g['met'] else 'NOT met'}"
+        )
+    print(f"report: {args.out}/report.md")
+    return 0
+
+
+def _eval_argv() -> list[str]:
+    """The arguments after `eval` on this process's command line (for the report's reproduce line)."""
+    argv = sys.argv[1:]
+    if "eval" in argv:
+        return argv[argv.index("eval") + 1 :]
+    return argv

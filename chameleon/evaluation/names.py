@@ -1,0 +1,51 @@
+"""Names and defaults of the evaluation, light enough for the command-line parser (no torch, no numpy).
+
+Methods (names as written to ``results.json``, in report order):
+
+- ``copy``: the tweet inside the LaMP input, no model (the sanity line every report carries).
+- ``base``: the instruction-tuned model alone, the LaMP input as the one user message.
+- ``rag``: LaMP's retrieval baseline: the top-k profile tweets by BM25 in LaMP-7's own prompt form,
+  then the LaMP input.
+- ``chameleon_user``: each user's own edit (users without one fall back to the base model).
+- ``chameleon_group``: the user's group edit; groups from the tuning users plus the reported users.
+- ``chameleon_unseen``: groups from the tuning users only; each reported user is assigned to the
+  nearest group from the embedding of its history alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+METHODS = ("copy", "base", "rag", "chameleon_user", "chameleon_group", "chameleon_unseen")
+"""Every method of the main evaluation, in report order."""
+
+MODEL_METHODS = METHODS[1:]
+"""The methods that run the model."""
+
+REFERENCES = ("base", "rag")
+"""Methods every other method is compared with (paired, per user)."""
+
+GOAL_REL_ROUGE_L = 0.15
+"""The project's goal: Chameleon (group level) beats base by at least this relative ROUGE-L."""
+
+ABLATIONS = (
+    "alpha",
+    "beta",
+    "n_layers",
+    "theta_p",
+    "theta_n",
+    "site",
+    "positions",
+    "group_size",
+    "unseen",
+    "history",
+)
+"""Ablations run on tuning users; ``history`` needs its own (small) synthesis."""
+
+EVAL_SYNTH_DEFAULTS: dict[str, Any] = {
+    "synth.pairs_per_user": 4,
+    "synth.insight_max_new_tokens": 48,
+    "synth.answer_max_new_tokens": 40,
+    "job.users_per_partition": 25,
+}
+"""Synthesis settings of the evaluation when no config file is given (sized for a few CPU cores)."""

@@ -1,0 +1,104 @@
+"""Command-line flags that override single settings of a pydantic config: one table per command.
+
+    FLAGS = (Flag("--model", "model.name_or_path", help="…"), …)
+    add_flags(parser, FLAGS, defaults=ChameleonConfig())   # help shows each setting's default
+    overrides = flag_overrides(args, FLAGS)               # {"model.name_or_path": "…"} (unset skipped)
+
+Flags default to None, so a flag the user did not give never overrides a YAML file's value; the
+help text shows the default the config itself would use.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from chameleon.config import ChameleonConfig
+
+
+@dataclass(frozen=True)
+class Flag:
+    flag: str
+    """e.g. `--pairs-per-user`"""
+    setting: str
+    """dotted config setting it overrides, e.g. `synth.pairs_per_user`"""
+    help: str
+    type: Callable[[str], Any] = str
+    choices: Sequence[str] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def setting_default(defaults: BaseModel, setting: str) -> Any:
+    """The value of a dotted setting in a config instance."""
+    value: Any = defaults
+    for part in setting.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], defaults: BaseModel) -> None:
+    for f in flags:
+        default = setting_default(defaults, f.setting)
+        shown = "unset" if default is None else default
+        parser.add_argument(
+            f.flag,
+            type=f.type,
+            choices=f.choices,
+            dest=f.dest,
+            help=f"{f.help} [{f.setting}; default: {shown}]",
+        )
+
+
+def flag_overrides(args: argparse.Namespace, flags: Sequence[Flag]) -> dict[str, Any]:
+    """{dotted setting: value} of the flags that were given."""
+    return {f.setting: getattr(args, f.dest) for f in flags if getattr(args, f.dest, None) is not None}
+
+
+JOB_FLAGS: tuple[Flag, ...] = (
+    Flag("--model", "model.name_or_path", "Hugging Face model id or local path"),
+    Flag("--dtype", "model.dtype", "weights dtype", choices=("auto", "float32", "bfloat16", "float16")),
+    Flag("--device-map", "model.device_map", "e.g. `auto` to shard one replica over the GPUs of a node"),
+    Flag("--pairs-per-user", "synth.pairs_per_user", "synthetic pairs per user", int),
+    Flag("--history-k", "synth.history_k", "history items each user's pairs are made from", int),
+    Flag("--max-new-tokens", "synth.answer_max_new_tokens", "token budget of each synthetic answer", int),
+    Flag("--batch-size", "synth.batch_size", "generation batch size of the map stage", int),
+    Flag("--seed", "synth.seed", "seed of the synthesis", int),
+    Flag("--site", "subspace.site", "where hidden states are read and edited", choices=("mlp", "residual")),
+    Flag("--n-layers", "subspace.n_layers", "layers each edit applies to", int),
+    Flag("--n-groups", "groups.n_groups", "number of groups to cluster users into", int),
+    Flag("--min-group-size", "groups.min_group_size", "smallest group a cluster may form", int),
+    Flag(
+        "--group-column",
+        "groups.group_column",
+        "user field that names each user's group (instead of clustering)",
+    ),
+    Flag("--num-actors", "job.num_actors", "model replicas (Ray actors) of the map stage", int),
+    Flag("--num-gpus-per-actor", "job.num_gpus_per_actor", "GPUs per replica", float),
+    Flag(
+        "--users-per-partition",
+        "job.users_per_partition",
+        "users per map partition (the unit of resume)",
+        int,
+    ),
+)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` plus the job's setting flags."""
+    parser.add_argument(
+        "--config", help="YAML file with config sections (see cluster/job-config.example.yaml)"
+    )
+    add_flags(parser, JOB_FLAGS, ChameleonConfig())
+
+
+def load_config(args: argparse.Namespace) -> ChameleonConfig:
+    """The YAML file (if any), then the flags that were given."""
+    cfg = ChameleonConfig.from_yaml(args.config) if getattr(args, "config", None) else ChameleonConfig()
+    return cfg.with_overrides(flag_overrides(args, JOB_FLAGS))

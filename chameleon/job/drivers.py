@@ -1,0 +1,69 @@
+"""Pick where model work runs: in this process, or on Ray (imported only when asked for)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from chameleon.config import ChameleonConfig
+from chameleon.core.edit import Edit
+from chameleon.data.storage import Store
+from chameleon.job.local import run_local
+
+
+def run_job(
+    input_uri: str,
+    store: Store,
+    run_id: str,
+    cfg: ChameleonConfig,
+    *,
+    local: bool,
+    address: str | None = None,
+    model_and_tokenizer: Any = None,
+    progress: bool = True,
+    **store_options: Any,
+) -> dict[str, Any]:
+    """Run the job in this process (`local`, optionally on an already loaded model) or on Ray;
+    returns the committed manifest."""
+    if local:
+        return run_local(
+            input_uri,
+            store,
+            run_id,
+            cfg,
+            model_and_tokenizer=model_and_tokenizer,
+            progress=progress,
+            **store_options,
+        )
+    from chameleon.job.ray_job import run_ray_job
+
+    return run_ray_job(input_uri, store, run_id, cfg, address=address, **store_options)
+
+
+def answers_on_ray(
+    cfg: ChameleonConfig,
+    messages: Sequence[str],
+    *,
+    edits: Sequence[Edit | None] | None = None,
+    **kwargs: Any,
+) -> list[str]:
+    """`core.generation.generate_answers` on an actor pool sized by `cfg.job` (see `job.replicas`)."""
+    from chameleon.job.replicas import generate_answers_on_ray
+
+    return generate_answers_on_ray(
+        cfg, list(messages), edits=None if edits is None else list(edits), **kwargs
+    )
+
+
+def describe_run(manifest: dict[str, Any], store_uri: str) -> str:
+    """What a finished run holds, in three lines for a terminal."""
+    c = manifest["counts"]
+    return "\n".join(
+        (
+            f"run {manifest['run_id']}: {c['accepted']} users accepted, {c['rejected']} rejected, "
+            f"{c['users_failed']} failed in the map stage, {c['users_with_edit']} with their own edit, "
+            f"{c['groups']} groups, {c['pairs_kept']}/{c['pairs']} pairs kept",
+            "time per stage: " + ", ".join(f"{k}={v:.1f}" for k, v in manifest["timings_s"].items()),
+            f"artifacts: {store_uri.rstrip('/')}/runs/{manifest['run_id']}/ (manifest.json, latest updated)",
+        )
+    )

@@ -1,0 +1,48 @@
+"""The in-process driver: users file → pairs → user and group subspaces → artifacts, one process.
+
+The Ray driver (`chameleon.job.ray_job`) runs the same stages with the map stage spread over
+actors; this driver is the reference it is measured against, and what `chameleon personalize
+--local` runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from chameleon.config import ChameleonConfig
+from chameleon.core.fingerprint import fingerprint_model
+from chameleon.core.model import load_model, num_layers
+from chameleon.data.storage import Store
+from chameleon.job.run import begin_run, finish_run, write_partition
+from chameleon.job.stages import process_partition
+
+
+def run_local(
+    input_uri: str,
+    store: Store,
+    run_id: str,
+    cfg: ChameleonConfig,
+    *,
+    model_and_tokenizer=None,
+    progress: bool = True,
+    **store_options: Any,
+) -> dict[str, Any]:
+    """Run the whole job in this process; returns the run's manifest.
+
+    Rerunning with the same run id resumes: partitions already complete in the store are
+    adopted, not recomputed.
+    """
+    t0 = time.perf_counter()
+    model, tok = model_and_tokenizer or load_model(cfg.model)
+    load_s = time.perf_counter() - t0
+    plan = begin_run(input_uri, store, run_id, cfg, num_layers(model), **store_options)
+    plan.timings["load_s"] += load_s
+    t1 = time.perf_counter()
+    for k in tqdm(plan.todo, desc="fake it (partitions)", disable=not progress):
+        pairs, profiles, failures = process_partition(model, tok, plan.partitions[k], cfg, plan.layers)
+        write_partition(plan.writer, k, pairs, profiles, failures)
+    plan.timings["map_s"] = time.perf_counter() - t1
+    return finish_run(plan, cfg, fingerprint_model(model, cfg.model.name_or_path))

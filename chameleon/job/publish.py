@@ -1,0 +1,161 @@
+"""Reduce a run's partitions and publish its artifacts: user shards, group edits, assignments,
+centroids, then the manifest (last) and the `latest` pointer."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from chameleon.config import ChameleonConfig
+from chameleon.core import prompts
+from chameleon.core.fingerprint import ModelFingerprint
+from chameleon.data.artifacts import RunWriter
+from chameleon.data.layout import (
+    ASSIGNMENTS,
+    CENTROIDS,
+    USER_SHARD_SIZE,
+    group_key,
+    read_partitions,
+    user_shards,
+)
+from chameleon.job.stages import Reduced, reduce_all
+
+
+class JobFailedError(RuntimeError):
+    """The job ran but produced no run: too many failed users, or partitions that never finished."""
+
+
+def _per_user_layers(t: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Row i of t [U, L, ...] at its own layers chosen[i] -> [U, n, ...]."""
+    return torch.stack([t[i][chosen[i]] for i in range(len(chosen))]).contiguous()
+
+
+def _user_shard_tensors(reduced: Reduced, rows: slice) -> dict[str, torch.Tensor]:
+    users = reduced.users
+    chosen, sub = users.chosen[rows], users.sub
+    return {
+        "layers": torch.tensor(reduced.layers, dtype=torch.int64)[chosen],
+        "theta_p": _per_user_layers(sub.theta_p[rows], chosen),
+        "theta_n": _per_user_layers(sub.theta_n[rows], chosen),
+        "mean": _per_user_layers(sub.mean[rows], chosen),
+        "rank": _per_user_layers(sub.rank[rows], chosen),
+        "ccs_loss": sub.ccs_loss[rows].contiguous(),
+        "has_edit": users.has_edit[rows].to(torch.uint8),
+        "n_pairs_kept": users.keep[rows].sum(1),
+    }
+
+
+def assignments_table(reduced: Reduced) -> pa.Table:
+    """user_id → group_id, distance, how assigned, and where the user's own edit is stored."""
+    data, users, grouping = reduced.data, reduced.users, reduced.grouping
+    n = len(data.user_ids)
+    return pa.table(
+        {
+            "user_id": pa.array(data.user_ids, pa.string()),
+            "group_id": pa.array([grouping.group_ids[i] for i in grouping.labels.tolist()], pa.string()),
+            "distance": pa.array(grouping.distance.tolist(), pa.float32()),
+            "assigned_by": pa.array(grouping.assigned_by, pa.string()),
+            "user_shard": pa.array([i // USER_SHARD_SIZE for i in range(n)], pa.int32()),
+            "user_row": pa.array([i % USER_SHARD_SIZE for i in range(n)], pa.int32()),
+            "has_user_edit": pa.array(users.has_edit.tolist(), pa.bool_()),
+            "n_pairs_kept": pa.array(users.keep.sum(1).tolist(), pa.int32()),
+        }
+    )
+
+
+def write_edits(writer: RunWriter, reduced: Reduced, site: str) -> list[dict[str, Any]]:
+    """Write user shards, group edits, centroids and assignments; returns the groups' manifest rows."""
+    for key, rows in user_shards(len(reduced.data.user_ids)):
+        writer.put_safetensors(
+            key, _user_shard_tensors(reduced, rows), {"user_ids": json.dumps(reduced.data.user_ids[rows])}
+        )
+    grouping, groups = reduced.grouping, reduced.groups
+    groups_meta = []
+    for j, gid in enumerate(grouping.group_ids):
+        edit = reduced.group_edit(j, site)
+        rank = groups.rank[j, reduced.group_layers[j]]
+        tensors = {**edit.to_tensors(), "rank": rank, "ccs_loss": groups.ccs_loss[j]}
+        meta = {"group_id": gid, "n_users": str(grouping.sizes[j]), "n_pairs": str(int(groups.n_pairs[j]))}
+        writer.put_safetensors(group_key(gid), tensors, meta)
+        groups_meta.append(
+            {
+                "group_id": gid,
+                "n_users": grouping.sizes[j],
+                "n_pairs": int(groups.n_pairs[j]),
+                "layers": edit.layers,
+                "rank": rank.tolist(),
+            }
+        )
+    writer.put_safetensors(
+        CENTROIDS,
+        {"history_centroids": grouping.history_centroids.contiguous()},
+        {"group_ids": json.dumps(grouping.group_ids)},
+    )
+    writer.put_parquet(ASSIGNMENTS, assignments_table(reduced))
+    return groups_meta
+
+
+def reduce_and_publish(
+    writer: RunWriter,
+    *,
+    cfg: ChameleonConfig,
+    layers: Sequence[int],
+    fingerprint: ModelFingerprint,
+    n_partitions: int,
+    counts: dict[str, int],
+    timings: dict[str, float],
+    max_user_failures: float = 1.0,
+) -> dict[str, Any]:
+    """Reduce every partition of the run, group, and publish; returns the committed manifest.
+
+    Refuses (`JobFailedError`, nothing published) when more than `max_user_failures` of the
+    accepted users failed in the map stage, counted over every partition, adopted ones included.
+    """
+    pairs, profiles, failures = read_partitions(writer, n_partitions)
+    accepted = counts.get("accepted") or (len(profiles) if profiles is not None else 0) + len(failures)
+    if failures and len(failures) / accepted > max_user_failures:
+        raise JobFailedError(
+            f"{len(failures)} of {accepted} users failed in the map stage (limit {max_user_failures:.0%}); "
+            f"see runs/{writer.run_id}/failures/"
+        )
+    if pairs is None:
+        raise JobFailedError(
+            f"the map stage produced no pairs for any user (see runs/{writer.run_id}/failures/)"
+        )
+    reduced = reduce_all(pairs, profiles, cfg, layers, timings)
+    t0 = time.perf_counter()
+    groups_meta = write_edits(writer, reduced, cfg.subspace.site)
+    timings["publish_s"] = time.perf_counter() - t0
+    counts = {
+        **counts,
+        "users_mapped": len(reduced.data.user_ids),
+        "users_failed": len(failures),
+        "users_with_edit": int(reduced.users.has_edit.sum()),
+        "groups": len(reduced.grouping.group_ids),
+        "pairs": int(reduced.data.mask.sum()),
+        "pairs_kept": int(reduced.users.keep.sum()),
+    }
+    manifest = {
+        "model": {
+            "id": cfg.model.name_or_path,
+            "revision": cfg.model.revision,
+            "fingerprint": fingerprint.to_dict(),
+        },
+        "hidden_size": fingerprint.hidden_size,
+        "captured_layers": list(layers),
+        "site": cfg.subspace.site,
+        "max_rank": cfg.subspace.max_rank,
+        "edit": cfg.edit.model_dump(),
+        "prompt_version": prompts.PROMPT_VERSION,
+        "groups": groups_meta,
+        "user_shards": [key for key, _ in user_shards(len(reduced.data.user_ids))],
+        "counts": counts,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "config": cfg.model_dump(),
+    }
+    return writer.commit(manifest)

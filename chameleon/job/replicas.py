@@ -1,0 +1,160 @@
+"""Actor pools of model replicas on Ray Data: the job's map stage and the evaluation's answers.
+
+Each actor of a pool holds one model replica (`cfg.job` sizes the pool: actors, GPUs and CPUs per
+actor, as for the map stage) and maps one item at a time. `map_with_replicas` is the one way
+the project runs model work on Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from chameleon.config import ChameleonConfig, EditConfig
+from chameleon.core.edit import Edit
+from chameleon.core.generation import distinct_edits, generate_answers
+from chameleon.core.model import load_model
+from chameleon.ray_env import init_ray, worker_torch_threads
+
+
+class ModelReplica:
+    """Base of the pools' actors: the config, torch threads, and the loaded model."""
+
+    def __init__(self, cfg_json: str) -> None:
+        self.cfg = ChameleonConfig.model_validate_json(cfg_json)
+        worker_torch_threads(self.cfg.job.torch_threads)
+        self.model, self.tok = load_model(self.cfg.model)
+
+
+def map_with_replicas(
+    items: list[dict[str, Any]], worker: type[ModelReplica], cfg: ChameleonConfig, **worker_kwargs: Any
+) -> list[dict[str, Any]]:
+    """Run `worker` over `items` (one item per call) on an actor pool sized by `cfg.job`."""
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        worker,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.job.num_actors, len(items))),
+        num_gpus=cfg.job.num_gpus_per_actor or None,
+        num_cpus=cfg.job.num_cpus_per_actor,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), **worker_kwargs},
+    )
+    return ds.take_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers (evaluation: every method's answers for many users, each row with its own edit or none)
+
+
+def _pack_edits(edits: list[Edit]) -> bytes:
+    """Distinct edits of one shard as bytes (Arrow carries them; torch.save keeps dtypes exact)."""
+    buf = io.BytesIO()
+    torch.save([{"site": e.site, **e.to_tensors()} for e in edits], buf)
+    return buf.getvalue()
+
+
+def _unpack_edits(blob: bytes) -> list[Edit]:
+    out = []
+    for t in torch.load(io.BytesIO(blob), weights_only=True):
+        site = t.pop("site")
+        out.append(Edit.from_tensors(t, site=site))
+    return out
+
+
+class AnswerWorker(ModelReplica):
+    """Maps shards of user messages (each with its own edit, or none) to greedy answers with
+    `core.generation.generate_answers`, the function the in-process evaluation runs."""
+
+    def __init__(
+        self, cfg_json: str, edit_cfg_json: str, system: str | None, max_new_tokens: int, batch_size: int
+    ) -> None:
+        super().__init__(cfg_json)
+        self.edit_cfg = EditConfig.model_validate_json(edit_cfg_json)
+        self.system, self.max_new_tokens, self.batch_size = system, max_new_tokens, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"shard": [], "answers": []}
+        for k, messages_json, rows_json, blob in zip(
+            batch["shard"], batch["messages"], batch["edit_rows"], batch["edits"], strict=True
+        ):
+            messages = json.loads(str(messages_json))
+            rows = json.loads(str(rows_json))
+            distinct = _unpack_edits(bytes(blob)) if blob else []
+            edits = [None if r < 0 else distinct[r] for r in rows] if distinct else None
+            answers = generate_answers(
+                self.model,
+                self.tok,
+                messages,
+                edits=edits,
+                edit_cfg=self.edit_cfg,
+                system=self.system,
+                max_new_tokens=self.max_new_tokens,
+                batch_size=self.batch_size,
+            )
+            out["shard"].append(int(k))
+            out["answers"].append(json.dumps(answers))
+        return out
+
+
+def answer_shards(n: int, n_shards: int, batch_size: int) -> list[range]:
+    """Contiguous shards of `n` rows, each a whole number of batches where possible."""
+    if n == 0:
+        return []
+    per = max(1, -(-n // max(1, n_shards)))
+    per = -(-per // batch_size) * batch_size
+    return [range(s, min(n, s + per)) for s in range(0, n, per)]
+
+
+def generate_answers_on_ray(
+    cfg: ChameleonConfig,
+    messages: list[str],
+    *,
+    edits: list[Edit | None] | None = None,
+    edit_cfg: EditConfig | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    address: str | None = None,
+    shards_per_actor: int = 2,
+) -> list[str]:
+    """`generate_answers` over an actor pool: answers in input order. Each shard carries only the
+    edits its rows use."""
+    if edits is not None and len(edits) != len(messages):
+        raise ValueError(f"{len(edits)} edits for {len(messages)} messages")
+    init_ray(address)
+    shards = answer_shards(len(messages), cfg.job.num_actors * shards_per_actor, batch_size)
+    if not shards:
+        return []
+    items = []
+    for k, idx in enumerate(shards):
+        unique, rows = distinct_edits([edits[i] for i in idx] if edits is not None else [None] * len(idx))
+        items.append(
+            {
+                "shard": k,
+                "messages": json.dumps([messages[i] for i in idx]),
+                "edit_rows": json.dumps(rows),
+                "edits": _pack_edits(unique) if unique else b"",
+            }
+        )
+    results = map_with_replicas(
+        items,
+        AnswerWorker,
+        cfg,
+        edit_cfg_json=(edit_cfg or EditConfig()).model_dump_json(),
+        system=system,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    by_shard = {int(r["shard"]): json.loads(r["answers"]) for r in results}
+    missing = [k for k in range(len(shards)) if k not in by_shard]
+    if missing:
+        raise RuntimeError(f"answer shards {missing} returned nothing")
+    answers = [a for k in range(len(shards)) for a in by_shard[k]]
+    if len(answers) != len(messages):
+        raise RuntimeError(f"{len(answers)} answers for {len(messages)} messages")
+    return answers

@@ -1,0 +1,341 @@
+"""The job's stages as plain functions: map a partition, reduce users, group, reduce groups.
+
+Both drivers call exactly these: the in-process one (`chameleon.job.local`) and the Ray job
+(`chameleon.job.ray_job`, which runs `process_partition` inside actors). Nothing here imports Ray.
+
+Tables between stages (one Parquet file per partition):
+
+    pairs/part-K.parquet     user_id, group_id, pair_index, query, personalized, neutral,
+                             insight_p, insight_n, emb_p, emb_n  (float32 [L*d] at the captured layers)
+    profiles/part-K.parquet  user_id, group_id, selected (history indices), history_embedding [d]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from chameleon.config import ChameleonConfig, SubspaceConfig
+from chameleon.core import subspace as ss
+from chameleon.core.edit import Edit
+from chameleon.core.records import UserRecord
+from chameleon.core.synth import UserPairs, synthesize
+from chameleon.data.layout import column_matrix, vector_column
+
+log = logging.getLogger(__name__)
+
+
+def candidate_layers(n_model_layers: int, cfg: SubspaceConfig) -> list[int]:
+    """Layers captured and scored: the configured list, else 6 evenly spaced layers of the middle
+    band (1/4 to 2/3 of the depth), where edits were seen to be harmless on the embedded model;
+    explicit edit layers are always included."""
+    if cfg.candidate_layers:
+        layers = list(cfg.candidate_layers)
+    else:
+        lo, hi = n_model_layers // 4, max(n_model_layers // 4, (2 * n_model_layers) // 3)
+        layers = sorted({int(round(x)) for x in np.linspace(lo, hi, num=min(6, hi - lo + 1))})
+    layers = sorted(set(layers) | set(cfg.layers or []))
+    bad = [x for x in layers if not 0 <= x < n_model_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model with {n_model_layers} layers")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Map
+
+
+def pairs_to_tables(pairs: Sequence[UserPairs]) -> tuple[pa.Table, pa.Table]:
+    """Arrow tables (pairs, profiles) of a partition's synthetic data."""
+    rows: dict[str, list] = {
+        k: []
+        for k in (
+            "user_id",
+            "group_id",
+            "pair_index",
+            "query",
+            "personalized",
+            "neutral",
+            "insight_p",
+            "insight_n",
+        )
+    }
+    emb_p, emb_n = [], []
+    for up in pairs:
+        for i, q in enumerate(up.queries):
+            rows["user_id"].append(up.user_id)
+            rows["group_id"].append(up.group_id)
+            rows["pair_index"].append(i)
+            rows["query"].append(q)
+            rows["personalized"].append(up.personalized[i])
+            rows["neutral"].append(up.neutral[i])
+            rows["insight_p"].append(up.insight_p)
+            rows["insight_n"].append(up.insight_n)
+        emb_p.append(up.emb_p.reshape(len(up.queries), -1).numpy())
+        emb_n.append(up.emb_n.reshape(len(up.queries), -1).numpy())
+    width = emb_p[0].shape[1] if emb_p else 0
+    cols = {k: pa.array(v, type=pa.int32() if k == "pair_index" else pa.string()) for k, v in rows.items()}
+    if emb_p:
+        cols["emb_p"] = vector_column(np.concatenate(emb_p), width)
+        cols["emb_n"] = vector_column(np.concatenate(emb_n), width)
+    pairs_table = pa.table(cols)
+    profile_cols = {
+        "user_id": pa.array([p.user_id for p in pairs], pa.string()),
+        "group_id": pa.array([p.group_id for p in pairs], pa.string()),
+        "selected": pa.array([p.selected for p in pairs], pa.list_(pa.int32())),
+    }
+    # A partition whose users all failed has no vectors (and no width): readers skip empty parts.
+    if pairs:
+        d = pairs[0].history_embedding.shape[0]
+        profile_cols["history_embedding"] = vector_column(
+            np.stack([p.history_embedding.numpy() for p in pairs]), d
+        )
+    return pairs_table, pa.table(profile_cols)
+
+
+def process_partition(
+    model, tok, users: Sequence[UserRecord], cfg: ChameleonConfig, layers: Sequence[int]
+) -> tuple[pa.Table, pa.Table, list[dict]]:
+    """Fake it for a partition; a user whose processing fails is isolated, not fatal.
+
+    The partition is processed in one batch; if that fails, each user is retried alone so one
+    bad user cannot take the others down. Returns (pairs, profiles, failures).
+    """
+    failures: list[dict] = []
+    try:
+        done = synthesize(model, tok, users, cfg, layers)
+    except Exception:
+        log.warning(
+            "partition failed as a batch; retrying its %d users one by one", len(users), exc_info=True
+        )
+        done = []
+        for u in users:
+            try:
+                done.extend(synthesize(model, tok, [u], cfg, layers))
+            except Exception as exc:
+                failures.append(
+                    {
+                        "user_id": u.user_id,
+                        "reason": f"map stage failed: {type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(limit=5),
+                    }
+                )
+    pairs, profiles = pairs_to_tables(done)
+    return pairs, profiles, failures
+
+
+# ---------------------------------------------------------------------------------------------
+# Reduce
+
+
+@dataclass
+class UnitData:
+    """All users' pairs as dense tensors, in user order."""
+
+    user_ids: list[str]
+    group_ids: list[str | None]
+    H_P: torch.Tensor
+    """[U, K, L, d]"""
+    H_N: torch.Tensor
+    mask: torch.Tensor
+    """[U, K] real pair slots"""
+    history_embedding: torch.Tensor
+    """[U, d]"""
+
+
+def tables_to_units(pairs: pa.Table, profiles: pa.Table, n_layers: int) -> UnitData:
+    """Dense per-user tensors from the concatenated partition tables (users sorted by id)."""
+    prof_ids = profiles.column("user_id").to_pylist()
+    order = sorted(range(len(prof_ids)), key=lambda i: prof_ids[i])
+    user_ids = [prof_ids[i] for i in order]
+    index = {u: j for j, u in enumerate(user_ids)}
+    groups_all = profiles.column("group_id").to_pylist()
+    group_ids = [groups_all[i] for i in order]
+    hist = column_matrix(profiles, "history_embedding")
+    history = torch.from_numpy(hist[order].copy()) if len(order) else torch.zeros(0, 0)
+    U = len(user_ids)
+    width = pairs.schema.field("emb_p").type.list_size if "emb_p" in pairs.column_names else 0
+    d = width // n_layers if n_layers else 0
+    uid = pairs.column("user_id").to_pylist()
+    pidx = pairs.column("pair_index").to_pylist()
+    K = max(pidx) + 1 if pidx else 1
+    H_P = torch.zeros(U, K, n_layers, d)
+    H_N = torch.zeros(U, K, n_layers, d)
+    mask = torch.zeros(U, K, dtype=torch.bool)
+    if len(uid):
+        ep = torch.from_numpy(column_matrix(pairs, "emb_p").reshape(len(uid), n_layers, d).copy())
+        en = torch.from_numpy(column_matrix(pairs, "emb_n").reshape(len(uid), n_layers, d).copy())
+        rows = torch.tensor([index[u] for u in uid])
+        cols = torch.tensor(pidx)
+        H_P[rows, cols] = ep
+        H_N[rows, cols] = en
+        mask[rows, cols] = True
+    return UnitData(user_ids, group_ids, H_P, H_N, mask, history)
+
+
+@dataclass
+class UserReduce:
+    """Per-user results of the reduce stage."""
+
+    sub: ss.Subspaces
+    keep: torch.Tensor
+    """[U, K] pairs that passed the filter"""
+    chosen: torch.Tensor
+    """[U, n] indices into the captured layers of each user's edit layers"""
+    has_edit: torch.Tensor
+    """[U] users with enough pairs for an edit of their own"""
+
+
+def reduce_users(data: UnitData, cfg: SubspaceConfig, layers: Sequence[int], chunk: int = 2048) -> UserReduce:
+    """θP, θN, CCS loss and layer choice for every user, `chunk` users per vectorized call."""
+    mid = len(layers) // 2
+    keep = ss.pair_filter_mask(data.H_P, data.H_N, data.mask, cfg.pair_cos_max, mid)
+    parts = []
+    for start in range(0, len(data.user_ids), chunk):
+        sl = slice(start, start + chunk)
+        parts.append(ss.fit_subspaces(data.H_P[sl], data.H_N[sl], keep[sl], cfg))
+    if not parts:
+        raise ValueError("no users to reduce")
+    sub = ss.Subspaces.cat(parts)
+    chosen = ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers)
+    return UserReduce(sub, keep, chosen, keep.sum(1) >= cfg.min_pairs)
+
+
+def unit_edit(sub: ss.Subspaces, i: int, chosen: torch.Tensor, layers: Sequence[int], site: str) -> Edit:
+    """The Edit of unit i of a reduce result, at its chosen layers."""
+    idx = chosen[i]
+    return Edit(
+        layers=[layers[j] for j in idx.tolist()],
+        theta_p=sub.theta_p[i, idx].clone(),
+        theta_n=sub.theta_n[i, idx].clone(),
+        mean=sub.mean[i, idx].clone(),
+        site=site,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups
+
+
+@dataclass
+class Grouping:
+    group_ids: list[str]
+    labels: torch.Tensor
+    """[U] index into group_ids"""
+    distance: torch.Tensor
+    """[U] 1 - cosine to the group's centroid in the space the user was assigned in"""
+    assigned_by: list[str]
+    """per user: `cluster`, `column` or `history`"""
+    history_centroids: torch.Tensor
+    """[G, d] mean history embedding of each group's members (assigns unseen users)"""
+    sizes: list[int] = field(default_factory=list)
+
+
+def group_users(data: UnitData, red: UserReduce, cfg: ChameleonConfig) -> Grouping:
+    """Group by the configured column, else cluster users with edits on subspace similarity.
+
+    Users without a usable edit (too few pairs) and users missing the column are placed by their
+    history embedding, exactly as an unseen user would be.
+    """
+    g = cfg.groups
+    U = len(data.user_ids)
+    labels = torch.full((U,), -1, dtype=torch.long)
+    distance = torch.zeros(U)
+    assigned = ["history"] * U
+    if g.group_column:
+        names = sorted({x for x in data.group_ids if x is not None})
+        if not names:
+            raise ValueError(f"groups.group_column={g.group_column!r} but no accepted user has that field")
+        for i, name in enumerate(data.group_ids):
+            if name is not None:
+                labels[i] = names.index(name)
+                assigned[i] = "column"
+        group_ids = names
+    else:
+        idx = torch.nonzero(red.has_edit).flatten()
+        if len(idx) == 0:
+            raise ValueError("no user has enough pairs for a subspace; nothing to group")
+        feats = ss.grouping_features(red.sub.select(idx))
+        lab, _, dist = ss.cluster_users(feats, g.n_groups, g.min_group_size, g.seed)
+        labels[idx] = lab
+        distance[idx] = dist
+        for i in idx.tolist():
+            assigned[i] = "cluster"
+        group_ids = [f"g{j:03d}" for j in range(int(lab.max()) + 1)]
+    G = len(group_ids)
+    placed = labels >= 0
+    cent = torch.stack([data.history_embedding[labels == j].mean(0) for j in range(G)])
+    if (~placed).any():
+        gi, gd = ss.nearest_group(data.history_embedding[~placed], cent)
+        labels[~placed] = gi
+        distance[~placed] = gd
+    sizes = torch.bincount(labels, minlength=G).tolist()
+    return Grouping(group_ids, labels, distance, assigned, cent, sizes)
+
+
+def reduce_groups(
+    data: UnitData, red: UserReduce, grouping: Grouping, cfg: SubspaceConfig, layers: Sequence[int]
+):
+    """Group subspaces from the pooled filtered pairs of each group's members.
+
+    Returns (Subspaces over groups, chosen layers [G, n]).
+    """
+    member_pairs = red.keep & red.has_edit[:, None]
+    H_P, H_N, mask = ss.pool_groups(
+        data.H_P,
+        data.H_N,
+        member_pairs,
+        grouping.labels,
+        len(grouping.group_ids),
+        cfg.max_group_pairs,
+        cfg.seed,
+    )
+    sub = ss.fit_subspaces(H_P, H_N, mask, cfg)
+    return sub, ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers)
+
+
+@dataclass
+class Reduced:
+    """Everything the reduce computes from a run's pairs: per-user and per-group subspaces."""
+
+    data: UnitData
+    users: UserReduce
+    grouping: Grouping
+    groups: ss.Subspaces
+    group_layers: torch.Tensor
+    """[G, n] indices into the captured layers of each group's edit layers"""
+    layers: list[int]
+    """the captured layers"""
+
+    def group_edit(self, j: int, site: str) -> Edit:
+        return unit_edit(self.groups, j, self.group_layers, self.layers, site)
+
+    def user_edit(self, i: int, site: str) -> Edit:
+        return unit_edit(self.users.sub, i, self.users.chosen, self.layers, site)
+
+
+def reduce_all(
+    pairs: pa.Table,
+    profiles: pa.Table,
+    cfg: ChameleonConfig,
+    layers: Sequence[int],
+    timings: dict[str, float] | None = None,
+) -> Reduced:
+    """Users' subspaces, groups, and the groups' subspaces, from a run's concatenated partitions."""
+    t0 = time.perf_counter()
+    data = tables_to_units(pairs, profiles, len(layers))
+    users = reduce_users(data, cfg.subspace, layers)
+    t1 = time.perf_counter()
+    grouping = group_users(data, users, cfg)
+    groups, group_layers = reduce_groups(data, users, grouping, cfg.subspace, layers)
+    if timings is not None:
+        timings["reduce_users_s"] = t1 - t0
+        timings["reduce_groups_s"] = time.perf_counter() - t1
+    return Reduced(data, users, grouping, groups, group_layers, list(layers))

@@ -1,0 +1,484 @@
+"""The Ray Serve application: published group edits behind an OpenAI-compatible API.
+
+Two deployments, one concern each:
+
+    HTTP ─► ChameleonIngress (FastAPI)          auth, request size, validation, OpenAI shapes, SSE
+               │  handle.options(stream=True).generate.remote(payload)
+               ▼
+            ChameleonServer (model replica)     tokenizer limits, run + group resolution, EditCache,
+                                                @serve.batch: one batched decode for every group
+
+`ChameleonServer` wraps a `ModelServer` (chameleon.serving.replica, no Ray): the base model and,
+per bank layout, an `EditBank` on the model's device with an `EditCache` deciding which
+(run, group) edits occupy its rows. `@serve.batch` gathers admitted requests; one manual decode
+loop (chameleon.serving.decoder: KV cache, per-row temperature/top-p/seed/stop/max_tokens) runs
+them together, so greedy and sampled requests of many groups share every forward pass and every
+edited layer applies all rows' edits in one batched operation. Finished rows leave the batch.
+
+Runs load from the store by id or through `latest` (polled every `refresh_interval_s` in a
+background thread; chameleon.serving.registry). A run made for another model (fingerprint
+mismatch) or with a file that fails its checksum is refused, the previous run keeps serving, and
+`/healthz` says why.
+
+`app_builder(args)` is the import path of the Serve config files (`cluster/serve-config.yaml`);
+`build_app(ServeConfig, store=...)` is the same from Python (the store object may carry keys).
+This is the only serving module that imports Ray, Serve, FastAPI or Starlette.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import time
+import typing
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chameleon.config import ModelConfig
+from chameleon.core.model import pick_device
+from chameleon.data.storage import Store
+from chameleon.ray_env import worker_torch_threads
+from chameleon.serving.config import ServeConfig
+from chameleon.serving.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    RequestBody,
+    generation_payload,
+    validation_message,
+)
+from chameleon.serving.replica import Admission, ModelServer
+
+log = logging.getLogger("chameleon.serving")
+
+# ---------------------------------------------------------------------------------------------
+# HTTP ingress
+
+
+def error_response(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+api = FastAPI(title="Chameleon (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _hints(fn):
+    """Resolve a route's string annotations (this module uses postponed evaluation) before Serve
+    rewrites its signature; otherwise FastAPI would read `request: "Request"` as a query field."""
+    fn.__annotations__ = typing.get_type_hints(fn)
+    return fn
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return error_response(exc, headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = "no such route" if exc.status_code == 404 else str(exc.detail)
+    return error_response(
+        ApiError(exc.status_code, message, "not_found" if exc.status_code == 404 else "http_error")
+    )
+
+
+def _usage(start: dict[str, Any], end: dict[str, Any]) -> dict[str, int]:
+    p, c = int(start["prompt_tokens"]), int(end["completion_tokens"])
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _sse_line(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# Helpers the ingress uses are defined above it: `serve.ingress` serializes the class when it is
+# decorated, so names defined later in this module would be missing in the replica.
+
+
+# `max_ongoing_requests` comes from ServeConfig in `build_app`.
+@serve.deployment(name="ChameleonIngress", ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class ChameleonIngress:
+    """HTTP: auth, size limits, validation, OpenAI response shapes and server-sent events."""
+
+    def __init__(self, server, settings: dict[str, Any]) -> None:
+        self.cfg = ServeConfig.model_validate(settings)
+        self.server = server
+        self.streaming = server.options(stream=True)
+        self.api_key = (os.environ.get(self.cfg.api_key_env) or None) if self.cfg.api_key_env else None
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise ApiError(
+                401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "invalid_api_key"
+            )
+
+    async def _json(self, request: Request) -> Any:
+        limit = self.cfg.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(
+                413,
+                f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                "request_too_large",
+            )
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise ApiError(400, f"request body is not valid JSON: {str(exc)[:200]}", "invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object", "invalid_json")
+        return data
+
+    def _parse(self, cls: type[RequestBody], data: dict[str, Any]) -> Any:
+        try:
+            req = cls.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(422, validation_message(exc), "invalid_request_body") from None
+        req.check()
+        if req.model != self.cfg.model_name:
+            raise ApiError(
+                404,
+                f"model {req.model!r} does not exist; this server serves {self.cfg.model_name!r}",
+                "model_not_found",
+                param="model",
+            )
+        asked = req.requested_max_tokens()
+        if asked is not None and asked > self.cfg.max_tokens_limit:
+            raise ApiError(
+                400,
+                f"max_tokens={asked} exceeds this server's limit of {self.cfg.max_tokens_limit}",
+                "max_tokens_too_large",
+                param="max_tokens",
+            )
+        return req
+
+    async def _start(self, payload: dict[str, Any]):
+        gen = self.streaming.generate.remote(payload)
+        try:
+            first = await gen.__anext__()
+        except Exception as exc:
+            log.exception("model replica failed")
+            raise ApiError(
+                503, f"the model replica is unavailable: {type(exc).__name__}", "replica_unavailable"
+            ) from None
+        if first.get("type") == "error":
+            raise ApiError.from_event(first)
+        return gen, first
+
+    @staticmethod
+    def _headers(pers: dict[str, Any]) -> dict[str, str]:
+        return {"x-chameleon-run": pers["run_id"] or "none", "x-chameleon-group": pers["group_id"] or "none"}
+
+    async def _complete(self, request: Request, cls: type[RequestBody], kind: str):
+        self._auth(request)
+        req = self._parse(cls, await self._json(request))
+        payload = generation_payload(req, kind)
+        gen, start = await self._start(payload)
+        pers = start["personalization"]
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        headers = self._headers(pers)
+        if req.stream:
+            return StreamingResponse(
+                self._sse(gen, start, req, kind, rid, created),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
+            )
+        text, ids, end = "", [], None
+        async for ev in gen:
+            if ev["type"] == "delta":
+                text += ev["text"]
+                ids += ev["token_ids"]
+            elif ev["type"] == "end":
+                end = ev
+                break
+            elif ev["type"] == "error":
+                raise ApiError.from_event(ev)
+        if end is None:
+            raise ApiError(500, "the model replica ended the response early", "internal_error")
+        usage = _usage(start, end)
+        if kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": end["finish_reason"],
+                "logprobs": None,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": end["finish_reason"], "logprobs": None}
+            obj = "text_completion"
+        if req.return_token_ids:
+            choice["token_ids"] = ids
+        body = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": self.cfg.model_name,
+            "choices": [choice],
+            "usage": usage,
+            "personalization": pers,
+        }
+        return JSONResponse(body, headers=headers)
+
+    async def _sse(
+        self, gen, start, req: RequestBody, kind: str, rid: str, created: int
+    ) -> AsyncIterator[str]:
+        pers = start["personalization"]
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        base = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name}
+
+        def chunk(
+            text: str | None, finish: str | None, ids: list[int] | None = None, first: bool = False
+        ) -> str:
+            if kind == "chat":
+                delta: dict[str, Any] = (
+                    {"role": "assistant", "content": text or ""}
+                    if first
+                    else ({"content": text} if text else {})
+                )
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "delta": delta,
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            if ids is not None and req.return_token_ids:
+                choice["token_ids"] = ids
+            return _sse_line({**base, "choices": [choice], "personalization": pers})
+
+        finished = False
+        try:
+            if kind == "chat":
+                yield chunk("", None, first=True)
+            async for ev in gen:
+                if ev["type"] == "delta":
+                    yield chunk(ev["text"], None, ev["token_ids"])
+                elif ev["type"] == "end":
+                    yield chunk(None, ev["finish_reason"], [])
+                    if req.include_usage():
+                        yield _sse_line(
+                            {**base, "choices": [], "usage": _usage(start, ev), "personalization": pers}
+                        )
+                    break
+                elif ev["type"] == "error":
+                    yield _sse_line(ApiError.from_event(ev).body())
+            finished = True
+        except Exception as exc:
+            log.exception("stream failed")
+            yield _sse_line(ApiError(500, f"stream failed: {type(exc).__name__}", "internal_error").body())
+            finished = True
+        finally:
+            if not finished:
+                with contextlib.suppress(Exception):
+                    gen.cancel()  # the client went away: stop the request on the replica
+        yield "data: [DONE]\n\n"
+
+    # -- routes --------------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    @_hints
+    async def healthz(self) -> JSONResponse:
+        try:
+            status = await self.server.health.remote()
+        except Exception as exc:
+            return JSONResponse(
+                {"status": "unavailable", "problems": [f"model replica: {type(exc).__name__}: {exc}"]},
+                status_code=503,
+            )
+        status["auth"] = self.api_key is not None
+        return JSONResponse(status, status_code=503 if status["status"] == "unavailable" else 200)
+
+    @api.get("/v1/models")
+    @_hints
+    async def models(self, request: Request) -> JSONResponse:
+        self._auth(request)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.cfg.model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "chameleon",
+                        "root": self.cfg.model.name_or_path,
+                    },
+                ],
+            }
+        )
+
+    @api.post("/v1/chat/completions")
+    @_hints
+    async def chat_completions(self, request: Request):
+        return await self._complete(request, ChatRequest, "chat")
+
+    @api.post("/v1/completions")
+    @_hints
+    async def completions(self, request: Request):
+        return await self._complete(request, CompletionRequest, "completion")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model replica
+
+
+def _runs_on_cpu(model: ModelConfig) -> bool:
+    if model.device_map is not None:
+        return model.device_map == "cpu" or not torch.cuda.is_available()
+    return pick_device(model).type == "cpu"
+
+
+def _set_torch_threads(cfg: ServeConfig) -> None:
+    """On CPU replicas, use as many torch threads as CPUs the replica holds; GPU replicas keep
+    torch's default."""
+    if not _runs_on_cpu(cfg.model):
+        return
+    cpus = cfg.num_cpus
+    with contextlib.suppress(Exception):
+        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", cpus))
+    if cpus >= 1:
+        worker_torch_threads(math.floor(cpus))
+
+
+# Resources, replicas and batch size come from ServeConfig in `build_app` and `__init__`.
+@serve.deployment(name="ChameleonServer")
+class ChameleonServer:
+    """The model replica: admission, the edit cache, batched decoding (streams events)."""
+
+    def __init__(self, settings: dict[str, Any], store: Store | None = None) -> None:
+        self.cfg = ServeConfig.model_validate(settings)
+        _set_torch_threads(self.cfg)
+        self.core = ModelServer(self.cfg, store)
+        self._batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.core.start_polling()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.core.stop_polling()
+
+    async def health(self) -> dict[str, Any]:
+        return self.core.health()
+
+    async def refresh(self) -> dict[str, Any]:
+        """Check the store now (tests and operators; the poller does it every refresh_interval_s)."""
+        await asyncio.to_thread(self.core.registry.refresh)
+        return self.core.health()
+
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Events: one `start` (or `error`), then `delta`s, then `end`."""
+        try:
+            adm = await self.core.admit(payload)
+        except ApiError as exc:
+            yield exc.to_event()
+            return
+        except Exception as exc:
+            log.exception("admission failed")
+            yield ApiError(
+                500, f"internal error during admission: {type(exc).__name__}", "internal_error"
+            ).to_event()
+            return
+        yield {
+            "type": "start",
+            "personalization": adm.resolution.describe(),
+            "prompt_tokens": len(adm.item.prompt_ids),
+            "max_tokens": adm.item.max_tokens,
+        }
+        texts: list[str] = []
+        ids: list[int] = []
+        n, finish = 0, None
+        try:
+            async for ev in self._batch(adm):
+                if ev is None or finish is not None:
+                    # After the end, keep draining: the batch then closes this request's stream
+                    # itself (breaking out would leave an orphaned future in @serve.batch).
+                    continue
+                n += len(ev.token_ids)
+                if adm.stream:
+                    if ev.text or payload.get("return_token_ids"):
+                        yield {"type": "delta", "text": ev.text, "token_ids": ev.token_ids}
+                else:
+                    texts.append(ev.text)
+                    ids += ev.token_ids
+                if ev.finish_reason:
+                    finish = ev.finish_reason
+                    if not adm.stream:
+                        yield {"type": "delta", "text": "".join(texts), "token_ids": ids}
+                    yield {"type": "end", "finish_reason": finish, "completion_tokens": n}
+            if finish is None:
+                raise RuntimeError("the batch ended before this request finished")
+        except Exception as exc:
+            log.exception("generation failed")
+            yield ApiError(
+                500, f"internal error during generation: {type(exc).__name__}: {exc}", "internal_error"
+            ).to_event()
+        finally:
+            if not adm.started:
+                adm.release()  # never reached a batch (cancelled while queued)
+            elif finish is None:
+                adm.cancelled = True  # the batch drops it at its next step, then releases the row
+
+    # Called with no arguments (the bare form refuses async generators); sizes come from ServeConfig in __init__.
+    @serve.batch()
+    async def _batch(self, admissions: list[Admission]) -> AsyncIterator[list[Any]]:
+        """One call per batch: yields, per decode step, one event per request (StopIteration when done)."""
+        async with contextlib.aclosing(self.core.run_batch(admissions)) as steps:
+            async for results in steps:
+                yield results
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the application
+
+
+def build_app(cfg: ServeConfig, store: Store | None = None):
+    """The Serve application: `ChameleonIngress` (HTTP) in front of `ChameleonServer` (model).
+
+    `store` overrides `cfg.store` with a ready store object (e.g. an `S3Store` carrying keys);
+    otherwise each replica opens `cfg.store` with the AWS credentials of its environment.
+    """
+    settings = cfg.model_dump()
+    server = ChameleonServer.options(
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    ).bind(settings, store)
+    return ChameleonIngress.options(max_ongoing_requests=cfg.max_ongoing_requests).bind(server, settings)
+
+
+def app_builder(args: dict[str, Any]):
+    """Import path of the Serve config files: `chameleon.serving:app_builder` with `args` =
+    `ServeConfig` fields (`store`, `run`, `model`, `api_key_env`, ...)."""
+    return build_app(ServeConfig.model_validate(dict(args or {})))

@@ -1,0 +1,141 @@
+"""Settings of the serving application: the `args` of a Serve config's application.
+
+The base model is the job's own `model:` section (`chameleon.config.ModelConfig`), so whatever
+loads a model for the job (a hub revision, `device_map` sharding, `trust_remote_code`, a
+`cache_dir`) loads it for serving too. A plain string is short for `{name_or_path: <string>}`:
+
+    args:                                  args:
+      store: s3://bucket/prefix              store: s3://bucket/prefix
+      model: Qwen/Qwen2.5-1.5B-Instruct      model: {name_or_path: Qwen/Qwen2.5-1.5B-Instruct, dtype: bfloat16}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from chameleon.config import EMBEDDED_MODEL, ModelConfig
+from chameleon.data.ids import ID_RULE, is_valid_id
+
+_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_MOVED_TO_MODEL = ("revision", "dtype", "device")
+"""Top-level fields of earlier versions that now live in the `model` section."""
+
+
+class ServeConfig(BaseModel):
+    """Settings of the serving application (the `args` of a Serve config's application)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    store: str
+    """Where runs are published: `s3://bucket/prefix` or a local directory (the job's `--store`)."""
+    s3_endpoint: str | None = None
+    """S3-compatible endpoint URL; default `CHAMELEON_S3_ENDPOINT`, else `AWS_ENDPOINT_URL`, else AWS.
+    Credentials come from the usual AWS environment variables of the replicas."""
+    run: str = "latest"
+    """Run id to serve, or `latest` to follow the store's `latest` pointer without restarts."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Base model: the job's `model:` section (`name_or_path`, `revision`, `dtype`, `device`,
+    `device_map`, `cache_dir`, `trust_remote_code`); a string is short for `{name_or_path: ...}`.
+    Must be the model the run was computed on (its fingerprint is checked against each run's
+    manifest)."""
+    served_model_name: str | None = None
+    """The `model` clients send and `/v1/models` lists; default: the model's name."""
+    api_key_env: str | None = "CHAMELEON_API_KEY"
+    """Environment variable (read by the ingress replicas) holding the bearer token; when it is
+    unset or empty, requests need no token."""
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    """Requests decoded together in one `@serve.batch` call."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=60.0)
+    """How long a batch waits to fill up before it starts."""
+    edit_cache_size: int = Field(256, ge=1)
+    """Group edits resident per replica (bank rows besides the identity); least recently used
+    unpinned rows are reused."""
+    max_prompt_tokens: int = Field(4096, ge=1)
+    """Longer prompts are refused with 400."""
+    max_tokens_limit: int = Field(1024, ge=1)
+    """Largest `max_tokens` a request may ask for (400 above it)."""
+    default_max_tokens: int = Field(256, ge=1)
+    """`max_tokens` of requests that give none (capped by `max_tokens_limit` and the context)."""
+    max_request_bytes: int = Field(1 << 20, ge=1024)
+    """Larger request bodies are refused with 413."""
+    fallback: str = "base"
+    """What users without an assignment get: `base` (no edit) or `group:<group_id>`."""
+    refresh_interval_s: float = Field(30.0, gt=0.0)
+    """How often a replica checks the store's `latest` pointer (and retries a run that failed to load)."""
+    admission_timeout_s: float = Field(60.0, gt=0.0)
+    """How long a request may wait for a free edit row before it gets 503."""
+    num_replicas: int = Field(1, ge=1)
+    """Model replicas (`ChameleonServer`); a Serve config's `deployments:` entry overrides it."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs per model replica (0 on CPU; 1 on a GPU node)."""
+    num_cpus: float = Field(1.0, ge=0.0)
+    """CPUs per model replica; on CPU also the number of torch threads."""
+    max_ongoing_requests: int = Field(256, ge=1)
+    """Concurrent requests per replica (ingress and model); keep it above `max_batch_size`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [k for k in _MOVED_TO_MODEL if k in data]
+            if moved:
+                fields = ", ".join(f"model.{k}" for k in moved)
+                raise ValueError(f"{', '.join(moved)} belong in the model section now: set {fields}")
+        return data
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"name_or_path": v} if isinstance(v, str) else v
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, v: str) -> str:
+        if v != "latest" and not is_valid_id(v):
+            raise ValueError(f"run must be 'latest' or a run id ({ID_RULE}), got {v!r}")
+        return v
+
+    @field_validator("fallback")
+    @classmethod
+    def _fallback(cls, v: str) -> str:
+        if v == "base":
+            return v
+        kind, _, gid = v.partition(":")
+        if kind != "group" or not is_valid_id(gid):
+            raise ValueError(
+                f"fallback must be 'base' or 'group:<group_id>' (group id: {ID_RULE}), got {v!r}"
+            )
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        if v is not None and v != "" and not _ENV_RE.fullmatch(v):
+            raise ValueError(f"api_key_env must be an environment variable name, got {v!r}")
+        return v or None
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
+            )
+        return self
+
+    @property
+    def fallback_group(self) -> str | None:
+        return self.fallback.partition(":")[2] if self.fallback.startswith("group:") else None
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        name = self.model.name_or_path
+        if name == EMBEDDED_MODEL:
+            return EMBEDDED_MODEL.partition(":")[2]
+        path = Path(name)
+        return path.name if path.is_absolute() or name.startswith(".") else name

@@ -1,0 +1,207 @@
+"""Which group edits sit in an `EditBank`: a bounded LRU of (run_id, group_id) → bank row.
+
+The bank is the table a batched forward indexes (row 0 = identity); this cache decides which
+edits occupy its other rows. It is the "slots" tier of serving (vLLM's `max_loras`, Ray Serve
+LLM's `max_num_adapters_per_replica`): cold edits come from storage, warm ones are a row index.
+
+    cache = EditCache(bank, capacity=256)
+    row = cache.acquire(key)                       # pinned row, or None on a miss
+    if row is None:
+        row = cache.install(key, load_edit(key), EditParams(alpha, beta, centered))   # pinned
+    ... run a batch that uses `row` ...
+    cache.release(row)                             # once the batch is done with it
+
+Rules:
+- Rows are allocated lazily (`EditBank.add`) up to `capacity` editable rows; after that the least
+  recently used row that nobody holds is overwritten in place (`EditBank.set_row`).
+- A row is *pinned* from `acquire`/`install` until the matching `release`. Pinned rows are never
+  evicted, so a batch in flight always reads the edit it was admitted with, even when a newer run
+  or another group wants the slot. When every row is pinned, `install` raises `CacheFullError`
+  (the caller waits for a release: capacity is a scheduling constraint, not a failure).
+- Keys carry the run id, so the same group id of two runs is two entries: a switch of `latest`
+  never serves one run's edit under another run's name.
+
+No Ray here: the cache is plain Python over an `EditBank` and is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass
+
+from chameleon.core.edit import Edit, EditBank
+
+CacheKey = tuple[str, str]
+"""(run_id, group_id)."""
+
+
+class CacheFullError(RuntimeError):
+    """Every editable row is pinned by a batch in flight; retry after a release."""
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """How a run's edits are applied (the run manifest's `edit` section)."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    centered: bool = True
+
+
+@dataclass
+class CacheStats:
+    capacity: int
+    """Editable rows at most (row 0, the identity, is not counted)."""
+    allocated: int
+    """Editable rows the bank holds so far (grows lazily up to `capacity`)."""
+    resident: int
+    """Rows holding an edit."""
+    pinned: int
+    """Rows held by admitted requests (never evicted)."""
+    hits: int = 0
+    misses: int = 0
+    installs: int = 0
+    evictions: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class EditCache:
+    """Bounded LRU of group edits over the rows of one `EditBank` (see the module docstring).
+
+    Thread-safe: every method takes one lock, so admission (on an event loop) and batch
+    completion (possibly elsewhere) may interleave. Writing a row never touches a pinned row, so
+    a forward pass that reads pinned rows concurrently is unaffected.
+    """
+
+    def __init__(self, bank: EditBank, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"edit cache capacity must be >= 1, got {capacity}")
+        if bank.n_rows != 1:
+            raise ValueError(
+                f"the edit cache needs a fresh bank (only the identity row), this one has {bank.n_rows} rows"
+            )
+        self.bank = bank
+        self.capacity = capacity
+        self._lru: OrderedDict[CacheKey, int] = OrderedDict()  # oldest first
+        self._key_of: dict[int, CacheKey] = {}
+        self._free: list[int] = []  # allocated rows holding no entry
+        self._pins: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self._stats = CacheStats(capacity=capacity, allocated=0, resident=0, pinned=0)
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._lru
+
+    def row_of(self, key: CacheKey) -> int | None:
+        """The key's row without pinning it or touching its recency."""
+        return self._lru.get(key)
+
+    def key_of(self, row: int) -> CacheKey | None:
+        return self._key_of.get(row)
+
+    def keys(self) -> list[CacheKey]:
+        """Resident keys, least recently used first."""
+        with self._lock:
+            return list(self._lru)
+
+    def pins(self, row: int) -> int:
+        return self._pins.get(row, 0)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            s = self._stats
+            return CacheStats(
+                capacity=s.capacity,
+                allocated=self.bank.n_rows - 1,
+                resident=len(self._lru),
+                pinned=sum(1 for n in self._pins.values() if n > 0),
+                hits=s.hits,
+                misses=s.misses,
+                installs=s.installs,
+                evictions=s.evictions,
+            )
+
+    # -- pin / install / release ---------------------------------------------------------------
+
+    def acquire(self, key: CacheKey) -> int | None:
+        """Pin and return the key's row when resident (a hit, now most recent); None on a miss."""
+        with self._lock:
+            row = self._lru.get(key)
+            if row is None:
+                self._stats.misses += 1
+                return None
+            self._lru.move_to_end(key)
+            self._pins[row] += 1
+            self._stats.hits += 1
+            return row
+
+    def install(self, key: CacheKey, edit: Edit, params: EditParams | None = None) -> int:
+        """Put `edit` in a row for `key` and pin it; returns the row.
+
+        When the key became resident meanwhile (another request loaded it), that row is pinned and
+        returned unchanged. Otherwise a free row is used, the bank grows by one row while under
+        capacity, or the least recently used unpinned row is overwritten. Raises `CacheFullError`
+        when every row is pinned, and `ValueError` for an edit the bank cannot hold (wrong site,
+        hidden size, rank or layers); the cache is unchanged in both cases.
+        """
+        params = params or EditParams()
+        with self._lock:
+            row = self._lru.get(key)
+            if row is not None:
+                self._lru.move_to_end(key)
+                self._pins[row] += 1
+                return row
+            if self._free:
+                row = self._free[-1]
+                self.bank.set_row(row, edit, params.alpha, params.beta, params.centered)
+                self._free.pop()
+            elif self.bank.n_rows - 1 < self.capacity:
+                row = self.bank.add(edit, params.alpha, params.beta, params.centered)
+            else:
+                victim = next((k for k, r in self._lru.items() if self._pins[r] == 0), None)
+                if victim is None:
+                    raise CacheFullError(
+                        f"all {self.capacity} edit rows are held by requests in flight; "
+                        "raise edit_cache_size or retry when a batch finishes"
+                    )
+                row = self._lru[victim]
+                # set_row validates before writing: on error the victim stays resident and intact.
+                self.bank.set_row(row, edit, params.alpha, params.beta, params.centered)
+                del self._lru[victim]
+                del self._key_of[row]
+                self._stats.evictions += 1
+            self._lru[key] = row
+            self._key_of[row] = key
+            self._pins[row] += 1
+            self._stats.installs += 1
+            return row
+
+    def release(self, row: int) -> None:
+        """Drop one pin of `row` (taken by `acquire` or `install`)."""
+        with self._lock:
+            if self._pins.get(row, 0) <= 0:
+                raise ValueError(f"row {row} is not pinned")
+            self._pins[row] -= 1
+            if self._pins[row] == 0:
+                del self._pins[row]
+
+    def discard_run(self, run_id: str) -> int:
+        """Forget the unpinned entries of a run (their rows become free); returns how many.
+
+        Optional housekeeping after a run switch: plain LRU eviction reclaims them too.
+        """
+        with self._lock:
+            dropped = [k for k, r in self._lru.items() if k[0] == run_id and self._pins[r] == 0]
+            for k in dropped:
+                row = self._lru.pop(k)
+                del self._key_of[row]
+                self._free.append(row)
+            return len(dropped)

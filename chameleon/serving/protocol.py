@@ -1,0 +1,257 @@
+"""The OpenAI-compatible wire format: request bodies, errors, and what is refused.
+
+Plain pydantic, no web framework: the ingress (`chameleon.serving.app`) parses bodies with these
+models and turns `ApiError` into responses; the model replica raises `ApiError` too and sends it
+to the ingress as an event (`to_event` / `from_event`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from chameleon.data.ids import ID_RULE, is_valid_id
+
+USER_MAX_CHARS = 256
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 128
+
+
+class ApiError(Exception):
+    """A request that gets a 4xx/5xx with body `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        *,
+        param: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or error_type(status)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def to_event(self) -> dict[str, Any]:
+        return {"type": "error", "status": self.status, **self.body()}
+
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> ApiError:
+        e = event["error"]
+        return cls(event["status"], e["message"], e.get("code"), param=e.get("param"), type=e.get("type"))
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 413:
+        return "request_too_large"
+    if status < 500:
+        return "invalid_request_error"
+    if status == 503:
+        return "service_unavailable"
+    return "internal_error"
+
+
+class Personalization(BaseModel):
+    """The extension field `personalization` (openai client: `extra_body={"personalization": ...}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group_id: str | None = None
+    """Apply this group's edit (of the run being served) instead of the user's assignment."""
+    off: bool = False
+    """No edit at all: the base model's answer."""
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+UNSUPPORTED_PARAMETERS = {  # would change the answer: refused rather than ignored
+    "logprobs": lambda v: v not in (None, False, 0),
+    "top_logprobs": lambda v: v not in (None, 0),
+    "best_of": lambda v: v not in (None, 1),
+    "echo": lambda v: bool(v),
+    "suffix": lambda v: v not in (None, ""),
+    "logit_bias": lambda v: bool(v),
+    "presence_penalty": lambda v: v not in (None, 0, 0.0),
+    "frequency_penalty": lambda v: v not in (None, 0, 0.0),
+    "tools": lambda v: bool(v),
+    "functions": lambda v: bool(v),
+    "tool_choice": lambda v: v not in (None, "none"),
+    "response_format": lambda v: v not in (None, {"type": "text"}),
+}
+"""Parameter name -> whether its value asks for something this server does not do."""
+
+
+class RequestBody(BaseModel):
+    """Fields shared by chat and text completions. Unknown fields are ignored (clients send
+    many); fields that would change the answer and are not supported are refused in `check`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    personalization: Personalization | None = None
+    return_token_ids: bool = False
+    """Extension (as in vLLM): add the generated token ids to the choice."""
+    ignore_eos: bool = False
+    """Extension (as in vLLM): keep generating past the end-of-sequence token (benchmarks)."""
+
+    def check(self) -> None:
+        extra = self.model_extra or {}
+        for name, unsupported in UNSUPPORTED_PARAMETERS.items():
+            if name in extra and unsupported(extra[name]):
+                raise ApiError(
+                    400,
+                    f"parameter {name!r} is not supported by this server",
+                    "unsupported_parameter",
+                    param=name,
+                )
+        if self.n != 1:
+            raise ApiError(
+                400,
+                f"n={self.n} is not supported: this server returns one choice (n=1)",
+                "unsupported_parameter",
+                param="n",
+            )
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ApiError(400, "seed must fit in a signed 64-bit integer", "invalid_value", param="seed")
+        if self.user is not None and (
+            not self.user
+            or len(self.user) > USER_MAX_CHARS
+            or any(ord(c) < 32 or ord(c) == 127 for c in self.user)
+        ):
+            raise ApiError(
+                400, f"user must be 1-{USER_MAX_CHARS} printable characters", "invalid_value", param="user"
+            )
+        p = self.personalization
+        if p is not None and p.group_id is not None and not is_valid_id(p.group_id):
+            raise ApiError(
+                400,
+                f"invalid group id {p.group_id[:140]!r}: use {ID_RULE}",
+                "invalid_value",
+                param="personalization.group_id",
+            )
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ApiError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences", "invalid_value", param="stop")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(
+                400, f"stop sequences must be 1-{MAX_STOP_CHARS} characters", "invalid_value", param="stop"
+            )
+        return stops
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class ChatRequest(RequestBody):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        out = []
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list):
+                texts = []
+                for part in m.content:
+                    if part.type != "text" or part.text is None:
+                        raise ApiError(
+                            400,
+                            f"messages[{i}]: only text content parts are supported (got {part.type!r})",
+                            "unsupported_content",
+                            param=f"messages[{i}].content",
+                        )
+                    texts.append(part.text)
+                content = "".join(texts)
+            elif m.content is None:
+                raise ApiError(
+                    400, f"messages[{i}] has no content", "invalid_value", param=f"messages[{i}].content"
+                )
+            else:
+                content = m.content
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        return out
+
+
+class CompletionRequest(RequestBody):
+    prompt: str | list[str]
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ApiError(
+                400, "exactly one prompt per request is supported", "unsupported_parameter", param="prompt"
+            )
+        return self.prompt[0]
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A short, readable summary of a request body's validation errors (the first five)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "invalid request body: " + "; ".join(parts)
+
+
+def generation_payload(req: RequestBody, kind: str) -> dict[str, Any]:
+    """What the ingress sends the model replica for one validated request (`kind`: chat or completion)."""
+    p = req.personalization
+    payload: dict[str, Any] = {
+        "kind": kind,
+        "max_tokens": req.requested_max_tokens(),
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "stop": req.stops(),
+        "seed": req.seed,
+        "stream": req.stream,
+        "user": req.user,
+        "personalization": p.model_dump() if p else None,
+        "return_token_ids": req.return_token_ids,
+        "ignore_eos": req.ignore_eos,
+    }
+    if kind == "chat":
+        payload["messages"] = req.plain_messages()
+    else:
+        payload["prompt"] = req.prompt_text()
+    return payload

@@ -1,0 +1,400 @@
+"""The model replica's core, without Ray: model, tokenizer, runs, edit caches, admission, batches.
+
+`ModelServer` is what a `ChameleonServer` replica (chameleon.serving.app) holds. A request is
+*admitted* once (`admit`): its prompt is tokenized within the limits, its run and group are
+resolved against the run being served at that moment, and its bank row is pinned in the
+`EditCache` of that run's bank layout, so a switch of `latest` never mixes runs inside one request
+and never evicts a row a batch still reads. `run_batch` then decodes admitted requests together:
+one `BatchDecoder` per bank layout (normally one), so greedy and sampled requests of many groups
+share every forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from chameleon.core.edit import Edit, EditBank
+from chameleon.core.fingerprint import fingerprint_model
+from chameleon.core.model import hidden_size, load_model, model_device, num_layers
+from chameleon.data.artifacts import ArtifactError
+from chameleon.data.storage import Store, StoreError, open_store
+from chameleon.serving.config import ServeConfig
+from chameleon.serving.decoder import BatchDecoder, GenItem, default_eos_ids
+from chameleon.serving.edit_cache import CacheFullError, EditCache
+from chameleon.serving.protocol import ApiError
+from chameleon.serving.registry import BankSpec, LoadedRun, RunRegistry
+
+log = logging.getLogger("chameleon.serving")
+
+
+@dataclass
+class Resolution:
+    run: LoadedRun | None
+    group_id: str | None
+    source: str
+    """`user` (assignment), `group` (named in the request), `fallback`, or `off`."""
+    user: str | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run.run_id if self.run else None,
+            "group_id": self.group_id,
+            "source": self.source,
+            "user": self.user,
+        }
+
+
+@dataclass
+class Admission:
+    """A request that passed admission: prompt tokens, resolved edit, pinned bank row."""
+
+    item: GenItem
+    resolution: Resolution
+    spec: BankSpec | None
+    cache: EditCache | None
+    stream: bool
+    started: bool = False
+    cancelled: bool = False
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            if self.cache is not None and self.item.row:
+                self.cache.release(self.item.row)
+
+
+class ModelServer:
+    """Model, tokenizer, runs, edit caches and batch planning of one replica (no Ray)."""
+
+    def __init__(self, cfg: ServeConfig, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.store = (
+            store
+            if store is not None
+            else open_store(cfg.store, **({"endpoint_url": cfg.s3_endpoint} if cfg.s3_endpoint else {}))
+        )
+        t0 = time.perf_counter()
+        self.model, self.tok = load_model(cfg.model)
+        self.load_seconds = time.perf_counter() - t0
+        self.device = model_device(self.model)
+        self.hidden_size = hidden_size(self.model)
+        self.num_layers = num_layers(self.model)
+        self.fingerprint = fingerprint_model(self.model, cfg.model.name_or_path)
+        self.eos_ids = default_eos_ids(self.model, self.tok)
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
+        self.torch_threads = torch.get_num_threads()
+        self.registry = RunRegistry(
+            self.store, cfg.run, self.fingerprint, self.num_layers, cfg.fallback_group
+        )
+        self._caches: dict[BankSpec, EditCache] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future] = {}
+        self.stats = {
+            "batches": 0,
+            "requests": 0,
+            "max_batch": 0,
+            "max_groups_in_batch": 0,
+            "last_batch": None,
+            "generated_tokens": 0,
+        }
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.registry.refresh()
+
+    # -- background refresh ------------------------------------------------------------------
+
+    def start_polling(self) -> None:
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll, name="chameleon-run-refresh", daemon=True)
+            self._poller.start()
+
+    def stop_polling(self) -> None:
+        self._stop.set()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.cfg.refresh_interval_s):
+            if self.cfg.run != "latest" and self.registry.current is not None:
+                continue  # a pinned run never changes
+            try:
+                self.registry.refresh()
+            except Exception:  # never let the poller die
+                log.exception("run refresh failed")
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def render(self, payload: dict[str, Any]) -> list[int]:
+        """Prompt token ids of a request, within the limits (ApiError 400 otherwise)."""
+        if payload["kind"] == "chat":
+            messages = payload["messages"]
+            if getattr(self.tok, "chat_template", None):
+                try:
+                    text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                except Exception as exc:  # jinja raises for conversations the template rejects
+                    raise ApiError(
+                        400,
+                        f"the model's chat template rejects these messages: {exc}",
+                        "invalid_messages",
+                        param="messages",
+                    ) from None
+            else:
+                text = "".join(f"{m['content']}\n" for m in messages)
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tok(payload["prompt"], add_special_tokens=True)["input_ids"]
+        n = len(ids)
+        if n == 0:
+            raise ApiError(400, "the prompt is empty", "invalid_value", param="prompt")
+        if n > self.cfg.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"the prompt has {n} tokens; this server accepts at most {self.cfg.max_prompt_tokens}",
+                "context_length_exceeded",
+                param="messages" if payload["kind"] == "chat" else "prompt",
+            )
+        return list(ids)
+
+    def max_tokens_for(self, payload: dict[str, Any], n_prompt: int) -> int:
+        asked = payload.get("max_tokens")
+        room = (self.max_context - n_prompt) if self.max_context else None
+        if room is not None and room < 1:
+            raise ApiError(
+                400,
+                f"the prompt ({n_prompt} tokens) fills the model's context of {self.max_context}",
+                "context_length_exceeded",
+            )
+        if asked is None:
+            return max(1, min(self.cfg.default_max_tokens, room or self.cfg.default_max_tokens))
+        if room is not None and asked > room:
+            raise ApiError(
+                400,
+                f"prompt ({n_prompt} tokens) + max_tokens ({asked}) exceeds the model's context of "
+                f"{self.max_context} tokens",
+                "context_length_exceeded",
+                param="max_tokens",
+            )
+        return int(asked)
+
+    def resolve(self, payload: dict[str, Any]) -> Resolution:
+        """Which run and group a request gets (decided once, at admission)."""
+        pers = payload.get("personalization") or {}
+        user = payload.get("user")
+        run = self.registry.current
+        if pers.get("off"):
+            return Resolution(run, None, "off", user)
+        if run is None:
+            status = self.registry.status()
+            why = "; ".join(status["problems"]) or "no run loaded"
+            raise ApiError(
+                503,
+                f"no personalization run is being served ({why}); "
+                "send personalization.off=true for the base model",
+                "no_run",
+            )
+        gid = pers.get("group_id")
+        if gid is not None:
+            if gid not in run.group_ids:
+                raise ApiError(
+                    404,
+                    f"group {gid!r} is not in run {run.run_id!r}",
+                    "group_not_found",
+                    param="personalization.group_id",
+                )
+            return Resolution(run, gid, "group", user)
+        if user is not None and user in run.user_groups and run.user_groups[user] in run.group_ids:
+            return Resolution(run, run.user_groups[user], "user", user)
+        fb = self.cfg.fallback_group
+        return Resolution(run, fb if fb in run.group_ids else None, "fallback", user)
+
+    def cache_for(self, spec: BankSpec) -> EditCache:
+        cache = self._caches.get(spec)
+        if cache is None:
+            bank = EditBank(
+                self.hidden_size,
+                spec.layers,
+                site=spec.site,
+                max_rank=spec.max_rank,
+                positions=spec.positions,
+                device=self.device,
+            )
+            cache = self._caches[spec] = EditCache(bank, self.cfg.edit_cache_size)
+        return cache
+
+    def load_edit(self, run: LoadedRun, group_id: str) -> Edit:
+        return run.published.group_edit(group_id)
+
+    async def admit(self, payload: dict[str, Any]) -> Admission:
+        """Tokenize, resolve the run and group, and pin the group's bank row (loading its edit)."""
+        prompt_ids = self.render(payload)
+        max_tokens = self.max_tokens_for(payload, len(prompt_ids))
+        res = self.resolve(payload)
+        row, cache, spec = 0, None, None
+        if res.group_id is not None:
+            spec = res.run.spec
+            cache = self.cache_for(spec)
+            row = await self._acquire(cache, res.run, res.group_id)
+        item = GenItem(
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            temperature=float(payload.get("temperature", 1.0)),
+            top_p=float(payload.get("top_p", 1.0)),
+            seed=payload.get("seed"),
+            stop=tuple(payload.get("stop") or ()),
+            row=row,
+            ignore_eos=bool(payload.get("ignore_eos")),
+        )
+        return Admission(item, res, spec, cache, stream=bool(payload.get("stream")))
+
+    async def _acquire(self, cache: EditCache, run: LoadedRun, group_id: str) -> int:
+        key = (run.run_id, group_id)
+        row = cache.acquire(key)
+        if row is not None:
+            return row
+        edit = await self._load(run, group_id)
+        deadline = time.monotonic() + self.cfg.admission_timeout_s
+        while True:
+            try:
+                # Pins the key's row if another request installed it meanwhile.
+                return cache.install(key, edit, run.params)
+            except CacheFullError as exc:
+                # Every row is held by admitted requests: wait for a batch to finish.
+                if time.monotonic() > deadline:
+                    raise ApiError(503, str(exc), "edit_slots_busy") from None
+                await asyncio.sleep(0.005)
+            except ValueError as exc:
+                msg = f"group {group_id!r} of run {run.run_id!r} does not fit the edit bank: {exc}"
+                self.registry.record_artifact_error(msg)
+                raise ApiError(503, msg, "artifact_error") from None
+
+    async def _load(self, run: LoadedRun, group_id: str) -> Edit:
+        """The group's edit, read once however many requests wait for it."""
+        key = (run.run_id, group_id)
+        fut = self._loading.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(self.load_edit, run, group_id))
+            self._loading[key] = fut
+            fut.add_done_callback(lambda _f: self._loading.pop(key, None))
+        try:
+            return await asyncio.shield(fut)
+        except ArtifactError as exc:
+            msg = f"refused the edit of group {group_id!r} of run {run.run_id!r}: {type(exc).__name__}: {exc}"
+            self.registry.record_artifact_error(msg)
+            raise ApiError(503, msg, "artifact_error") from None
+        except (KeyError, ValueError) as exc:
+            msg = f"cannot read the edit of group {group_id!r} of run {run.run_id!r}: {exc}"
+            self.registry.record_artifact_error(msg)
+            raise ApiError(503, msg, "artifact_error") from None
+        except StoreError as exc:
+            raise ApiError(503, f"cannot read the artifact store: {exc}", "store_unavailable") from None
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def plan(self, admissions: Sequence[Admission]) -> list[tuple[BatchDecoder, list[int]]]:
+        """One decoder per bank layout in the batch (normally one); base requests join the first."""
+        groups: dict[BankSpec | None, list[int]] = {}
+        for i, a in enumerate(admissions):
+            groups.setdefault(a.spec if a.item.row else None, []).append(i)
+        plain = groups.pop(None, [])
+        plans = []
+        for n, (spec, idxs) in enumerate(groups.items()):
+            if n == 0:
+                idxs = sorted(idxs + plain)
+                plain = []
+            bank = self._caches[spec].bank
+            items = [admissions[i].item for i in idxs]
+            plans.append((BatchDecoder(self.model, self.tok, items, bank, self.eos_ids), idxs))
+        if plain:
+            items = [admissions[i].item for i in plain]
+            plans.append((BatchDecoder(self.model, self.tok, items, None, self.eos_ids), plain))
+        groups_in_batch = {
+            (a.resolution.run.run_id if a.resolution.run else None, a.resolution.group_id)
+            for a in admissions
+            if a.item.row
+        }
+        s = self.stats
+        s["batches"] += 1
+        s["requests"] += len(admissions)
+        s["max_batch"] = max(s["max_batch"], len(admissions))
+        s["max_groups_in_batch"] = max(s["max_groups_in_batch"], len(groups_in_batch))
+        s["last_batch"] = {
+            "requests": len(admissions),
+            "groups": len(groups_in_batch),
+            "forwards": len(plans),
+        }
+        return plans
+
+    async def run_batch(self, admissions: list[Admission]) -> AsyncIterator[list[Any]]:
+        """Decode admitted requests together: yields, per decode step, one event per request
+        (a `Delta`, None, or StopIteration once it is done). Releases every row at the end."""
+        n = len(admissions)
+        for a in admissions:
+            a.started = True
+        done = [a.released for a in admissions]  # released = cancelled before the batch began
+        try:
+            live = [i for i in range(n) if not done[i]]
+            plans: list[tuple[BatchDecoder, list[int]]] = []
+            if live:
+                plans = [
+                    (dec, [live[k] for k in idxs]) for dec, idxs in self.plan([admissions[i] for i in live])
+                ]
+
+            def run_all(first: bool) -> list[Any]:
+                out: list[Any] = [None] * n
+                for dec, idxs in plans:
+                    if dec.done:
+                        continue
+                    for k, i in enumerate(idxs):
+                        if admissions[i].cancelled:
+                            dec.cancel(k)
+                    events = dec.prefill() if first else dec.step()
+                    for k, i in enumerate(idxs):
+                        out[i] = events[k]
+                return out
+
+            first = True
+            while plans and not all(dec.done for dec, _ in plans):
+                events = await asyncio.to_thread(run_all, first)
+                first = False
+                results: list[Any] = []
+                for i in range(n):
+                    if done[i]:
+                        results.append(StopIteration)
+                        continue
+                    ev = events[i]
+                    if ev is not None:
+                        self.stats["generated_tokens"] += len(ev.token_ids)
+                        if ev.finish_reason:
+                            done[i] = True
+                    results.append(ev)
+                yield results
+        finally:
+            for a in admissions:
+                a.release()
+
+    def health(self) -> dict[str, Any]:
+        status = self.registry.status()
+        status.update(
+            {
+                "model": self.cfg.model_name,
+                "model_fingerprint": self.fingerprint.to_dict(),
+                "device": str(self.device),
+                "torch_threads": self.torch_threads,
+                "edit_caches": [
+                    {"layers": list(spec.layers), "site": spec.site, **cache.stats().to_dict()}
+                    for spec, cache in self._caches.items()
+                ],
+                "batching": {
+                    **self.stats,
+                    "max_batch_size": self.cfg.max_batch_size,
+                    "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
+                },
+            }
+        )
+        return status

@@ -1,0 +1,206 @@
+"""The package's dependency rule, read from the source (so breaking it fails here).
+
+    core ← data ← job ← evaluation;  serving uses core and data only;  dev sits beside job.
+
+`config`, `flags` and `ray_env` are leaves every layer may use. Ray is imported only by the Ray
+driver and actor pools of the job, serving's app, the CLIs and `ray_env`; FastAPI and Starlette
+only by serving's app.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "chameleon"
+
+LEAVES = {"chameleon", "chameleon.config", "chameleon.flags", "chameleon.ray_env"}
+ALLOWED = {  # package -> chameleon packages it may import (besides itself and the leaves)
+    "core": set(),
+    "data": {"core"},
+    "job": {"core", "data"},
+    "evaluation": {"core", "data", "job"},
+    "serving": {"core", "data"},
+    "dev": {"core", "data", "job"},
+}
+RAY_MODULES = {
+    "chameleon.ray_env",
+    "chameleon.job.ray_job",
+    "chameleon.job.replicas",
+    "chameleon.serving.app",
+}
+WEB_MODULES = {"chameleon.serving.app"}
+CLI_MODULES = {"chameleon.cli", "chameleon.serving.cli", "chameleon.evaluation.cli"}
+# Function-level imports of the package's own modules are allowed only where laziness is the point.
+LAZY_OWN_IMPORTS = CLI_MODULES | {
+    "chameleon",  # the public API loads on attribute access
+    "chameleon.serving",  # `chameleon.serving:app_builder` without importing Ray at package import
+    "chameleon.evaluation",
+    "chameleon.job.drivers",  # the Ray driver is imported only when a Ray run is asked for
+}
+HEAVY_THIRD_PARTY = {
+    "torch",
+    "ray",
+    "transformers",
+    "matplotlib",
+    "boto3",
+    "botocore",
+    "safetensors",
+    "gguf",
+    "moto",
+}  # moto: the optional fallback S3 server
+MAX_LINES = 700
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, at module level?) of every import statement, TYPE_CHECKING blocks skipped."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.Import):
+                found.extend((a.name, top) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                found.append((child.module, top))
+                found.extend((f"{child.module}.{a.name}", top) for a in child.names)
+            nested = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            visit(child, nested)
+
+    visit(tree, True)
+    return found
+
+
+MODULES = _modules()
+IMPORTS = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def _own(name: str) -> str | None:
+    """The package module an imported name refers to (longest known prefix), or None."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:n])
+        if candidate in MODULES:
+            return candidate
+    return None
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ALLOWED else None
+
+
+def test_layers_import_only_what_the_rule_allows():
+    bad = []
+    for module, imports in IMPORTS.items():
+        layer = _layer(module)
+        if layer is None or module in CLI_MODULES:
+            continue
+        for name, _top in imports:
+            target = _own(name)
+            if target is None or target in LEAVES:
+                continue
+            if _layer(target) not in {layer, *ALLOWED[layer]}:
+                bad.append(f"{module} imports {target}")
+    assert not bad, "layering violations:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_leaves_import_no_layer():
+    for leaf in ("chameleon.config", "chameleon.ray_env"):
+        assert not [n for n, _ in IMPORTS[leaf] if _own(n) not in (None, leaf)], leaf
+    assert {_own(n) for n, _ in IMPORTS["chameleon.flags"]} <= {None, "chameleon.config"}
+
+
+def test_ray_and_web_frameworks_stay_in_their_modules():
+    allowed_ray = RAY_MODULES | CLI_MODULES
+    for module, imports in IMPORTS.items():
+        roots = {name.split(".")[0] for name, _ in imports}
+        if "ray" in roots:
+            assert module in allowed_ray, f"{module} imports Ray"
+        if roots & {"fastapi", "starlette"}:
+            assert module in WEB_MODULES, f"{module} imports a web framework"
+
+
+def test_no_import_cycles():
+    graph = {
+        m: {t for n, _ in imps if (t := _own(n)) and t != m and t != "chameleon"}
+        for m, imps in IMPORTS.items()
+    }
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycle = stack[stack.index(t) :] + [t]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_imports_sit_at_the_top_except_deliberately_lazy_ones():
+    bad = []
+    for module, imports in IMPORTS.items():
+        for name, top in imports:
+            if top:
+                continue
+            if _own(name) is not None and module not in LAZY_OWN_IMPORTS:
+                bad.append(f"{module}: function-level import of {name}")
+            elif _own(name) is None and name.split(".")[0] not in HEAVY_THIRD_PARTY | {"chameleon"}:
+                bad.append(f"{module}: function-level import of {name} (not a heavy dependency)")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_no_module_is_over_the_size_limit():
+    sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    assert not {m: n for m, n in sizes.items() if n > MAX_LINES}
+
+
+def test_every_subpackage_is_a_regular_package():
+    for sub in ALLOWED:
+        assert (PACKAGE / sub / "__init__.py").is_file(), sub
+    assert (PACKAGE / "__init__.py").is_file()
+
+
+def test_help_imports_neither_torch_nor_ray():
+    code = (
+        "import sys\n"
+        "from chameleon.cli import build_parser\n"
+        "for cmd in ([], ['personalize'], ['demo'], ['serve'], ['eval']):\n"
+        "    try:\n"
+        "        build_parser().parse_args([*cmd, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]

@@ -1,0 +1,79 @@
+"""Self-calibration: teacher-forced scoring equals generation's edit rule; strength 0 is the floor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import embedded_tokenizer, tiny_llama
+
+from chameleon.core.calibration import answer_nll, choose, encode_answers, nll_curve, steering_edit
+from chameleon.core.edit import EditBank
+from chameleon.core.generation import chat_prompt
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = embedded_tokenizer()
+    return tiny_llama(tok, layers=3), tok
+
+
+PROMPTS = ["rewrite: the weather is nice", "rewrite: i am at home now"]
+ANSWERS = ["omg weather is sooo nice!!", "home at last lol"]
+
+
+def test_teacher_forced_edit_equals_incremental_decoding_with_the_last_position_rule(setup):
+    model, tok = setup
+    prompts = [chat_prompt(tok, p) for p in PROMPTS]
+    g = torch.Generator().manual_seed(0)
+    edit = steering_edit(1, torch.randn(64, generator=g), 5.0, 0.8, site="residual", renorm=False)
+    bank = EditBank(64, [1], site="residual", max_rank=1)
+    row = bank.add(edit)
+    ids, attention, answer_mask, first = encode_answers(tok, prompts[:1], ANSWERS[:1])
+    with torch.no_grad():
+        with bank.bind([row]).from_position(first - 1).apply(model):
+            forced = model(input_ids=ids, attention_mask=attention).logits[0]
+        # Incremental: prefill the prompt, then feed the answer one token at a time (edit at the last position).
+        p = int(first[0])
+        with bank.apply(model, [row]):
+            out = model(input_ids=ids[:, :p], use_cache=True)
+            steps = [out.logits[0, -1]]
+            cache = out.past_key_values
+            for t in range(p, ids.shape[1] - 1):
+                out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                steps.append(out.logits[0, -1])
+    incremental = torch.stack(steps)
+    assert torch.allclose(forced[p - 1 : ids.shape[1] - 1], incremental, atol=1e-4)
+
+
+def test_nll_curve_has_the_base_and_every_candidate_and_choose_never_loses_to_base(setup):
+    model, tok = setup
+    prompts = [chat_prompt(tok, p) for p in PROMPTS]
+    base = answer_nll(model, tok, prompts, ANSWERS)
+    g = torch.Generator().manual_seed(1)
+    curve = nll_curve(
+        model,
+        tok,
+        prompts,
+        ANSWERS,
+        directions=torch.randn(2, 64, generator=g),
+        norms=torch.tensor([3.0, 3.0]),
+        layers=[0, 2],
+        strengths=[0, 0.5, 2.0],
+        site="residual",
+    )
+    assert set(curve) == {"base", "0:0.5", "0:2", "2:0.5", "2:2"}
+    assert curve["base"] == pytest.approx(base)
+    assert len({round(v, 6) for v in curve.values()}) > 1  # the edits do change the likelihood
+    choice = choose(curve)
+    assert choice.nll <= curve["base"]
+    assert choice.nll == min(curve.values())
+    assert (choice.strength == 0) == (choice.nll == curve["base"])
+
+
+def test_choose_keeps_the_base_model_when_no_candidate_helps():
+    choice = choose({"base": 2.0, "3:0.1": 2.5, "4:0.2": 2.0})
+    assert not choice.active and choice.layer == -1 and choice.nll == 2.0
+    choice = choose({"base": 2.0, "3:0.1": 1.5, "4:0.2": 1.9})
+    assert choice.active and (choice.layer, choice.strength) == (3, 0.1)
+    assert not choose({"base": 2.0, "3:0.1": 1.99}, min_gain=0.05).active
