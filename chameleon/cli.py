@@ -21,12 +21,12 @@ from pydantic import ValidationError
 from chameleon import __version__
 from chameleon.evaluation.cli import add_eval_parser
 from chameleon.flags import add_config_flags, load_config
-from chameleon.ray_env import set_local_env_defaults
-from chameleon.serving.cli import add_serve_parser
+from chameleon.ray_env import set_local_env_defaults, set_quiet_console
+from chameleon.serving.cli import DEFAULT_WORKDIR, add_serve_parser
 
 log = logging.getLogger("chameleon")
 
-DEFAULT_WORKDIR = "demo-out"
+VERBOSE_HELP = "log progress, show Ray's and the libraries' own output, and show tracebacks of errors"
 
 
 def s3_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 success, 1 the job failed, 2 usage / input / configuration / storage / model error",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log progress and show tracebacks of errors"
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -142,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_eval_parser(sub)
+    for command in sub.choices.values():  # `chameleon demo -v` as well as `chameleon -v demo`
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
     return parser
 
 
@@ -166,11 +168,30 @@ def _is_user_error(exc: BaseException) -> bool:
     )
 
 
+QUIET_LIBRARY_ENV = {
+    # transformers' own warnings and its progress bars ("Loading weights", "Writing model shards"),
+    # here and in Ray workers started from this process (they inherit the environment).
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def configure_output(verbose: bool) -> None:
+    """The one place that sets up logging and the libraries' console output. Without -v: the
+    project's warnings, one progress bar, the results; Ray's, Ray Data's and transformers' own
+    lines stay off the terminal (Ray keeps them in its session logs). With -v: everything."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    set_quiet_console(not verbose)
+    if not verbose:
+        for key, value in QUIET_LIBRARY_ENV.items():
+            os.environ.setdefault(key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_output(args.verbose)
     set_local_env_defaults()
     try:
         return args.func(args)

@@ -4,10 +4,16 @@ Every entry point that needs Ray (the job's Ray driver, the evaluation's answer 
 calls `init_ray`: it connects to `address` (or RAY_ADDRESS; `auto` finds a running cluster) and,
 with neither, starts a new local Ray bound to loopback (never silently attaching to whatever
 cluster this machine last ran).
+
+The console is quiet unless the CLI was asked for `-v`: `chameleon.cli.main` calls
+`set_quiet_console`, and Ray started or joined afterwards keeps its INFO lines and its workers'
+output off the terminal (both stay in the session's logs under /tmp/ray/session_latest/logs), and
+Ray Data shows one progress bar and only its errors.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 LOCAL_ENV_DEFAULTS = {
@@ -23,20 +29,54 @@ def set_local_env_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+_quiet = False
+
+
+def set_quiet_console(quiet: bool) -> None:
+    """Quiet Ray on this process's terminal from now on (`chameleon.cli.main` without `-v`)."""
+    global _quiet
+    _quiet = quiet
+
+
+def quiet_console() -> bool:
+    """Whether this process keeps library chatter off its terminal (set by `set_quiet_console`)."""
+    return _quiet
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data in this driver: the global progress bar only (no per-operator bars), and on the
+    console only errors (its execution plans and progress lines still go to ray-data.log)."""
+    from ray.data import DataContext
+    from ray.data._internal.logging import SessionFileHandler
+
+    DataContext.get_current().enable_operator_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.ERROR)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, ray_data: bool = True) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start a local Ray; returns True when it started one.
-    Does nothing when Ray is already initialized in this process."""
+    Does nothing when Ray is already initialized in this process. `ray_data=False`: the caller
+    runs no Ray Data (Serve), so its console settings are not loaded."""
     set_local_env_defaults()
     import ray
 
     if ray.is_initialized():
         return False
+    output = {"log_to_driver": False, "logging_level": logging.ERROR} if _quiet else {}
+    if _quiet and ray_data:
+        # Ray Data's actor pools make the driver's C++ core log an error-level notice about actor
+        # constructor arguments on stderr; Ray's C++ logs of this run keep fatal errors only.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address)
-        return False
-    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
-    return True
+        ray.init(address=address, **output)
+    else:
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **output)
+    if _quiet and ray_data:
+        _quiet_ray_data()
+    return not address
 
 
 def worker_torch_threads(configured: int | None = None) -> int:

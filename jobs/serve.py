@@ -11,7 +11,7 @@ from pathlib import Path
 # `--working-dir` checkout too, where the package may not be installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chameleon.serving.cli import main
+from chameleon.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["serve", *sys.argv[1:]]))

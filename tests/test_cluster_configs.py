@@ -2,16 +2,18 @@
 
 The `ray up` config goes through Ray's own validator (the JSON schema plus the semantic checks of
 `validate_config`, after `prepare_config` fills in the provider defaults as `ray up` does). The
-Serve config goes through Ray Serve's own `ServeDeploySchema`. The KubeRay manifests have no
-offline validator, so they are checked structurally against the `ray.io/v1` CRD fields we use.
-Fast, no network, no cluster.
+Serve config goes through Ray Serve's own `ServeDeploySchema`. No maintained PyPI package ships
+KubeRay's CRD schemas, so the KubeRay manifests are checked against the `ray.io/v1` field names of
+KubeRay v1.7.0 (ray-operator/apis/ray/v1/*_types.go) and against the practices the manifests
+promise: token auth, a head without CPUs for Ray, RayJob retries and deadlines, a light-weight
+submitter, the API key on every serving pod. Fast, no network, no cluster.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
-import shlex
 from pathlib import Path
 
 import pytest
@@ -28,14 +30,18 @@ JOB_CONFIG = CLUSTER / "job-config.example.yaml"
 
 RAY_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 S3_SECRET = "chameleon-s3"
+RAY_TOKEN_SECRET = "chameleon-ray-token"
+API_KEY_SECRET = "chameleon-api"
+SUBMITTER_IMAGE = "quay.io/kuberay/submitter:"
 KUBERAY_MANIFESTS = {
     "raycluster.yaml": "RayCluster",
     "rayjob.yaml": "RayJob",
     "rayservice.yaml": "RayService",
 }
 
-# Field names of the ray.io/v1 CRDs (KubeRay ray-operator/apis/ray/v1/*_types.go). A typo in a
-# manifest (say `shutdownAfterJobFinish`) is otherwise dropped or refused only at `kubectl apply`.
+# Field names of the ray.io/v1 CRDs (KubeRay v1.7.0, ray-operator/apis/ray/v1/*_types.go; fields
+# marked deprecated there are left out). A typo in a manifest (say `shutdownAfterJobFinish`) is
+# otherwise dropped or refused only at `kubectl apply`.
 RAYJOB_SPEC_FIELDS = {
     "activeDeadlineSeconds",
     "backoffLimit",
@@ -54,41 +60,75 @@ RAYJOB_SPEC_FIELDS = {
     "entrypointNumCpus",
     "entrypointNumGpus",
     "ttlSecondsAfterFinished",
+    "preRunningDeadlineSeconds",
     "shutdownAfterJobFinishes",
     "suspend",
 }
 RAYSERVICE_SPEC_FIELDS = {
-    "serveConfigV2",
-    "rayClusterConfig",
+    "rayClusterDeletionDelaySeconds",
     "serveService",
     "upgradeStrategy",
+    "managedBy",
+    "serveConfigV2",
+    "rayClusterConfig",
     "excludeHeadPodFromServeSvc",
-    "rayClusterDeletionDelaySeconds",
+    "suspend",
 }
 RAYCLUSTER_SPEC_FIELDS = {
-    "headGroupSpec",
-    "workerGroupSpecs",
-    "rayVersion",
-    "enableInTreeAutoscaling",
-    "autoscalerOptions",
-    "headServiceAnnotations",
+    "upgradeStrategy",
+    "authOptions",
     "suspend",
     "managedBy",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "enableInTreeAutoscaling",
     "gcsFaultToleranceOptions",
-    "authOptions",
+    "historyServerOptions",
+    "networkPolicy",
+    "tlsOptions",
+    "headGroupSpec",
+    "rayVersion",
+    "workerGroupSpecs",
 }
-HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
+AUTH_OPTIONS_FIELDS = {"enableK8sTokenAuth", "secretName", "mode"}
+AUTOSCALER_OPTIONS_FIELDS = {
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "securityContext",
+    "idleTimeoutSeconds",
+    "upscalingMode",
+    "version",
+    "env",
+    "envFrom",
+    "volumeMounts",
+    "command",
+    "args",
+}
+HEAD_GROUP_FIELDS = {
+    "template",
+    "headService",
+    "enableIngress",
+    "ingressOptions",
+    "resources",
+    "labels",
+    "rayStartParams",
+    "serviceType",
+}
 WORKER_GROUP_FIELDS = {
+    "suspend",
     "groupName",
     "replicas",
     "minReplicas",
     "maxReplicas",
-    "numOfHosts",
+    "idleTimeoutSeconds",
+    "priority",
+    "resources",
+    "labels",
     "rayStartParams",
     "template",
     "scaleStrategy",
-    "suspend",
-    "idleTimeoutSeconds",
+    "numOfHosts",
 }
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 
@@ -123,6 +163,30 @@ def ray_containers(spec: dict):
     yield "head", spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     for group in spec.get("workerGroupSpecs", []):
         yield group["groupName"], group["template"]["spec"]["containers"][0]
+
+
+def pod_containers(spec: dict):
+    """(group name, container) for every container of the head and worker pods."""
+    for container in spec["headGroupSpec"]["template"]["spec"]["containers"]:
+        yield "head", container
+    for group in spec.get("workerGroupSpecs", []):
+        for container in group["template"]["spec"]["containers"]:
+            yield group["groupName"], container
+
+
+def submitter(spec: dict) -> dict:
+    """The RayJob's submitter container (light-weight submitter: `/submitter ARGS -- ENTRYPOINT`)."""
+    (container,) = spec["submitterPodTemplate"]["spec"]["containers"]
+    return container
+
+
+def rayjob_job(spec: dict) -> tuple[dict, list[str]]:
+    """(runtime env, entrypoint argv) of the Ray job the RayJob submits."""
+    args = submitter(spec)["args"]
+    split = args.index("--")
+    options, entrypoint = args[:split], args[split + 1 :]
+    runtime_env = json.loads(options[options.index("--runtime-env-json") + 1])
+    return runtime_env, entrypoint
 
 
 def gpu_limit(container: dict) -> int:
@@ -199,6 +263,16 @@ def test_ray_up_node_types():
         assert t["max_workers"] <= config["max_workers"]
 
 
+def test_ray_up_head_takes_no_ray_work_and_auth_is_on():
+    config = load_one(RAY_UP)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0, "Ray Data tasks and Serve replicas stay off the head"
+    # Token auth: every Ray process in the container runs with RAY_AUTH_MODE=token, and the token
+    # file reaches every node.
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
 def test_ray_up_installs_the_project_and_starts_ray():
     config = load_one(RAY_UP)
     assert config["docker"]["image"] == RAY_IMAGE
@@ -249,8 +323,36 @@ def test_every_cluster_yaml_parses(path):
 @pytest.mark.parametrize("name, kind", sorted(KUBERAY_MANIFESTS.items()))
 def test_kuberay_manifest_shape(name, kind):
     doc = manifest(name)
-    assert doc["apiVersion"] == "ray.io/v1"
     assert doc["kind"] == kind
+    check_kuberay_shape(doc)
+
+
+@pytest.mark.parametrize(
+    "name, breakage",
+    [
+        ("rayjob.yaml", lambda s: s.__setitem__("shutdownAfterJobFinish", s.pop("shutdownAfterJobFinishes"))),
+        ("rayjob.yaml", lambda s: s.__setitem__("preRunningDeadline", s.pop("preRunningDeadlineSeconds"))),
+        ("raycluster.yaml", lambda s: s["authOptions"].__setitem__("secret", "x")),
+        ("rayservice.yaml", lambda s: s["rayClusterConfig"]["headGroupSpec"].__setitem__("numCpus", "0")),
+        (
+            "rayservice.yaml",
+            lambda s: s["rayClusterConfig"]["workerGroupSpecs"][0].__setitem__("maxReplica", 4),
+        ),
+        ("raycluster.yaml", lambda s: s["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", 0)),
+    ],
+    ids=["rayjob-typo", "rayjob-deadline-typo", "auth-typo", "head-typo", "worker-typo", "int-param"],
+)
+def test_kuberay_shape_check_rejects_a_broken_copy(name, breakage):
+    doc = manifest(name)
+    breakage(doc["spec"])
+    with pytest.raises(AssertionError):
+        check_kuberay_shape(doc)
+
+
+def check_kuberay_shape(doc: dict) -> None:
+    """The ray.io/v1 field names (KubeRay v1.7.0) at every level the manifests set."""
+    name, kind = doc["metadata"]["name"], doc["kind"]
+    assert doc["apiVersion"] == "ray.io/v1"
     allowed = {
         "RayJob": RAYJOB_SPEC_FIELDS,
         "RayService": RAYSERVICE_SPEC_FIELDS,
@@ -262,6 +364,13 @@ def test_kuberay_manifest_shape(name, kind):
     assert spec, f"{name}: no Ray cluster spec"
     assert set(spec) <= RAYCLUSTER_SPEC_FIELDS, set(spec) - RAYCLUSTER_SPEC_FIELDS
     assert set(spec["headGroupSpec"]) <= HEAD_GROUP_FIELDS
+    assert set(spec.get("authOptions", {})) <= AUTH_OPTIONS_FIELDS
+    assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS_FIELDS
+    for params in [
+        spec["headGroupSpec"]["rayStartParams"],
+        *(g["rayStartParams"] for g in spec["workerGroupSpecs"]),
+    ]:
+        assert all(isinstance(v, str) for v in params.values()), f"{name}: rayStartParams values are strings"
     assert spec.get("enableInTreeAutoscaling") is True, "GPU groups start at zero: the autoscaler adds pods"
     assert gpu_limit(spec["headGroupSpec"]["template"]["spec"]["containers"][0]) == 0
 
@@ -290,20 +399,69 @@ def test_kuberay_images_versions_and_s3_secret(name):
         assert S3_SECRET in secrets, f"{name}/{group} does not read the {S3_SECRET} Secret"
 
 
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_kuberay_token_auth(name):
+    # authOptions (KubeRay >= 1.6): KubeRay sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the
+    # Secret in every Ray container and in the RayJob submitter; one Secret for every cluster.
+    spec = cluster_spec(manifest(name))
+    assert spec["authOptions"] == {"mode": "token", "secretName": RAY_TOKEN_SECRET}
+    assert tuple(int(x) for x in spec["rayVersion"].split(".")) >= (2, 52, 0), "token auth needs Ray 2.52"
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_kuberay_head_takes_no_ray_work(name):
+    # num-cpus "0": Ray Data tasks, the map actors and Serve replicas are placed on the workers.
+    spec = cluster_spec(manifest(name))
+    assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayservice.yaml"])
+def test_serving_pods_get_the_api_key_from_a_secret(name):
+    for group, container in pod_containers(cluster_spec(manifest(name))):
+        refs = {
+            e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e
+        }
+        ref = refs.get("CHAMELEON_API_KEY")
+        assert ref, f"{name}/{group}: no CHAMELEON_API_KEY"
+        assert ref["name"] == API_KEY_SECRET and ref["key"] == "CHAMELEON_API_KEY", ref
+        # Optional: without the Secret the pods start and the endpoint asks for no key.
+        assert ref.get("optional") is True
+
+
+def test_rayjob_retries_resumably_within_deadlines():
+    spec = manifest("rayjob.yaml")["spec"]
+    assert spec["backoffLimit"] >= 1, "a failed attempt is retried on a new cluster"
+    assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
+    # A retry reruns the same command: a fixed run id is what makes it resume, not start over.
+    _, argv = rayjob_job(spec)
+    run_id = argv[argv.index("--run-id") + 1]
+    assert run_id and "$" not in run_id
+
+
+def test_rayjob_uses_the_light_weight_submitter():
+    spec = manifest("rayjob.yaml")["spec"]
+    container = submitter(spec)
+    assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
+    assert container["image"].startswith(SUBMITTER_IMAGE), container["image"]
+    assert container["command"] == ["/submitter"]
+    requests = container["resources"]["requests"]
+    assert requests["cpu"].endswith("m") and int(requests["cpu"][:-1]) <= 100
+    assert requests["memory"].endswith("Mi") and int(requests["memory"][:-2]) <= 256
+    # The job is given to the submitter only (no second copy in spec.entrypoint to drift from it).
+    assert "entrypoint" not in spec and "runtimeEnvYAML" not in spec
+
+
 def test_rayjob_runs_the_personalize_job():
     spec = manifest("rayjob.yaml")["spec"]
-    argv = shlex.split(spec["entrypoint"])
+    runtime_env, argv = rayjob_job(spec)
     assert argv[:2] == ["python", "jobs/personalize.py"]
     flags = {a for a in argv if a.startswith("--")}
     assert {"--config", "--input", "--store", "--run-id"} <= flags
     assert argv[argv.index("--store") + 1].startswith("s3://")
     assert (ROOT / argv[argv.index("--config") + 1]).is_file(), "--config must name a file in the repo"
-    assert spec["shutdownAfterJobFinishes"] is True
-    assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES
-
-    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert isinstance(runtime_env, dict)
-    # The submitter pod has no checkout: the working_dir must be a remote URI.
+    # The head pod has no checkout: the working_dir must be a remote URI.
     assert re.match(r"^(https?|s3|gs)://", runtime_env["working_dir"])
     assert any("chameleon-on-ray" in p for p in runtime_env.get("pip", []))
 
@@ -314,10 +472,11 @@ def test_rayjob_entrypoint_parses_with_the_job_cli():
     from chameleon.cli import build_parser
     from chameleon.flags import load_config
 
-    argv = shlex.split(manifest("rayjob.yaml")["spec"]["entrypoint"])
+    _, argv = rayjob_job(manifest("rayjob.yaml")["spec"])
     assert argv[:2] == ["python", "jobs/personalize.py"]
     args = build_parser().parse_args(["personalize", *argv[2:]])
     assert args.input and args.store and args.run_id
+    assert args.verbose is True, "the job's logs show its progress"
     cfg = load_config(args)
     assert cfg.model.name_or_path
 
@@ -346,27 +505,53 @@ def test_serve_schema_rejects_a_broken_copy():
         serve_schema_validate(config)
 
 
+def deployments(app: dict) -> dict[str, dict]:
+    return {d["name"]: d for d in app["deployments"]}
+
+
 def test_serve_config_application():
-    app = serve_app(load_one(SERVE_CONFIG))
+    config = load_one(SERVE_CONFIG)
+    app = serve_app(config)
     assert app["route_prefix"] == "/"
     assert app["import_path"] == "chameleon.serving:app_builder"
-    assert set(app["args"]) == {"store", "run", "model", "api_key_env"}
-    assert app["args"]["run"] == "latest"
+    # The run is not an arg (changing args redeploys the app and reloads the model) but the model
+    # deployment's user_config, which running replicas apply in place (reconfigure).
+    assert set(app["args"]) == {"store", "model", "api_key_env"}
     assert app["args"]["api_key_env"] == "CHAMELEON_API_KEY"
     assert app["args"]["store"].startswith("s3://")
-    (deployment,) = app["deployments"]
-    assert deployment["name"] == "ChameleonServer"
-    assert deployment["num_replicas"] >= 1
-    assert deployment["ray_actor_options"]["num_gpus"] == 1
+    server = deployments(app)["ChameleonServer"]
+    assert server["num_replicas"] >= 1
+    assert server["ray_actor_options"]["num_gpus"] == 1
+    assert server["user_config"] == {"run": "latest"}
+    # The ingress asks for a little CPU, so it is placed on a worker like the model (heads: num-cpus 0).
+    assert deployments(app)["ChameleonIngress"]["ray_actor_options"]["num_cpus"] > 0
     # The server must load the model the edits were computed for: the job's model section.
     job_model = load_one(JOB_CONFIG)["model"]
     assert app["args"]["model"]["name_or_path"] == job_model["name_or_path"]
     assert app["args"]["model"]["dtype"] == job_model["dtype"]
-    # The args are what `app_builder` validates (ServeConfig); no Ray needed for that.
-    from chameleon.serving.config import ServeConfig
+    # The args and the user_config are what the app validates (ServeConfig, ServeUserConfig).
+    from chameleon.serving.config import ServeConfig, ServeUserConfig
 
     cfg = ServeConfig.model_validate(app["args"])
-    assert cfg.model.name_or_path == job_model["name_or_path"] and cfg.run == "latest"
+    assert cfg.model.name_or_path == job_model["name_or_path"]
+    assert ServeUserConfig.model_validate(server["user_config"]).run == "latest"
+
+
+def test_serve_config_timeouts_and_logs():
+    config = load_one(SERVE_CONFIG)
+    assert 60 <= config["http_options"]["request_timeout_s"] <= 3600
+    logging_config = serve_app(config)["logging_config"]
+    assert logging_config["encoding"] == "JSON" and logging_config["enable_access_log"] is True
+    schema = serve_schema_validate(config)
+    assert schema.http_options.request_timeout_s == config["http_options"]["request_timeout_s"]
+    assert schema.applications[0].logging_config.encoding == "JSON"
+
+
+def test_serve_user_config_rejects_a_typo():
+    from chameleon.serving.config import ServeUserConfig
+
+    with pytest.raises(ValueError):
+        ServeUserConfig.model_validate({"runs": "latest"})
 
 
 def test_rayservice_serves_the_serve_config_application():
@@ -382,8 +567,10 @@ def test_rayservice_serves_the_serve_config_application():
     assert any("chameleon-on-ray" in p for p in runtime_env.get("pip", [])), runtime_env
     assert embedded == load_one(SERVE_CONFIG)
 
+    # Traffic only to the workers' proxies: the head runs no replicas.
+    assert spec["excludeHeadPodFromServeSvc"] is True
     # The GPU group can hold every Serve replica.
-    deployment = embedded_app["deployments"][0]
+    deployment = deployments(embedded_app)["ChameleonServer"]
     gpus = sum(
         g["maxReplicas"] * gpu_limit(g["template"]["spec"]["containers"][0])
         for g in spec["rayClusterConfig"]["workerGroupSpecs"]

@@ -7,19 +7,25 @@ and personalized answer.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
 import os
 import time
 from pathlib import Path
 
-from chameleon.config import ChameleonConfig
+import torch
+
+from chameleon.config import EMBEDDED_MODEL, ChameleonConfig, JobConfig
 from chameleon.core.generation import generate_answers
-from chameleon.core.model import load_model
+from chameleon.core.model import load_model, resolve_name
 from chameleon.core.prompts import PARAPHRASE_TWEET
 from chameleon.data.artifacts import RunReader, new_run_id
 from chameleon.data.published import PublishedRun
 from chameleon.dev.s3server import embedded_store
 from chameleon.job.drivers import describe_run, run_job
+from chameleon.ray_env import quiet_console
 
 EXAMPLE_STYLES: dict[str, list[str]] = {
     "shouty_fan": [
@@ -104,6 +110,43 @@ def write_example_users(path: str | Path, n_per_style: int = 2) -> Path:
     return path
 
 
+def given_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or `taskset`'s share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def fit_to_cores(cfg: ChameleonConfig, n_users: int, cores: int, *, local: bool) -> ChameleonConfig:
+    """Use every core: in process, torch threads on all of them; on Ray, one model replica per
+    group of cores (at least 4 users each) with that many threads, and one partition per replica.
+    A job section set by --config or the job flags is kept as it is (one equal to the defaults
+    counts as unset)."""
+    if local:
+        return cfg.with_overrides({"job.torch_threads": cores})
+    if cfg.job != JobConfig():
+        return cfg
+    actors = max(1, min(cores, n_users // 4))
+    threads = max(1, cores // actors)
+    return cfg.with_overrides(
+        {
+            "job.num_actors": actors,
+            "job.torch_threads": threads,
+            # A little under the threads: Ray Data keeps some CPU for its own tasks.
+            "job.num_cpus_per_actor": round(threads * 0.9, 2),
+            "job.users_per_partition": math.ceil(n_users / actors),
+        }
+    )
+
+
+def _prepare_model(cfg: ChameleonConfig, quiet: bool) -> None:
+    """Convert the embedded GGUF model once before the job starts (its converter draws a progress
+    bar of its own, which a quiet demo keeps off the terminal)."""
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        resolve_name(cfg.model)
+
+
 def run_demo(
     cfg: ChameleonConfig,
     *,
@@ -114,22 +157,32 @@ def run_demo(
     quick: bool = False,
 ) -> int:
     """Personalize the example users on the embedded store, then show base vs personalized answers."""
+    quiet = quiet_console()  # the CLI without -v
     users_file = write_example_users(workdir / "example_users.jsonl")
-    print(f"example users: {users_file} ({len(example_users())} users, {len(EXAMPLE_STYLES)} writing styles)")
+    n_users = len(example_users())
+    print(f"example users: {users_file} ({n_users} users, {len(EXAMPLE_STYLES)} writing styles)")
     if quick:
         cfg = cfg.with_overrides(
             {"synth.pairs_per_user": 4, "synth.answer_max_new_tokens": 24, "synth.insight_max_new_tokens": 40}
         )
-    # One replica on this machine: let it use every core (Ray would give it one thread).
-    cfg = cfg.with_overrides(
-        {
-            "groups.n_groups": len(EXAMPLE_STYLES),
-            "groups.min_group_size": 2,
-            "job.torch_threads": os.cpu_count() or 1,
-        }
-    )
+    cfg = cfg.with_overrides({"groups.n_groups": len(EXAMPLE_STYLES), "groups.min_group_size": 2})
+    cores = given_cores()
+    cluster = address or os.environ.get("RAY_ADDRESS")
+    if not cluster:  # this machine's cores (a cluster's are sized by its own config)
+        cfg = fit_to_cores(cfg, n_users, cores, local=local)
+    torch.set_num_threads(cores)  # this process: the model for the answers below (and --local's job)
     run_id = run_id or new_run_id("demo")
     t0 = time.perf_counter()
+    _prepare_model(cfg, quiet)
+    model = cfg.model.name_or_path
+    model = f"the embedded {model.partition(':')[2]}" if model == EMBEDDED_MODEL else model
+    if local:
+        where = f"in this process, {cores} core(s)"
+    elif cluster:
+        where = f"on {cfg.job.num_actors} model replica(s) on the Ray cluster at {cluster}"
+    else:
+        where = f"on {cfg.job.num_actors} model replica(s) (local Ray), {cores} core(s)"
+    print(f"personalizing them with {model} {where} ...", flush=True)
     with embedded_store(workdir) as (s3, store):
         os.environ.setdefault("AWS_ENDPOINT_URL", s3.endpoint_url)
         manifest = run_job(str(users_file), store, run_id, cfg, local=local, address=address)
@@ -146,6 +199,10 @@ def run_demo(
             print(f"   personalized: {g.splitlines()[0] if g else ''}")
         print(
             f"\nartifacts: {store.uri}/runs/{manifest['run_id']}/ on the embedded S3 server "
-            f"(data under {workdir / 's3'}); total {time.perf_counter() - t0:.0f} s"
+            f"(data under {workdir / 's3'}, kept); total {time.perf_counter() - t0:.0f} s"
+        )
+        print(
+            f"serve this run: `make serve-demo` (or `chameleon serve --workdir {workdir}`), then call it "
+            "with the openai client (README, step 3)"
         )
     return 0

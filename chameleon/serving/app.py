@@ -18,7 +18,9 @@ edited layer applies all rows' edits in one batched operation. Finished rows lea
 Runs load from the store by id or through `latest` (polled every `refresh_interval_s` in a
 background thread; chameleon.serving.registry). A run made for another model (fingerprint
 mismatch) or with a file that fails its checksum is refused, the previous run keeps serving, and
-`/healthz` says why.
+`/healthz` says why. The run can also be switched on running replicas: the `user_config` of
+`ChameleonServer` in a Serve config (`{run: <id> | latest}`) reaches `reconfigure`, which loads the
+run without reloading the model.
 
 `app_builder(args)` is the import path of the Serve config files (`cluster/serve-config.yaml`);
 `build_app(ServeConfig, store=...)` is the same from Python (the store object may carry keys).
@@ -52,7 +54,7 @@ from chameleon.config import ModelConfig
 from chameleon.core.model import pick_device
 from chameleon.data.storage import Store
 from chameleon.ray_env import worker_torch_threads
-from chameleon.serving.config import ServeConfig
+from chameleon.serving.config import ServeConfig, ServeUserConfig
 from chameleon.serving.protocol import (
     ApiError,
     ChatRequest,
@@ -366,8 +368,9 @@ def _set_torch_threads(cfg: ServeConfig) -> None:
     if not _runs_on_cpu(cfg.model):
         return
     cpus = cfg.num_cpus
-    with contextlib.suppress(Exception):
-        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", cpus))
+    if ray.is_initialized():  # inside a Serve replica; never start a Ray just to ask
+        with contextlib.suppress(Exception):
+            cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", cpus))
     if cpus >= 1:
         worker_torch_threads(math.floor(cpus))
 
@@ -388,6 +391,28 @@ class ChameleonServer:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.core.stop_polling()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's lightweight update: apply this deployment's `user_config` (`ServeUserConfig`)
+        on the running replica. `run` switches the run served (pin one, or `latest` to follow the
+        pointer) without reloading the model; requests in flight finish on their run. A run that
+        cannot be loaded leaves the current one serving, and `/healthz` says why. Invalid
+        settings raise, so a typo fails the deploy instead of being ignored."""
+        update = ServeUserConfig.model_validate(user_config or {})
+        if update.run is not None and update.run != self.cfg.run:
+            await asyncio.to_thread(self._switch_run, update.run)
+
+    def _switch_run(self, run: str) -> None:
+        self.cfg.run = run  # the poller reads it: a pinned run is not polled once it is loaded
+        self.core.registry.requested = run
+        self.core.registry.refresh()
+        status = self.core.registry.status()
+        if status["run_id"] != (status["latest"] if run == "latest" else run):
+            log.error(
+                "asked to serve run %r; still serving %r: %s", run, status["run_id"], status["problems"]
+            )
+        else:
+            log.info("now serving run %s (requested %r)", status["run_id"], run)
 
     async def health(self) -> dict[str, Any]:
         return self.core.health()

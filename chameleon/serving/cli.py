@@ -1,9 +1,12 @@
 """`chameleon serve`: the OpenAI-compatible endpoint on Ray Serve, from the command line.
 
     chameleon serve --store s3://bucket/prefix [--run latest] [--model ID] [--port 8000] ...
+    chameleon serve                       # the embedded store the demo wrote (demo-out/s3)
 
 Starts a local Ray (or joins `--address` / `RAY_ADDRESS`), starts Serve's HTTP proxy on
-`--host:--port`, deploys `chameleon.serving.app.build_app` and blocks until Ctrl-C. `--config`
+`--host:--port`, deploys `chameleon.serving.app.build_app` and blocks until Ctrl-C. Without
+`--store` it restarts the embedded S3 server on the data that `chameleon demo` and
+`chameleon personalize` (without --store) keep under `--workdir`, and serves its runs. `--config`
 takes a YAML mapping of `ServeConfig` fields (the same keys as the `args:` of
 `cluster/serve-config.yaml`); flags override single fields. For a cluster,
 `serve deploy cluster/serve-config.yaml` is the declarative route; this command is the quick one.
@@ -14,6 +17,7 @@ Ray and the Serve app are imported only when the command runs, so `chameleon --h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -25,16 +29,21 @@ from typing import Any
 import yaml
 
 from chameleon.flags import Flag, add_flags, flag_overrides
-from chameleon.ray_env import init_ray
+from chameleon.ray_env import init_ray, quiet_console
 from chameleon.serving.config import ServeConfig
 
 log = logging.getLogger("chameleon")
+
+DEFAULT_WORKDIR = "demo-out"
+"""Where `chameleon demo`, `chameleon personalize` (without --store) and `chameleon serve` (without
+--store) keep and find the embedded store (`<workdir>/s3`) and the example users."""
 
 SERVE_FLAGS: tuple[Flag, ...] = (
     Flag(
         "--store",
         "store",
-        "where runs are published: s3://bucket/prefix or a local dir (required here or in --config)",
+        "where runs are published: s3://bucket/prefix or a local dir (unset here and in --config: "
+        "the embedded store under --workdir that the demo wrote)",
     ),
     Flag(
         "--s3-endpoint",
@@ -77,6 +86,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
 
 EXAMPLES = """\
 examples:
+  # the demo's run (`make demo` first): the embedded store under demo-out, on this machine's CPU
+  chameleon serve
   # the latest run of an S3 store, on this machine's GPU
   chameleon serve --store s3://bucket/prefix --model Qwen/Qwen2.5-1.5B-Instruct --num-gpus 1
   # one pinned run of a local store on port 8080, bearer token from $MY_KEY
@@ -113,6 +124,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--ray-num-cpus", type=int, help="CPUs of a new local Ray [default: all]")
     p.add_argument("--app-name", default="chameleon", help="Serve application name [default: %(default)s]")
     p.add_argument(
+        "--workdir",
+        default=DEFAULT_WORKDIR,
+        help="without --store: serve the embedded store kept under this dir by `chameleon demo` / "
+        "`chameleon personalize` [default: %(default)s]",
+    )
+    p.add_argument(
         "--detach",
         action="store_true",
         help="deploy and return; needs --address, the app keeps running [default: off]",
@@ -133,8 +150,8 @@ def _set_dotted(settings: dict[str, Any], dotted: str, value: Any) -> None:
     settings[section] = {**(current if isinstance(current, dict) else {}), key: value}
 
 
-def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """ServeConfig fields from --config, then the flags."""
+def serve_settings(args: argparse.Namespace, default_store: str | None = None) -> dict[str, Any]:
+    """ServeConfig fields from --config, then the flags (`default_store` when neither names one)."""
     settings: dict[str, Any] = {}
     if getattr(args, "config", None):
         data = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -143,9 +160,35 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings.update(data)
     for dotted, value in flag_overrides(args, SERVE_FLAGS).items():
         _set_dotted(settings, dotted, value)
+    if "store" not in settings and default_store is not None:
+        settings["store"] = default_store
     if "store" not in settings:
         raise ValueError("serve needs --store (or `store:` in --config): where the runs are published")
     return settings
+
+
+def has_store(args: argparse.Namespace) -> bool:
+    """Whether --store or the --config file names a store."""
+    if getattr(args, "store", None):
+        return True
+    if getattr(args, "config", None):
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        return isinstance(data, dict) and "store" in data
+    return False
+
+
+@contextlib.contextmanager
+def demo_store(workdir: Path):
+    """The embedded store under `workdir` (an S3 server on loopback, up while serving)."""
+    from chameleon.dev.s3server import embedded_store
+
+    if not (workdir / "s3").is_dir():
+        raise ValueError(
+            f"no --store given and no embedded store under {workdir / 's3'}: run `make demo` "
+            "(or `chameleon personalize --input USERS.jsonl`) first, or pass --store"
+        )
+    with embedded_store(workdir) as (_s3, store):
+        yield store
 
 
 def run_server(
@@ -157,9 +200,11 @@ def run_server(
     ray_num_cpus: int | None = None,
     app_name: str = "chameleon",
     detach: bool = False,
+    store: Any = None,
 ) -> int:
     """Start Ray (or join `address` / RAY_ADDRESS), deploy the app, and serve until Ctrl-C or
-    SIGTERM (or return at once with `detach` on a running cluster)."""
+    SIGTERM (or return at once with `detach` on a running cluster). `store`: a ready store object
+    (one with keys, e.g. the embedded one) instead of opening `cfg.store` on each replica."""
     # Heavy on purpose and only here: Ray, Serve, FastAPI and torch load when the command runs.
     import ray
     from ray import serve
@@ -171,12 +216,14 @@ def run_server(
         raise ValueError(
             "--detach needs a running cluster (--address or RAY_ADDRESS): a local Ray ends with this process"
         )
+    if quiet_console():  # Serve's own lines in this process (its replicas' logs stay in Ray's files)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     owns_ray = not ray.is_initialized()
-    started_local = init_ray(address, num_cpus=ray_num_cpus)
+    started_local = init_ray(address, num_cpus=ray_num_cpus, ray_data=False)
     started = time.perf_counter()
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(cfg), name=app_name, route_prefix="/")
+        serve.run(build_app(cfg, store=store), name=app_name, route_prefix="/")
         url = f"http://{host}:{port}"
         auth = (
             f"bearer token from ${cfg.api_key_env}"
@@ -184,8 +231,9 @@ def run_server(
             else "no auth"
         )
         print(
-            f"serving {cfg.model_name!r} with run {cfg.run!r} of {cfg.store} at {url}/v1 ({auth}); "
-            f"health: {url}/healthz; ready in {time.perf_counter() - started:.0f} s",
+            f"serving model {cfg.model_name!r} (the `model` clients send) at {url}/v1 ({auth}); "
+            f"{_serving_run(app_name, cfg)}; health: {url}/healthz; "
+            f"ready in {time.perf_counter() - started:.0f} s",
             flush=True,
         )
         if detach:
@@ -199,39 +247,47 @@ def run_server(
         return 0
     finally:
         if not detach:
-            if started_local:
-                serve.shutdown()
-            else:
+            # A local Ray of our own goes down whole with ray.shutdown() (stopping Serve first
+            # only makes its controller's retries complain); on a cluster, remove just our app.
+            if not started_local:
                 serve.delete(app_name)
             if owns_ray:
                 ray.shutdown()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = ServeConfig.model_validate(serve_settings(args))
-    return run_server(
-        cfg,
-        host=args.host,
-        port=args.port,
-        address=args.address,
-        ray_num_cpus=args.ray_num_cpus,
-        app_name=args.app_name,
-        detach=args.detach,
-    )
+def _serving_run(app_name: str, cfg: ServeConfig) -> str:
+    """What the replica serves right now, for the ready line."""
+    from ray import serve
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python jobs/serve.py ...`: the `serve` command alone."""
-    parser = argparse.ArgumentParser(prog="chameleon")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_serve_parser(sub)
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        print(f"chameleon serve: error: {exc}", file=sys.stderr)
-        return 2
+        health = serve.get_deployment_handle("ChameleonServer", app_name=app_name).health.remote().result()
+    except Exception as exc:  # the line is informative only
+        return f"run {cfg.run!r} of {cfg.store} (status unknown: {type(exc).__name__})"
+    run = health.get("run") or {}
+    if not run:
+        why = "; ".join(health.get("problems") or []) or "no run loaded"
+        return f"no run of {cfg.store} yet ({why}); only personalization.off requests are served"
+    return (
+        f"run {run['run_id']} of {cfg.store} ({run['users']} users, {run['groups']} groups; "
+        f"following {cfg.run!r})"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        store = None
+        if not has_store(args):
+            if args.detach:
+                raise ValueError("--detach needs --store: the embedded store stops with this process")
+            store = stack.enter_context(demo_store(Path(args.workdir)))
+        cfg = ServeConfig.model_validate(serve_settings(args, default_store=store.uri if store else None))
+        return run_server(
+            cfg,
+            host=args.host,
+            port=args.port,
+            address=args.address,
+            ray_num_cpus=args.ray_num_cpus,
+            app_name=args.app_name,
+            detach=args.detach,
+            store=store,
+        )

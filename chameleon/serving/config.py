@@ -21,6 +21,14 @@ from chameleon.config import EMBEDDED_MODEL, ModelConfig
 from chameleon.data.ids import ID_RULE, is_valid_id
 
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _check_run(v: str) -> str:
+    if v != "latest" and not is_valid_id(v):
+        raise ValueError(f"run must be 'latest' or a run id ({ID_RULE}), got {v!r}")
+    return v
+
+
 _MOVED_TO_MODEL = ("revision", "dtype", "device")
 """Top-level fields of earlier versions that now live in the `model` section."""
 
@@ -95,9 +103,7 @@ class ServeConfig(BaseModel):
     @field_validator("run")
     @classmethod
     def _run(cls, v: str) -> str:
-        if v != "latest" and not is_valid_id(v):
-            raise ValueError(f"run must be 'latest' or a run id ({ID_RULE}), got {v!r}")
-        return v
+        return _check_run(v)
 
     @field_validator("fallback")
     @classmethod
@@ -139,3 +145,25 @@ class ServeConfig(BaseModel):
             return EMBEDDED_MODEL.partition(":")[2]
         path = Path(name)
         return path.name if path.is_absolute() or name.startswith(".") else name
+
+
+class ServeUserConfig(BaseModel):
+    """The `user_config` of the `ChameleonServer` deployment in a Serve config: what Serve changes
+    on running replicas (`ChameleonServer.reconfigure`) without restarting them or reloading the
+    model. A key left out keeps its current value.
+
+        deployments:
+          - name: ChameleonServer
+            user_config:
+              run: 20250101T000000Z-a1b2c3     # or `latest`: follow the store's pointer
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str | None = None
+    """Run id to serve, or `latest`; overrides the application's `args.run`."""
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, v: str | None) -> str | None:
+        return None if v is None else _check_run(v)
