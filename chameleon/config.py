@@ -41,7 +41,35 @@ class ModelConfig(_Section):
 
 
 class SynthConfig(_Section):
-    """Fake it: history selection, insights and paired answers."""
+    """Fake it: history selection, then (personalized, neutral) answer pairs from one of two sources."""
+
+    pair_source: Literal["insight", "history"] = "history"
+    """Where a pair's personalized answer comes from. `history` (default): the user's own real text,
+    against the model's own answer to the same query (the query is the item's input, or one the
+    model fakes from the text). `insight` (the paper's variant): the model's answers under a
+    personalized vs a neutral insight it wrote from the user's history."""
+    query_template: str = "{text}"
+    """The task query around a text (`{text}`): what a history item without an `input` is asked as
+    (history source: around the faked neutral version of the item; insight source: around the
+    item itself). For LaMP-7: "Paraphrase the following tweet without any explanation before or
+    after it: {text}"."""
+    query_faking: Literal["neutralize", "wrap"] = "neutralize"
+    """How the query of an item without an `input` is faked: `neutralize` (the model rewrites the
+    text neutrally, as LaMP-7's inputs were made, and the template wraps that) or `wrap` (the
+    template wraps the text itself: no generation, but the query then contains its answer)."""
+    neutralize_prompt: str = (
+        "Rewrite the following text in plain, neutral language. Keep its meaning; drop slang, "
+        "emoticons and personal quirks. Reply with the rewritten text only.\n\n{text}"
+    )
+    """How the model fakes a neutral version of a history text (LaMP-7's inputs were made this way
+    from the users' tweets)."""
+    system_prompt: str | None = None
+    """System turn of the task prompt: the neutral answers and every captured state see the prompt
+    the model sees at inference (serving and evaluation use the same one)."""
+    capture_tokens: Literal["last", "answer_mean"] = "answer_mean"
+    """Where an answer's hidden state is read: its last token, or the mean over its tokens."""
+    heldout_items: int = Field(4, ge=0)
+    """History items per user kept out of the pairs for self-calibration (and style checks)."""
 
     history_k: int = Field(5, ge=1)
     """History items kept per user (PCA selection); with fewer items all are kept."""
@@ -71,9 +99,10 @@ class SynthConfig(_Section):
 class SubspaceConfig(_Section):
     """Align it: where to read hidden states and how to turn pairs into directions."""
 
-    site: Literal["mlp", "residual"] = "mlp"
-    """`mlp`: output of the MLP block of a decoder layer (AlignEZ convention);
-    `residual`: the decoder layer's output (the residual stream)."""
+    site: Literal["mlp", "residual"] = "residual"
+    """`residual` (default): the decoder layer's output (the residual stream, where additive
+    steering is usually applied); `mlp`: output of the MLP block (AlignEZ's site for the
+    projection form)."""
     candidate_layers: list[int] | None = None
     """Layers whose hidden states are captured and scored; default: 6 layers evenly spaced over the
     middle band (from 1/4 to 2/3 of the depth)."""
@@ -112,8 +141,23 @@ class SubspaceConfig(_Section):
 class EditConfig(_Section):
     """How a set of directions changes the forward pass."""
 
+    form: Literal["projection", "additive", "norm_preserving"] = "additive"
+    """`projection`: the paper's edit (add the θP component, remove the θN component, scaled by
+    alpha and beta); `additive`: add the unit mean difference personalized − neutral, scaled to
+    `strength` × the layer's typical state norm; `norm_preserving`: the same, keeping ‖x‖."""
+    strength: float = Field(0.1, ge=0)
+    """Additive forms without calibration: the step relative to the layer's typical state norm."""
+    calibrate: bool = True
+    """Additive forms: choose each group's (and user's) layer and strength by the teacher-forced
+    NLL of its members' held-out real texts; strength 0 (no edit) is always a candidate."""
+    strengths: list[float] = [0.05, 0.1, 0.2, 0.3]
+    """Calibration candidates (relative to the layer's typical state norm), besides 0."""
+    calibration_examples: int = Field(32, ge=1)
+    """Held-out texts a group's calibration scores (a seeded sample of its members' items)."""
+
     alpha: float = 1.0
-    """Scale of the added personalized component."""
+    """Scale of the added personalized component (projection form); for the additive forms, a
+    multiplier on the published (calibrated) steering vector, applied unchanged by serving at 1."""
     beta: float = 1.0
     """Scale of the removed non-personalized component (1 = full vector rejection)."""
     positions: Literal["last", "all"] = "last"
@@ -128,7 +172,12 @@ class GroupConfig(_Section):
     """Users with alike subspaces share one group edit."""
 
     n_groups: int = Field(8, ge=1)
-    """k: clusters on subspace similarity (fewer when there are not enough users)."""
+    """k: clusters (fewer when there are not enough users); 1 = one global edit for everybody."""
+    features: Literal["subspace", "contrast", "style"] = "style"
+    """What users are clustered on: `subspace` (their θP and θN), `contrast` (their mean
+    difference personalized − neutral at every captured layer), or `style` (cheap stylometric
+    features of their history: casing, length, punctuation runs, emoticons, mentions, URLs,
+    hashtags, elongations; `chameleon.core.style`)."""
     min_group_size: int = Field(3, ge=1)
     """Smaller clusters are merged into their nearest larger one (no group edit from a handful)."""
     group_column: str | None = None

@@ -77,3 +77,15 @@ def test_choose_keeps_the_base_model_when_no_candidate_helps():
     choice = choose({"base": 2.0, "3:0.1": 1.5, "4:0.2": 1.9})
     assert choice.active and (choice.layer, choice.strength) == (3, 0.1)
     assert not choose({"base": 2.0, "3:0.1": 1.99}, min_gain=0.05).active
+
+
+def test_answer_nll_is_the_mean_token_nll_of_the_answers_only(setup):
+    model, tok = setup
+    prompts = [chat_prompt(tok, p) for p in PROMPTS]
+    ids, attention, answer_mask, _ = encode_answers(tok, prompts, ANSWERS)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), -1)
+    token_nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    expected = float(token_nll[answer_mask[:, 1:]].mean())
+    assert answer_nll(model, tok, prompts, ANSWERS) == pytest.approx(expected, rel=1e-4)
+    assert answer_nll(model, tok, prompts, ANSWERS, batch_size=1) == pytest.approx(expected, rel=1e-4)

@@ -26,6 +26,7 @@ def test_published_layout_and_manifest(published_tiny_run):
         "runs/tiny-run-1/rejects.jsonl",
         "runs/tiny-run-1/users/shard-00000.safetensors",
         "runs/tiny-run-1/centroids.safetensors",
+        "runs/tiny-run-1/calibration.json",
     }
     assert expected <= files
     assert store.get_text("latest").strip() == "tiny-run-1"
@@ -34,7 +35,7 @@ def test_published_layout_and_manifest(published_tiny_run):
         "manifest.json"
     }
     assert manifest["counts"]["accepted"] == 12 and manifest["counts"]["rejected"] == 0
-    assert manifest["prompt_version"] and manifest["site"] == "mlp"
+    assert manifest["prompt_version"] and manifest["site"] == "residual"
     run = PublishedRun(reader)
     assign = run.assignments()
     assert set(assign) == {
@@ -51,12 +52,16 @@ def test_published_layout_and_manifest(published_tiny_run):
     }
     sizes = {g["group_id"]: g["n_users"] for g in manifest["groups"]}
     assert sum(sizes.values()) == 12 and min(sizes.values()) >= 2
-    for gid in run.group_ids:
+    curves = reader.get_json("calibration.json")
+    for row in manifest["groups"]:
+        gid, cal = row["group_id"], row["calibration"]
         edit = run.group_edit(gid)
-        n = min(3, len(manifest["captured_layers"]))
-        assert len(edit.layers) == n and set(edit.layers) <= set(manifest["captured_layers"])
-        assert torch.isfinite(edit.theta_p).all()
-        assert torch.allclose(edit.theta_n.norm(dim=-1), torch.ones(n), atol=1e-4)
+        assert edit.form == "additive" and len(edit.layers) == 1
+        assert edit.layers[0] in manifest["captured_layers"]
+        assert torch.isfinite(edit.steer).all()
+        # Calibration never makes the held-out texts less likely than the base model.
+        assert cal["nll"] <= cal["base_nll"] and curves[gid]["curve"]["base"] == cal["base_nll"]
+        assert (cal["strength"] > 0) == (float(edit.steer.norm()) > 0)
 
 
 def test_user_edits_and_personalized_generation(published_tiny_run):

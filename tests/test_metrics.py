@@ -141,12 +141,17 @@ def test_paired_sign_test():
     [
         ("just this", "just this"),
         ("\n\n  first line  \nsecond line", "first line"),
-        ('Here\'s a rewritten version of the tweet:\n\n"so bored today"\nmore', '"so bored today"'),
+        ('Here\'s a rewritten version of the tweet:\n\n"so bored today"\nmore', "so bored today"),
+        ('Paraphrased tweet: "omg so tired"', "omg so tired"),  # lead-in and quotes on one line
+        ("Sure! Here it is: gonna sleep", "gonna sleep"),
+        ("“curly quotes”", "curly quotes"),
+        ('he said "hi" to me', 'he said "hi" to me'),  # inner quotes stay
         (
             "Note: this line has a colon inside but does not end with one\nnext",
             "Note: this line has a colon inside but does not end with one",
         ),
         ("Only a preamble:", "Only a preamble:"),  # nothing follows: keep it
+        ("Here is the tweet:", ""),  # a lead-in alone is no answer
         ("", ""),
         ("   \n \n", ""),
     ],

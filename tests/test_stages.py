@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chameleon.config import ChameleonConfig, SubspaceConfig
+from chameleon.config import ChameleonConfig, EditConfig, SubspaceConfig
+from chameleon.core.calibration import choose
 from chameleon.core.synth import UserPairs
 from chameleon.job.stages import candidate_layers, pairs_to_tables, reduce_all, tables_to_units
 
@@ -74,8 +75,21 @@ def test_reduce_all_gives_every_user_a_group_and_every_group_an_edit():
     pairs, profiles = pairs_to_tables(users)
     reduced = reduce_all(pairs, profiles, cfg, layers=[3, 5])
     assert len(reduced.grouping.group_ids) == 2 and sum(reduced.grouping.sizes) == 6
+    projection = EditConfig(form="projection")
+    additive = EditConfig(form="additive", strength=0.2)
+    direction, norms = reduced.group_steer
     for j in range(2):
-        edit = reduced.group_edit(j, "mlp")
-        assert len(edit.layers) == 1 and set(edit.layers) <= {3, 5}
+        edit = reduced.group_edit(j, projection, "mlp")
+        assert edit.form == "projection" and len(edit.layers) == 1 and set(edit.layers) <= {3, 5}
         assert torch.allclose(edit.theta_n.norm(dim=-1), torch.ones(1), atol=1e-4)
-    assert reduced.user_edit(0, "mlp").theta_p.shape[-1] == 16
+        steer = reduced.group_edit(j, additive, "mlp")
+        slot = [3, 5].index(steer.layers[0])
+        # strength × the layer's typical norm along the group's unit mean difference
+        assert torch.allclose(steer.steer[0], 0.2 * norms[j, slot] * direction[j, slot], atol=1e-5)
+        assert torch.allclose(steer.steer[0].norm(), 0.2 * norms[j, slot], rtol=1e-4)
+    assert reduced.user_edit(0, projection, "mlp").theta_p.shape[-1] == 16
+    # A calibrated edit uses the group's chosen layer and strength; strength 0 adds nothing.
+    reduced.group_calibration = [choose({"base": 2.0, "5:0.1": 1.5}), choose({"base": 2.0, "3:0.3": 2.5})]
+    first, second = reduced.group_edit(0, additive, "mlp"), reduced.group_edit(1, additive, "mlp")
+    assert first.layers == [5] and torch.allclose(first.steer[0].norm(), 0.1 * norms[0, 1], rtol=1e-4)
+    assert second.layers == [3] and float(second.steer.abs().max()) == 0.0

@@ -8,8 +8,9 @@ from conftest import tiny_job_config
 from tiny_models import embedded_tokenizer, tiny_llama
 
 from chameleon.core import prompts
+from chameleon.core.generation import chat_prompt, generate
 from chameleon.core.records import HistoryItem, UserRecord
-from chameleon.core.synth import pair_queries, select_history, synthesize
+from chameleon.core.synth import first_line, heldout_indices, pair_queries, select_history, synthesize
 
 
 def test_select_history_keeps_all_when_few():
@@ -63,7 +64,9 @@ def users(n=3):
 
 def test_synthesize_shapes_and_determinism(model_tok, tiny_model_dir):
     model, tok = model_tok
-    cfg = tiny_job_config(tiny_model_dir, **{"synth.pairs_per_user": 3, "synth.history_k": 2})
+    cfg = tiny_job_config(
+        tiny_model_dir, **{"synth.pairs_per_user": 3, "synth.history_k": 2, "synth.pair_source": "insight"}
+    )
     a = synthesize(model, tok, users(), cfg, [1, 2])
     b = synthesize(model, tok, users(), cfg, [1, 2])
     assert [x.user_id for x in a] == ["u0", "u1", "u2"]
@@ -79,9 +82,74 @@ def test_synthesize_shapes_and_determinism(model_tok, tiny_model_dir):
 
 def test_a_user_alone_gets_the_same_queries_and_insights(model_tok, tiny_model_dir):
     model, tok = model_tok
-    cfg = tiny_job_config(tiny_model_dir, **{"synth.pairs_per_user": 2, "synth.temperature": 0.0})
+    cfg = tiny_job_config(
+        tiny_model_dir,
+        **{"synth.pairs_per_user": 2, "synth.temperature": 0.0, "synth.pair_source": "insight"},
+    )
     together = synthesize(model, tok, users(3), cfg, [1])
     alone = synthesize(model, tok, users(3)[1:2], cfg, [1])
     assert together[1].queries == alone[0].queries and together[1].selected == alone[0].selected
     assert together[1].insight_p == alone[0].insight_p
     assert together[1].personalized == alone[0].personalized  # greedy: batch-independent text
+
+
+def test_heldout_items_are_spread_and_never_selected():
+    user = users(1)[0]
+    assert heldout_indices(user, [], 2) == [0, 3]
+    assert heldout_indices(user, [0, 1, 2, 3], 4) == [4, 5]
+
+
+def test_history_pairs_contrast_the_users_text_with_the_models_own_answer(model_tok, tiny_model_dir):
+    model, tok = model_tok
+    cfg = tiny_job_config(
+        tiny_model_dir,
+        **{
+            "synth.pairs_per_user": 3,
+            "synth.history_k": 3,
+            "synth.heldout_items": 2,
+            "synth.pair_source": "history",
+        },
+    )
+    out = synthesize(model, tok, users(2), cfg, [1, 2])
+    for x, u in zip(out, users(2), strict=True):
+        texts = {h.text: h for h in u.history}
+        assert len(x.personalized) == 3 and all(p in texts for p in x.personalized)  # the real texts
+        assert x.queries == [texts[p].input for p in x.personalized]  # items with an input keep it
+        assert x.neutral == generate(
+            model,
+            tok,
+            [chat_prompt(tok, q) for q in x.queries],
+            max_new_tokens=cfg.synth.answer_max_new_tokens,
+        )
+        assert x.emb_p.shape == x.emb_n.shape == (3, 2, 64) and not torch.equal(x.emb_p, x.emb_n)
+        held = set(x.heldout_texts)
+        assert len(held) == 2 and not held & set(x.personalized)  # held out of the pairs
+        assert x.heldout_queries == [texts[t].input for t in x.heldout_texts]
+
+
+def test_missing_queries_are_faked_from_the_text(model_tok, tiny_model_dir):
+    model, tok = model_tok
+    bare = [UserRecord("b", tuple(HistoryItem(text=f"omg item {i} lol") for i in range(5)))]
+    base = {
+        "synth.pairs_per_user": 2,
+        "synth.heldout_items": 1,
+        "synth.pair_source": "history",
+        "synth.query_template": "Paraphrase: {text}",
+    }
+    wrapped = synthesize(
+        model, tok, bare, tiny_job_config(tiny_model_dir, **base, **{"synth.query_faking": "wrap"}), [1]
+    )[0]
+    assert wrapped.queries == [f"Paraphrase: {p}" for p in wrapped.personalized]
+    cfg = tiny_job_config(tiny_model_dir, **base)
+    faked = synthesize(model, tok, bare, cfg, [1])[0]
+    # The model's neutral rewrite of each text (its first line; the text itself if it wrote nothing).
+    rewrites = generate(
+        model,
+        tok,
+        [chat_prompt(tok, cfg.synth.neutralize_prompt.format(text=p)) for p in faked.personalized],
+        max_new_tokens=cfg.synth.answer_max_new_tokens,
+    )
+    assert faked.queries == [
+        f"Paraphrase: {first_line(r) or p}" for r, p in zip(rewrites, faked.personalized, strict=True)
+    ]
+    assert first_line('  \n "Sure thing"  \nmore') == "Sure thing"

@@ -14,6 +14,7 @@ than the base model does.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,15 +29,40 @@ class Calibration:
     """The chosen (layer, strength) of one unit and the NLL of every candidate."""
 
     layer: int
+    """The chosen layer; -1 when no candidate beat the base model."""
     strength: float
+    """The chosen strength relative to the layer's typical state norm; 0 = no edit."""
     nll: float
     base_nll: float
     curve: dict[str, float] = field(default_factory=dict)
-    """"layer:strength" -> mean NLL per token of the held-out texts."""
+    """"layer:strength" -> mean NLL per token of the held-out texts; "base" -> without an edit."""
 
     @property
     def active(self) -> bool:
         return self.strength > 0
+
+    @property
+    def best_layer(self) -> int:
+        """The layer of the lowest-NLL candidate, even when it did not beat the base model."""
+        keys = [k for k in self.curve if k != "base"]
+        return int(min(keys, key=lambda k: self.curve[k]).split(":")[0]) if keys else self.layer
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "layer": self.layer,
+            "strength": self.strength,
+            "nll": round(self.nll, 5),
+            "base_nll": round(self.base_nll, 5),
+        }
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "layer": self.layer,
+            "strength": self.strength,
+            "nll": round(self.nll, 5),
+            "base_nll": round(self.base_nll, 5),
+            "curve": {k: round(v, 5) for k, v in self.curve.items()},
+        }
 
 
 def encode_answers(tok, prompts: Sequence[str], answers: Sequence[str], max_answer_tokens: int = 96):
@@ -83,19 +109,17 @@ def answer_nll(
             tok, prompts[start : start + batch_size], answers[start : start + batch_size]
         )
         ids, attention, answer_mask = ids.to(device), attention.to(device), answer_mask.to(device)
-        if bank is not None and row:
-            bound = bank.bind([row] * len(ids)).from_position(first - 1)
-            with bound.apply(model):
-                logits = model(input_ids=ids, attention_mask=attention).logits
-        else:
-            logits = model(input_ids=ids, attention_mask=attention).logits
-        # Token t is predicted at position t-1.
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = ids[:, 1:]
-        token_nll = -logp.gather(-1, target[..., None])[..., 0]
-        mask = answer_mask[:, 1:]
-        total += float(token_nll[mask].sum())
-        count += int(mask.sum())
+        with contextlib.ExitStack() as stack:
+            if bank is not None and row:
+                stack.enter_context(bank.bind([row] * len(ids)).from_position(first - 1).apply(model))
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
+        # Token t is predicted at position t-1; the vocabulary projection runs on answer positions only.
+        predicting = answer_mask[:, 1:]
+        logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
+        total += float(
+            torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][predicting], reduction="sum")
+        )
+        count += int(predicting.sum())
     return total / max(count, 1)
 
 

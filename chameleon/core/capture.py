@@ -7,6 +7,7 @@ left and right padding and any batch size give the same vectors.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,10 @@ def _last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), positions, -1).amax(1)
 
 
+class _Captured(Exception):
+    """Raised by the deepest hook to end a forward pass whose later layers are not needed."""
+
+
 @torch.no_grad()
 def capture(
     model,
@@ -31,22 +36,31 @@ def capture(
     batch_size: int = 16,
     reduce: str = "last",
     max_length: int = 1024,
+    answer_starts: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Return float32 [N, len(layers), d] hidden states of `texts` (rendered, special tokens included).
 
-    reduce: `last` = last real token; `mean` = mean over real tokens (used to embed history items).
+    reduce: `last` = last real token; `mean` = mean over real tokens (used to embed history items);
+    `answer_mean` = mean over the tokens from `answer_starts[i]` (the prompt's token count) on,
+    i.e. over the answer of a prompt + answer text.
     """
-    if reduce not in ("last", "mean"):
-        raise ValueError("reduce must be 'last' or 'mean'")
+    if reduce not in ("last", "mean", "answer_mean"):
+        raise ValueError("reduce must be 'last', 'mean' or 'answer_mean'")
+    if reduce == "answer_mean" and (answer_starts is None or len(answer_starts) != len(texts)):
+        raise ValueError("answer_mean needs one answer start per text")
     if not texts:
         d = model.config.hidden_size
         return torch.zeros(0, len(layers), d)
     device = model_device(model)
     store: dict[int, torch.Tensor] = {}
 
+    deepest = max(range(len(layers)), key=lambda i: layers[i])
+
     def make_hook(slot: int):
         def hook(module, args, output):
             store[slot] = output[0] if isinstance(output, tuple) else output
+            if len(store) == len(layers) and slot == deepest:
+                raise _Captured  # nothing deeper is needed: skip the rest of the forward pass
 
         return hook
 
@@ -68,10 +82,15 @@ def capture(
             store.clear()
             # Positions count real tokens only, as generate() does, so padding never shifts them.
             enc["position_ids"] = (enc["attention_mask"].cumsum(1) - 1).clamp_min(0)
-            # Only the hooked layers are needed; the LM head's logits are skipped where possible.
-            body = getattr(model, "model", None) or getattr(model, "transformer", None) or model
-            body(**enc)
+            # Only the hooked layers are needed: the forward pass stops after the deepest one.
+            with contextlib.suppress(_Captured):
+                model(**enc)
             mask = enc["attention_mask"]
+            if reduce == "answer_mean":
+                # Real tokens from the answer's first token on (padding may sit on either side).
+                real_before = mask.cumsum(1) - mask
+                starts = torch.as_tensor(answer_starts[start : start + batch_size], device=mask.device)
+                mask = mask * (real_before >= starts[:, None]).to(mask.dtype)
             rows = []
             for slot in range(len(layers)):
                 h = store[slot].float()

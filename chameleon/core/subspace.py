@@ -356,6 +356,22 @@ def pool_groups(
     return out_p, out_n, out_m
 
 
+def steering_directions(
+    H_P: torch.Tensor, H_N: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The additive forms' direction and scale of every unit at every layer.
+
+    Returns the unit mean difference personalized − neutral [U, L, d] (StyleVector's contrast:
+    from the model's own answers toward the users' real ones) and the typical state norm [U, L]
+    (mean ‖h‖ over both sides of the real pairs), so a strength can be given relative to it.
+    """
+    direction = _unit(_masked_mean(H_P, mask) - _masked_mean(H_N, mask))
+    w = mask.to(H_P.dtype)
+    norms = (H_P.norm(dim=-1) + H_N.norm(dim=-1)) / 2  # [U, K, L]
+    typical = (norms * w[:, :, None]).sum(1) / w.sum(1).clamp_min(1)[:, None]
+    return direction, typical
+
+
 # ---------------------------------------------------------------------------------------------
 # Grouping users by subspace similarity
 

@@ -1,15 +1,25 @@
-"""Fake it: pick representative history, write insights, generate paired answers, capture them.
+"""Fake it: pick representative history, make (personalized, neutral) answer pairs, capture them.
 
-`synthesize` turns a list of users into their synthetic preference pairs and hidden states. All
-users of the list are batched together at every step (history embedding, insights, answers,
-capture), so a partition of 64 users costs a few large `generate()` calls, not 64 small ones.
-No gold outputs are used: queries come from the users' own history items.
+`synthesize` turns a list of users into their preference pairs and hidden states, from one of two
+sources (`synth.pair_source`):
+
+- `history`: the personalized answer is the user's own text; the neutral one is the model's own
+  answer to the same query. The query is the item's `input`, or a neutral version of the text
+  the model fakes (LaMP-7's inputs were made that way), wrapped in `synth.query_template`.
+- `insight` (the paper's variant): the model writes a personalized and a neutral insight from
+  the selected history, then answers each query under both.
+
+Both capture "query + answer" exactly as the model sees it at inference (chat template and the
+task's system prompt, no insight). A few items per user are held out of the pairs
+(`synth.heldout_items`) with their queries, for self-calibration. All users of the list are
+batched together at every step, so a partition costs a few large `generate()` calls. No gold
+output of any evaluated query is used: queries come from the users' own history items.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +29,7 @@ from chameleon.core.capture import capture
 from chameleon.core.generation import chat_prompt, generate
 from chameleon.core.model import num_layers
 from chameleon.core.records import UserRecord
+from chameleon.core.style import history_style
 
 
 def select_history(embeddings: torch.Tensor, k: int) -> list[int]:
@@ -65,13 +76,74 @@ class UserPairs:
     emb_p: torch.Tensor
     """[K, L, d] at the captured layers"""
     emb_n: torch.Tensor
+    heldout_queries: list[str] = field(default_factory=list)
+    """Queries of the held-out history items (rendered as at inference, without the chat template)."""
+    heldout_texts: list[str] = field(default_factory=list)
+    """The held-out items' real texts: what calibration asks the edited model to find likely."""
+    style_features: torch.Tensor | None = None
+    """[F] mean stylometric features of the user's history (`core.style`), for style grouping."""
 
 
-def pair_queries(user: UserRecord, selected: Sequence[int], k: int) -> list[str]:
+def pair_queries(user: UserRecord, selected: Sequence[int], k: int, template: str = "{text}") -> list[str]:
     """K queries: the selected items' queries, cycled when K exceeds them."""
-    queries = user.queries()
+    queries = user.queries(template)
     chosen = [queries[i] for i in selected]
     return [chosen[j % len(chosen)] for j in range(k)]
+
+
+def heldout_indices(user: UserRecord, selected: Sequence[int], n: int) -> list[int]:
+    """Up to n history items not among `selected`, spread evenly over the rest of the history."""
+    rest = [i for i in range(len(user.history)) if i not in set(selected)]
+    if len(rest) <= n:
+        return rest
+    step = len(rest) / n
+    return [rest[int(j * step)] for j in range(n)]
+
+
+def fake_queries(model, tok, texts: Sequence[str], cfg: ChameleonConfig) -> list[str]:
+    """Task queries for texts that came without one: the model rewrites each text neutrally
+    (greedy, as the benchmark's own inputs were made), and the template wraps the result."""
+    s = cfg.synth
+    if not texts:
+        return []
+    requests = [chat_prompt(tok, s.neutralize_prompt.format(text=t)) for t in texts]
+    neutral = generate(
+        model, tok, requests, max_new_tokens=s.answer_max_new_tokens, batch_size=s.batch_size, seed=s.seed
+    )
+    return [s.query_template.format(text=first_line(n) or t) for n, t in zip(neutral, texts, strict=True)]
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line, without surrounding quotes (what a chatty model's answer means)."""
+    for line in text.splitlines():
+        line = line.strip().strip('"“”').strip()
+        if line:
+            return line
+    return ""
+
+
+def _item_queries(
+    model, tok, users: Sequence[UserRecord], items: Sequence[Sequence[int]], cfg: ChameleonConfig
+) -> list[list[str]]:
+    """Per user, the query of each chosen item: its input, or a faked neutral query."""
+    s = cfg.synth
+    need = [
+        (j, i)
+        for j, (u, idx) in enumerate(zip(users, items, strict=True))
+        for i in idx
+        if not u.history[i].input
+    ]
+    texts = [users[j].history[i].text for j, i in need]
+    made = (
+        fake_queries(model, tok, texts, cfg)
+        if s.query_faking == "neutralize"
+        else [s.query_template.format(text=t) for t in texts]
+    )
+    faked = dict(zip(need, made, strict=True))
+    return [
+        [faked.get((j, i)) or u.history[i].input or "" for i in idx]
+        for j, (u, idx) in enumerate(zip(users, items, strict=True))
+    ]
 
 
 def embed_history(model, tok, users: Sequence[UserRecord], cfg: ChameleonConfig) -> list[torch.Tensor]:
@@ -102,11 +174,76 @@ def synthesize(
         return []
     s = cfg.synth
     item_embs = embed_history(model, tok, users, cfg)
-    if s.selection_embedding == "model":
-        selected = [select_history(e, s.history_k) for e in item_embs]
-    else:
-        selected = [list(range(min(len(u.history), s.history_k))) for u in users]
+    # Held-out items first (spread over the history), so the selection never takes them.
+    heldout = [
+        heldout_indices(u, [], s.heldout_items) if len(u.history) > s.heldout_items else [] for u in users
+    ]
+    selected = []
+    for u, emb, held in zip(users, item_embs, heldout, strict=True):
+        pool = [i for i in range(len(u.history)) if i not in set(held)]
+        if s.selection_embedding == "model":
+            selected.append(sorted(pool[j] for j in select_history(emb[pool], s.history_k)))
+        else:
+            selected.append(pool[: s.history_k])
+    pair_source = _history_pairs if s.pair_source == "history" else _insight_pairs
+    out = pair_source(model, tok, users, cfg, layers, item_embs, selected, heldout)
+    for pairs, u in zip(out, users, strict=True):
+        pairs.style_features = torch.from_numpy(history_style([h.text for h in u.history])).float()
+    return out
 
+
+def _capture_answers(
+    model, tok, prompts: Sequence[str], answers: Sequence[str], cfg: ChameleonConfig, layers: Sequence[int]
+) -> torch.Tensor:
+    """Hidden states of rendered prompt + answer, at the answer's last token or over its tokens."""
+    texts = [p + a for p, a in zip(prompts, answers, strict=True)]
+    starts = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    reduce = "last" if cfg.synth.capture_tokens == "last" else "answer_mean"
+    return capture(
+        model,
+        tok,
+        texts,
+        list(layers),
+        cfg.subspace.site,
+        batch_size=cfg.synth.batch_size,
+        reduce=reduce,
+        answer_starts=starts,
+    )
+
+
+def _history_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout) -> list[UserPairs]:
+    """Personalized = the user's own text; neutral = the model's answer to the same query."""
+    s = cfg.synth
+    items = [[sel[j % len(sel)] for j in range(min(s.pairs_per_user, len(sel)))] for sel in selected]
+    queries = _item_queries(
+        model, tok, users, [it + held for it, held in zip(items, heldout, strict=True)], cfg
+    )
+    pair_q = [q[: len(it)] for q, it in zip(queries, items, strict=True)]
+    held_q = [q[len(it) :] for q, it in zip(queries, items, strict=True)]
+    prompts = [chat_prompt(tok, q, s.system_prompt) for qs in pair_q for q in qs]
+    own = generate(
+        model, tok, prompts, max_new_tokens=s.answer_max_new_tokens, batch_size=s.batch_size, seed=s.seed
+    )
+    real = [u.history[i].text for u, it in zip(users, items, strict=True) for i in it]
+    hidden = _capture_answers(model, tok, prompts + prompts, real + own, cfg, layers)
+    n = len(prompts)
+    out, start = [], 0
+    for j, u in enumerate(users):
+        k = len(items[j])
+        out.append(UserPairs(
+            user_id=u.user_id, group_id=u.group_id, selected=selected[j],
+            history_embedding=item_embs[j].mean(0), insight_p="", insight_n="",
+            queries=pair_q[j], personalized=real[start : start + k], neutral=own[start : start + k],
+            emb_p=hidden[start : start + k].clone(), emb_n=hidden[n + start : n + start + k].clone(),
+            heldout_queries=held_q[j], heldout_texts=[u.history[i].text for i in heldout[j]],
+        ))  # fmt: skip
+        start += k
+    return out
+
+
+def _insight_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout) -> list[UserPairs]:
+    """The paper's pairs: the model's answers under a personalized vs a neutral insight."""
+    s = cfg.synth
     # Insights: two per user, one batched generate() for all users of the list.
     insight_requests = []
     for u, sel in zip(users, selected, strict=True):
@@ -124,7 +261,11 @@ def synthesize(
     insight_p, insight_n = insights[0::2], insights[1::2]
 
     # Paired answers: K queries per user, each answered under both insights.
-    queries = [pair_queries(u, sel, s.pairs_per_user) for u, sel in zip(users, selected, strict=True)]
+    queries = [
+        pair_queries(u, sel, s.pairs_per_user, s.query_template)
+        for u, sel in zip(users, selected, strict=True)
+    ]
+    held_q = _item_queries(model, tok, users, heldout, cfg)
     answer_requests = []
     for q_list, ip, inn in zip(queries, insight_p, insight_n, strict=True):
         for q in q_list:
@@ -142,13 +283,8 @@ def synthesize(
     )
 
     # Capture "query + answer" as the model would see it at inference: the plain query, no insight.
-    texts = []
-    for q_list, j in zip(queries, range(len(users)), strict=True):
-        base = j * 2 * s.pairs_per_user
-        for i, q in enumerate(q_list):
-            prompt = chat_prompt(tok, q)
-            texts += [prompt + answers[base + 2 * i], prompt + answers[base + 2 * i + 1]]
-    hidden = capture(model, tok, texts, list(layers), cfg.subspace.site, batch_size=s.batch_size)
+    rendered = [chat_prompt(tok, q, s.system_prompt) for q_list in queries for q in q_list for _ in range(2)]
+    hidden = _capture_answers(model, tok, rendered, answers, cfg, layers)
 
     out = []
     K = s.pairs_per_user
@@ -168,6 +304,8 @@ def synthesize(
                 neutral=a[1::2],
                 emb_p=h[0::2].clone(),
                 emb_n=h[1::2].clone(),
+                heldout_queries=held_q[j],
+                heldout_texts=[u.history[i].text for i in heldout[j]],
             )
         )
     return out

@@ -28,6 +28,7 @@ USER_SHARD_SIZE = 1024
 REJECTS = "rejects.jsonl"
 ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.safetensors"
+CALIBRATION = "calibration.json"
 FINGERPRINT = "model-fingerprint.json"
 
 

@@ -72,6 +72,8 @@ class PublishedRun:
             theta_n=tensors["theta_n"][i],
             mean=tensors["mean"][i],
             site=self.site,
+            steer=tensors["steer"][i] if "steer" in tensors else None,
+            renorm=bool(int(tensors["renorm"])) if "renorm" in tensors else False,
         )
 
     def edit_for(self, user_id: str, level: str, group_id: str | None = None) -> Edit | None:

@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from chameleon.config import ChameleonConfig
-from chameleon.evaluation.names import ABLATIONS, EVAL_SYNTH_DEFAULTS, METHODS
+from chameleon.evaluation.names import ABLATIONS, EVAL_SYNTH_DEFAULTS, METHODS, NO_PREAMBLE
 from chameleon.flags import JOB_FLAGS, Flag, add_flags, flag_overrides
 
 EVAL_FLAGS: tuple[Flag, ...] = (
@@ -22,6 +22,47 @@ EVAL_FLAGS: tuple[Flag, ...] = (
     Flag("--theta-p", "subspace.theta_p", "how θP is computed", choices=("svd", "svd_diff", "mean_diff")),
     Flag("--theta-n", "subspace.theta_n", "how θN is computed", choices=("ccs", "mean_diff")),
     Flag("--ccs-steps", "subspace.ccs_steps", "gradient steps of each CCS restart", int),
+    Flag("--pair-source", "synth.pair_source", "where pairs come from", choices=("insight", "history")),
+    Flag(
+        "--query-faking",
+        "synth.query_faking",
+        "how missing queries are faked",
+        choices=("neutralize", "wrap"),
+    ),
+    Flag(
+        "--edit-form",
+        "edit.form",
+        "how an edit changes the states",
+        choices=("projection", "additive", "norm_preserving"),
+    ),
+    Flag(
+        "--strength",
+        "edit.strength",
+        "additive step relative to the layer's norm (without calibration)",
+        float,
+    ),
+    Flag(
+        "--calibrate",
+        "edit.calibrate",
+        "choose layer and strength on held-out history (true/false)",
+        lambda v: v.lower() in ("1", "true", "yes"),
+    ),
+    Flag("--heldout-items", "synth.heldout_items", "history items per user kept for calibration", int),
+    Flag(
+        "--calibration-examples", "edit.calibration_examples", "held-out texts per group's calibration", int
+    ),
+    Flag(
+        "--strengths",
+        "edit.strengths",
+        "calibration's candidate strengths, comma-separated",
+        lambda v: [float(x) for x in v.split(",")],
+    ),
+    Flag(
+        "--group-features",
+        "groups.features",
+        "what users are clustered on",
+        choices=("subspace", "contrast", "style"),
+    ),
 )
 """Settings the evaluation overrides besides the job's flags."""
 
@@ -29,6 +70,9 @@ EPILOG = """\
 examples:
   # every method on reported users 500..599, groups from tuning users 0..99 too (rerun to resume)
   chameleon eval --out out/lamp7 --tuning-users 0:100 --reported-users 500:600
+
+  # tuning phase: groups from tuning users 0..99, methods scored on held-out tuning users 100..160
+  chameleon eval --out out/lamp7-val --tuning-users 0:100 --reported-users 100:160 --validation
 
   # ablations on 50 tuning users, then the setting they select applied to the reported users
   chameleon eval --out out/lamp7-tuned --ablations all --ablation-users 0:50 --select-on-tuning
@@ -158,6 +202,16 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="use the ablations' best group-level setting (tuning ROUGE-L) for the reported run",
     )
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="tuning phase: --reported-users are held-out tuning users (inside 0:500, disjoint from --tuning-users)",
+    )
+    p.add_argument(
+        "--system-prompt",
+        default=NO_PREAMBLE,
+        help="system turn of every method's prompt; `none` for none (default: %(default)r)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of this process")
     p.add_argument(
         "--report-only", action="store_true", help="redraw report.md and plots from the files in --out"
@@ -231,6 +285,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ablation_users=args.ablation_users,
         history_users=args.history_users,
         select_on_tuning=args.select_on_tuning,
+        validation=args.validation,
+        system_prompt=None if args.system_prompt == "none" else args.system_prompt,
         command="chameleon eval " + " ".join(shlex.quote(a) for a in _eval_argv()),
     )
     res = run_evaluation(settings, cfg)

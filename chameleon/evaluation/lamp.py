@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 # The data layer's converter of a LaMP question (what a job reading a LaMP questions file runs).
+from chameleon.core.prompts import PARAPHRASE_TWEET
 from chameleon.data.schema import lamp_record
+from chameleon.evaluation.names import LAMP7_QUERY_TEMPLATE
 
 __all__ = [
     "LAMP7_DIR_ENV",
@@ -52,10 +54,9 @@ LAMP7_DIR_ENV = "CHAMELEON_LAMP7_DIR"
 N_TUNING = 500
 """Number of questions (file order) reserved for tuning; the rest are for reporting."""
 
-LAMP7_PROMPT = "Paraphrase the following tweet without any explanation before or after it: "
+LAMP7_PROMPT = PARAPHRASE_TWEET
 """The LaMP-7 input prefix, verbatim from the dataset (every dev input is this prefix + the tweet)."""
 
-LAMP7_QUERY_TEMPLATE = LAMP7_PROMPT + "{text}"
 """The query a profile tweet answers: the LaMP-7 input built from it (``str.format(text=...)``)."""
 
 
@@ -195,13 +196,10 @@ def profile_texts(question: LampQuestion) -> list[str]:
 
 def lamp_to_user_records(questions: Sequence[LampQuestion]) -> list[dict]:
     """The project's user records for LaMP-7 questions, one per question (LaMP has one question
-    per user), in input order: ``{"user_id": q.id, "history": [{"text": tweet, "input": the LaMP-7
-    prompt on it}], "query": q.input}``.
+    per user), in input order: ``{"user_id": q.id, "history": [{"text": tweet, "input": None}],
+    "query": q.input}``. Profile tweets have no inputs: the job fakes their queries
+    (``synth.query_template`` = ``LAMP7_QUERY_TEMPLATE`` around a neutralized tweet).
 
-    The conversion is the data layer's own (what a job reading a LaMP questions file runs), with
-    the LaMP-7 query template: one implementation for both.
+    The conversion is the data layer's own (what a job reading a LaMP questions file runs).
     """
-    return [
-        lamp_record({"id": q.id, "input": q.input, "profile": q.profile}, LAMP7_QUERY_TEMPLATE)
-        for q in questions
-    ]
+    return [lamp_record({"id": q.id, "input": q.input, "profile": q.profile}, None) for q in questions]

@@ -8,6 +8,7 @@ tokenizer, per item (the mean over items is the task's score).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple
@@ -168,17 +169,29 @@ def paired_sign_test(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
 # --------------------------------------------------------------------------- post-processing
 
 
-def first_answer_line(text: str) -> str:
-    """The answer line of a generated reply, as scored in ``reference/lamp7-baselines.md``.
+_LEAD_IN = re.compile(
+    r"^(?:here(?:'s| is| are)\b[^:]*:|(?:the )?(?:paraphrased|rewritten|original|neutral)(?: tweet| version| text)?\s*:|"
+    r"(?:tweet|paraphrase|answer)\s*:|sure\b[^:]*:)\s*",
+    re.IGNORECASE,
+)
+_QUOTES = ('"', "'", "“", "”", "‘", "’")
 
-    Takes the first non-empty line (stripped). If that line ends with ``':'`` (a preamble such as
-    "Here's a rewritten version of the tweet:") and another non-empty line follows, the next
-    non-empty line is taken instead. Only one preamble line is skipped. Empty input gives ``""``.
+
+def first_answer_line(text: str) -> str:
+    """The answer in a generated reply: the one clean-up every method gets before scoring.
+
+    Takes the first non-empty line; if it is only a lead-in ending with ``':'`` (such as "Here's a
+    rewritten version of the tweet:") and another line follows, the next non-empty line instead.
+    Then strips lead-ins at its start ("Paraphrased tweet: …", "Sure! Here it is: …") and
+    quotes around it. Empty input gives ``""``.
     """
     lines = [ln.strip() for ln in str(text).splitlines()]
     lines = [ln for ln in lines if ln]
     if not lines:
         return ""
-    if lines[0].endswith(":") and len(lines) > 1:
-        return lines[1]
-    return lines[0]
+    answer = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    for _ in range(2):
+        answer = _LEAD_IN.sub("", answer).strip()
+        if len(answer) >= 2 and answer[0] in _QUOTES and answer[-1] in _QUOTES:
+            answer = answer[1:-1].strip()
+    return answer

@@ -262,6 +262,9 @@ def write_report(out_dir: str | Path) -> Path:
         "be read against (the gap column: negative = below copy).\n"
     )
     L.append("![metric by method](metric_by_method.png)\n")
+    L.extend(_style_section(M))
+    L.extend(_two_by_two(M))
+    L.extend(_goals_section(res.get("goals")))
     cfg = res["config"]
     L.append("## Setup\n")
     gen = res["generation"]
@@ -327,6 +330,81 @@ def write_report(out_dir: str | Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(L))
     return path
+
+
+def _style_section(M: dict[str, Any]) -> list[str]:
+    """Style similarity to the users' unused history items, and why each method scores as it does."""
+    rows = [m for m in _display_order(list(M)) if "style" in M[m]]
+    if not rows:
+        return []
+    L = [
+        "## Style and diagnostics\n",
+        "Style = cosine of character 2-4-gram counts between the answer and the user's history items "
+        "that no edit was made from (author verification; higher = closer to the user). Closeness to "
+        "input = ROUGE-L of the answer against the tweet inside the LaMP input. Assistant talk = "
+        "share of answers that talk like a chatbot (apologies, lead-ins, talk about the tweet).\n",
+        "| method | style [95 % CI] | style vs base (diff [CI], p) | assistant talk | closeness to input | length / gold |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        e = M[m]
+        vb = e.get("vs_base", {}).get("style")
+        vb_s = "" if not vb else f"{vb['diff']:+.4f} {_fmt_ci(vb['diff_ci95'])}, p = {vb['p_bootstrap']:.3f}"
+        L.append(
+            f"| `{m}` | {e['style']:.3f} {_fmt_ci(e['style_ci95'])} | {vb_s} | {e['assistant_talk'] * 100:.0f} % | "
+            f"{e['rougeL_vs_input']:.3f} | {e['length_ratio']:.2f} |"
+        )
+    L.append("")
+    return L
+
+
+def _two_by_two(M: dict[str, Any]) -> list[str]:
+    """ROUGE-L of prompt × edit, so a prompt effect is never read as an edit effect."""
+    cells = {
+        ("plain", "none"): "base_plain",
+        ("plain", "group"): "chameleon_group_plain",
+        ("system", "none"): "base",
+        ("system", "group"): "chameleon_group",
+    }
+    if not all(m in M for m in cells.values()):
+        return []
+
+    def cell(m: str) -> str:
+        return f"{M[m]['rougeL']:.3f}"
+
+    return [
+        "## Prompt × edit (ROUGE-L)\n",
+        "| prompt | no edit | group edit |",
+        "|---|---|---|",
+        f"| LaMP input only | {cell('base_plain')} | {cell('chameleon_group_plain')} |",
+        f"| + no-preamble system prompt | {cell('base')} | {cell('chameleon_group')} |",
+        "",
+    ]
+
+
+def _goals_section(goals: dict[str, Any] | None) -> list[str]:
+    if not goals:
+        return []
+    L = [
+        "## Goals of the personalization protocol\n",
+        "| goal | relative | difference [95 % CI] | p | met |",
+        "|---|---|---|---|---|",
+    ]
+    for name, g in goals.items():
+        if not g.get("evaluated"):
+            L.append(f"| {name} | not evaluated | | | |")
+            continue
+        rel = (
+            ""
+            if g["rel"] is None
+            else f"{g['rel'] * 100:+.1f} % (target {g['kind']} {g['target'] * 100:.0f} %)"
+        )
+        L.append(
+            f"| {name} | {rel} | {g['diff']:+.4f} {_fmt_ci(g['diff_ci95'])} | {g['p']:.3f} | "
+            f"{'**met**' if g['met'] else '**not met**'} |"
+        )
+    L.append("")
+    return L
 
 
 def _ablation_section(ab: dict[str, Any], out: Path) -> list[str]:

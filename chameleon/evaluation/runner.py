@@ -19,17 +19,20 @@ it stopped. Edits are read once per group (and user shard) of a published run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from chameleon.config import ChameleonConfig, EditConfig
 from chameleon.core.edit import Edit
@@ -41,8 +44,8 @@ from chameleon.data.storage import LocalStore, open_store
 from chameleon.evaluation.ablations import group_overrides, run_ablations
 from chameleon.evaluation.baselines import copy_answer, rag_prompt
 from chameleon.evaluation.cache import PredictionCache, key_hash
-from chameleon.evaluation.lamp import LampQuestion, load_lamp7
-from chameleon.evaluation.names import ABLATIONS, METHODS, MODEL_METHODS
+from chameleon.evaluation.lamp import LampQuestion, extract_lamp7_tweet, load_lamp7, profile_texts
+from chameleon.evaluation.names import ABLATIONS, METHODS, NO_PREAMBLE
 from chameleon.evaluation.report import write_report
 from chameleon.evaluation.runs import (
     REDUCE_KEYS,
@@ -57,8 +60,9 @@ from chameleon.evaluation.runs import (
     short_hash,
     write_users_jsonl,
 )
-from chameleon.evaluation.scoring import goal_verdict, postprocess, score_methods, strip_per_user
+from chameleon.evaluation.scoring import goal_verdict, goals, postprocess, score_methods, strip_per_user
 from chameleon.evaluation.split import parse_range, select_users
+from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.drivers import answers_on_ray
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,11 @@ class EvalSettings:
     """File positions of the reported users (must be past the tuning part)."""
     methods: tuple[str, ...] = METHODS
     rag_k: int = 3
+    validation: bool = False
+    """A tuning-phase run: the scored ("reported") users are held-out tuning users (0..499, disjoint
+    from ``tuning_users``); decisions are taken on such runs only."""
+    system_prompt: str | None = NO_PREAMBLE
+    """The system turn of every method's prompt (``*_plain`` methods: none)."""
     max_new_tokens: int = 48
     """Answer budget of every evaluated method (greedy)."""
     batch_size: int = 16
@@ -177,7 +186,9 @@ class Evaluator:
         self.cache = PredictionCache(self.work / "predictions")
         questions, self.golds = load_lamp7(settings.lamp_dir)
         self.position = {q.id: i for i, q in enumerate(questions)}
-        self.tuning, self.reported = select_users(questions, settings.tuning_users, settings.reported_users)
+        self.tuning, self.reported = select_users(
+            questions, settings.tuning_users, settings.reported_users, validation=settings.validation
+        )
         self._mt = model_and_tokenizer
 
     # -- model -----------------------------------------------------------------------------
@@ -217,12 +228,16 @@ class Evaluator:
         messages: Sequence[str],
         edits: Sequence[Edit | None] | None = None,
         edit_cfg: EditConfig | None = None,
+        plain: bool = False,
     ) -> list[str]:
-        """Raw answers (cached by ``name`` + ``key`` + users)."""
+        """Raw answers (cached by ``name`` + ``key`` + users), under the settings' system prompt
+        (none when ``plain``)."""
         ids = [q.id for q in questions]
+        system = None if plain else self.s.system_prompt
         full = {
             **self.gen_key(),
             **key,
+            "system": system,
             "name": name,
             "users": key_hash({"ids": ids}),
             "messages": key_hash({"m": list(messages)}),
@@ -235,6 +250,7 @@ class Evaluator:
                     messages,
                     edits=edits,
                     edit_cfg=edit_cfg,
+                    system=system,
                     max_new_tokens=self.s.max_new_tokens,
                     batch_size=self.s.batch_size,
                     address=self.s.address,
@@ -246,6 +262,7 @@ class Evaluator:
                 messages,
                 edits=edits,
                 edit_cfg=edit_cfg,
+                system=system,
                 max_new_tokens=self.s.max_new_tokens,
                 batch_size=self.s.batch_size,
                 progress=self._bar(name),
@@ -297,12 +314,45 @@ class Evaluator:
 
     def derived(self, src: str, name: str, cfg: ChameleonConfig, user_ids: Sequence[str] | None) -> str:
         run_id = f"{src}-{name}-{short_hash(reduce_signature(cfg))}"
+        model, tok = self.model_tok
         with self.clock.stage("reduce"):
-            derive_run(self.store, src, run_id, cfg, user_ids)
+            derive_run(
+                self.store, src, run_id, cfg, user_ids, partial(calibrate_in_process, model, tok, cfg=cfg)
+            )
         return run_id
 
     def manifest_layers(self, run_id: str) -> list[int]:
         return list(committed_manifest(self.store, run_id)["captured_layers"])
+
+
+GROUP_RUN_METHODS = (
+    "chameleon_user",
+    "chameleon_group",
+    "chameleon_group_plain",
+    "random_direction",
+    "shuffled",
+)
+"""Methods whose edits come from the run over tuning + reported users."""
+
+
+def random_like(edit: Edit, seed: str) -> Edit:
+    """The control for an edit: random unit directions of the same norms at the same layers
+    (seeded, so a rerun gives the same control)."""
+    g = torch.Generator().manual_seed(int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16))
+
+    def rand(like: torch.Tensor) -> torch.Tensor:
+        r = torch.randn(like.shape, generator=g)
+        return r / r.norm(dim=-1, keepdim=True).clamp_min(1e-12) * like.norm(dim=-1, keepdim=True)
+
+    return Edit(
+        layers=list(edit.layers),
+        theta_p=rand(edit.theta_p),
+        theta_n=rand(edit.theta_n),
+        mean=edit.mean.clone(),
+        site=edit.site,
+        steer=None if edit.steer is None else rand(edit.steer),
+        renorm=edit.renorm,
+    )
 
 
 def _run_cfg(cfg: ChameleonConfig, group_size: Any, n_users: int) -> ChameleonConfig:
@@ -331,9 +381,11 @@ def _main_methods(
         raw["copy"] = [copy_answer(q.input) for q in qs]
     if "base" in methods:
         raw["base"] = ev.answers("base", {}, qs, messages)
+    if "base_plain" in methods:
+        raw["base_plain"] = ev.answers("base", {}, qs, messages, plain=True)
     if "rag" in methods:
         raw["rag"] = ev.answers("rag", {"k": ev.s.rag_k}, qs, [rag_prompt(q, ev.s.rag_k) for q in qs])
-    if any(m in methods for m in ("chameleon_user", "chameleon_group")):
+    if any(m in methods for m in GROUP_RUN_METHODS):
         all_cfg = _run_cfg(cfg, group_size, len(ev.tuning) + len(ev.reported))
         # The synthesis run's own reduce is used when it was published with exactly this setting.
         published = (committed_manifest(ev.store, synth_run) or {}).get("config", {})
@@ -359,6 +411,41 @@ def _main_methods(
                 run.edits_for(ids, "group", gids),
                 cfg.edit,
             )
+        gids = [run.user_group(u) for u in ids]
+        if "chameleon_group_plain" in methods:
+            raw["chameleon_group_plain"] = ev.answers(
+                "chameleon_group", {"run": all_run, "edit": edit_key}, qs, messages,
+                run.edits_for(ids, "group", gids), cfg.edit, plain=True,
+            )  # fmt: skip
+        if "random_direction" in methods:
+            groups["random_direction"] = gids
+            randomized = {
+                g: random_like(run.group_edit(g), seed=f"{cfg.subspace.seed}:{g}") for g in run.group_ids
+            }
+            raw["random_direction"] = ev.answers(
+                "random_direction", {"run": all_run, "edit": edit_key}, qs, messages,
+                [randomized[g] if g else None for g in gids], cfg.edit,
+            )  # fmt: skip
+        if "shuffled" in methods and len(run.group_ids) > 1:
+            other = {g: run.group_ids[(k + 1) % len(run.group_ids)] for k, g in enumerate(run.group_ids)}
+            groups["shuffled"] = [other[g] if g else None for g in gids]
+            raw["shuffled"] = ev.answers(
+                "shuffled", {"run": all_run, "edit": edit_key}, qs, messages,
+                run.edits_for(ids, "group", groups["shuffled"]), cfg.edit,
+            )  # fmt: skip
+    if "chameleon_global" in methods:
+        g_cfg = cfg.with_overrides({"groups.n_groups": 1})
+        g_run = ev.derived(synth_run, "global", g_cfg, None)
+        info["run_global"] = g_run
+        run_g = PublishedRun(RunReader(ev.store, g_run))
+        raw["chameleon_global"] = ev.answers(
+            "chameleon_global",
+            {"run": g_run, "edit": edit_key},
+            qs,
+            messages,
+            run_g.edits_for(ids, "group"),
+            cfg.edit,
+        )
     if "chameleon_unseen" in methods:
         tuning_ids = [q.id for q in ev.tuning]
         t_run = ev.derived(synth_run, "tuning", _run_cfg(cfg, group_size, len(tuning_ids)), tuning_ids)
@@ -391,7 +478,9 @@ def run_evaluation(
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    model_methods = [m for m in settings.methods if m in MODEL_METHODS and m.startswith("chameleon")]
+    model_methods = [
+        m for m in settings.methods if m in (*GROUP_RUN_METHODS, "chameleon_unseen", "chameleon_global")
+    ]
     synth_run = ev.ensure_synthesis() if model_methods or settings.ablations else None
 
     # The default configuration first: its answers are cached before the (long) ablations start.
@@ -427,13 +516,21 @@ def run_evaluation(
     with ev.clock.stage("score"):
         preds = {m: postprocess(r) for m, r in raw.items()}
         golds = [ev.golds[q.id] for q in ev.reported]
-        scores = score_methods(preds, golds, n_resamples=settings.n_resamples, seed=settings.seed)
+        scores = score_methods(
+            preds,
+            golds,
+            n_resamples=settings.n_resamples,
+            seed=settings.seed,
+            style_references=style_references(ev, synth_run),
+            inputs=[extract_lamp7_tweet(q.input) for q in ev.reported],
+        )
     order = [m for m in METHODS if m in scores] + sorted(m for m in scores if m not in METHODS)
     stripped = strip_per_user(scores)
     results = {
         "model": cfg.model.name_or_path,
         "n_users": len(ev.reported),
         "task": "LaMP_7 (dev, user-based split)",
+        "phase": "validation (held-out tuning users)" if settings.validation else "reported",
         "users": {
             "reported_positions": list(settings.reported_users),
             "tuning_positions": list(settings.tuning_users),
@@ -441,6 +538,7 @@ def run_evaluation(
         },
         "methods": {m: stripped[m] for m in order},
         "goal": goal_verdict(scores),
+        "goals": goals(scores),
         "config": {
             "final": config_summary(final_cfg),
             "default": config_summary(cfg),
@@ -472,6 +570,26 @@ def run_evaluation(
     _write_predictions(out / "predictions.parquet", ev, raw, preds, scores, groups)
     write_report(out)
     return results
+
+
+def style_references(ev: Evaluator, synth_run: str | None) -> list[list[str]]:
+    """Per reported user, the profile tweets no edit was made from: neither a pair's nor a held-out
+    (calibration) item of the synthesis run."""
+    used: dict[str, tuple[set[int], set[str]]] = {}
+    if synth_run is not None:
+        _, profiles = read_run_tables(ev.store, synth_run, [q.id for q in ev.reported])
+        held = (
+            profiles.column("heldout_text").to_pylist() if "heldout_text" in profiles.column_names else None
+        )
+        for k, (uid, sel) in enumerate(
+            zip(profiles.column("user_id").to_pylist(), profiles.column("selected").to_pylist(), strict=True)
+        ):
+            used[uid] = (set(sel or []), set((held[k] if held else None) or []))
+    refs = []
+    for q in ev.reported:
+        sel, held = used.get(q.id, (set(), set()))
+        refs.append([t for i, t in enumerate(profile_texts(q)) if t and i not in sel and t not in held])
+    return refs
 
 
 def _write_predictions(path: Path, ev: Evaluator, raw, preds, scores, groups) -> None:

@@ -35,7 +35,7 @@ from chameleon.data.storage import Store
 from chameleon.evaluation.cache import key_hash
 from chameleon.evaluation.lamp import LampQuestion, lamp_to_user_records
 from chameleon.job.drivers import run_job
-from chameleon.job.publish import reduce_and_publish
+from chameleon.job.publish import Calibrate, reduce_and_publish
 from chameleon.job.run import partition_users, write_partition
 from chameleon.job.stages import reduce_all
 
@@ -222,6 +222,7 @@ def derive_run(
     dst_run_id: str,
     cfg: ChameleonConfig,
     user_ids: Sequence[str] | None = None,
+    calibrate: Calibrate | None = None,
 ) -> dict[str, Any]:
     """A new published run from another run's synthesis, without generating anything: the source's
     partitions (restricted to ``user_ids`` when given) are copied and reduced with ``cfg``'s
@@ -258,6 +259,7 @@ def derive_run(
         n_partitions=1,
         counts=counts,
         timings={},
+        calibrate=calibrate,
     )
 
 

@@ -40,18 +40,25 @@ def select_users(
     tuning: str | Sequence[int] | None,
     reported: str | Sequence[int] | None,
     n_tuning: int = N_TUNING,
+    *,
+    validation: bool = False,
 ) -> tuple[list[T], list[T]]:
     """The tuning and reported questions, by file position, enforcing the split rule.
 
     Tuning positions must lie in ``[0, n_tuning)`` and reported positions in ``[n_tuning, len)``:
     a reported user is never used for a tuning decision, and a tuning user is never reported.
+    With ``validation`` (a tuning-phase run that takes decisions), the "reported" users are held-out
+    tuning users instead: inside ``[0, n_tuning)`` and disjoint from the tuning range.
     ``None`` selects no users for that part.
     """
     if n_tuning < 0:
         raise ValueError(f"n_tuning must be >= 0, got {n_tuning}")
     n = len(questions)
     out: list[list[T]] = []
-    for name, rng, lo, hi in (("tuning", tuning, 0, min(n_tuning, n)), ("reported", reported, n_tuning, n)):
+    scored = (
+        ("validation", reported, 0, min(n_tuning, n)) if validation else ("reported", reported, n_tuning, n)
+    )
+    for name, rng, lo, hi in (("tuning", tuning, 0, min(n_tuning, n)), scored):
         if rng is None:
             out.append([])
             continue
@@ -62,4 +69,8 @@ def select_users(
                 f"(the first {n_tuning} users in file order are for tuning, the rest for reporting)"
             )
         out.append(list(questions[start:stop]))
+    if validation and tuning is not None and reported is not None:
+        (a, b), (c, d) = parse_range(tuning), parse_range(reported)
+        if a < d and c < b:
+            raise ValueError(f"validation users {c}:{d} overlap the tuning users {a}:{b}")
     return out[0], out[1]

@@ -8,6 +8,7 @@ actors; this driver is the reference it is measured against, and what `chameleon
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -16,6 +17,7 @@ from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.model import load_model, num_layers
 from chameleon.data.storage import Store
+from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.run import begin_run, finish_run, write_partition
 from chameleon.job.stages import process_partition
 
@@ -45,4 +47,5 @@ def run_local(
         pairs, profiles, failures = process_partition(model, tok, plan.partitions[k], cfg, plan.layers)
         write_partition(plan.writer, k, pairs, profiles, failures)
     plan.timings["map_s"] = time.perf_counter() - t1
-    return finish_run(plan, cfg, fingerprint_model(model, cfg.model.name_or_path))
+    calibrate = partial(calibrate_in_process, model, tok, cfg=cfg)
+    return finish_run(plan, cfg, fingerprint_model(model, cfg.model.name_or_path), calibrate)

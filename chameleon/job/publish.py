@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -13,10 +13,12 @@ import torch
 
 from chameleon.config import ChameleonConfig
 from chameleon.core import prompts
+from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import ModelFingerprint
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.layout import (
     ASSIGNMENTS,
+    CALIBRATION,
     CENTROIDS,
     USER_SHARD_SIZE,
     group_key,
@@ -25,29 +27,32 @@ from chameleon.data.layout import (
 )
 from chameleon.job.stages import Reduced, reduce_all
 
+Calibrate = Callable[[Reduced, pa.Table], list[Calibration]]
+"""(reduced, profiles) -> one Calibration per group, in group order."""
+
 
 class JobFailedError(RuntimeError):
     """The job ran but produced no run: too many failed users, or partitions that never finished."""
 
 
-def _per_user_layers(t: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Row i of t [U, L, ...] at its own layers chosen[i] -> [U, n, ...]."""
-    return torch.stack([t[i][chosen[i]] for i in range(len(chosen))]).contiguous()
-
-
-def _user_shard_tensors(reduced: Reduced, rows: slice) -> dict[str, torch.Tensor]:
-    users = reduced.users
-    chosen, sub = users.chosen[rows], users.sub
-    return {
-        "layers": torch.tensor(reduced.layers, dtype=torch.int64)[chosen],
-        "theta_p": _per_user_layers(sub.theta_p[rows], chosen),
-        "theta_n": _per_user_layers(sub.theta_n[rows], chosen),
-        "mean": _per_user_layers(sub.mean[rows], chosen),
-        "rank": _per_user_layers(sub.rank[rows], chosen),
-        "ccs_loss": sub.ccs_loss[rows].contiguous(),
+def _user_shard_tensors(reduced: Reduced, rows: slice, cfg: ChameleonConfig) -> dict[str, torch.Tensor]:
+    """The users' own edits, stacked (every user of a run has edits of one shape), plus their
+    CCS losses and pair counts."""
+    users, site = reduced.users, cfg.subspace.site
+    edits = [reduced.user_edit(i, cfg.edit, site) for i in range(rows.start, rows.stop)]
+    tensors = {
+        "layers": torch.tensor([e.layers for e in edits], dtype=torch.int64),
+        "theta_p": torch.stack([e.theta_p for e in edits]).contiguous(),
+        "theta_n": torch.stack([e.theta_n for e in edits]).contiguous(),
+        "mean": torch.stack([e.mean for e in edits]).contiguous(),
+        "ccs_loss": users.sub.ccs_loss[rows].contiguous(),
         "has_edit": users.has_edit[rows].to(torch.uint8),
         "n_pairs_kept": users.keep[rows].sum(1),
     }
+    if cfg.edit.form != "projection":
+        tensors["steer"] = torch.stack([e.steer for e in edits]).contiguous()
+        tensors["renorm"] = torch.tensor(int(cfg.edit.form == "norm_preserving"), dtype=torch.uint8)
+    return tensors
 
 
 def assignments_table(reduced: Reduced) -> pa.Table:
@@ -68,29 +73,36 @@ def assignments_table(reduced: Reduced) -> pa.Table:
     )
 
 
-def write_edits(writer: RunWriter, reduced: Reduced, site: str) -> list[dict[str, Any]]:
-    """Write user shards, group edits, centroids and assignments; returns the groups' manifest rows."""
+def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> list[dict[str, Any]]:
+    """Write user shards, group edits, calibration, centroids and assignments; returns the groups'
+    manifest rows."""
     for key, rows in user_shards(len(reduced.data.user_ids)):
-        writer.put_safetensors(
-            key, _user_shard_tensors(reduced, rows), {"user_ids": json.dumps(reduced.data.user_ids[rows])}
-        )
+        meta = {"user_ids": json.dumps(reduced.data.user_ids[rows])}
+        writer.put_safetensors(key, _user_shard_tensors(reduced, rows, cfg), meta)
     grouping, groups = reduced.grouping, reduced.groups
     groups_meta = []
     for j, gid in enumerate(grouping.group_ids):
-        edit = reduced.group_edit(j, site)
+        edit = reduced.group_edit(j, cfg.edit, cfg.subspace.site)
         rank = groups.rank[j, reduced.group_layers[j]]
         tensors = {**edit.to_tensors(), "rank": rank, "ccs_loss": groups.ccs_loss[j]}
         meta = {"group_id": gid, "n_users": str(grouping.sizes[j]), "n_pairs": str(int(groups.n_pairs[j]))}
         writer.put_safetensors(group_key(gid), tensors, meta)
-        groups_meta.append(
-            {
-                "group_id": gid,
-                "n_users": grouping.sizes[j],
-                "n_pairs": int(groups.n_pairs[j]),
-                "layers": edit.layers,
-                "rank": rank.tolist(),
-            }
-        )
+        row = {
+            "group_id": gid,
+            "n_users": grouping.sizes[j],
+            "n_pairs": int(groups.n_pairs[j]),
+            "layers": edit.layers,
+            "rank": rank.tolist(),
+            "form": edit.form,
+        }
+        if reduced.group_calibration:
+            row["calibration"] = reduced.group_calibration[j].summary()
+        groups_meta.append(row)
+    if reduced.group_calibration:
+        curves = {
+            gid: cal.to_dict() for gid, cal in zip(grouping.group_ids, reduced.group_calibration, strict=True)
+        }
+        writer.put_json(CALIBRATION, curves)
     writer.put_safetensors(
         CENTROIDS,
         {"history_centroids": grouping.history_centroids.contiguous()},
@@ -110,11 +122,15 @@ def reduce_and_publish(
     counts: dict[str, int],
     timings: dict[str, float],
     max_user_failures: float = 1.0,
+    calibrate: Calibrate | None = None,
 ) -> dict[str, Any]:
-    """Reduce every partition of the run, group, and publish; returns the committed manifest.
+    """Reduce every partition of the run, group, calibrate, and publish; returns the committed manifest.
 
     Refuses (`JobFailedError`, nothing published) when more than `max_user_failures` of the
     accepted users failed in the map stage, counted over every partition, adopted ones included.
+    `calibrate(reduced, profiles)` (a model replica's work) chooses each group's layer and
+    strength when the edit form is additive and `edit.calibrate` is set; without it the edits use
+    `edit.strength` at the layers the reduce chose.
     """
     pairs, profiles, failures = read_partitions(writer, n_partitions)
     accepted = counts.get("accepted") or (len(profiles) if profiles is not None else 0) + len(failures)
@@ -128,8 +144,12 @@ def reduce_and_publish(
             f"the map stage produced no pairs for any user (see runs/{writer.run_id}/failures/)"
         )
     reduced = reduce_all(pairs, profiles, cfg, layers, timings)
+    if calibrate is not None and cfg.edit.form != "projection" and cfg.edit.calibrate:
+        t_cal = time.perf_counter()
+        reduced.group_calibration = calibrate(reduced, profiles)
+        timings["calibrate_s"] = time.perf_counter() - t_cal
     t0 = time.perf_counter()
-    groups_meta = write_edits(writer, reduced, cfg.subspace.site)
+    groups_meta = write_edits(writer, reduced, cfg)
     timings["publish_s"] = time.perf_counter() - t0
     counts = {
         **counts,

@@ -3,7 +3,9 @@
     users file ─ validate (driver) ─ partitions ─▶ map_with_replicas(PartitionWorker)
                                                    each actor = one model replica; writes
                                                    pairs/profiles/failures of its partitions
-               ◀─ reduce users, group, reduce groups, publish (driver; `job.run.finish_run`)
+               ◀─ reduce users, group, reduce groups (driver; `job.run.finish_run`)
+                 ─▶ map_with_replicas(CalibrationWorker): one item per group
+               ◀─ publish (driver)
 
 The map stage runs exactly `job.stages.process_partition`, the function the in-process driver
 runs, on the records the driver validated (workers never re-validate under other limits).
@@ -16,22 +18,28 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from transformers import AutoConfig
 
 from chameleon.config import ChameleonConfig
+from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import ModelFingerprint, fingerprint_model
 from chameleon.core.model import resolve_name
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.layout import FINGERPRINT
 from chameleon.data.storage import Store
+from chameleon.job.calibrate import calibrate_task, calibration_tasks
+from chameleon.job.publish import JobFailedError
 from chameleon.job.replicas import ModelReplica, map_with_replicas
 from chameleon.job.run import begin_run, finish_run, write_partition
-from chameleon.job.stages import process_partition
+from chameleon.job.stages import Reduced, process_partition
 from chameleon.ray_env import init_ray
 
 
@@ -59,6 +67,30 @@ class PartitionWorker(ModelReplica):
             out["seconds"].append(time.perf_counter() - t0)
             out["pid"].append(os.getpid())
         return out
+
+
+class CalibrationWorker(ModelReplica):
+    """Calibrates groups (one per item) on the held-out texts of their members."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"index": [], "calibration": []}
+        for k, blob in zip(batch["index"], batch["task"], strict=True):
+            task = pickle.loads(bytes(blob))  # written by this job's driver just before
+            out["index"].append(int(k))
+            out["calibration"].append(pickle.dumps(calibrate_task(self.model, self.tok, task, self.cfg)))
+        return out
+
+
+def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, cfg: ChameleonConfig) -> list[Calibration]:
+    """`job.calibrate` for every group, spread over the actor pool."""
+    tasks = calibration_tasks(reduced, profiles, cfg)
+    items = [{"index": k, "task": pickle.dumps(task)} for k, task in enumerate(tasks)]
+    results = map_with_replicas(items, CalibrationWorker, cfg)
+    by_index = {int(r["index"]): pickle.loads(bytes(r["calibration"])) for r in results}
+    missing = [k for k in range(len(tasks)) if k not in by_index]
+    if missing:
+        raise JobFailedError(f"calibration of groups {[tasks[k].group_id for k in missing]} returned nothing")
+    return [by_index[k] for k in range(len(tasks))]
 
 
 def model_num_layers(cfg: ChameleonConfig) -> int:
@@ -92,4 +124,4 @@ def run_ray_job(
     plan.timings["map_s"] = time.perf_counter() - t1
     plan.writer.record_existing(FINGERPRINT)
     fp = ModelFingerprint.from_dict(plan.writer.get_json(FINGERPRINT))
-    return finish_run(plan, cfg, fp)
+    return finish_run(plan, cfg, fp, partial(calibrate_on_ray, cfg=cfg))

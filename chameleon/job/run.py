@@ -21,12 +21,12 @@ import pyarrow as pa
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import ModelFingerprint
+from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.inputs import PreparedInput, prepare_input
 from chameleon.data.layout import REJECTS, part_keys
-from chameleon.data.schema import UserRecord
 from chameleon.data.storage import Store
-from chameleon.job.publish import JobFailedError, reduce_and_publish
+from chameleon.job.publish import Calibrate, JobFailedError, reduce_and_publish
 from chameleon.job.stages import candidate_layers
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,11 @@ def begin_run(
     return plan
 
 
-def finish_run(plan: RunPlan, cfg: ChameleonConfig, fingerprint: ModelFingerprint) -> dict[str, Any]:
-    """Check every partition is complete and the failure limit holds, then reduce and publish."""
+def finish_run(
+    plan: RunPlan, cfg: ChameleonConfig, fingerprint: ModelFingerprint, calibrate: Calibrate | None = None
+) -> dict[str, Any]:
+    """Check every partition is complete and the failure limit holds, then reduce, calibrate
+    (with `calibrate`, a model replica's work) and publish."""
     writer = plan.writer
     missing = [k for k in plan.todo if not adopt_partition(writer, k)]
     if missing:
@@ -119,4 +122,5 @@ def finish_run(plan: RunPlan, cfg: ChameleonConfig, fingerprint: ModelFingerprin
         counts=counts,
         timings=plan.timings,
         max_user_failures=cfg.job.max_user_failures,
+        calibrate=calibrate,
     )

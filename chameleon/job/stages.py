@@ -7,7 +7,8 @@ Tables between stages (one Parquet file per partition):
 
     pairs/part-K.parquet     user_id, group_id, pair_index, query, personalized, neutral,
                              insight_p, insight_n, emb_p, emb_n  (float32 [L*d] at the captured layers)
-    profiles/part-K.parquet  user_id, group_id, selected (history indices), history_embedding [d]
+    profiles/part-K.parquet  user_id, group_id, selected (history indices), history_embedding [d],
+                             heldout_query, heldout_text (held-out items for self-calibration)
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from chameleon.config import ChameleonConfig, SubspaceConfig
+from chameleon.config import ChameleonConfig, EditConfig, SubspaceConfig
 from chameleon.core import subspace as ss
+from chameleon.core.calibration import Calibration
 from chameleon.core.edit import Edit
 from chameleon.core.records import UserRecord
 from chameleon.core.synth import UserPairs, synthesize
@@ -90,6 +92,8 @@ def pairs_to_tables(pairs: Sequence[UserPairs]) -> tuple[pa.Table, pa.Table]:
         "user_id": pa.array([p.user_id for p in pairs], pa.string()),
         "group_id": pa.array([p.group_id for p in pairs], pa.string()),
         "selected": pa.array([p.selected for p in pairs], pa.list_(pa.int32())),
+        "heldout_query": pa.array([p.heldout_queries for p in pairs], pa.list_(pa.string())),
+        "heldout_text": pa.array([p.heldout_texts for p in pairs], pa.list_(pa.string())),
     }
     # A partition whose users all failed has no vectors (and no width): readers skip empty parts.
     if pairs:
@@ -97,6 +101,9 @@ def pairs_to_tables(pairs: Sequence[UserPairs]) -> tuple[pa.Table, pa.Table]:
         profile_cols["history_embedding"] = vector_column(
             np.stack([p.history_embedding.numpy() for p in pairs]), d
         )
+        if all(p.style_features is not None for p in pairs):
+            styles = np.stack([p.style_features.numpy() for p in pairs])
+            profile_cols["style_features"] = vector_column(styles, styles.shape[1])
     return pairs_table, pa.table(profile_cols)
 
 
@@ -148,6 +155,8 @@ class UnitData:
     """[U, K] real pair slots"""
     history_embedding: torch.Tensor
     """[U, d]"""
+    style_features: torch.Tensor | None = None
+    """[U, F] stylometric features of each user's history (None in runs made without them)"""
 
 
 def tables_to_units(pairs: pa.Table, profiles: pa.Table, n_layers: int) -> UnitData:
@@ -177,7 +186,10 @@ def tables_to_units(pairs: pa.Table, profiles: pa.Table, n_layers: int) -> UnitD
         H_P[rows, cols] = ep
         H_N[rows, cols] = en
         mask[rows, cols] = True
-    return UnitData(user_ids, group_ids, H_P, H_N, mask, history)
+    style = None
+    if "style_features" in profiles.column_names:
+        style = torch.from_numpy(column_matrix(profiles, "style_features")[order].copy()).float()
+    return UnitData(user_ids, group_ids, H_P, H_N, mask, history, style)
 
 
 @dataclass
@@ -238,6 +250,20 @@ class Grouping:
     sizes: list[int] = field(default_factory=list)
 
 
+def _grouping_features(data: UnitData, red: UserReduce, features: str, idx: torch.Tensor) -> torch.Tensor:
+    """[n, F] unit rows that the clustering compares by cosine, for the users `idx`."""
+    if features == "style":
+        if data.style_features is None:
+            raise ValueError("groups.features=style needs a run whose map stage recorded style features")
+        x = data.style_features[idx]
+        z = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)  # every feature counts alike
+        return torch.nn.functional.normalize(z, dim=-1)
+    if features == "contrast":
+        direction, _ = ss.steering_directions(data.H_P[idx], data.H_N[idx], red.keep[idx])
+        return torch.nn.functional.normalize(direction.reshape(len(idx), -1), dim=-1)
+    return ss.grouping_features(red.sub.select(idx))
+
+
 def group_users(data: UnitData, red: UserReduce, cfg: ChameleonConfig) -> Grouping:
     """Group by the configured column, else cluster users with edits on subspace similarity.
 
@@ -262,7 +288,7 @@ def group_users(data: UnitData, red: UserReduce, cfg: ChameleonConfig) -> Groupi
         idx = torch.nonzero(red.has_edit).flatten()
         if len(idx) == 0:
             raise ValueError("no user has enough pairs for a subspace; nothing to group")
-        feats = ss.grouping_features(red.sub.select(idx))
+        feats = _grouping_features(data, red, g.features, idx)
         lab, _, dist = ss.cluster_users(feats, g.n_groups, g.min_group_size, g.seed)
         labels[idx] = lab
         distance[idx] = dist
@@ -282,13 +308,13 @@ def group_users(data: UnitData, red: UserReduce, cfg: ChameleonConfig) -> Groupi
 
 def reduce_groups(
     data: UnitData, red: UserReduce, grouping: Grouping, cfg: SubspaceConfig, layers: Sequence[int]
-):
+) -> tuple[ss.Subspaces, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Group subspaces from the pooled filtered pairs of each group's members.
 
-    Returns (Subspaces over groups, chosen layers [G, n]).
+    Returns (Subspaces over groups, chosen layers [G, n], the pooled (H_P, H_N, mask)).
     """
     member_pairs = red.keep & red.has_edit[:, None]
-    H_P, H_N, mask = ss.pool_groups(
+    pooled = ss.pool_groups(
         data.H_P,
         data.H_N,
         member_pairs,
@@ -297,8 +323,8 @@ def reduce_groups(
         cfg.max_group_pairs,
         cfg.seed,
     )
-    sub = ss.fit_subspaces(H_P, H_N, mask, cfg)
-    return sub, ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers)
+    sub = ss.fit_subspaces(*pooled, cfg)
+    return sub, ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers), pooled
 
 
 @dataclass
@@ -313,12 +339,46 @@ class Reduced:
     """[G, n] indices into the captured layers of each group's edit layers"""
     layers: list[int]
     """the captured layers"""
+    group_steer: tuple[torch.Tensor, torch.Tensor]
+    """(unit mean difference [G, L, d], typical state norm [G, L]) of each group's pooled pairs"""
+    user_steer: tuple[torch.Tensor, torch.Tensor]
+    """the same per user, [U, L, d] and [U, L]"""
+    group_calibration: list[Calibration | None] = field(default_factory=list)
+    """per group: the layer and strength chosen on its members' held-out texts (additive forms)"""
 
-    def group_edit(self, j: int, site: str) -> Edit:
-        return unit_edit(self.groups, j, self.group_layers, self.layers, site)
+    def group_edit(self, j: int, edit: EditConfig, site: str) -> Edit:
+        cal = self.group_calibration[j] if self.group_calibration else None
+        return self._edit(self.groups, j, self.group_layers, self.group_steer, cal, edit, site)
 
-    def user_edit(self, i: int, site: str) -> Edit:
-        return unit_edit(self.users.sub, i, self.users.chosen, self.layers, site)
+    def user_edit(self, i: int, edit: EditConfig, site: str) -> Edit:
+        """A user's own edit: its own direction, at its group's calibrated layer and strength."""
+        g = int(self.grouping.labels[i])
+        cal = self.group_calibration[g] if self.group_calibration else None
+        return self._edit(self.users.sub, i, self.users.chosen, self.user_steer, cal, edit, site)
+
+    def _edit(self, sub, i, chosen, steer, cal: Calibration | None, edit: EditConfig, site: str) -> Edit:
+        if edit.form == "projection":
+            return unit_edit(sub, i, chosen, self.layers, site)
+        direction, norms = steer
+        if cal is not None:  # one layer; strength 0 = the base model
+            strength = cal.strength
+            slots = (
+                [self.layers.index(cal.best_layer)]
+                if cal.best_layer in self.layers
+                else chosen[i].tolist()[:1]
+            )
+        else:
+            slots, strength = chosen[i].tolist(), edit.strength
+        vectors = torch.stack([strength * float(norms[i, s]) * direction[i, s] for s in slots])
+        return Edit(
+            layers=[self.layers[s] for s in slots],
+            theta_p=sub.theta_p[i, slots].clone(),
+            theta_n=sub.theta_n[i, slots].clone(),
+            mean=sub.mean[i, slots].clone(),
+            site=site,
+            steer=vectors,
+            renorm=edit.form == "norm_preserving",
+        )
 
 
 def reduce_all(
@@ -330,12 +390,26 @@ def reduce_all(
 ) -> Reduced:
     """Users' subspaces, groups, and the groups' subspaces, from a run's concatenated partitions."""
     t0 = time.perf_counter()
+    sub_cfg = cfg.subspace
+    if cfg.synth.pair_source == "history":
+        # Real text vs the model's own answer: never a duplicate, and states of one prompt are
+        # always close in cosine, so the insight source's near-duplicate filter does not apply.
+        sub_cfg = sub_cfg.model_copy(update={"pair_cos_max": 1.0})
     data = tables_to_units(pairs, profiles, len(layers))
-    users = reduce_users(data, cfg.subspace, layers)
+    users = reduce_users(data, sub_cfg, layers)
     t1 = time.perf_counter()
     grouping = group_users(data, users, cfg)
-    groups, group_layers = reduce_groups(data, users, grouping, cfg.subspace, layers)
+    groups, group_layers, pooled = reduce_groups(data, users, grouping, sub_cfg, layers)
     if timings is not None:
         timings["reduce_users_s"] = t1 - t0
         timings["reduce_groups_s"] = time.perf_counter() - t1
-    return Reduced(data, users, grouping, groups, group_layers, list(layers))
+    return Reduced(
+        data,
+        users,
+        grouping,
+        groups,
+        group_layers,
+        list(layers),
+        group_steer=ss.steering_directions(*pooled),
+        user_steer=ss.steering_directions(data.H_P, data.H_N, users.keep),
+    )

@@ -59,7 +59,7 @@ def main() -> None:
 
     t1 = time.perf_counter()
     grouping = group_users(data, red, cfg)
-    reduce_groups(data, red, grouping, cfg.subspace, layers)
+    reduce_groups(data, red, grouping, cfg.subspace, layers)  # subspaces, layers and pooled pairs
     t_groups = time.perf_counter() - t1
 
     n = min(args.loop_sample, args.users)
