@@ -301,11 +301,12 @@ def test_recapture_at_the_same_site_reproduces_the_stored_states(tiny_run):
     store, manifest, cfg, (model, tok) = tiny_run
     pairs, _ = runs.read_run_tables(store, "r1")
     pairs = pairs.slice(0, 6)
-    again = runs.recapture_pairs(model, tok, pairs, manifest["captured_layers"], "mlp", batch_size=4)
+    again = runs.recapture_pairs(model, tok, pairs, manifest["captured_layers"], cfg, manifest["site"])
     a = np.asarray(pairs.column("emb_p").combine_chunks().flatten())
     b = np.asarray(again.column("emb_p").combine_chunks().flatten())
     assert np.allclose(a, b, atol=1e-4)
-    resid = runs.recapture_pairs(model, tok, pairs, manifest["captured_layers"], "residual", batch_size=4)
+    other = "mlp" if manifest["site"] == "residual" else "residual"
+    resid = runs.recapture_pairs(model, tok, pairs, manifest["captured_layers"], cfg, other)
     assert resid.column("emb_n").type == pairs.column("emb_n").type
 
 

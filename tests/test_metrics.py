@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from chameleon.core.generation import first_answer_line
 from chameleon.evaluation.metrics import (
     bootstrap_ci,
-    first_answer_line,
     paired_bootstrap,
     paired_sign_test,
     rouge_per_item,

@@ -7,6 +7,7 @@ import torch
 
 from chameleon.config import ChameleonConfig, EditConfig, SubspaceConfig
 from chameleon.core.calibration import choose
+from chameleon.core.style import history_style
 from chameleon.core.synth import UserPairs
 from chameleon.job.stages import candidate_layers, pairs_to_tables, reduce_all, tables_to_units
 
@@ -62,6 +63,7 @@ def test_reduce_all_gives_every_user_a_group_and_every_group_an_edit():
             "subspace.ccs_steps": 50,
             "subspace.ccs_restarts": 2,
             "subspace.n_layers": 1,
+            "groups.features": "subspace",
         }
     )
     torch.manual_seed(0)
@@ -93,3 +95,30 @@ def test_reduce_all_gives_every_user_a_group_and_every_group_an_edit():
     first, second = reduced.group_edit(0, additive, "mlp"), reduced.group_edit(1, additive, "mlp")
     assert first.layers == [5] and torch.allclose(first.steer[0].norm(), 0.1 * norms[0, 1], rtol=1e-4)
     assert second.layers == [3] and float(second.steer.abs().max()) == 0.0
+
+
+def test_style_grouping_puts_users_who_write_alike_together():
+    cfg = ChameleonConfig().with_overrides(
+        {
+            "groups.n_groups": 2,
+            "groups.min_group_size": 1,
+            "subspace.ccs_steps": 20,
+            "subspace.ccs_restarts": 1,
+        }
+    )
+    users = []
+    for i in range(6):
+        u = _pairs(f"u{i}", 4, 2, 16, i)
+        texts = ["OMG YES!!! SO HYPED!!!"] if i % 2 else ["i went home and slept."]
+        u.style_features = torch.from_numpy(history_style(texts)).float()
+        users.append(u)
+    pairs, profiles = pairs_to_tables(users)
+    grouping = reduce_all(pairs, profiles, cfg, layers=[3, 5]).grouping
+    labels = grouping.labels.tolist()
+    assert (
+        labels[0] == labels[2] == labels[4] and labels[1] == labels[3] == labels[5] and labels[0] != labels[1]
+    )
+    with pytest.raises(ValueError, match="style features"):
+        for u in users:
+            u.style_features = None
+        reduce_all(*pairs_to_tables(users), cfg, layers=[3, 5])

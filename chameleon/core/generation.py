@@ -15,6 +15,7 @@ its parity with this module is tested.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,6 +23,37 @@ import torch
 from chameleon.config import EditConfig
 from chameleon.core.edit import Edit, EditBank
 from chameleon.core.model import hidden_size, model_device
+
+# ---------------------------------------------------------------------------------------------
+# Clean-up of a reply: the one every evaluated method and the demo get
+
+
+_LEAD_IN = re.compile(
+    r"^(?:here(?:'s| is| are)\b[^:]*:|(?:the )?(?:paraphrased|rewritten|original|neutral)(?: tweet| version| text)?\s*:|"
+    r"(?:tweet|paraphrase|answer)\s*:|sure\b[^:]*:)\s*",
+    re.IGNORECASE,
+)
+_QUOTES = ('"', "'", "“", "”", "‘", "’")
+
+
+def first_answer_line(text: str) -> str:
+    """The answer in a generated reply: the one clean-up every method gets before scoring.
+
+    Takes the first non-empty line; if it is only a lead-in ending with ``':'`` (such as "Here's a
+    rewritten version of the tweet:") and another line follows, the next non-empty line instead.
+    Then strips lead-ins at its start ("Paraphrased tweet: …", "Sure! Here it is: …") and
+    quotes around it. Empty input gives ``""``.
+    """
+    lines = [ln.strip() for ln in str(text).splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        return ""
+    answer = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    for _ in range(2):
+        answer = _LEAD_IN.sub("", answer).strip()
+        if len(answer) >= 2 and answer[0] in _QUOTES and answer[-1] in _QUOTES:
+            answer = answer[1:-1].strip()
+    return answer
 
 
 def chat_prompt(tok, user_message: str, system: str | None = None) -> str:

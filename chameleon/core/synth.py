@@ -192,10 +192,11 @@ def synthesize(
     return out
 
 
-def _capture_answers(
+def capture_answers(
     model, tok, prompts: Sequence[str], answers: Sequence[str], cfg: ChameleonConfig, layers: Sequence[int]
 ) -> torch.Tensor:
-    """Hidden states of rendered prompt + answer, at the answer's last token or over its tokens."""
+    """Hidden states of rendered prompt + answer, at the answer's last token or over its tokens
+    (`synth.capture_tokens`), at `subspace.site`: what the synthesis stores for every pair."""
     texts = [p + a for p, a in zip(prompts, answers, strict=True)]
     starts = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     reduce = "last" if cfg.synth.capture_tokens == "last" else "answer_mean"
@@ -225,7 +226,7 @@ def _history_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout)
         model, tok, prompts, max_new_tokens=s.answer_max_new_tokens, batch_size=s.batch_size, seed=s.seed
     )
     real = [u.history[i].text for u, it in zip(users, items, strict=True) for i in it]
-    hidden = _capture_answers(model, tok, prompts + prompts, real + own, cfg, layers)
+    hidden = capture_answers(model, tok, prompts + prompts, real + own, cfg, layers)
     n = len(prompts)
     out, start = [], 0
     for j, u in enumerate(users):
@@ -284,7 +285,7 @@ def _insight_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout)
 
     # Capture "query + answer" as the model would see it at inference: the plain query, no insight.
     rendered = [chat_prompt(tok, q, s.system_prompt) for q_list in queries for q in q_list for _ in range(2)]
-    hidden = _capture_answers(model, tok, rendered, answers, cfg, layers)
+    hidden = capture_answers(model, tok, rendered, answers, cfg, layers)
 
     out = []
     K = s.pairs_per_user

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from chameleon.config import EMBEDDED_MODEL, ChameleonConfig, JobConfig
-from chameleon.core.generation import generate_answers
+from chameleon.core.generation import first_answer_line, generate_answers
 from chameleon.core.model import load_model, resolve_name
 from chameleon.core.prompts import PARAPHRASE_TWEET
+from chameleon.core.style import style_similarity
 from chameleon.data.artifacts import RunReader, new_run_id
 from chameleon.data.published import PublishedRun
 from chameleon.dev.s3server import embedded_store
@@ -92,12 +93,12 @@ NEUTRAL_TWEETS = [
 
 
 def example_users(n_per_style: int = 2) -> list[dict]:
-    """`n_per_style` users per style; each paraphrases its own tweets (as in LaMP-7) and is
-    asked to paraphrase a neutral tweet."""
+    """`n_per_style` users per style. Their history is their own tweets with no query (as in
+    LaMP-7: the job fakes a neutral query for each); each is asked to paraphrase a neutral tweet."""
     users = []
     for style, texts in EXAMPLE_STYLES.items():
         for k in range(n_per_style):
-            history = [{"text": t, "input": PARAPHRASE.format(text=t)} for t in texts]
+            history = [{"text": t} for t in texts]
             query = PARAPHRASE.format(text=NEUTRAL_TWEETS[(k * 3 + len(users)) % len(NEUTRAL_TWEETS)])
             users.append({"user_id": f"{style}-{k + 1}", "history": history, "query": query})
     return users
@@ -108,6 +109,15 @@ def write_example_users(path: str | Path, n_per_style: int = 2) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(u) + "\n" for u in example_users(n_per_style)))
     return path
+
+
+DEMO_SETTINGS = {
+    "groups.n_groups": len(EXAMPLE_STYLES),
+    "groups.min_group_size": 2,
+    "synth.query_template": PARAPHRASE,
+    "synth.heldout_items": 2,
+}
+"""The demo's own settings: one group per style, LaMP-7's task around the faked neutral queries."""
 
 
 def given_cores() -> int:
@@ -165,7 +175,7 @@ def run_demo(
         cfg = cfg.with_overrides(
             {"synth.pairs_per_user": 4, "synth.answer_max_new_tokens": 24, "synth.insight_max_new_tokens": 40}
         )
-    cfg = cfg.with_overrides({"groups.n_groups": len(EXAMPLE_STYLES), "groups.min_group_size": 2})
+    cfg = cfg.with_overrides(DEMO_SETTINGS)
     cores = given_cores()
     cluster = address or os.environ.get("RAY_ADDRESS")
     if not cluster:  # this machine's cores (a cluster's are sized by its own config)
@@ -191,12 +201,23 @@ def run_demo(
         model, tok = load_model(cfg.model)
         shown = [u for u in example_users() if u["user_id"].endswith("-1")]
         ids, queries = [u["user_id"] for u in shown], [u["query"] for u in shown]
-        base = generate_answers(model, tok, queries, max_new_tokens=40)
-        group = generate_answers(model, tok, queries, edits=run.edits_for(ids, "group"), max_new_tokens=40)
-        for uid, q, b, g in zip(ids, queries, base, group, strict=True):
-            print(f"\n== {uid} (group {run.user_group(uid)}) — {q}")
-            print(f"   base:         {b.splitlines()[0] if b else ''}")
-            print(f"   personalized: {g.splitlines()[0] if g else ''}")
+        base = [first_answer_line(a) for a in generate_answers(model, tok, queries, max_new_tokens=40)]
+        group = [first_answer_line(a) for a in generate_answers(
+            model, tok, queries, edits=run.edits_for(ids, "group"), max_new_tokens=40)]  # fmt: skip
+        moved = 0
+        for u, q, b, g in zip(shown, queries, base, group, strict=True):
+            history = [h["text"] for h in u["history"]]
+            s_base, s_group = style_similarity(b, history), style_similarity(g, history)
+            moved += s_group > s_base
+            print(f"\n== {u['user_id']} (group {run.user_group(u['user_id'])}) — {q}")
+            print(f"   base:         {b}")
+            print(f"   personalized: {g}")
+            print(
+                f"   style (similarity to the user's tweets): base {s_base:.3f} → personalized {s_group:.3f}"
+            )
+        print(
+            f"\npersonalized answers closer to their user's style than the base answer: {moved} of {len(shown)}"
+        )
         print(
             f"\nartifacts: {store.uri}/runs/{manifest['run_id']}/ on the embedded S3 server "
             f"(data under {workdir / 's3'}, kept); total {time.perf_counter() - t0:.0f} s"

@@ -168,9 +168,7 @@ def run_ablations(ev: Evaluator, synth_run: str) -> dict[str, Any]:
                     if site not in recaptured:
                         model, tok = ev.model_tok
                         with ev.clock.stage("ablation:recapture"):
-                            recaptured[site] = recapture_pairs(
-                                model, tok, pairs, layers, site, ev.cfg.synth.batch_size
-                            )
+                            recaptured[site] = recapture_pairs(model, tok, pairs, layers, ev.cfg, site)
                     tbl = recaptured[site]
                 fits[sig] = fit_edits(tbl, profiles, layers, cfg)
         fit = fits[sig]

@@ -8,7 +8,6 @@ tokenizer, per item (the mean over items is the task's score).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple
@@ -20,7 +19,6 @@ __all__ = [
     "ConfidenceInterval",
     "PairedBootstrap",
     "bootstrap_ci",
-    "first_answer_line",
     "paired_bootstrap",
     "paired_sign_test",
     "rouge_per_item",
@@ -167,31 +165,3 @@ def paired_sign_test(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
 
 
 # --------------------------------------------------------------------------- post-processing
-
-
-_LEAD_IN = re.compile(
-    r"^(?:here(?:'s| is| are)\b[^:]*:|(?:the )?(?:paraphrased|rewritten|original|neutral)(?: tweet| version| text)?\s*:|"
-    r"(?:tweet|paraphrase|answer)\s*:|sure\b[^:]*:)\s*",
-    re.IGNORECASE,
-)
-_QUOTES = ('"', "'", "“", "”", "‘", "’")
-
-
-def first_answer_line(text: str) -> str:
-    """The answer in a generated reply: the one clean-up every method gets before scoring.
-
-    Takes the first non-empty line; if it is only a lead-in ending with ``':'`` (such as "Here's a
-    rewritten version of the tweet:") and another line follows, the next non-empty line instead.
-    Then strips lead-ins at its start ("Paraphrased tweet: …", "Sure! Here it is: …") and
-    quotes around it. Empty input gives ``""``.
-    """
-    lines = [ln.strip() for ln in str(text).splitlines()]
-    lines = [ln for ln in lines if ln]
-    if not lines:
-        return ""
-    answer = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    for _ in range(2):
-        answer = _LEAD_IN.sub("", answer).strip()
-        if len(answer) >= 2 and answer[0] in _QUOTES and answer[-1] in _QUOTES:
-            answer = answer[1:-1].strip()
-    return answer

@@ -18,7 +18,7 @@ Methods (names as written to ``results.json``, in report order):
   the report's 2×2 (prompt × edit) separates a prompt effect from an edit effect.
 
 Every method gets the same prompt (the LaMP input as the user turn after ``NO_PREAMBLE`` as the
-system turn; ``*_plain`` without it) and the same clean-up (``metrics.first_answer_line``).
+system turn; ``*_plain`` without it) and the same clean-up (``core.generation.first_answer_line``).
 """
 
 from __future__ import annotations

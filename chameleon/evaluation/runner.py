@@ -550,7 +550,7 @@ def run_evaluation(
             "decoding": "greedy",
             "max_new_tokens": settings.max_new_tokens,
             "batch_size": settings.batch_size,
-            "postprocess": "metrics.first_answer_line",
+            "postprocess": "core.generation.first_answer_line",
             "rag_k": settings.rag_k,
             "prompt": "chat template, one user message (the LaMP input; RAG: LaMP-7 retrieval prompt)",
         },

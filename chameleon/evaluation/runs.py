@@ -23,11 +23,11 @@ import pyarrow as pa
 import torch
 
 from chameleon.config import ChameleonConfig
-from chameleon.core.capture import capture
 from chameleon.core.edit import Edit
 from chameleon.core.fingerprint import ModelFingerprint
 from chameleon.core.generation import chat_prompt
 from chameleon.core.subspace import nearest_group
+from chameleon.core.synth import capture_answers
 from chameleon.data.artifacts import RunNotFoundError, RunReader, RunWriter
 from chameleon.data.inputs import prepare_input
 from chameleon.data.layout import column_matrix, filter_users, part_keys, read_partitions, vector_column
@@ -324,22 +324,17 @@ def fit_edits(
 
 
 def recapture_pairs(
-    model, tok, pairs: pa.Table, layers: Sequence[int], site: str, batch_size: int = 16
+    model, tok, pairs: pa.Table, layers: Sequence[int], cfg: ChameleonConfig, site: str
 ) -> pa.Table:
-    """The pairs table with ``emb_p`` / ``emb_n`` recaptured at another site, from the stored texts
-    (the same "plain query + answer" texts the synthesis captured): no generation."""
-    texts = []
-    for q, p, n in zip(
-        pairs.column("query").to_pylist(),
-        pairs.column("personalized").to_pylist(),
-        pairs.column("neutral").to_pylist(),
-        strict=True,
-    ):
-        prompt = chat_prompt(tok, q)
-        texts += [prompt + p, prompt + n]
-    hidden = capture(model, tok, texts, list(layers), site, batch_size=batch_size)
+    """The pairs table with ``emb_p`` / ``emb_n`` recaptured at another site, from the stored texts,
+    rendered and reduced exactly as the synthesis did (``cfg.synth``): no generation."""
+    prompts = [chat_prompt(tok, q, cfg.synth.system_prompt) for q in pairs.column("query").to_pylist()]
+    at_site = cfg.model_copy(update={"subspace": cfg.subspace.model_copy(update={"site": site})})
+    answers = pairs.column("personalized").to_pylist() + pairs.column("neutral").to_pylist()
+    hidden = capture_answers(model, tok, prompts + prompts, answers, at_site, layers)
+    n = len(prompts)
     width = hidden.shape[1] * hidden.shape[2]
     out = pairs.drop_columns(["emb_p", "emb_n"])
-    return out.append_column("emb_p", vector_column(hidden[0::2].numpy(), width)).append_column(
-        "emb_n", vector_column(hidden[1::2].numpy(), width)
+    return out.append_column("emb_p", vector_column(hidden[:n].numpy(), width)).append_column(
+        "emb_n", vector_column(hidden[n:].numpy(), width)
     )

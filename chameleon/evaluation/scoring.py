@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from chameleon.core import style
+from chameleon.core.generation import first_answer_line
 from chameleon.evaluation import metrics
 from chameleon.evaluation.names import GOAL_REL_ROUGE_L, REFERENCES
 
@@ -18,8 +19,8 @@ DIAGNOSTICS = ("style_feature_distance", "assistant_talk", "rougeL_vs_input", "l
 
 
 def postprocess(raw: Sequence[str]) -> list[str]:
-    """The scored answers of raw generations (:func:`metrics.first_answer_line` of each)."""
-    return [metrics.first_answer_line(x) for x in raw]
+    """The scored answers of raw generations (:func:`core.generation.first_answer_line` of each)."""
+    return [first_answer_line(x) for x in raw]
 
 
 def _ci(values: Sequence[float], n_resamples: int, seed: int) -> dict[str, Any]:
