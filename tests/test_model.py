@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 from chameleon.config import ModelConfig
 from chameleon.core.model import (
@@ -22,6 +22,37 @@ from chameleon.core.model import (
 def test_architecture_table_covers_the_supported_families():
     for family in ("llama", "qwen2", "mistral", "phi3", "gemma", "gemma3_text", "gemma3"):
         assert family in ARCHITECTURES
+
+
+@pytest.mark.parametrize(
+    ("config", "layers_of", "mlp_name"),
+    [
+        (
+            GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=100, n_positions=64),
+            lambda m: m.transformer.h,
+            "mlp",
+        ),
+        (
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=100,
+            ),
+            lambda m: m.model.layers,
+            "mlp",
+        ),
+    ],
+)
+def test_each_layout_of_the_table_finds_its_layers_and_sites(config, layers_of, mlp_name):
+    """One row per distinct layout: the table's layer path and MLP name reach the real modules."""
+    model = AutoModelForCausalLM.from_config(config)
+    layers = layers_of(model)
+    assert num_layers(model) == len(layers) == 3
+    assert layer_module(model, 1, "residual") is layers[1]
+    assert layer_module(model, 2, "mlp") is getattr(layers[2], mlp_name)
 
 
 def test_layers_and_sites_of_a_qwen2_model():

@@ -168,7 +168,7 @@ class EditBank:
         except ValueError:
             raise ValueError(f"layer {layer} is not one of this bank's layers {self.layers}") from None
 
-    def _row_tensors(self, edit: Edit, alpha: float, beta: float, centered: bool):
+    def _row_tensors(self, edit: Edit, centered: bool):
         if edit.site != self.site:
             raise ValueError(f"edit is for site {edit.site!r}, bank for {self.site!r}")
         if edit.theta_n.shape[-1] != self.hidden_size:
@@ -204,7 +204,7 @@ class EditBank:
     ) -> list[int]:
         if not edits:
             return []
-        rows = [self._row_tensors(e, alpha, beta, centered) for e in edits]
+        rows = [self._row_tensors(e, centered) for e in edits]
         start = self.n_rows
         dev = self.device
         self.P = torch.cat([self.P, torch.stack([r[0] for r in rows]).to(dev)])
@@ -223,7 +223,7 @@ class EditBank:
         """Overwrite a row in place (a cache slot being reused); row 0 stays the identity."""
         if not 1 <= row < self.n_rows:
             raise IndexError(f"row {row} is not an editable row (1..{self.n_rows - 1})")
-        P, N, mu, S, active = self._row_tensors(edit, alpha, beta, centered)
+        P, N, mu, S, active = self._row_tensors(edit, centered)
         self.P[row], self.N[row], self.mu[row], self.S[row], self.active[row] = (
             t.to(self.device) for t in (P, N, mu, S, active)
         )
