@@ -7,7 +7,7 @@ import hashlib
 import pyarrow as pa
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import random_llama
 
 from chameleon.core.fingerprint import ModelMismatchError, fingerprint_model
 from chameleon.data.artifacts import (
@@ -227,16 +227,9 @@ def test_safetensors_bytes_are_deterministic_with_metadata():
     assert back_meta == meta and torch.equal(back["a"], tensors["a"]) and torch.equal(back["i"], tensors["i"])
 
 
-def _tiny_llama(seed: int, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
 def test_reader_refuses_a_run_made_for_another_model(store):
-    made_with = fingerprint_model(_tiny_llama(0), "tiny-seed-0")
-    other = fingerprint_model(_tiny_llama(1), "tiny-seed-1")
+    made_with = fingerprint_model(random_llama(0), "tiny-seed-0")
+    other = fingerprint_model(random_llama(1), "tiny-seed-1")
     writer = RunWriter(store, "r1")
     writer.put_json("config.json", {})
     writer.commit({"model": {"id": "tiny-seed-0", "fingerprint": made_with.to_dict()}})

@@ -40,3 +40,11 @@ def save_tiny_model(path: Path, seed: int = 0, layers: int = 4) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def random_llama(seed: int, layers: int = 2, hidden: int = 64, vocab: int = 256) -> LlamaForCausalLM:
+    """A tiny random Llama without a tokenizer (for fingerprints and shapes)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()

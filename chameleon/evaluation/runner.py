@@ -399,8 +399,8 @@ def _main_methods(
             raw["chameleon_user"] = ev.answers(
                 "chameleon_user", {"run": all_run, "edit": edit_key}, qs, messages, edits, cfg.edit
             )
+        gids = [run.user_group(u) for u in ids]
         if "chameleon_group" in methods:
-            gids = [run.user_group(u) for u in ids]
             groups["chameleon_group"] = gids
             info["groups_all"] = {g["group_id"]: g["n_users"] for g in run.manifest["groups"]}
             raw["chameleon_group"] = ev.answers(
@@ -411,7 +411,6 @@ def _main_methods(
                 run.edits_for(ids, "group", gids),
                 cfg.edit,
             )
-        gids = [run.user_group(u) for u in ids]
         if "chameleon_group_plain" in methods:
             raw["chameleon_group_plain"] = ev.answers(
                 "chameleon_group", {"run": all_run, "edit": edit_key}, qs, messages,
