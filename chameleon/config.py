@@ -53,10 +53,12 @@ class SynthConfig(_Section):
     (history source: around the faked neutral version of the item; insight source: around the
     item itself). For LaMP-7: "Paraphrase the following tweet without any explanation before or
     after it: {text}"."""
-    query_faking: Literal["neutralize", "wrap"] = "neutralize"
-    """How the query of an item without an `input` is faked: `neutralize` (the model rewrites the
-    text neutrally, as LaMP-7's inputs were made, and the template wraps that) or `wrap` (the
-    template wraps the text itself: no generation, but the query then contains its answer)."""
+    query_faking: Literal["wrap", "neutralize"] = "wrap"
+    """How the query of an item without an `input` is faked: `wrap` (default: the template wraps the
+    text itself; no generation, so the synthesis costs a third as much, but the query contains its
+    answer, and calibration then scores how well the edit keeps the user's own wording) or
+    `neutralize` (the model rewrites the text neutrally, as LaMP-7's inputs were made, and the
+    template wraps that)."""
     neutralize_prompt: str = (
         "Rewrite the following text in plain, neutral language. Keep its meaning; drop slang, "
         "emoticons and personal quirks. Reply with the rewritten text only.\n\n{text}"

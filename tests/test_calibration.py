@@ -51,6 +51,7 @@ def test_nll_curve_has_the_base_and_every_candidate_and_choose_never_loses_to_ba
     prompts = [chat_prompt(tok, p) for p in PROMPTS]
     base = answer_nll(model, tok, prompts, ANSWERS)
     g = torch.Generator().manual_seed(1)
+    change: dict[str, float] = {}
     curve = nll_curve(
         model,
         tok,
@@ -61,8 +62,12 @@ def test_nll_curve_has_the_base_and_every_candidate_and_choose_never_loses_to_ba
         layers=[0, 2],
         strengths=[0, 0.5, 2.0],
         site="residual",
+        change=change,
     )
     assert set(curve) == {"base", "0:0.5", "0:2", "2:0.5", "2:2"}
+    # ‖Δh‖/‖h‖ is logged per candidate and grows with the strength at a layer.
+    assert set(change) == set(curve) - {"base"} and all(v > 0 for v in change.values())
+    assert change["0:2"] > change["0:0.5"] and change["2:2"] > change["2:0.5"]
     assert curve["base"] == pytest.approx(base)
     assert len({round(v, 6) for v in curve.values()}) > 1  # the edits do change the likelihood
     choice = choose(curve)

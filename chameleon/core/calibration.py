@@ -36,6 +36,8 @@ class Calibration:
     base_nll: float
     curve: dict[str, float] = field(default_factory=dict)
     """"layer:strength" -> mean NLL per token of the held-out texts; "base" -> without an edit."""
+    change: dict[str, float] = field(default_factory=dict)
+    """"layer:strength" -> mean ‖Δh‖/‖h‖ the edit made at its layer on the held-out texts."""
 
     @property
     def active(self) -> bool:
@@ -62,6 +64,7 @@ class Calibration:
             "nll": round(self.nll, 5),
             "base_nll": round(self.base_nll, 5),
             "curve": {k: round(v, 5) for k, v in self.curve.items()},
+            "change_ratio": {k: round(v, 5) for k, v in self.change.items()},
         }
 
 
@@ -99,9 +102,11 @@ def answer_nll(
     bank: EditBank | None = None,
     row: int = 0,
     batch_size: int = 16,
+    change: list[float] | None = None,
 ) -> float:
     """Mean NLL per answer token of `answers` given rendered `prompts`, with bank row `row` applied
-    from each prompt's last token onward (row 0 / no bank = the base model)."""
+    from each prompt's last token onward (row 0 / no bank = the base model). With `change`, the
+    edit's mean ‖Δh‖/‖h‖ of each batch is appended to it."""
     device = model_device(model)
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
@@ -109,9 +114,12 @@ def answer_nll(
             tok, prompts[start : start + batch_size], answers[start : start + batch_size]
         )
         ids, attention, answer_mask = ids.to(device), attention.to(device), answer_mask.to(device)
+        ratios = None
         with contextlib.ExitStack() as stack:
             if bank is not None and row:
-                stack.enter_context(bank.bind([row] * len(ids)).from_position(first - 1).apply(model))
+                bound = bank.bind([row] * len(ids)).from_position(first - 1)
+                ratios = bound.record_change() if change is not None else None
+                stack.enter_context(bound.apply(model))
             hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
         # Token t is predicted at position t-1; the vocabulary projection runs on answer positions only.
         predicting = answer_mask[:, 1:]
@@ -120,6 +128,8 @@ def answer_nll(
             torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][predicting], reduction="sum")
         )
         count += int(predicting.sum())
+        if change is not None and ratios:
+            change.extend(r for values in ratios.values() for r in values)
     return total / max(count, 1)
 
 
@@ -153,10 +163,12 @@ def nll_curve(
     site: str,
     renorm: bool = False,
     batch_size: int = 16,
+    change: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """NLL of the held-out answers for every (layer, strength) candidate; "base" = no edit.
 
-    directions [L, d] and norms [L] are per entry of `layers`.
+    directions [L, d] and norms [L] are per entry of `layers`. With `change`, each candidate's
+    mean ‖Δh‖/‖h‖ at its layer is stored there under the same key.
     """
     curve = {"base": answer_nll(model, tok, prompts, answers, batch_size=batch_size)}
     candidates = [(i, s) for i in range(len(layers)) for s in strengths if s > 0]
@@ -170,9 +182,12 @@ def nll_curve(
         ]
     )
     for (i, s), row in zip(candidates, rows, strict=True):
-        curve[f"{layers[i]}:{s:g}"] = answer_nll(
-            model, tok, prompts, answers, bank=bank, row=row, batch_size=batch_size
+        key, ratios = f"{layers[i]}:{s:g}", []
+        curve[key] = answer_nll(
+            model, tok, prompts, answers, bank=bank, row=row, batch_size=batch_size, change=ratios
         )
+        if change is not None and ratios:
+            change[key] = sum(ratios) / len(ratios)
     return curve
 
 

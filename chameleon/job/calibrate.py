@@ -74,6 +74,7 @@ def calibrate_task(model, tok, task: GroupCalibrationTask, cfg: ChameleonConfig)
     if not task.texts:  # nothing held out: no evidence, so no edit
         return Calibration(layer=-1, strength=0.0, nll=float("nan"), base_nll=float("nan"), curve={})
     prompts = [chat_prompt(tok, q, cfg.synth.system_prompt) for q in task.queries]
+    change: dict[str, float] = {}
     curve = nll_curve(
         model,
         tok,
@@ -86,8 +87,11 @@ def calibrate_task(model, tok, task: GroupCalibrationTask, cfg: ChameleonConfig)
         site=cfg.subspace.site,
         renorm=cfg.edit.form == "norm_preserving",
         batch_size=cfg.synth.batch_size,
+        change=change,
     )
-    return choose(curve)
+    calibration = choose(curve)
+    calibration.change = change
+    return calibration
 
 
 def calibrate_in_process(
