@@ -235,7 +235,9 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-run")
     users = write_example_users(root / "users.jsonl")
     store = LocalStore(root / "store")
-    cfg = tiny_job_config(tiny_model_dir)
+    # Uncalibrated, so the in-memory reduce (which has no model to calibrate with) must give
+    # exactly the published edits.
+    cfg = tiny_job_config(tiny_model_dir, **{"edit.calibrate": False})
     model_tok = load_model(cfg.model)
     manifest = run_local(str(users), store, "r1", cfg, model_and_tokenizer=model_tok, progress=False)
     return store, manifest, cfg, model_tok

@@ -313,11 +313,15 @@ def fit_edits(
     pairs: pa.Table, profiles: pa.Table, layers: Sequence[int], cfg: ChameleonConfig
 ) -> FittedEdits:
     """Reduce users, group them and reduce groups with ``cfg``: the job's own
-    :func:`~chameleon.job.stages.reduce_all`, kept in memory as edits by user and group id."""
+    :func:`~chameleon.job.stages.reduce_all`, kept in memory as edits by user and group id (additive
+    forms use `edit.strength` at the reduce-chosen layers: calibrating needs a model)."""
     red = reduce_all(pairs, profiles, cfg, list(layers))
     site, ids, grouping = cfg.subspace.site, red.data.user_ids, red.grouping
-    user = {u: (red.user_edit(i, site) if bool(red.users.has_edit[i]) else None) for i, u in enumerate(ids)}
-    group = {gid: red.group_edit(j, site) for j, gid in enumerate(grouping.group_ids)}
+    user = {
+        u: (red.user_edit(i, cfg.edit, site) if bool(red.users.has_edit[i]) else None)
+        for i, u in enumerate(ids)
+    }
+    group = {gid: red.group_edit(j, cfg.edit, site) for j, gid in enumerate(grouping.group_ids)}
     group_of = {u: grouping.group_ids[int(grouping.labels[i])] for i, u in enumerate(ids)}
     sizes = {gid: int(s) for gid, s in zip(grouping.group_ids, grouping.sizes, strict=True)}
     return FittedEdits(user, group_of, group, sizes, list(grouping.group_ids), grouping.history_centroids)

@@ -265,10 +265,11 @@ def _grouping_features(data: UnitData, red: UserReduce, features: str, idx: torc
 
 
 def group_users(data: UnitData, red: UserReduce, cfg: ChameleonConfig) -> Grouping:
-    """Group by the configured column, else cluster users with edits on subspace similarity.
+    """Group by the configured column, else cluster users on `groups.features`.
 
-    Users without a usable edit (too few pairs) and users missing the column are placed by their
-    history embedding, exactly as an unseen user would be.
+    Style features cluster every user; subspace and contrast features only users with a usable
+    edit. Users left out (too few pairs, or missing the column) are placed by their history
+    embedding, exactly as an unseen user would be.
     """
     g = cfg.groups
     U = len(data.user_ids)
@@ -285,7 +286,9 @@ def group_users(data: UnitData, red: UserReduce, cfg: ChameleonConfig) -> Groupi
                 assigned[i] = "column"
         group_ids = names
     else:
-        idx = torch.nonzero(red.has_edit).flatten()
+        # Style is known for every user; subspaces and contrasts only for users with enough pairs.
+        clusterable = torch.ones_like(red.has_edit) if g.features == "style" else red.has_edit
+        idx = torch.nonzero(clusterable).flatten()
         if len(idx) == 0:
             raise ValueError("no user has enough pairs for a subspace; nothing to group")
         feats = _grouping_features(data, red, g.features, idx)
