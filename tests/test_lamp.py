@@ -164,8 +164,8 @@ def test_records_from_fixture():
     assert recs[0] == {
         "user_id": "10",
         "history": [
-            {"text": "omg so sleepy ", "input": LAMP7_PROMPT + "omg so sleepy "},
-            {"text": "coffee pls", "input": LAMP7_PROMPT + "coffee pls"},
+            {"text": "omg so sleepy ", "input": None},  # profile tweets have no query: the job fakes it
+            {"text": "coffee pls", "input": None},
         ],
         "query": LAMP7_PROMPT + "I am so tired today.",
     }
@@ -177,12 +177,16 @@ def test_records_agree_with_the_data_layer():
     """The evaluation's users file and a LaMP questions file read by the job give the same users."""
     qs = [LampQuestion(id=str(q["id"]), input=q["input"], profile=q["profile"]) for q in QUESTIONS]
     from_records, _ = validate_records(lamp_to_user_records(qs))
-    from_lamp, _ = validate_records(QUESTIONS, query_template=LAMP7_QUERY_TEMPLATE)
+    from_lamp, _ = validate_records(QUESTIONS)
     assert from_records == from_lamp and [u.user_id for u in from_records] == [
         "10",
         "11",
     ]  # "12" has no history
-    assert from_records[0].queries() == [LAMP7_PROMPT + "omg so sleepy ", LAMP7_PROMPT + "coffee pls"]
+    # The job wraps a tweet without a query in the task's template.
+    assert from_records[0].queries(LAMP7_QUERY_TEMPLATE) == [
+        LAMP7_PROMPT + "omg so sleepy ",
+        LAMP7_PROMPT + "coffee pls",
+    ]
 
 
 def test_split_rule_small():
@@ -265,7 +269,7 @@ def test_real_user_records(real):
         assert len(r["history"]) == len(q.profile)
         for h, item in zip(r["history"], q.profile, strict=True):
             assert h["text"] == item["text"]
-            assert h["input"] == LAMP7_PROMPT + item["text"]
+            assert h["input"] is None
 
 
 @needs_real
