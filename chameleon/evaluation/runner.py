@@ -425,6 +425,8 @@ def _main_methods(
                 "random_direction", {"run": all_run, "edit": edit_key}, qs, messages,
                 [randomized[g] if g else None for g in gids], cfg.edit,
             )  # fmt: skip
+        if "shuffled" in methods and len(run.group_ids) < 2:
+            info["shuffled"] = "not run: the run has one group, so there is no other group's edit"
         if "shuffled" in methods and len(run.group_ids) > 1:
             other = {g: run.group_ids[(k + 1) % len(run.group_ids)] for k, g in enumerate(run.group_ids)}
             groups["shuffled"] = [other[g] if g else None for g in gids]
