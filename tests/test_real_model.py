@@ -33,6 +33,11 @@ def test_real_model_edits_change_edited_users_only(tmp_path, local_store):
             "synth.answer_max_new_tokens": 24,
             "groups.n_groups": 2,
             "groups.min_group_size": 2,
+            "synth.heldout_items": 2,
+            # A fixed strength: this test is about which rows an edit reaches, not calibration
+            # (which may rightly keep a group at strength 0).
+            "edit.calibrate": False,
+            "edit.strength": 0.3,
         }
     )
     model, tok = load_model(cfg.model)
