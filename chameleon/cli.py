@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from chameleon import __version__
 from chameleon.evaluation.cli import add_eval_parser
 from chameleon.flags import add_config_flags, load_config
-from chameleon.ray_env import set_local_env_defaults, set_quiet_console
+from chameleon.job.ray_env import set_local_env_defaults, set_quiet_console
 from chameleon.serving.cli import DEFAULT_WORKDIR, add_serve_parser
 
 log = logging.getLogger("chameleon")

@@ -2,8 +2,8 @@
 
     core ← data ← job ← evaluation;  serving uses core and data only;  dev sits beside job.
 
-`config`, `flags` and `ray_env` are leaves every layer may use. Ray is imported only by the Ray
-driver and actor pools of the job, serving's app, the CLIs and `ray_env`; FastAPI and Starlette
+`config` and `flags` are leaves every layer may use. Ray is imported only by the job's Ray
+driver, actor pools and Ray setup (`job/ray_env`), serving's app and the CLIs; FastAPI and Starlette
 only by serving's app.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "chameleon"
 
-LEAVES = {"chameleon", "chameleon.config", "chameleon.flags", "chameleon.ray_env"}
+LEAVES = {"chameleon", "chameleon.config", "chameleon.flags"}
 ALLOWED = {  # package -> chameleon packages it may import (besides itself and the leaves)
     "core": set(),
     "data": {"core"},
@@ -29,7 +29,7 @@ ALLOWED = {  # package -> chameleon packages it may import (besides itself and t
     "dev": {"core", "data", "job"},
 }
 RAY_MODULES = {
-    "chameleon.ray_env",
+    "chameleon.job.ray_env",
     "chameleon.job.ray_job",
     "chameleon.job.replicas",
     "chameleon.serving.app",
@@ -124,7 +124,7 @@ def test_layers_import_only_what_the_rule_allows():
 
 
 def test_leaves_import_no_layer():
-    for leaf in ("chameleon.config", "chameleon.ray_env"):
+    for leaf in ("chameleon.config",):
         assert not [n for n, _ in IMPORTS[leaf] if _own(n) not in (None, leaf)], leaf
     assert {_own(n) for n, _ in IMPORTS["chameleon.flags"]} <= {None, "chameleon.config"}
 

@@ -200,3 +200,11 @@ def prepare_tokenizer(tok) -> None:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def worker_torch_threads(configured: int | None = None) -> int:
+    """Torch threads for a model replica inside a Ray worker: the configured number, else the CPUs
+    Ray gave the worker (Ray sets OMP_NUM_THREADS from them), so replicas don't oversubscribe."""
+    n = configured or max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(n)
+    return n

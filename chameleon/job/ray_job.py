@@ -37,10 +37,10 @@ from chameleon.data.layout import FINGERPRINT
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
+from chameleon.job.ray_env import init_ray
 from chameleon.job.replicas import ModelReplica, map_with_replicas
 from chameleon.job.run import begin_run, finish_run, write_partition
 from chameleon.job.stages import Reduced, process_partition
-from chameleon.ray_env import init_ray
 
 
 class PartitionWorker(ModelReplica):

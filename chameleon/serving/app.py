@@ -51,9 +51,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chameleon.config import ModelConfig
-from chameleon.core.model import pick_device
+from chameleon.core.model import pick_device, worker_torch_threads
 from chameleon.data.storage import Store
-from chameleon.ray_env import worker_torch_threads
 from chameleon.serving.config import ServeConfig, ServeUserConfig
 from chameleon.serving.protocol import (
     ApiError,

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from chameleon.flags import Flag, add_flags, flag_overrides
-from chameleon.ray_env import init_ray, quiet_console
+from chameleon.job.ray_env import init_ray, quiet_console
 from chameleon.serving.config import ServeConfig
 
 log = logging.getLogger("chameleon")

@@ -77,13 +77,3 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, ray_dat
     if _quiet and ray_data:
         _quiet_ray_data()
     return not address
-
-
-def worker_torch_threads(configured: int | None = None) -> int:
-    """Torch threads for a model replica inside a Ray worker: the configured number, else the CPUs
-    Ray gave the worker (Ray sets OMP_NUM_THREADS from them), so replicas don't oversubscribe."""
-    import torch
-
-    n = configured or max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
-    torch.set_num_threads(n)
-    return n
