@@ -385,6 +385,11 @@ def _main_methods(
         raw["base_plain"] = ev.answers("base", {}, qs, messages, plain=True)
     if "rag" in methods:
         raw["rag"] = ev.answers("rag", {"k": ev.s.rag_k}, qs, [rag_prompt(q, ev.s.rag_k) for q in qs])
+
+    def edited(name: str, run_id: str, edits: Sequence[Edit | None], plain: bool = False) -> list[str]:
+        """Answers with the given per-user edits of run `run_id` (cached by name, run and edit settings)."""
+        return ev.answers(name, {"run": run_id, "edit": edit_key}, qs, messages, edits, cfg.edit, plain=plain)
+
     if any(m in methods for m in GROUP_RUN_METHODS):
         all_cfg = _run_cfg(cfg, group_size, len(ev.tuning) + len(ev.reported))
         # The synthesis run's own reduce is used when it was published with exactly this setting.
@@ -396,56 +401,34 @@ def _main_methods(
         if "chameleon_user" in methods:
             edits = run.edits_for(ids, "user")
             info["users_without_own_edit"] = sum(e is None for e in edits)
-            raw["chameleon_user"] = ev.answers(
-                "chameleon_user", {"run": all_run, "edit": edit_key}, qs, messages, edits, cfg.edit
-            )
+            raw["chameleon_user"] = edited("chameleon_user", all_run, edits)
         gids = [run.user_group(u) for u in ids]
+        group_edits = run.edits_for(ids, "group", gids)
         if "chameleon_group" in methods:
             groups["chameleon_group"] = gids
             info["groups_all"] = {g["group_id"]: g["n_users"] for g in run.manifest["groups"]}
-            raw["chameleon_group"] = ev.answers(
-                "chameleon_group",
-                {"run": all_run, "edit": edit_key},
-                qs,
-                messages,
-                run.edits_for(ids, "group", gids),
-                cfg.edit,
-            )
+            raw["chameleon_group"] = edited("chameleon_group", all_run, group_edits)
         if "chameleon_group_plain" in methods:
-            raw["chameleon_group_plain"] = ev.answers(
-                "chameleon_group", {"run": all_run, "edit": edit_key}, qs, messages,
-                run.edits_for(ids, "group", gids), cfg.edit, plain=True,
-            )  # fmt: skip
+            raw["chameleon_group_plain"] = edited("chameleon_group", all_run, group_edits, plain=True)
         if "random_direction" in methods:
             groups["random_direction"] = gids
             randomized = {
                 g: random_like(run.group_edit(g), seed=f"{cfg.subspace.seed}:{g}") for g in run.group_ids
             }
-            raw["random_direction"] = ev.answers(
-                "random_direction", {"run": all_run, "edit": edit_key}, qs, messages,
-                [randomized[g] if g else None for g in gids], cfg.edit,
-            )  # fmt: skip
+            raw["random_direction"] = edited(
+                "random_direction", all_run, [randomized[g] if g else None for g in gids]
+            )
         if "shuffled" in methods and len(run.group_ids) < 2:
             info["shuffled"] = "not run: the run has one group, so there is no other group's edit"
         if "shuffled" in methods and len(run.group_ids) > 1:
             other = {g: run.group_ids[(k + 1) % len(run.group_ids)] for k, g in enumerate(run.group_ids)}
             groups["shuffled"] = [other[g] if g else None for g in gids]
-            raw["shuffled"] = ev.answers(
-                "shuffled", {"run": all_run, "edit": edit_key}, qs, messages,
-                run.edits_for(ids, "group", groups["shuffled"]), cfg.edit,
-            )  # fmt: skip
+            raw["shuffled"] = edited("shuffled", all_run, run.edits_for(ids, "group", groups["shuffled"]))
     if "chameleon_global" in methods:
-        g_cfg = cfg.with_overrides({"groups.n_groups": 1})
-        g_run = ev.derived(synth_run, "global", g_cfg, None)
+        g_run = ev.derived(synth_run, "global", cfg.with_overrides({"groups.n_groups": 1}), None)
         info["run_global"] = g_run
-        run_g = PublishedRun(RunReader(ev.store, g_run))
-        raw["chameleon_global"] = ev.answers(
-            "chameleon_global",
-            {"run": g_run, "edit": edit_key},
-            qs,
-            messages,
-            run_g.edits_for(ids, "group"),
-            cfg.edit,
+        raw["chameleon_global"] = edited(
+            "chameleon_global", g_run, PublishedRun(RunReader(ev.store, g_run)).edits_for(ids, "group")
         )
     if "chameleon_unseen" in methods:
         tuning_ids = [q.id for q in ev.tuning]
@@ -456,14 +439,7 @@ def _main_methods(
         gids, _ = run_t.assign_unseen(history_embeddings(profiles, ids))
         groups["chameleon_unseen"] = gids
         info["groups_tuning"] = {g["group_id"]: g["n_users"] for g in run_t.manifest["groups"]}
-        raw["chameleon_unseen"] = ev.answers(
-            "chameleon_unseen",
-            {"run": t_run, "edit": edit_key},
-            qs,
-            messages,
-            run_t.edits_for(ids, "group", gids),
-            cfg.edit,
-        )
+        raw["chameleon_unseen"] = edited("chameleon_unseen", t_run, run_t.edits_for(ids, "group", gids))
     return raw, groups, info
 
 
