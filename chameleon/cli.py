@@ -29,8 +29,12 @@ log = logging.getLogger("chameleon")
 VERBOSE_HELP = "log progress, show Ray's and the libraries' own output, and show tracebacks of errors"
 
 
-def s3_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"endpoint_url": args.s3_endpoint} if getattr(args, "s3_endpoint", None) else {}
+def s3_options(args: argparse.Namespace, cfg: Any = None) -> dict[str, Any]:
+    """S3 options from the flags and, given a config, its `storage` section."""
+    options = dict(cfg.storage.s3_options()) if cfg is not None else {}
+    if getattr(args, "s3_endpoint", None):
+        options["endpoint_url"] = args.s3_endpoint
+    return options
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
@@ -43,14 +47,21 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         if args.store:
             from chameleon.data.storage import open_store
 
-            store = open_store(args.store, **s3_options(args))
+            store = open_store(args.store, **s3_options(args, cfg))
         else:
             from chameleon.dev.s3server import embedded_store
 
             s3, store = stack.enter_context(embedded_store(Path(args.workdir)))
             os.environ.setdefault("AWS_ENDPOINT_URL", s3.endpoint_url)
         manifest = run_job(
-            args.input, store, run_id, cfg, local=args.local, address=args.address, **s3_options(args)
+            args.input,
+            store,
+            run_id,
+            cfg,
+            local=args.local,
+            address=args.address,
+            restart=args.restart,
+            **s3_options(args, cfg),
         )
         print("\n" + describe_run(manifest, store.uri))
     return 0
@@ -73,6 +84,10 @@ _PERSONALIZE_EXAMPLES = """examples:
   chameleon personalize --input users.jsonl --local                 # in-process, embedded S3 store
   chameleon personalize --input s3://data/users.jsonl --store s3://runs/prod --address auto
   chameleon personalize --input users.jsonl --config job.yaml --run-id nightly-1   # rerun = resume
+  chameleon personalize --input users.jsonl --run-id nightly-1 --restart   # start nightly-1 over
+
+A rerun with the same --run-id resumes only under the job spec the run was started with (config,
+input, model, prompt version, partition size); otherwise it is refused, naming what differs.
 """
 
 
@@ -107,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL / CHAMELEON_S3_ENDPOINT)"
     )
     p.add_argument("--run-id", help="run id (default: a new one); rerun with the same id to resume")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start an unfinished --run-id over: delete its earlier attempts instead of resuming "
+        "(refused for a committed run)",
+    )
     p.add_argument(
         "--address",
         help="Ray cluster address, `auto` = the running cluster (default: RAY_ADDRESS, else a new local Ray)",

@@ -202,7 +202,48 @@ class JobConfig(_Section):
     users_per_partition: int = Field(64, ge=1)
     """Users per map partition (the unit of resume)."""
     max_user_failures: float = Field(0.5, ge=0, le=1)
-    """Fail the job when more than this share of accepted users fail in the map stage."""
+    """Fail the job when more than this share of accepted users fail in the map stage, counted over
+    every partition of the run (adopted ones and partitions that kept killing their actor
+    included), by both drivers and on every rerun."""
+    max_task_retries: int = Field(2, ge=0)
+    """Ray: times a partition is retried after its actor died (OOM kill, segfault, fatal CUDA error,
+    its deadline). A partition still failing then is recorded as failed (all its users count
+    against `max_user_failures`; a rerun retries it) instead of being retried forever."""
+    max_actor_restarts: int = Field(16, ge=0)
+    """Ray: times one actor of a pool may be restarted after dying. A pool whose actors used up
+    their restarts stops making progress; the job then fails after twice `partition_timeout_s`."""
+    partition_timeout_s: float = Field(3600.0, gt=0)
+    """Ray: deadline of one partition (one item of any actor pool). An actor still busy with it
+    after this long is stopped (a hung kernel cannot be interrupted otherwise) and the partition
+    is retried like one that killed its actor."""
+
+
+class StorageConfig(_Section):
+    """How the job talks to S3-compatible storage (local directories ignore these)."""
+
+    max_attempts: int = Field(5, ge=1)
+    """Tries of one S3 request by botocore itself (standard retry mode)."""
+    retry_deadline_s: float = Field(300.0, ge=0)
+    """How long a request that keeps failing transiently (unreachable endpoint, timeouts, 5xx,
+    throttling) is retried with backoff after botocore's own tries. A longer outage fails the job
+    with `StoreUnavailableError`; nothing is published and `latest` stays where it was."""
+    connect_timeout_s: float = Field(10.0, gt=0)
+    """Seconds to open a connection to the endpoint."""
+    read_timeout_s: float = Field(60.0, gt=0)
+    """Seconds to wait for a response; a paused server counts as down after this."""
+    checksums: bool = True
+    """Send each upload's SHA-256 so the server refuses a body damaged in transit (turned off by
+    itself when a server refuses the header)."""
+
+    def s3_options(self) -> dict[str, Any]:
+        """Keyword arguments of `S3Store` / `open_store`."""
+        return {
+            "max_attempts": self.max_attempts,
+            "retry_deadline_s": self.retry_deadline_s,
+            "connect_timeout": self.connect_timeout_s,
+            "read_timeout": self.read_timeout_s,
+            "checksums": self.checksums,
+        }
 
 
 class ChameleonConfig(_Section):
@@ -212,6 +253,7 @@ class ChameleonConfig(_Section):
     edit: EditConfig = Field(default_factory=EditConfig)
     groups: GroupConfig = Field(default_factory=GroupConfig)
     job: JobConfig = Field(default_factory=JobConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _check(self) -> ChameleonConfig:

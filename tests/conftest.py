@@ -27,6 +27,20 @@ def s3_store(s3_server: LocalS3Server, request: pytest.FixtureRequest) -> S3Stor
     return s3_server.store(TEST_BUCKET, f"{name}-{uuid.uuid4().hex[:8]}")
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for one test module (2 CPUs, every port on loopback)."""
+    import os
+
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def local_store(tmp_path) -> LocalStore:
     """An empty local store in the test's temporary directory."""

@@ -11,8 +11,10 @@ from tiny_models import random_llama
 
 from chameleon.core.fingerprint import ModelMismatchError, fingerprint_model
 from chameleon.data.artifacts import (
+    FORMAT_VERSION,
     ArtifactError,
     ChecksumMismatchError,
+    RunConflictError,
     RunImmutableError,
     RunNotFoundError,
     RunReader,
@@ -21,7 +23,7 @@ from chameleon.data.artifacts import (
     new_run_id,
     validate_run_id,
 )
-from chameleon.data.storage import LocalStore
+from chameleon.data.storage import LocalStore, StoreConflictError
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -51,7 +53,7 @@ def test_round_trip(store):
     reader = RunReader(store)  # follows `latest`
     assert reader.run_id == "run-1"
     assert reader.manifest == manifest
-    assert reader.manifest["model"] == "tiny" and reader.manifest["format_version"] == 2
+    assert reader.manifest["model"] == "tiny" and reader.manifest["format_version"] == FORMAT_VERSION
     assert reader.manifest["created_at"] and reader.manifest["run_id"] == "run-1"
     assert reader.files == [
         "assignments.parquet",
@@ -60,7 +62,11 @@ def test_round_trip(store):
         "notes.txt",
         "rejects.jsonl",
     ]
-    assert manifest["files"]["notes.txt"] == {"sha256": hashlib.sha256(b"free text").hexdigest(), "bytes": 9}
+    assert manifest["files"]["notes.txt"] == {
+        "sha256": hashlib.sha256(b"free text").hexdigest(),
+        "bytes": 9,
+        "key": f"attempts/{writer.attempt}/notes.txt",
+    }
 
     tensors, meta = reader.get_safetensors("groups/g1.safetensors")
     assert torch.equal(tensors["theta_p"], torch.arange(12, dtype=torch.float32).reshape(3, 4))
@@ -78,8 +84,8 @@ def test_manifest_is_written_last_then_latest(tmp_path):
 
         writes: list[str] = []
 
-        def put_bytes(self, key, data):
-            super().put_bytes(key, data)
+        def put_bytes(self, key, data, *, if_absent=False):
+            super().put_bytes(key, data, if_absent=if_absent)
             RecordingStore.writes.append(self.key_uri(key).removeprefix(root.uri + "/"))
 
         def child(self, prefix):
@@ -130,16 +136,15 @@ def test_tampered_file_fails_checksum(store):
     writer = RunWriter(store, "r1")
     _write_all(writer)
     manifest = writer.commit({})
-    store.put_bytes(
-        "runs/r1/groups/g1.safetensors", store.get_bytes("runs/r1/groups/g1.safetensors")[:-4] + b"\0\0\0\0"
-    )
+    group_file = "runs/r1/" + manifest["files"]["groups/g1.safetensors"]["key"]
+    store.put_bytes(group_file, store.get_bytes(group_file)[:-4] + b"\0\0\0\0")
     reader = RunReader(store)
     with pytest.raises(ChecksumMismatchError) as info:
         reader.get_safetensors("groups/g1.safetensors")
     message = str(info.value)
     assert "groups/g1.safetensors" in message
     assert manifest["files"]["groups/g1.safetensors"]["sha256"] in message
-    store.put_bytes("runs/r1/config.json", b"{}")  # truncated / replaced
+    store.put_bytes("runs/r1/" + manifest["files"]["config.json"]["key"], b"{}")  # truncated / replaced
     with pytest.raises(ChecksumMismatchError, match="config.json"):
         reader.get_json("config.json")
     assert reader.get_parquet("assignments.parquet").num_rows == 2  # untouched files still read
@@ -169,20 +174,47 @@ def test_committed_run_is_immutable(store):
     assert RunReader(store, "r1").get_json("config.json") == {}
 
 
-def test_resume_records_existing_files(store):
+def test_resume_adopts_files_of_an_earlier_attempt_only_with_their_hashes(store):
     first = RunWriter(store, "r1")
     first.put_parquet("pairs/part-00000.parquet", pa.table({"x": [1, 2]}))
+    entry = first.files["pairs/part-00000.parquet"]
+    assert entry["key"].startswith(f"attempts/{first.attempt}/")  # every writer has its own folder
     # ...the job restarts; a new writer picks the run up.
     second = RunWriter(store, "r1")
-    assert second.exists("pairs/part-00000.parquet")
-    assert not second.exists("pairs/part-00001.parquet")
-    entry = second.record_existing("pairs/part-00000.parquet")
-    assert entry == first.files["pairs/part-00000.parquet"]
+    assert second.attempt != first.attempt
+    assert not second.adopt("pairs/part-00000.parquet", {**entry, "sha256": "0" * 64})  # other bytes
+    assert not second.adopt("pairs/part-00000.parquet", {**entry, "key": "attempts/x/missing.parquet"})
+    assert second.adopt("pairs/part-00000.parquet", entry)
+    assert second.files["pairs/part-00000.parquet"] == entry
     second.put_parquet("pairs/part-00001.parquet", pa.table({"x": [3]}))
     second.commit({})
     reader = RunReader(store)
     assert reader.files == ["pairs/part-00000.parquet", "pairs/part-00001.parquet"]
     assert reader.get_parquet("pairs/part-00000.parquet").column("x").to_pylist() == [1, 2]
+
+
+def test_two_writers_on_one_run_id_never_both_commit_nor_overwrite_the_committed_files(store):
+    a, b = RunWriter(store, "r1"), RunWriter(store, "r1")  # both opened before either commits
+    a.put_json("config.json", {"by": "a"})
+    b.put_json("config.json", {"by": "b"})
+    committed = b.commit({"by": "b"})
+    a.put_json("late.json", {"by": "a"})  # still writes, but only into its own attempt folder
+    with pytest.raises(RunConflictError, match="committed by another writer"):
+        a.commit({"by": "a"})
+    reader = RunReader(store, "latest")
+    assert reader.manifest == committed and reader.run_id == "r1"
+    for rel in reader.files:  # every committed file still has the bytes it was committed with
+        reader.get_bytes(rel)
+    assert reader.get_json("config.json") == {"by": "b"}
+
+
+def test_exclusive_create(store):
+    store.put_bytes("x/once", b"first", if_absent=True)
+    with pytest.raises(StoreConflictError, match="already exists"):
+        store.put_bytes("x/once", b"second", if_absent=True)
+    store.put_bytes("x/once", b"first", if_absent=True)  # a retry of the same create is no conflict
+    assert store.get_bytes("x/once") == b"first"
+    assert store.list("x/") == ["x/once"]  # no temporary file left behind
 
 
 @pytest.mark.parametrize("bad", ["", ".hidden", "../x", "a/b", "a b", "x" * 129, "latest\n", "é"])
@@ -248,6 +280,6 @@ def test_writer_reads_back_only_what_it_recorded_unchanged(store):
     assert writer.get_json("a.json") == {"x": 1}
     with pytest.raises(ArtifactError, match="not listed in the files recorded"):
         writer.get_json("b.json")
-    writer.run_store.put_bytes("a.json", b'{"x": 2}')  # changed behind the writer's back
+    writer.run_store.put_bytes(writer.files["a.json"]["key"], b'{"x": 2}')  # changed behind its back
     with pytest.raises(ChecksumMismatchError):
         writer.get_json("a.json")

@@ -19,21 +19,22 @@ from chameleon.job.local import run_local
 
 def test_published_layout_and_manifest(published_tiny_run):
     store, manifest, _ = published_tiny_run
-    files = set(store.list("runs/tiny-run-1/"))
-    expected = {
-        "runs/tiny-run-1/manifest.json",
-        "runs/tiny-run-1/assignments.parquet",
-        "runs/tiny-run-1/rejects.jsonl",
-        "runs/tiny-run-1/users/shard-00000.safetensors",
-        "runs/tiny-run-1/centroids.safetensors",
-        "runs/tiny-run-1/calibration.json",
-    }
-    assert expected <= files
+    objects = set(store.list("runs/tiny-run-1/"))
+    assert {"runs/tiny-run-1/manifest.json", "runs/tiny-run-1/job-spec.json"} <= objects
     assert store.get_text("latest").strip() == "tiny-run-1"
     reader = RunReader(store, "latest")
-    assert set(reader.manifest["files"]) == {f.removeprefix("runs/tiny-run-1/") for f in files} - {
-        "manifest.json"
-    }
+    files = manifest["files"]
+    assert {
+        "assignments.parquet",
+        "rejects.jsonl",
+        "users/shard-00000.safetensors",
+        "centroids.safetensors",
+        "calibration.json",
+    } <= set(files)
+    # Each logical file lives in the attempt folder of the writer that wrote it.
+    assert {"runs/tiny-run-1/" + e["key"] for e in files.values()} <= objects
+    assert all(e["key"].startswith("attempts/") and e["key"].endswith(rel) for rel, e in files.items())
+    assert manifest["job_spec"]["partition_size"] == 4 and manifest["job_spec"]["input"]["accepted"] == 12
     assert manifest["counts"]["accepted"] == 12 and manifest["counts"]["rejected"] == 0
     assert manifest["prompt_version"] and manifest["site"] == "residual"
     run = PublishedRun(reader)
@@ -128,8 +129,16 @@ def test_bad_records_are_rejected_with_reasons(tmp_path, local_store, tiny_model
 def test_committed_run_is_immutable(published_tiny_run, tiny_model_dir, tmp_path):
     from chameleon.data.artifacts import RunImmutableError
     from chameleon.dev.demo import write_example_users
+    from chameleon.job.spec import JobSpecMismatchError
 
-    store, _, _ = published_tiny_run
-    users = write_example_users(tmp_path / "u.jsonl")
-    with pytest.raises(RunImmutableError):
-        run_local(str(users), store, "tiny-run-1", tiny_job_config(tiny_model_dir), progress=False)
+    store, manifest, _ = published_tiny_run
+    users = str(write_example_users(tmp_path / "u.jsonl"))
+    before = store.list("runs/tiny-run-1/")
+    cfg = tiny_job_config(tiny_model_dir)
+    # The same job again: the committed run is the answer, and nothing is written.
+    assert run_local(users, store, "tiny-run-1", cfg, progress=False) == manifest
+    with pytest.raises(JobSpecMismatchError, match="it is committed, so give this job a new run id"):
+        run_local(users, store, "tiny-run-1", cfg.with_overrides({"synth.pairs_per_user": 5}), progress=False)
+    with pytest.raises(RunImmutableError, match="--restart cannot start it over"):
+        run_local(users, store, "tiny-run-1", cfg, progress=False, restart=True)
+    assert store.list("runs/tiny-run-1/") == before

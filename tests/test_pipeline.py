@@ -33,17 +33,6 @@ BAD_RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def users_file(tmp_path_factory) -> Path:
     """20 real LaMP-7 users (tuning split) plus planted bad records and a duplicated id."""
     questions, _ = load_lamp7()

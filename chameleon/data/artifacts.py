@@ -2,13 +2,19 @@
 
 Layout below a store's root (the files of a run: `chameleon.data.layout`):
 
-    runs/<run_id>/...              the files of one run (safetensors, parquet, json, jsonl)
-    runs/<run_id>/manifest.json    written LAST: {files: {relpath: {sha256, bytes}}, ...fields}
+    runs/<run_id>/attempts/<attempt>/<relpath>   the files one writer wrote (safetensors, parquet, ...)
+    runs/<run_id>/manifest.json    written LAST: {files: {relpath: {sha256, bytes, key}}, ...fields}
     latest                         text: the run id of the newest committed run
 
 A run without a manifest is invisible to readers (it is incomplete or was abandoned), and a run
 with one is immutable. Readers verify every file against the manifest's sha256, so a truncated
 or tampered file fails loudly instead of loading wrong edits.
+
+One writer per run: every `RunWriter` writes under its own attempt folder, so no two writers (two
+jobs on one run id, a zombie actor, a late retry) ever write the same object, and the manifest
+maps each file's logical path (`assignments.parquet`) to the object holding it. The manifest is
+created exclusively (`If-None-Match: *`): of two writers racing to commit, one wins and the other
+gets `RunConflictError`; nothing the committed manifest lists can be overwritten afterwards.
 
 The manifest records the model's fingerprint under `model.fingerprint`
 (`chameleon.core.fingerprint`); `RunReader.check_model` refuses edits computed on another model
@@ -30,15 +36,26 @@ import pyarrow as pa
 
 from chameleon.core.fingerprint import ModelFingerprint, check_compatible
 from chameleon.data.ids import validate_id
-from chameleon.data.storage import Store, StoreKeyError, parquet_bytes, read_parquet_bytes, validate_key
+from chameleon.data.storage import (
+    Store,
+    StoreConflictError,
+    StoreKeyError,
+    parquet_bytes,
+    read_parquet_bytes,
+    validate_key,
+)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped when the layout or the manifest changes incompatibly (2: centroids moved out of
-`groups/`, so every group id is a valid group file name)."""
+`groups/`, so every group id is a valid group file name; 3: files live in attempt folders, each
+manifest entry names its object in `key`)."""
+READABLE_VERSIONS = (2, 3)
+"""Versions this code reads (a version-2 entry has no `key`: its object is at its logical path)."""
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 RUNS = "runs"
+ATTEMPTS = "attempts"
 
 _RESERVED_FIELDS = ("files", "format_version", "created_at")
 
@@ -55,6 +72,10 @@ class RunImmutableError(ArtifactError):
     """The run already has a manifest: it cannot be written to again."""
 
 
+class RunConflictError(RunImmutableError):
+    """Another writer committed the run first; this writer's files are left unused."""
+
+
 class ChecksumMismatchError(ArtifactError):
     """A file's content does not match the hash recorded in the manifest."""
 
@@ -68,6 +89,11 @@ def new_run_id(prefix: str = "") -> str:
     """A fresh, sortable run id: `[prefix-]YYYYMMDDTHHMMSSZ-<6 hex>`."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return validate_run_id(f"{prefix + '-' if prefix else ''}{stamp}-{uuid.uuid4().hex[:6]}")
+
+
+def new_attempt_id() -> str:
+    """A writer's own folder name: sortable by start time, unique across machines."""
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:10]}"
 
 
 def _sha256(data: bytes) -> str:
@@ -148,7 +174,8 @@ class VerifiedFiles:
                 f"{relpath!r} is not listed in the {self._record_name} of run {self.run_id!r} at "
                 f"{self.run_store.uri}; only recorded files can be read"
             )
-        data = self.run_store.get_bytes(validate_key(relpath, what="artifact path"))
+        validate_key(relpath, what="artifact path")
+        data = self.run_store.get_bytes(validate_key(entry.get("key", relpath), what="artifact key"))
         actual = _sha256(data)
         if actual != entry["sha256"]:
             raise ChecksumMismatchError(
@@ -174,18 +201,21 @@ class VerifiedFiles:
 
 
 class RunWriter(VerifiedFiles):
-    """Writes the files of one run, records their sha256 and size, and commits the manifest.
+    """Writes the files of one run into its own attempt folder, records their sha256, size and
+    object key, and commits the manifest.
 
     Writing into a run that already has a manifest raises `RunImmutableError`. A run without one
-    can be reopened (to resume a job): files already there can be kept with `record_existing`.
+    can be reopened (to resume a job): files of earlier attempts can be kept with `adopt`, which
+    checks them against the hashes they were recorded with.
     """
 
     _record_name = "files recorded by this writer"
 
-    def __init__(self, store: Store, run_id: str) -> None:
+    def __init__(self, store: Store, run_id: str, *, attempt: str | None = None) -> None:
         self.store = store
         self.run_id = validate_run_id(run_id)
         self.run_store = store.child(_run_prefix(run_id))
+        self.attempt = validate_id(attempt or new_attempt_id(), "attempt id")
         self._files: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._committed = False
@@ -197,7 +227,7 @@ class RunWriter(VerifiedFiles):
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
-        """What was recorded so far: {relpath: {sha256, bytes}}."""
+        """What was recorded so far: {relpath: {sha256, bytes, key}}."""
         with self._lock:
             return {k: dict(v) for k, v in sorted(self._files.items())}
 
@@ -214,19 +244,20 @@ class RunWriter(VerifiedFiles):
             raise ValueError(f"{MANIFEST!r} is written by commit(), not as an artifact")
         return relpath
 
-    def _record(self, relpath: str, data: bytes) -> dict[str, Any]:
-        entry = {"sha256": _sha256(data), "bytes": len(data)}
+    def _record(self, relpath: str, entry: Mapping[str, Any]) -> dict[str, Any]:
         with self._lock:
-            self._files[relpath] = entry
+            self._files[relpath] = dict(entry)
         return dict(entry)
 
     def put_bytes(self, relpath: str, data: bytes) -> dict[str, Any]:
-        """Write raw bytes; returns the recorded {sha256, bytes}."""
+        """Write raw bytes into this writer's attempt folder; returns the recorded
+        {sha256, bytes, key}."""
         relpath = self._relpath(relpath)
         if self._committed:
             self._check_open()
-        self.run_store.put_bytes(relpath, data)
-        return self._record(relpath, data)
+        key = f"{ATTEMPTS}/{self.attempt}/{relpath}"
+        self.run_store.put_bytes(key, data)
+        return self._record(relpath, {"sha256": _sha256(data), "bytes": len(data), "key": key})
 
     def put_safetensors(
         self, relpath: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
@@ -242,14 +273,19 @@ class RunWriter(VerifiedFiles):
     def put_jsonl(self, relpath: str, rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         return self.put_bytes(relpath, _jsonl_bytes(rows))
 
-    def exists(self, relpath: str) -> bool:
-        """Whether the file is in storage (recorded or not), e.g. a part written before a restart."""
-        return self.run_store.exists(self._relpath(relpath))
-
-    def record_existing(self, relpath: str) -> dict[str, Any]:
-        """Hash a file already in storage (written by an earlier attempt) into the manifest."""
+    def adopt(self, relpath: str, entry: Mapping[str, Any]) -> bool:
+        """Keep a file another writer recorded as `entry` ({sha256, bytes, key}): True, and
+        recorded, when its object is there with exactly those bytes; False otherwise."""
         relpath = self._relpath(relpath)
-        return self._record(relpath, self.run_store.get_bytes(relpath))
+        try:
+            key = validate_key(str(entry["key"]), what="artifact key")
+            data = self.run_store.get_bytes(key)
+        except (KeyError, ValueError, StoreKeyError):
+            return False
+        if _sha256(data) != entry.get("sha256") or len(data) != entry.get("bytes"):
+            return False
+        self._record(relpath, {"sha256": entry["sha256"], "bytes": len(data), "key": key})
+        return True
 
     def _entry(self, relpath: str) -> Mapping[str, Any] | None:
         with self._lock:
@@ -267,7 +303,8 @@ class RunWriter(VerifiedFiles):
         clash = sorted(set(fields_) & set(_RESERVED_FIELDS))
         if clash:
             raise ValueError(f"manifest fields {clash} are set by commit() itself")
-        self._check_open()
+        if self._committed:
+            self._check_open()
         full = {
             **fields_,
             "run_id": self.run_id,
@@ -277,10 +314,17 @@ class RunWriter(VerifiedFiles):
         }
         # Fail here, before anything is published, if a field cannot be stored as JSON.
         data = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        self.run_store.put_bytes(MANIFEST, data)
+        try:
+            self.run_store.put_bytes(MANIFEST, data, if_absent=True)
+        except StoreConflictError:
+            raise RunConflictError(
+                f"run {self.run_id!r} at {self.uri} was committed by another writer while this one "
+                f"(attempt {self.attempt}) was running; the committed run stands and this attempt's "
+                "files are unused: do not run two jobs on one run id"
+            ) from None
         self._committed = True
         if set_latest:
-            self.store.put_text(LATEST, self.run_id + "\n")
+            point_latest(self.store, self.run_id)
         return full
 
 
@@ -315,9 +359,10 @@ class RunReader(VerifiedFiles):
                 f"{self.run_store.key_uri(MANIFEST)} is not a valid manifest (no 'files' map)"
             )
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ArtifactError(
-                f"run {self.run_id!r} has artifact format version {version}; this code reads version {FORMAT_VERSION}"
+                f"run {self.run_id!r} has artifact format version {version}; this code reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
         self._manifest: dict[str, Any] = manifest
 
@@ -346,6 +391,19 @@ class RunReader(VerifiedFiles):
                 f"run {self.run_id!r} records no model fingerprint: cannot check it matches {fingerprint.model_id!r}"
             )
         check_compatible(recorded, fingerprint, run_id=self.run_id)
+
+
+def point_latest(store: Store, run_id: str) -> None:
+    """Point `latest` at a committed run (a plain overwrite: the last commit wins)."""
+    store.put_text(LATEST, validate_run_id(run_id) + "\n")
+
+
+def committed_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
+    """The manifest of `run_id` when it is committed, else None."""
+    try:
+        return RunReader(store, run_id).manifest
+    except RunNotFoundError:
+        return None
 
 
 def latest_run_id(store: Store) -> str | None:

@@ -1,10 +1,15 @@
 """Where each file of a run lives, and the one reader of a run's map-stage partitions.
 
+Logical paths (each writer stores them under its own `attempts/<attempt>/` folder; the manifest,
+and a partition's done record, map them to their objects: `chameleon.data.artifacts`):
+
+runs/<run_id>/job-spec.json                 what the run is made from (`job.spec`); fixed key
+runs/<run_id>/parts/part-K.json             partition K is done: its user ids, its files' hashes
+                                            and keys, the model that mapped it; fixed key
 runs/<run_id>/rejects.jsonl                 invalid input records, one reason each
-runs/<run_id>/model-fingerprint.json        the model the map stage ran (written by its replicas)
 runs/<run_id>/profiles/part-K.parquet       map output: per user, selected history, history embedding
 runs/<run_id>/failures/part-K.jsonl         users that failed inside the map stage
-runs/<run_id>/pairs/part-K.parquet          map output; written last = partition K is complete
+runs/<run_id>/pairs/part-K.parquet          map output
 runs/<run_id>/users/shard-S.safetensors     per-user θP, θN, μ, ranks, CCS losses (1024 users a shard)
 runs/<run_id>/groups/<group_id>.safetensors one group edit each (nothing else lives in groups/)
 runs/<run_id>/centroids.safetensors         history centroids of the groups (assign unseen users)
@@ -29,12 +34,12 @@ REJECTS = "rejects.jsonl"
 ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.safetensors"
 CALIBRATION = "calibration.json"
-FINGERPRINT = "model-fingerprint.json"
+JOB_SPEC = "job-spec.json"
 
 
 @dataclass(frozen=True)
 class PartKeys:
-    """The three files of map partition K; `pairs` is written last and marks it complete."""
+    """The three files of map partition K (its done record, `done_key(k)`, marks it complete)."""
 
     profiles: str
     failures: str
@@ -50,6 +55,11 @@ def part_keys(k: int) -> PartKeys:
         failures=f"failures/part-{k:05d}.jsonl",
         pairs=f"pairs/part-{k:05d}.parquet",
     )
+
+
+def done_key(k: int) -> str:
+    """The done record of partition K (outside any attempt folder: the newest one wins)."""
+    return f"parts/part-{k:05d}.json"
 
 
 def group_key(group_id: str) -> str:

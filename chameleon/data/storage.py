@@ -11,21 +11,30 @@ keys come from user ids, and no id may address anything outside the store.
 Errors: a missing key raises `StoreKeyError` (a `FileNotFoundError`) naming the full URI; wrong
 credentials raise `StoreAccessError` (a `PermissionError`); a missing bucket raises
 `BucketNotFoundError`. None of these is retried by callers: they are configuration problems.
+`put_bytes(..., if_absent=True)` is an exclusive create (S3 `If-None-Match: *`, a hard link on a
+local disk): when the key exists it raises `StoreConflictError` and leaves the object alone.
+Transient S3 failures (connection errors, timeouts, 5xx, throttling) are retried by botocore and
+then by `S3Store` itself, with backoff, for up to `retry_deadline_s`; past it they raise
+`StoreUnavailableError`.
 """
 
 from __future__ import annotations
 
 import abc
+import base64
 import copy
+import hashlib
 import io
 import json
+import logging
 import os
 import re
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
@@ -37,6 +46,9 @@ ENDPOINT_ENV_VARS = ("CHAMELEON_S3_ENDPOINT", "AWS_ENDPOINT_URL")
 _TMP_SUFFIX = ".chameleon-tmp"
 _MULTIPART_THRESHOLD = 64 * 2**20
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -53,6 +65,14 @@ class StoreAccessError(StoreError, PermissionError):
 
 class BucketNotFoundError(StoreError):
     """The bucket does not exist (and the store was not asked to create it)."""
+
+
+class StoreConflictError(StoreError):
+    """An exclusive create (`if_absent=True`) found the key already there."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store kept failing with transient errors for longer than its retry deadline."""
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -110,8 +130,11 @@ class Store(abc.ABC):
         """The root, e.g. `s3://bucket/prefix` or `file:///abs/path`."""
 
     @abc.abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Write `data` at `key`, replacing any previous object. Readers see all or nothing."""
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Write `data` at `key`, replacing any previous object. Readers see all or nothing.
+
+        With `if_absent`, only create: `StoreConflictError` when the key exists (two writers can
+        never both create it). A retried create whose first try landed is not a conflict."""
 
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -192,7 +215,7 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
@@ -201,7 +224,17 @@ class LocalStore(Store):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if if_absent:
+                # link() fails when the name exists: an atomic, exclusive create of a complete file.
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    if path.read_bytes() != data:  # the same bytes: a retried create, as on S3
+                        raise StoreConflictError(f"{self.key_uri(key)} already exists") from None
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -264,6 +297,11 @@ class S3Store(Store):
     is not pickled, so a store can be shipped to Ray workers (explicit keys travel with it).
     On first use the bucket is checked once: missing → `BucketNotFoundError` (or created with
     `create_bucket=True`), refused credentials → `StoreAccessError`.
+
+    Each call is retried by botocore (`max_attempts`, standard mode), then, while it keeps failing
+    transiently, by the store itself with backoff for up to `retry_deadline_s` seconds (an outage
+    shorter than that is ridden out; a longer one raises `StoreUnavailableError`). Uploads carry
+    their SHA-256 (`ChecksumSHA256`) so the server refuses a body damaged in transit.
     """
 
     def __init__(
@@ -280,6 +318,8 @@ class S3Store(Store):
         max_attempts: int = 5,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        retry_deadline_s: float = 300.0,
+        checksums: bool = True,
     ) -> None:
         if not _BUCKET_RE.match(bucket or ""):
             raise ValueError(f"invalid S3 bucket name {bucket!r} (3-63 lowercase letters, digits, '.', '-')")
@@ -303,6 +343,9 @@ class S3Store(Store):
         self.max_attempts = max_attempts
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.retry_deadline_s = retry_deadline_s
+        self.checksums = checksums
+        """Send each upload's SHA-256 (turned off by itself when the server refuses it)."""
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -372,9 +415,13 @@ class S3Store(Store):
             return
         except ClientError as exc:
             code = _error_code(exc)
+            if _is_transient(exc):
+                raise  # retried by the caller's `_call`
             if code not in ("404", "NoSuchBucket", "NotFound"):
                 raise self._translate(exc, f"s3://{self.bucket}") from exc
         except Exception as exc:
+            if _is_transient(exc):
+                raise
             raise self._translate(exc, f"s3://{self.bucket}") from exc
         if not self.create_bucket:
             raise BucketNotFoundError(
@@ -424,51 +471,114 @@ class S3Store(Store):
         validate_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        full = self._key(key)
+    def _call(self, uri: str, fn: Callable[[], T]) -> T:
+        """`fn()` (one S3 operation, itself retried by botocore), retried with backoff while it
+        fails transiently and `retry_deadline_s` allows; other errors pass through untouched."""
+        t0 = time.monotonic()
+        delay, tries = 0.5, 0
+        while True:
+            tries += 1
+            try:
+                return fn()
+            except StoreError:
+                raise
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                waited = time.monotonic() - t0
+                if waited + delay > self.retry_deadline_s:
+                    raise StoreUnavailableError(
+                        f"S3 at {self._where()} kept failing for {waited:.0f} s on {uri} ({tries} tries; "
+                        f"retry deadline {self.retry_deadline_s:g} s): {exc}"
+                    ) from exc
+                log.warning("S3 %s failed (%s); retrying in %.1f s", uri, exc, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
+
+    def _put_object(self, full: str, data: bytes, if_absent: bool) -> None:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": data}
+        if if_absent:
+            args["IfNoneMatch"] = "*"
+        if self.checksums:
+            # The server checks the body against it (BadDigest on corruption in transit, retried).
+            args["ChecksumSHA256"] = base64.b64encode(hashlib.sha256(data).digest()).decode()
         try:
-            if len(data) > _MULTIPART_THRESHOLD:
+            self.client.put_object(**args)
+        except Exception as exc:
+            if not (self.checksums and _error_code(exc) in _CHECKSUM_UNSUPPORTED_CODES):
+                raise
+            # A server without checksum support: say so once, then write without.
+            log.warning("S3 at %s refused ChecksumSHA256 (%s); uploading without", self._where(), exc)
+            self.checksums = False
+            self._put_object(full, data, if_absent)
+
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        full, uri = self._key(key), self.key_uri(key)
+
+        def put() -> None:
+            if len(data) > _MULTIPART_THRESHOLD and not if_absent:
                 # Managed transfer: multipart, parallel parts, each retried on its own.
                 self.client.upload_fileobj(io.BytesIO(data), self.bucket, full)
             else:
-                self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
+                self._put_object(full, data, if_absent)
+
+        try:
+            self._call(uri, put)
         except StoreError:
             raise
         except Exception as exc:
-            raise self._translate(exc, self.key_uri(key)) from exc
+            if if_absent and _error_code(exc) in ("PreconditionFailed", "412"):
+                # A retried create whose first try landed finds its own bytes: not a conflict.
+                if self._sha256_or_none(key) == hashlib.sha256(data).hexdigest():
+                    return
+                raise StoreConflictError(f"{uri} already exists") from None
+            raise self._translate(exc, uri) from exc
+
+    def _sha256_or_none(self, key: str) -> str | None:
+        try:
+            return hashlib.sha256(self.get_bytes(key)).hexdigest()
+        except StoreKeyError:
+            return None
 
     def get_bytes(self, key: str) -> bytes:
-        full = self._key(key)
+        full, uri = self._key(key), self.key_uri(key)
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=full)
-            return response["Body"].read()
+            return self._call(
+                uri, lambda: self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            )
         except StoreError:
             raise
         except Exception as exc:
             if _error_code(exc) in _MISSING_KEY_CODES:
-                raise StoreKeyError(f"no such key: {self.key_uri(key)}") from None
-            raise self._translate(exc, self.key_uri(key)) from exc
+                raise StoreKeyError(f"no such key: {uri}") from None
+            raise self._translate(exc, uri) from exc
 
     def exists(self, key: str) -> bool:
-        full = self._key(key)
+        full, uri = self._key(key), self.key_uri(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=full)
+            self._call(uri, lambda: self.client.head_object(Bucket=self.bucket, Key=full))
             return True
         except StoreError:
             raise
         except Exception as exc:
             if _error_code(exc) in _MISSING_KEY_CODES:
                 return False
-            raise self._translate(exc, self.key_uri(key)) from exc
+            raise self._translate(exc, uri) from exc
 
     def list(self, prefix: str = "") -> list[str]:
         validate_key(prefix, allow_empty=True, what="prefix")
         root = f"{self.prefix}/" if self.prefix else ""
-        keys: list[str] = []
-        try:
+
+        def list_all() -> list[str]:
             paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
-                keys.extend(obj["Key"][len(root) :] for obj in page.get("Contents", []))
+            return [
+                obj["Key"][len(root) :]
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix)
+                for obj in page.get("Contents", [])
+            ]
+
+        try:
+            keys = self._call(self.key_uri(prefix), list_all)
         except StoreError:
             raise
         except Exception as exc:
@@ -477,15 +587,15 @@ class S3Store(Store):
         return sorted(k for k in keys if k and not k.endswith("/"))
 
     def delete(self, key: str) -> None:
-        full = self._key(key)
+        full, uri = self._key(key), self.key_uri(key)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=full)
+            self._call(uri, lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
         except StoreError:
             raise
         except Exception as exc:
             if _error_code(exc) in _MISSING_KEY_CODES:
                 return
-            raise self._translate(exc, self.key_uri(key)) from exc
+            raise self._translate(exc, uri) from exc
 
     def child(self, prefix: str) -> S3Store:
         prefix = _child_prefix(prefix)
@@ -506,6 +616,38 @@ def _error_code(exc: BaseException) -> str:
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code", ""))
     return ""
+
+
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "BadDigest",  # the body was damaged in transit: send it again
+}
+_CHECKSUM_UNSUPPORTED_CODES = {
+    "NotImplemented",
+    "InvalidArgument",
+    "InvalidRequest",
+    "XAmzContentSHA256Mismatch",
+}
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the endpoint was unreachable, slow, overloaded or failed on its side."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return True
+    response = getattr(exc, "response", None)
+    status = (
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if isinstance(response, dict) else 0
+    )
+    return _error_code(exc) in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
 
 
 # -- opening by URI ------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from chameleon.evaluation.cache import key_hash
 from chameleon.evaluation.lamp import LampQuestion, lamp_to_user_records
 from chameleon.job.drivers import run_job
 from chameleon.job.publish import Calibrate, reduce_and_publish
-from chameleon.job.run import partition_users, write_partition
+from chameleon.job.run import partition_users, read_done_record, write_partition
 from chameleon.job.stages import reduce_all
 
 log = logging.getLogger(__name__)
@@ -186,14 +186,16 @@ def seed_partitions(
     copied = []
     for k in range(min(len(parts), int(reader.manifest["counts"]["partitions"]))):
         keys = part_keys(k)
-        if writer.exists(keys.pairs):
+        if read_done_record(writer, k) is not None:
             continue
-        ids = set(reader.get_parquet(keys.profiles).column("user_id").to_pylist())
-        ids |= {r["user_id"] for r in reader.get_jsonl(keys.failures)}
+        profiles, failures = reader.get_parquet(keys.profiles), reader.get_jsonl(keys.failures)
+        ids = set(profiles.column("user_id").to_pylist()) | {r["user_id"] for r in failures}
         if ids != {u.user_id for u in parts[k]}:
             continue
-        for key in keys.all():  # pairs last: it marks the partition complete
-            writer.run_store.put_bytes(key, reader.get_bytes(key))
+        fingerprint = ModelFingerprint.from_dict(reader.manifest["model"]["fingerprint"])
+        write_partition(
+            writer, k, reader.get_parquet(keys.pairs), profiles, failures, fingerprint=fingerprint
+        )
         copied.append(k)
     return copied
 

@@ -21,10 +21,11 @@ def run_job(
     address: str | None = None,
     model_and_tokenizer: Any = None,
     progress: bool = True,
+    restart: bool = False,
     **store_options: Any,
 ) -> dict[str, Any]:
     """Run the job in this process (`local`, optionally on an already loaded model) or on Ray;
-    returns the committed manifest."""
+    returns the committed manifest. `restart` starts an uncommitted run id over."""
     if local:
         return run_local(
             input_uri,
@@ -33,11 +34,12 @@ def run_job(
             cfg,
             model_and_tokenizer=model_and_tokenizer,
             progress=progress,
+            restart=restart,
             **store_options,
         )
     from chameleon.job.ray_job import run_ray_job
 
-    return run_ray_job(input_uri, store, run_id, cfg, address=address, **store_options)
+    return run_ray_job(input_uri, store, run_id, cfg, address=address, restart=restart, **store_options)
 
 
 def answers_on_ray(

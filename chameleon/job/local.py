@@ -19,6 +19,7 @@ from chameleon.core.model import load_model, num_layers
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.run import begin_run, finish_run, write_partition
+from chameleon.job.spec import model_identity
 from chameleon.job.stages import process_partition
 
 
@@ -30,22 +31,33 @@ def run_local(
     *,
     model_and_tokenizer=None,
     progress: bool = True,
+    restart: bool = False,
     **store_options: Any,
 ) -> dict[str, Any]:
     """Run the whole job in this process; returns the run's manifest.
 
-    Rerunning with the same run id resumes: partitions already complete in the store are
-    adopted, not recomputed.
+    Rerunning with the same run id resumes under the same job spec: partitions already complete
+    in the store are adopted, not recomputed (`restart` starts the run id over instead). A
+    committed run is returned as it is (and `latest` moved to it if a crash left it behind).
     """
     t0 = time.perf_counter()
     model, tok = model_and_tokenizer or load_model(cfg.model)
     load_s = time.perf_counter() - t0
-    plan = begin_run(input_uri, store, run_id, cfg, num_layers(model), **store_options)
+    identity = {**model_identity(cfg), "num_layers": num_layers(model)}
+    plan = begin_run(input_uri, store, run_id, cfg, identity, restart=restart, **store_options)
+    if plan.committed is not None:
+        return plan.committed
     plan.timings["load_s"] += load_s
+    fingerprint = fingerprint_model(model, cfg.model.name_or_path)
     t1 = time.perf_counter()
     for k in tqdm(plan.todo, desc="fake it (partitions)", disable=not progress):
-        pairs, profiles, failures = process_partition(model, tok, plan.partitions[k], cfg, plan.layers)
-        write_partition(plan.writer, k, pairs, profiles, failures)
+        users = plan.partitions[k]
+        pairs, profiles, failures = process_partition(model, tok, users, cfg, plan.layers)
+        write_partition(
+            plan.run_writer, k, pairs, profiles, failures,
+            user_ids=[u.user_id for u in users], fingerprint=fingerprint,
+        )  # fmt: skip
+        plan.fingerprints[k] = fingerprint.to_dict()
     plan.timings["map_s"] = time.perf_counter() - t1
     calibrate = partial(calibrate_in_process, model, tok, cfg=cfg)
-    return finish_run(plan, cfg, fingerprint_model(model, cfg.model.name_or_path), calibrate)
+    return finish_run(plan, cfg, fingerprint, calibrate)

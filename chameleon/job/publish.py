@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -112,6 +113,26 @@ def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> li
     return groups_meta
 
 
+def check_users_accounted(
+    expected: Sequence[str], mapped: Sequence[str], failed: Sequence[str], run_id: str
+) -> None:
+    """The invariant before publishing: every accepted user is mapped or failed, exactly once,
+    and nobody else is (`JobFailedError` naming the users otherwise)."""
+    seen = Counter([*mapped, *failed])
+    problems = []
+    duplicated = sorted(u for u, n in seen.items() if n > 1)
+    missing = sorted(set(expected) - set(seen))
+    extra = sorted(set(seen) - set(expected))
+    for what, ids in (("more than once", duplicated), ("missing", missing), ("not in the input", extra)):
+        if ids:
+            problems.append(f"{len(ids)} users {what} (e.g. {ids[:3]})")
+    if problems:
+        raise JobFailedError(
+            f"run {run_id}'s partitions do not account for the accepted users exactly once: "
+            f"{'; '.join(problems)}; nothing was published (rerun with --restart to map them again)"
+        )
+
+
 def reduce_and_publish(
     writer: RunWriter,
     *,
@@ -123,6 +144,9 @@ def reduce_and_publish(
     timings: dict[str, float],
     max_user_failures: float = 1.0,
     calibrate: Calibrate | None = None,
+    expected_user_ids: Sequence[str] | None = None,
+    failure_note: str = "",
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Reduce every partition of the run, group, calibrate, and publish; returns the committed manifest.
 
@@ -130,14 +154,20 @@ def reduce_and_publish(
     accepted users failed in the map stage, counted over every partition, adopted ones included.
     `calibrate(reduced, profiles)` (a model replica's work) chooses each group's layer and
     strength when the edit form is additive and `edit.calibrate` is set; without it the edits use
-    `edit.strength` at the layers the reduce chose.
+    `edit.strength` at the layers the reduce chose. With `expected_user_ids` (the accepted users)
+    the partitions must account for each exactly once (`check_users_accounted`). `failure_note`
+    is added to the failure-limit error; `extra` fields go into the manifest.
     """
     pairs, profiles, failures = read_partitions(writer, n_partitions)
+    if expected_user_ids is not None:
+        mapped = profiles.column("user_id").to_pylist() if profiles is not None else []
+        check_users_accounted(expected_user_ids, mapped, [f["user_id"] for f in failures], writer.run_id)
     accepted = counts.get("accepted") or (len(profiles) if profiles is not None else 0) + len(failures)
     if failures and len(failures) / accepted > max_user_failures:
         raise JobFailedError(
-            f"{len(failures)} of {accepted} users failed in the map stage (limit {max_user_failures:.0%}); "
-            f"see runs/{writer.run_id}/failures/"
+            f"{len(failures)} of {accepted} users failed in the map stage (limit {max_user_failures:.0%}"
+            f"{'; ' + failure_note if failure_note else ''}); see runs/{writer.run_id}/failures/ "
+            "(partitions whose users all failed are mapped again by a rerun with the same run id)"
         )
     if pairs is None:
         raise JobFailedError(
@@ -177,5 +207,6 @@ def reduce_and_publish(
         "counts": counts,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "config": cfg.model_dump(),
+        **(extra or {}),
     }
     return writer.commit(manifest)

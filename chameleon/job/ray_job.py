@@ -9,9 +9,15 @@
 
 The map stage runs exactly `job.stages.process_partition`, the function the in-process driver
 runs, on the records the driver validated (workers never re-validate under other limits).
-Partitions are the unit of resume and of fault tolerance: a partition is done when its pairs
-file exists, so a rerun with the same run id skips it, and a partition whose actor died is
-retried on a restarted actor (Ray Data restarts actors and retries their tasks).
+Partitions are the unit of resume and of fault tolerance: a worker writes a partition's files into
+its own attempt folder, then its done record; the driver adopts what the done records name. A
+partition whose actor died is retried on a restarted actor, at most `job.max_task_retries` times
+(`job.replicas`); one that keeps killing its actor, or passing `job.partition_timeout_s`, is then
+recorded as failed: its users count against `job.max_user_failures` and a rerun maps it again.
+
+Test-only fault injection: the environment variable `CHAMELEON_TEST_FAULTS` (JSON, read by the
+driver and handed to the workers) makes a worker `os._exit(1)` (`{"exit_on_user": "<user id>"}`)
+or hang (`{"hang_on_user": "<user id>"}`) on a partition holding that user. Nothing else reads it.
 """
 
 from __future__ import annotations
@@ -25,47 +31,78 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from transformers import AutoConfig
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration
-from chameleon.core.fingerprint import ModelFingerprint, fingerprint_model
-from chameleon.core.model import resolve_name
+from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunWriter
-from chameleon.data.layout import FINGERPRINT
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_env import init_ray
-from chameleon.job.replicas import ModelReplica, map_with_replicas
-from chameleon.job.run import begin_run, finish_run, write_partition
+from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
+from chameleon.job.run import (
+    RunPlan,
+    adopt_partition,
+    begin_run,
+    finish_run,
+    record_failed_partition,
+    write_partition,
+)
+from chameleon.job.spec import model_identity
 from chameleon.job.stages import Reduced, process_partition
+
+FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
 
 
 class PartitionWorker(ModelReplica):
-    """Maps partitions of users to pairs and writes them to the run."""
+    """Maps partitions of users to pairs and writes them to the run (in its own attempt folder)."""
 
-    def __init__(self, cfg_json: str, store: Store, run_id: str, layers: list[int]) -> None:
+    def __init__(
+        self,
+        cfg_json: str,
+        store: Store,
+        run_id: str,
+        layers: list[int],
+        faults: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(cfg_json)
         self.layers = layers
         self.writer = RunWriter(store, run_id)
-        fp = fingerprint_model(self.model, self.cfg.model.name_or_path)
-        # Every replica writes the same content; the driver reads it for the manifest.
-        self.writer.put_json(FINGERPRINT, fp.to_dict())
+        self.fingerprint = fingerprint_model(self.model, self.cfg.model.name_or_path)
+        self.faults = faults or {}
+
+    def _inject_faults(self, user_ids: set[str]) -> None:
+        if self.faults.get("exit_on_user") in user_ids:
+            os._exit(1)
+        if self.faults.get("hang_on_user") in user_ids:
+            time.sleep(10**6)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"partition": [], "users": [], "failed": [], "seconds": [], "pid": []}
+        out: dict[str, list] = {"partition": [], "failed": [], "seconds": [], "pid": [], "error": []}
         for k, users_json in zip(batch["partition"], batch["users"], strict=True):
             t0 = time.perf_counter()
             users = [UserRecord.from_dict(u) for u in json.loads(str(users_json))]
-            pairs, profiles, failures = process_partition(self.model, self.tok, users, self.cfg, self.layers)
-            write_partition(self.writer, int(k), pairs, profiles, failures)
+            error, failed = "", 0
+            with item_deadline(self.cfg.job.partition_timeout_s, f"partition {int(k)}"):
+                self._inject_faults({u.user_id for u in users})
+                try:
+                    pairs, profiles, failures = process_partition(
+                        self.model, self.tok, users, self.cfg, self.layers
+                    )
+                    write_partition(
+                        self.writer, int(k), pairs, profiles, failures,
+                        user_ids=[u.user_id for u in users], fingerprint=self.fingerprint,
+                    )  # fmt: skip
+                    failed = len(failures)
+                except Exception as exc:  # e.g. the store stayed down past its retries
+                    error = f"{type(exc).__name__}: {exc}"
             out["partition"].append(int(k))
-            out["users"].append(len(users))
-            out["failed"].append(len(failures))
+            out["failed"].append(failed)
             out["seconds"].append(time.perf_counter() - t0)
             out["pid"].append(os.getpid())
+            out["error"].append(error)
         return out
 
 
@@ -93,13 +130,42 @@ def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, cfg: ChameleonConf
     return [by_index[k] for k in range(len(tasks))]
 
 
-def model_num_layers(cfg: ChameleonConfig) -> int:
-    """Depth of the configured model from its config alone (the driver loads no weights)."""
-    mc = AutoConfig.from_pretrained(
-        resolve_name(cfg.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
-    mc = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
-    return int(mc.num_hidden_layers)
+def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
+    """Map the plan's partitions on the actor pool; record the ones that kept killing their actor
+    (or passing their deadline) as failed. A worker's error (such as a store outage longer than
+    its retries) fails the job before anything is published."""
+    items = [
+        {"partition": k, "users": json.dumps([u.to_dict() for u in plan.partitions[k]])} for k in plan.todo
+    ]
+    faults = json.loads(os.environ.get(FAULTS_ENV) or "{}")
+    try:
+        results = map_with_replicas(
+            items, PartitionWorker, cfg, drop_lost_items=True,
+            store=store, run_id=plan.run_writer.run_id, layers=plan.layers, faults=faults,
+        )  # fmt: skip
+    except Exception as exc:
+        raise JobFailedError(
+            f"the map stage stopped ({type(exc).__name__}: {exc}); finished partitions are kept: "
+            f"rerun with --run-id {plan.run_writer.run_id} to resume"
+        ) from exc
+    errors = {int(r["partition"]): r["error"] for r in results if r["error"]}
+    if errors:
+        k, error = sorted(errors.items())[0]
+        raise JobFailedError(
+            f"partition {k} failed on its actor: {error} ({len(errors)} partitions failed so); "
+            f"nothing was published: rerun with --run-id {plan.run_writer.run_id} to resume"
+        )
+    tries = cfg.job.max_task_retries + 1
+    for k in plan.todo:
+        record = adopt_partition(plan.run_writer, k, plan.partitions[k], retry_failed=False)
+        if record is not None:
+            plan.fingerprints[k] = record.get("fingerprint")
+        else:
+            record_failed_partition(
+                plan, k,
+                f"partition {k} killed its actor or passed its deadline ({cfg.job.partition_timeout_s:g} s) "
+                f"{tries} times (job.max_task_retries={cfg.job.max_task_retries})",
+            )  # fmt: skip
 
 
 def run_ray_job(
@@ -109,19 +175,18 @@ def run_ray_job(
     cfg: ChameleonConfig,
     *,
     address: str | None = None,
+    restart: bool = False,
     **store_options: Any,
 ) -> dict[str, Any]:
-    """Run the job on a Ray cluster (a local one when no address is given); returns the manifest."""
+    """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
+
+    Resume, `restart` and a committed run behave as in `job.local.run_local`."""
     init_ray(address)
-    plan = begin_run(input_uri, store, run_id, cfg, model_num_layers(cfg), **store_options)
+    plan = begin_run(input_uri, store, run_id, cfg, model_identity(cfg), restart=restart, **store_options)
+    if plan.committed is not None:
+        return plan.committed
     t1 = time.perf_counter()
     if plan.todo:
-        items = [
-            {"partition": k, "users": json.dumps([u.to_dict() for u in plan.partitions[k]])}
-            for k in plan.todo
-        ]
-        map_with_replicas(items, PartitionWorker, cfg, store=store, run_id=run_id, layers=plan.layers)
+        map_partitions(plan, store, cfg)
     plan.timings["map_s"] = time.perf_counter() - t1
-    plan.writer.record_existing(FINGERPRINT)
-    fp = ModelFingerprint.from_dict(plan.writer.get_json(FINGERPRINT))
-    return finish_run(plan, cfg, fp, partial(calibrate_on_ray, cfg=cfg))
+    return finish_run(plan, cfg, None, partial(calibrate_on_ray, cfg=cfg))

@@ -3,12 +3,23 @@
 Each actor of a pool holds one model replica (`cfg.job` sizes the pool: actors, GPUs and CPUs per
 actor, as for the map stage) and maps one item at a time. `map_with_replicas` is the one way
 the project runs model work on Ray.
+
+Failure is bounded (Ray Data's own default restarts actors and retries their tasks forever): an
+actor restarts at most `job.max_actor_restarts` times, an item whose actor died is retried at most
+`job.max_task_retries` times, an item still running after `job.partition_timeout_s` stops its
+actor (`item_deadline`) and counts as such a death, and a pool that makes no progress for twice
+that deadline fails the execution.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,20 +42,65 @@ class ModelReplica:
         self.model, self.tok = load_model(self.cfg.model)
 
 
+DEADLINE_EXIT_CODE = 75
+"""Exit status of an actor stopped by `item_deadline` (in its log, next to the reason)."""
+
+
+@contextlib.contextmanager
+def item_deadline(seconds: float, what: str) -> Iterator[None]:
+    """Stop this actor's process when the block takes longer than `seconds`: a hung kernel cannot
+    be interrupted from Python, and Ray then retries the item like one that killed its actor."""
+
+    def expire() -> None:
+        print(
+            f"chameleon: {what} passed its deadline of {seconds:g} s (job.partition_timeout_s); "
+            "stopping this actor so that Ray retries it",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(DEADLINE_EXIT_CODE)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def map_with_replicas(
-    items: list[dict[str, Any]], worker: type[ModelReplica], cfg: ChameleonConfig, **worker_kwargs: Any
+    items: list[dict[str, Any]],
+    worker: type[ModelReplica],
+    cfg: ChameleonConfig,
+    *,
+    drop_lost_items: bool = False,
+    **worker_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Run `worker` over `items` (one item per call) on an actor pool sized by `cfg.job`."""
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        worker,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.job.num_actors, len(items))),
-        num_gpus=cfg.job.num_gpus_per_actor or None,
-        num_cpus=cfg.job.num_cpus_per_actor,
-        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), **worker_kwargs},
-    )
-    return ds.take_all()
+    """Run `worker` over `items` (one item per call) on an actor pool sized by `cfg.job`.
+
+    An item whose actor died more than `job.max_task_retries` times fails the execution, or, with
+    `drop_lost_items`, is left out of the results (the caller finds which are missing)."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s
+    # Only actor deaths can lose an item: workers that drop items return their errors as rows.
+    ctx.max_errored_blocks = -1 if drop_lost_items else 0
+    ctx.execution_no_progress_timeout_s = 2 * cfg.job.partition_timeout_s
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            worker,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.job.num_actors, len(items))),
+            num_gpus=cfg.job.num_gpus_per_actor or None,
+            num_cpus=cfg.job.num_cpus_per_actor,
+            max_restarts=cfg.job.max_actor_restarts,
+            max_task_retries=cfg.job.max_task_retries,
+            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), **worker_kwargs},
+        )
+        return ds.take_all()
+    finally:
+        ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s = saved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,399 @@
+"""Integrity of the batch job's data under resume, actor deaths, concurrent writers and outages.
+
+    python jobs/bench/job_integrity.py [--only resume chaos poison writers outage] [--users 24] [--out FILE]
+
+Everything runs on loopback: a local Ray, a SeaweedFS with generated keys, and a tiny random Llama
+(hidden 64, 4 layers) with the embedded model's real tokenizer. Each check is a function
+`check_<name>(workdir, args) -> dict` of figures (`--only` picks some; a new check is one more such
+function): the figures of the chosen checks print as `name=value`, the headline last.
+
+    resume   a run stopped after 2 partitions, resumed after a change of partition size, captured
+             layers, input (first user deleted) or model weights: stale_partitions_adopted,
+             duplicate_users, records_lost, deleted_user_published (all goal 0), resumes_refused
+    chaos    a Ray run whose map actors are SIGKILLed every --kill-every s: killed_actors,
+             artifact_mismatches against a clean run (goal 0)
+    poison   a partition that kills its actor every time: the job ends within the configured
+             retries: hung_jobs (goal 0), poison_job_s
+    writers  two jobs on one run id at once: committed_runs (1), losing_writer_refused (1),
+             checksum_mismatches of the committed run (goal 0)
+    outage   the store paused (SIGSTOP) for 2 s mid-job (ridden out), then for longer than the
+             retries: outage_short_ridden_out, outage_failed_cleanly, outage_latest_kept (goal 1),
+             outage_manifest_written (goal 0)
+
+    integrity_violations = the sum of every goal-0 figure and every missed goal-1 figure   goal: 0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from common import parser, report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+BAD_WHEN_ABOVE_0 = (
+    "stale_partitions_adopted",
+    "duplicate_users",
+    "records_lost",
+    "deleted_user_published",
+    "artifact_mismatches",
+    "hung_jobs",
+    "checksum_mismatches",
+    "outage_manifest_written",
+)
+BAD_WHEN_BELOW_1 = ("committed_runs", "losing_writer_refused", "outage_failed_cleanly", "outage_latest_kept")
+
+
+# -- shared set-up (each check builds what it needs under `workdir`) ------------------------------
+
+
+def users_file(workdir: Path, users: list[dict]) -> str:
+    path = workdir / f"users-{uuid.uuid4().hex[:6]}.jsonl"
+    path.write_text("".join(json.dumps(u) + "\n" for u in users))
+    return str(path)
+
+
+def synthetic_users(n: int) -> list[dict]:
+    styles = [
+        "OMG so hyped!!!",
+        "i guess it was fine.",
+        "Indeed, most agreeable.",
+        "lol ok 😂",
+        "deploy done.",
+    ]
+    return [
+        {
+            "user_id": f"user-{i:05d}",
+            "history": [{"text": f"{styles[i % 5]} item {j} of user {i}"} for j in range(6)],
+        }
+        for i in range(n)
+    ]
+
+
+def tiny_model(workdir: Path, seed: int = 0) -> Path:
+    from tiny_models import save_tiny_model
+
+    path = workdir / f"model-{seed}"
+    return path if (path / "config.json").exists() else save_tiny_model(path, seed=seed)
+
+
+def job_config(model_dir: Path, **overrides):
+    from chameleon.config import ChameleonConfig
+
+    base = {
+        "model.name_or_path": str(model_dir),
+        "synth.pairs_per_user": 4,
+        "synth.insight_max_new_tokens": 8,
+        "synth.answer_max_new_tokens": 8,
+        "synth.batch_size": 32,
+        "subspace.ccs_steps": 100,
+        "subspace.ccs_restarts": 3,
+        "groups.n_groups": 2,
+        "groups.min_group_size": 2,
+        "edit.calibrate": False,
+        "job.users_per_partition": 4,
+        "job.num_cpus_per_actor": 0.5,
+    }
+    return ChameleonConfig().with_overrides({**base, **overrides})
+
+
+_SERVERS: dict[str, object] = {}
+
+
+def s3_store(workdir: Path, prefix: str, **options):
+    """A fresh prefix on the bench's SeaweedFS (started once, real SigV4 keys)."""
+    from chameleon.data.storage import S3Store
+    from chameleon.dev.s3server import LocalS3Server
+
+    if "shared" not in _SERVERS:
+        _SERVERS["shared"] = LocalS3Server(backend="seaweedfs", data_dir=workdir / "s3").start()
+    server = _SERVERS["shared"]
+    return S3Store(
+        "bench", f"{prefix}-{uuid.uuid4().hex[:6]}", create_bucket=True, **server.storage_options(), **options
+    )
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=512 * 2**20,
+            log_to_driver=False,
+        )
+
+
+def published_ids(store, run_id: str) -> list[str]:
+    from chameleon.data.artifacts import RunReader
+
+    return RunReader(store, run_id).get_parquet("assignments.parquet").column("user_id").to_pylist()
+
+
+def logical_hashes(manifest: dict) -> dict[str, str]:
+    """Checksums of what a run publishes, by logical path (attempt folders differ between runs)."""
+    return {k: v["sha256"] for k, v in manifest["files"].items() if not k.startswith("failures/")}
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
+def check_resume(workdir: Path, args) -> dict:
+    """Stop a run after 2 partitions, change one thing, rerun; then --restart."""
+    from chameleon.core.model import load_model
+    from chameleon.job.local import run_local
+    from chameleon.job.publish import JobFailedError
+    from chameleon.job.run import begin_run, write_partition
+    from chameleon.job.spec import JobSpecMismatchError, model_identity
+    from chameleon.job.stages import process_partition
+
+    users = synthetic_users(args.users)
+    cfg = job_config(tiny_model(workdir), **{"subspace.candidate_layers": [1, 2]})
+    changes = {
+        "partition_size": (cfg.with_overrides({"job.users_per_partition": 2}), users),
+        "layers": (cfg.with_overrides({"subspace.candidate_layers": [2, 3]}), users),
+        "input": (cfg, users[1:]),
+        "model": (cfg.with_overrides({"model.name_or_path": str(tiny_model(workdir, seed=1))}), users),
+    }
+    figures = dict.fromkeys(
+        ("stale_partitions_adopted", "duplicate_users", "records_lost", "deleted_user_published"), 0
+    )
+    figures["resumes_refused"] = 0
+    for name, (changed, new_users) in changes.items():
+        store = s3_store(workdir, f"resume-{name}")
+        model_and_tok = load_model(cfg.model)
+        plan = begin_run(users_file(workdir, users), store, "r", cfg, model_identity(cfg))
+        for k in plan.todo[:2]:  # the first attempt dies after two partitions
+            out = process_partition(*model_and_tok, plan.partitions[k], cfg, plan.layers)
+            write_partition(plan.run_writer, k, *out)
+        path = users_file(workdir, new_users)
+        try:
+            manifest = run_local(path, store, "r", changed, progress=False)
+        except (JobSpecMismatchError, JobFailedError) as exc:
+            print(f"# {name}: refused: {str(exc)[:160]}")
+            figures["resumes_refused"] += 1
+            manifest = run_local(path, store, "r", changed, progress=False, restart=True)
+        figures["stale_partitions_adopted"] += manifest["counts"]["partitions_resumed"]
+        ids = published_ids(store, "r")
+        expected = {u["user_id"] for u in new_users}
+        figures["duplicate_users"] += len(ids) - len(set(ids))
+        figures["records_lost"] += len(expected - set(ids))
+        figures["deleted_user_published"] += int(name == "input" and users[0]["user_id"] in ids)
+    return figures
+
+
+def _kill_workers_every(seconds: float, stop: threading.Event, killed: list[int]) -> None:
+    import psutil
+
+    while not stop.wait(seconds):
+        for p in psutil.process_iter(["cmdline"]):
+            if "PartitionWorker" in " ".join(p.info["cmdline"] or []):
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
+                except ProcessLookupError:
+                    pass
+                break
+
+
+def check_chaos(workdir: Path, args) -> dict:
+    """A Ray run with map actors killed every few seconds equals a clean run."""
+    from chameleon.job.ray_job import run_ray_job
+
+    ensure_ray()
+    users = users_file(workdir, synthetic_users(args.users))
+    cfg = job_config(
+        tiny_model(workdir),
+        **{"job.num_actors": 2, "job.max_task_retries": 20, "job.max_actor_restarts": 100},
+    )
+    clean = run_ray_job(users, s3_store(workdir, "clean"), "r", cfg)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_workers_every, args=(args.kill_every, stop, killed))
+    killer.start()
+    try:
+        chaos = run_ray_job(users, s3_store(workdir, "chaos"), "r", cfg)
+    finally:
+        stop.set()
+        killer.join()
+    a, b = logical_hashes(clean), logical_hashes(chaos)
+    return {
+        "killed_actors": len(killed),
+        "artifact_mismatches": sum(a.get(k) != b.get(k) for k in set(a) | set(b)),
+        "chaos_users_failed": chaos["counts"]["users_failed"],
+    }
+
+
+def check_poison(workdir: Path, args) -> dict:
+    """A partition whose user kills the actor every time: the job must end, naming it."""
+    from chameleon.job.publish import JobFailedError
+    from chameleon.job.ray_job import FAULTS_ENV, run_ray_job
+
+    ensure_ray()
+    users = synthetic_users(args.users)
+    cfg = job_config(
+        tiny_model(workdir), **{"job.num_actors": 2, "job.max_task_retries": 2, "job.max_user_failures": 0.0}
+    )
+    os.environ[FAULTS_ENV] = json.dumps({"exit_on_user": users[len(users) // 2]["user_id"]})
+    outcome: dict = {}
+
+    def job() -> None:
+        try:
+            run_ray_job(users_file(workdir, users), s3_store(workdir, "poison"), "r", cfg)
+            outcome["result"] = "published"
+        except JobFailedError as exc:
+            outcome["result"] = "failed"
+            print(f"# poison: {str(exc)[:200]}")
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    thread.join(args.poison_limit_s)
+    del os.environ[FAULTS_ENV]
+    return {
+        "hung_jobs": int(thread.is_alive()),
+        "poison_job_failed": int(outcome.get("result") == "failed"),
+        "poison_job_s": round(time.monotonic() - t0, 1),
+    }
+
+
+def check_writers(workdir: Path, args) -> dict:
+    """Two in-process jobs on one run id at the same time."""
+    from chameleon.data.artifacts import ChecksumMismatchError, RunConflictError, RunImmutableError, RunReader
+    from chameleon.job.local import run_local
+
+    users = users_file(workdir, synthetic_users(args.users))
+    cfg = job_config(tiny_model(workdir))
+    store = s3_store(workdir, "writers")
+    outcomes: list[str] = []
+
+    def job() -> None:
+        try:
+            run_local(users, store, "r", cfg, progress=False)
+            outcomes.append("committed")
+        except (RunConflictError, RunImmutableError):
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reader = RunReader(store, "r")
+    mismatches = 0
+    for rel in reader.files:
+        try:
+            reader.get_bytes(rel)
+        except ChecksumMismatchError:
+            mismatches += 1
+    # A committed run read back by a second reader later (a zombie may have written meanwhile).
+    return {
+        "committed_runs": outcomes.count("committed"),
+        "losing_writer_refused": int(outcomes.count("refused") == 1),
+        "checksum_mismatches": mismatches,
+    }
+
+
+def check_outage(workdir: Path, args) -> dict:
+    """The store paused mid-job: briefly (ridden out), then past the retries (clean failure)."""
+    from chameleon.data.artifacts import RunWriter, latest_run_id
+    from chameleon.data.storage import S3Store, StoreUnavailableError
+    from chameleon.dev.s3server import LocalS3Server
+    from chameleon.job.local import run_local
+
+    users = users_file(workdir, synthetic_users(args.users))
+    cfg = job_config(tiny_model(workdir))
+    retry = {
+        "read_timeout": 1.0,
+        "connect_timeout": 1.0,
+        "max_attempts": 2,
+        "retry_deadline_s": args.outage_deadline_s,
+    }
+    figures = {}
+    with LocalS3Server(backend="seaweedfs", data_dir=workdir / "s3-outage") as server:
+        store = S3Store(
+            "outage", uuid.uuid4().hex[:6], create_bucket=True, **server.storage_options(), **retry
+        )
+        pgid = os.getpgid(server._proc.pid)
+        previous = RunWriter(store, "previous")
+        previous.put_json("x.json", {})
+        previous.commit({})
+
+        def pause_after_first_partition(run_id: str, resume_after: float | None) -> None:
+            while not store.exists(f"runs/{run_id}/parts/part-00000.json"):
+                time.sleep(0.05)
+            os.killpg(pgid, signal.SIGSTOP)
+            if resume_after is not None:
+                time.sleep(resume_after)
+                os.killpg(pgid, signal.SIGCONT)
+
+        for run_id, pause in (("short", 2.0), ("long", None)):
+            watcher = threading.Thread(target=pause_after_first_partition, args=(run_id, pause))
+            watcher.start()
+            try:
+                run_local(users, store, run_id, cfg, progress=False)
+                figures[f"outage_{run_id}_ok"] = 1
+            except StoreUnavailableError as exc:
+                figures[f"outage_{run_id}_ok"] = 0
+                print(f"# outage {run_id}: {str(exc)[:200]}")
+            finally:
+                watcher.join()
+                os.killpg(pgid, signal.SIGCONT)
+        return {
+            "outage_short_ridden_out": figures["outage_short_ok"],
+            "outage_failed_cleanly": 1 - figures["outage_long_ok"],
+            "outage_manifest_written": int(store.exists("runs/long/manifest.json")),
+            "outage_latest_kept": int(latest_run_id(store) == "short"),
+        }
+
+
+CHECKS = {
+    name.removeprefix("check_"): fn for name, fn in sorted(globals().items()) if name.startswith("check_")
+}
+
+
+def main() -> None:
+    import tempfile
+
+    p = parser(__doc__)
+    p.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="checks to run (default: all)")
+    p.add_argument("--users", type=int, default=24, help="users per job")
+    p.add_argument("--kill-every", type=float, default=4.0, help="chaos: seconds between actor kills")
+    p.add_argument(
+        "--poison-limit-s", type=float, default=300.0, help="poison: a job still running then is hung"
+    )
+    p.add_argument("--outage-deadline-s", type=float, default=5.0, help="outage: the store's retry deadline")
+    args = p.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="chameleon-integrity-"))
+    figures: dict = {}
+    t0 = time.monotonic()
+    try:
+        for name in args.only or sorted(CHECKS):
+            figures.update(CHECKS[name](workdir, args))
+    finally:
+        for server in _SERVERS.values():
+            server.stop()
+    figures["wall_s"] = round(time.monotonic() - t0, 1)
+    figures["integrity_violations"] = sum(figures.get(k, 0) for k in BAD_WHEN_ABOVE_0) + sum(
+        1 - figures[k] for k in BAD_WHEN_BELOW_1 if k in figures
+    )
+    report(
+        figures,
+        "integrity_violations",
+        args.out,
+        {"checks": args.only or sorted(CHECKS), "users": args.users},
+    )
+
+
+if __name__ == "__main__":
+    main()
