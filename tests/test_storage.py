@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 
 import psutil
 import pyarrow as pa
@@ -16,8 +17,8 @@ from chameleon.data.storage import (
     LocalStore,
     S3Store,
     StoreAccessError,
-    StoreError,
     StoreKeyError,
+    StoreUnavailableError,
     open_store,
     validate_key,
 )
@@ -213,9 +214,13 @@ def test_unreachable_endpoint_is_a_clear_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     store = S3Store("my-bucket", endpoint_url=f"http://127.0.0.1:{port}", access_key="a", secret_key="b",
-                    max_attempts=1, connect_timeout=1)  # fmt: skip
-    with pytest.raises(StoreError, match="cannot reach the S3 endpoint"):
+                    max_attempts=1, connect_timeout=1, retry_deadline_s=2)  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(
+        StoreUnavailableError, match=rf"127.0.0.1:{port} kept failing for \d+ s on s3://my-bucket/x"
+    ):
         store.exists("x")
+    assert time.monotonic() - t0 >= 1  # retried with backoff until the deadline, then given up
 
 
 def test_pickled_s3_store_works_and_carries_no_client(s3_store):

@@ -300,7 +300,8 @@ class S3Store(Store):
 
     Each call is retried by botocore (`max_attempts`, standard mode), then, while it keeps failing
     transiently, by the store itself with backoff for up to `retry_deadline_s` seconds (an outage
-    shorter than that is ridden out; a longer one raises `StoreUnavailableError`). Uploads carry
+    shorter than that is ridden out; a longer one raises `StoreUnavailableError`). The default 0
+    suits latency-bound readers such as serving; the batch job passes `storage.retry_deadline_s`. Uploads carry
     their SHA-256 (`ChecksumSHA256`) so the server refuses a body damaged in transit.
     """
 
@@ -318,7 +319,7 @@ class S3Store(Store):
         max_attempts: int = 5,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
-        retry_deadline_s: float = 300.0,
+        retry_deadline_s: float = 0.0,
         checksums: bool = True,
     ) -> None:
         if not _BUCKET_RE.match(bucket or ""):
@@ -483,13 +484,14 @@ class S3Store(Store):
             except StoreError:
                 raise
             except Exception as exc:
-                if not _is_transient(exc):
-                    raise
+                if not _is_transient(exc) or self.retry_deadline_s <= 0:
+                    raise  # translated by the caller
                 waited = time.monotonic() - t0
                 if waited + delay > self.retry_deadline_s:
                     raise StoreUnavailableError(
-                        f"S3 at {self._where()} kept failing for {waited:.0f} s on {uri} ({tries} tries; "
-                        f"retry deadline {self.retry_deadline_s:g} s): {exc}"
+                        f"the S3 endpoint {self._where()} kept failing for {waited:.0f} s on {uri} "
+                        f"({tries} tries; retry deadline {self.retry_deadline_s:g} s, "
+                        f"storage.retry_deadline_s): {exc}"
                     ) from exc
                 log.warning("S3 %s failed (%s); retrying in %.1f s", uri, exc, delay)
                 time.sleep(delay)

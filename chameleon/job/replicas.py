@@ -94,6 +94,8 @@ def map_with_replicas(
             compute=ray.data.ActorPoolStrategy(size=min(cfg.job.num_actors, len(items))),
             num_gpus=cfg.job.num_gpus_per_actor or None,
             num_cpus=cfg.job.num_cpus_per_actor,
+            # Plain remote args: Ray 2.60 has no named parameter for these (its deprecation
+            # warning for `ray_remote_args` names none); Ray Data's default for both is forever.
             max_restarts=cfg.job.max_actor_restarts,
             max_task_retries=cfg.job.max_task_retries,
             fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), **worker_kwargs},
