@@ -224,3 +224,14 @@ def test_group_ids_with_any_allowed_character_and_reserved_looking_names_publish
     assert run.user_group(users[2]["user_id"]) == "centroids"
     assert run.group_edit("centroids").layers  # a group, not the centroids file
     assert run.group_edit("team:a") is run.group_edit("team:a")  # read once, then kept
+
+
+def test_personalize_has_a_restart_flag_and_passes_storage_settings():
+    from chameleon.cli import build_parser, s3_options
+    from chameleon.config import ChameleonConfig
+
+    args = build_parser().parse_args(["personalize", "--input", "u.jsonl", "--run-id", "r1", "--restart"])
+    assert args.restart and args.run_id == "r1"
+    assert not build_parser().parse_args(["personalize", "--input", "u.jsonl"]).restart
+    cfg = ChameleonConfig().with_overrides({"storage.retry_deadline_s": 42})
+    assert s3_options(args, cfg)["retry_deadline_s"] == 42
