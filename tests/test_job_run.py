@@ -235,3 +235,20 @@ def test_personalize_has_a_restart_flag_and_passes_storage_settings():
     assert not build_parser().parse_args(["personalize", "--input", "u.jsonl"]).restart
     cfg = ChameleonConfig().with_overrides({"storage.retry_deadline_s": 42})
     assert s3_options(args, cfg)["retry_deadline_s"] == 42
+
+
+def test_partitions_mapped_with_other_model_weights_are_refused(tmp_path, local_store, tiny_model_dir):
+    """Same model name and config, other weights: caught by the partitions' fingerprints."""
+    users = example_users(1)[:4]  # one partition
+    cfg = tiny_job_config(tiny_model_dir, **{"groups.n_groups": 1})
+    path = _users_file(tmp_path, users)
+    model_and_tok = load_model(cfg.model)
+    plan = begin_run(path, local_store, "r1", cfg, model_identity(cfg))
+    other = {**fingerprint_model(model_and_tok[0], "x").to_dict(), "weights_sha256": "0" * 64}
+    pairs, profiles = pairs_to_tables([])
+    write_partition(plan.run_writer, 0, pairs, profiles, [], user_ids=[u.user_id for u in plan.partitions[0]])
+    record = json.loads(local_store.get_bytes("runs/r1/" + done_key(0)))
+    local_store.put_bytes("runs/r1/" + done_key(0), json.dumps({**record, "fingerprint": other}).encode())
+    with pytest.raises(JobFailedError, match="different model weights .*--restart"):
+        run_local(path, local_store, "r1", cfg, model_and_tokenizer=model_and_tok, progress=False)
+    assert not local_store.exists("runs/r1/manifest.json")

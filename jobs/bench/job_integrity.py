@@ -269,6 +269,7 @@ def check_poison(workdir: Path, args) -> dict:
 
 def check_writers(workdir: Path, args) -> dict:
     """Two in-process jobs on one run id at the same time."""
+    from chameleon.core.model import load_model
     from chameleon.data.artifacts import ChecksumMismatchError, RunConflictError, RunImmutableError, RunReader
     from chameleon.job.local import run_local
 
@@ -277,14 +278,16 @@ def check_writers(workdir: Path, args) -> dict:
     store = s3_store(workdir, "writers")
     outcomes: list[str] = []
 
-    def job() -> None:
+    def job(model_and_tok) -> None:
         try:
-            run_local(users, store, "r", cfg, progress=False)
+            run_local(users, store, "r", cfg, model_and_tokenizer=model_and_tok, progress=False)
             outcomes.append("committed")
-        except (RunConflictError, RunImmutableError):
+        except (RunConflictError, RunImmutableError) as exc:
+            print(f"# writers: {str(exc)[:200]}")
             outcomes.append("refused")
 
-    threads = [threading.Thread(target=job) for _ in range(2)]
+    # One model each (capture hooks are per model), loaded here: transformers' loading is not thread-safe.
+    threads = [threading.Thread(target=job, args=(load_model(cfg.model),)) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
