@@ -49,7 +49,7 @@ def test_a_partition_that_keeps_killing_its_actor_fails_the_job_in_bounded_time_
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"exit_on_user": users[2]["user_id"]}))
     t0 = time.monotonic()
     with pytest.raises(
-        JobFailedError, match=r"2 of 6 users failed .*partition 1 killed its actor .* 2 times"
+        JobFailedError, match=r"2 of 6 users failed .*partition 1: killed its actor .* 2 times"
     ):
         run_ray_job(path, s3_store, "r1", cfg)
     assert time.monotonic() - t0 < 180  # Ray Data's defaults would retry it forever

@@ -163,7 +163,7 @@ def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
         else:
             record_failed_partition(
                 plan, k,
-                f"partition {k} killed its actor or passed its deadline ({cfg.job.partition_timeout_s:g} s) "
+                f"killed its actor or passed its deadline ({cfg.job.partition_timeout_s:g} s) "
                 f"{tries} times (job.max_task_retries={cfg.job.max_task_retries})",
             )  # fmt: skip
 

@@ -91,7 +91,11 @@ def map_with_replicas(
         ds = ds.map_batches(
             worker,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.job.num_actors, len(items))),
+            # One item per actor at a time: an actor that dies takes only its own item's retry
+            # with it, so an innocent partition queued behind a poison one is never charged.
+            compute=ray.data.ActorPoolStrategy(
+                size=min(cfg.job.num_actors, len(items)), max_tasks_in_flight_per_actor=1
+            ),
             num_gpus=cfg.job.num_gpus_per_actor or None,
             num_cpus=cfg.job.num_cpus_per_actor,
             # Plain remote args: Ray 2.60 has no named parameter for these (its deprecation

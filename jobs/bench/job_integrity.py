@@ -246,10 +246,12 @@ def check_poison(workdir: Path, args) -> dict:
     )
     os.environ[FAULTS_ENV] = json.dumps({"exit_on_user": users[len(users) // 2]["user_id"]})
     outcome: dict = {}
+    # Made here: a SeaweedFS started from the job's thread would stop with it (PR_SET_PDEATHSIG).
+    path, store = users_file(workdir, users), s3_store(workdir, "poison")
 
     def job() -> None:
         try:
-            run_ray_job(users_file(workdir, users), s3_store(workdir, "poison"), "r", cfg)
+            run_ray_job(path, store, "r", cfg)
             outcome["result"] = "published"
         except JobFailedError as exc:
             outcome["result"] = "failed"
