@@ -194,17 +194,20 @@ def check_resume(workdir: Path, args) -> dict:
 
 
 def _kill_workers_every(seconds: float, stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL one map actor every `seconds`, once it has lived that long (it loaded its model).
+    Only this process's own Ray (its descendants): other Ray instances on the machine are left alone."""
     import psutil
 
+    me = psutil.Process()
     while not stop.wait(seconds):
-        for p in psutil.process_iter(["cmdline"]):
-            if "PartitionWorker" in " ".join(p.info["cmdline"] or []):
-                try:
-                    os.kill(p.pid, signal.SIGKILL)
+        for p in me.children(recursive=True):
+            try:
+                if "PartitionWorker" in " ".join(p.cmdline()) and time.time() - p.create_time() > seconds:
+                    p.kill()
                     killed.append(p.pid)
-                except ProcessLookupError:
-                    pass
-                break
+                    break
+            except psutil.Error:
+                continue
 
 
 def check_chaos(workdir: Path, args) -> dict:
@@ -373,7 +376,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="checks to run (default: all)")
     p.add_argument("--users", type=int, default=24, help="users per job")
-    p.add_argument("--kill-every", type=float, default=4.0, help="chaos: seconds between actor kills")
+    p.add_argument("--kill-every", type=float, default=10.0, help="chaos: seconds between actor kills")
     p.add_argument(
         "--poison-limit-s", type=float, default=300.0, help="poison: a job still running then is hung"
     )
