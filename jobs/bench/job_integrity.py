@@ -194,15 +194,17 @@ def check_resume(workdir: Path, args) -> dict:
 
 
 def _kill_workers_every(seconds: float, stop: threading.Event, killed: list[int]) -> None:
-    """SIGKILL one map actor every `seconds`, once it has lived that long (it loaded its model).
-    Only this process's own Ray (its descendants): other Ray instances on the machine are left alone."""
+    """SIGKILL one map actor every `seconds` while it maps a partition (Ray titles an actor's
+    process after the method it runs: not `__init__`, the model load). Only this process's own
+    Ray (its descendants): other Ray instances on the machine are left alone."""
     import psutil
 
     me = psutil.Process()
     while not stop.wait(seconds):
         for p in me.children(recursive=True):
             try:
-                if "PartitionWorker" in " ".join(p.cmdline()) and time.time() - p.create_time() > seconds:
+                title = " ".join(p.cmdline())
+                if "PartitionWorker" in title and not title.rstrip().endswith("__init__"):
                     p.kill()
                     killed.append(p.pid)
                     break
