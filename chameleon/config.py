@@ -79,6 +79,9 @@ class SynthConfig(_Section):
     """Records with more history items are rejected (bad input, not silently truncated)."""
     max_item_chars: int = Field(4000, ge=16)
     """Longer history items are rejected; keeps prompts inside the model's context."""
+    max_record_bytes: int = Field(8 * 2**20, ge=1024)
+    """JSONL lines (and elements of a LaMP JSON list) longer than this are rejected unread; a
+    record within the history limits above is well under the default 8 MiB."""
     pairs_per_user: int = Field(8, ge=1)
     """K: queries answered twice (personalized, neutral) per user. Queries cycle over the selected
     history items when K exceeds them (sampled answers differ; greedy duplicates are filtered)."""
