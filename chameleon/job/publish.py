@@ -85,11 +85,18 @@ def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> li
         edit = reduced.group_edit(j, cfg.edit, cfg.subspace.site)
         rank = groups.rank[j, reduced.group_layers[j]]
         tensors = {**edit.to_tensors(), "rank": rank, "ccs_loss": groups.ccs_loss[j]}
-        meta = {"group_id": gid, "n_users": str(grouping.sizes[j]), "n_pairs": str(int(groups.n_pairs[j]))}
+        # n_users: the users whose pairs entered this edit (members without pairs do not count).
+        meta = {
+            "group_id": gid,
+            "n_users": str(grouping.contributors[j]),
+            "n_members": str(grouping.sizes[j]),
+            "n_pairs": str(int(groups.n_pairs[j])),
+        }
         writer.put_safetensors(group_key(gid), tensors, meta)
         row = {
             "group_id": gid,
-            "n_users": grouping.sizes[j],
+            "n_users": grouping.contributors[j],
+            "n_members": grouping.sizes[j],
             "n_pairs": int(groups.n_pairs[j]),
             "layers": edit.layers,
             "rank": rank.tolist(),
@@ -123,6 +130,8 @@ def reduce_and_publish(
     timings: dict[str, float],
     max_user_failures: float = 1.0,
     calibrate: Calibrate | None = None,
+    extra: dict[str, Any] | None = None,
+    set_latest: bool = True,
 ) -> dict[str, Any]:
     """Reduce every partition of the run, group, calibrate, and publish; returns the committed manifest.
 
@@ -130,7 +139,8 @@ def reduce_and_publish(
     accepted users failed in the map stage, counted over every partition, adopted ones included.
     `calibrate(reduced, profiles)` (a model replica's work) chooses each group's layer and
     strength when the edit form is additive and `edit.calibrate` is set; without it the edits use
-    `edit.strength` at the layers the reduce chose.
+    `edit.strength` at the layers the reduce chose. `extra` adds manifest fields (e.g. what a
+    forget run was made from); `set_latest=False` commits without moving `latest`.
     """
     pairs, profiles, failures = read_partitions(writer, n_partitions)
     accepted = counts.get("accepted") or (len(profiles) if profiles is not None else 0) + len(failures)
@@ -157,6 +167,7 @@ def reduce_and_publish(
         "users_failed": len(failures),
         "users_with_edit": int(reduced.users.has_edit.sum()),
         "groups": len(reduced.grouping.group_ids),
+        "groups_unpublished": len(reduced.grouping.unpublished),
         "pairs": int(reduced.data.mask.sum()),
         "pairs_kept": int(reduced.users.keep.sum()),
     }
@@ -173,9 +184,12 @@ def reduce_and_publish(
         "edit": cfg.edit.model_dump(),
         "prompt_version": prompts.PROMPT_VERSION,
         "groups": groups_meta,
+        "min_contributors": cfg.groups.min_contributors,
+        "unpublished_groups": reduced.grouping.unpublished,
         "user_shards": [key for key, _ in user_shards(len(reduced.data.user_ids))],
         "counts": counts,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "config": cfg.model_dump(),
+        **(extra or {}),
     }
-    return writer.commit(manifest)
+    return writer.commit(manifest, set_latest=set_latest)

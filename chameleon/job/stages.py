@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from chameleon.config import ChameleonConfig, EditConfig, SubspaceConfig
+from chameleon.config import ChameleonConfig, EditConfig, GroupConfig, SubspaceConfig
 from chameleon.core import subspace as ss
 from chameleon.core.calibration import Calibration
 from chameleon.core.edit import Edit
@@ -248,6 +248,13 @@ class Grouping:
     history_centroids: torch.Tensor
     """[G, d] mean history embedding of each group's members (assigns unseen users)"""
     sizes: list[int] = field(default_factory=list)
+    """members per group (everyone assigned to it)"""
+    pools: torch.Tensor | None = None
+    """[U] users whose pairs may enter their group's edit (default: users with an edit of their own)"""
+    contributors: list[int] = field(default_factory=list)
+    """per group: distinct users whose pairs entered its pooled subspace"""
+    unpublished: list[dict] = field(default_factory=list)
+    """groups below `groups.min_contributors`: what became of each (merged into / dropped)"""
 
 
 def _grouping_features(data: UnitData, red: UserReduce, features: str, idx: torch.Tensor) -> torch.Tensor:
@@ -306,7 +313,84 @@ def group_users(data: UnitData, red: UserReduce, cfg: ChameleonConfig) -> Groupi
         labels[~placed] = gi
         distance[~placed] = gd
     sizes = torch.bincount(labels, minlength=G).tolist()
-    return Grouping(group_ids, labels, distance, assigned, cent, sizes)
+    grouping = Grouping(group_ids, labels, distance, assigned, cent, sizes)
+    return enforce_min_contributors(data, red, grouping, g, cfg.subspace)
+
+
+def _contributors(red: UserReduce, labels: torch.Tensor, pools: torch.Tensor, G: int, sub: SubspaceConfig):
+    """Distinct users among the pairs each group pools (the very sample `reduce_groups` takes)."""
+    K = red.keep.shape[1]
+    rows = ss.group_pair_rows(red.keep & pools[:, None], labels, G, sub.max_group_pairs, sub.seed)
+    return [len(torch.unique(r // K)) for r in rows]
+
+
+def enforce_min_contributors(
+    data: UnitData, red: UserReduce, grouping: Grouping, g: GroupConfig, sub: SubspaceConfig
+) -> Grouping:
+    """Every published group edit pools the pairs of at least `g.min_contributors` users.
+
+    The group with the fewest contributors below the floor goes first: merged into the group with
+    the nearest history centroid, or dropped (members placed by history, their pairs unused), as
+    `g.small_groups` says; repeated until every group left meets the floor. Raises ValueError when
+    even one group over all users cannot.
+    """
+    names = list(grouping.group_ids)
+    labels, distance = grouping.labels.clone(), grouping.distance.clone()
+    assigned = list(grouping.assigned_by)
+    pools = red.has_edit.clone()
+    merged = torch.zeros_like(pools)
+    hist = data.history_embedding
+    unpublished: list[dict] = []
+    while True:
+        contrib = _contributors(red, labels, pools, len(names), sub)
+        small = [j for j in range(len(names)) if contrib[j] < g.min_contributors]
+        if not small:
+            break
+        if len(names) == 1:
+            raise ValueError(
+                f"only {contrib[0]} users contributed pairs to the group edits, fewer than "
+                f"groups.min_contributors={g.min_contributors}: nothing can be published without "
+                "exposing a handful of users; add users or lower groups.min_contributors"
+            )
+        j = min(small, key=lambda i: (contrib[i], names[i]))
+        others = [i for i in range(len(names)) if i != j]
+        cent = torch.stack([hist[labels == i].mean(0) for i in range(len(names))])
+        members = labels == j
+        row = {"group_id": names[j], "contributors": contrib[j], "members": int(members.sum())}
+        if g.small_groups == "merge":
+            near, _ = ss.nearest_group(cent[j : j + 1], cent[others])
+            target = others[int(near[0])]
+            labels[members] = target
+            merged |= members
+            row.update(action="merged", into=names[target])
+        else:
+            pools &= ~members
+            near, dist = ss.nearest_group(hist[members], cent[others])
+            labels[members] = torch.tensor(others)[near]
+            distance[members] = dist
+            for i in torch.nonzero(members).flatten().tolist():
+                assigned[i] = "history"
+            row.update(action="dropped")
+        unpublished.append(row)
+        names.pop(j)
+        labels[labels > j] -= 1
+    G = len(names)
+    cent = torch.stack([hist[labels == i].mean(0) for i in range(G)])
+    if merged.any():  # a merged member's distance is to its new group's history centroid
+        distance[merged] = 1 - torch.nn.functional.cosine_similarity(
+            hist[merged], cent[labels[merged]], dim=-1
+        )
+    return Grouping(
+        names,
+        labels,
+        distance,
+        assigned,
+        cent,
+        torch.bincount(labels, minlength=G).tolist(),
+        pools,
+        contrib,
+        unpublished,
+    )
 
 
 def reduce_groups(
@@ -316,7 +400,8 @@ def reduce_groups(
 
     Returns (Subspaces over groups, chosen layers [G, n], the pooled (H_P, H_N, mask)).
     """
-    member_pairs = red.keep & red.has_edit[:, None]
+    pools = red.has_edit if grouping.pools is None else grouping.pools
+    member_pairs = red.keep & pools[:, None]
     pooled = ss.pool_groups(
         data.H_P,
         data.H_N,
