@@ -22,10 +22,10 @@ from chameleon.data.layout import (
     CENTROIDS,
     USER_SHARD_SIZE,
     group_key,
-    read_partitions,
     user_shards,
 )
-from chameleon.job.stages import Reduced, reduce_all
+from chameleon.job.reduce_stream import reduce_partitions
+from chameleon.job.stages import Reduced
 
 Calibrate = Callable[[Reduced, pa.Table], list[Calibration]]
 """(reduced, profiles) -> one Calibration per group, in group order."""
@@ -142,18 +142,18 @@ def reduce_and_publish(
     `edit.strength` at the layers the reduce chose. `extra` adds manifest fields (e.g. what a
     forget run was made from); `set_latest=False` commits without moving `latest`.
     """
-    pairs, profiles, failures = read_partitions(writer, n_partitions)
+    # Partition by partition: the driver holds per-user results and the groups' pair samples only.
+    reduced, profiles, failures = reduce_partitions(writer, n_partitions, cfg, layers, timings)
     accepted = counts.get("accepted") or (len(profiles) if profiles is not None else 0) + len(failures)
     if failures and len(failures) / accepted > max_user_failures:
         raise JobFailedError(
             f"{len(failures)} of {accepted} users failed in the map stage (limit {max_user_failures:.0%}); "
             f"see runs/{writer.run_id}/failures/"
         )
-    if pairs is None:
+    if reduced is None:
         raise JobFailedError(
             f"the map stage produced no pairs for any user (see runs/{writer.run_id}/failures/)"
         )
-    reduced = reduce_all(pairs, profiles, cfg, layers, timings)
     if calibrate is not None and cfg.edit.form != "projection" and cfg.edit.calibrate:
         t_cal = time.perf_counter()
         reduced.group_calibration = calibrate(reduced, profiles)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -148,9 +149,10 @@ class UnitData:
 
     user_ids: list[str]
     group_ids: list[str | None]
-    H_P: torch.Tensor
-    """[U, K, L, d]"""
-    H_N: torch.Tensor
+    H_P: torch.Tensor | None
+    """[U, K, L, d]; None after a partition-by-partition reduce (`job.reduce_stream`), which keeps
+    no pair vectors once each user is reduced"""
+    H_N: torch.Tensor | None
     mask: torch.Tensor
     """[U, K] real pair slots"""
     history_embedding: torch.Tensor
@@ -203,6 +205,9 @@ class UserReduce:
     """[U, n] indices into the captured layers of each user's edit layers"""
     has_edit: torch.Tensor
     """[U] users with enough pairs for an edit of their own"""
+    steer: tuple[torch.Tensor, torch.Tensor]
+    """(unit mean difference personalized − neutral [U, L, d], typical state norm [U, L]) of each
+    user's kept pairs: the additive forms' user direction, and the `contrast` grouping feature"""
 
 
 def reduce_users(data: UnitData, cfg: SubspaceConfig, layers: Sequence[int], chunk: int = 2048) -> UserReduce:
@@ -217,7 +222,8 @@ def reduce_users(data: UnitData, cfg: SubspaceConfig, layers: Sequence[int], chu
         raise ValueError("no users to reduce")
     sub = ss.Subspaces.cat(parts)
     chosen = ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers)
-    return UserReduce(sub, keep, chosen, keep.sum(1) >= cfg.min_pairs)
+    steer = ss.steering_directions(data.H_P, data.H_N, keep)
+    return UserReduce(sub, keep, chosen, keep.sum(1) >= cfg.min_pairs, steer)
 
 
 def unit_edit(sub: ss.Subspaces, i: int, chosen: torch.Tensor, layers: Sequence[int], site: str) -> Edit:
@@ -266,7 +272,7 @@ def _grouping_features(data: UnitData, red: UserReduce, features: str, idx: torc
         z = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)  # every feature counts alike
         return torch.nn.functional.normalize(z, dim=-1)
     if features == "contrast":
-        direction, _ = ss.steering_directions(data.H_P[idx], data.H_N[idx], red.keep[idx])
+        direction = red.steer[0][idx]
         return torch.nn.functional.normalize(direction.reshape(len(idx), -1), dim=-1)
     return ss.grouping_features(red.sub.select(idx))
 
@@ -393,24 +399,30 @@ def enforce_min_contributors(
     )
 
 
+Pool = Callable[[torch.Tensor, torch.Tensor, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(member pairs [U, K], labels [U], n_groups, max_pairs, seed) -> pooled (H_P, H_N, mask), as
+`core.subspace.pool_groups` returns them."""
+
+
 def reduce_groups(
-    data: UnitData, red: UserReduce, grouping: Grouping, cfg: SubspaceConfig, layers: Sequence[int]
+    data: UnitData,
+    red: UserReduce,
+    grouping: Grouping,
+    cfg: SubspaceConfig,
+    layers: Sequence[int],
+    pool: Pool | None = None,
 ) -> tuple[ss.Subspaces, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Group subspaces from the pooled filtered pairs of each group's members.
 
+    `pool` fetches the pooled pairs (default: from `data`'s dense pair tensors; the streaming
+    reduce reads only the sampled rows back from the partitions).
     Returns (Subspaces over groups, chosen layers [G, n], the pooled (H_P, H_N, mask)).
     """
     pools = red.has_edit if grouping.pools is None else grouping.pools
     member_pairs = red.keep & pools[:, None]
-    pooled = ss.pool_groups(
-        data.H_P,
-        data.H_N,
-        member_pairs,
-        grouping.labels,
-        len(grouping.group_ids),
-        cfg.max_group_pairs,
-        cfg.seed,
-    )
+    if pool is None:
+        pool = partial(ss.pool_groups, data.H_P, data.H_N)
+    pooled = pool(member_pairs, grouping.labels, len(grouping.group_ids), cfg.max_group_pairs, cfg.seed)
     sub = ss.fit_subspaces(*pooled, cfg)
     return sub, ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers), pooled
 
@@ -469,6 +481,15 @@ class Reduced:
         )
 
 
+def reduce_subspace_config(cfg: ChameleonConfig) -> SubspaceConfig:
+    """The subspace settings the reduce runs with."""
+    if cfg.synth.pair_source == "history":
+        # Real text vs the model's own answer: never a duplicate, and states of one prompt are
+        # always close in cosine, so the insight source's near-duplicate filter does not apply.
+        return cfg.subspace.model_copy(update={"pair_cos_max": 1.0})
+    return cfg.subspace
+
+
 def reduce_all(
     pairs: pa.Table,
     profiles: pa.Table,
@@ -478,11 +499,7 @@ def reduce_all(
 ) -> Reduced:
     """Users' subspaces, groups, and the groups' subspaces, from a run's concatenated partitions."""
     t0 = time.perf_counter()
-    sub_cfg = cfg.subspace
-    if cfg.synth.pair_source == "history":
-        # Real text vs the model's own answer: never a duplicate, and states of one prompt are
-        # always close in cosine, so the insight source's near-duplicate filter does not apply.
-        sub_cfg = sub_cfg.model_copy(update={"pair_cos_max": 1.0})
+    sub_cfg = reduce_subspace_config(cfg)
     data = tables_to_units(pairs, profiles, len(layers))
     users = reduce_users(data, sub_cfg, layers)
     t1 = time.perf_counter()
@@ -499,5 +516,5 @@ def reduce_all(
         group_layers,
         list(layers),
         group_steer=ss.steering_directions(*pooled),
-        user_steer=ss.steering_directions(data.H_P, data.H_N, users.keep),
+        user_steer=users.steer,
     )
