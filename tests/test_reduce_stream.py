@@ -11,7 +11,15 @@ from chameleon.data.artifacts import RunWriter
 from chameleon.data.layout import read_partitions
 from chameleon.job.reduce_stream import reduce_partitions
 from chameleon.job.run import write_partition
-from chameleon.job.stages import pairs_to_tables, reduce_all
+from chameleon.job.stages import (
+    attach_user_reduce,
+    pairs_to_tables,
+    reduce_all,
+    reduce_subspace_config,
+    reduce_users,
+    tables_to_units,
+    without_user_reduce,
+)
 
 
 def _user(uid: str, k: int, seed: int, group: str | None) -> UserPairs:
@@ -37,16 +45,26 @@ def _user(uid: str, k: int, seed: int, group: str | None) -> UserPairs:
     )
 
 
+class CountingReads(RunWriter):
+    """A run writer that counts reads of pair files."""
+
+    pair_reads = 0
+
+    def get_parquet(self, relpath):
+        self.pair_reads += relpath.startswith("pairs/")
+        return super().get_parquet(relpath)
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "map_side"),
     [
-        {"groups.features": "style"},
-        {"groups.features": "contrast", "subspace.max_group_pairs": 20},
-        {"groups.group_column": "group_id", "groups.small_groups": "drop"},
+        ({"groups.features": "style"}, True),
+        ({"groups.features": "contrast", "subspace.max_group_pairs": 20}, True),
+        ({"groups.group_column": "group_id", "groups.small_groups": "drop"}, False),
     ],
-    ids=["style", "contrast-sampled", "column-drop"],
+    ids=["style", "contrast-sampled", "column-drop-no-map-results"],
 )
-def test_partition_reduce_equals_the_in_memory_reduce(local_store, overrides):
+def test_partition_reduce_equals_the_in_memory_reduce(local_store, overrides, map_side):
     cfg = ChameleonConfig().with_overrides(
         {
             "groups.n_groups": 3,
@@ -59,14 +77,23 @@ def test_partition_reduce_equals_the_in_memory_reduce(local_store, overrides):
     )
     # Ids out of order across partitions, uneven pair counts (one user with one pair: no edit).
     users = [_user(f"u{(7 * i) % 23:02d}", 1 if i == 5 else 3 + i % 4, i, f"g{i % 4}") for i in range(23)]
-    writer = RunWriter(local_store, "r")
+    writer = CountingReads(local_store, "r")
     for k in range(0, len(users), 5):
-        write_partition(writer, k // 5, *pairs_to_tables(users[k : k + 5]), [])
+        pairs, profiles = pairs_to_tables(users[k : k + 5])
+        if map_side:  # what process_partition stores: each user's own reduce
+            data = tables_to_units(pairs, profiles, 2)
+            red = reduce_users(data, reduce_subspace_config(cfg), [3, 5])
+            profiles = attach_user_reduce(profiles, data, red, cfg, [3, 5])
+        write_partition(writer, k // 5, pairs, profiles, [])
     n = (len(users) + 4) // 5
     pairs, profiles, _ = read_partitions(writer, n)
-    want = reduce_all(pairs, profiles, cfg, [3, 5])
+    want = reduce_all(pairs, without_user_reduce(profiles), cfg, [3, 5])
+    writer.pair_reads = 0
     got, got_profiles, failures = reduce_partitions(writer, n, cfg, [3, 5])
     assert failures == [] and got_profiles.num_rows == len(users)
+    assert got_profiles.column_names == without_user_reduce(profiles).column_names
+    # With the map's per-user results, pair files are read only for the groups' samples.
+    assert writer.pair_reads == n if map_side else writer.pair_reads == 2 * n
     assert got.data.H_P is None  # no pair vectors kept
     assert got.data.user_ids == want.data.user_ids == sorted(u.user_id for u in users)
     assert torch.equal(got.data.mask, want.data.mask) and torch.equal(got.users.keep, want.users.keep)

@@ -37,6 +37,7 @@ from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.publish import reduce_and_publish
 from chameleon.job.run import write_partition
+from chameleon.job.stages import without_user_reduce
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,9 @@ def forget_users(
     for k in range(n_parts):
         keys = part_keys(k)
         pairs = _drop_users(src.get_parquet(keys.pairs), ids)
-        profiles = _drop_users(src.get_parquet(keys.profiles), ids)
+        # Without the stored per-user results: the reduce recomputes them from the pairs left (their
+        # CCS batches had the forgotten users in them).
+        profiles = without_user_reduce(_drop_users(src.get_parquet(keys.profiles), ids))
         failures = src.get_jsonl(keys.failures)
         kept = [f for f in failures if f.get("user_id") not in gone]
         removed_accepted += len(failures) - len(kept)  # failed users were accepted too

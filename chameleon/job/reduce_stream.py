@@ -5,7 +5,10 @@
 `reduce_partitions` computes the same thing in two passes over the stored partitions:
 
 1. each partition's users are reduced on their own (θP, θN, μ, CCS loss, layer choice, steering
-   direction; `stages.reduce_users`), and only these per-user results are kept;
+   direction; `stages.reduce_users`) where the pairs are made: the map stage stores the results
+   with the partition's profiles (`stages.attach_user_reduce`), so the driver reads only these
+   (a partition without them, or made under other subspace settings, is reduced here from its
+   pairs); only the per-user results are kept;
 2. after grouping (`stages.group_users`, on the per-user results), the pairs each group pools
    (at most `subspace.max_group_pairs` per group, the very sample `reduce_all` takes) are read
    back from their partitions, and nothing else.
@@ -38,7 +41,9 @@ from chameleon.job.stages import (
     reduce_groups,
     reduce_subspace_config,
     reduce_users,
+    stored_user_reduce,
     tables_to_units,
+    without_user_reduce,
 )
 
 
@@ -135,16 +140,18 @@ def reduce_partitions(
     for k in range(n_partitions):
         keys = part_keys(k)
         failures += files.get_jsonl(keys.failures)
-        pairs = files.get_parquet(keys.pairs)
-        if not pairs.num_rows:
-            continue
         prof = files.get_parquet(keys.profiles)
-        data = tables_to_units(pairs, prof, len(layers))
-        red = reduce_users(data, sub_cfg, layers)
-        data.H_P = data.H_N = None  # this partition's pair vectors are not needed any more
-        parts.append((data, red))
-        profiles.append(prof)
-        where.update(dict.fromkeys(data.user_ids, k))
+        if not prof.num_rows:  # every user of the partition failed
+            continue
+        stored = stored_user_reduce(prof, cfg, layers)
+        if stored is None:  # made without per-user results, or under other settings: reduce here
+            data = tables_to_units(files.get_parquet(keys.pairs), prof, len(layers))
+            red = reduce_users(data, sub_cfg, layers)
+            data.H_P = data.H_N = None  # this partition's pair vectors are not needed any more
+            stored = data, red
+        parts.append(stored)
+        profiles.append(without_user_reduce(prof))
+        where.update(dict.fromkeys(stored[0].user_ids, k))
     if not parts:
         return None, None, failures
     ids = [u for d, _ in parts for u in d.user_ids]

@@ -13,6 +13,7 @@ Tables between stages (one Parquet file per partition):
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -136,6 +137,13 @@ def process_partition(
                     }
                 )
     pairs, profiles = pairs_to_tables(done)
+    if pairs.num_rows:
+        # Each user's own reduce runs here, where the pairs are made: the driver then reads these
+        # per-user results instead of every pair vector (`job.reduce_stream`).
+        data = tables_to_units(pairs, profiles, len(layers))
+        profiles = attach_user_reduce(
+            profiles, data, reduce_users(data, reduce_subspace_config(cfg), layers), cfg, layers
+        )
     return pairs, profiles, failures
 
 
@@ -224,6 +232,105 @@ def reduce_users(data: UnitData, cfg: SubspaceConfig, layers: Sequence[int], chu
     chosen = ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers)
     steer = ss.steering_directions(data.H_P, data.H_N, keep)
     return UserReduce(sub, keep, chosen, keep.sum(1) >= cfg.min_pairs, steer)
+
+
+# -- per-user results stored with a partition's profiles -------------------------------------------
+
+UNIT_PREFIX = "unit_"
+UNIT_SIGNATURE = b"chameleon.unit_signature"
+"""Schema metadata of a profiles table with per-user results: what they were computed under."""
+
+
+def unit_signature(cfg: ChameleonConfig, layers: Sequence[int]) -> bytes:
+    """The settings per-user results depend on; results made under others are recomputed."""
+    return json.dumps(
+        {"subspace": reduce_subspace_config(cfg).model_dump(), "layers": list(layers)}, sort_keys=True
+    ).encode()
+
+
+def attach_user_reduce(
+    profiles: pa.Table, data: UnitData, red: UserReduce, cfg: ChameleonConfig, layers: Sequence[int]
+) -> pa.Table:
+    """`profiles` with each user's reduce (`reduce_users` on `data`) as `unit_*` columns."""
+    row = {u: i for i, u in enumerate(data.user_ids)}
+    order = torch.tensor([row[u] for u in profiles.column("user_id").to_pylist()], dtype=torch.long)
+    sub = red.sub.select(order)
+
+    def vec(x: torch.Tensor) -> pa.Array:
+        flat = x.reshape(len(order), -1).float()
+        return vector_column(flat.numpy(), flat.shape[1])
+
+    def bools(x: torch.Tensor) -> pa.Array:
+        return pa.array(x[order].tolist(), pa.list_(pa.bool_()))
+
+    cols = {
+        "mask": bools(data.mask),
+        "keep": bools(red.keep),
+        "theta_p": vec(sub.theta_p),
+        "rank": pa.array(sub.rank.tolist(), pa.list_(pa.int32())),
+        "theta_n": vec(sub.theta_n),
+        "ccs_loss": vec(sub.ccs_loss),
+        "mean": vec(sub.mean),
+        "chosen": pa.array(red.chosen[order].tolist(), pa.list_(pa.int32())),
+        "steer": vec(red.steer[0][order]),
+        "steer_norm": vec(red.steer[1][order]),
+    }
+    for name, col in cols.items():
+        profiles = profiles.append_column(UNIT_PREFIX + name, col)
+    meta = {**(profiles.schema.metadata or {}), UNIT_SIGNATURE: unit_signature(cfg, layers)}
+    return profiles.replace_schema_metadata(meta)
+
+
+def stored_user_reduce(
+    profiles: pa.Table, cfg: ChameleonConfig, layers: Sequence[int]
+) -> tuple[UnitData, UserReduce] | None:
+    """The per-user results stored with `profiles` (users sorted by id, no pair vectors), or None
+    when there are none or they were computed under other settings."""
+    meta = profiles.schema.metadata or {}
+    if UNIT_PREFIX + "theta_n" not in profiles.column_names or not profiles.num_rows:
+        return None
+    if meta.get(UNIT_SIGNATURE) != unit_signature(cfg, layers):
+        return None
+    ids = profiles.column("user_id").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    U, L = len(ids), len(layers)
+
+    def col(name: str, *shape: int) -> torch.Tensor:
+        return torch.from_numpy(column_matrix(profiles, UNIT_PREFIX + name)[order].copy()).reshape(U, *shape)
+
+    def ragged(name: str, dtype: torch.dtype) -> torch.Tensor:
+        rows = profiles.column(UNIT_PREFIX + name).to_pylist()
+        K = max(len(r) for r in rows)
+        return torch.tensor([rows[i] + [False] * (K - len(rows[i])) for i in order], dtype=dtype)
+
+    mask, keep = ragged("mask", torch.bool), ragged("keep", torch.bool)
+    d = column_matrix(profiles, UNIT_PREFIX + "theta_n").shape[1] // L
+    theta_p = col("theta_p", L, -1, d)
+    groups = profiles.column("group_id").to_pylist()
+    hist = torch.from_numpy(column_matrix(profiles, "history_embedding")[order].copy())
+    style = None
+    if "style_features" in profiles.column_names:
+        style = torch.from_numpy(column_matrix(profiles, "style_features")[order].copy()).float()
+    data = UnitData([ids[i] for i in order], [groups[i] for i in order], None, None, mask, hist, style)
+    rank = torch.tensor(
+        [profiles.column(UNIT_PREFIX + "rank").to_pylist()[i] for i in order], dtype=torch.long
+    )
+    sub = ss.Subspaces(
+        theta_p, rank, col("theta_n", L, d), col("ccs_loss", L), col("mean", L, d), keep.sum(1)
+    )
+    chosen = torch.tensor(
+        [profiles.column(UNIT_PREFIX + "chosen").to_pylist()[i] for i in order], dtype=torch.long
+    )
+    min_pairs = reduce_subspace_config(cfg).min_pairs
+    red = UserReduce(sub, keep, chosen, keep.sum(1) >= min_pairs, (col("steer", L, d), col("steer_norm", L)))
+    return data, red
+
+
+def without_user_reduce(profiles: pa.Table) -> pa.Table:
+    """`profiles` without the per-user result columns (what calibration and evaluation read)."""
+    kept = profiles.select([c for c in profiles.column_names if not c.startswith(UNIT_PREFIX)])
+    meta = {k: v for k, v in (kept.schema.metadata or {}).items() if k != UNIT_SIGNATURE}
+    return kept.replace_schema_metadata(meta or None)
 
 
 def unit_edit(sub: ss.Subspaces, i: int, chosen: torch.Tensor, layers: Sequence[int], site: str) -> Edit:

@@ -16,8 +16,9 @@ Checks (each `check_<name>(workdir, args) -> {figure: value}`; `--only` picks so
 - groups: column groups with a singleton and a group whose members mostly lack pairs, both
   policies; `groups_below_min_contributors` counts published groups under the floor.
 - driver_memory: peak RSS of a fresh process running the job's reduce and publish
-  (`job.publish.reduce_and_publish`) on stored partitions of random pairs, per size in
-  `--mem-sizes`; `driver_memory_ratio` = largest over smallest (goal <= 1.5).
+  (`job.publish.reduce_and_publish`) on stored partitions of random pairs that carry their users'
+  own reduce (the map stage's work, done here while writing them), per size in `--mem-sizes`;
+  `driver_memory_ratio` = largest over smallest (goal <= 1.5).
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ from chameleon.dev.poison import GOOD_KINDS, MALFORMED_KINDS, PARQUET_KINDS
 from chameleon.job.forget import forget_users
 from chameleon.job.publish import reduce_and_publish
 from chameleon.job.run import begin_run, write_partition
-from chameleon.job.stages import pairs_to_tables, reduce_all
+from chameleon.job.stages import (
+    attach_user_reduce,
+    pairs_to_tables,
+    reduce_all,
+    reduce_subspace_config,
+    reduce_users,
+    tables_to_units,
+)
 
 POISON_CFG = ChameleonConfig()
 
@@ -147,9 +155,10 @@ def _bench_cfg(args, **overrides) -> ChameleonConfig:
 
 
 def write_synthetic_run(
-    store: LocalStore, run_id: str, n_users: int, args, seed: int = 0
+    store: LocalStore, run_id: str, n_users: int, args, seed: int = 0, cfg: ChameleonConfig | None = None
 ) -> tuple[int, dict]:
-    """Partitions of random pairs in a run that is still open; returns (partitions, counts)."""
+    """Partitions of random pairs in a run that is still open; returns (partitions, counts). With
+    `cfg`, each partition also stores its users' own reduce, as the map stage does."""
     writer = RunWriter(store, run_id)
     writer.put_jsonl("rejects.jsonl", [])
     size = 64
@@ -159,7 +168,12 @@ def write_synthetic_run(
         part = [u for _, u in zip(range(size), users, strict=False)]
         if not part:
             break
-        write_partition(writer, n_parts, *pairs_to_tables(part), [])
+        pairs, profiles = pairs_to_tables(part)
+        if cfg is not None:
+            data = tables_to_units(pairs, profiles, args.layers)
+            red = reduce_users(data, reduce_subspace_config(cfg), list(range(args.layers)))
+            profiles = attach_user_reduce(profiles, data, red, cfg, list(range(args.layers)))
+        write_partition(writer, n_parts, pairs, profiles, [])
         n_parts += 1
     counts = {"records": n_users, "accepted": n_users, "rejected": 0, "partitions": n_parts}
     return n_parts, counts
@@ -257,7 +271,7 @@ def check_driver_memory(workdir: Path, args) -> dict[str, int | float]:
     for n in [int(x) for x in args.mem_sizes.split(",")]:
         store_dir = workdir / f"mem-{n}"
         store = LocalStore(store_dir)
-        n_parts, counts = write_synthetic_run(store, "mem", n, args)
+        n_parts, counts = write_synthetic_run(store, "mem", n, args, cfg=_bench_cfg(args))
         (store_dir / "meta.json").write_text(json.dumps({"partitions": n_parts, "counts": counts}))
         cmd = [sys.executable, __file__, "--reduce-child", str(store_dir), *_shape_flags(args)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
