@@ -66,8 +66,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         store = _open_store(args, stack)
-        if args.list:
-            holding = runs_holding(store, args.user)
+        holding = runs_holding(store, args.user)
+        if args.list or not holding:  # nothing holds them: no new run to publish
             for run_id, users in holding.items():
                 print(f"{run_id}: {', '.join(users)}")
             print(

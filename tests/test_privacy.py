@@ -167,3 +167,7 @@ def test_forget_publishes_a_run_without_any_byte_of_the_user(tmp_path, tiny_mode
     assert manifest["counts"]["accepted"] == len(users) and manifest["counts"]["users_mapped"] == len(users)
     assert all(g["n_users"] >= cfg.groups.min_contributors for g in manifest["groups"])
     assert runs_holding(store, ["forget-me"]) == {}
+    # Forgetting a user no run holds publishes nothing.
+    runs_before = store.list("runs/")
+    assert main(["forget", "--user", "forget-me", "--store", str(store.root)]) == 0
+    assert store.list("runs/") == runs_before

@@ -312,15 +312,12 @@ def stored_user_reduce(
     if "style_features" in profiles.column_names:
         style = torch.from_numpy(column_matrix(profiles, "style_features")[order].copy()).float()
     data = UnitData([ids[i] for i in order], [groups[i] for i in order], None, None, mask, hist, style)
-    rank = torch.tensor(
-        [profiles.column(UNIT_PREFIX + "rank").to_pylist()[i] for i in order], dtype=torch.long
-    )
+    ranks, chosen_rows = (profiles.column(UNIT_PREFIX + n).to_pylist() for n in ("rank", "chosen"))
+    rank = torch.tensor([ranks[i] for i in order], dtype=torch.long)
     sub = ss.Subspaces(
         theta_p, rank, col("theta_n", L, d), col("ccs_loss", L), col("mean", L, d), keep.sum(1)
     )
-    chosen = torch.tensor(
-        [profiles.column(UNIT_PREFIX + "chosen").to_pylist()[i] for i in order], dtype=torch.long
-    )
+    chosen = torch.tensor([chosen_rows[i] for i in order], dtype=torch.long)
     min_pairs = reduce_subspace_config(cfg).min_pairs
     red = UserReduce(sub, keep, chosen, keep.sum(1) >= min_pairs, (col("steer", L, d), col("steer_norm", L)))
     return data, red
