@@ -1,4 +1,4 @@
-"""`chameleon personalize | demo | serve | eval`: one root parser and one `main`.
+"""`chameleon personalize | forget | demo | serve | eval`: one root parser and one `main`.
 
 Heavy libraries (torch, Ray, transformers) are imported only when a command runs, so
 `chameleon --help` is instant. Exit codes: 0 done; 1 the job ran and failed (too many failed
@@ -37,6 +37,19 @@ def s3_options(args: argparse.Namespace, cfg: Any = None) -> dict[str, Any]:
     return options
 
 
+def _open_store(args: argparse.Namespace, stack: contextlib.ExitStack, cfg: Any = None) -> Any:
+    """`--store`, else the embedded S3 server under `--workdir` (kept running until `stack` closes)."""
+    if args.store:
+        from chameleon.data.storage import open_store
+
+        return open_store(args.store, **s3_options(args, cfg))
+    from chameleon.dev.s3server import embedded_store
+
+    s3, store = stack.enter_context(embedded_store(Path(args.workdir)))
+    os.environ.setdefault("AWS_ENDPOINT_URL", s3.endpoint_url)
+    return store
+
+
 def cmd_personalize(args: argparse.Namespace) -> int:
     from chameleon.data.artifacts import new_run_id
     from chameleon.job.drivers import describe_run, run_job
@@ -44,15 +57,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     run_id = args.run_id or new_run_id("run")
     with contextlib.ExitStack() as stack:
-        if args.store:
-            from chameleon.data.storage import open_store
-
-            store = open_store(args.store, **s3_options(args, cfg))
-        else:
-            from chameleon.dev.s3server import embedded_store
-
-            s3, store = stack.enter_context(embedded_store(Path(args.workdir)))
-            os.environ.setdefault("AWS_ENDPOINT_URL", s3.endpoint_url)
+        store = _open_store(args, stack, cfg)
         manifest = run_job(
             args.input,
             store,
@@ -64,6 +69,46 @@ def cmd_personalize(args: argparse.Namespace) -> int:
             **s3_options(args, cfg),
         )
         print("\n" + describe_run(manifest, store.uri))
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from chameleon.job.forget import forget_users, runs_holding
+
+    with contextlib.ExitStack() as stack:
+        store = _open_store(args, stack)
+        holding = runs_holding(store, args.user)
+        if args.list or not holding:  # nothing holds them: no new run to publish
+            for run_id, users in holding.items():
+                print(f"{run_id}: {', '.join(users)}")
+            print(
+                f"{len(holding)} committed runs hold {'these users' if len(args.user) > 1 else 'this user'}"
+            )
+            return 0
+        res = forget_users(
+            store, args.user, source_run=args.run, new_run=args.new_run_id, delete_old=args.delete_old
+        )
+    for run_id, users in res.holding.items():
+        print(f"held by {run_id}: {', '.join(users)}")
+    c = res.manifest["counts"]
+    print(
+        f"published run {res.new_run} from {res.source_run} without {len(args.user)} user(s): "
+        f"{c['users_mapped']} users, {c['groups']} groups"
+        + (
+            " (latest updated)"
+            if res.manifest["run_id"] == res.new_run and res.source_run != res.new_run
+            else ""
+        )
+    )
+    if res.deleted:
+        print(f"deleted runs: {', '.join(res.deleted)}")
+    else:
+        kept = sorted(res.holding)
+        if kept:
+            print(f"still holding the users (pass --delete-old to delete them): {', '.join(kept)}")
+    if res.incomplete:
+        print(f"runs without a manifest were not checked and may hold them: {', '.join(res.incomplete)}")
+    print("remove the users from the input users file too, or the next personalize run brings them back")
     return 0
 
 
@@ -88,6 +133,13 @@ _PERSONALIZE_EXAMPLES = """examples:
 
 A rerun with the same --run-id resumes only under the job spec the run was started with (config,
 input, model, prompt version, partition size); otherwise it is refused, naming what differs.
+"""
+
+
+_FORGET_EXAMPLES = """examples:
+  chameleon forget --user u17 --store s3://runs/prod --list          # which runs hold u17
+  chameleon forget --user u17 u42 --store s3://runs/prod             # new run from latest without them
+  chameleon forget --user u17 --store s3://runs/prod --delete-old    # ... then delete every run that held u17
 """
 
 
@@ -140,6 +192,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(p)
     p.set_defaults(func=cmd_personalize)
+
+    p = sub.add_parser(
+        "forget",
+        help="forget users: list the runs that hold them, publish a new run without them",
+        description="Forget users: find the committed runs that hold them, then publish a new run made\n"
+        "from a run's own partitions without their rows (re-reduced, re-grouped and, when the edits are\n"
+        "calibrated, recalibrated with the run's model in this process). `latest` moves to the new run\n"
+        "when the source is the latest run. Remove the users from the input users file as well.",
+        epilog=_FORGET_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--user", required=True, nargs="+", action="extend", metavar="ID", help="user ids to forget"
+    )
+    p.add_argument(
+        "--store",
+        help="the runs' store: s3://bucket/prefix or a local dir (default: the embedded S3 server under --workdir)",
+    )
+    p.add_argument(
+        "--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL / CHAMELEON_S3_ENDPOINT)"
+    )
+    p.add_argument(
+        "--workdir",
+        default=DEFAULT_WORKDIR,
+        help=f"data dir of the embedded S3 server (default: {DEFAULT_WORKDIR})",
+    )
+    p.add_argument("--run", default="latest", help="the run to copy without the users (default: latest)")
+    p.add_argument("--new-run-id", help="id of the new run (default: a new forget-… id)")
+    p.add_argument("--list", action="store_true", help="only list the committed runs that hold the users")
+    p.add_argument(
+        "--delete-old",
+        action="store_true",
+        help="after publishing, delete every committed run that held the users (irreversible)",
+    )
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser(
         "demo",

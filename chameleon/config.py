@@ -79,6 +79,9 @@ class SynthConfig(_Section):
     """Records with more history items are rejected (bad input, not silently truncated)."""
     max_item_chars: int = Field(4000, ge=16)
     """Longer history items are rejected; keeps prompts inside the model's context."""
+    max_record_bytes: int = Field(8 * 2**20, ge=1024)
+    """JSONL lines (and elements of a LaMP JSON list) longer than this are rejected unread; a
+    record within the history limits above is well under the default 8 MiB."""
     pairs_per_user: int = Field(8, ge=1)
     """K: queries answered twice (personalized, neutral) per user. Queries cycle over the selected
     history items when K exceeds them (sampled answers differ; greedy duplicates are filtered)."""
@@ -184,6 +187,17 @@ class GroupConfig(_Section):
     """Smaller clusters are merged into their nearest larger one (no group edit from a handful)."""
     group_column: str | None = None
     """Group by this field of the user records instead of clustering."""
+    min_contributors: int = Field(3, ge=1)
+    """Privacy floor of every published group edit, clustered or column-defined: the number of
+    distinct users whose pairs actually entered the group's pooled subspace (members without
+    enough pairs, or whose pairs fell out of the `subspace.max_group_pairs` sample, do not count).
+    Groups below it are handled by `small_groups`; the manifest lists them under
+    `unpublished_groups`. The job fails when not even one group reaches it."""
+    small_groups: Literal["merge", "drop"] = "merge"
+    """What happens to a group below `min_contributors`: `merge` (its members and their pairs join
+    the group with the nearest history centroid) or `drop` (no edit is published for it; its members
+    are assigned to the nearest published group by their history, as unseen users are, and their
+    pairs enter no group edit)."""
     seed: int = 0
     """Seeds the k-means++ initialization."""
 

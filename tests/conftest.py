@@ -72,6 +72,7 @@ def tiny_job_config(model_dir, **overrides):
         "subspace.ccs_restarts": 3,
         "groups.n_groups": 3,
         "groups.min_group_size": 2,
+        "groups.min_contributors": 2,
         "job.users_per_partition": 4,
     }
     return ChameleonConfig().with_overrides({**base, **overrides})

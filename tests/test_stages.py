@@ -60,6 +60,7 @@ def test_reduce_all_gives_every_user_a_group_and_every_group_an_edit():
         {
             "groups.n_groups": 2,
             "groups.min_group_size": 1,
+            "groups.min_contributors": 1,
             "subspace.ccs_steps": 50,
             "subspace.ccs_restarts": 2,
             "subspace.n_layers": 1,
@@ -102,6 +103,7 @@ def test_style_grouping_puts_users_who_write_alike_together():
         {
             "groups.n_groups": 2,
             "groups.min_group_size": 1,
+            "groups.min_contributors": 1,
             "subspace.ccs_steps": 20,
             "subspace.ccs_restarts": 1,
         }

@@ -321,6 +321,26 @@ def choose_layers(
 # Pooling pairs of many users into group units
 
 
+def group_pair_rows(
+    mask: torch.Tensor,
+    group_index: torch.Tensor,
+    n_groups: int,
+    max_pairs: int | None = None,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """Per group, the flat indices (u * K + k) of the pairs it pools: the real pairs of every
+    member (group_index [U], -1 = in no group), or a seeded random subset of `max_pairs` of them.
+    The owners of a group's pairs (`rows // K`) are the users who contribute to its edit."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for g in range(n_groups):
+        idx = torch.nonzero(((group_index == g)[:, None] & mask).flatten()).flatten()
+        if max_pairs is not None and len(idx) > max_pairs:
+            idx = idx[torch.randperm(len(idx), generator=gen)[:max_pairs].sort().values]
+        out.append(idx)
+    return out
+
+
 def pool_groups(
     H_P: torch.Tensor,
     H_N: torch.Tensor,
@@ -333,18 +353,13 @@ def pool_groups(
     """Stack the real pairs of every member of each group into one unit per group.
 
     group_index [U] (values in 0..n_groups-1; -1 = in no group). Groups with more than
-    `max_pairs` pairs keep a seeded random subset, so a group's reduce costs the same at any size.
-    Returns H_P, H_N [G, Kmax, L, d] and mask [G, Kmax].
+    `max_pairs` pairs keep a seeded random subset (`group_pair_rows`), so a group's reduce costs
+    the same at any size. Returns H_P, H_N [G, Kmax, L, d] and mask [G, Kmax].
     """
     U, K, L, d = H_P.shape
-    gen = torch.Generator().manual_seed(seed)
-    rows_p, rows_n = [], []
-    for g in range(n_groups):
-        idx = torch.nonzero(((group_index == g)[:, None] & mask).flatten()).flatten()
-        if max_pairs is not None and len(idx) > max_pairs:
-            idx = idx[torch.randperm(len(idx), generator=gen)[:max_pairs].sort().values]
-        rows_p.append(H_P.reshape(U * K, L, d)[idx])
-        rows_n.append(H_N.reshape(U * K, L, d)[idx])
+    rows = group_pair_rows(mask, group_index, n_groups, max_pairs, seed)
+    rows_p = [H_P.reshape(U * K, L, d)[idx] for idx in rows]
+    rows_n = [H_N.reshape(U * K, L, d)[idx] for idx in rows]
     kmax = max([r.shape[0] for r in rows_p] + [1])
     out_p = H_P.new_zeros(n_groups, kmax, L, d)
     out_n = H_N.new_zeros(n_groups, kmax, L, d)

@@ -7,7 +7,9 @@ A user record is one JSON object (JSONL line or Parquet row):
 
 `history` items may also be plain strings. A LaMP question (`id`, `input`, `profile`) is accepted
 too and converted. Invalid records never stop a job: `validate_records` returns the accepted
-users and one reject (with a reason) per bad record.
+users and one reject (with a reason) per bad record, whatever the record holds: any exception
+while checking one record is that record's reject, and a reject's copy of the record is made
+JSON-safe (`json_safe`), so writing `rejects.jsonl` cannot fail on it either.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ class Reject:
     """The offending record, kept so nothing is lost (truncated when huge)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "user_id": self.user_id, "reason": self.reason, "record": self.record}
+        """A JSON-safe row of `rejects.jsonl` (strict JSON, any Unicode, no lone surrogates)."""
+        return {
+            "index": self.index,
+            "user_id": json_safe(self.user_id),
+            "reason": json_safe(self.reason),
+            "record": json_safe(self.record),
+        }
+
+
+UNREADABLE = "_unreadable"
+"""Key of a placeholder record (`chameleon.data.inputs`): input that could not be decoded, and why."""
 
 
 class InvalidRecord(ValueError):
@@ -47,6 +59,10 @@ def _text(value: Any, what: str, max_chars: int) -> str:
         raise InvalidRecord(f"{what} must be a string, got {type(value).__name__}")
     if "\ufffd" in value:
         raise InvalidRecord(f"{what} contains undecodable text (U+FFFD)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800"): no tokenizer can take it
+        raise InvalidRecord(f"{what} contains a lone surrogate (invalid Unicode)") from exc
     if "\x00" in value:
         raise InvalidRecord(f"{what} contains a NUL character")
     if not value.strip():
@@ -59,7 +75,11 @@ def _text(value: Any, what: str, max_chars: int) -> str:
 def lamp_record(raw: dict[str, Any], query_template: str | None) -> dict[str, Any]:
     """A LaMP question (`id`, `input`, `profile`) as a user record (`user_id`, `history`, `query`)."""
     history = []
-    for item in raw.get("profile") or []:
+    profile = raw.get("profile")
+    if not isinstance(profile, list):
+        # A number is not iterable, and a string or dict would iterate into one-letter items.
+        raise InvalidRecord(f"profile must be a list, got {type(profile).__name__}")
+    for item in profile:
         if isinstance(item, dict):
             text = item.get("text", item.get("output", item.get("abstract")))
             history.append(
@@ -86,13 +106,11 @@ def parse_record(
     """Validate one raw record; raise `InvalidRecord` with the reason."""
     if not isinstance(raw, dict):
         raise InvalidRecord(f"record must be an object, got {type(raw).__name__}")
-    if "_unreadable" in raw:
-        raise InvalidRecord(f"unreadable input ({raw['_unreadable']})")
+    if UNREADABLE in raw:
+        raise InvalidRecord(f"unreadable input ({raw[UNREADABLE]})")
     if "user_id" not in raw and "profile" in raw:
         raw = {**raw, **lamp_record(raw, query_template)}
-    uid = raw.get("user_id")
-    if isinstance(uid, int) and not isinstance(uid, bool):
-        uid = str(uid)
+    uid = _int_as_id(raw.get("user_id"), "user_id")
     if uid is None or uid == "":
         raise InvalidRecord("missing user_id")
     if not isinstance(uid, str):
@@ -121,15 +139,70 @@ def parse_record(
     query = _text(query, "query", max_item_chars) if query not in (None, "") else None
     group = raw.get(group_column) if group_column else raw.get("group_id")
     if group is not None:
-        group = str(group)
+        group = _int_as_id(group, "group id")
+        if not isinstance(group, str):
+            # str() would turn NaN into "nan" and pool every NaN user into one group.
+            raise InvalidRecord(f"group id must be a string, got {type(group).__name__}")
         if not is_valid_id(group):
             raise InvalidRecord(f"group id must be {ID_RULE}")
     return UserRecord(user_id=uid, history=tuple(items), query=query, group_id=group)
 
 
-def _shorten(raw: Any, limit: int = 2000) -> Any:
-    text = repr(raw)
-    return raw if len(text) <= limit else text[:limit] + "…"
+def _int_as_id(value: Any, what: str) -> Any:
+    """Integer ids become strings (LaMP ids are ints); bools are not ids."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 430:  # > 128 digits: not an id (and str() fails past 4300 digits)
+            raise InvalidRecord(f"{what} is an integer of more than 128 digits")
+        return str(value)
+    return value
+
+
+_MAX_ITEMS = 64
+_MAX_DEPTH = 8
+_MAX_STR = 2000
+
+
+def json_safe(value: Any, limit: int = _MAX_STR, _depth: int = 0) -> Any:
+    """A copy of `value` that strict JSON can always encode as UTF-8 (for `rejects.jsonl`).
+
+    Lone surrogates and undecodable bytes become backslash escapes, huge integers and
+    non-finite floats become strings, other objects their repr; strings, containers and
+    depth are capped (a cut is marked with `…`). Nothing here can raise.
+    """
+    try:
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return value if value.bit_length() <= 64 else f"<integer of {value.bit_length()} bits>"
+        if isinstance(value, float):
+            return value if value == value and abs(value) != float("inf") else repr(value)
+        if isinstance(value, bytes | bytearray | memoryview):
+            value = bytes(value[: limit + 1]).decode("utf-8", "backslashreplace")
+        if isinstance(value, str):
+            text = value[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+            return text + "…" if len(value) > limit else text
+        if _depth >= _MAX_DEPTH:
+            return "…"
+        if isinstance(value, dict):
+            items = list(value.items())
+            out = {
+                str(json_safe(k, 200, _depth + 1)): json_safe(v, limit, _depth + 1)
+                for k, v in items[:_MAX_ITEMS]
+            }
+            if len(items) > _MAX_ITEMS:
+                out["…"] = f"{len(items) - _MAX_ITEMS} more keys"
+            return out
+        if isinstance(value, list | tuple):
+            out_list = [json_safe(v, limit, _depth + 1) for v in value[:_MAX_ITEMS]]
+            return out_list + ["…"] if len(value) > _MAX_ITEMS else out_list
+        return json_safe(repr(value), limit, _depth + 1)
+    except Exception as exc:  # e.g. a repr that raises
+        return f"<unprintable {type(value).__name__}: {type(exc).__name__}>"
+
+
+def _uid_of(raw: Any) -> str | None:
+    uid = raw.get("user_id", raw.get("id")) if isinstance(raw, dict) else None
+    return uid if isinstance(uid, str) else None
 
 
 def validate_records(raw_records: Iterable[Any], **kwargs: Any) -> tuple[list[UserRecord], list[Reject]]:
@@ -141,8 +214,10 @@ def validate_records(raw_records: Iterable[Any], **kwargs: Any) -> tuple[list[Us
         try:
             parsed.append((i, parse_record(raw, **kwargs)))
         except InvalidRecord as exc:
-            uid = raw.get("user_id", raw.get("id")) if isinstance(raw, dict) else None
-            rejects.append(Reject(i, uid if isinstance(uid, str) else None, str(exc), _shorten(raw)))
+            rejects.append(Reject(i, _uid_of(raw), str(exc), json_safe(raw)))
+        except Exception as exc:  # any other failure on one record is that record's reject
+            reason = f"invalid record ({type(exc).__name__}: {json_safe(str(exc), 300)})"
+            rejects.append(Reject(i, _uid_of(raw), reason, json_safe(raw)))
     counts: dict[str, int] = {}
     for _, rec in parsed:
         counts[rec.user_id] = counts.get(rec.user_id, 0) + 1
@@ -154,7 +229,7 @@ def validate_records(raw_records: Iterable[Any], **kwargs: Any) -> tuple[list[Us
                     i,
                     rec.user_id,
                     f"duplicate user_id ({counts[rec.user_id]} records)",
-                    _shorten(rec.to_dict()),
+                    json_safe(rec.to_dict()),
                 )
             )
         else:

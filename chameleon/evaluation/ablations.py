@@ -102,9 +102,11 @@ def ablation_grid(names: Sequence[str]) -> list[AblationPoint]:
 def group_overrides(target: Any, n_users: int) -> dict[str, Any]:
     """Config overrides for about ``target`` users per group among ``n_users`` (``"all"``: one group)."""
     if target == "all":
-        return {"groups.n_groups": 1, "groups.min_group_size": 1}
+        return {"groups.n_groups": 1, "groups.min_group_size": 1, "groups.min_contributors": 1}
     k = max(1, round(n_users / int(target)))
-    return {"groups.n_groups": k, "groups.min_group_size": max(1, int(target) // 2)}
+    # An in-memory study of group size: the published runs' privacy floor follows the target.
+    floor = max(1, int(target) // 2)
+    return {"groups.n_groups": k, "groups.min_group_size": floor, "groups.min_contributors": floor}
 
 
 def fit_signature(cfg: ChameleonConfig) -> str:

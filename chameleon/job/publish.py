@@ -23,10 +23,10 @@ from chameleon.data.layout import (
     CENTROIDS,
     USER_SHARD_SIZE,
     group_key,
-    read_partitions,
     user_shards,
 )
-from chameleon.job.stages import Reduced, reduce_all
+from chameleon.job.reduce_stream import reduce_partitions
+from chameleon.job.stages import Reduced
 
 Calibrate = Callable[[Reduced, pa.Table], list[Calibration]]
 """(reduced, profiles) -> one Calibration per group, in group order."""
@@ -86,11 +86,18 @@ def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> li
         edit = reduced.group_edit(j, cfg.edit, cfg.subspace.site)
         rank = groups.rank[j, reduced.group_layers[j]]
         tensors = {**edit.to_tensors(), "rank": rank, "ccs_loss": groups.ccs_loss[j]}
-        meta = {"group_id": gid, "n_users": str(grouping.sizes[j]), "n_pairs": str(int(groups.n_pairs[j]))}
+        # n_users: the users whose pairs entered this edit (members without pairs do not count).
+        meta = {
+            "group_id": gid,
+            "n_users": str(grouping.contributors[j]),
+            "n_members": str(grouping.sizes[j]),
+            "n_pairs": str(int(groups.n_pairs[j])),
+        }
         writer.put_safetensors(group_key(gid), tensors, meta)
         row = {
             "group_id": gid,
-            "n_users": grouping.sizes[j],
+            "n_users": grouping.contributors[j],
+            "n_members": grouping.sizes[j],
             "n_pairs": int(groups.n_pairs[j]),
             "layers": edit.layers,
             "rank": rank.tolist(),
@@ -147,6 +154,7 @@ def reduce_and_publish(
     expected_user_ids: Sequence[str] | None = None,
     failure_note: str = "",
     extra: Mapping[str, Any] | None = None,
+    set_latest: bool = True,
 ) -> dict[str, Any]:
     """Reduce every partition of the run, group, calibrate, and publish; returns the committed manifest.
 
@@ -156,9 +164,11 @@ def reduce_and_publish(
     strength when the edit form is additive and `edit.calibrate` is set; without it the edits use
     `edit.strength` at the layers the reduce chose. With `expected_user_ids` (the accepted users)
     the partitions must account for each exactly once (`check_users_accounted`). `failure_note`
-    is added to the failure-limit error; `extra` fields go into the manifest.
+    is added to the failure-limit error; `extra` adds manifest fields (e.g. what a forget run was
+    made from); `set_latest=False` commits without moving `latest`.
     """
-    pairs, profiles, failures = read_partitions(writer, n_partitions)
+    # Partition by partition: the driver holds per-user results and the groups' pair samples only.
+    reduced, profiles, failures = reduce_partitions(writer, n_partitions, cfg, layers, timings)
     if expected_user_ids is not None:
         mapped = profiles.column("user_id").to_pylist() if profiles is not None else []
         check_users_accounted(expected_user_ids, mapped, [f["user_id"] for f in failures], writer.run_id)
@@ -169,11 +179,10 @@ def reduce_and_publish(
             f"{'; ' + failure_note if failure_note else ''}); see runs/{writer.run_id}/failures/ "
             "(partitions whose users all failed are mapped again by a rerun with the same run id)"
         )
-    if pairs is None:
+    if reduced is None:
         raise JobFailedError(
             f"the map stage produced no pairs for any user (see runs/{writer.run_id}/failures/)"
         )
-    reduced = reduce_all(pairs, profiles, cfg, layers, timings)
     if calibrate is not None and cfg.edit.form != "projection" and cfg.edit.calibrate:
         t_cal = time.perf_counter()
         reduced.group_calibration = calibrate(reduced, profiles)
@@ -187,6 +196,7 @@ def reduce_and_publish(
         "users_failed": len(failures),
         "users_with_edit": int(reduced.users.has_edit.sum()),
         "groups": len(reduced.grouping.group_ids),
+        "groups_unpublished": len(reduced.grouping.unpublished),
         "pairs": int(reduced.data.mask.sum()),
         "pairs_kept": int(reduced.users.keep.sum()),
     }
@@ -203,10 +213,12 @@ def reduce_and_publish(
         "edit": cfg.edit.model_dump(),
         "prompt_version": prompts.PROMPT_VERSION,
         "groups": groups_meta,
+        "min_contributors": cfg.groups.min_contributors,
+        "unpublished_groups": reduced.grouping.unpublished,
         "user_shards": [key for key, _ in user_shards(len(reduced.data.user_ids))],
         "counts": counts,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "config": cfg.model_dump(),
         **(extra or {}),
     }
-    return writer.commit(manifest)
+    return writer.commit(manifest, set_latest=set_latest)

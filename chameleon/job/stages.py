@@ -13,17 +13,19 @@ Tables between stages (one Parquet file per partition):
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from chameleon.config import ChameleonConfig, EditConfig, SubspaceConfig
+from chameleon.config import ChameleonConfig, EditConfig, GroupConfig, SubspaceConfig
 from chameleon.core import subspace as ss
 from chameleon.core.calibration import Calibration
 from chameleon.core.edit import Edit
@@ -135,6 +137,13 @@ def process_partition(
                     }
                 )
     pairs, profiles = pairs_to_tables(done)
+    if pairs.num_rows:
+        # Each user's own reduce runs here, where the pairs are made: the driver then reads these
+        # per-user results instead of every pair vector (`job.reduce_stream`).
+        data = tables_to_units(pairs, profiles, len(layers))
+        profiles = attach_user_reduce(
+            profiles, data, reduce_users(data, reduce_subspace_config(cfg), layers), cfg, layers
+        )
     return pairs, profiles, failures
 
 
@@ -148,9 +157,10 @@ class UnitData:
 
     user_ids: list[str]
     group_ids: list[str | None]
-    H_P: torch.Tensor
-    """[U, K, L, d]"""
-    H_N: torch.Tensor
+    H_P: torch.Tensor | None
+    """[U, K, L, d]; None after a partition-by-partition reduce (`job.reduce_stream`), which keeps
+    no pair vectors once each user is reduced"""
+    H_N: torch.Tensor | None
     mask: torch.Tensor
     """[U, K] real pair slots"""
     history_embedding: torch.Tensor
@@ -203,6 +213,9 @@ class UserReduce:
     """[U, n] indices into the captured layers of each user's edit layers"""
     has_edit: torch.Tensor
     """[U] users with enough pairs for an edit of their own"""
+    steer: tuple[torch.Tensor, torch.Tensor]
+    """(unit mean difference personalized − neutral [U, L, d], typical state norm [U, L]) of each
+    user's kept pairs: the additive forms' user direction, and the `contrast` grouping feature"""
 
 
 def reduce_users(data: UnitData, cfg: SubspaceConfig, layers: Sequence[int], chunk: int = 2048) -> UserReduce:
@@ -217,7 +230,104 @@ def reduce_users(data: UnitData, cfg: SubspaceConfig, layers: Sequence[int], chu
         raise ValueError("no users to reduce")
     sub = ss.Subspaces.cat(parts)
     chosen = ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers)
-    return UserReduce(sub, keep, chosen, keep.sum(1) >= cfg.min_pairs)
+    steer = ss.steering_directions(data.H_P, data.H_N, keep)
+    return UserReduce(sub, keep, chosen, keep.sum(1) >= cfg.min_pairs, steer)
+
+
+# -- per-user results stored with a partition's profiles -------------------------------------------
+
+UNIT_PREFIX = "unit_"
+UNIT_SIGNATURE = b"chameleon.unit_signature"
+"""Schema metadata of a profiles table with per-user results: what they were computed under."""
+
+
+def unit_signature(cfg: ChameleonConfig, layers: Sequence[int]) -> bytes:
+    """The settings per-user results depend on; results made under others are recomputed."""
+    return json.dumps(
+        {"subspace": reduce_subspace_config(cfg).model_dump(), "layers": list(layers)}, sort_keys=True
+    ).encode()
+
+
+def attach_user_reduce(
+    profiles: pa.Table, data: UnitData, red: UserReduce, cfg: ChameleonConfig, layers: Sequence[int]
+) -> pa.Table:
+    """`profiles` with each user's reduce (`reduce_users` on `data`) as `unit_*` columns."""
+    row = {u: i for i, u in enumerate(data.user_ids)}
+    order = torch.tensor([row[u] for u in profiles.column("user_id").to_pylist()], dtype=torch.long)
+    sub = red.sub.select(order)
+
+    def vec(x: torch.Tensor) -> pa.Array:
+        flat = x.reshape(len(order), -1).float()
+        return vector_column(flat.numpy(), flat.shape[1])
+
+    def bools(x: torch.Tensor) -> pa.Array:
+        return pa.array(x[order].tolist(), pa.list_(pa.bool_()))
+
+    cols = {
+        "mask": bools(data.mask),
+        "keep": bools(red.keep),
+        "theta_p": vec(sub.theta_p),
+        "rank": pa.array(sub.rank.tolist(), pa.list_(pa.int32())),
+        "theta_n": vec(sub.theta_n),
+        "ccs_loss": vec(sub.ccs_loss),
+        "mean": vec(sub.mean),
+        "chosen": pa.array(red.chosen[order].tolist(), pa.list_(pa.int32())),
+        "steer": vec(red.steer[0][order]),
+        "steer_norm": vec(red.steer[1][order]),
+    }
+    for name, col in cols.items():
+        profiles = profiles.append_column(UNIT_PREFIX + name, col)
+    meta = {**(profiles.schema.metadata or {}), UNIT_SIGNATURE: unit_signature(cfg, layers)}
+    return profiles.replace_schema_metadata(meta)
+
+
+def stored_user_reduce(
+    profiles: pa.Table, cfg: ChameleonConfig, layers: Sequence[int]
+) -> tuple[UnitData, UserReduce] | None:
+    """The per-user results stored with `profiles` (users sorted by id, no pair vectors), or None
+    when there are none or they were computed under other settings."""
+    meta = profiles.schema.metadata or {}
+    if UNIT_PREFIX + "theta_n" not in profiles.column_names or not profiles.num_rows:
+        return None
+    if meta.get(UNIT_SIGNATURE) != unit_signature(cfg, layers):
+        return None
+    ids = profiles.column("user_id").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    U, L = len(ids), len(layers)
+
+    def col(name: str, *shape: int) -> torch.Tensor:
+        return torch.from_numpy(column_matrix(profiles, UNIT_PREFIX + name)[order].copy()).reshape(U, *shape)
+
+    def ragged(name: str, dtype: torch.dtype) -> torch.Tensor:
+        rows = profiles.column(UNIT_PREFIX + name).to_pylist()
+        K = max(len(r) for r in rows)
+        return torch.tensor([rows[i] + [False] * (K - len(rows[i])) for i in order], dtype=dtype)
+
+    mask, keep = ragged("mask", torch.bool), ragged("keep", torch.bool)
+    d = column_matrix(profiles, UNIT_PREFIX + "theta_n").shape[1] // L
+    theta_p = col("theta_p", L, -1, d)
+    groups = profiles.column("group_id").to_pylist()
+    hist = torch.from_numpy(column_matrix(profiles, "history_embedding")[order].copy())
+    style = None
+    if "style_features" in profiles.column_names:
+        style = torch.from_numpy(column_matrix(profiles, "style_features")[order].copy()).float()
+    data = UnitData([ids[i] for i in order], [groups[i] for i in order], None, None, mask, hist, style)
+    ranks, chosen_rows = (profiles.column(UNIT_PREFIX + n).to_pylist() for n in ("rank", "chosen"))
+    rank = torch.tensor([ranks[i] for i in order], dtype=torch.long)
+    sub = ss.Subspaces(
+        theta_p, rank, col("theta_n", L, d), col("ccs_loss", L), col("mean", L, d), keep.sum(1)
+    )
+    chosen = torch.tensor([chosen_rows[i] for i in order], dtype=torch.long)
+    min_pairs = reduce_subspace_config(cfg).min_pairs
+    red = UserReduce(sub, keep, chosen, keep.sum(1) >= min_pairs, (col("steer", L, d), col("steer_norm", L)))
+    return data, red
+
+
+def without_user_reduce(profiles: pa.Table) -> pa.Table:
+    """`profiles` without the per-user result columns (what calibration and evaluation read)."""
+    kept = profiles.select([c for c in profiles.column_names if not c.startswith(UNIT_PREFIX)])
+    meta = {k: v for k, v in (kept.schema.metadata or {}).items() if k != UNIT_SIGNATURE}
+    return kept.replace_schema_metadata(meta or None)
 
 
 def unit_edit(sub: ss.Subspaces, i: int, chosen: torch.Tensor, layers: Sequence[int], site: str) -> Edit:
@@ -248,6 +358,13 @@ class Grouping:
     history_centroids: torch.Tensor
     """[G, d] mean history embedding of each group's members (assigns unseen users)"""
     sizes: list[int] = field(default_factory=list)
+    """members per group (everyone assigned to it)"""
+    pools: torch.Tensor | None = None
+    """[U] users whose pairs may enter their group's edit (default: users with an edit of their own)"""
+    contributors: list[int] = field(default_factory=list)
+    """per group: distinct users whose pairs entered its pooled subspace"""
+    unpublished: list[dict] = field(default_factory=list)
+    """groups below `groups.min_contributors`: what became of each (merged into / dropped)"""
 
 
 def _grouping_features(data: UnitData, red: UserReduce, features: str, idx: torch.Tensor) -> torch.Tensor:
@@ -259,7 +376,7 @@ def _grouping_features(data: UnitData, red: UserReduce, features: str, idx: torc
         z = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)  # every feature counts alike
         return torch.nn.functional.normalize(z, dim=-1)
     if features == "contrast":
-        direction, _ = ss.steering_directions(data.H_P[idx], data.H_N[idx], red.keep[idx])
+        direction = red.steer[0][idx]
         return torch.nn.functional.normalize(direction.reshape(len(idx), -1), dim=-1)
     return ss.grouping_features(red.sub.select(idx))
 
@@ -306,26 +423,110 @@ def group_users(data: UnitData, red: UserReduce, cfg: ChameleonConfig) -> Groupi
         labels[~placed] = gi
         distance[~placed] = gd
     sizes = torch.bincount(labels, minlength=G).tolist()
-    return Grouping(group_ids, labels, distance, assigned, cent, sizes)
+    grouping = Grouping(group_ids, labels, distance, assigned, cent, sizes)
+    return enforce_min_contributors(data, red, grouping, g, cfg.subspace)
+
+
+def _contributors(red: UserReduce, labels: torch.Tensor, pools: torch.Tensor, G: int, sub: SubspaceConfig):
+    """Distinct users among the pairs each group pools (the very sample `reduce_groups` takes)."""
+    K = red.keep.shape[1]
+    rows = ss.group_pair_rows(red.keep & pools[:, None], labels, G, sub.max_group_pairs, sub.seed)
+    return [len(torch.unique(r // K)) for r in rows]
+
+
+def enforce_min_contributors(
+    data: UnitData, red: UserReduce, grouping: Grouping, g: GroupConfig, sub: SubspaceConfig
+) -> Grouping:
+    """Every published group edit pools the pairs of at least `g.min_contributors` users.
+
+    The group with the fewest contributors below the floor goes first: merged into the group with
+    the nearest history centroid, or dropped (members placed by history, their pairs unused), as
+    `g.small_groups` says; repeated until every group left meets the floor. Raises ValueError when
+    even one group over all users cannot.
+    """
+    names = list(grouping.group_ids)
+    labels, distance = grouping.labels.clone(), grouping.distance.clone()
+    assigned = list(grouping.assigned_by)
+    pools = red.has_edit.clone()
+    merged = torch.zeros_like(pools)
+    hist = data.history_embedding
+    unpublished: list[dict] = []
+    while True:
+        contrib = _contributors(red, labels, pools, len(names), sub)
+        small = [j for j in range(len(names)) if contrib[j] < g.min_contributors]
+        if not small:
+            break
+        if len(names) == 1:
+            raise ValueError(
+                f"only {contrib[0]} users contributed pairs to the group edits, fewer than "
+                f"groups.min_contributors={g.min_contributors}: nothing can be published without "
+                "exposing a handful of users; add users or lower groups.min_contributors"
+            )
+        j = min(small, key=lambda i: (contrib[i], names[i]))
+        others = [i for i in range(len(names)) if i != j]
+        cent = torch.stack([hist[labels == i].mean(0) for i in range(len(names))])
+        members = labels == j
+        row = {"group_id": names[j], "contributors": contrib[j], "members": int(members.sum())}
+        if g.small_groups == "merge":
+            near, _ = ss.nearest_group(cent[j : j + 1], cent[others])
+            target = others[int(near[0])]
+            labels[members] = target
+            merged |= members
+            row.update(action="merged", into=names[target])
+        else:
+            pools &= ~members
+            near, dist = ss.nearest_group(hist[members], cent[others])
+            labels[members] = torch.tensor(others)[near]
+            distance[members] = dist
+            for i in torch.nonzero(members).flatten().tolist():
+                assigned[i] = "history"
+            row.update(action="dropped")
+        unpublished.append(row)
+        names.pop(j)
+        labels[labels > j] -= 1
+    G = len(names)
+    cent = torch.stack([hist[labels == i].mean(0) for i in range(G)])
+    if merged.any():  # a merged member's distance is to its new group's history centroid
+        distance[merged] = 1 - torch.nn.functional.cosine_similarity(
+            hist[merged], cent[labels[merged]], dim=-1
+        )
+    return Grouping(
+        names,
+        labels,
+        distance,
+        assigned,
+        cent,
+        torch.bincount(labels, minlength=G).tolist(),
+        pools,
+        contrib,
+        unpublished,
+    )
+
+
+Pool = Callable[[torch.Tensor, torch.Tensor, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(member pairs [U, K], labels [U], n_groups, max_pairs, seed) -> pooled (H_P, H_N, mask), as
+`core.subspace.pool_groups` returns them."""
 
 
 def reduce_groups(
-    data: UnitData, red: UserReduce, grouping: Grouping, cfg: SubspaceConfig, layers: Sequence[int]
+    data: UnitData,
+    red: UserReduce,
+    grouping: Grouping,
+    cfg: SubspaceConfig,
+    layers: Sequence[int],
+    pool: Pool | None = None,
 ) -> tuple[ss.Subspaces, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Group subspaces from the pooled filtered pairs of each group's members.
 
+    `pool` fetches the pooled pairs (default: from `data`'s dense pair tensors; the streaming
+    reduce reads only the sampled rows back from the partitions).
     Returns (Subspaces over groups, chosen layers [G, n], the pooled (H_P, H_N, mask)).
     """
-    member_pairs = red.keep & red.has_edit[:, None]
-    pooled = ss.pool_groups(
-        data.H_P,
-        data.H_N,
-        member_pairs,
-        grouping.labels,
-        len(grouping.group_ids),
-        cfg.max_group_pairs,
-        cfg.seed,
-    )
+    pools = red.has_edit if grouping.pools is None else grouping.pools
+    member_pairs = red.keep & pools[:, None]
+    if pool is None:
+        pool = partial(ss.pool_groups, data.H_P, data.H_N)
+    pooled = pool(member_pairs, grouping.labels, len(grouping.group_ids), cfg.max_group_pairs, cfg.seed)
     sub = ss.fit_subspaces(*pooled, cfg)
     return sub, ss.choose_layers(sub, list(layers), cfg.n_layers, cfg.layers), pooled
 
@@ -384,6 +585,15 @@ class Reduced:
         )
 
 
+def reduce_subspace_config(cfg: ChameleonConfig) -> SubspaceConfig:
+    """The subspace settings the reduce runs with."""
+    if cfg.synth.pair_source == "history":
+        # Real text vs the model's own answer: never a duplicate, and states of one prompt are
+        # always close in cosine, so the insight source's near-duplicate filter does not apply.
+        return cfg.subspace.model_copy(update={"pair_cos_max": 1.0})
+    return cfg.subspace
+
+
 def reduce_all(
     pairs: pa.Table,
     profiles: pa.Table,
@@ -393,11 +603,7 @@ def reduce_all(
 ) -> Reduced:
     """Users' subspaces, groups, and the groups' subspaces, from a run's concatenated partitions."""
     t0 = time.perf_counter()
-    sub_cfg = cfg.subspace
-    if cfg.synth.pair_source == "history":
-        # Real text vs the model's own answer: never a duplicate, and states of one prompt are
-        # always close in cosine, so the insight source's near-duplicate filter does not apply.
-        sub_cfg = sub_cfg.model_copy(update={"pair_cos_max": 1.0})
+    sub_cfg = reduce_subspace_config(cfg)
     data = tables_to_units(pairs, profiles, len(layers))
     users = reduce_users(data, sub_cfg, layers)
     t1 = time.perf_counter()
@@ -414,5 +620,5 @@ def reduce_all(
         group_layers,
         list(layers),
         group_steer=ss.steering_directions(*pooled),
-        user_steer=ss.steering_directions(data.H_P, data.H_N, users.keep),
+        user_steer=users.steer,
     )

@@ -1,0 +1,178 @@
+"""The job's reduce, one partition at a time: the driver never holds every user's pair vectors.
+
+`stages.reduce_all` takes every partition's pairs at once: dense [U, K, L, d] tensors, about
+0.6 MB per user at 8 pairs, 6 layers and hidden size 1,536 (6 GB for 10,000 users, before copies).
+`reduce_partitions` computes the same thing in two passes over the stored partitions:
+
+1. each partition's users are reduced on their own (θP, θN, μ, CCS loss, layer choice, steering
+   direction; `stages.reduce_users`) where the pairs are made: the map stage stores the results
+   with the partition's profiles (`stages.attach_user_reduce`), so the driver reads only these
+   (a partition without them, or made under other subspace settings, is reduced here from its
+   pairs); only the per-user results are kept;
+2. after grouping (`stages.group_users`, on the per-user results), the pairs each group pools
+   (at most `subspace.max_group_pairs` per group, the very sample `reduce_all` takes) are read
+   back from their partitions, and nothing else.
+
+The driver then holds per-user directions (no pair vectors), one partition and the groups'
+capped samples. Users come out sorted by id, as from `reduce_all`; pairs, grouping, pooled
+sample and group edits are the same. Per-user CCS runs per partition instead of per 2,048 users:
+CCS stops when every problem of a batch has converged, so losses and directions can differ from
+`reduce_all`'s in the last digits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from chameleon.config import ChameleonConfig
+from chameleon.core import subspace as ss
+from chameleon.data.artifacts import VerifiedFiles
+from chameleon.data.layout import column_matrix, part_keys
+from chameleon.job.stages import (
+    Reduced,
+    UnitData,
+    UserReduce,
+    group_users,
+    reduce_groups,
+    reduce_subspace_config,
+    reduce_users,
+    stored_user_reduce,
+    tables_to_units,
+    without_user_reduce,
+)
+
+
+def _pad_k(x: torch.Tensor, K: int) -> torch.Tensor:
+    """[u, k] boolean pair slots padded with False to [u, K]."""
+    return torch.cat([x, x.new_zeros(x.shape[0], K - x.shape[1])], 1) if x.shape[1] < K else x
+
+
+def _concat(parts: list[tuple[UnitData, UserReduce]], order: torch.Tensor) -> tuple[UnitData, UserReduce]:
+    """One UnitData (without pair vectors) and UserReduce over every partition, rows in `order`."""
+    K = max(d.mask.shape[1] for d, _ in parts)
+    ids = [u for d, _ in parts for u in d.user_ids]
+    groups = [g for d, _ in parts for g in d.group_ids]
+    hist = torch.cat([d.history_embedding for d, _ in parts])[order]
+    style = None
+    if all(d.style_features is not None for d, _ in parts):
+        style = torch.cat([d.style_features for d, _ in parts])[order]
+    mask = torch.cat([_pad_k(d.mask, K) for d, _ in parts])[order]
+    o = order.tolist()
+    data = UnitData([ids[i] for i in o], [groups[i] for i in o], None, None, mask, hist, style)
+    red = UserReduce(
+        sub=ss.Subspaces.cat([r.sub for _, r in parts]).select(order),
+        keep=torch.cat([_pad_k(r.keep, K) for _, r in parts])[order],
+        chosen=torch.cat([r.chosen for _, r in parts])[order],
+        has_edit=torch.cat([r.has_edit for _, r in parts])[order],
+        steer=(
+            torch.cat([r.steer[0] for _, r in parts])[order],
+            torch.cat([r.steer[1] for _, r in parts])[order],
+        ),
+    )
+    return data, red
+
+
+class _PartitionPool:
+    """`stages.Pool` reading the sampled pairs back from the stored partitions."""
+
+    def __init__(self, files: VerifiedFiles, where: dict[str, int], user_ids: list[str], n_layers: int):
+        self.files, self.where, self.user_ids, self.n_layers = files, where, user_ids, n_layers
+
+    def __call__(self, member_pairs, labels, n_groups, max_pairs, seed):
+        U, K = member_pairs.shape
+        rows = ss.group_pair_rows(member_pairs, labels, n_groups, max_pairs, seed)
+        # (group, slot) of every sampled pair, filed by the partition that holds it.
+        wanted: dict[int, dict[tuple[str, int], tuple[int, int]]] = {}
+        for g, idx in enumerate(rows):
+            for slot, flat in enumerate(idx.tolist()):
+                uid = self.user_ids[flat // K]
+                wanted.setdefault(self.where[uid], {})[(uid, flat % K)] = (g, slot)
+        kmax = max([len(r) for r in rows] + [1])
+        out_p = out_n = None
+        for k in sorted(wanted):
+            table = self.files.get_parquet(part_keys(k).pairs)
+            keys = zip(
+                table.column("user_id").to_pylist(), table.column("pair_index").to_pylist(), strict=True
+            )
+            take, dest = [], []
+            for row, key in enumerate(keys):
+                if key in wanted[k]:
+                    take.append(row)
+                    dest.append(wanted[k][key])
+            sub = table.take(pa.array(take, pa.int64()))
+            ep = torch.from_numpy(column_matrix(sub, "emb_p").copy())
+            en = torch.from_numpy(column_matrix(sub, "emb_n").copy())
+            if out_p is None:
+                d = ep.shape[1] // self.n_layers
+                out_p = torch.zeros(n_groups, kmax, self.n_layers, d)
+                out_n = torch.zeros(n_groups, kmax, self.n_layers, d)
+            g_idx, s_idx = (torch.tensor(x) for x in zip(*dest, strict=True))
+            out_p[g_idx, s_idx] = ep.reshape(len(take), self.n_layers, -1)
+            out_n[g_idx, s_idx] = en.reshape(len(take), self.n_layers, -1)
+        mask = torch.zeros(n_groups, kmax, dtype=torch.bool)
+        for g, idx in enumerate(rows):
+            mask[g, : len(idx)] = True
+        if out_p is None:  # no group pools any pair (cannot happen once grouping succeeded)
+            out_p = out_n = torch.zeros(n_groups, kmax, self.n_layers, 0)
+        return out_p, out_n, mask
+
+
+def reduce_partitions(
+    files: VerifiedFiles,
+    n_partitions: int,
+    cfg: ChameleonConfig,
+    layers: Sequence[int],
+    timings: dict[str, float] | None = None,
+) -> tuple[Reduced | None, pa.Table | None, list[dict]]:
+    """(reduced, profiles of the users with pairs, failures) of partitions 0..n-1, every file
+    checked against its recorded hash; reduced and profiles are None when no user has pairs."""
+    t0 = time.perf_counter()
+    sub_cfg = reduce_subspace_config(cfg)
+    parts: list[tuple[UnitData, UserReduce]] = []
+    profiles: list[pa.Table] = []
+    failures: list[dict] = []
+    where: dict[str, int] = {}
+    for k in range(n_partitions):
+        keys = part_keys(k)
+        failures += files.get_jsonl(keys.failures)
+        prof = files.get_parquet(keys.profiles)
+        if not prof.num_rows:  # every user of the partition failed
+            continue
+        stored = stored_user_reduce(prof, cfg, layers)
+        if stored is None:  # made without per-user results, or under other settings: reduce here
+            data = tables_to_units(files.get_parquet(keys.pairs), prof, len(layers))
+            red = reduce_users(data, sub_cfg, layers)
+            data.H_P = data.H_N = None  # this partition's pair vectors are not needed any more
+            stored = data, red
+        parts.append(stored)
+        profiles.append(without_user_reduce(prof))
+        where.update(dict.fromkeys(stored[0].user_ids, k))
+    if not parts:
+        return None, None, failures
+    ids = [u for d, _ in parts for u in d.user_ids]
+    order = torch.from_numpy(np.argsort(np.array(ids, dtype=object), kind="stable").astype(np.int64))
+    data, users = _concat(parts, order)
+    del parts
+    t1 = time.perf_counter()
+    grouping = group_users(data, users, cfg)
+    pool = _PartitionPool(files, where, data.user_ids, len(layers))
+    groups, group_layers, pooled = reduce_groups(data, users, grouping, sub_cfg, layers, pool)
+    if timings is not None:
+        timings["reduce_users_s"] = t1 - t0
+        timings["reduce_groups_s"] = time.perf_counter() - t1
+    reduced = Reduced(
+        data,
+        users,
+        grouping,
+        groups,
+        group_layers,
+        list(layers),
+        group_steer=ss.steering_directions(*pooled),
+        user_steer=users.steer,
+    )
+    return reduced, pa.concat_tables(profiles), failures
