@@ -570,7 +570,7 @@ def check_forget(workdir: Path, args) -> dict[str, int | float]:
     return {
         "user_bytes_found_before": before,
         "runs_deleted": len(res.deleted),
-        "forget_s": round(time.perf_counter() - t0, 2),
+        "forget_call_s": round(time.perf_counter() - t0, 2),
         "user_bytes_found": found("after"),
     }
 
