@@ -111,6 +111,7 @@ class Engine:
             "steps": 0,
             "prefills": 0,
             "max_running_seen": 0,
+            "max_groups_in_batch": 0,
             "generated_tokens": 0,
             "run_switches": 0,
             "finished": 0,
@@ -281,8 +282,10 @@ class Engine:
         B = len(self._running)
         mask = torch.cat([self._mask, self._mask.new_ones((B, 1))], dim=1)
         pos = self._pos + 1
-        if not self._bound_valid:
+        if not self._bound_valid:  # the composition changed: gather the rows' edits once
             self._bound, self._bound_valid = self._bind(self._running), True
+            groups = len({r.row for r in self._running if r.row})
+            self.stats["max_groups_in_batch"] = max(self.stats["max_groups_in_batch"], groups)
         logits, self._cache = run_forward(
             self.model,
             self._next[:, None],
