@@ -119,7 +119,7 @@ def test_greedy_engine_equals_offline_generation_with_rows_joining_and_leaving(m
             assert c.done.wait(60) and c.error is None, c.error
     finally:
         engine.stop()
-    assert engine.stats["max_running_seen"] == 4 and engine.stats["prefills"] >= 3
+    assert engine.stats["max_batch"] == 4 and engine.stats["prefills"] >= 3
     for q, (e, n), c in zip(QUESTIONS, plan, got, strict=True):
         want = offline_ids(model, tok, bank, 0 if e is None else rows[e], q, n)
         assert c.ids == want, f"{form}: {q!r} (edit {e}) differs from offline generation"

@@ -110,7 +110,7 @@ class Engine:
         self.stats = {
             "steps": 0,
             "prefills": 0,
-            "max_running_seen": 0,
+            "max_batch": 0,
             "max_groups_in_batch": 0,
             "generated_tokens": 0,
             "run_switches": 0,
@@ -276,7 +276,7 @@ class Engine:
             self._next = torch.cat([self._next, tokens])
         self._running += joined
         self._bound_valid = False
-        self.stats["max_running_seen"] = max(self.stats["max_running_seen"], len(self._running))
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(self._running))
 
     def _decode(self) -> None:
         B = len(self._running)
