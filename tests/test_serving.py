@@ -650,6 +650,36 @@ def test_any_openai_client_picks_a_group_by_model_name(app, client, tiny):
 
 
 @pytest.mark.slow
+def test_a_client_that_goes_away_frees_its_row_and_its_place(app):
+    gid = sorted(app.run1.group_ids)[-1]
+    body = {
+        "model": f"{app.name}:{gid}",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 64,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    before = health(app)["batching"]["aborted"]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with requests.post(
+        app.url + "/v1/chat/completions", json=body, headers=auth, stream=True, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and b'"content"' in line:
+                break  # the first chunk: then hang up
+    for _ in range(100):
+        h = health(app)
+        pinned = sum(c["pinned"] for c in h["edit_caches"])
+        if pinned == 0 and h["batching"]["running"] == 0 and h["batching"]["aborted"] > before:
+            break
+        time.sleep(0.1)
+    assert pinned == 0, f"the row of a request whose client left is still pinned: {h['edit_caches']}"
+    assert h["batching"]["running"] == 0 and h["batching"]["aborted"] > before, h["batching"]
+
+
+@pytest.mark.slow
 def test_metrics_reach_prometheus(app, client):
     chat(client, app, personalization={"off": True}, max_tokens=4)
     want = (

@@ -502,18 +502,18 @@ class ChameleonServer:
                 500, f"internal error during admission: {type(exc).__name__}", "internal_error"
             ).to_event()
             return
-        yield {
-            "type": "start",
-            "personalization": adm.resolution.describe(),
-            "prompt_tokens": len(adm.item.prompt_ids),
-            "max_tokens": adm.item.max_tokens,
-            "system_fingerprint": self.core.system_fingerprint(adm.resolution),
-        }
         texts: list[str] = []
         ids: list[int] = []
         n, finish, stop_reason, first_at = 0, None, None, None
         want_ids = bool(payload.get("return_token_ids"))
-        try:
+        try:  # from here on the pinned row is released on every exit path (finally)
+            yield {
+                "type": "start",
+                "personalization": adm.resolution.describe(),
+                "prompt_tokens": len(adm.item.prompt_ids),
+                "max_tokens": adm.item.max_tokens,
+                "system_fingerprint": self.core.system_fingerprint(adm.resolution),
+            }
             async for chunk in self._chunks(adm):
                 if finish is not None:
                     continue  # static path: drain (breaking out would orphan @serve.batch's future)

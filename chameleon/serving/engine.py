@@ -317,7 +317,12 @@ class Engine:
             r.last_token = now
             if delta.finish_reason:
                 self.stats["finished"] += 1
-            r.sink([delta])
+            try:
+                r.sink([delta])
+            except Exception:  # its consumer is gone (e.g. a closed event loop): drop this row only
+                log.warning("dropping a request whose consumer is gone", exc_info=True)
+                r.aborted = True
+                self._cancel(r)
         self.stats["generated_tokens"] += len(tokens)
         self.metrics.generated_tokens(len(tokens))
 
