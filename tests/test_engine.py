@@ -265,3 +265,41 @@ def test_engine_records_metrics(model, tok):
         assert seen.get(name), name
     assert sum(seen["chameleon_generated_tokens"]) == 5
     assert len(seen["chameleon_inter_token_latency_seconds"]) == 4
+
+
+def test_sampling_defaults_come_from_the_generation_config(model):
+    from transformers import GenerationConfig
+
+    from chameleon.serving.replica import sampling_defaults
+
+    saved = model.generation_config
+    try:
+        model.generation_config = GenerationConfig(temperature=0.3, top_k=7, do_sample=True)
+        assert sampling_defaults(model) == {"temperature": 0.3, "top_k": 7}
+        model.generation_config = GenerationConfig()
+        assert sampling_defaults(model) == {}
+    finally:
+        model.generation_config = saved
+
+
+def test_model_name_selects_a_group_and_conflicts_are_refused():
+    from chameleon.serving.protocol import ApiError, ChatRequest, split_model
+
+    assert split_model("m:g1", "m") == ("m", "g1")
+    assert split_model("m:team:a", "m") == ("m", "team:a")
+    assert split_model("other:g1", "m") == ("other:g1", None)
+
+    def req(**kw):
+        r = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+        r.check()
+        return r
+
+    r = req()
+    r.select_group("g1")
+    assert r.personalization.group_id == "g1"
+    for kw in ({"personalization": {"group_id": "g2"}}, {"personalization": {"off": True}}):
+        with pytest.raises(ApiError) as err:
+            req(**kw).select_group("g1")
+        assert err.value.status == 400
+    assert req(safety_identifier="u1").user == "u1"
+    assert req(safety_identifier="u1", user="u2").user == "u2"

@@ -233,7 +233,7 @@ def offline_ratio(model, tok, edits, captured, args) -> dict:
                 dec.prefill() if first else dec.step()
                 spent[edited] += time.perf_counter() - t0
             first = False
-        assert all(len(s_.ids) == args.offline_max_tokens for d in decs.values() for s_ in d.seqs)
+        assert all(len(s_.out_ids) == args.offline_max_tokens for d in decs.values() for s_ in d.seqs)
         return spent[False], spent[True]
 
     BatchDecoder(model, tok, items(True)[:2], bank).run()  # warm up
