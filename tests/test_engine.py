@@ -303,3 +303,18 @@ def test_model_name_selects_a_group_and_conflicts_are_refused():
         assert err.value.status == 400
     assert req(safety_identifier="u1").user == "u1"
     assert req(safety_identifier="u1", user="u2").user == "u2"
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(model, tok):
+    bank, rows = bank_for_edits(model, [make_edit(4, "additive")], EditConfig())
+    engine = Engine(model, tok, default_eos_ids(model, tok))
+    ids = tok(chat_prompt(tok, "hi"), add_special_tokens=False).input_ids
+    try:
+        bad = Collector()
+        engine.submit(GenItem(ids, 4, row=bank.n_rows + 5), bank, bad)  # no such bank row
+        assert bad.done.wait(30) and bad.error is not None and "decode step failed" in str(bad.error)
+        good = Collector()
+        engine.submit(GenItem(ids, 4, row=rows[0], ignore_eos=True), bank, good)
+        assert good.done.wait(30) and good.error is None and len(good.ids) == 4
+    finally:
+        engine.stop()

@@ -213,10 +213,10 @@ class Engine:
                 log.exception("decode step failed")
                 err = EngineError(f"decode step failed: {type(exc).__name__}: {exc}")
                 for r in {*self._running, *new}:
-                    r.sink([err])
+                    _tell(r, err)
                 self._reset()
         for r in [*self._running, *self._waiting]:
-            r.sink([EngineError("the engine stopped")])
+            _tell(r, EngineError("the engine stopped"))
 
     def _take(self) -> list[Request]:
         """Waiting requests to admit now (FIFO; under the lock)."""
@@ -361,6 +361,13 @@ class Engine:
         self._running = []
         self._cache = self._mask = self._pos = self._next = None
         self._bound, self._bound_valid = None, False
+
+
+def _tell(r: Request, err: BaseException) -> None:
+    try:
+        r.sink([err])
+    except Exception:  # its consumer is gone already
+        log.debug("request consumer gone", exc_info=True)
 
 
 def _ends(x: Delta | BaseException) -> bool:
