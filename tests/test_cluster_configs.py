@@ -496,6 +496,9 @@ def test_serve_config_passes_ray_serves_schema():
     config = load_one(SERVE_CONFIG)
     schema = serve_schema_validate(config)
     assert schema.applications[0].import_path == "chameleon.serving:app_builder"
+    by_name = {d.name: d for d in schema.applications[0].deployments}
+    assert by_name["ChameleonServer"].autoscaling_config["target_ongoing_requests"] == 32
+    assert by_name["ChameleonIngress"].num_replicas == 2
 
 
 def test_serve_schema_rejects_a_broken_copy():
@@ -516,19 +519,35 @@ def test_serve_config_application():
     assert app["import_path"] == "chameleon.serving:app_builder"
     # The run is not an arg (changing args redeploys the app and reloads the model) but the model
     # deployment's user_config, which running replicas apply in place (reconfigure).
-    assert set(app["args"]) == {"store", "model", "api_key_env"}
+    assert set(app["args"]) == {
+        "store",
+        "model",
+        "api_key_env",
+        "engine",
+        "max_batch_size",
+        "stream_interval_s",
+    }
     assert app["args"]["api_key_env"] == "CHAMELEON_API_KEY"
     assert app["args"]["store"].startswith("s3://")
+    assert app["args"]["engine"] == "continuous"
     server = deployments(app)["ChameleonServer"]
-    assert server["num_replicas"] >= 1
+    assert "num_replicas" not in server, "the model replicas autoscale"
+    scaling = server["autoscaling_config"]
+    assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]
+    # About one running batch per replica before the autoscaler adds one; room for a short queue.
+    assert scaling["target_ongoing_requests"] == app["args"]["max_batch_size"]
+    assert server["max_ongoing_requests"] > scaling["target_ongoing_requests"]
     assert server["ray_actor_options"]["num_gpus"] == 1
     assert server["user_config"] == {"run": "latest"}
+    ingress = deployments(app)["ChameleonIngress"]
+    assert ingress["num_replicas"] >= 2, "no single ingress replica"
     # The ingress asks for a little CPU, so it is placed on a worker like the model (heads: num-cpus 0).
-    assert deployments(app)["ChameleonIngress"]["ray_actor_options"]["num_cpus"] > 0
+    assert ingress["ray_actor_options"]["num_cpus"] > 0
     # The server must load the model the edits were computed for: the job's model section.
     job_model = load_one(JOB_CONFIG)["model"]
     assert app["args"]["model"]["name_or_path"] == job_model["name_or_path"]
     assert app["args"]["model"]["dtype"] == job_model["dtype"]
+    assert app["args"]["model"]["device_map"] == job_model["device_map"], "loaded as the job loads it"
     # The args and the user_config are what the app validates (ServeConfig, ServeUserConfig).
     from chameleon.serving.config import ServeConfig, ServeUserConfig
 
@@ -575,7 +594,8 @@ def test_rayservice_serves_the_serve_config_application():
         g["maxReplicas"] * gpu_limit(g["template"]["spec"]["containers"][0])
         for g in spec["rayClusterConfig"]["workerGroupSpecs"]
     )
-    assert gpus >= deployment["num_replicas"] * deployment["ray_actor_options"]["num_gpus"]
+    most = deployment["autoscaling_config"]["max_replicas"]
+    assert gpus >= most * deployment["ray_actor_options"]["num_gpus"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -272,7 +272,11 @@ def test_group_ids_with_colons_and_at_signs_are_served(grammar_run, tiny_model_d
 
     store, teams = grammar_run
     cfg = ServeConfig(
-        store=store.uri, model=str(tiny_model_dir), fallback="group:team:a", default_max_tokens=4
+        store=store.uri,
+        model=str(tiny_model_dir),
+        fallback="group:team:a",
+        default_max_tokens=4,
+        engine="static",  # drives run_batch directly
     )
     assert cfg.fallback_group == "team:a"
     core = ModelServer(cfg, store)
@@ -371,12 +375,29 @@ def app(published_tiny_run, s3_server):
 
     saved = {
         k: os.environ.get(k)
-        for k in (KEY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")
+        for k in (
+            KEY_ENV,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+            "RAY_USAGE_STATS_ENABLED",
+            "RAY_metrics_report_interval_ms",
+        )
     }
     os.environ.update(
-        {KEY_ENV: API_KEY, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+        {
+            KEY_ENV: API_KEY,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_metrics_report_interval_ms": "1000",  # metrics reach Prometheus within seconds
+        }
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+    metrics_port = _free_port()
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        _metrics_export_port=metrics_port,
+    )
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -402,6 +423,7 @@ def app(published_tiny_run, s3_server):
             run1=run1,
             name=cfg.model_name,
             server=serve.get_deployment_handle("ChameleonServer", app_name=APP),
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         )
     finally:
         serve.shutdown()
@@ -448,7 +470,7 @@ def chat(client, app, user=None, personalization=None, **kw):
 
 @pytest.mark.slow
 def test_models_and_health(app, client):
-    assert [m.id for m in client.models.list().data] == [app.name]
+    assert client.models.list().data[0].id == app.name
     h = requests.get(app.url + "/healthz", timeout=30)
     assert h.status_code == 200, h.text
     body = h.json()
@@ -584,6 +606,104 @@ def test_edit_off_is_the_base_model_and_a_group_edit_matches_offline(app, client
 
 
 @pytest.mark.slow
+def test_any_openai_client_picks_a_group_by_model_name(app, client, tiny):
+    """`model="<name>:<group>"` selects a group without extra_body; /v1/models lists the groups;
+    the response id is Serve's request id; fingerprint and stop reason are reported."""
+    groups = sorted(app.run1.group_ids)
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [app.name] + [f"{app.name}:{g}" for g in groups]
+    gid = groups[0]
+    raw = client.chat.completions.with_raw_response.create(
+        model=f"{app.name}:{gid}",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=8,
+        temperature=0,
+    )
+    r = raw.parse()
+    assert r.personalization["group_id"] == gid and r.personalization["source"] == "group"
+    assert r.model == f"{app.name}:{gid}"
+    assert r.id == "chatcmpl-" + raw.headers["x-request-id"], "the response id is Serve's request id"
+    assert r.system_fingerprint.startswith("tiny-run-1@")
+    _, same = chat(client, app, personalization={"group_id": gid})
+    assert r.choices[0].message.content == same.choices[0].message.content
+    # safety_identifier is used like `user` (the assignment's group).
+    user, ugid = next((u, g) for g, us in users_by_group(app.run1).items() for u in us)
+    _, via_safety = chat(client, app, extra_body={"safety_identifier": user})
+    assert via_safety.personalization["group_id"] == ugid and via_safety.personalization["source"] == "user"
+    # A stop string is reported as the stop reason; the sampling fields are taken.
+    full = chat(client, app, personalization={"off": True}, max_tokens=12)[1].choices[0].message.content
+    stop = full.strip()[1:3]
+    if stop:
+        cut = chat(client, app, personalization={"off": True}, max_tokens=12, stop=[stop])[1].choices[0]
+        assert cut.finish_reason == "stop" and cut.stop_reason == stop and stop not in cut.message.content
+    sampled = chat(
+        client,
+        app,
+        temperature=0.8,
+        seed=5,
+        max_tokens=6,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2, "min_tokens": 2},
+        frequency_penalty=0.5,
+        presence_penalty=0.5,
+    )[1]
+    assert sampled.usage.completion_tokens >= 2
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_frees_its_row_and_its_place(app):
+    gid = sorted(app.run1.group_ids)[-1]
+    body = {
+        "model": f"{app.name}:{gid}",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 64,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    before = health(app)["batching"]["aborted"]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with requests.post(
+        app.url + "/v1/chat/completions", json=body, headers=auth, stream=True, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith(b"data: ") and b'"content"' in line:
+                break  # the first chunk: then hang up
+    for _ in range(100):
+        h = health(app)
+        pinned = sum(c["pinned"] for c in h["edit_caches"])
+        if pinned == 0 and h["batching"]["running"] == 0 and h["batching"]["aborted"] > before:
+            break
+        time.sleep(0.1)
+    assert pinned == 0, f"the row of a request whose client left is still pinned: {h['edit_caches']}"
+    assert h["batching"]["running"] == 0 and h["batching"]["aborted"] > before, h["batching"]
+
+
+@pytest.mark.slow
+def test_metrics_reach_prometheus(app, client):
+    chat(client, app, personalization={"off": True}, max_tokens=4)
+    want = (
+        "chameleon_time_to_first_token_seconds",
+        "chameleon_inter_token_latency_seconds",
+        "chameleon_queue_wait_seconds",
+        "chameleon_batch_size",
+        "chameleon_running_requests",
+        "chameleon_generated_tokens",
+        "chameleon_edit_cache_misses",
+        "chameleon_requests",
+    )
+    text = ""
+    for _ in range(60):
+        text = requests.get(app.metrics_url, timeout=10).text
+        if all(name in text for name in want):
+            break
+        time.sleep(0.5)
+    missing = [name for name in want if name not in text]
+    assert not missing, f"not on the Prometheus endpoint: {missing}"
+    assert 'deployment="ChameleonServer"' in text
+
+
+@pytest.mark.slow
 def test_auth(app, client):
     from openai import AuthenticationError, OpenAI
 
@@ -611,18 +731,28 @@ def test_malformed_requests_get_clear_4xx(app):
         (chat_url, b"[1, 2]", 400, "invalid_json"),
         (chat_url, b"\xff\xfe", 400, "invalid_json"),
         (chat_url, b"[" * 15_000 + b"]" * 15_000, 400, "invalid_json"),
-        (chat_url, {"model": app.name}, 422, "invalid_request_body"),
-        (chat_url, {**ok, "messages": []}, 422, "invalid_request_body"),
-        (chat_url, {**ok, "messages": [{"role": "wizard", "content": "x"}]}, 422, "invalid_request_body"),
-        (chat_url, {**ok, "messages": "hello"}, 422, "invalid_request_body"),
-        (chat_url, {**ok, "temperature": -1}, 422, "invalid_request_body"),
-        (chat_url, {**ok, "temperature": "hot"}, 422, "invalid_request_body"),
-        (chat_url, {**ok, "max_tokens": 0}, 422, "invalid_request_body"),
-        (chat_url, {**ok, "personalization": {"group": "g000"}}, 422, "invalid_request_body"),
-        (chat_url, {**ok, "personalization": "g000"}, 422, "invalid_request_body"),
+        (chat_url, {"model": app.name}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "messages": []}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "messages": "hello"}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "temperature": -1}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "temperature": "hot"}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "max_tokens": 0}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "personalization": {"group": "g000"}}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "personalization": "g000"}, 400, "invalid_request_body"),
         (chat_url, {**ok, "max_tokens": 10_000}, 400, "max_tokens_too_large"),
         (chat_url, {**ok, "n": 2}, 400, "unsupported_parameter"),
         (chat_url, {**ok, "logprobs": True}, 400, "unsupported_parameter"),
+        (chat_url, {**ok, "response_format": {"type": "json_object"}}, 400, "unsupported_parameter"),
+        (chat_url, {**ok, "guided_json": {"type": "object"}}, 400, "unsupported_parameter"),
+        (chat_url, {**ok, "structured_outputs": {"regex": "a+"}}, 400, "unsupported_parameter"),
+        (chat_url, {**ok, "top_k": -2}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "min_p": 2}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "frequency_penalty": 3}, 400, "invalid_request_body"),
+        (chat_url, {**ok, "stop_token_ids": [-1]}, 400, "invalid_value"),
+        (chat_url, {**ok, "chat_template_kwargs": {"tokenize": True}}, 400, "invalid_value"),
+        (chat_url, {**ok, "model": app.name + ":../x"}, 400, "invalid_value"),
+        (chat_url, {**ok, "model": app.name + ":no-such-group"}, 404, "group_not_found"),
         (chat_url, {**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
         (chat_url, {**ok, "user": "x" * 1000}, 400, "invalid_value"),
         (chat_url, {**ok, "user": "bad\nuser"}, 400, "invalid_value"),
@@ -644,8 +774,8 @@ def test_malformed_requests_get_clear_4xx(app):
         (chat_url, {**ok, "personalization": {"group_id": "no-such-group"}}, 404, "group_not_found"),
         (chat_url, {**ok, "padding": "x" * 40_000}, 413, "request_too_large"),
         (comp_url, {"model": app.name, "prompt": ["a", "b"]}, 400, "unsupported_parameter"),
-        (comp_url, {"model": app.name, "prompt": [1, 2, 3]}, 422, "invalid_request_body"),
-        (comp_url, {"model": app.name}, 422, "invalid_request_body"),
+        (comp_url, {"model": app.name, "prompt": [1, 2, 3]}, 400, "invalid_request_body"),
+        (comp_url, {"model": app.name}, 400, "invalid_request_body"),
         (comp_url, {"model": app.name, "prompt": ""}, 400, "invalid_value"),
         (app.url + "/v1/nothing", {}, 404, "not_found"),
     ]

@@ -6,14 +6,16 @@ Two deployments, one concern each:
                │  handle.options(stream=True).generate.remote(payload)
                ▼
             ChameleonServer (model replica)     tokenizer limits, run + group resolution, EditCache,
-                                                @serve.batch: one batched decode for every group
+                                                the engine: one batched decode for every group
 
 `ChameleonServer` wraps a `ModelServer` (chameleon.serving.replica, no Ray): the base model and,
 per bank layout, an `EditBank` on the model's device with an `EditCache` deciding which
-(run, group) edits occupy its rows. `@serve.batch` gathers admitted requests; one manual decode
-loop (chameleon.serving.decoder: KV cache, per-row temperature/top-p/seed/stop/max_tokens) runs
-them together, so greedy and sampled requests of many groups share every forward pass and every
-edited layer applies all rows' edits in one batched operation. Finished rows leave the batch.
+(run, group) edits occupy its rows. By default a continuous-batching `Engine`
+(chameleon.serving.engine) admits requests into its running batch at every decode step and
+retires them as they end; `engine: static` keeps the former `@serve.batch` path (a batch runs
+until its longest request ends). Either way every edited layer applies all rows' edits in one
+batched operation. Metrics go to Prometheus through `ray.serve.metrics`
+(chameleon.serving.metrics); the response id is Serve's request id (the `X-Request-ID` header).
 
 Runs load from the store by id or through `latest` (polled every `refresh_interval_s` in a
 background thread; chameleon.serving.registry). A run made for another model (fingerprint
@@ -39,7 +41,7 @@ import os
 import time
 import typing
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import ray
@@ -48,18 +50,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve import metrics as serve_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chameleon.config import ModelConfig
 from chameleon.core.model import pick_device, worker_torch_threads
 from chameleon.data.storage import Store
 from chameleon.serving.config import ServeConfig, ServeUserConfig
+from chameleon.serving.metrics import TAG_KEYS, ServingMetrics
 from chameleon.serving.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
     RequestBody,
     generation_payload,
+    split_model,
     validation_message,
 )
 from chameleon.serving.replica import Admission, ModelServer
@@ -96,6 +101,15 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
     return error_response(
         ApiError(exc.status_code, message, "not_found" if exc.status_code == 404 else "http_error")
     )
+
+
+def _request_id() -> str:
+    """Serve's id of the HTTP request (what its proxy returns as `X-Request-ID`)."""
+    with contextlib.suppress(Exception):
+        rid = serve.context._get_serve_request_context().request_id
+        if rid:
+            return str(rid)
+    return uuid.uuid4().hex
 
 
 def _usage(start: dict[str, Any], end: dict[str, Any]) -> dict[str, int]:
@@ -163,15 +177,18 @@ class ChameleonIngress:
         try:
             req = cls.model_validate(data)
         except ValidationError as exc:
-            raise ApiError(422, validation_message(exc), "invalid_request_body") from None
+            raise ApiError(400, validation_message(exc), "invalid_request_body") from None
         req.check()
-        if req.model != self.cfg.model_name:
+        base, group = split_model(req.model, self.cfg.model_name)
+        if base != self.cfg.model_name:
             raise ApiError(
                 404,
-                f"model {req.model!r} does not exist; this server serves {self.cfg.model_name!r}",
+                f"model {req.model!r} does not exist; this server serves {self.cfg.model_name!r} "
+                f"(and '{self.cfg.model_name}:<group>' for a group's edit)",
                 "model_not_found",
                 param="model",
             )
+        req.select_group(group)
         asked = req.requested_max_tokens()
         if asked is not None and asked > self.cfg.max_tokens_limit:
             raise ApiError(
@@ -205,9 +222,10 @@ class ChameleonIngress:
         payload = generation_payload(req, kind)
         gen, start = await self._start(payload)
         pers = start["personalization"]
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + _request_id()
         created = int(time.time())
         headers = self._headers(pers)
+        fingerprint = start.get("system_fingerprint")
         if req.stream:
             return StreamingResponse(
                 self._sse(gen, start, req, kind, rid, created),
@@ -232,11 +250,18 @@ class ChameleonIngress:
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": end["finish_reason"],
+                "stop_reason": end.get("stop_reason"),
                 "logprobs": None,
             }
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "finish_reason": end["finish_reason"], "logprobs": None}
+            choice = {
+                "index": 0,
+                "text": text,
+                "finish_reason": end["finish_reason"],
+                "stop_reason": end.get("stop_reason"),
+                "logprobs": None,
+            }
             obj = "text_completion"
         if req.return_token_ids:
             choice["token_ids"] = ids
@@ -244,7 +269,8 @@ class ChameleonIngress:
             "id": rid,
             "object": obj,
             "created": created,
-            "model": self.cfg.model_name,
+            "model": req.model,
+            "system_fingerprint": fingerprint,
             "choices": [choice],
             "usage": usage,
             "personalization": pers,
@@ -256,10 +282,20 @@ class ChameleonIngress:
     ) -> AsyncIterator[str]:
         pers = start["personalization"]
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        base = {"id": rid, "object": obj, "created": created, "model": self.cfg.model_name}
+        base = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": start.get("system_fingerprint"),
+        }
 
         def chunk(
-            text: str | None, finish: str | None, ids: list[int] | None = None, first: bool = False
+            text: str | None,
+            finish: str | None,
+            ids: list[int] | None = None,
+            first: bool = False,
+            stop_reason: str | int | None = None,
         ) -> str:
             if kind == "chat":
                 delta: dict[str, Any] = (
@@ -275,6 +311,8 @@ class ChameleonIngress:
                 }
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            if finish is not None:
+                choice["stop_reason"] = stop_reason
             if ids is not None and req.return_token_ids:
                 choice["token_ids"] = ids
             return _sse_line({**base, "choices": [choice], "personalization": pers})
@@ -287,7 +325,7 @@ class ChameleonIngress:
                 if ev["type"] == "delta":
                     yield chunk(ev["text"], None, ev["token_ids"])
                 elif ev["type"] == "end":
-                    yield chunk(None, ev["finish_reason"], [])
+                    yield chunk(None, ev["finish_reason"], [], stop_reason=ev.get("stop_reason"))
                     if req.include_usage():
                         yield _sse_line(
                             {**base, "choices": [], "usage": _usage(start, ev), "personalization": pers}
@@ -324,21 +362,35 @@ class ChameleonIngress:
     @api.get("/v1/models")
     @_hints
     async def models(self, request: Request) -> JSONResponse:
+        """The base model, then one entry per group of the run being served: `<model>:<group>`
+        (the Ray Serve LLM convention for adapters), so any OpenAI client can pick a group."""
         self._auth(request)
-        return JSONResponse(
+        name = self.cfg.model_name
+        data = [
             {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.cfg.model_name,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "chameleon",
-                        "root": self.cfg.model.name_or_path,
-                    },
-                ],
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "chameleon",
+                "root": self.cfg.model.name_or_path,
+                "parent": None,
             }
-        )
+        ]
+        with contextlib.suppress(Exception):  # no replica answering: the base model alone
+            run_id, groups = await self.server.groups.remote()
+            data += [
+                {
+                    "id": f"{name}:{g}",
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "chameleon",
+                    "root": self.cfg.model.name_or_path,
+                    "parent": name,
+                    "run_id": run_id,
+                }
+                for g in groups
+            ]
+        return JSONResponse({"object": "list", "data": data})
 
     @api.post("/v1/chat/completions")
     @_hints
@@ -353,6 +405,16 @@ class ChameleonIngress:
 
 # ---------------------------------------------------------------------------------------------
 # Model replica
+
+
+def _serve_metric(kind: str, name: str, description: str, boundaries):
+    """The `ServingMetrics` factory of a replica: `ray.serve.metrics` objects (Prometheus)."""
+    tags = TAG_KEYS.get(name)
+    if kind == "counter":
+        return serve_metrics.Counter(name, description=description, tag_keys=tags)
+    if kind == "gauge":
+        return serve_metrics.Gauge(name, description=description, tag_keys=tags)
+    return serve_metrics.Histogram(name, description=description, boundaries=list(boundaries), tag_keys=tags)
 
 
 def _runs_on_cpu(model: ModelConfig) -> bool:
@@ -382,7 +444,8 @@ class ChameleonServer:
     def __init__(self, settings: dict[str, Any], store: Store | None = None) -> None:
         self.cfg = ServeConfig.model_validate(settings)
         _set_torch_threads(self.cfg)
-        self.core = ModelServer(self.cfg, store)
+        self.metrics = ServingMetrics(_serve_metric)
+        self.core = ModelServer(self.cfg, store, self.metrics)
         self._batch.set_max_batch_size(self.cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.core.start_polling()
@@ -416,6 +479,11 @@ class ChameleonServer:
     async def health(self) -> dict[str, Any]:
         return self.core.health()
 
+    async def groups(self) -> tuple[str | None, list[str]]:
+        """(run served, its group ids) for `/v1/models`."""
+        run = self.core.registry.current
+        return (run.run_id, sorted(run.group_ids)) if run is not None else (None, [])
+
     async def refresh(self) -> dict[str, Any]:
         """Check the store now (tests and operators; the poller does it every refresh_interval_s)."""
         await asyncio.to_thread(self.core.registry.refresh)
@@ -434,45 +502,91 @@ class ChameleonServer:
                 500, f"internal error during admission: {type(exc).__name__}", "internal_error"
             ).to_event()
             return
-        yield {
-            "type": "start",
-            "personalization": adm.resolution.describe(),
-            "prompt_tokens": len(adm.item.prompt_ids),
-            "max_tokens": adm.item.max_tokens,
-        }
         texts: list[str] = []
         ids: list[int] = []
-        n, finish = 0, None
-        try:
-            async for ev in self._batch(adm):
-                if ev is None or finish is not None:
-                    # After the end, keep draining: the batch then closes this request's stream
-                    # itself (breaking out would leave an orphaned future in @serve.batch).
-                    continue
-                n += len(ev.token_ids)
+        n, finish, stop_reason, first_at = 0, None, None, None
+        want_ids = bool(payload.get("return_token_ids"))
+        try:  # from here on the pinned row is released on every exit path (finally)
+            yield {
+                "type": "start",
+                "personalization": adm.resolution.describe(),
+                "prompt_tokens": len(adm.item.prompt_ids),
+                "max_tokens": adm.item.max_tokens,
+                "system_fingerprint": self.core.system_fingerprint(adm.resolution),
+            }
+            async for chunk in self._chunks(adm):
+                if finish is not None:
+                    continue  # static path: drain (breaking out would orphan @serve.batch's future)
+                first_at = first_at or time.perf_counter()
+                text = "".join(d.text for d in chunk)
+                chunk_ids = [t for d in chunk for t in d.token_ids]
+                n += len(chunk_ids)
+                if chunk[-1].finish_reason:
+                    finish, stop_reason = chunk[-1].finish_reason, chunk[-1].stop_reason
                 if adm.stream:
-                    if ev.text or payload.get("return_token_ids"):
-                        yield {"type": "delta", "text": ev.text, "token_ids": ev.token_ids}
+                    if text or want_ids:
+                        yield {"type": "delta", "text": text, "token_ids": chunk_ids}
                 else:
-                    texts.append(ev.text)
-                    ids += ev.token_ids
-                if ev.finish_reason:
-                    finish = ev.finish_reason
+                    texts.append(text)
+                    ids += chunk_ids
+                if finish is not None:
                     if not adm.stream:
                         yield {"type": "delta", "text": "".join(texts), "token_ids": ids}
-                    yield {"type": "end", "finish_reason": finish, "completion_tokens": n}
+                    yield {
+                        "type": "end",
+                        "finish_reason": finish,
+                        "stop_reason": stop_reason,
+                        "completion_tokens": n,
+                    }
             if finish is None:
-                raise RuntimeError("the batch ended before this request finished")
+                raise RuntimeError("the engine ended before this request finished")
         except Exception as exc:
             log.exception("generation failed")
+            finish = "error"
             yield ApiError(
                 500, f"internal error during generation: {type(exc).__name__}: {exc}", "internal_error"
             ).to_event()
         finally:
-            if not adm.started:
-                adm.release()  # never reached a batch (cancelled while queued)
+            if self.core.engine is not None or not adm.started:
+                adm.release()  # continuous: the row has left (or is leaving) the batch
             elif finish is None:
-                adm.cancelled = True  # the batch drops it at its next step, then releases the row
+                adm.cancelled = True  # static: the batch drops it at its next step, then releases
+            self._log_request(adm, n, finish or "cancelled", first_at)
+
+    async def _chunks(self, adm: Admission) -> AsyncIterator[Sequence[Any]]:
+        """The request's deltas, a list at a time, from the configured engine."""
+        if self.core.engine is not None:
+            async with contextlib.aclosing(self.core.stream(adm)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        else:
+            async for ev in self._batch(adm):
+                if ev is not None:
+                    yield [ev]
+
+    def _log_request(
+        self, adm: Admission, completion_tokens: int, finish: str, first_at: float | None
+    ) -> None:
+        now = time.perf_counter()
+        latency = now - adm.admitted_at
+        self.metrics.request_done(len(adm.item.prompt_ids), latency, finish)
+        if not self.cfg.log_requests:
+            return
+        res = adm.resolution
+        record = {
+            "event": "request",
+            "request_id": _request_id(),
+            "run_id": res.run.run_id if res.run else None,
+            "group_id": res.group_id,
+            "source": res.source,
+            "prompt_tokens": len(adm.item.prompt_ids),
+            "completion_tokens": completion_tokens,
+            "finish_reason": finish,
+            "ttft_s": round(first_at - adm.admitted_at, 4) if first_at else None,
+            "latency_s": round(latency, 4),
+            "engine": self.cfg.engine,
+        }
+        log.info(json.dumps(record))
 
     # Called with no arguments (the bare form refuses async generators); sizes come from ServeConfig in __init__.
     @serve.batch()

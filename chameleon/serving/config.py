@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -55,10 +55,20 @@ class ServeConfig(BaseModel):
     api_key_env: str | None = "CHAMELEON_API_KEY"
     """Environment variable (read by the ingress replicas) holding the bearer token; when it is
     unset or empty, requests need no token."""
+    engine: Literal["continuous", "static"] = "continuous"
+    """`continuous`: one decode loop per replica admits waiting requests and retires finished
+    ones at every step (chameleon.serving.engine); `static`: `@serve.batch` batches that run
+    until their longest request ends (kept for comparison)."""
     max_batch_size: int = Field(32, ge=1, le=4096)
-    """Requests decoded together in one `@serve.batch` call."""
+    """Rows decoded together: the running batch of the continuous engine, or one `@serve.batch`
+    call of the static path."""
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=60.0)
-    """How long a batch waits to fill up before it starts."""
+    """Static path: how long a batch waits to fill up before it starts."""
+    stream_interval_s: float = Field(0.02, ge=0.0, le=1.0)
+    """Continuous engine: a stream's tokens after the first are gathered this long before they
+    cross to the ingress (one message per interval instead of one per token; 0 = every token)."""
+    log_requests: bool = True
+    """One JSON log line per finished request (run, group, source, tokens, queue wait, latency)."""
     edit_cache_size: int = Field(256, ge=1)
     """Group edits resident per replica (bank rows besides the identity); least recently used
     unpinned rows are reused."""

@@ -1,9 +1,15 @@
-"""The decode loop of the model replica: many requests, one forward per step, per-row sampling
-and edits. No Ray and no web framework: importable and testable with torch alone.
+"""Per-sequence decoding rules shared by both serving engines, and the static-batch decoder.
 
-`BatchDecoder` runs a batch of prompts with the KV cache; each batch row may use its own bank row
-of an `EditBank` (row 0 = no edit), temperature, top-p, seed, stop sequences and token budget.
-Rows that finish leave the batch (their KV cache is dropped) while the others go on.
+No Ray and no web framework: importable and testable with torch alone.
+
+- `GenItem`: one sequence to generate and its sampling settings (the request's fields).
+- `TextStream`: incremental detokenization (prefix/read offsets, as vLLM's detokenizer and
+  transformers' TextStreamer do: each new token decodes a short window, never the whole text),
+  stop strings cut before they are streamed, incomplete UTF-8 characters held back.
+- `pick_tokens`: per-row logits processing (min_tokens, repetition/frequency/presence penalties,
+  temperature, top-k, top-p, min-p) and greedy or seeded sampling.
+- `BatchDecoder`: the static path (`engine: static`): one batch of prompts decoded together until
+  its longest row ends. The continuous engine (chameleon.serving.engine) uses the same rules.
 """
 
 from __future__ import annotations
@@ -28,11 +34,35 @@ class GenItem:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    """0 = off."""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    """Over prompt and output tokens, as transformers and vLLM (divide positive logits, multiply negative)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: minus penalty × count of the token in the output so far."""
+    presence_penalty: float = 0.0
+    """OpenAI's: minus penalty once the token appeared in the output."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    """End the sequence on these tokens (not part of the output), besides end-of-sequence."""
+    min_tokens: int = 0
+    """End-of-sequence and `stop_token_ids` are masked until this many tokens were generated."""
     row: int = 0
     """Bank row (0 = no edit)."""
     ignore_eos: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with no logits processing: plain argmax."""
+        return (
+            self.temperature <= 0
+            and self.repetition_penalty == 1.0
+            and not self.frequency_penalty
+            and not self.presence_penalty
+            and not self.min_tokens
+        )
 
 
 @dataclass
@@ -42,20 +72,144 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the sequence (None for end-of-sequence/length)."""
+
+
+class TextStream:
+    """The text of one generated sequence, decoded incrementally and cut at stop strings."""
+
+    def __init__(self, tok, stop: Sequence[str] = ()) -> None:
+        self.tok = tok
+        self.stop = tuple(stop)
+        self._max_stop = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""  # complete characters decoded so far
+        self.sent = 0  # characters of `text` already emitted
+        self._prefix = self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int | None, final: bool) -> tuple[str, str | None]:
+        """Add a token (None: none, e.g. end-of-sequence); return (text to emit, stop string hit)."""
+        if token is not None:
+            self.ids.append(token)
+        # Decode a short window: the tokens since the last emitted boundary, with a few before it
+        # as context (a token's text can depend on its left neighbour).
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
+            self.text += new_text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self.ids)
+        end, hit = len(self.text), None
+        if self.stop:
+            start = max(0, self.sent - self._max_stop)
+            found = [(k, st) for st in self.stop if (k := self.text.find(st, start)) >= 0]
+            if found:
+                end, hit = min(found)
+        if hit is None and not final:
+            # Hold back a tail that may begin a stop string.
+            hold = 0
+            for st in self.stop:
+                for k in range(min(len(st) - 1, end - self.sent), hold, -1):
+                    if self.text[end - k : end] == st[:k]:
+                        hold = k
+                        break
+            end -= hold
+        out = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out, hit
 
 
 @dataclass
-class _Seq:
+class SeqState:
+    """Decoding state of one sequence (both engines)."""
+
     item: GenItem
-    ids: list[int] = field(default_factory=list)  # generated, without end-of-sequence
+    stream: TextStream
+    eos: frozenset[int]
     n_generated: int = 0
-    sent: int = 0  # characters of text already emitted
+    out_ids: list[int] = field(default_factory=list)  # every sampled token, for the penalties
     finish: str | None = None
     generator: Any = None
 
+    @classmethod
+    def new(cls, item: GenItem, tok, eos: Sequence[int], device) -> SeqState:
+        if not item.prompt_ids:
+            raise ValueError("empty prompt")
+        s = cls(item, TextStream(tok, item.stop), frozenset(eos))
+        if item.temperature > 0:
+            seed = item.seed if item.seed is not None else secrets.randbits(63)
+            s.generator = torch.Generator(device=device).manual_seed(seed % (2**63))
+        return s
+
+    def append(self, token: int) -> Delta:
+        """Take a sampled token: the delta to emit (its finish reason set when the sequence ends)."""
+        it = self.item
+        self.n_generated += 1
+        self.out_ids.append(token)
+        is_eos = token in self.eos and not it.ignore_eos
+        is_stop_id = token in it.stop_token_ids
+        finish = (
+            "stop" if (is_eos or is_stop_id) else ("length" if self.n_generated >= it.max_tokens else None)
+        )
+        stop_reason: str | int | None = token if is_stop_id and not is_eos else None
+        text, hit = self.stream.push(None if finish == "stop" else token, final=finish is not None)
+        if hit is not None:
+            finish, stop_reason = "stop", hit
+        self.finish = finish
+        return Delta(text, [token], finish, stop_reason)
+
+
+def pick_tokens(logits: torch.Tensor, seqs: Sequence[SeqState]) -> torch.Tensor:
+    """Next token per row of logits [B, V] (float32): argmax for plain greedy rows; the others get
+    their logits processors and, with a temperature, a draw from their own generator."""
+    out = torch.argmax(logits, dim=-1)
+    for j, s in enumerate(seqs):
+        it = s.item
+        if it.plain:
+            continue
+        x = logits[j].clone()
+        if it.min_tokens and s.n_generated < it.min_tokens:
+            banned = [t for t in (*(() if it.ignore_eos else s.eos), *it.stop_token_ids) if t < x.shape[0]]
+            if banned:
+                x[banned] = -float("inf")
+        if it.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(it.prompt_ids) | set(s.out_ids)), device=x.device)
+            v = x[seen]
+            x[seen] = torch.where(v < 0, v * it.repetition_penalty, v / it.repetition_penalty)
+        if (it.frequency_penalty or it.presence_penalty) and s.out_ids:
+            counts = torch.bincount(torch.tensor(s.out_ids, device=x.device), minlength=x.shape[0])
+            counts = counts[: x.shape[0]].to(x.dtype)
+            x -= it.frequency_penalty * counts + it.presence_penalty * (counts > 0).to(x.dtype)
+        if it.temperature <= 0:
+            out[j] = torch.argmax(x)
+            continue
+        x = x / it.temperature
+        if 0 < it.top_k < x.shape[0]:
+            kth = torch.topk(x, it.top_k).values[-1]
+            x = x.masked_fill(x < kth, -float("inf"))
+        probs = torch.softmax(x, dim=-1)
+        if it.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > it.top_p  # keeps at least one
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        if it.min_p > 0:
+            probs = probs.masked_fill(probs < it.min_p * probs.max(), 0.0)
+        out[j] = torch.multinomial(probs, 1, generator=s.generator)[0]
+    return out
+
+
+def forward_kwargs(model) -> tuple[str, bool]:
+    """(name of the model's cache argument, whether it takes `logits_to_keep`)."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
 
 class BatchDecoder:
-    """Greedy or sampled decoding of a batch of prompts with the KV cache, row by row.
+    """The static path: greedy or sampled decoding of one batch of prompts with the KV cache.
 
     Prompts are left padded; positions follow the attention mask as in `generate()`, and a batch
     without padding runs without a mask, so a request alone gives the same tokens as
@@ -76,21 +230,12 @@ class BatchDecoder:
             raise ValueError("nothing to decode")
         self.model, self.tok, self.bank = model, tok, bank
         self.device = model_device(model)
-        self.seqs = [_Seq(item) for item in items]
-        for s in self.seqs:
-            if not s.item.prompt_ids:
-                raise ValueError("empty prompt")
-            if s.item.temperature > 0:
-                seed = s.item.seed if s.item.seed is not None else secrets.randbits(63)
-                s.generator = torch.Generator(device=self.device).manual_seed(seed % (2**63))
-        self.eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tok))
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_logits = "logits_to_keep" in params
+        eos = list(eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tok))
+        self.seqs = [SeqState.new(item, tok, eos, self.device) for item in items]
+        self._cache_kw, self._keep_logits = forward_kwargs(model)
         self._alive: list[int] = []
         self._cache = self._mask = self._pos = self._next = None
         self._edits: tuple[tuple[int, ...], BoundEdits] | None = None
-        self._max_stop = max((len(s) for it in items for s in it.stop), default=0)
         self.forward_calls = 0
 
     @property
@@ -104,24 +249,10 @@ class BatchDecoder:
 
     def prefill(self) -> list[Delta | None]:
         with torch.inference_mode():
-            lens = [len(s.item.prompt_ids) for s in self.seqs]
-            B, L = len(lens), max(lens)
-            pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.eos), 0)
-            ids = torch.full((B, L), pad, dtype=torch.long)
-            mask = torch.zeros((B, L), dtype=torch.long)
-            for b, s in enumerate(self.seqs):
-                n = lens[b]
-                ids[b, L - n :] = torch.tensor(s.item.prompt_ids, dtype=torch.long)
-                mask[b, L - n :] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            if min(lens) == L:
-                # No padding: no mask at all, as `generate()` does (same attention path, same numbers).
-                pos = torch.arange(L, device=self.device).expand(B, L)
-                self._mask = None
-            else:
-                pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-                self._mask = mask
-            self._alive = list(range(B))
+            prompts = [s.item.prompt_ids for s in self.seqs]
+            ids, mask, pos = left_pad(prompts, pad_id(self.tok, self.seqs[0].eos), self.device)
+            self._mask = mask if not bool(mask.all()) else None
+            self._alive = list(range(len(prompts)))
             logits = self._forward(ids, pos)
             self._pos = pos[:, -1]
             return self._advance(logits)
@@ -155,88 +286,37 @@ class BatchDecoder:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _rows(self) -> list[int]:
-        return [self.seqs[i].item.row for i in self._alive]
-
     def _forward(self, input_ids, position_ids):
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": self._mask,
-            "position_ids": position_ids,
-            "use_cache": True,
-        }
-        if self._cache is not None:
-            kwargs[self._cache_kw] = self._cache
-        if self._keep_logits:
-            kwargs["logits_to_keep"] = 1
-        rows = self._rows()
+        rows = [self.seqs[i].item.row for i in self._alive]
         self.forward_calls += 1
+        bound = None
         if self.bank is not None and any(rows):
             key = tuple(rows)
             if self._edits is None or self._edits[0] != key:  # a new composition (rows left the batch)
                 self._edits = (key, self.bank.bind(rows))
-            with self._edits[1].apply(self.model):
-                out = self.model(**kwargs)
-        else:
-            out = self.model(**kwargs)
-        self._cache = getattr(out, self._cache_kw, None)
-        if self._cache is None:
-            self._cache = out.past_key_values
-        return out.logits[:, -1].float()
-
-    def _select(self, logits):
-        next_tokens = torch.argmax(logits, dim=-1)
-        for j, i in enumerate(self._alive):
-            item = self.seqs[i].item
-            if item.temperature <= 0:
-                continue
-            probs = torch.softmax(logits[j] / item.temperature, dim=-1)
-            if item.top_p < 1.0:
-                sorted_p, order = torch.sort(probs, descending=True)
-                drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > item.top_p  # keeps at least one
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            next_tokens[j] = torch.multinomial(probs, 1, generator=self.seqs[i].generator)[0]
-        return next_tokens
+            bound = self._edits[1]
+        logits, self._cache = run_forward(
+            self.model,
+            input_ids,
+            position_ids,
+            self._mask,
+            self._cache,
+            bound,
+            self._cache_kw,
+            self._keep_logits,
+        )
+        return logits
 
     def _advance(self, logits) -> list[Delta | None]:
-        self._next = self._select(logits)
+        alive = [self.seqs[i] for i in self._alive]
+        self._next = pick_tokens(logits, alive)
         tokens = self._next.tolist()
         events: list[Delta | None] = [None] * len(self.seqs)
         for j, i in enumerate(self._alive):
             s = self.seqs[i]
             if s.finish is None:
-                events[i] = self._append(s, tokens[j])
+                events[i] = s.append(tokens[j])
         return events
-
-    def _append(self, s: _Seq, token: int) -> Delta:
-        s.n_generated += 1
-        is_eos = token in self.eos and not s.item.ignore_eos
-        if not is_eos:
-            s.ids.append(token)
-        finish = "stop" if is_eos else ("length" if s.n_generated >= s.item.max_tokens else None)
-        text = self.tok.decode(s.ids, skip_special_tokens=True)
-        end = len(text)
-        if s.item.stop:
-            start = max(0, s.sent - self._max_stop)
-            hits = [k for k in (text.find(st, start) for st in s.item.stop) if k >= 0]
-            if hits:
-                end, finish = min(hits), "stop"
-        if finish is None:
-            # Hold back an incomplete UTF-8 character and a tail that may begin a stop sequence.
-            while end > s.sent and text[end - 1] == "\ufffd":
-                end -= 1
-            hold = 0
-            for st in s.item.stop:
-                for k in range(min(len(st) - 1, end - s.sent), hold, -1):
-                    if text[end - k : end] == st[:k]:
-                        hold = k
-                        break
-            end -= hold
-        delta = text[s.sent : end] if end > s.sent else ""
-        s.sent = max(s.sent, end)
-        s.finish = finish
-        return Delta(delta, [token], finish)
 
     def _prune(self) -> None:
         keep = [j for j, i in enumerate(self._alive) if self.seqs[i].finish is None]
@@ -252,6 +332,47 @@ class BatchDecoder:
         self._next, self._pos = self._next[idx], self._pos[idx]
         if self._mask is not None:
             self._mask = self._mask[idx]
+
+
+def pad_id(tok, eos: Sequence[int]) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos), 0)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, ...]:
+    """(input ids, attention mask, position ids) of left-padded prompts, positions as `generate()`."""
+    lens = [len(p) for p in prompts]
+    B, L = len(lens), max(lens)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[b, L - len(p) :] = 1
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def run_forward(model, input_ids, position_ids, mask, cache, bound: BoundEdits | None, cache_kw, keep_logits):
+    """One forward with the KV cache (and the batch's edits): (last-position logits [B, V] in
+    float32, the updated cache)."""
+    kwargs: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "use_cache": True,
+    }
+    if cache is not None:
+        kwargs[cache_kw] = cache
+    if keep_logits:
+        kwargs["logits_to_keep"] = 1
+    if bound is not None:
+        with bound.apply(model):
+            out = model(**kwargs)
+    else:
+        out = model(**kwargs)
+    new_cache = getattr(out, cache_kw, None)
+    if new_cache is None:
+        new_cache = out.past_key_values
+    return out.logits[:, -1].float(), new_cache
 
 
 def default_eos_ids(model, tok) -> list[int]:

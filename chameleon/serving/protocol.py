@@ -95,14 +95,46 @@ UNSUPPORTED_PARAMETERS = {  # would change the answer: refused rather than ignor
     "echo": lambda v: bool(v),
     "suffix": lambda v: v not in (None, ""),
     "logit_bias": lambda v: bool(v),
-    "presence_penalty": lambda v: v not in (None, 0, 0.0),
-    "frequency_penalty": lambda v: v not in (None, 0, 0.0),
     "tools": lambda v: bool(v),
     "functions": lambda v: bool(v),
     "tool_choice": lambda v: v not in (None, "none"),
     "response_format": lambda v: v not in (None, {"type": "text"}),
+    # Structured output (vLLM's and Ray Serve LLM's names): no constrained decoding here.
+    "structured_outputs": lambda v: bool(v),
+    "guided_json": lambda v: v is not None,
+    "guided_regex": lambda v: v is not None,
+    "guided_choice": lambda v: v is not None,
+    "guided_grammar": lambda v: v is not None,
+    "guided_decoding_backend": lambda v: v is not None,
+    "logits_processors": lambda v: bool(v),
+    "bad_words": lambda v: bool(v),
+    "allowed_token_ids": lambda v: v is not None,
+    "prompt_logprobs": lambda v: v is not None,
+    "use_beam_search": lambda v: bool(v),
+    "length_penalty": lambda v: v not in (None, 1, 1.0),
+    "truncate_prompt_tokens": lambda v: v is not None,
+    "skip_special_tokens": lambda v: v not in (None, True),
+    "spaces_between_special_tokens": lambda v: v not in (None, True),
+    "include_stop_str_in_output": lambda v: bool(v),
+    "add_generation_prompt": lambda v: v not in (None, True),
+    "continue_final_message": lambda v: bool(v),
+    "add_special_tokens": lambda v: v is not None,
+    "chat_template": lambda v: v is not None,
+    "documents": lambda v: bool(v),
+    "parallel_tool_calls": lambda v: v not in (None, False),
+    "modalities": lambda v: v not in (None, ["text"]),
+    "audio": lambda v: v is not None,
+    "prediction": lambda v: v is not None,
+    "reasoning_effort": lambda v: v is not None,
 }
-"""Parameter name -> whether its value asks for something this server does not do."""
+"""Parameter name -> whether its value asks for something this server does not do (400, never
+silently ignored). Fields outside this table and the model are ignored only when they cannot
+change the answer (`metadata`, `store`, `service_tier`, ...)."""
+
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"tokenize", "add_generation_prompt", "conversation", "messages", "return_dict"}
+)
+MAX_STOP_TOKEN_IDS = 16
 
 
 class RequestBody(BaseModel):
@@ -112,15 +144,32 @@ class RequestBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
+    """The served model's name, or `<name>:<group>` for a group's edit (as `personalization.group_id`)."""
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    """None: the model's generation config, else 1 (as OpenAI)."""
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    """Extension (vLLM): keep the k most likely tokens; 0 or -1 = all."""
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    """Extension (vLLM): drop tokens below min_p × the most likely token's probability."""
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    """Extension (vLLM, transformers): > 1 discourages tokens of the prompt and the output."""
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stop_token_ids: list[int] | None = None
+    """Extension (vLLM): end on these token ids (not part of the text), besides end-of-sequence."""
+    min_tokens: int | None = Field(None, ge=0)
+    """Extension (vLLM): no end-of-sequence or stop token id before this many tokens."""
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+    """Selects the user's group (the run's assignments)."""
+    safety_identifier: str | None = None
+    """OpenAI's successor of `user`: used the same way when `user` is absent."""
     personalization: Personalization | None = None
     return_token_ids: bool = False
     """Extension (as in vLLM): add the generated token ids to the choice."""
@@ -128,6 +177,8 @@ class RequestBody(BaseModel):
     """Extension (as in vLLM): keep generating past the end-of-sequence token (benchmarks)."""
 
     def check(self) -> None:
+        if self.user is None and self.safety_identifier is not None:
+            self.user = self.safety_identifier
         extra = self.model_extra or {}
         for name, unsupported in UNSUPPORTED_PARAMETERS.items():
             if name in extra and unsupported(extra[name]):
@@ -163,6 +214,31 @@ class RequestBody(BaseModel):
                 param="personalization.group_id",
             )
 
+    def select_group(self, group: str | None) -> None:
+        """Apply the group named in `model` (`<name>:<group>`)."""
+        if group is None:
+            return
+        if not is_valid_id(group):
+            raise ApiError(
+                400,
+                f"invalid group id {group[:140]!r} in model: use {ID_RULE}",
+                "invalid_value",
+                param="model",
+            )
+        p = self.personalization
+        if p is not None and p.group_id not in (None, group):
+            raise ApiError(
+                400,
+                f"model names group {group!r} but personalization.group_id is {p.group_id!r}",
+                "invalid_value",
+                param="model",
+            )
+        if p is not None and p.off:
+            raise ApiError(
+                400, "model names a group but personalization.off is true", "invalid_value", param="model"
+            )
+        self.personalization = Personalization(group_id=group)
+
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_SEQUENCES:
@@ -172,6 +248,17 @@ class RequestBody(BaseModel):
                 400, f"stop sequences must be 1-{MAX_STOP_CHARS} characters", "invalid_value", param="stop"
             )
         return stops
+
+    def stop_ids(self) -> list[int]:
+        ids = list(self.stop_token_ids or [])
+        if len(ids) > MAX_STOP_TOKEN_IDS or any(t < 0 for t in ids):
+            raise ApiError(
+                400,
+                f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} non-negative token ids",
+                "invalid_value",
+                param="stop_token_ids",
+            )
+        return ids
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -183,6 +270,17 @@ class RequestBody(BaseModel):
 class ChatRequest(RequestBody):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extension (vLLM): extra variables for the model's chat template (e.g. `enable_thinking`)."""
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        kw = self.chat_template_kwargs or None
+        if kw and RESERVED_TEMPLATE_KWARGS & set(kw):
+            bad = sorted(RESERVED_TEMPLATE_KWARGS & set(kw))
+            raise ApiError(
+                400, f"chat_template_kwargs may not set {bad}", "invalid_value", param="chat_template_kwargs"
+            )
+        return kw
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -225,6 +323,13 @@ class CompletionRequest(RequestBody):
         return self.prompt[0]
 
 
+def split_model(model: str, served: str) -> tuple[str, str | None]:
+    """(`model` without its group, the group) for `<served>:<group>`; other names unchanged."""
+    if model.startswith(served + ":"):
+        return served, model[len(served) + 1 :]
+    return model, None
+
+
 def validation_message(exc: ValidationError) -> str:
     """A short, readable summary of a request body's validation errors (the first five)."""
     parts = []
@@ -242,6 +347,13 @@ def generation_payload(req: RequestBody, kind: str) -> dict[str, Any]:
         "max_tokens": req.requested_max_tokens(),
         "temperature": req.temperature,
         "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "repetition_penalty": req.repetition_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "presence_penalty": req.presence_penalty,
+        "stop_token_ids": req.stop_ids(),
+        "min_tokens": req.min_tokens,
         "stop": req.stops(),
         "seed": req.seed,
         "stream": req.stream,
@@ -252,6 +364,7 @@ def generation_payload(req: RequestBody, kind: str) -> dict[str, Any]:
     }
     if kind == "chat":
         payload["messages"] = req.plain_messages()
+        payload["chat_template_kwargs"] = req.template_kwargs()
     else:
         payload["prompt"] = req.prompt_text()
     return payload

@@ -1,17 +1,24 @@
-"""The model replica's core, without Ray: model, tokenizer, runs, edit caches, admission, batches.
+"""The model replica's core, without Ray: model, tokenizer, runs, edit caches, admission, engines.
 
 `ModelServer` is what a `ChameleonServer` replica (chameleon.serving.app) holds. A request is
 *admitted* once (`admit`): its prompt is tokenized within the limits, its run and group are
 resolved against the run being served at that moment, and its bank row is pinned in the
 `EditCache` of that run's bank layout, so a switch of `latest` never mixes runs inside one request
-and never evicts a row a batch still reads. `run_batch` then decodes admitted requests together:
-one `BatchDecoder` per bank layout (normally one), so greedy and sampled requests of many groups
-share every forward pass.
+and never evicts a row a batch still reads. Then one of two engines decodes it:
+
+- `stream` (`engine: continuous`, the default): the replica's `Engine` (chameleon.serving.engine)
+  joins it to the running batch at the next step and retires it as soon as it ends;
+- `run_batch` (`engine: static`): requests gathered by `@serve.batch` are decoded together until
+  the longest ends, one `BatchDecoder` per bank layout (normally one).
+
+Either way greedy and sampled requests of many groups share every forward pass. The caller
+releases the pinned row (`Admission.release`, idempotent) on every exit path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -27,8 +34,10 @@ from chameleon.core.model import hidden_size, load_model, model_device, num_laye
 from chameleon.data.artifacts import ArtifactError
 from chameleon.data.storage import Store, StoreError, open_store
 from chameleon.serving.config import ServeConfig
-from chameleon.serving.decoder import BatchDecoder, GenItem, default_eos_ids
+from chameleon.serving.decoder import BatchDecoder, Delta, GenItem, default_eos_ids
 from chameleon.serving.edit_cache import CacheFullError, EditCache
+from chameleon.serving.engine import Engine
+from chameleon.serving.metrics import NULL_METRICS, ServingMetrics
 from chameleon.serving.protocol import ApiError
 from chameleon.serving.registry import BankSpec, LoadedRun, RunRegistry
 
@@ -61,6 +70,8 @@ class Admission:
     spec: BankSpec | None
     cache: EditCache | None
     stream: bool
+    admitted_at: float = 0.0
+    """`time.perf_counter()` when admission finished."""
     started: bool = False
     cancelled: bool = False
     released: bool = False
@@ -75,8 +86,11 @@ class Admission:
 class ModelServer:
     """Model, tokenizer, runs, edit caches and batch planning of one replica (no Ray)."""
 
-    def __init__(self, cfg: ServeConfig, store: Store | None = None) -> None:
+    def __init__(
+        self, cfg: ServeConfig, store: Store | None = None, metrics: ServingMetrics = NULL_METRICS
+    ) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.store = (
             store
             if store is not None
@@ -90,6 +104,7 @@ class ModelServer:
         self.num_layers = num_layers(self.model)
         self.fingerprint = fingerprint_model(self.model, cfg.model.name_or_path)
         self.eos_ids = default_eos_ids(self.model, self.tok)
+        self.sampling_defaults = sampling_defaults(self.model)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self.torch_threads = torch.get_num_threads()
         self.registry = RunRegistry(
@@ -107,6 +122,16 @@ class ModelServer:
         }
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self.engine: Engine | None = None
+        if cfg.engine == "continuous":
+            self.engine = Engine(
+                self.model,
+                self.tok,
+                self.eos_ids,
+                max_running=cfg.max_batch_size,
+                stream_interval_s=cfg.stream_interval_s,
+                metrics=metrics,
+            )
         self.registry.refresh()
 
     # -- background refresh ------------------------------------------------------------------
@@ -118,6 +143,8 @@ class ModelServer:
 
     def stop_polling(self) -> None:
         self._stop.set()
+        if self.engine is not None:
+            self.engine.stop()
 
     def _poll(self) -> None:
         while not self._stop.wait(self.cfg.refresh_interval_s):
@@ -136,7 +163,12 @@ class ModelServer:
             messages = payload["messages"]
             if getattr(self.tok, "chat_template", None):
                 try:
-                    text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                    text = self.tok.apply_chat_template(
+                        messages,
+                        tokenize=False,
+                        add_generation_prompt=True,
+                        **(payload.get("chat_template_kwargs") or {}),
+                    )
                 except Exception as exc:  # jinja raises for conversations the template rejects
                     raise ApiError(
                         400,
@@ -240,17 +272,45 @@ class ModelServer:
             spec = res.run.spec
             cache = self.cache_for(spec)
             row = await self._acquire(cache, res.run, res.group_id)
+            self.metrics.edit_cache(id(cache), *_cache_counts(cache))
+        sampling = {**self.sampling_defaults, **{k: v for k, v in payload.items() if v is not None}}
         item = GenItem(
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            temperature=float(payload.get("temperature", 1.0)),
-            top_p=float(payload.get("top_p", 1.0)),
+            temperature=float(sampling.get("temperature", 1.0)),
+            top_p=float(sampling.get("top_p", 1.0)),
+            top_k=max(0, int(sampling.get("top_k", 0))),
+            min_p=float(sampling.get("min_p", 0.0)),
+            repetition_penalty=float(sampling.get("repetition_penalty", 1.0)),
+            frequency_penalty=float(sampling.get("frequency_penalty", 0.0)),
+            presence_penalty=float(sampling.get("presence_penalty", 0.0)),
             seed=payload.get("seed"),
             stop=tuple(payload.get("stop") or ()),
+            stop_token_ids=tuple(payload.get("stop_token_ids") or ()),
+            min_tokens=min(int(payload.get("min_tokens") or 0), max_tokens),
             row=row,
             ignore_eos=bool(payload.get("ignore_eos")),
         )
-        return Admission(item, res, spec, cache, stream=bool(payload.get("stream")))
+        return Admission(
+            item, res, spec, cache, stream=bool(payload.get("stream")), admitted_at=time.perf_counter()
+        )
+
+    def system_fingerprint(self, res: Resolution) -> str:
+        """What produced an answer: the run served (or `base`) and the model's fingerprint."""
+        run = res.run.run_id if res.run is not None and res.group_id is not None else "base"
+        return f"{run}@{self.fingerprint.weights_sha256[:16]}"
+
+    async def stream(self, adm: Admission) -> AsyncIterator[list[Delta]]:
+        """Continuous engine: the request's deltas, gathered per `stream_interval_s`. Leaving
+        early aborts its row; the caller releases the pinned bank row."""
+        if self.engine is None:
+            raise RuntimeError("this replica runs the static path (engine: static)")
+        adm.started = True
+        bank = adm.cache.bank if adm.cache is not None and adm.item.row else None
+        async with contextlib.aclosing(self.engine.stream(adm.item, bank)) as chunks:
+            async for chunk in chunks:
+                self.stats["generated_tokens"] += sum(len(d.token_ids) for d in chunk)
+                yield chunk
 
     async def _acquire(self, cache: EditCache, run: LoadedRun, group_id: str) -> int:
         key = (run.run_id, group_id)
@@ -380,6 +440,15 @@ class ModelServer:
 
     def health(self) -> dict[str, Any]:
         status = self.registry.status()
+        batching: dict[str, Any] = {
+            "engine": self.cfg.engine,
+            "max_batch_size": self.cfg.max_batch_size,
+        }
+        if self.engine is not None:
+            batching.update({**self.engine.stats, **self.engine.counts()})
+            batching["stream_interval_s"] = self.cfg.stream_interval_s
+        else:
+            batching.update({**self.stats, "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s})
         status.update(
             {
                 "model": self.cfg.model_name,
@@ -390,11 +459,28 @@ class ModelServer:
                     {"layers": list(spec.layers), "site": spec.site, **cache.stats().to_dict()}
                     for spec, cache in self._caches.items()
                 ],
-                "batching": {
-                    **self.stats,
-                    "max_batch_size": self.cfg.max_batch_size,
-                    "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
-                },
+                "batching": batching,
             }
         )
         return status
+
+
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model) -> dict[str, Any]:
+    """Sampling settings the model's generation config sets explicitly (as vLLM and Ray Serve LLM
+    use them): they apply where a request gives none."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return {}
+    try:
+        explicit = gen.to_diff_dict()
+    except Exception:  # an odd config: no defaults rather than no server
+        return {}
+    return {k: explicit[k] for k in SAMPLING_DEFAULT_KEYS if explicit.get(k) is not None}
+
+
+def _cache_counts(cache: EditCache) -> tuple[int, int, int]:
+    st = cache.stats()
+    return st.hits, st.misses, st.evictions

@@ -1,6 +1,7 @@
 """Benchmark: does serving many groups in one batch cost about the same as serving none?
 
-    python jobs/bench/serve_mixed.py [--model ID] [--requests 64] [--concurrency 32] [--max-tokens 16] [--out FILE]
+    python jobs/bench/serve_mixed.py [--model ID] [--requests 64] [--concurrency 32] [--max-tokens 16]
+                                     [--engine continuous|static] [--out FILE]
 
 Two figures, each a ratio of two measurements taken in this run:
 
@@ -77,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="CPUs (= torch threads) of the model replica and of the offline loop (default 1; more threads "
         "slow down badly on a shared, busy machine)",
+    )
+    p.add_argument(
+        "--engine",
+        default="continuous",
+        choices=["continuous", "static"],
+        help="serving engine (default continuous)",
     )
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
@@ -226,7 +233,7 @@ def offline_ratio(model, tok, edits, captured, args) -> dict:
                 dec.prefill() if first else dec.step()
                 spent[edited] += time.perf_counter() - t0
             first = False
-        assert all(len(s_.ids) == args.offline_max_tokens for d in decs.values() for s_ in d.seqs)
+        assert all(len(s_.out_ids) == args.offline_max_tokens for d in decs.values() for s_ in d.seqs)
         return spent[False], spent[True]
 
     BatchDecoder(model, tok, items(True)[:2], bank).run()  # warm up
@@ -273,6 +280,8 @@ def served_ratio(store, users, model_id: str, args) -> dict:
         store=store.uri,
         model=model_id,
         api_key_env=None,
+        engine=args.engine,
+        log_requests=False,
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
         edit_cache_size=max(len(users), 1),
@@ -382,6 +391,7 @@ def main(argv=None) -> int:
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
+        "engine": args.engine,
         "run_id": run_id,
     }
     figures: list[str] = []

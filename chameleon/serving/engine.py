@@ -1,0 +1,410 @@
+"""Continuous batching: one decode loop per model replica, a different edit per row.
+
+No Ray and no web framework (torch alone). `Engine` owns a running batch with a KV cache and a
+dedicated thread that, at every step:
+
+1. drops rows whose client went away (`abort`),
+2. admits waiting requests up to `max_running` rows: they are prefilled together in one forward
+   (left padded, each with its own edit) and their first token is emitted at once,
+3. merges them into the running batch: the KV tensors of both are left padded to a common length
+   and concatenated along the batch; an attention mask hides the padding and explicit position
+   ids keep each row's own positions, so a row's tokens do not depend on who shares its batch,
+4. runs one decode forward for every running row (each row's `EditBank` row applied in one
+   batched operation: the per-row bank indices follow the rows as they join and leave),
+5. retires finished rows at once (their cache rows are dropped, and padding columns nobody
+   needs any more are trimmed).
+
+Requests of one bank layout share the batch; a request for another layout (a switch to a run
+with other edited layers) waits until no edited row of the previous layout runs (a "run switch").
+Rows without an edit (bank row 0) run with any layout.
+
+`stream()` is the asyncio side: it submits a request and yields lists of `Delta`s, the first
+token at once and later ones gathered over `stream_interval_s`, so a stream crosses the actor
+boundary a few times per second instead of once per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from chameleon.core.edit import BoundEdits, EditBank
+from chameleon.core.model import model_device
+from chameleon.serving.decoder import (
+    Delta,
+    GenItem,
+    SeqState,
+    forward_kwargs,
+    left_pad,
+    pad_id,
+    pick_tokens,
+    run_forward,
+)
+from chameleon.serving.metrics import NULL_METRICS, ServingMetrics
+
+log = logging.getLogger("chameleon.serving")
+
+
+class EngineError(RuntimeError):
+    """The decode loop failed for the requests it was running (the loop itself goes on)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One submitted sequence: its decoding state, its edit, and where its deltas go."""
+
+    seq: SeqState
+    bank: EditBank | None
+    sink: Callable[[list[Delta | BaseException]], None]
+    """Called on the engine thread with this request's new deltas (or an exception)."""
+    submitted: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
+    aborted: bool = False
+
+    @property
+    def row(self) -> int:
+        return self.seq.item.row if self.bank is not None else 0
+
+
+class Engine:
+    """The continuous-batching decode loop of one replica (see the module docstring)."""
+
+    def __init__(
+        self,
+        model,
+        tok,
+        eos_token_ids: Sequence[int],
+        *,
+        max_running: int = 32,
+        stream_interval_s: float = 0.02,
+        metrics: ServingMetrics = NULL_METRICS,
+    ) -> None:
+        self.model, self.tok = model, tok
+        self.device = model_device(model)
+        self.eos = list(eos_token_ids)
+        self.pad = pad_id(tok, self.eos)
+        self.max_running = max_running
+        self.stream_interval_s = stream_interval_s
+        self.metrics = metrics
+        self._cache_kw, self._keep_logits = forward_kwargs(model)
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # The running batch (engine thread only): rows, KV cache, mask [B, L], last positions
+        # [B], the tokens to feed next [B], the bank of its edited rows and their bound edits.
+        self._running: list[Request] = []
+        self._cache: Any = None
+        self._mask = self._pos = self._next = None
+        self._bank: EditBank | None = None
+        self._bound: BoundEdits | None = None
+        self._bound_valid = False
+        self.stats = {
+            "steps": 0,
+            "prefills": 0,
+            "max_batch": 0,
+            "max_groups_in_batch": 0,
+            "generated_tokens": 0,
+            "run_switches": 0,
+            "finished": 0,
+            "aborted": 0,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="chameleon-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- submission (any thread) -----------------------------------------------------------------
+
+    def submit(
+        self, item: GenItem, bank: EditBank | None, sink: Callable[[list[Delta | BaseException]], None]
+    ) -> Request:
+        req = Request(SeqState.new(item, self.tok, self.eos, self.device), bank, sink)
+        with self._cv:
+            if self._stopping:
+                raise EngineError("the engine is stopped")
+            self._waiting.append(req)
+            self._cv.notify_all()
+        self.start()
+        return req
+
+    def abort(self, req: Request) -> None:
+        """The client went away: the row leaves the batch at the next step (or never joins)."""
+        with self._cv:
+            req.aborted = True
+            self._cv.notify_all()
+
+    def counts(self) -> dict[str, int]:
+        with self._cv:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    async def stream(
+        self, item: GenItem, bank: EditBank | None, interval_s: float | None = None
+    ) -> AsyncIterator[list[Delta]]:
+        """Generate one sequence: lists of deltas, the first at once, then one list per interval;
+        the last delta of the last list carries the finish reason. Leaving early aborts the row."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+
+        def deliver(items: list[Delta | BaseException]) -> None:
+            for x in items:
+                queue.put_nowait(x)
+
+        def sink(items: list[Delta | BaseException]) -> None:
+            loop.call_soon_threadsafe(deliver, items)
+
+        interval = self.stream_interval_s if interval_s is None else interval_s
+        req = self.submit(item, bank, sink)
+        done, first = False, True
+        try:
+            while not done:
+                got = [await queue.get()]
+                if not first and interval > 0 and not _ends(got[-1]):
+                    await asyncio.sleep(interval)  # gather what the next steps produce
+                first = False
+                while not _ends(got[-1]) and not queue.empty():
+                    got.append(queue.get_nowait())
+                if isinstance(got[-1], BaseException):
+                    raise got[-1]
+                done = got[-1].finish_reason is not None
+                yield got  # type: ignore[misc]
+        finally:
+            if not done:
+                self.abort(req)
+
+    # -- the loop (engine thread) ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                new = self._take()
+                waiting = len(self._waiting)
+            try:
+                with torch.inference_mode():
+                    self._drop_aborted()
+                    if new:
+                        self._prefill(new)
+                    if self._running:
+                        self._decode()
+                self.metrics.engine_step(len(self._running), waiting)
+            except Exception as exc:  # fail the requests involved, keep the loop alive
+                log.exception("decode step failed")
+                err = EngineError(f"decode step failed: {type(exc).__name__}: {exc}")
+                for r in {*self._running, *new}:
+                    _tell(r, err)
+                self._reset()
+        for r in [*self._running, *self._waiting]:
+            _tell(r, EngineError("the engine stopped"))
+
+    def _take(self) -> list[Request]:
+        """Waiting requests to admit now (FIFO; under the lock)."""
+        taken: list[Request] = []
+        room = self.max_running - len(self._running)
+        while self._waiting and len(taken) < room:
+            r = self._waiting[0]
+            if r.aborted:
+                self._waiting.popleft()
+                self.stats["aborted"] += 1
+                continue
+            if r.row and r.bank is not self._bank:
+                if any(x.row for x in (*self._running, *taken)):
+                    break  # another layout's edited rows still run: wait for them to finish
+                self._bank, self._bound_valid = r.bank, False
+                self.stats["run_switches"] += 1
+                self.metrics.run_switch()
+            taken.append(self._waiting.popleft())
+        return taken
+
+    def _bind(self, reqs: Sequence[Request]) -> BoundEdits | None:
+        rows = [r.row for r in reqs]
+        return self._bank.bind(rows) if self._bank is not None and any(rows) else None
+
+    def _prefill(self, new: list[Request]) -> None:
+        now = time.perf_counter()
+        for r in new:
+            self.metrics.queue_wait(now - r.submitted)
+        ids, mask, pos = left_pad([r.seq.item.prompt_ids for r in new], self.pad, self.device)
+        logits, cache = run_forward(
+            self.model,
+            ids,
+            pos,
+            None if bool(mask.all()) else mask,
+            None,
+            self._bind(new),
+            self._cache_kw,
+            self._keep_logits,
+        )
+        self.stats["prefills"] += 1
+        tokens = pick_tokens(logits, [r.seq for r in new])
+        self._emit(new, tokens.tolist(), first=True)
+        keep = [j for j, r in enumerate(new) if r.seq.finish is None]
+        if not keep:
+            return
+        if len(keep) < len(new):
+            idx = torch.tensor(keep, device=self.device)
+            _select_rows(cache, idx)
+            mask, pos, tokens = mask[idx], pos[idx], tokens[idx]
+        joined = [new[j] for j in keep]
+        if not self._running:
+            self._cache, self._mask = cache, mask
+            self._pos, self._next = pos[:, -1], tokens
+        else:
+            self._cache, self._mask = _merge(self._cache, self._mask, cache, mask)
+            self._pos = torch.cat([self._pos, pos[:, -1]])
+            self._next = torch.cat([self._next, tokens])
+        self._running += joined
+        self._bound_valid = False
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(self._running))
+
+    def _decode(self) -> None:
+        B = len(self._running)
+        mask = torch.cat([self._mask, self._mask.new_ones((B, 1))], dim=1)
+        pos = self._pos + 1
+        if not self._bound_valid:  # the composition changed: gather the rows' edits once
+            self._bound, self._bound_valid = self._bind(self._running), True
+            groups = len({r.row for r in self._running if r.row})
+            self.stats["max_groups_in_batch"] = max(self.stats["max_groups_in_batch"], groups)
+        logits, self._cache = run_forward(
+            self.model,
+            self._next[:, None],
+            pos[:, None],
+            None if bool(mask.all()) else mask,
+            self._cache,
+            self._bound,
+            self._cache_kw,
+            self._keep_logits,
+        )
+        self._mask, self._pos = mask, pos
+        self.stats["steps"] += 1
+        self.metrics.batch_size(B)
+        self._next = pick_tokens(logits, [r.seq for r in self._running])
+        self._emit(self._running, self._next.tolist(), first=False)
+        self._retire([j for j, r in enumerate(self._running) if r.seq.finish is None])
+
+    def _emit(self, reqs: Sequence[Request], tokens: list[int], first: bool) -> None:
+        now = time.perf_counter()
+        for r, t in zip(reqs, tokens, strict=True):
+            if r.aborted:
+                self._cancel(r)
+                continue
+            delta = r.seq.append(t)
+            if first:
+                self.metrics.ttft(now - r.submitted)
+            elif r.last_token is not None:
+                self.metrics.inter_token(now - r.last_token)
+            r.last_token = now
+            if delta.finish_reason:
+                self.stats["finished"] += 1
+            try:
+                r.sink([delta])
+            except Exception:  # its consumer is gone (e.g. a closed event loop): drop this row only
+                log.warning("dropping a request whose consumer is gone", exc_info=True)
+                r.aborted = True
+                self._cancel(r)
+        self.stats["generated_tokens"] += len(tokens)
+        self.metrics.generated_tokens(len(tokens))
+
+    def _drop_aborted(self) -> None:
+        if any(r.aborted for r in self._running):
+            for r in self._running:
+                if r.aborted:
+                    self._cancel(r)
+            self._retire([j for j, r in enumerate(self._running) if r.seq.finish is None])
+
+    def _cancel(self, r: Request) -> None:
+        if r.seq.finish is None:
+            r.seq.finish = "cancelled"
+            self.stats["aborted"] += 1
+
+    def _retire(self, keep: list[int]) -> None:
+        """Keep only rows `keep` of the running batch; trim padding no remaining row needs."""
+        if len(keep) == len(self._running):
+            return
+        self._bound_valid = False
+        if not keep:
+            self._reset()
+            return
+        idx = torch.tensor(keep, device=self.device)
+        _select_rows(self._cache, idx)
+        self._running = [self._running[j] for j in keep]
+        self._mask, self._pos, self._next = self._mask[idx], self._pos[idx], self._next[idx]
+        used = self._mask.any(0)
+        start = int(torch.argmax(used.to(torch.int8)))  # first column some row attends to
+        if start > 0:
+            self._mask = self._mask[:, start:]
+            for layer in _layers(self._cache):
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def _reset(self) -> None:
+        self._running = []
+        self._cache = self._mask = self._pos = self._next = None
+        self._bound, self._bound_valid = None, False
+
+
+def _tell(r: Request, err: BaseException) -> None:
+    try:
+        r.sink([err])
+    except Exception:  # its consumer is gone already
+        log.debug("request consumer gone", exc_info=True)
+
+
+def _ends(x: Delta | BaseException) -> bool:
+    return isinstance(x, BaseException) or x.finish_reason is not None
+
+
+def _layers(cache) -> list[Any]:
+    """The cache's layers as [B, heads, L, dim] key/value tensors (transformers' DynamicCache);
+    other caches (sliding windows, static, quantized) cannot be merged row by row."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(not hasattr(x, "keys") or getattr(x, "is_sliding", False) for x in layers):
+        raise EngineError(
+            f"continuous batching needs a full dynamic KV cache, got {type(cache).__name__}; "
+            "use engine: static for this model"
+        )
+    return list(layers)
+
+
+def _select_rows(cache, idx: torch.Tensor) -> None:
+    for layer in _layers(cache):
+        layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+
+
+def _merge(cache_a, mask_a: torch.Tensor, cache_b, mask_b: torch.Tensor):
+    """Append batch b to batch a: both left padded to a common length, then concatenated."""
+    la, lb = mask_a.shape[1], mask_b.shape[1]
+    L = max(la, lb)
+
+    def pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+        if n == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = n
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    for a, b in zip(_layers(cache_a), _layers(cache_b), strict=True):
+        a.keys = torch.cat([pad(a.keys, L - la, 2), pad(b.keys, L - lb, 2)])
+        a.values = torch.cat([pad(a.values, L - la, 2), pad(b.values, L - lb, 2)])
+    mask = torch.cat([pad(mask_a, L - la, 1), pad(mask_b, L - lb, 1)])
+    return cache_a, mask
