@@ -949,8 +949,6 @@ def test_streams_aborted_at_random_points_release_their_rows(app):
     mid-stream: no 5xx, and once they are gone no bank row stays pinned."""
     import random
 
-    import httpx
-
     _reset_latest(app)
     gids = sorted(app.run1.group_ids)
     rng = random.Random(12)
@@ -969,10 +967,9 @@ def test_streams_aborted_at_random_points_release_their_rows(app):
             "ignore_eos": True,
             "personalization": {"group_id": gid},
         }
-        with (
-            httpx.Client(timeout=60) as http,
-            http.stream("POST", app.url + "/v1/chat/completions", json=body, headers=AUTH) as r,
-        ):
+        with requests.post(
+            app.url + "/v1/chat/completions", json=body, headers=AUTH, stream=True, timeout=60
+        ) as r:
             if where != "headers":
                 for i, _line in enumerate(r.iter_lines()):
                     if where == "first" or i >= n_mid:
@@ -999,7 +996,9 @@ def test_store_pause_leaves_cached_and_base_requests_alone(app, client):
     proc = app.s3._proc
     if proc is None:
         pytest.skip("the S3 server is in-process (moto): it cannot be paused")
-    _reset_latest(app)
+    # A fresh run: none of its group edits has been read yet (a run keeps the edits it read).
+    copy_run(app.store, app.store, "tiny-run-1", "tiny-run-pause")
+    _reset_latest(app, "tiny-run-pause")
     gids = sorted(app.run1.group_ids)
     assert len(gids) >= 3, "cached groups and a cold one"
     cached = gids[:2]  # the app's cache holds 2 rows
@@ -1036,7 +1035,7 @@ def test_store_pause_leaves_cached_and_base_requests_alone(app, client):
     pgid = os.getpgid(proc.pid)
     os.killpg(pgid, signal.SIGSTOP)
     try:
-        paused = load([{"group_id": g} for g in cold] * 2)
+        paused = load([{"group_id": g} for g in cold] * 4)
     finally:
         os.killpg(pgid, signal.SIGCONT)
     warm_res, cold_res = paused[: len(warm)], paused[len(warm) :]
@@ -1048,7 +1047,7 @@ def test_store_pause_leaves_cached_and_base_requests_alone(app, client):
         and t <= app.cfg.admission_timeout_s + 3
         for t, st, _, h in cold_res
     ]
-    leaked = sum(len(leaks(app, text)) for _, _, text, _ in cold_res)
+    leaked = sum(len(leaks(app, text, *cold)) for _, _, text, _ in cold_res)
     print(
         f"errors_5xx_cached={errors_5xx_cached} cached_p99_base_s={p99_base:.3f} "
         f"cached_p99_paused_s={p99_paused:.3f} cold_503_in_time={sum(cold_ok)}/{len(cold_ok)} leaked_fields={leaked}"

@@ -303,6 +303,11 @@ class ModelServer:
             self._failed[key] = (time.monotonic() + self.cfg.edit_failure_ttl_s, err)
         return err
 
+    def _load_done(self, key: tuple[str, str], fut: asyncio.Future) -> None:
+        self._loading.pop(key, None)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a load every waiter gave up on is not an unhandled error
+
     async def _load(self, run: LoadedRun, group_id: str, deadline: float) -> Edit:
         """The group's edit, read once however many requests wait for it, on the load pool, by
         `deadline` (time.monotonic). Client messages carry no store detail; it is logged and kept
@@ -318,7 +323,7 @@ class ModelServer:
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(self._load_pool, self.load_edit, run, group_id)
             self._loading[key] = fut
-            fut.add_done_callback(lambda _f: self._loading.pop(key, None))
+            fut.add_done_callback(lambda f: self._load_done(key, f))
         try:
             # shield: a request giving up never cancels the load others wait for.
             return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))

@@ -199,6 +199,8 @@ def main(argv=None) -> int:
                 )
             except APIStatusError as exc:
                 row.update(status=exc.status_code, body=exc.response.text[:300])
+            except Exception as exc:  # no HTTP answer at all (connection reset, client timeout)
+                row.update(status=-1, body=repr(exc)[:300])
             row["ms"] = 1000 * (time.perf_counter() - t)
             with lock:
                 results.append(row)
@@ -242,6 +244,7 @@ def main(argv=None) -> int:
         "answers_run_a": by_run.get("load-run-a", 0),
         "answers_run_b": by_run.get("load-run-b", 0),
         "errors_4xx": sum(400 <= r["status"] < 500 for r in results),
+        "no_answer": sum(r["status"] < 0 for r in results),
         "offline_reference_s": offline_s,
         "load_wall_s": wall,
         "errors_5xx": sum(r["status"] >= 500 for r in results),
@@ -251,10 +254,11 @@ def main(argv=None) -> int:
         "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))] if ms else float("nan"),
     }
     report(figures, "token_mismatches", args.out)
-    bad = [r for r in results if r["status"] >= 500][:3]
+    bad = [r for r in results if r["status"] >= 500 or r["status"] < 0][:3]
     if bad:
         print("first 5xx bodies:", bad, file=sys.stderr)
-    return 0 if figures["errors_5xx"] == figures["wrong_group"] == figures["token_mismatches"] == 0 else 1
+    clean = figures["errors_5xx"] == figures["no_answer"] == figures["wrong_group"] == 0
+    return 0 if clean and figures["token_mismatches"] == 0 else 1
 
 
 if __name__ == "__main__":
