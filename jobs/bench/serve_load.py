@@ -9,7 +9,7 @@ use; `--store DIR` for a local directory instead). The Serve endpoint starts on 
 edit cache smaller than the number of groups. `--concurrency` clients (the official `openai`
 client over HTTP, so the script works unchanged on any decode engine) send `--requests` greedy
 requests: users of every group plus unknown users (the fallback: the base model). When half of
-them are sent, `latest` moves to the second run.
+them are answered, `latest` moves to the second run.
 
 Each answer's tokens are compared with offline generation (`model.generate` with the group's edit
 applied through `EditBank`, no serving code) for the (run, group) the answer names. Prints
@@ -52,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=3)
     p.add_argument("--edit-layers", type=int, default=3)
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument(
+        "--admission-timeout-s",
+        type=float,
+        default=60.0,
+        help="deadline for an edit row (default 60; a busy CPU box needs more: rows turn over per batch)",
+    )
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (torch threads) of the model replica")
     p.add_argument("--store", help="a local directory for the runs (default: SeaweedFS on loopback)")
     return p.parse_args(argv)
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
         num_cpus=args.num_cpus,
         max_ongoing_requests=max(256, 2 * args.concurrency),
         refresh_interval_s=0.5,
-        admission_timeout_s=60.0,
+        admission_timeout_s=args.admission_timeout_s,
     )
     ray.init(
         address="local",
@@ -169,6 +175,7 @@ def main(argv=None) -> int:
     n_unknown_every = max(1, round(1 / args.unknown_frac)) if args.unknown_frac > 0 else 0
     results: list[dict] = []
     lock = threading.Lock()
+    half = args.requests // 2  # answers received when `latest` moves to the second run
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -204,14 +211,12 @@ def main(argv=None) -> int:
             row["ms"] = 1000 * (time.perf_counter() - t)
             with lock:
                 results.append(row)
+                if len(results) == half:
+                    store.put_text("latest", "load-run-b\n")  # the switch, mid-load
 
-        half = args.requests // 2
         t_load = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
-            first = [pool.submit(one, i) for i in range(half)]
-            store.put_text("latest", "load-run-b\n")  # the switch, mid-load
-            rest = [pool.submit(one, i) for i in range(half, args.requests)]
-            for f in first + rest:
+            for f in [pool.submit(one, i) for i in range(args.requests)]:
                 f.result()
         wall = time.perf_counter() - t_load
     finally:
