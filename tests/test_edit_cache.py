@@ -278,5 +278,10 @@ def test_contention_500_tasks_10_keys_capacity_2_random_cancellation():
 
     asyncio.run(main())
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
-    assert (figures["deadlocks"], figures["pin_leaks"], figures["starved"], figures["wrong_rows"]) == (0, 0, 0, 0)
+    assert (figures["deadlocks"], figures["pin_leaks"], figures["starved"], figures["wrong_rows"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
     assert figures["served"] + figures["cancelled"] == 500 and figures["cancelled"] > 50
