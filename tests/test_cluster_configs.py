@@ -424,8 +424,8 @@ def test_serving_pods_get_the_api_key_from_a_secret(name):
         ref = refs.get("CHAMELEON_API_KEY")
         assert ref, f"{name}/{group}: no CHAMELEON_API_KEY"
         assert ref["name"] == API_KEY_SECRET and ref["key"] == "CHAMELEON_API_KEY", ref
-        # Optional: without the Secret the pods start and the endpoint asks for no key.
-        assert ref.get("optional") is True
+        # Required: without the Secret the pods do not start (never an endpoint without a key).
+        assert ref.get("optional") is not True
 
 
 def test_rayjob_retries_resumably_within_deadlines():

@@ -128,7 +128,12 @@ def test_serve_applies_a_new_user_config_to_the_running_replica(replica, tiny_mo
                         "name": "reconfigure",
                         "route_prefix": None,
                         "import_path": "chameleon.serving:app_builder",
-                        "args": {"store": str(store.root), "model": str(tiny_model_dir)},
+                        # No HTTP route here; without a key the ingress refuses to start otherwise.
+                        "args": {
+                            "store": str(store.root),
+                            "model": str(tiny_model_dir),
+                            "allow_unauthenticated": True,
+                        },
                         "deployments": [{"name": "ChameleonServer", "user_config": {"run": run}}],
                     }
                 ]

@@ -8,8 +8,10 @@ validation, and the batched decode loop against `generate()`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import time
 import uuid
@@ -413,11 +415,15 @@ def app(published_tiny_run, s3_server):
             default_max_tokens=16,
             max_request_bytes=32 * 1024,
             refresh_interval_s=0.5,
+            admission_timeout_s=8.0,  # cold groups while the store is paused: 503 within this
+            health_check_period_s=1.0,  # a killed model replica is replaced quickly
         )
         serve.run(build_app(cfg, store=store), name=APP, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         yield SimpleNamespace(
             url=url,
+            cfg=cfg,
+            s3=s3_server,
             store=store,
             model_dir=model_dir,
             run1=run1,
@@ -449,8 +455,87 @@ def users_by_group(run) -> dict[str, list[str]]:
     return out
 
 
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
 def health(app) -> dict:
-    return requests.get(app.url + "/healthz", timeout=30).json()
+    """The authenticated status (what /healthz said before it was cut down to its status)."""
+    return requests.get(app.url + "/status", headers=AUTH, timeout=30).json()
+
+
+_OFFLINE: dict = {}
+
+
+def offline_tokens(tiny, run, gid: str | None, content: str = QUESTION, max_tokens: int = 8) -> list[int]:
+    """Greedy tokens of `content` offline: the base model (gid None) or `run`'s edit of `gid`."""
+    from chameleon.config import EditConfig
+    from chameleon.core.generation import bank_for_edits
+
+    key = (run.manifest["run_id"] if run else None, gid, content, max_tokens)
+    if key not in _OFFLINE:
+        model, tok = tiny
+        enc = tok([chat_prompt(tok, content)], return_tensors="pt", add_special_tokens=False)
+        greedy = dict(
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+        )
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if gid is not None:
+                bank, rows = bank_for_edits(model, [run.group_edit(gid)], EditConfig(**run.manifest["edit"]))
+                stack.enter_context(bank.apply(model, rows))
+            _OFFLINE[key] = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1] :].tolist()
+    return _OFFLINE[key]
+
+
+def leaks(app, text: str, *named: str) -> list[str]:
+    """Internals found in a response body: the store's URI, bucket, prefix and endpoint, the S3 key
+    id, exception names, and group ids (other than those in `named`, which the caller sent)."""
+    s3 = app.s3
+    secrets_ = [app.store.uri, app.store.bucket, app.store.prefix, s3.endpoint_url, s3.access_key]
+    secrets_ += [s3.endpoint_url.split("//")[-1], "Traceback", "Error:", "safetensors", "runs/"]
+    secrets_ += [f'"{g}"' for g in app.run1.group_ids if g not in named] + [
+        f"'{g}'" for g in app.run1.group_ids if g not in named
+    ]
+    return [x for x in secrets_ if x and x in text]
+
+
+STRONG = "tiny-run-strong"
+"""tiny-run-1 with its edits applied 20 times stronger: the tiny random model then answers each
+group with different tokens (at strength 1 every group and the base model say the same), so a row
+applied with the wrong edit shows in the tokens."""
+
+
+def serve_strong_run(app):
+    """Publish STRONG (once), make it `latest` and wait until the replica serves it."""
+    from chameleon.data.artifacts import RunReader
+    from chameleon.data.published import PublishedRun
+
+    if getattr(app, "strong", None) is None:
+
+        def stronger(m):
+            m["edit"]["alpha"] = m["edit"]["beta"] = 20.0
+
+        copy_run(app.store, app.store, "tiny-run-1", STRONG, manifest_edit=stronger)
+        app.strong = PublishedRun(RunReader(app.store, STRONG))
+    _reset_latest(app, STRONG)
+    return app.strong
+
+
+def _reset_latest(app, run_id: str = "tiny-run-2") -> None:
+    app.store.put_text("latest", run_id + "\n")
+    deadline = time.monotonic() + 60
+    while app.server.refresh.remote().result()["run_id"] != run_id:
+        assert time.monotonic() < deadline, f"the replica does not serve {run_id}"
+        time.sleep(0.5)
+
+
+def same_prefix(got: list[int], ref: list[int]) -> bool:
+    """A served answer matches offline: token for token, up to where the server stopped."""
+    return len(got) > 0 and got == ref[: len(got)]
 
 
 def chat(client, app, user=None, personalization=None, **kw):
@@ -473,20 +558,24 @@ def test_models_and_health(app, client):
     assert client.models.list().data[0].id == app.name
     h = requests.get(app.url + "/healthz", timeout=30)
     assert h.status_code == 200, h.text
-    body = h.json()
+    assert h.json() == {"status": "ok"}, "unauthenticated health says its status and nothing else"
+    body = health(app)
     assert body["status"] == "ok" and body["run_id"] == "tiny-run-1" and body["auth"] is True
     assert body["run"]["groups"] == len(app.run1.group_ids)
 
 
 @pytest.mark.slow
-def test_chat_and_completions_with_and_without_streaming(app, client):
+def test_chat_and_completions_with_and_without_streaming(app, client, tiny):
     groups = users_by_group(app.run1)
     gid, users = next(iter(groups.items()))
     user = users[0]
     headers, resp = chat(client, app, user=user, extra_body={"return_token_ids": True})
     pers = resp.personalization
-    assert pers == {"run_id": "tiny-run-1", "group_id": gid, "source": "user", "user": user}
-    assert headers["x-chameleon-run"] == "tiny-run-1" and headers["x-chameleon-group"] == gid
+    # Minimal detail (the default): the response does not tell a key holder the user's group.
+    assert pers == {"run_id": "tiny-run-1", "group_id": None, "source": "user", "user": user}
+    assert headers["x-chameleon-run"] == "tiny-run-1" and headers["x-chameleon-group"] == "none"
+    # ... but the answer is the user's group edit, token for token.
+    assert same_prefix(resp.choices[0].token_ids, offline_tokens(tiny, app.run1, gid))
     assert resp.object == "chat.completion" and resp.choices[0].message.role == "assistant"
     assert resp.usage.completion_tokens == len(resp.choices[0].token_ids) <= 8
     assert resp.choices[0].finish_reason in ("stop", "length")
@@ -503,7 +592,7 @@ def test_chat_and_completions_with_and_without_streaming(app, client):
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == resp.choices[0].message.content, "streaming and not give the same greedy answer"
-    assert all(c.personalization["group_id"] == gid for c in chunks)
+    assert all(c.personalization["group_id"] is None for c in chunks)
     assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == resp.choices[0].finish_reason
 
@@ -511,8 +600,8 @@ def test_chat_and_completions_with_and_without_streaming(app, client):
         model=app.name, prompt="The weather today is", max_tokens=6, temperature=0, user=user
     )
     comp = raw.parse()
-    assert raw.headers["x-chameleon-group"] == gid and comp.object == "text_completion"
-    assert comp.personalization["group_id"] == gid
+    assert raw.headers["x-chameleon-group"] == "none" and comp.object == "text_completion"
+    assert comp.personalization == pers
     streamed = client.completions.create(
         model=app.name, prompt="The weather today is", max_tokens=6, temperature=0, user=user, stream=True
     )
@@ -524,36 +613,52 @@ def test_chat_and_completions_with_and_without_streaming(app, client):
     assert a == b
 
 
+def streamed_tokens(client, app, user=None, personalization=None, max_tokens=8) -> list[int]:
+    extra = {"return_token_ids": True, **({"personalization": personalization} if personalization else {})}
+    ids: list[int] = []
+    for c in client.chat.completions.create(
+        model=app.name,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=max_tokens,
+        temperature=0,
+        user=user,
+        stream=True,
+        extra_body=extra,
+    ):
+        if c.choices:
+            ids += getattr(c.choices[0], "token_ids", None) or []
+    return ids
+
+
 @pytest.mark.slow
-def test_concurrent_burst_of_users_in_different_groups(app, client):
+def test_concurrent_burst_of_users_in_different_groups(app, client, tiny):
+    """Users of every group (plus unknown and absent users) at once, streamed and not: every answer
+    is the tokens of its own group's edit offline (not merely the group the server says it used)."""
     groups = users_by_group(app.run1)
     assert len(groups) >= 2, "the tiny run has several groups"
     jobs = [(u, g) for g, us in groups.items() for u in us[:2]] + [("someone-unknown", None)]
     jobs += [(None, None)]  # no user at all: the fallback too
+    strong = serve_strong_run(app)
+    expected = {gid: offline_tokens(tiny, strong, gid) for gid in [*groups, None]}
+    assert len({tuple(v) for v in expected.values()}) == len(expected), "each edit changes the answer"
 
     def one(job):
         user, _ = job
-        stream = len(job[0] or "") % 2 == 0
-        if stream:
-            chunks = list(
-                client.chat.completions.create(
-                    model=app.name,
-                    messages=[{"role": "user", "content": QUESTION}],
-                    max_tokens=8,
-                    temperature=0,
-                    user=user,
-                    stream=True,
-                )
-            )
-            return chunks[-1].personalization
-        return chat(client, app, user=user)[1].personalization
+        if len(user or "") % 2 == 0:
+            return streamed_tokens(client, app, user=user)
+        return chat(client, app, user=user, extra_body={"return_token_ids": True})[1].choices[0].token_ids
 
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(one, jobs))
-    for (user, gid), pers in zip(jobs, results, strict=True):
-        assert pers["run_id"] == "tiny-run-1"
-        assert pers["group_id"] == gid, (user, pers)
-        assert pers["source"] == ("user" if gid else "fallback")
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(one, jobs))
+    finally:
+        _reset_latest(app, "tiny-run-1")  # what the tests below start from
+    wrong = [
+        (user, gid)
+        for (user, gid), got in zip(jobs, results, strict=True)
+        if not same_prefix(got, expected[gid])
+    ]
+    assert not wrong, f"answers that are not their group's edit: {wrong}"
     batching = health(app)["batching"]
     assert batching["max_groups_in_batch"] >= 2, f"one forward served several groups: {batching}"
     cache = health(app)["edit_caches"][0]
@@ -717,6 +822,7 @@ def test_auth(app, client):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert r.headers["www-authenticate"] == "Bearer"
     assert requests.get(app.url + "/v1/models", timeout=30).status_code == 401
+    assert requests.get(app.url + "/status", timeout=30).status_code == 401, "details need the key"
     assert requests.get(app.url + "/healthz", timeout=30).status_code == 200, "health needs no token"
 
 
@@ -773,6 +879,8 @@ def test_malformed_requests_get_clear_4xx(app):
         (chat_url, {**ok, "personalization": {"group_id": "g000/../../x"}}, 400, "invalid_value"),
         (chat_url, {**ok, "personalization": {"group_id": "no-such-group"}}, 404, "group_not_found"),
         (chat_url, {**ok, "padding": "x" * 40_000}, 413, "request_too_large"),
+        # Over the character limit (16 per allowed token): refused before tokenizing.
+        (comp_url, {"model": app.name, "prompt": "x" * 3300}, 400, "context_length_exceeded"),
         (comp_url, {"model": app.name, "prompt": ["a", "b"]}, 400, "unsupported_parameter"),
         (comp_url, {"model": app.name, "prompt": [1, 2, 3]}, 400, "invalid_request_body"),
         (comp_url, {"model": app.name}, 400, "invalid_request_body"),
@@ -883,8 +991,8 @@ def test_runs_for_another_model_or_with_bad_checksums_are_refused(app, client):
     h = app.server.refresh.remote().result()
     assert "ChecksumMismatchError" in h["refused_runs"]["run-bad-assignments"]
     assert h["run_id"] == "tiny-run-2"
-    public = health(app)
-    assert public["status"] == "degraded" and any("run-bad-assignments" in p for p in public["problems"])
+    status = health(app)
+    assert status["status"] == "degraded" and any("run-bad-assignments" in p for p in status["problems"])
 
     # A group file that fails its checksum: the run loads, that group is refused per request.
     run2 = json.loads(store.get_text("runs/tiny-run-2/manifest.json"))
@@ -905,7 +1013,264 @@ def test_runs_for_another_model_or_with_bad_checksums_are_refused(app, client):
         },
     )
     assert r.status_code == 503 and r.json()["error"]["code"] == "artifact_error"
-    assert "ChecksumMismatchError" in r.json()["error"]["message"]
-    assert any("ChecksumMismatchError" in e for e in health(app)["artifact_errors"])
+    assert r.headers["retry-after"] == str(app.cfg.retry_after_s)
+    assert not leaks(app, r.text, gid), "the client learns that it failed, not why"
+    assert any("ChecksumMismatchError" in e for e in health(app)["artifact_errors"]), "operators do"
+    assert health(app)["edit_failures_cached"] >= 1, "the next request is answered without a download"
+    assert requests.get(app.url + "/healthz", timeout=30).json() == {"status": "degraded"}
     off = chat(client, app, personalization={"off": True})[1]
     assert off.personalization["run_id"] == "run-bad-group", "other requests are still served"
+
+
+# --------------------------------------------------------------------------------------------
+# Failing closed, outages, aborted streams and a killed replica (after the run switches above)
+
+
+def test_auth_fails_closed():
+    from chameleon.serving.access import AuthConfigError, api_key, public_personalization
+
+    cfg = ServeConfig(store="/x", api_key_env="SOME_KEY")
+    assert api_key(cfg, {"SOME_KEY": " sk-1 "}) == "sk-1"
+    for env in ({}, {"SOME_KEY": ""}, {"SOME_KEY": "  "}):
+        with pytest.raises(AuthConfigError, match="--allow-unauthenticated"):
+            api_key(cfg, env)
+    with pytest.raises(AuthConfigError):
+        api_key(ServeConfig(store="/x", api_key_env=None), {})
+    assert api_key(ServeConfig(store="/x", api_key_env=None, allow_unauthenticated=True), {}) is None
+    open_ = ServeConfig(store="/x", api_key_env="SOME_KEY", allow_unauthenticated=True)
+    assert api_key(open_, {"SOME_KEY": "k"}) == "k", "a key that is there is always required"
+
+    pers = {"run_id": "r", "group_id": "g1", "source": "user", "user": "u"}
+    fallback = {"run_id": "r", "group_id": None, "source": "fallback", "user": "u"}
+    assert public_personalization(pers, "minimal") == public_personalization(fallback, "minimal"), (
+        "a key holder cannot tell a known user from an unknown one"
+    )
+    assert public_personalization(pers, "minimal")["group_id"] is None
+    named = {"run_id": "r", "group_id": "g1", "source": "group", "user": None}
+    assert public_personalization(named, "minimal") == named
+    assert public_personalization(pers, "full") == pers
+
+
+def test_serve_refuses_to_start_without_a_key(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CHAMELEON_API_KEY", "RAY_ADDRESS")}
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "chameleon.cli", "serve", "--store", str(tmp_path), "--model", "/nonexistent"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "refusing to serve without authentication" in out.stderr and "CHAMELEON_API_KEY" in out.stderr
+    assert time.monotonic() - t0 < 60, "refused before Ray or the model start"
+
+
+def _pinned(app) -> int:
+    return sum(c["pinned"] for c in health(app)["edit_caches"])
+
+
+@pytest.mark.slow
+def test_streams_aborted_at_random_points_release_their_rows(app):
+    """200 streaming clients that hang up right after the headers, after the first chunk or
+    mid-stream: no 5xx, and once they are gone no bank row stays pinned."""
+    import random
+
+    _reset_latest(app)
+    gids = sorted(app.run1.group_ids)
+    rng = random.Random(12)
+    plans = [
+        (rng.choice(("headers", "first", "mid")), rng.choice(gids), rng.randint(2, 12)) for _ in range(200)
+    ]
+    errors_5xx = 0
+
+    def one(plan) -> int:
+        where, gid, n_mid = plan
+        body = {
+            "model": app.name,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 32,
+            "stream": True,
+            "ignore_eos": True,
+            "personalization": {"group_id": gid},
+        }
+        with requests.post(
+            app.url + "/v1/chat/completions", json=body, headers=AUTH, stream=True, timeout=60
+        ) as r:
+            if where != "headers":
+                for i, _line in enumerate(r.iter_lines()):
+                    if where == "first" or i >= n_mid:
+                        break
+            return r.status_code  # leaving the block closes the connection mid-stream
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(one, plans))
+    errors_5xx = sum(st >= 500 for st in statuses)
+    deadline = time.monotonic() + 30
+    while (pinned := _pinned(app)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(f"pinned_after_abort={pinned} errors_5xx={errors_5xx} aborted={len(plans)}")
+    assert (pinned, errors_5xx) == (0, 0), statuses
+
+
+@pytest.mark.slow
+def test_store_pause_leaves_cached_and_base_requests_alone(app, client):
+    """SIGSTOP the S3 server: requests for resident groups and the base model keep their latency
+    (no 5xx); requests for groups that must be loaded get 503 + Retry-After within the admission
+    timeout. SIGCONT: those groups load again."""
+    import statistics
+
+    proc = app.s3._proc
+    if proc is None:
+        pytest.skip("the S3 server is in-process (moto): it cannot be paused")
+    # A fresh run: none of its group edits has been read yet (a run keeps the edits it read).
+    copy_run(app.store, app.store, "tiny-run-1", "tiny-run-pause")
+    _reset_latest(app, "tiny-run-pause")
+    gids = sorted(app.run1.group_ids)
+    assert len(gids) >= 3, "cached groups and a cold one"
+    cached = gids[:2]  # the app's cache holds 2 rows
+    cold = gids[2:]
+    for g in cached:  # make them resident
+        chat(client, app, personalization={"group_id": g})
+
+    def timed(pers) -> tuple[float, int, str, dict]:
+        t0 = time.perf_counter()
+        r = requests.post(
+            app.url + "/v1/chat/completions",
+            headers=AUTH,
+            timeout=60,
+            json={
+                "model": app.name,
+                "messages": [{"role": "user", "content": QUESTION}],
+                "max_tokens": 8,
+                "temperature": 0,
+                "personalization": pers,
+            },
+        )
+        return time.perf_counter() - t0, r.status_code, r.text, dict(r.headers)
+
+    warm = [{"group_id": g} for g in cached] * 6 + [{"off": True}] * 6
+
+    def load(extra=()) -> list:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(timed, list(warm) + list(extra)))
+
+    load()  # warm-up
+    base = load()
+    assert all(st == 200 for _, st, _, _ in base), [t for _, st, t, _ in base if st != 200]
+    p99_base = statistics.quantiles([t for t, *_ in base], n=100)[98]
+    pgid = os.getpgid(proc.pid)
+    os.killpg(pgid, signal.SIGSTOP)
+    try:
+        paused = load([{"group_id": g} for g in cold] * 4)
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+    warm_res, cold_res = paused[: len(warm)], paused[len(warm) :]
+    errors_5xx_cached = sum(st >= 500 for _, st, _, _ in warm_res)
+    p99_paused = statistics.quantiles([t for t, *_ in warm_res], n=100)[98]
+    cold_ok = [
+        st == 503
+        and h.get("retry-after") == str(app.cfg.retry_after_s)
+        and t <= app.cfg.admission_timeout_s + 3
+        for t, st, _, h in cold_res
+    ]
+    leaked = sum(len(leaks(app, text, *cold)) for _, _, text, _ in cold_res)
+    print(
+        f"errors_5xx_cached={errors_5xx_cached} cached_p99_base_s={p99_base:.3f} "
+        f"cached_p99_paused_s={p99_paused:.3f} cold_503_in_time={sum(cold_ok)}/{len(cold_ok)} leaked_fields={leaked}"
+    )
+    assert errors_5xx_cached == 0, [t for _, st, t, _ in warm_res if st >= 500]
+    assert all(cold_ok), [(round(t, 2), st, text[:200]) for t, st, text, _ in cold_res]
+    assert leaked == 0
+    assert p99_paused <= 2 * p99_base + 0.5, (p99_base, p99_paused)  # + slack for a shared 2-CPU box
+    # The store is back: a cold group is served once its failure (if any) has expired.
+    deadline = time.monotonic() + app.cfg.edit_failure_ttl_s + 90
+    while (st := timed({"group_id": cold[0]})[1]) != 200 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert st == 200
+
+
+@pytest.mark.slow
+def test_no_internals_in_health_or_error_bodies(app):
+    """/healthz and every error body, searched for store URIs, hosts, key ids and group ids."""
+    bodies = [requests.get(app.url + "/healthz", timeout=30).text]
+    chat_url = app.url + "/v1/chat/completions"
+    ok = {"model": app.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers, body in (
+        ({}, ok),
+        ({"Authorization": "Bearer wrong"}, ok),
+        (AUTH, {**ok, "model": "x"}),
+        (AUTH, {**ok, "personalization": {"group_id": "nope"}}),
+        (AUTH, {**ok, "messages": []}),
+        (AUTH, {**ok, "max_tokens": 10_000}),
+    ):
+        r = requests.post(chat_url, json=body, headers=headers, timeout=60)
+        assert r.status_code >= 400
+        bodies.append(r.text)
+    assert set(json.loads(bodies[0])) == {"status"}
+    leaked = [x for b in bodies for x in leaks(app, b)]
+    print(f"leaked_fields={len(leaked)} bodies={len(bodies)}")
+    assert not leaked, leaked
+
+
+@pytest.mark.slow
+def test_killed_model_replica_under_load(app, client, tiny):
+    """Kill the model replica while requests run: those in flight end with a clear error at most,
+    Serve replaces the replica (check_health, health_check_period_s=1), later requests succeed,
+    and no answer carries another group's edit."""
+    import ray
+
+    strong = serve_strong_run(app)
+    gids = sorted(strong.group_ids)[:2]
+    expected = {g: offline_tokens(tiny, strong, g) for g in gids}
+    assert expected[gids[0]] != expected[gids[1]]
+
+    def one(i: int) -> tuple[int, str | None, list[int]]:
+        g = gids[i % 2]
+        r = requests.post(
+            app.url + "/v1/chat/completions",
+            headers=AUTH,
+            timeout=120,
+            json={
+                "model": app.name,
+                "messages": [{"role": "user", "content": QUESTION}],
+                "max_tokens": 8,
+                "temperature": 0,
+                "personalization": {"group_id": g},
+                "return_token_ids": True,
+            },
+        )
+        if r.status_code == 200:
+            return r.status_code, g, r.json()["choices"][0]["token_ids"]
+        try:
+            return r.status_code, g, r.json()["error"]["code"]  # a clear, OpenAI-shaped error
+        except ValueError:
+            return r.status_code, g, None
+
+    names = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ChameleonServer" in a["name"]
+    ]
+    assert len(names) == 1, names
+    victim = ray.get_actor(names[0], namespace="serve")
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(24)]
+        time.sleep(0.5)
+        ray.kill(victim, no_restart=True)
+        during = [f.result() for f in futures]
+    deadline = time.monotonic() + 120
+    while True:
+        after = [one(i) for i in range(4)]
+        if all(st == 200 for st, *_ in after) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    wrong = [g for st, g, ids in during + after if st == 200 and not same_prefix(ids, expected[g])]
+    unclear = [(st, ids) for st, _, ids in during if st != 200 and (st < 500 or not isinstance(ids, str))]
+    print(
+        f"killed_in_flight_ok={sum(st == 200 for st, *_ in during)} "
+        f"killed_in_flight_errors={sum(st != 200 for st, *_ in during)} wrong_group={len(wrong)}"
+    )
+    assert all(st == 200 for st, *_ in after), after
+    assert not wrong and not unclear, (wrong, unclear)

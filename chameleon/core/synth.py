@@ -19,7 +19,7 @@ output of any evaluated query is used: queries come from the users' own history 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -166,12 +166,39 @@ def embed_history(model, tok, users: Sequence[UserRecord], cfg: ChameleonConfig)
     return out
 
 
+def control_tokens(tok) -> set[str]:
+    """Strings the tokenizer turns into control tokens (special and added tokens)."""
+    found = set(getattr(tok, "all_special_tokens", []) or [])
+    decoder = getattr(tok, "added_tokens_decoder", None) or {}
+    found |= {str(getattr(t, "content", t)) for t in decoder.values()}
+    return found
+
+
+def as_data(tok, users: Sequence[UserRecord]) -> list[UserRecord]:
+    """Users whose history texts and inputs cannot spell a control token (prompts.py): whatever
+    prompt, query or captured answer they end up in, the model sees them as plain text."""
+    controls = control_tokens(tok)
+
+    def clean(text: str | None) -> str | None:
+        return None if text is None else prompts.defang_control_tokens(text, controls)
+
+    return [
+        replace(
+            u,
+            history=tuple(replace(h, text=clean(h.text), input=clean(h.input)) for h in u.history),
+            query=clean(u.query),
+        )
+        for u in users
+    ]
+
+
 def synthesize(
     model, tok, users: Sequence[UserRecord], cfg: ChameleonConfig, layers: Sequence[int]
 ) -> list[UserPairs]:
     """Fake it for every user of the list; hidden states at `layers` and `cfg.subspace.site`."""
     if not users:
         return []
+    users = as_data(tok, users)  # history is data in every prompt built below
     s = cfg.synth
     item_embs = embed_history(model, tok, users, cfg)
     # Held-out items first (spread over the history), so the selection never takes them.

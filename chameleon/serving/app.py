@@ -37,7 +37,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import time
 import typing
 import uuid
@@ -51,11 +50,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import metrics as serve_metrics
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chameleon.config import ModelConfig
 from chameleon.core.model import pick_device, worker_torch_threads
 from chameleon.data.storage import Store
+from chameleon.serving.access import api_key, public_personalization
 from chameleon.serving.config import ServeConfig, ServeUserConfig
 from chameleon.serving.metrics import TAG_KEYS, ServingMetrics
 from chameleon.serving.protocol import (
@@ -91,8 +92,35 @@ def _hints(fn):
 
 @api.exception_handler(ApiError)
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return error_response(exc, headers)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    retry = getattr(exc, "retry_after", None)  # set by the ingress on answers a retry may cure
+    if retry is not None:
+        headers["Retry-After"] = str(retry)
+    return error_response(exc, headers or None)
+
+
+_PUBLIC_5XX = frozenset(
+    {
+        "no_run",
+        "edit_loading",
+        "edit_slots_busy",
+        "store_unavailable",
+        "artifact_error",
+        "replica_unavailable",
+        "server_overloaded",
+    }
+)
+"""Codes of 5xx errors whose messages are written for clients (no internals in them)."""
+
+
+def public_error(exc: ApiError) -> ApiError:
+    """What a client sees of an error: 5xx messages other than the ones written for clients are
+    replaced, so exception text (store URIs, hosts, key ids, group ids) never reaches a body."""
+    if exc.status < 500 or exc.code in _PUBLIC_5XX:
+        return exc
+    return ApiError(
+        exc.status, "internal error; the server log has the details", exc.code or "internal_error"
+    )
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -121,6 +149,18 @@ def _sse_line(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+_HEALTH_TIMEOUT_S = 10.0
+"""/healthz and /status answer `unavailable` when the model replica takes longer than this."""
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _timed_out(cfg: ServeConfig) -> ApiError:
+    return ApiError(408, f"the request took longer than {cfg.request_timeout_s:g} s", "request_timeout")
+
+
 # Helpers the ingress uses are defined above it: `serve.ingress` serializes the class when it is
 # decorated, so names defined later in this module would be missing in the replica.
 
@@ -135,7 +175,8 @@ class ChameleonIngress:
         self.cfg = ServeConfig.model_validate(settings)
         self.server = server
         self.streaming = server.options(stream=True)
-        self.api_key = (os.environ.get(self.cfg.api_key_env) or None) if self.cfg.api_key_env else None
+        # Fail closed: no key and no allow_unauthenticated -> AuthConfigError, the replica never starts.
+        self.api_key = api_key(self.cfg)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -199,10 +240,18 @@ class ChameleonIngress:
             )
         return req
 
-    async def _start(self, payload: dict[str, Any]):
+    async def _start(self, payload: dict[str, Any], deadline: float):
         gen = self.streaming.generate.remote(payload)
         try:
-            first = await gen.__anext__()
+            first = await asyncio.wait_for(gen.__anext__(), _left(deadline))
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                gen.cancel()
+            raise _timed_out(self.cfg) from None
+        except BackPressureError:
+            raise ApiError(
+                503, "the server is overloaded (model queue full); retry shortly", "server_overloaded"
+            ) from None
         except Exception as exc:
             log.exception("model replica failed")
             raise ApiError(
@@ -212,15 +261,31 @@ class ChameleonIngress:
             raise ApiError.from_event(first)
         return gen, first
 
+    def _public(self, exc: ApiError) -> ApiError:
+        out = public_error(exc)
+        if out.status in (429, 503):
+            out.retry_after = self.cfg.retry_after_s
+        return out
+
     @staticmethod
     def _headers(pers: dict[str, Any]) -> dict[str, str]:
         return {"x-chameleon-run": pers["run_id"] or "none", "x-chameleon-group": pers["group_id"] or "none"}
 
     async def _complete(self, request: Request, cls: type[RequestBody], kind: str):
+        try:
+            return await self._answer(request, cls, kind)
+        except ApiError as exc:
+            raise self._public(exc) from None
+
+    async def _answer(self, request: Request, cls: type[RequestBody], kind: str):
+        deadline = time.monotonic() + self.cfg.request_timeout_s
         self._auth(request)
         req = self._parse(cls, await self._json(request))
         payload = generation_payload(req, kind)
-        gen, start = await self._start(payload)
+        gen, start = await self._start(payload, deadline)
+        start["personalization"] = public_personalization(
+            start["personalization"], self.cfg.personalization_detail
+        )
         pers = start["personalization"]
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + _request_id()
         created = int(time.time())
@@ -228,20 +293,34 @@ class ChameleonIngress:
         fingerprint = start.get("system_fingerprint")
         if req.stream:
             return StreamingResponse(
-                self._sse(gen, start, req, kind, rid, created),
+                self._sse(gen, start, req, kind, rid, created, deadline),
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache"},
             )
         text, ids, end = "", [], None
-        async for ev in gen:
-            if ev["type"] == "delta":
-                text += ev["text"]
-                ids += ev["token_ids"]
-            elif ev["type"] == "end":
-                end = ev
-                break
-            elif ev["type"] == "error":
-                raise ApiError.from_event(ev)
+        try:
+            while True:
+                ev = await asyncio.wait_for(anext(gen), _left(deadline))
+                if ev["type"] == "delta":
+                    text += ev["text"]
+                    ids += ev["token_ids"]
+                elif ev["type"] == "end":
+                    end = ev
+                    break
+                elif ev["type"] == "error":
+                    raise ApiError.from_event(ev)
+        except ApiError:
+            raise
+        except (TimeoutError, StopAsyncIteration) as exc:
+            with contextlib.suppress(Exception):
+                gen.cancel()
+            if isinstance(exc, TimeoutError):
+                raise _timed_out(self.cfg) from None
+        except Exception as exc:  # the replica died mid-answer (RayActorError, ...)
+            log.warning("model replica failed mid-request: %r", exc)
+            raise ApiError(
+                503, f"the model replica failed: {type(exc).__name__}; retry", "replica_unavailable"
+            ) from None
         if end is None:
             raise ApiError(500, "the model replica ended the response early", "internal_error")
         usage = _usage(start, end)
@@ -278,7 +357,7 @@ class ChameleonIngress:
         return JSONResponse(body, headers=headers)
 
     async def _sse(
-        self, gen, start, req: RequestBody, kind: str, rid: str, created: int
+        self, gen, start, req: RequestBody, kind: str, rid: str, created: int, deadline: float
     ) -> AsyncIterator[str]:
         pers = start["personalization"]
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -317,11 +396,19 @@ class ChameleonIngress:
                 choice["token_ids"] = ids
             return _sse_line({**base, "choices": [choice], "personalization": pers})
 
-        finished = False
+        finished = timed_out = False
         try:
             if kind == "chat":
                 yield chunk("", None, first=True)
-            async for ev in gen:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(anext(gen), _left(deadline))
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    timed_out = True  # not finished: the finally cancels the request on the replica
+                    yield _sse_line(_timed_out(self.cfg).body())
+                    break
                 if ev["type"] == "delta":
                     yield chunk(ev["text"], None, ev["token_ids"])
                 elif ev["type"] == "end":
@@ -332,8 +419,8 @@ class ChameleonIngress:
                         )
                     break
                 elif ev["type"] == "error":
-                    yield _sse_line(ApiError.from_event(ev).body())
-            finished = True
+                    yield _sse_line(self._public(ApiError.from_event(ev)).body())
+            finished = not timed_out
         except Exception as exc:
             log.exception("stream failed")
             yield _sse_line(ApiError(500, f"stream failed: {type(exc).__name__}", "internal_error").body())
@@ -349,8 +436,21 @@ class ChameleonIngress:
     @api.get("/healthz")
     @_hints
     async def healthz(self) -> JSONResponse:
+        """Unauthenticated: `{"status": ok | degraded | unavailable}` and nothing else."""
         try:
-            status = await self.server.health.remote()
+            state = await asyncio.wait_for(self.server.status.remote(), _HEALTH_TIMEOUT_S)
+        except Exception:
+            log.warning("health: the model replica did not answer", exc_info=True)
+            state = "unavailable"
+        return JSONResponse({"status": state}, status_code=503 if state == "unavailable" else 200)
+
+    @api.get("/status")
+    @_hints
+    async def status(self, request: Request) -> JSONResponse:
+        """Authenticated: what a replica serves and why not (runs, store errors, caches, batching)."""
+        self._auth(request)
+        try:
+            status = await asyncio.wait_for(self.server.health.remote(), _HEALTH_TIMEOUT_S)
         except Exception as exc:
             return JSONResponse(
                 {"status": "unavailable", "problems": [f"model replica: {type(exc).__name__}: {exc}"]},
@@ -484,6 +584,15 @@ class ChameleonServer:
         run = self.core.registry.current
         return (run.run_id, sorted(run.group_ids)) if run is not None else (None, [])
 
+    async def status(self) -> str:
+        return self.core.status()
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: raising (or not answering within health_check_timeout_s) gets
+        the replica restarted. The probe runs on the default executor like every decode step, so
+        a wedged device or wedged decode threads fail it."""
+        await asyncio.to_thread(self.core.check_device)
+
     async def refresh(self) -> dict[str, Any]:
         """Check the store now (tests and operators; the poller does it every refresh_interval_s)."""
         await asyncio.to_thread(self.core.registry.refresh)
@@ -608,12 +717,23 @@ def build_app(cfg: ServeConfig, store: Store | None = None):
     otherwise each replica opens `cfg.store` with the AWS credentials of its environment.
     """
     settings = cfg.model_dump()
+    # Bounded queues at the proxy and at the ingress's handle: past them, 503 + Retry-After at once.
+    queues = {
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
+    }
     server = ChameleonServer.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        health_check_period_s=cfg.health_check_period_s,
+        health_check_timeout_s=cfg.health_check_timeout_s,
+        **queues,
     ).bind(settings, store)
-    return ChameleonIngress.options(max_ongoing_requests=cfg.max_ongoing_requests).bind(server, settings)
+    return ChameleonIngress.options(max_ongoing_requests=cfg.max_ongoing_requests, **queues).bind(
+        server, settings
+    )
 
 
 def app_builder(args: dict[str, Any]):

@@ -30,6 +30,7 @@ import yaml
 
 from chameleon.flags import Flag, add_flags, flag_overrides
 from chameleon.job.ray_env import init_ray, quiet_console
+from chameleon.serving.access import api_key
 from chameleon.serving.config import ServeConfig
 
 log = logging.getLogger("chameleon")
@@ -63,7 +64,16 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--device-map", "model.device_map", "e.g. `auto` to shard one replica's model over its GPUs"),
     Flag("--served-model-name", "served_model_name", "the `model` clients send (unset: the model's name)"),
     Flag(
-        "--api-key-env", "api_key_env", "env var holding the bearer token (unset or empty variable: no auth)"
+        "--api-key-env",
+        "api_key_env",
+        "env var holding the bearer token (unset or empty: the server refuses to start, "
+        "unless --allow-unauthenticated)",
+    ),
+    Flag(
+        "--personalization-detail",
+        "personalization_detail",
+        "what responses tell about personalization: minimal (only what the caller sent) or full",
+        choices=("minimal", "full"),
     ),
     Flag("--max-batch-size", "max_batch_size", "requests per @serve.batch", int),
     Flag("--batch-wait-timeout-s", "batch_wait_timeout_s", "how long a batch waits to fill", float),
@@ -75,8 +85,17 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--fallback", "fallback", "users without an assignment: `base` or `group:<id>`"),
     Flag("--refresh-interval-s", "refresh_interval_s", "how often `latest` is checked, in seconds", float),
     Flag(
-        "--admission-timeout-s", "admission_timeout_s", "how long a request waits for a free edit row", float
+        "--admission-timeout-s",
+        "admission_timeout_s",
+        "deadline for loading a request's edit and getting an edit row (then 503 + Retry-After)",
+        float,
     ),
+    Flag("--edit-load-workers", "edit_load_workers", "threads per replica reading edits from the store", int),
+    Flag("--edit-failure-ttl-s", "edit_failure_ttl_s", "how long a failed edit load is remembered", float),
+    Flag("--retry-after-s", "retry_after_s", "Retry-After of 503 answers", int),
+    Flag("--max-queued-requests", "max_queued_requests", "queued requests per caller; then 503", int),
+    Flag("--request-timeout-s", "request_timeout_s", "longer requests end with 408", float),
+    Flag("--max-prompt-chars", "max_prompt_chars", "longer prompts get 400 before tokenizing", int),
     Flag("--num-replicas", "num_replicas", "model replicas", int),
     Flag("--num-gpus", "num_gpus", "GPUs per model replica", float),
     Flag("--num-cpus", "num_cpus", "CPUs per model replica; torch threads on CPU", float),
@@ -113,6 +132,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="YAML mapping of ServeConfig fields (the `args:` of cluster/serve-config.yaml) [default: none]",
     )
     add_flags(p, SERVE_FLAGS, defaults=ServeConfig.model_construct(store=None))
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve without a bearer token when the key variable is unset or empty (otherwise the "
+        "server refuses to start) [default: off]",
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="HTTP bind address; 0.0.0.0 to expose [default: %(default)s]"
     )
@@ -160,6 +185,8 @@ def serve_settings(args: argparse.Namespace, default_store: str | None = None) -
         settings.update(data)
     for dotted, value in flag_overrides(args, SERVE_FLAGS).items():
         _set_dotted(settings, dotted, value)
+    if getattr(args, "allow_unauthenticated", False):
+        settings["allow_unauthenticated"] = True
     if "store" not in settings and default_store is not None:
         settings["store"] = default_store
     if "store" not in settings:
@@ -212,6 +239,8 @@ def run_server(
     from chameleon.serving.app import build_app
 
     address = address or os.environ.get("RAY_ADDRESS")
+    # Fail closed before anything starts (the ingress replicas check again in their environment).
+    key = api_key(cfg)
     if detach and not address:
         raise ValueError(
             "--detach needs a running cluster (--address or RAY_ADDRESS): a local Ray ends with this process"
@@ -222,14 +251,11 @@ def run_server(
     started_local = init_ray(address, num_cpus=ray_num_cpus, ray_data=False)
     started = time.perf_counter()
     try:
-        serve.start(http_options={"host": host, "port": port})
+        # The proxy's own limit sits just above the app's, which answers 408 with a clear body.
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s + 5})
         serve.run(build_app(cfg, store=store), name=app_name, route_prefix="/")
         url = f"http://{host}:{port}"
-        auth = (
-            f"bearer token from ${cfg.api_key_env}"
-            if cfg.api_key_env and os.environ.get(cfg.api_key_env)
-            else "no auth"
-        )
+        auth = f"bearer token from ${cfg.api_key_env}" if key else "NO AUTH (--allow-unauthenticated)"
         print(
             f"serving model {cfg.model_name!r} (the `model` clients send) at {url}/v1 ({auth}); "
             f"{_serving_run(app_name, cfg)}; health: {url}/healthz; "

@@ -53,8 +53,17 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = None
     """The `model` clients send and `/v1/models` lists; default: the model's name."""
     api_key_env: str | None = "CHAMELEON_API_KEY"
-    """Environment variable (read by the ingress replicas) holding the bearer token; when it is
-    unset or empty, requests need no token."""
+    """Environment variable (read by the ingress replicas) holding the bearer token. Fail closed:
+    when it is unset or empty (or `api_key_env` is null) the server refuses to start, unless
+    `allow_unauthenticated` says otherwise."""
+    allow_unauthenticated: bool = False
+    """Serve without a bearer token when no key is configured (`--allow-unauthenticated`); only
+    for a loopback demo or behind a gateway that authenticates."""
+    personalization_detail: Literal["minimal", "full"] = "minimal"
+    """What responses say about personalization (`personalization` field, `x-chameleon-*` headers).
+    `minimal`: only what the caller already knows (the run id, the group it named, `off`); whether a
+    `user` is in the data and which group it is in stay hidden. `full`: the resolved group and
+    its source (`user`, `fallback`), for trusted callers and tests."""
     engine: Literal["continuous", "static"] = "continuous"
     """`continuous`: one decode loop per replica admits waiting requests and retires finished
     ones at every step (chameleon.serving.engine); `static`: `@serve.batch` batches that run
@@ -84,8 +93,34 @@ class ServeConfig(BaseModel):
     """What users without an assignment get: `base` (no edit) or `group:<group_id>`."""
     refresh_interval_s: float = Field(30.0, gt=0.0)
     """How often a replica checks the store's `latest` pointer (and retries a run that failed to load)."""
-    admission_timeout_s: float = Field(60.0, gt=0.0)
-    """How long a request may wait for a free edit row before it gets 503."""
+    admission_timeout_s: float = Field(10.0, gt=0.0)
+    """Deadline of a request's admission: loading its group's edit from the store and waiting for
+    a free edit row. Past it the request gets 503 with `Retry-After`; a slow or dead store never
+    holds a request (nor any other request) longer."""
+    edit_load_workers: int = Field(4, ge=1, le=64)
+    """Threads per replica that read group edits from the store: their own pool, so a hanging store
+    ties up these and never the threads that decode."""
+    edit_failure_ttl_s: float = Field(10.0, ge=0.0)
+    """A group edit that failed to load (corrupt, unreadable) is answered 503 from memory for this
+    long before the store is asked again."""
+    retry_after_s: int = Field(2, ge=1, le=3600)
+    """`Retry-After` of 503/429 answers that a retry may cure (overload, a cold group while the
+    store is slow)."""
+    max_queued_requests: int = Field(512, ge=-1)
+    """Requests queued per caller (proxy, ingress handle) beyond `max_ongoing_requests`; past it
+    new requests get 503 with `Retry-After` at once (-1: unbounded)."""
+    request_timeout_s: float = Field(280.0, gt=0.0)
+    """A request (whole answer, also streamed) taking longer ends with 408 (or, once streaming, an
+    error event); below the proxy's `request_timeout_s` (300 in cluster/serve-config.yaml), so the
+    client gets this clear answer rather than the proxy's."""
+    max_prompt_chars: int | None = Field(None, ge=1)
+    """Prompts with more characters are refused before tokenizing (default: 16 × max_prompt_tokens)."""
+    health_check_period_s: float = Field(10.0, gt=0.0)
+    """How often Serve checks a model replica (`check_health`)."""
+    health_check_timeout_s: float = Field(30.0, gt=0.0)
+    """A model replica whose device does not answer within this is restarted by Serve."""
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0.0)
+    """How long a stopping replica lets requests in flight finish before it ends them."""
     num_replicas: int = Field(1, ge=1)
     """Model replicas (`ChameleonServer`); a Serve config's `deployments:` entry overrides it."""
     num_gpus: float = Field(0.0, ge=0.0)
@@ -141,6 +176,10 @@ class ServeConfig(BaseModel):
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
             )
         return self
+
+    @property
+    def prompt_char_limit(self) -> int:
+        return self.max_prompt_chars or 16 * self.max_prompt_tokens
 
     @property
     def fallback_group(self) -> str | None:

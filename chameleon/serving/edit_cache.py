@@ -18,6 +18,8 @@ Rules:
   evicted, so a batch in flight always reads the edit it was admitted with, even when a newer run
   or another group wants the slot. When every row is pinned, `install` raises `CacheFullError`
   (the caller waits for a release: capacity is a scheduling constraint, not a failure).
+  `install_waiting` is that wait for asyncio callers: first come, first served, woken by
+  `release` (no polling); a waiter that is cancelled or times out passes its wake-up on.
 - Keys carry the run id, so the same group id of two runs is two entries: a switch of `latest`
   never serves one run's edit under another run's name.
 
@@ -26,8 +28,9 @@ No Ray here: the cache is plain Python over an `EditBank` and is unit-tested on 
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass
 
 from chameleon.core.edit import Edit, EditBank
@@ -91,6 +94,9 @@ class EditCache:
         self._pins: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._stats = CacheStats(capacity=capacity, allocated=0, resident=0, pinned=0)
+        # Requests waiting for a row, oldest first; each a future resolved (on its own loop) when
+        # a row may have come free.
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -152,37 +158,40 @@ class EditCache:
         when every row is pinned, and `ValueError` for an edit the bank cannot hold (wrong site,
         hidden size, rank or layers); the cache is unchanged in both cases.
         """
-        params = params or EditParams()
         with self._lock:
-            row = self._lru.get(key)
-            if row is not None:
-                self._lru.move_to_end(key)
-                self._pins[row] += 1
-                return row
-            if self._free:
-                row = self._free[-1]
-                self.bank.set_row(row, edit, params.alpha, params.beta, params.centered)
-                self._free.pop()
-            elif self.bank.n_rows - 1 < self.capacity:
-                row = self.bank.add(edit, params.alpha, params.beta, params.centered)
-            else:
-                victim = next((k for k, r in self._lru.items() if self._pins[r] == 0), None)
-                if victim is None:
-                    raise CacheFullError(
-                        f"all {self.capacity} edit rows are held by requests in flight; "
-                        "raise edit_cache_size or retry when a batch finishes"
-                    )
-                row = self._lru[victim]
-                # set_row validates before writing: on error the victim stays resident and intact.
-                self.bank.set_row(row, edit, params.alpha, params.beta, params.centered)
-                del self._lru[victim]
-                del self._key_of[row]
-                self._stats.evictions += 1
-            self._lru[key] = row
-            self._key_of[row] = key
+            return self._install_locked(key, edit, params or EditParams())
+
+    def _install_locked(self, key: CacheKey, edit: Edit, params: EditParams) -> int:
+        """`install` with `self._lock` held."""
+        row = self._lru.get(key)
+        if row is not None:
+            self._lru.move_to_end(key)
             self._pins[row] += 1
-            self._stats.installs += 1
             return row
+        if self._free:
+            row = self._free[-1]
+            self.bank.set_row(row, edit, params.alpha, params.beta, params.centered)
+            self._free.pop()
+        elif self.bank.n_rows - 1 < self.capacity:
+            row = self.bank.add(edit, params.alpha, params.beta, params.centered)
+        else:
+            victim = next((k for k, r in self._lru.items() if self._pins[r] == 0), None)
+            if victim is None:
+                raise CacheFullError(
+                    f"all {self.capacity} edit rows are held by requests in flight; "
+                    "raise edit_cache_size or retry when a batch finishes"
+                )
+            row = self._lru[victim]
+            # set_row validates before writing: on error the victim stays resident and intact.
+            self.bank.set_row(row, edit, params.alpha, params.beta, params.centered)
+            del self._lru[victim]
+            del self._key_of[row]
+            self._stats.evictions += 1
+        self._lru[key] = row
+        self._key_of[row] = key
+        self._pins[row] += 1
+        self._stats.installs += 1
+        return row
 
     def release(self, row: int) -> None:
         """Drop one pin of `row` (taken by `acquire` or `install`)."""
@@ -192,6 +201,67 @@ class EditCache:
             self._pins[row] -= 1
             if self._pins[row] == 0:
                 del self._pins[row]
+                self._wake_one_locked()
+
+    async def install_waiting(
+        self, key: CacheKey, edit: Edit, params: EditParams | None, timeout: float
+    ) -> int:
+        """`install`, waiting (FIFO, no polling) while every row is pinned; raises
+        `CacheFullError` after `timeout` seconds. A new request does not overtake earlier waiters
+        for a free row (it may still pin a row already holding its key)."""
+        params = params or EditParams()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        woken = False
+        while True:
+            with self._lock:
+                if woken or not self._waiters or key in self._lru:
+                    try:
+                        return self._install_locked(key, edit, params)
+                    except CacheFullError:
+                        pass
+                fut: asyncio.Future[None] = loop.create_future()
+                # A waiter that was woken but lost the row to a hit keeps its place at the front.
+                (self._waiters.appendleft if woken else self._waiters.append)(fut)
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+            except BaseException as exc:
+                with self._lock:
+                    if fut in self._waiters:
+                        self._waiters.remove(fut)
+                    else:  # a wake-up was meant for us: hand it to the next waiter
+                        self._wake_one_locked()
+                if isinstance(exc, TimeoutError):
+                    raise CacheFullError(
+                        f"all {self.capacity} edit rows stayed held by requests in flight for "
+                        f"{timeout:g} s; raise edit_cache_size or retry"
+                    ) from None
+                raise
+            woken = True
+
+    def _wake_one_locked(self) -> None:
+        """Resolve the oldest waiter's future (thread-safe: on the loop that owns it). A waiter
+        that is gone by then passes the wake-up on, so none is lost."""
+        if not self._waiters:
+            return
+        fut = self._waiters.popleft()
+
+        def wake() -> None:
+            if fut.done():  # cancelled or timed out meanwhile
+                with self._lock:
+                    self._wake_one_locked()
+            else:
+                fut.set_result(None)
+
+        try:
+            fut.get_loop().call_soon_threadsafe(wake)
+        except RuntimeError:  # its loop is closed: nobody waits there any more
+            self._wake_one_locked()
+
+    def waiting(self) -> int:
+        """Requests waiting for a row."""
+        with self._lock:
+            return len(self._waiters)
 
     def discard_run(self, run_id: str) -> int:
         """Forget the unpinned entries of a run (their rows become free); returns how many.
@@ -204,4 +274,5 @@ class EditCache:
                 row = self._lru.pop(k)
                 del self._key_of[row]
                 self._free.append(row)
+                self._wake_one_locked()
             return len(dropped)

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,6 @@ import torch
 from chameleon.core.edit import Edit, EditBank
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.model import hidden_size, load_model, model_device, num_layers
-from chameleon.data.artifacts import ArtifactError
 from chameleon.data.storage import Store, StoreError, open_store
 from chameleon.serving.config import ServeConfig
 from chameleon.serving.decoder import BatchDecoder, Delta, GenItem, default_eos_ids
@@ -83,6 +83,10 @@ class Admission:
                 self.cache.release(self.item.row)
 
 
+def _edit_unusable() -> ApiError:
+    return ApiError(503, "the personalization edit for this request cannot be used", "artifact_error")
+
+
 class ModelServer:
     """Model, tokenizer, runs, edit caches and batch planning of one replica (no Ray)."""
 
@@ -112,6 +116,10 @@ class ModelServer:
         )
         self._caches: dict[BankSpec, EditCache] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
+        # Edit loads get their own threads: a hanging store ties these up, never the default
+        # executor that runs every decode step (and tokenization).
+        self._load_pool = ThreadPoolExecutor(cfg.edit_load_workers, thread_name_prefix="chameleon-edit-load")
+        self._failed: dict[tuple[str, str], tuple[float, ApiError]] = {}  # key -> (until, answer)
         self.stats = {
             "batches": 0,
             "requests": 0,
@@ -157,6 +165,21 @@ class ModelServer:
 
     # -- admission -----------------------------------------------------------------------------
 
+    def check_prompt_chars(self, payload: dict[str, Any]) -> None:
+        """Refuse prompts too long to be worth tokenizing (cheap, on the event loop)."""
+        if payload["kind"] == "chat":
+            n = sum(len(m.get("content") or "") + len(m.get("role") or "") for m in payload["messages"])
+        else:
+            n = len(payload["prompt"])
+        limit = self.cfg.prompt_char_limit
+        if n > limit:
+            raise ApiError(
+                400,
+                f"the prompt has {n} characters; this server accepts at most {limit}",
+                "context_length_exceeded",
+                param="messages" if payload["kind"] == "chat" else "prompt",
+            )
+
     def render(self, payload: dict[str, Any]) -> list[int]:
         """Prompt token ids of a request, within the limits (ApiError 400 otherwise)."""
         if payload["kind"] == "chat":
@@ -172,7 +195,7 @@ class ModelServer:
                 except Exception as exc:  # jinja raises for conversations the template rejects
                     raise ApiError(
                         400,
-                        f"the model's chat template rejects these messages: {exc}",
+                        f"the model's chat template rejects these messages: {str(exc)[:200]}",
                         "invalid_messages",
                         param="messages",
                     ) from None
@@ -221,12 +244,10 @@ class ModelServer:
         run = self.registry.current
         if pers.get("off"):
             return Resolution(run, None, "off", user)
-        if run is None:
-            status = self.registry.status()
-            why = "; ".join(status["problems"]) or "no run loaded"
+        if run is None:  # why (store errors, refused runs) is on the authenticated status endpoint
             raise ApiError(
                 503,
-                f"no personalization run is being served ({why}); "
+                "no personalization run is being served yet; "
                 "send personalization.off=true for the base model",
                 "no_run",
             )
@@ -264,7 +285,8 @@ class ModelServer:
 
     async def admit(self, payload: dict[str, Any]) -> Admission:
         """Tokenize, resolve the run and group, and pin the group's bank row (loading its edit)."""
-        prompt_ids = self.render(payload)
+        self.check_prompt_chars(payload)
+        prompt_ids = await asyncio.to_thread(self.render, payload)  # keeps the event loop free
         max_tokens = self.max_tokens_for(payload, len(prompt_ids))
         res = self.resolve(payload)
         row, cache, spec = 0, None, None
@@ -313,46 +335,76 @@ class ModelServer:
                 yield chunk
 
     async def _acquire(self, cache: EditCache, run: LoadedRun, group_id: str) -> int:
+        """Pin the group's row, loading its edit on a miss. One deadline, `admission_timeout_s`,
+        covers the load and the wait for a free row (FIFO); past it: 503 with Retry-After."""
         key = (run.run_id, group_id)
         row = cache.acquire(key)
         if row is not None:
             return row
-        edit = await self._load(run, group_id)
         deadline = time.monotonic() + self.cfg.admission_timeout_s
-        while True:
-            try:
-                # Pins the key's row if another request installed it meanwhile.
-                return cache.install(key, edit, run.params)
-            except CacheFullError as exc:
-                # Every row is held by admitted requests: wait for a batch to finish.
-                if time.monotonic() > deadline:
-                    raise ApiError(503, str(exc), "edit_slots_busy") from None
-                await asyncio.sleep(0.005)
-            except ValueError as exc:
-                msg = f"group {group_id!r} of run {run.run_id!r} does not fit the edit bank: {exc}"
-                self.registry.record_artifact_error(msg)
-                raise ApiError(503, msg, "artifact_error") from None
+        edit = await self._load(run, group_id, deadline)
+        try:
+            # Pins the key's row if another request installed it meanwhile.
+            return await cache.install_waiting(key, edit, run.params, max(0.0, deadline - time.monotonic()))
+        except CacheFullError:
+            raise ApiError(
+                503, "every edit slot is busy with requests in flight; retry shortly", "edit_slots_busy"
+            ) from None
+        except ValueError as exc:
+            log.error("group %r of run %r does not fit the edit bank: %s", group_id, run.run_id, exc)
+            self.registry.record_artifact_error(
+                f"group {group_id!r} of run {run.run_id!r} does not fit the edit bank: {exc}"
+            )
+            raise self._remember_failure(key, _edit_unusable()) from None
 
-    async def _load(self, run: LoadedRun, group_id: str) -> Edit:
-        """The group's edit, read once however many requests wait for it."""
+    def _remember_failure(self, key: tuple[str, str], err: ApiError) -> ApiError:
+        """Answer `err` from memory for `edit_failure_ttl_s` (no download per request)."""
+        if self.cfg.edit_failure_ttl_s > 0:
+            self._failed[key] = (time.monotonic() + self.cfg.edit_failure_ttl_s, err)
+        return err
+
+    def _load_done(self, key: tuple[str, str], fut: asyncio.Future) -> None:
+        self._loading.pop(key, None)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a load every waiter gave up on is not an unhandled error
+
+    async def _load(self, run: LoadedRun, group_id: str, deadline: float) -> Edit:
+        """The group's edit, read once however many requests wait for it, on the load pool, by
+        `deadline` (time.monotonic). Client messages carry no store detail; it is logged and kept
+        for the status endpoint."""
         key = (run.run_id, group_id)
+        failed = self._failed.get(key)
+        if failed is not None:
+            if failed[0] > time.monotonic():
+                raise failed[1]
+            del self._failed[key]
         fut = self._loading.get(key)
         if fut is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(self.load_edit, run, group_id))
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(self._load_pool, self.load_edit, run, group_id)
             self._loading[key] = fut
-            fut.add_done_callback(lambda _f: self._loading.pop(key, None))
+            fut.add_done_callback(lambda f: self._load_done(key, f))
         try:
-            return await asyncio.shield(fut)
-        except ArtifactError as exc:
-            msg = f"refused the edit of group {group_id!r} of run {run.run_id!r}: {type(exc).__name__}: {exc}"
-            self.registry.record_artifact_error(msg)
-            raise ApiError(503, msg, "artifact_error") from None
-        except (KeyError, ValueError) as exc:
-            msg = f"cannot read the edit of group {group_id!r} of run {run.run_id!r}: {exc}"
-            self.registry.record_artifact_error(msg)
-            raise ApiError(503, msg, "artifact_error") from None
+            # shield: a request giving up never cancels the load others wait for.
+            return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise ApiError(
+                503,
+                "the personalization edit for this request is still loading; retry shortly",
+                "edit_loading",
+            ) from None
         except StoreError as exc:
-            raise ApiError(503, f"cannot read the artifact store: {exc}", "store_unavailable") from None
+            log.warning("cannot read group %r of run %r: %s", group_id, run.run_id, exc)
+            self.registry.record_artifact_error(f"store error reading group {group_id!r}: {exc}")
+            raise self._remember_failure(
+                key, ApiError(503, "the artifact store is unavailable; retry shortly", "store_unavailable")
+            ) from None
+        except Exception as exc:  # a checksum, format or size problem (or a bug): never a 500
+            log.error("refused the edit of group %r of run %r: %r", group_id, run.run_id, exc)
+            self.registry.record_artifact_error(
+                f"refused the edit of group {group_id!r} of run {run.run_id!r}: {type(exc).__name__}: {exc}"
+            )
+            raise self._remember_failure(key, _edit_unusable()) from None
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -438,7 +490,17 @@ class ModelServer:
             for a in admissions:
                 a.release()
 
+    def check_device(self) -> None:
+        """A tiny operation on the model's device, run where decode steps run: it hangs (and the
+        caller's timeout fires) when the device or every decode thread is wedged."""
+        torch.zeros(1, device=self.device).add_(1).item()
+
+    def status(self) -> str:
+        """`ok`, `degraded` or `unavailable`: all that unauthenticated callers learn."""
+        return self.registry.status()["status"]
+
     def health(self) -> dict[str, Any]:
+        """Details for operators (behind the key): runs, problems, caches, batching."""
         status = self.registry.status()
         batching: dict[str, Any] = {
             "engine": self.cfg.engine,
@@ -455,8 +517,15 @@ class ModelServer:
                 "model_fingerprint": self.fingerprint.to_dict(),
                 "device": str(self.device),
                 "torch_threads": self.torch_threads,
+                "edit_loads_in_flight": len(self._loading),
+                "edit_failures_cached": len(self._failed),
                 "edit_caches": [
-                    {"layers": list(spec.layers), "site": spec.site, **cache.stats().to_dict()}
+                    {
+                        "layers": list(spec.layers),
+                        "site": spec.site,
+                        "waiting": cache.waiting(),
+                        **cache.stats().to_dict(),
+                    }
                     for spec, cache in self._caches.items()
                 ],
                 "batching": batching,

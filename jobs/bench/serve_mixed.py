@@ -127,10 +127,19 @@ def synthetic_edits(hidden: int, captured: list[int], n_groups: int, rank: int, 
 
 
 def publish_synthetic_run(
-    store, run_id: str, model, model_id: str, n_groups: int, rank: int, n_edit_layers: int
+    store,
+    run_id: str,
+    model,
+    model_id: str,
+    n_groups: int,
+    rank: int,
+    n_edit_layers: int,
+    *,
+    seed: int = 0,
+    edit: dict | None = None,
 ):
     """Write a committed run (groups, assignments, manifest, `latest`) for `model`; returns
-    (manifest, user ids, edits)."""
+    (manifest, user ids, edits). `seed` draws the directions, `edit` overrides EditConfig fields."""
     import pyarrow as pa
     import torch
 
@@ -141,7 +150,7 @@ def publish_synthetic_run(
 
     fp = fingerprint_model(model, model_id)
     captured = captured_band(num_layers(model))
-    edits = synthetic_edits(hidden_size(model), captured, n_groups, rank, n_edit_layers)
+    edits = synthetic_edits(hidden_size(model), captured, n_groups, rank, n_edit_layers, seed=seed)
     writer = RunWriter(store, run_id)
     groups = []
     for j, e in enumerate(edits):
@@ -178,7 +187,7 @@ def publish_synthetic_run(
             "captured_layers": captured,
             "site": "mlp",
             "max_rank": rank,
-            "edit": EditConfig().model_dump(),
+            "edit": EditConfig(**(edit or {})).model_dump(),
             "method": {"synthetic": "random orthonormal directions (benchmark)"},
             "groups": groups,
             "user_shards": [],
@@ -282,6 +291,8 @@ def served_ratio(store, users, model_id: str, args) -> dict:
         api_key_env=None,
         engine=args.engine,
         log_requests=False,
+        allow_unauthenticated=True,  # loopback-only benchmark
+        personalization_detail="full",  # the check below reads the resolved group
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
         edit_cache_size=max(len(users), 1),
@@ -339,7 +350,7 @@ def served_ratio(store, users, model_id: str, args) -> dict:
                 tok_, dt = load(kind == "mixed", args.requests, r * args.requests)
                 totals[kind][0] += tok_
                 totals[kind][1] += dt
-        health = requests.get(url + "/healthz", timeout=60).json()
+        health = requests.get(url + "/status", timeout=60).json()
     finally:
         serve.shutdown()
         ray.shutdown()
