@@ -208,3 +208,10 @@ def worker_torch_threads(configured: int | None = None) -> int:
     n = configured or max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_num_threads(n)
     return n
+
+
+def runs_on_cpu(cfg: ModelConfig) -> bool:
+    """Whether a model loaded with `cfg` on this machine runs on the CPU."""
+    if cfg.device_map is not None:
+        return cfg.device_map == "cpu" or not torch.cuda.is_available()
+    return pick_device(cfg).type == "cpu"

@@ -44,7 +44,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import ray
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
@@ -53,8 +52,7 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chameleon.config import ModelConfig
-from chameleon.core.model import pick_device, worker_torch_threads
+from chameleon.core.model import runs_on_cpu, worker_torch_threads
 from chameleon.data.storage import Store
 from chameleon.serving.access import api_key, public_personalization
 from chameleon.serving.config import ServeConfig, ServeUserConfig
@@ -65,7 +63,11 @@ from chameleon.serving.protocol import (
     CompletionRequest,
     RequestBody,
     generation_payload,
+    public_error,
     split_model,
+    sse_line,
+    timeout_error,
+    usage_of,
     validation_message,
 )
 from chameleon.serving.replica import Admission, ModelServer
@@ -99,30 +101,6 @@ async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc, headers or None)
 
 
-_PUBLIC_5XX = frozenset(
-    {
-        "no_run",
-        "edit_loading",
-        "edit_slots_busy",
-        "store_unavailable",
-        "artifact_error",
-        "replica_unavailable",
-        "server_overloaded",
-    }
-)
-"""Codes of 5xx errors whose messages are written for clients (no internals in them)."""
-
-
-def public_error(exc: ApiError) -> ApiError:
-    """What a client sees of an error: 5xx messages other than the ones written for clients are
-    replaced, so exception text (store URIs, hosts, key ids, group ids) never reaches a body."""
-    if exc.status < 500 or exc.code in _PUBLIC_5XX:
-        return exc
-    return ApiError(
-        exc.status, "internal error; the server log has the details", exc.code or "internal_error"
-    )
-
-
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = "no such route" if exc.status_code == 404 else str(exc.detail)
@@ -140,25 +118,12 @@ def _request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _usage(start: dict[str, Any], end: dict[str, Any]) -> dict[str, int]:
-    p, c = int(start["prompt_tokens"]), int(end["completion_tokens"])
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def _sse_line(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
 _HEALTH_TIMEOUT_S = 10.0
 """/healthz and /status answer `unavailable` when the model replica takes longer than this."""
 
 
 def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
-
-
-def _timed_out(cfg: ServeConfig) -> ApiError:
-    return ApiError(408, f"the request took longer than {cfg.request_timeout_s:g} s", "request_timeout")
 
 
 # Helpers the ingress uses are defined above it: `serve.ingress` serializes the class when it is
@@ -247,7 +212,7 @@ class ChameleonIngress:
         except TimeoutError:
             with contextlib.suppress(Exception):
                 gen.cancel()
-            raise _timed_out(self.cfg) from None
+            raise timeout_error(self.cfg.request_timeout_s) from None
         except BackPressureError:
             raise ApiError(
                 503, "the server is overloaded (model queue full); retry shortly", "server_overloaded"
@@ -315,7 +280,7 @@ class ChameleonIngress:
             with contextlib.suppress(Exception):
                 gen.cancel()
             if isinstance(exc, TimeoutError):
-                raise _timed_out(self.cfg) from None
+                raise timeout_error(self.cfg.request_timeout_s) from None
         except Exception as exc:  # the replica died mid-answer (RayActorError, ...)
             log.warning("model replica failed mid-request: %r", exc)
             raise ApiError(
@@ -323,7 +288,7 @@ class ChameleonIngress:
             ) from None
         if end is None:
             raise ApiError(500, "the model replica ended the response early", "internal_error")
-        usage = _usage(start, end)
+        usage = usage_of(start, end)
         if kind == "chat":
             choice: dict[str, Any] = {
                 "index": 0,
@@ -394,7 +359,7 @@ class ChameleonIngress:
                 choice["stop_reason"] = stop_reason
             if ids is not None and req.return_token_ids:
                 choice["token_ids"] = ids
-            return _sse_line({**base, "choices": [choice], "personalization": pers})
+            return sse_line({**base, "choices": [choice], "personalization": pers})
 
         finished = timed_out = False
         try:
@@ -407,23 +372,23 @@ class ChameleonIngress:
                     break
                 except TimeoutError:
                     timed_out = True  # not finished: the finally cancels the request on the replica
-                    yield _sse_line(_timed_out(self.cfg).body())
+                    yield sse_line(timeout_error(self.cfg.request_timeout_s).body())
                     break
                 if ev["type"] == "delta":
                     yield chunk(ev["text"], None, ev["token_ids"])
                 elif ev["type"] == "end":
                     yield chunk(None, ev["finish_reason"], [], stop_reason=ev.get("stop_reason"))
-                    if req.include_usage():
-                        yield _sse_line(
-                            {**base, "choices": [], "usage": _usage(start, ev), "personalization": pers}
+                    if req.includeusage_of():
+                        yield sse_line(
+                            {**base, "choices": [], "usage": usage_of(start, ev), "personalization": pers}
                         )
                     break
                 elif ev["type"] == "error":
-                    yield _sse_line(self._public(ApiError.from_event(ev)).body())
+                    yield sse_line(self._public(ApiError.from_event(ev)).body())
             finished = not timed_out
         except Exception as exc:
             log.exception("stream failed")
-            yield _sse_line(ApiError(500, f"stream failed: {type(exc).__name__}", "internal_error").body())
+            yield sse_line(ApiError(500, f"stream failed: {type(exc).__name__}", "internal_error").body())
             finished = True
         finally:
             if not finished:
@@ -517,16 +482,10 @@ def _serve_metric(kind: str, name: str, description: str, boundaries):
     return serve_metrics.Histogram(name, description=description, boundaries=list(boundaries), tag_keys=tags)
 
 
-def _runs_on_cpu(model: ModelConfig) -> bool:
-    if model.device_map is not None:
-        return model.device_map == "cpu" or not torch.cuda.is_available()
-    return pick_device(model).type == "cpu"
-
-
 def _set_torch_threads(cfg: ServeConfig) -> None:
     """On CPU replicas, use as many torch threads as CPUs the replica holds; GPU replicas keep
     torch's default."""
-    if not _runs_on_cpu(cfg.model):
+    if not runs_on_cpu(cfg.model):
         return
     cpus = cfg.num_cpus
     if ray.is_initialized():  # inside a Serve replica; never start a Ray just to ask
@@ -676,26 +635,11 @@ class ChameleonServer:
     def _log_request(
         self, adm: Admission, completion_tokens: int, finish: str, first_at: float | None
     ) -> None:
-        now = time.perf_counter()
-        latency = now - adm.admitted_at
+        latency = time.perf_counter() - adm.admitted_at
         self.metrics.request_done(len(adm.item.prompt_ids), latency, finish)
-        if not self.cfg.log_requests:
-            return
-        res = adm.resolution
-        record = {
-            "event": "request",
-            "request_id": _request_id(),
-            "run_id": res.run.run_id if res.run else None,
-            "group_id": res.group_id,
-            "source": res.source,
-            "prompt_tokens": len(adm.item.prompt_ids),
-            "completion_tokens": completion_tokens,
-            "finish_reason": finish,
-            "ttft_s": round(first_at - adm.admitted_at, 4) if first_at else None,
-            "latency_s": round(latency, 4),
-            "engine": self.cfg.engine,
-        }
-        log.info(json.dumps(record))
+        if self.cfg.log_requests:
+            record = adm.log_record(_request_id(), completion_tokens, finish, first_at, latency)
+            log.info(json.dumps({**record, "engine": self.cfg.engine}))
 
     # Called with no arguments (the bare form refuses async generators); sizes come from ServeConfig in __init__.
     @serve.batch()

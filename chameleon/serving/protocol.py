@@ -7,6 +7,7 @@ to the ingress as an event (`to_event` / `from_event`).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -368,3 +369,44 @@ def generation_payload(req: RequestBody, kind: str) -> dict[str, Any]:
     else:
         payload["prompt"] = req.prompt_text()
     return payload
+
+
+# -- what a client sees of answers and errors --------------------------------------------------------
+
+_PUBLIC_5XX = frozenset(
+    {
+        "no_run",
+        "edit_loading",
+        "edit_slots_busy",
+        "store_unavailable",
+        "artifact_error",
+        "replica_unavailable",
+        "server_overloaded",
+    }
+)
+"""Codes of 5xx errors whose messages are written for clients (no internals in them)."""
+
+
+def public_error(exc: ApiError) -> ApiError:
+    """What a client sees of an error: 5xx messages other than the ones written for clients are
+    replaced, so exception text (store URIs, hosts, key ids, group ids) never reaches a body."""
+    if exc.status < 500 or exc.code in _PUBLIC_5XX:
+        return exc
+    return ApiError(
+        exc.status, "internal error; the server log has the details", exc.code or "internal_error"
+    )
+
+
+def timeout_error(seconds: float) -> ApiError:
+    return ApiError(408, f"the request took longer than {seconds:g} s", "request_timeout")
+
+
+def usage_of(start: dict[str, Any], end: dict[str, Any]) -> dict[str, int]:
+    """OpenAI's `usage` from a generation's `start` and `end` events."""
+    p, c = int(start["prompt_tokens"]), int(end["completion_tokens"])
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def sse_line(obj: dict[str, Any]) -> str:
+    """One server-sent event (the OpenAI streaming wire format)."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

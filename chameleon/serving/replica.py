@@ -76,6 +76,24 @@ class Admission:
     cancelled: bool = False
     released: bool = False
 
+    def log_record(
+        self, request_id: str, completion_tokens: int, finish: str, first_at: float | None, latency: float
+    ) -> dict[str, Any]:
+        """The request's structured log line (one per finished request)."""
+        res = self.resolution
+        return {
+            "event": "request",
+            "request_id": request_id,
+            "run_id": res.run.run_id if res.run else None,
+            "group_id": res.group_id,
+            "source": res.source,
+            "prompt_tokens": len(self.item.prompt_ids),
+            "completion_tokens": completion_tokens,
+            "finish_reason": finish,
+            "ttft_s": round(first_at - self.admitted_at, 4) if first_at else None,
+            "latency_s": round(latency, 4),
+        }
+
     def release(self) -> None:
         if not self.released:
             self.released = True
