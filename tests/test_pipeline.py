@@ -98,6 +98,18 @@ def test_layout_checksums_assignments_and_rejects(clean_run):
     assert manifest["model"]["fingerprint"]["num_layers"] == 4
 
 
+def _own_map_actors() -> list[psutil.Process]:
+    """This test's own Ray's map actors (other Ray instances may run on the machine)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "PartitionWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # exited (or a zombie) meanwhile
+            continue
+    return found
+
+
 def test_killed_actor_still_finishes_with_identical_artifacts(
     ray_local, clean_run, s3_server, tiny_model_dir, users_file
 ):
@@ -116,9 +128,7 @@ def test_killed_actor_still_finishes_with_identical_artifacts(
     deadline = time.time() + 180
     while time.time() < deadline and killed is None and thread.is_alive():
         done = [k for k in store.list("runs/killed/parts/")]
-        workers = [  # this test's own Ray only (other Ray instances may run on the machine)
-            p for p in psutil.Process().children(recursive=True) if "PartitionWorker" in " ".join(p.cmdline())
-        ]
+        workers = _own_map_actors()
         if done and workers:
             killed = (len(done), workers[0].pid)
             os.kill(workers[0].pid, signal.SIGKILL)
