@@ -47,6 +47,9 @@ bench: install
 	$(PY) jobs/bench/reduce_speed.py
 	$(PY) jobs/bench/pipeline_scaling.py
 	$(PY) jobs/bench/serve_mixed.py
+	$(PY) jobs/bench/serve_latency.py
+	$(PY) jobs/bench/serve_load.py
+	$(PY) jobs/bench/job_integrity.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out

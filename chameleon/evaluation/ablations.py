@@ -104,8 +104,9 @@ def group_overrides(target: Any, n_users: int) -> dict[str, Any]:
     if target == "all":
         return {"groups.n_groups": 1, "groups.min_group_size": 1, "groups.min_contributors": 1}
     k = max(1, round(n_users / int(target)))
-    # An in-memory study of group size: the published runs' privacy floor follows the target.
-    floor = max(1, int(target) // 2)
+    # An in-memory study of group size: the published runs' privacy floor follows the target, but
+    # never above the users a group can have here (a small tuning set would leave no group at all).
+    floor = max(1, min(int(target) // 2, n_users // k))
     return {"groups.n_groups": k, "groups.min_group_size": floor, "groups.min_contributors": floor}
 
 

@@ -80,8 +80,11 @@ def _concat(parts: list[tuple[UnitData, UserReduce]], order: torch.Tensor) -> tu
 class _PartitionPool:
     """`stages.Pool` reading the sampled pairs back from the stored partitions."""
 
-    def __init__(self, files: VerifiedFiles, where: dict[str, int], user_ids: list[str], n_layers: int):
-        self.files, self.where, self.user_ids, self.n_layers = files, where, user_ids, n_layers
+    def __init__(
+        self, files: VerifiedFiles, where: dict[str, int], user_ids: list[str], n_layers: int, hidden: int
+    ):
+        self.files, self.where, self.user_ids = files, where, user_ids
+        self.n_layers, self.hidden = n_layers, hidden
 
     def __call__(self, member_pairs, labels, n_groups, max_pairs, seed):
         U, K = member_pairs.shape
@@ -117,8 +120,8 @@ class _PartitionPool:
         mask = torch.zeros(n_groups, kmax, dtype=torch.bool)
         for g, idx in enumerate(rows):
             mask[g, : len(idx)] = True
-        if out_p is None:  # no group pools any pair (cannot happen once grouping succeeded)
-            out_p = out_n = torch.zeros(n_groups, kmax, self.n_layers, 0)
+        if out_p is None:  # no group pools any pair (no user has an edit): empty group edits
+            out_p = out_n = torch.zeros(n_groups, kmax, self.n_layers, self.hidden)
         return out_p, out_n, mask
 
 
@@ -160,7 +163,7 @@ def reduce_partitions(
     del parts
     t1 = time.perf_counter()
     grouping = group_users(data, users, cfg)
-    pool = _PartitionPool(files, where, data.user_ids, len(layers))
+    pool = _PartitionPool(files, where, data.user_ids, len(layers), users.sub.mean.shape[-1])
     groups, group_layers, pooled = reduce_groups(data, users, grouping, sub_cfg, layers, pool)
     if timings is not None:
         timings["reduce_users_s"] = t1 - t0

@@ -457,6 +457,8 @@ def enforce_min_contributors(
         if not small:
             break
         if len(names) == 1:
+            if contrib[0] == 0:
+                break  # nobody's pairs enter the edit (it stays empty): nothing to expose
             raise ValueError(
                 f"only {contrib[0]} users contributed pairs to the group edits, fewer than "
                 f"groups.min_contributors={g.min_contributors}: nothing can be published without "
