@@ -93,6 +93,17 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
+def _gram(M: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """M^T M [..., d, d] in float64, summed over blocks of `rows` rows: a group's pooled pairs
+    (thousands of rows) are never copied whole to float64, the driver's largest transient."""
+    out = None
+    for start in range(0, M.shape[-2], rows):
+        block = M[..., start : start + rows, :].double()
+        part = block.transpose(-1, -2) @ block
+        out = part if out is None else out.add_(part)
+    return out
+
+
 def thin_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values S [..., k] (descending) and right singular vectors Vh [..., k, d] of a batch
     of matrices M [..., n, d], k = min(n, d).
@@ -102,15 +113,15 @@ def thin_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fraction of that. Directions whose singular value is ~0 come back as zero rows.
     """
     n, d = M.shape[-2], M.shape[-1]
-    M64 = M.double()
     if n <= d:
+        M64 = M.double()
         evals, U = torch.linalg.eigh(M64 @ M64.transpose(-1, -2))  # ascending
         evals, U = evals.flip(-1).clamp_min(0), U.flip(-1)
         S = evals.sqrt()
         tol = S[..., :1] * 1e-7 + 1e-30
         Vh = (U.transpose(-1, -2) @ M64) / torch.where(S > tol, S, torch.inf)[..., None]
     else:
-        evals, V = torch.linalg.eigh(M64.transpose(-1, -2) @ M64)
+        evals, V = torch.linalg.eigh(_gram(M))
         evals, V = evals.flip(-1).clamp_min(0), V.flip(-1)
         S = evals.sqrt()
         Vh = V.transpose(-1, -2)
@@ -151,7 +162,7 @@ def personalized_subspace(
         M = H_P - H_N
     else:
         raise ValueError(f"unknown theta_p method {method!r}")
-    M = (M * w[:, :, None, None]).permute(0, 2, 1, 3)  # [U, L, K, d]; padded pairs are zero rows
+    M = M.mul_(w[:, :, None, None]).permute(0, 2, 1, 3)  # [U, L, K, d]; padded pairs are zero rows
     S, Vh = thin_svd(M)  # S [U, L, k], Vh [U, L, k, d]
     var = S.square()
     share = var.cumsum(-1) / var.sum(-1, keepdim=True).clamp_min(_EPS)
@@ -238,14 +249,18 @@ def ccs_direction(
     # One scalar per side and layer: the RMS norm of the centered rows.
     sp = _masked_mean((H_P - mp[:, None]).square(), mask).sum(-1, keepdim=True).sqrt().clamp_min(_EPS)
     sn = _masked_mean((H_N - mn[:, None]).square(), mask).sum(-1, keepdim=True).sqrt().clamp_min(_EPS)
-    xp = ((H_P - mp[:, None]) / sp[:, None]) * wt[:, :, None, None]
-    xn = ((H_N - mn[:, None]) / sn[:, None]) * wt[:, :, None, None]
-    X = torch.cat([xp, xn], 1).permute(0, 2, 1, 3)  # [U, L, 2K, d]
+    # Both normalized sides written in place into one buffer: a group's pool of pairs is the
+    # driver's largest tensor, so no temporary copies of it.
+    X = H_P.new_empty(U, 2 * K, L, d)
+    for side, H, m_, s_ in ((X[:, :K], H_P, mp, sp), (X[:, K:], H_N, mn, sn)):
+        torch.sub(H, m_[:, None], out=side).div_(s_[:, None]).mul_(wt[:, :, None, None])
+    X = X.permute(0, 2, 1, 3)  # [U, L, 2K, d]
     # Orthonormal basis of the span: right singular vectors with non-negligible singular values.
     S, Vh = thin_svd(X)  # Vh [U, L, m, d], m = min(2K, d)
     basis = Vh * (S > S[..., :1] * 1e-5)[..., None]
-    zp = torch.einsum("ulkd,ulmd->ulkm", xp.permute(0, 2, 1, 3), basis)  # [U, L, K, m]
-    zn = torch.einsum("ulkd,ulmd->ulkm", xn.permute(0, 2, 1, 3), basis)
+    zp = torch.einsum("ulkd,ulmd->ulkm", X[:, :, :K], basis)  # [U, L, K, m]
+    zn = torch.einsum("ulkd,ulmd->ulkm", X[:, :, K:], basis)
+    del X
     m = basis.shape[-2]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # Drawn at full width and cut to m, so padding a unit (which changes m) never changes its init.

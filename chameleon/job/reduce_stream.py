@@ -22,6 +22,7 @@ CCS stops when every problem of a batch has converged, so losses and directions 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -52,28 +53,57 @@ def _pad_k(x: torch.Tensor, K: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], K - x.shape[1])], 1) if x.shape[1] < K else x
 
 
+def _rows_in_order(pieces: list[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+    """`torch.cat(pieces)[order]`, each piece copied once straight to its sorted rows: the
+    concatenation is never materialized next to its sorted copy (both grow with users)."""
+    dest = torch.empty_like(order)
+    dest[order] = torch.arange(len(order))
+    out = pieces[0].new_empty(len(order), *pieces[0].shape[1:])
+    start = 0
+    for piece in pieces:
+        out[dest[start : start + len(piece)]] = piece
+        start += len(piece)
+    return out
+
+
+def _fields(data: UnitData, red: UserReduce, K: int) -> dict[str, torch.Tensor]:
+    """A partition's per-user tensors by name (pair slots padded to K)."""
+    out = {f"sub.{f.name}": getattr(red.sub, f.name) for f in dataclasses.fields(ss.Subspaces)}
+    out.update(
+        hist=data.history_embedding,
+        mask=_pad_k(data.mask, K),
+        keep=_pad_k(red.keep, K),
+        chosen=red.chosen,
+        has_edit=red.has_edit,
+        steer=red.steer[0],
+        steer_norm=red.steer[1],
+    )
+    if data.style_features is not None:
+        out["style"] = data.style_features
+    return out
+
+
 def _concat(parts: list[tuple[UnitData, UserReduce]], order: torch.Tensor) -> tuple[UnitData, UserReduce]:
-    """One UnitData (without pair vectors) and UserReduce over every partition, rows in `order`."""
+    """One UnitData (without pair vectors) and UserReduce over every partition, rows in `order`.
+
+    Empties `parts`: each field's partition pieces are freed once their sorted copy exists, so
+    the partitions' results are never all held next to their concatenation."""
     K = max(d.mask.shape[1] for d, _ in parts)
     ids = [u for d, _ in parts for u in d.user_ids]
     groups = [g for d, _ in parts for g in d.group_ids]
-    hist = torch.cat([d.history_embedding for d, _ in parts])[order]
-    style = None
-    if all(d.style_features is not None for d, _ in parts):
-        style = torch.cat([d.style_features for d, _ in parts])[order]
-    mask = torch.cat([_pad_k(d.mask, K) for d, _ in parts])[order]
+    pieces = [_fields(d, r, K) for d, r in parts]
+    parts.clear()
+
+    def rows(name: str) -> torch.Tensor:
+        return _rows_in_order([p.pop(name) for p in pieces], order)
+
+    style = rows("style") if all("style" in p for p in pieces) else None
     o = order.tolist()
-    data = UnitData([ids[i] for i in o], [groups[i] for i in o], None, None, mask, hist, style)
-    red = UserReduce(
-        sub=ss.Subspaces.cat([r.sub for _, r in parts]).select(order),
-        keep=torch.cat([_pad_k(r.keep, K) for _, r in parts])[order],
-        chosen=torch.cat([r.chosen for _, r in parts])[order],
-        has_edit=torch.cat([r.has_edit for _, r in parts])[order],
-        steer=(
-            torch.cat([r.steer[0] for _, r in parts])[order],
-            torch.cat([r.steer[1] for _, r in parts])[order],
-        ),
+    data = UnitData(
+        [ids[i] for i in o], [groups[i] for i in o], None, None, rows("mask"), rows("hist"), style
     )
+    sub = ss.Subspaces(*(rows(f"sub.{f.name}") for f in dataclasses.fields(ss.Subspaces)))
+    red = UserReduce(sub, rows("keep"), rows("chosen"), rows("has_edit"), (rows("steer"), rows("steer_norm")))
     return data, red
 
 
@@ -159,8 +189,7 @@ def reduce_partitions(
         return None, None, failures
     ids = [u for d, _ in parts for u in d.user_ids]
     order = torch.from_numpy(np.argsort(np.array(ids, dtype=object), kind="stable").astype(np.int64))
-    data, users = _concat(parts, order)
-    del parts
+    data, users = _concat(parts, order)  # empties parts
     t1 = time.perf_counter()
     grouping = group_users(data, users, cfg)
     pool = _PartitionPool(files, where, data.user_ids, len(layers), users.sub.mean.shape[-1])
