@@ -89,3 +89,32 @@ def published_tiny_run(s3_server, tiny_model_dir, tmp_path_factory):
     store = s3_server.store(TEST_BUCKET, f"published-{uuid.uuid4().hex[:8]}")
     manifest = run_local(str(users), store, "tiny-run-1", tiny_job_config(tiny_model_dir), progress=False)
     return store, manifest, tiny_model_dir
+
+
+def copy_run(
+    src,
+    dst,
+    run_id: str,
+    new_id: str | None = None,
+    *,
+    manifest_edit=None,
+    corrupt: str | None = None,
+    set_latest: bool = False,
+) -> str:
+    """Copy a committed run between stores (optionally renamed, with an edited manifest or one
+    corrupted file whose recorded checksum is kept), manifest last."""
+    new_id = new_id or run_id
+    manifest = src.get_json(f"runs/{run_id}/manifest.json")
+    for rel, entry in manifest["files"].items():
+        key = entry.get("key", rel)  # a run's objects live under its writer's attempt folder
+        data = src.get_bytes(f"runs/{run_id}/{key}")
+        if rel == corrupt:
+            data = data[:-8] + bytes(8)
+        dst.put_bytes(f"runs/{new_id}/{key}", data)
+    manifest["run_id"] = new_id
+    if manifest_edit:
+        manifest_edit(manifest)
+    dst.put_json(f"runs/{new_id}/manifest.json", manifest)
+    if set_latest:
+        dst.put_text("latest", new_id + "\n")
+    return new_id

@@ -52,6 +52,6 @@ def test_partitions_are_read_through_the_writers_checksums(local_store):
     pairs, profiles, failures = read_partitions(writer, 2)
     assert pairs.num_rows == 4 and profiles.column("user_id").to_pylist() == ["u0", "u1"]
     assert [f["user_id"] for f in failures] == ["f0", "f1"]
-    local_store.put_bytes("runs/r1/" + part_keys(1).pairs, b"changed")
+    local_store.put_bytes("runs/r1/" + writer.files[part_keys(1).pairs]["key"], b"changed")
     with pytest.raises(ChecksumMismatchError):
         read_partitions(writer, 2)

@@ -46,7 +46,7 @@ def test_real_model_edits_change_edited_users_only(tmp_path, local_store):
     )
     assert manifest["counts"]["users_with_edit"] == 4
     run = PublishedRun(RunReader(local_store, "real"))
-    pairs = local_store.get_parquet("runs/real/pairs/part-00000.parquet").to_pylist()
+    pairs = RunReader(local_store, "real").get_parquet("pairs/part-00000.parquet").to_pylist()
     assert any(p["personalized"] != p["neutral"] for p in pairs)
 
     users = [r["user_id"] for r in records]

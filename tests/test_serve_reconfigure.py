@@ -13,6 +13,7 @@ import time
 import warnings
 
 import pytest
+from conftest import copy_run
 
 from chameleon.data.storage import LocalStore
 
@@ -22,15 +23,6 @@ with warnings.catch_warnings():  # Ray Serve's own pydantic models warn on impor
     from chameleon.serving.config import ServeConfig, ServeUserConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def copy_run(src, dst, run_id: str, new_id: str) -> None:
-    """A committed run under another id (files first, manifest last)."""
-    manifest = src.get_json(f"runs/{run_id}/manifest.json")
-    for rel in manifest["files"]:
-        dst.put_bytes(f"runs/{new_id}/{rel}", src.get_bytes(f"runs/{run_id}/{rel}"))
-    manifest["run_id"] = new_id
-    dst.put_json(f"runs/{new_id}/manifest.json", manifest)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import pytest
 import requests
 import torch
 import yaml
+from conftest import copy_run
 
 from chameleon.config import ModelConfig
 from chameleon.core.generation import chat_prompt, generate
@@ -330,34 +331,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def copy_run(
-    src,
-    dst,
-    run_id: str,
-    new_id: str | None = None,
-    *,
-    manifest_edit=None,
-    corrupt: str | None = None,
-    set_latest: bool = False,
-) -> str:
-    """Copy a committed run between stores (optionally renamed, with an edited manifest or one
-    corrupted file whose recorded checksum is kept), manifest last."""
-    new_id = new_id or run_id
-    manifest = src.get_json(f"runs/{run_id}/manifest.json")
-    for rel in manifest["files"]:
-        data = src.get_bytes(f"runs/{run_id}/{rel}")
-        if rel == corrupt:
-            data = data[:-8] + bytes(8)
-        dst.put_bytes(f"runs/{new_id}/{rel}", data)
-    manifest["run_id"] = new_id
-    if manifest_edit:
-        manifest_edit(manifest)
-    dst.put_json(f"runs/{new_id}/manifest.json", manifest)
-    if set_latest:
-        dst.put_text("latest", new_id + "\n")
-    return new_id
 
 
 @pytest.fixture(scope="module")
@@ -787,6 +760,7 @@ def test_a_client_that_goes_away_frees_its_row_and_its_place(app):
 @pytest.mark.slow
 def test_metrics_reach_prometheus(app, client):
     chat(client, app, personalization={"off": True}, max_tokens=4)
+    chat(client, app, personalization={"group_id": "g001"}, max_tokens=4)  # an edit-cache lookup
     want = (
         "chameleon_time_to_first_token_seconds",
         "chameleon_inter_token_latency_seconds",

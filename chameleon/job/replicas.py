@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,22 +89,24 @@ def map_with_replicas(
     ctx.execution_no_progress_timeout_s = 2 * cfg.job.partition_timeout_s
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            worker,
-            batch_size=1,
-            # One item per actor at a time: an actor that dies takes only its own item's retry
-            # with it, so an innocent partition queued behind a poison one is never charged.
-            compute=ray.data.ActorPoolStrategy(
-                size=min(cfg.job.num_actors, len(items)), max_tasks_in_flight_per_actor=1
-            ),
-            num_gpus=cfg.job.num_gpus_per_actor or None,
-            num_cpus=cfg.job.num_cpus_per_actor,
-            # Plain remote args: Ray 2.60 has no named parameter for these (its deprecation
-            # warning for `ray_remote_args` names none); Ray Data's default for both is forever.
-            max_restarts=cfg.job.max_actor_restarts,
-            max_task_retries=cfg.job.max_task_retries,
-            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), **worker_kwargs},
-        )
+        with warnings.catch_warnings():
+            # Ray warns that plain remote args are deprecated, yet names no replacement for these.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            ds = ds.map_batches(
+                worker,
+                batch_size=1,
+                # One item per actor at a time: an actor that dies takes only its own item's retry
+                # with it, so an innocent partition queued behind a poison one is never charged.
+                compute=ray.data.ActorPoolStrategy(
+                    size=min(cfg.job.num_actors, len(items)), max_tasks_in_flight_per_actor=1
+                ),
+                num_gpus=cfg.job.num_gpus_per_actor or None,
+                num_cpus=cfg.job.num_cpus_per_actor,
+                # Ray Data's default for both is forever.
+                max_restarts=cfg.job.max_actor_restarts,
+                max_task_retries=cfg.job.max_task_retries,
+                fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), **worker_kwargs},
+            )
         return ds.take_all()
     finally:
         ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s = saved
