@@ -707,7 +707,10 @@ def test_any_openai_client_picks_a_group_by_model_name(app, client, tiny):
     # safety_identifier is used like `user` (the assignment's group).
     user, ugid = next((u, g) for g, us in users_by_group(app.run1).items() for u in us)
     _, via_safety = chat(client, app, extra_body={"safety_identifier": user})
-    assert via_safety.personalization["group_id"] == ugid and via_safety.personalization["source"] == "user"
+    # The user's group stays hidden (personalization_detail: minimal); the answer is the group's.
+    assert via_safety.personalization["group_id"] is None and via_safety.personalization["source"] == "user"
+    _, named = chat(client, app, personalization={"group_id": ugid})
+    assert via_safety.choices[0].message.content == named.choices[0].message.content
     # A stop string is reported as the stop reason; the sampling fields are taken.
     full = chat(client, app, personalization={"off": True}, max_tokens=12)[1].choices[0].message.content
     stop = full.strip()[1:3]

@@ -378,7 +378,7 @@ class ChameleonIngress:
                     yield chunk(ev["text"], None, ev["token_ids"])
                 elif ev["type"] == "end":
                     yield chunk(None, ev["finish_reason"], [], stop_reason=ev.get("stop_reason"))
-                    if req.includeusage_of():
+                    if req.include_usage():
                         yield sse_line(
                             {**base, "choices": [], "usage": usage_of(start, ev), "personalization": pers}
                         )
