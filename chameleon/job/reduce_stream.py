@@ -38,8 +38,7 @@ from chameleon.job.stages import (
     Reduced,
     UnitData,
     UserReduce,
-    group_users,
-    reduce_groups,
+    group_and_reduce,
     reduce_subspace_config,
     reduce_users,
     stored_user_reduce,
@@ -190,21 +189,6 @@ def reduce_partitions(
     ids = [u for d, _ in parts for u in d.user_ids]
     order = torch.from_numpy(np.argsort(np.array(ids, dtype=object), kind="stable").astype(np.int64))
     data, users = _concat(parts, order)  # empties parts
-    t1 = time.perf_counter()
-    grouping = group_users(data, users, cfg)
     pool = _PartitionPool(files, where, data.user_ids, len(layers), users.sub.mean.shape[-1])
-    groups, group_layers, pooled = reduce_groups(data, users, grouping, sub_cfg, layers, pool)
-    if timings is not None:
-        timings["reduce_users_s"] = t1 - t0
-        timings["reduce_groups_s"] = time.perf_counter() - t1
-    reduced = Reduced(
-        data,
-        users,
-        grouping,
-        groups,
-        group_layers,
-        list(layers),
-        group_steer=ss.steering_directions(*pooled),
-        user_steer=users.steer,
-    )
+    reduced = group_and_reduce(data, users, cfg, layers, timings, t0, pool)
     return reduced, pa.concat_tables(profiles), failures

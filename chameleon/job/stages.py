@@ -608,9 +608,26 @@ def reduce_all(
     sub_cfg = reduce_subspace_config(cfg)
     data = tables_to_units(pairs, profiles, len(layers))
     users = reduce_users(data, sub_cfg, layers)
+    return group_and_reduce(data, users, cfg, layers, timings, t0)
+
+
+def group_and_reduce(
+    data: UnitData,
+    users: UserReduce,
+    cfg: ChameleonConfig,
+    layers: Sequence[int],
+    timings: dict[str, float] | None,
+    t0: float,
+    pool: Pool | None = None,
+) -> Reduced:
+    """The second half of every reduce: group the reduced users, fit the groups (pooling pairs
+    with `pool`, default: from `data`'s own pair vectors), and bundle it all. `t0`: when the
+    per-user half began (for `timings`)."""
     t1 = time.perf_counter()
     grouping = group_users(data, users, cfg)
-    groups, group_layers, pooled = reduce_groups(data, users, grouping, sub_cfg, layers)
+    groups, group_layers, pooled = reduce_groups(
+        data, users, grouping, reduce_subspace_config(cfg), layers, pool
+    )
     if timings is not None:
         timings["reduce_users_s"] = t1 - t0
         timings["reduce_groups_s"] = time.perf_counter() - t1
