@@ -204,3 +204,22 @@ def test_help_imports_neither_torch_nor_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout[-500:]
+
+
+def test_serving_has_one_decode_path():
+    """The continuous engine is the only decode path: no static-batch decoder and no
+    `@serve.batch` branch in the serving package (the reference decoder lives in tests/)."""
+    found = []
+    for module, path in MODULES.items():
+        if not module.startswith("chameleon.serving"):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name == "BatchDecoder":
+                found.append(f"{module}: class BatchDecoder")
+            if isinstance(node, ast.Name | ast.Attribute) and ast.unparse(node) in (
+                "BatchDecoder",
+                "serve.batch",
+            ):
+                found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "a second decode path in serving:\n" + "\n".join(found)

@@ -9,12 +9,13 @@ import time
 
 import pytest
 import torch
+from reference_decoder import ReferenceDecoder
 from tiny_models import embedded_tokenizer, tiny_llama
 
 from chameleon.config import EditConfig
 from chameleon.core.edit import Edit
 from chameleon.core.generation import bank_for_edits, chat_prompt, generate_answers
-from chameleon.serving.decoder import BatchDecoder, GenItem, TextStream, default_eos_ids
+from chameleon.serving.decoder import GenItem, TextStream, default_eos_ids
 from chameleon.serving.engine import Engine
 from chameleon.serving.metrics import ServingMetrics
 
@@ -141,14 +142,15 @@ def test_greedy_engine_equals_offline_generation_with_rows_joining_and_leaving(m
     assert offline_ids(model, tok, bank, 0, QUESTIONS[2], 12) != got[2].ids
 
 
-def test_static_path_gives_the_same_tokens(model, tok):
+def test_reference_decoder_gives_offline_tokens(model, tok):
+    """The parity oracle itself: a fixed batch with mixed rows gives offline generation's tokens."""
     bank, rows = bank_for_edits(model, [make_edit(3, "additive")], EditConfig())
     items = [
         GenItem(tok(chat_prompt(tok, q), add_special_tokens=False).input_ids, 8, row=r, ignore_eos=True)
         for q, r in zip(QUESTIONS[:3], (rows[0], 0, rows[0]), strict=True)
     ]
-    static = BatchDecoder(model, tok, items, bank).run()
-    for it, (_, ids, _) in zip(items, static, strict=True):
+    ref = ReferenceDecoder(model, tok, items, bank).run()
+    for it, (_, ids, _) in zip(items, ref, strict=True):
         q = QUESTIONS[items.index(it)]
         assert ids == offline_ids(model, tok, bank, it.row, q, 8)
 
@@ -188,7 +190,7 @@ def test_sampling_fields(model, tok):
     ids = tok(chat_prompt(tok, "hello"), add_special_tokens=False).input_ids
 
     def run(**kw):
-        return BatchDecoder(model, tok, [GenItem(ids, 12, ignore_eos=True, **kw)], None, eos).run()[0][1]
+        return ReferenceDecoder(model, tok, [GenItem(ids, 12, ignore_eos=True, **kw)], None, eos).run()[0][1]
 
     greedy = run()
     # Seeded sampling is reproducible; top_k=1 is greedy whatever the temperature.
@@ -202,12 +204,12 @@ def test_sampling_fields(model, tok):
     assert run(repetition_penalty=50.0) != greedy or len(set(greedy)) == len(greedy)
     # stop_token_ids end the sequence on that token (not in the text), min_tokens postpones it.
     stop_tok = greedy[3]
-    ((_, out, finish),) = BatchDecoder(
+    ((_, out, finish),) = ReferenceDecoder(
         model, tok, [GenItem(ids, 12, stop_token_ids=(stop_tok,))], None, eos
     ).run()
     first = greedy.index(stop_tok)
     assert out == greedy[: first + 1] and finish == "stop"
-    seq = BatchDecoder(
+    seq = ReferenceDecoder(
         model, tok, [GenItem(ids, 12, stop_token_ids=(stop_tok,), min_tokens=first + 2)], None, eos
     )
     ((_, out2, _),) = seq.run()

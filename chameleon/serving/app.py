@@ -10,11 +10,9 @@ Two deployments, one concern each:
 
 `ChameleonServer` wraps a `ModelServer` (chameleon.serving.replica, no Ray): the base model and,
 per bank layout, an `EditBank` on the model's device with an `EditCache` deciding which
-(run, group) edits occupy its rows. By default a continuous-batching `Engine`
-(chameleon.serving.engine) admits requests into its running batch at every decode step and
-retires them as they end; `engine: static` keeps the former `@serve.batch` path (a batch runs
-until its longest request ends). Either way every edited layer applies all rows' edits in one
-batched operation. Metrics go to Prometheus through `ray.serve.metrics`
+(run, group) edits occupy its rows. A continuous-batching `Engine` (chameleon.serving.engine)
+admits requests into its running batch at every decode step and retires them as they end; every
+edited layer applies all rows' edits in one batched operation. Metrics go to Prometheus through `ray.serve.metrics`
 (chameleon.serving.metrics); the response id is Serve's request id (the `X-Request-ID` header).
 
 Runs load from the store by id or through `latest` (polled every `refresh_interval_s` in a
@@ -505,8 +503,6 @@ class ChameleonServer:
         _set_torch_threads(self.cfg)
         self.metrics = ServingMetrics(_serve_metric)
         self.core = ModelServer(self.cfg, store, self.metrics)
-        self._batch.set_max_batch_size(self.cfg.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.core.start_polling()
 
     def __del__(self) -> None:
@@ -583,8 +579,6 @@ class ChameleonServer:
                 "system_fingerprint": self.core.system_fingerprint(adm.resolution),
             }
             async for chunk in self._chunks(adm):
-                if finish is not None:
-                    continue  # static path: drain (breaking out would orphan @serve.batch's future)
                 first_at = first_at or time.perf_counter()
                 text = "".join(d.text for d in chunk)
                 chunk_ids = [t for d in chunk for t in d.token_ids]
@@ -615,22 +609,14 @@ class ChameleonServer:
                 500, f"internal error during generation: {type(exc).__name__}: {exc}", "internal_error"
             ).to_event()
         finally:
-            if self.core.engine is not None or not adm.started:
-                adm.release()  # continuous: the row has left (or is leaving) the batch
-            elif finish is None:
-                adm.cancelled = True  # static: the batch drops it at its next step, then releases
+            adm.release()  # the row has left (or is leaving) the batch
             self._log_request(adm, n, finish or "cancelled", first_at)
 
     async def _chunks(self, adm: Admission) -> AsyncIterator[Sequence[Any]]:
-        """The request's deltas, a list at a time, from the configured engine."""
-        if self.core.engine is not None:
-            async with contextlib.aclosing(self.core.stream(adm)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        else:
-            async for ev in self._batch(adm):
-                if ev is not None:
-                    yield [ev]
+        """The request's deltas, a list at a time, from the engine."""
+        async with contextlib.aclosing(self.core.stream(adm)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def _log_request(
         self, adm: Admission, completion_tokens: int, finish: str, first_at: float | None
@@ -639,15 +625,7 @@ class ChameleonServer:
         self.metrics.request_done(len(adm.item.prompt_ids), latency, finish)
         if self.cfg.log_requests:
             record = adm.log_record(_request_id(), completion_tokens, finish, first_at, latency)
-            log.info(json.dumps({**record, "engine": self.cfg.engine}))
-
-    # Called with no arguments (the bare form refuses async generators); sizes come from ServeConfig in __init__.
-    @serve.batch()
-    async def _batch(self, admissions: list[Admission]) -> AsyncIterator[list[Any]]:
-        """One call per batch: yields, per decode step, one event per request (StopIteration when done)."""
-        async with contextlib.aclosing(self.core.run_batch(admissions)) as steps:
-            async for results in steps:
-                yield results
+            log.info(json.dumps(record))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -381,7 +381,7 @@ def _layers(cache) -> list[Any]:
     if layers is None or any(not hasattr(x, "keys") or getattr(x, "is_sliding", False) for x in layers):
         raise EngineError(
             f"continuous batching needs a full dynamic KV cache, got {type(cache).__name__}; "
-            "use engine: static for this model"
+            "this model cannot be served by the continuous-batching engine"
         )
     return list(layers)
 

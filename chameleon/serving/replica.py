@@ -4,15 +4,10 @@
 *admitted* once (`admit`): its prompt is tokenized within the limits, its run and group are
 resolved against the run being served at that moment, and its bank row is pinned in the
 `EditCache` of that run's bank layout, so a switch of `latest` never mixes runs inside one request
-and never evicts a row a batch still reads. Then one of two engines decodes it:
-
-- `stream` (`engine: continuous`, the default): the replica's `Engine` (chameleon.serving.engine)
-  joins it to the running batch at the next step and retires it as soon as it ends;
-- `run_batch` (`engine: static`): requests gathered by `@serve.batch` are decoded together until
-  the longest ends, one `BatchDecoder` per bank layout (normally one).
-
-Either way greedy and sampled requests of many groups share every forward pass. The caller
-releases the pinned row (`Admission.release`, idempotent) on every exit path.
+and never evicts a row a batch still reads. Then `stream` hands it to the replica's `Engine`
+(chameleon.serving.engine), which joins it to the running batch at the next step and retires it
+as soon as it ends: greedy and sampled requests of many groups share every forward pass. The
+caller releases the pinned row (`Admission.release`, idempotent) on every exit path.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +29,7 @@ from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.model import hidden_size, load_model, model_device, num_layers
 from chameleon.data.storage import Store, StoreError, open_store
 from chameleon.serving.config import ServeConfig
-from chameleon.serving.decoder import BatchDecoder, Delta, GenItem, default_eos_ids
+from chameleon.serving.decoder import Delta, GenItem, default_eos_ids
 from chameleon.serving.edit_cache import CacheFullError, EditCache
 from chameleon.serving.engine import Engine
 from chameleon.serving.metrics import NULL_METRICS, ServingMetrics
@@ -72,8 +67,6 @@ class Admission:
     stream: bool
     admitted_at: float = 0.0
     """`time.perf_counter()` when admission finished."""
-    started: bool = False
-    cancelled: bool = False
     released: bool = False
 
     def log_record(
@@ -106,7 +99,7 @@ def _edit_unusable() -> ApiError:
 
 
 class ModelServer:
-    """Model, tokenizer, runs, edit caches and batch planning of one replica (no Ray)."""
+    """Model, tokenizer, runs, edit caches and the engine of one replica (no Ray)."""
 
     def __init__(
         self, cfg: ServeConfig, store: Store | None = None, metrics: ServingMetrics = NULL_METRICS
@@ -138,26 +131,16 @@ class ModelServer:
         # executor that runs every decode step (and tokenization).
         self._load_pool = ThreadPoolExecutor(cfg.edit_load_workers, thread_name_prefix="chameleon-edit-load")
         self._failed: dict[tuple[str, str], tuple[float, ApiError]] = {}  # key -> (until, answer)
-        self.stats = {
-            "batches": 0,
-            "requests": 0,
-            "max_batch": 0,
-            "max_groups_in_batch": 0,
-            "last_batch": None,
-            "generated_tokens": 0,
-        }
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self.engine: Engine | None = None
-        if cfg.engine == "continuous":
-            self.engine = Engine(
-                self.model,
-                self.tok,
-                self.eos_ids,
-                max_running=cfg.max_batch_size,
-                stream_interval_s=cfg.stream_interval_s,
-                metrics=metrics,
-            )
+        self.engine = Engine(
+            self.model,
+            self.tok,
+            self.eos_ids,
+            max_running=cfg.max_batch_size,
+            stream_interval_s=cfg.stream_interval_s,
+            metrics=metrics,
+        )
         self.registry.refresh()
 
     # -- background refresh ------------------------------------------------------------------
@@ -169,8 +152,7 @@ class ModelServer:
 
     def stop_polling(self) -> None:
         self._stop.set()
-        if self.engine is not None:
-            self.engine.stop()
+        self.engine.stop()
 
     def _poll(self) -> None:
         while not self._stop.wait(self.cfg.refresh_interval_s):
@@ -341,15 +323,11 @@ class ModelServer:
         return f"{run}@{self.fingerprint.weights_sha256[:16]}"
 
     async def stream(self, adm: Admission) -> AsyncIterator[list[Delta]]:
-        """Continuous engine: the request's deltas, gathered per `stream_interval_s`. Leaving
-        early aborts its row; the caller releases the pinned bank row."""
-        if self.engine is None:
-            raise RuntimeError("this replica runs the static path (engine: static)")
-        adm.started = True
+        """The request's deltas from the engine, gathered per `stream_interval_s`. Leaving early
+        aborts its row; the caller releases the pinned bank row."""
         bank = adm.cache.bank if adm.cache is not None and adm.item.row else None
         async with contextlib.aclosing(self.engine.stream(adm.item, bank)) as chunks:
             async for chunk in chunks:
-                self.stats["generated_tokens"] += sum(len(d.token_ids) for d in chunk)
                 yield chunk
 
     async def _acquire(self, cache: EditCache, run: LoadedRun, group_id: str) -> int:
@@ -424,90 +402,6 @@ class ModelServer:
             )
             raise self._remember_failure(key, _edit_unusable()) from None
 
-    # -- batches -------------------------------------------------------------------------------
-
-    def plan(self, admissions: Sequence[Admission]) -> list[tuple[BatchDecoder, list[int]]]:
-        """One decoder per bank layout in the batch (normally one); base requests join the first."""
-        groups: dict[BankSpec | None, list[int]] = {}
-        for i, a in enumerate(admissions):
-            groups.setdefault(a.spec if a.item.row else None, []).append(i)
-        plain = groups.pop(None, [])
-        plans = []
-        for n, (spec, idxs) in enumerate(groups.items()):
-            if n == 0:
-                idxs = sorted(idxs + plain)
-                plain = []
-            bank = self._caches[spec].bank
-            items = [admissions[i].item for i in idxs]
-            plans.append((BatchDecoder(self.model, self.tok, items, bank, self.eos_ids), idxs))
-        if plain:
-            items = [admissions[i].item for i in plain]
-            plans.append((BatchDecoder(self.model, self.tok, items, None, self.eos_ids), plain))
-        groups_in_batch = {
-            (a.resolution.run.run_id if a.resolution.run else None, a.resolution.group_id)
-            for a in admissions
-            if a.item.row
-        }
-        s = self.stats
-        s["batches"] += 1
-        s["requests"] += len(admissions)
-        s["max_batch"] = max(s["max_batch"], len(admissions))
-        s["max_groups_in_batch"] = max(s["max_groups_in_batch"], len(groups_in_batch))
-        s["last_batch"] = {
-            "requests": len(admissions),
-            "groups": len(groups_in_batch),
-            "forwards": len(plans),
-        }
-        return plans
-
-    async def run_batch(self, admissions: list[Admission]) -> AsyncIterator[list[Any]]:
-        """Decode admitted requests together: yields, per decode step, one event per request
-        (a `Delta`, None, or StopIteration once it is done). Releases every row at the end."""
-        n = len(admissions)
-        for a in admissions:
-            a.started = True
-        done = [a.released for a in admissions]  # released = cancelled before the batch began
-        try:
-            live = [i for i in range(n) if not done[i]]
-            plans: list[tuple[BatchDecoder, list[int]]] = []
-            if live:
-                plans = [
-                    (dec, [live[k] for k in idxs]) for dec, idxs in self.plan([admissions[i] for i in live])
-                ]
-
-            def run_all(first: bool) -> list[Any]:
-                out: list[Any] = [None] * n
-                for dec, idxs in plans:
-                    if dec.done:
-                        continue
-                    for k, i in enumerate(idxs):
-                        if admissions[i].cancelled:
-                            dec.cancel(k)
-                    events = dec.prefill() if first else dec.step()
-                    for k, i in enumerate(idxs):
-                        out[i] = events[k]
-                return out
-
-            first = True
-            while plans and not all(dec.done for dec, _ in plans):
-                events = await asyncio.to_thread(run_all, first)
-                first = False
-                results: list[Any] = []
-                for i in range(n):
-                    if done[i]:
-                        results.append(StopIteration)
-                        continue
-                    ev = events[i]
-                    if ev is not None:
-                        self.stats["generated_tokens"] += len(ev.token_ids)
-                        if ev.finish_reason:
-                            done[i] = True
-                    results.append(ev)
-                yield results
-        finally:
-            for a in admissions:
-                a.release()
-
     def check_device(self) -> None:
         """A tiny operation on the model's device, run where decode steps run: it hangs (and the
         caller's timeout fires) when the device or every decode thread is wedged."""
@@ -521,14 +415,11 @@ class ModelServer:
         """Details for operators (behind the key): runs, problems, caches, batching."""
         status = self.registry.status()
         batching: dict[str, Any] = {
-            "engine": self.cfg.engine,
             "max_batch_size": self.cfg.max_batch_size,
+            "stream_interval_s": self.cfg.stream_interval_s,
+            **self.engine.stats,
+            **self.engine.counts(),
         }
-        if self.engine is not None:
-            batching.update({**self.engine.stats, **self.engine.counts()})
-            batching["stream_interval_s"] = self.cfg.stream_interval_s
-        else:
-            batching.update({**self.stats, "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s})
         status.update(
             {
                 "model": self.cfg.model_name,

@@ -1,7 +1,7 @@
 """Benchmark: does serving many groups in one batch cost about the same as serving none?
 
     python jobs/bench/serve_mixed.py [--model ID] [--requests 64] [--concurrency 32] [--max-tokens 16]
-                                     [--engine continuous|static] [--out FILE]
+                                     [--out FILE]
 
 Two figures, each a ratio of two measurements taken in this run:
 
@@ -79,14 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CPUs (= torch threads) of the model replica and of the offline loop (default 1; more threads "
         "slow down badly on a shared, busy machine)",
     )
-    p.add_argument(
-        "--engine",
-        default="continuous",
-        choices=["continuous", "static"],
-        help="serving engine (default continuous)",
-    )
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
     p.add_argument("--rank", type=int, default=3, help="rank of each synthetic θP (default 3)")
     p.add_argument("--edit-layers", type=int, default=3, help="edited layers per group (default 3)")
     p.add_argument("--store", help="store for the synthetic run (default: a temporary local directory)")
@@ -202,10 +195,12 @@ def publish_synthetic_run(
 
 
 def offline_ratio(model, tok, edits, captured, args) -> dict:
+    import torch
+
     from chameleon.core.edit import EditBank
     from chameleon.core.generation import chat_prompt
     from chameleon.core.model import hidden_size, model_device
-    from chameleon.serving.decoder import BatchDecoder, GenItem
+    from chameleon.serving.decoder import forward_kwargs, left_pad, pad_id, run_forward
 
     n = args.offline_batch
     bank = EditBank(
@@ -219,33 +214,39 @@ def offline_ratio(model, tok, edits, captured, args) -> dict:
     rows = bank.add_many([edits[i % len(edits)] for i in range(min(n, len(edits)))])
     prompts = [tok(chat_prompt(tok, prompt_text(i)), add_special_tokens=False).input_ids for i in range(n)]
 
-    def items(edited: bool):
-        return [
-            GenItem(p, args.offline_max_tokens, row=rows[i % len(rows)] if edited else 0, ignore_eos=True)
-            for i, p in enumerate(prompts)
-        ]
+    cache_kw, keep = forward_kwargs(model)
+    ids, mask0, pos0 = left_pad(prompts, pad_id(tok, [tok.eos_token_id or 0]), model_device(model))
+    bound = bank.bind([rows[i % len(rows)] for i in range(n)])
+
+    def greedy_steps(edited: bool):
+        """Prefill, then one greedy decode step per `next()` (a fixed-length batch, no eos)."""
+        mask, pos, cache = mask0, pos0, None
+        inp = ids
+        for _ in range(args.offline_max_tokens):
+            logits, cache = run_forward(
+                model, inp, pos, mask, cache, bound if edited else None, cache_kw, keep
+            )
+            inp = logits.argmax(-1)[:, None]
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
+            yield
 
     def interleaved() -> tuple[float, float]:
         """Prefill and every decode step of the plain and the edited batch, alternately, each
         timed on its own: both see the same machine noise (this box is shared)."""
-        decs = {
-            False: BatchDecoder(model, tok, items(False)),
-            True: BatchDecoder(model, tok, items(True), bank),
-        }
+        steps = {False: greedy_steps(False), True: greedy_steps(True)}
         spent = {False: 0.0, True: 0.0}
-        first = True
-        while not all(d.done for d in decs.values()):
-            for edited, dec in decs.items():
-                if dec.done:
-                    continue
-                t0 = time.perf_counter()
-                dec.prefill() if first else dec.step()
-                spent[edited] += time.perf_counter() - t0
-            first = False
-        assert all(len(s_.out_ids) == args.offline_max_tokens for d in decs.values() for s_ in d.seqs)
+        with torch.inference_mode():
+            for _ in range(args.offline_max_tokens):
+                for edited, it in steps.items():
+                    t0 = time.perf_counter()
+                    next(it)
+                    spent[edited] += time.perf_counter() - t0
         return spent[False], spent[True]
 
-    BatchDecoder(model, tok, items(True)[:2], bank).run()  # warm up
+    with torch.inference_mode():
+        for _ in greedy_steps(True):  # warm up
+            break
     plain, mixed = [], []
     for _ in range(args.offline_repeats):
         tp_, tm_ = interleaved()
@@ -289,12 +290,10 @@ def served_ratio(store, users, model_id: str, args) -> dict:
         store=store.uri,
         model=model_id,
         api_key_env=None,
-        engine=args.engine,
         log_requests=False,
         allow_unauthenticated=True,  # loopback-only benchmark
         personalization_detail="full",  # the check below reads the resolved group
         max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
         edit_cache_size=max(len(users), 1),
         max_tokens_limit=max(args.max_tokens, 16),
         default_max_tokens=min(16, max(args.max_tokens, 16)),
@@ -402,7 +401,6 @@ def main(argv=None) -> int:
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
-        "engine": args.engine,
         "run_id": run_id,
     }
     figures: list[str] = []
