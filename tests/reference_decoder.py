@@ -128,7 +128,9 @@ class ReferenceDecoder:
 
     def _advance(self, logits) -> list[Delta | None]:
         alive = [self.seqs[i] for i in self._alive]
-        self._next = pick_tokens(logits, alive)
+        self._next, failed = pick_tokens(logits, alive)
+        if failed:
+            raise RuntimeError(f"rows that cannot be sampled: {failed}")
         tokens = self._next.tolist()
         events: list[Delta | None] = [None] * len(self.seqs)
         for j, i in enumerate(self._alive):

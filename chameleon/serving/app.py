@@ -44,7 +44,6 @@ from typing import Any
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import BackPressureError
@@ -54,19 +53,25 @@ from chameleon.core.model import runs_on_cpu, worker_torch_threads
 from chameleon.data.storage import Store
 from chameleon.serving.access import api_key, public_personalization
 from chameleon.serving.config import ServeConfig, ServeUserConfig
+from chameleon.serving.decoder import SamplingError
+from chameleon.serving.engine import EngineDeadError
 from chameleon.serving.metrics import TAG_KEYS, ServingMetrics
 from chameleon.serving.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
     RequestBody,
+    chunk_body,
+    completion_body,
+    decode_body,
     generation_payload,
+    parse_request,
     public_error,
-    split_model,
+    response_headers,
     sse_line,
+    stream_head,
     timeout_error,
     usage_of,
-    validation_message,
 )
 from chameleon.serving.replica import Admission, ModelServer
 
@@ -169,39 +174,10 @@ class ChameleonIngress:
             body += chunk
             if len(body) > limit:
                 raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            raise ApiError(400, f"request body is not valid JSON: {str(exc)[:200]}", "invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object", "invalid_json")
-        return data
+        return decode_body(bytes(body))
 
     def _parse(self, cls: type[RequestBody], data: dict[str, Any]) -> Any:
-        try:
-            req = cls.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(400, validation_message(exc), "invalid_request_body") from None
-        req.check()
-        base, group = split_model(req.model, self.cfg.model_name)
-        if base != self.cfg.model_name:
-            raise ApiError(
-                404,
-                f"model {req.model!r} does not exist; this server serves {self.cfg.model_name!r} "
-                f"(and '{self.cfg.model_name}:<group>' for a group's edit)",
-                "model_not_found",
-                param="model",
-            )
-        req.select_group(group)
-        asked = req.requested_max_tokens()
-        if asked is not None and asked > self.cfg.max_tokens_limit:
-            raise ApiError(
-                400,
-                f"max_tokens={asked} exceeds this server's limit of {self.cfg.max_tokens_limit}",
-                "max_tokens_too_large",
-                param="max_tokens",
-            )
-        return req
+        return parse_request(cls, data, self.cfg.model_name, self.cfg.max_tokens_limit)
 
     async def _start(self, payload: dict[str, Any], deadline: float):
         gen = self.streaming.generate.remote(payload)
@@ -230,10 +206,6 @@ class ChameleonIngress:
             out.retry_after = self.cfg.retry_after_s
         return out
 
-    @staticmethod
-    def _headers(pers: dict[str, Any]) -> dict[str, str]:
-        return {"x-chameleon-run": pers["run_id"] or "none", "x-chameleon-group": pers["group_id"] or "none"}
-
     async def _complete(self, request: Request, cls: type[RequestBody], kind: str):
         try:
             return await self._answer(request, cls, kind)
@@ -252,7 +224,7 @@ class ChameleonIngress:
         pers = start["personalization"]
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + _request_id()
         created = int(time.time())
-        headers = self._headers(pers)
+        headers = response_headers(pers)
         fingerprint = start.get("system_fingerprint")
         if req.stream:
             return StreamingResponse(
@@ -287,50 +259,14 @@ class ChameleonIngress:
         if end is None:
             raise ApiError(500, "the model replica ended the response early", "internal_error")
         usage = usage_of(start, end)
-        if kind == "chat":
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": end["finish_reason"],
-                "stop_reason": end.get("stop_reason"),
-                "logprobs": None,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "finish_reason": end["finish_reason"],
-                "stop_reason": end.get("stop_reason"),
-                "logprobs": None,
-            }
-            obj = "text_completion"
-        if req.return_token_ids:
-            choice["token_ids"] = ids
-        body = {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": req.model,
-            "system_fingerprint": fingerprint,
-            "choices": [choice],
-            "usage": usage,
-            "personalization": pers,
-        }
+        body = completion_body(req, kind, rid, created, fingerprint, text, ids, end, usage, pers)
         return JSONResponse(body, headers=headers)
 
     async def _sse(
         self, gen, start, req: RequestBody, kind: str, rid: str, created: int, deadline: float
     ) -> AsyncIterator[str]:
         pers = start["personalization"]
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        base = {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": req.model,
-            "system_fingerprint": start.get("system_fingerprint"),
-        }
+        base = stream_head(req, kind, rid, created, start.get("system_fingerprint"))
 
         def chunk(
             text: str | None,
@@ -339,25 +275,7 @@ class ChameleonIngress:
             first: bool = False,
             stop_reason: str | int | None = None,
         ) -> str:
-            if kind == "chat":
-                delta: dict[str, Any] = (
-                    {"role": "assistant", "content": text or ""}
-                    if first
-                    else ({"content": text} if text else {})
-                )
-                choice: dict[str, Any] = {
-                    "index": 0,
-                    "delta": delta,
-                    "finish_reason": finish,
-                    "logprobs": None,
-                }
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            if finish is not None:
-                choice["stop_reason"] = stop_reason
-            if ids is not None and req.return_token_ids:
-                choice["token_ids"] = ids
-            return sse_line({**base, "choices": [choice], "personalization": pers})
+            return sse_line(chunk_body(req, kind, base, pers, text, finish, ids, first, stop_reason))
 
         finished = timed_out = False
         try:
@@ -517,19 +435,8 @@ class ChameleonServer:
         settings raise, so a typo fails the deploy instead of being ignored."""
         update = ServeUserConfig.model_validate(user_config or {})
         if update.run is not None and update.run != self.cfg.run:
-            await asyncio.to_thread(self._switch_run, update.run)
-
-    def _switch_run(self, run: str) -> None:
-        self.cfg.run = run  # the poller reads it: a pinned run is not polled once it is loaded
-        self.core.registry.requested = run
-        self.core.registry.refresh()
-        status = self.core.registry.status()
-        if status["run_id"] != (status["latest"] if run == "latest" else run):
-            log.error(
-                "asked to serve run %r; still serving %r: %s", run, status["run_id"], status["problems"]
-            )
-        else:
-            log.info("now serving run %s (requested %r)", status["run_id"], run)
+            # A run that cannot be loaded yet is retried by the poller until it is served.
+            await asyncio.to_thread(self.core.switch_run, update.run)
 
     async def health(self) -> dict[str, Any]:
         return self.core.health()
@@ -544,9 +451,9 @@ class ChameleonServer:
 
     async def check_health(self) -> None:
         """Serve's periodic probe: raising (or not answering within health_check_timeout_s) gets
-        the replica restarted. The probe runs on the default executor like every decode step, so
-        a wedged device or wedged decode threads fail it."""
-        await asyncio.to_thread(self.core.check_device)
+        the replica restarted. It fails when the decode loop is dead or stalled with requests
+        waiting (`engine_stall_timeout_s`), and hangs (so times out) when the device is wedged."""
+        await asyncio.to_thread(self.core.check_health)
 
     async def refresh(self) -> dict[str, Any]:
         """Check the store now (tests and operators; the poller does it every refresh_interval_s)."""
@@ -602,6 +509,16 @@ class ChameleonServer:
                     }
             if finish is None:
                 raise RuntimeError("the engine ended before this request finished")
+        except SamplingError as exc:  # this request's sampling settings: it alone fails
+            finish = "error"
+            yield ApiError(400, str(exc), "invalid_sampling").to_event()
+        except EngineDeadError:
+            finish = "error"
+            yield ApiError(
+                503,
+                "the model replica's decode engine failed; retry (it is being replaced)",
+                "engine_unavailable",
+            ).to_event()
         except Exception as exc:
             log.exception("generation failed")
             finish = "error"

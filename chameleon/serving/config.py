@@ -68,6 +68,13 @@ class ServeConfig(BaseModel):
     its source (`user`, `fallback`), for trusted callers and tests."""
     max_batch_size: int = Field(32, ge=1, le=4096)
     """Rows decoded together: the running batch of the replica's continuous-batching engine."""
+    max_prefill_tokens: int = Field(8192, ge=1)
+    """Prefill token budget of one engine step: rows admitted together × their longest prompt (as
+    vLLM's `max_num_batched_tokens`); a longer prompt is prefilled alone. Bounds the memory and
+    the time of a step, so a burst of long prompts never fails or stalls the running streams."""
+    engine_stall_timeout_s: float = Field(120.0, gt=0.0)
+    """The health check fails when requests wait and no decode step has finished for this long
+    (a wedged device or decode thread); a dead decode loop fails it at once."""
     stream_interval_s: float = Field(0.02, ge=0.0, le=1.0)
     """A stream's tokens after the first are gathered this long before they
     cross to the ingress (one message per interval instead of one per token; 0 = every token)."""

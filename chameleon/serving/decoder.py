@@ -160,44 +160,84 @@ class SeqState:
         return Delta(text, [token], finish, stop_reason)
 
 
-def pick_tokens(logits: torch.Tensor, seqs: Sequence[SeqState]) -> torch.Tensor:
-    """Next token per row of logits [B, V] (float32): argmax for plain greedy rows; the others get
-    their logits processors and, with a temperature, a draw from their own generator."""
+MIN_TEMPERATURE = 1e-2
+"""Temperatures in (0, 1e-2) are raised to this (as vLLM does): below it, float32 logits divided by
+the temperature overflow, and softmax of an overflowed row is NaN."""
+
+
+class SamplingError(ValueError):
+    """One row's logits cannot be sampled (undefined after its logits processors): that request
+    alone fails, with this message; the batch goes on."""
+
+
+def pick_tokens(logits: torch.Tensor, seqs: Sequence[SeqState]) -> tuple[torch.Tensor, dict[int, str]]:
+    """Next token per row of logits [B, V] (float32), and the rows that cannot be sampled
+    ({row index: reason}; their token is meaningless). Plain greedy rows take the argmax; the
+    others get their logits processors and, with a temperature, a draw from their own generator.
+    A row never fails the step: NaN or an empty distribution fails that row only."""
     out = torch.argmax(logits, dim=-1)
+    failed: dict[int, str] = {}
+    nan_rows = torch.isnan(logits).any(dim=-1).tolist()
     for j, s in enumerate(seqs):
-        it = s.item
-        if it.plain:
+        if nan_rows[j]:
+            failed[j] = "the model produced undefined (NaN) logits for this request"
             continue
-        x = logits[j].clone()
-        if it.min_tokens and s.n_generated < it.min_tokens:
-            banned = [t for t in (*(() if it.ignore_eos else s.eos), *it.stop_token_ids) if t < x.shape[0]]
-            if banned:
-                x[banned] = -float("inf")
-        if it.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(it.prompt_ids) | set(s.out_ids)), device=x.device)
-            v = x[seen]
-            x[seen] = torch.where(v < 0, v * it.repetition_penalty, v / it.repetition_penalty)
-        if (it.frequency_penalty or it.presence_penalty) and s.out_ids:
-            counts = torch.bincount(torch.tensor(s.out_ids, device=x.device), minlength=x.shape[0])
-            counts = counts[: x.shape[0]].to(x.dtype)
-            x -= it.frequency_penalty * counts + it.presence_penalty * (counts > 0).to(x.dtype)
-        if it.temperature <= 0:
-            out[j] = torch.argmax(x)
+        if s.item.plain:
             continue
-        x = x / it.temperature
-        if 0 < it.top_k < x.shape[0]:
-            kth = torch.topk(x, it.top_k).values[-1]
-            x = x.masked_fill(x < kth, -float("inf"))
-        probs = torch.softmax(x, dim=-1)
-        if it.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > it.top_p  # keeps at least one
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        if it.min_p > 0:
-            probs = probs.masked_fill(probs < it.min_p * probs.max(), 0.0)
-        out[j] = torch.multinomial(probs, 1, generator=s.generator)[0]
-    return out
+        try:
+            out[j] = _sample_row(logits[j], s)
+        except SamplingError as exc:
+            failed[j] = str(exc)
+        except Exception as exc:
+            failed[j] = f"sampling failed for this request ({type(exc).__name__})"
+    return out, failed
+
+
+def _sample_row(logits: torch.Tensor, s: SeqState) -> torch.Tensor:
+    it = s.item
+    x = logits.clone()
+    if it.min_tokens and s.n_generated < it.min_tokens:
+        banned = [t for t in (*(() if it.ignore_eos else s.eos), *it.stop_token_ids) if t < x.shape[0]]
+        if banned:
+            x[banned] = -float("inf")
+    if it.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(it.prompt_ids) | set(s.out_ids)), device=x.device)
+        v = x[seen]
+        x[seen] = torch.where(v < 0, v * it.repetition_penalty, v / it.repetition_penalty)
+    if (it.frequency_penalty or it.presence_penalty) and s.out_ids:
+        counts = torch.bincount(torch.tensor(s.out_ids, device=x.device), minlength=x.shape[0])
+        counts = counts[: x.shape[0]].to(x.dtype)
+        x -= it.frequency_penalty * counts + it.presence_penalty * (counts > 0).to(x.dtype)
+    if it.temperature <= 0:
+        return torch.argmax(_defined(x))
+    x = x / max(it.temperature, MIN_TEMPERATURE)
+    if 0 < it.top_k < x.shape[0]:
+        kth = torch.topk(x, it.top_k).values[-1]
+        x = x.masked_fill(x < kth, -float("inf"))
+    probs = torch.softmax(_defined(x), dim=-1)
+    if it.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > it.top_p  # keeps at least one
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    if it.min_p > 0:
+        probs = probs.masked_fill(probs < it.min_p * probs.max(), 0.0)
+    # Checked before the draw: on a GPU, NaN reaching the sampling kernel is a device-side assert
+    # that takes the whole CUDA context (every request of the replica) down with it.
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        raise SamplingError("the sampling settings of this request leave no token to sample")
+    return torch.multinomial(probs, 1, generator=s.generator)[0]
+
+
+def _defined(x: torch.Tensor) -> torch.Tensor:
+    """Logits safe for argmax/softmax: NaN fails the row, +inf becomes the largest finite value
+    (softmax of two +inf is NaN), a row with every token excluded fails."""
+    if bool(torch.isnan(x).any()):
+        raise SamplingError("the sampling settings of this request make its logits undefined (NaN)")
+    x = x.clamp(max=torch.finfo(x.dtype).max)
+    if bool(torch.isneginf(x).all()):
+        raise SamplingError("the sampling settings of this request exclude every token")
+    return x
 
 
 def forward_kwargs(model) -> tuple[str, bool]:

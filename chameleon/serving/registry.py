@@ -9,6 +9,7 @@ serving. No Ray here.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -48,9 +49,15 @@ class LoadedRun:
 
 
 def load_run(
-    store: Store, run_id: str, fingerprint: ModelFingerprint, num_layers: int, fallback_group: str | None
+    store: Store,
+    run_id: str,
+    fingerprint: ModelFingerprint,
+    num_layers: int,
+    fallback_group: str | None,
+    group_cache_size: int | None = None,
 ) -> LoadedRun:
-    """Open a committed run for serving: model check, manifest sanity, assignments (checksummed)."""
+    """Open a committed run for serving: model check, manifest sanity, assignments (checksummed).
+    `group_cache_size` bounds the group edits its `PublishedRun` keeps in host memory."""
     reader = RunReader(store, run_id)
     reader.check_model(fingerprint)
     m = reader.manifest
@@ -65,6 +72,10 @@ def load_run(
         group_ids = [str(g["group_id"]) for g in m["groups"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"run {run_id!r} has an incomplete manifest for serving: {exc!r}") from None
+    if not (math.isfinite(params.alpha) and math.isfinite(params.beta)):
+        raise ArtifactError(
+            f"run {run_id!r} has non-finite edit strengths alpha/beta {params.alpha}/{params.beta}"
+        )
     if hidden != fingerprint.hidden_size:
         raise ArtifactError(f"run {run_id!r} has hidden size {hidden}, the model {fingerprint.hidden_size}")
     if not layers or not all(0 <= x < num_layers for x in layers):
@@ -76,7 +87,7 @@ def load_run(
     bad = [g for g in group_ids if not is_valid_id(g)]
     if bad:
         raise ArtifactError(f"run {run_id!r} lists invalid group ids {bad[:3]}")
-    published = PublishedRun(reader)
+    published = PublishedRun(reader, group_cache_size=group_cache_size)
     assignments = published.assignments()  # verified against the manifest's checksum
     user_groups = {str(u): str(row["group_id"]) for u, row in assignments.items()}
     run = LoadedRun(
@@ -113,8 +124,10 @@ class RunRegistry:
         fingerprint: ModelFingerprint,
         num_layers: int,
         fallback_group: str | None,
+        group_cache_size: int | None = None,
     ) -> None:
         self.store = store
+        self.group_cache_size = group_cache_size
         self.requested = run
         self.fingerprint = fingerprint
         self.num_layers = num_layers
@@ -147,7 +160,14 @@ class RunRegistry:
             if target in self.refused:
                 return False
             try:
-                run = load_run(self.store, target, self.fingerprint, self.num_layers, self.fallback_group)
+                run = load_run(
+                    self.store,
+                    target,
+                    self.fingerprint,
+                    self.num_layers,
+                    self.fallback_group,
+                    self.group_cache_size,
+                )
             except RunNotFoundError as exc:
                 self.last_error = str(exc)
                 return False
@@ -165,6 +185,11 @@ class RunRegistry:
                 "serving run %s (%d groups, %d users)", run.run_id, len(run.group_ids), len(run.user_groups)
             )
             return True
+
+    def on_pinned_run(self) -> bool:
+        """A pinned run (not `latest`) is requested and is the one being served."""
+        run = self.current
+        return self.requested != "latest" and run is not None and run.run_id == self.requested
 
     def record_artifact_error(self, message: str) -> None:
         self.artifact_errors.append((time.time(), message))
@@ -184,6 +209,7 @@ class RunRegistry:
             "requested_run": self.requested,
             "latest": self.target,
             "run_id": run.run_id if run else None,
+            "on_target": run is not None and run.run_id == self.target,
             "run": None
             if run is None
             else {

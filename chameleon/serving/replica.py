@@ -123,7 +123,12 @@ class ModelServer:
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self.torch_threads = torch.get_num_threads()
         self.registry = RunRegistry(
-            self.store, cfg.run, self.fingerprint, self.num_layers, cfg.fallback_group
+            self.store,
+            cfg.run,
+            self.fingerprint,
+            self.num_layers,
+            cfg.fallback_group,
+            group_cache_size=cfg.edit_cache_size,
         )
         self._caches: dict[BankSpec, EditCache] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
@@ -138,6 +143,7 @@ class ModelServer:
             self.tok,
             self.eos_ids,
             max_running=cfg.max_batch_size,
+            max_prefill_tokens=cfg.max_prefill_tokens,
             stream_interval_s=cfg.stream_interval_s,
             metrics=metrics,
         )
@@ -156,12 +162,27 @@ class ModelServer:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.cfg.refresh_interval_s):
-            if self.cfg.run != "latest" and self.registry.current is not None:
-                continue  # a pinned run never changes
-            try:
+            if self.registry.on_pinned_run():
+                continue  # a pinned run that is being served never changes
+            try:  # `latest`, or a pinned run not loaded yet: retried until it is served
                 self.registry.refresh()
             except Exception:  # never let the poller die
                 log.exception("run refresh failed")
+
+    def switch_run(self, run: str) -> None:
+        """Serve `run` (an id, or `latest` to follow the pointer) from now on. Tried at once; when
+        it cannot be loaded yet (not published, a store error) the current run keeps serving and
+        the poller retries every `refresh_interval_s` until it is served (or refused for good)."""
+        self.cfg.run = run
+        self.registry.requested = run
+        self.registry.refresh()
+        status = self.registry.status()
+        if not status["on_target"]:
+            log.error(
+                "asked to serve run %r; still serving %r: %s", run, status["run_id"], status["problems"]
+            )
+        else:
+            log.info("now serving run %s (requested %r)", status["run_id"], run)
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -186,12 +207,9 @@ class ModelServer:
             messages = payload["messages"]
             if getattr(self.tok, "chat_template", None):
                 try:
-                    text = self.tok.apply_chat_template(
-                        messages,
-                        tokenize=False,
-                        add_generation_prompt=True,
-                        **(payload.get("chat_template_kwargs") or {}),
-                    )
+                    # Only the allow-listed, value-checked kwargs (protocol.TEMPLATE_KWARGS) get here.
+                    kwargs = {"add_generation_prompt": True, **(payload.get("chat_template_kwargs") or {})}
+                    text = self.tok.apply_chat_template(messages, tokenize=False, **kwargs)
                 except Exception as exc:  # jinja raises for conversations the template rejects
                     raise ApiError(
                         400,
@@ -318,8 +336,10 @@ class ModelServer:
         )
 
     def system_fingerprint(self, res: Resolution) -> str:
-        """What produced an answer: the run served (or `base`) and the model's fingerprint."""
-        run = res.run.run_id if res.run is not None and res.group_id is not None else "base"
+        """What produced an answer: the run in effect (`base` when the request turned
+        personalization off or no run is served) and the model's fingerprint. It never depends on
+        whether the request's `user` is in the run (that would tell any key holder who is)."""
+        run = res.run.run_id if res.run is not None and res.source != "off" else "base"
         return f"{run}@{self.fingerprint.weights_sha256[:16]}"
 
     async def stream(self, adm: Admission) -> AsyncIterator[list[Delta]]:
@@ -334,14 +354,14 @@ class ModelServer:
         """Pin the group's row, loading its edit on a miss. One deadline, `admission_timeout_s`,
         covers the load and the wait for a free row (FIFO); past it: 503 with Retry-After."""
         key = (run.run_id, group_id)
-        row = cache.acquire(key)
-        if row is not None:
-            return row
         deadline = time.monotonic() + self.cfg.admission_timeout_s
-        edit = await self._load(run, group_id, deadline)
+
+        async def load() -> Edit:
+            return await self._load(run, group_id, deadline)
+
         try:
-            # Pins the key's row if another request installed it meanwhile.
-            return await cache.install_waiting(key, edit, run.params, max(0.0, deadline - time.monotonic()))
+            # One FIFO line for hits and misses; the edit loads (only if needed) while in line.
+            return await cache.pin(key, load, run.params, self.cfg.admission_timeout_s)
         except CacheFullError:
             raise ApiError(
                 503, "every edit slot is busy with requests in flight; retry shortly", "edit_slots_busy"
@@ -402,13 +422,17 @@ class ModelServer:
             )
             raise self._remember_failure(key, _edit_unusable()) from None
 
-    def check_device(self) -> None:
-        """A tiny operation on the model's device, run where decode steps run: it hangs (and the
-        caller's timeout fires) when the device or every decode thread is wedged."""
+    def check_health(self) -> None:
+        """Serve's probe: raises when the engine's decode loop is dead or stalled with work
+        waiting (`EngineDeadError`), then runs a tiny operation on the model's device (it hangs,
+        and the caller's timeout fires, when the device is wedged)."""
+        self.engine.check(self.cfg.engine_stall_timeout_s)
         torch.zeros(1, device=self.device).add_(1).item()
 
     def status(self) -> str:
         """`ok`, `degraded` or `unavailable`: all that unauthenticated callers learn."""
+        if not self.engine.state()["alive"]:
+            return "unavailable"
         return self.registry.status()["status"]
 
     def health(self) -> dict[str, Any]:
@@ -420,6 +444,10 @@ class ModelServer:
             **self.engine.stats,
             **self.engine.counts(),
         }
+        engine = self.engine.state()
+        if not engine["alive"]:
+            status["status"] = "unavailable"
+            status["problems"].append(f"the decode engine is dead: {engine['dead_reason']}")
         status.update(
             {
                 "model": self.cfg.model_name,
@@ -438,6 +466,7 @@ class ModelServer:
                     for spec, cache in self._caches.items()
                 ],
                 "batching": batching,
+                "engine": engine,
             }
         )
         return status
