@@ -32,13 +32,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import math
 import time
 import typing
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -53,8 +52,6 @@ from chameleon.core.model import runs_on_cpu, worker_torch_threads
 from chameleon.data.storage import Store
 from chameleon.serving.access import api_key, public_personalization
 from chameleon.serving.config import ServeConfig, ServeUserConfig
-from chameleon.serving.decoder import SamplingError
-from chameleon.serving.engine import EngineDeadError
 from chameleon.serving.metrics import TAG_KEYS, ServingMetrics
 from chameleon.serving.protocol import (
     ApiError,
@@ -73,7 +70,7 @@ from chameleon.serving.protocol import (
     timeout_error,
     usage_of,
 )
-from chameleon.serving.replica import Admission, ModelServer
+from chameleon.serving.replica import ModelServer
 
 log = logging.getLogger("chameleon.serving")
 
@@ -461,88 +458,10 @@ class ChameleonServer:
         return self.core.health()
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Events: one `start` (or `error`), then `delta`s, then `end`."""
-        try:
-            adm = await self.core.admit(payload)
-        except ApiError as exc:
-            yield exc.to_event()
-            return
-        except Exception as exc:
-            log.exception("admission failed")
-            yield ApiError(
-                500, f"internal error during admission: {type(exc).__name__}", "internal_error"
-            ).to_event()
-            return
-        texts: list[str] = []
-        ids: list[int] = []
-        n, finish, stop_reason, first_at = 0, None, None, None
-        want_ids = bool(payload.get("return_token_ids"))
-        try:  # from here on the pinned row is released on every exit path (finally)
-            yield {
-                "type": "start",
-                "personalization": adm.resolution.describe(),
-                "prompt_tokens": len(adm.item.prompt_ids),
-                "max_tokens": adm.item.max_tokens,
-                "system_fingerprint": self.core.system_fingerprint(adm.resolution),
-            }
-            async for chunk in self._chunks(adm):
-                first_at = first_at or time.perf_counter()
-                text = "".join(d.text for d in chunk)
-                chunk_ids = [t for d in chunk for t in d.token_ids]
-                n += len(chunk_ids)
-                if chunk[-1].finish_reason:
-                    finish, stop_reason = chunk[-1].finish_reason, chunk[-1].stop_reason
-                if adm.stream:
-                    if text or want_ids:
-                        yield {"type": "delta", "text": text, "token_ids": chunk_ids}
-                else:
-                    texts.append(text)
-                    ids += chunk_ids
-                if finish is not None:
-                    if not adm.stream:
-                        yield {"type": "delta", "text": "".join(texts), "token_ids": ids}
-                    yield {
-                        "type": "end",
-                        "finish_reason": finish,
-                        "stop_reason": stop_reason,
-                        "completion_tokens": n,
-                    }
-            if finish is None:
-                raise RuntimeError("the engine ended before this request finished")
-        except SamplingError as exc:  # this request's sampling settings: it alone fails
-            finish = "error"
-            yield ApiError(400, str(exc), "invalid_sampling").to_event()
-        except EngineDeadError:
-            finish = "error"
-            yield ApiError(
-                503,
-                "the model replica's decode engine failed; retry (it is being replaced)",
-                "engine_unavailable",
-            ).to_event()
-        except Exception as exc:
-            log.exception("generation failed")
-            finish = "error"
-            yield ApiError(
-                500, f"internal error during generation: {type(exc).__name__}: {exc}", "internal_error"
-            ).to_event()
-        finally:
-            adm.release()  # the row has left (or is leaving) the batch
-            self._log_request(adm, n, finish or "cancelled", first_at)
-
-    async def _chunks(self, adm: Admission) -> AsyncIterator[Sequence[Any]]:
-        """The request's deltas, a list at a time, from the engine."""
-        async with contextlib.aclosing(self.core.stream(adm)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    def _log_request(
-        self, adm: Admission, completion_tokens: int, finish: str, first_at: float | None
-    ) -> None:
-        latency = time.perf_counter() - adm.admitted_at
-        self.metrics.request_done(len(adm.item.prompt_ids), latency, finish)
-        if self.cfg.log_requests:
-            record = adm.log_record(_request_id(), completion_tokens, finish, first_at, latency)
-            log.info(json.dumps(record))
+        """Events: one `start` (or `error`), then `delta`s, then `end` (`ModelServer.events`)."""
+        async with contextlib.aclosing(self.core.events(payload, _request_id)) as events:
+            async for ev in events:
+                yield ev
 
 
 # ---------------------------------------------------------------------------------------------

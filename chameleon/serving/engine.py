@@ -116,6 +116,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._dead: str | None = None  # why the loop died (then every request is refused)
         self._beat = time.monotonic()  # when the loop last started or finished a step
+        self._stepping = False  # a step is running (its new rows are neither waiting nor running)
         # The running batch (engine thread only): rows, KV cache, mask [B, L], last positions
         # [B], the tokens to feed next [B], the bank of its edited rows and their bound edits.
         self._running: list[Request] = []
@@ -183,7 +184,8 @@ class Engine:
         """Raise `EngineDeadError` when the loop died, or when requests wait or run and no step
         started or finished for `stall_s` seconds (a wedged device or thread)."""
         with self._cv:
-            dead, busy, beat = self._dead, bool(self._waiting or self._running), self._beat
+            dead, beat = self._dead, self._beat
+            busy = bool(self._waiting or self._running or self._stepping)
             thread, stopping = self._thread, self._stopping
         if dead is not None:
             raise EngineDeadError(dead)
@@ -271,6 +273,7 @@ class Engine:
                 self._beat = time.monotonic()
                 new = self._take()
                 waiting = len(self._waiting)
+                self._stepping = True
             try:
                 with torch.inference_mode():
                     self._drop_aborted()
@@ -279,13 +282,14 @@ class Engine:
                     if self._running:
                         self._decode()
                 self.metrics.engine_step(len(self._running), waiting)
-                self._beat = time.monotonic()
             except Exception as exc:  # fail the requests involved, keep the loop alive
                 log.exception("decode step failed")
                 err = EngineError(f"decode step failed: {type(exc).__name__}: {exc}")
                 for r in {*self._running, *new}:
                     _tell(r, err)
                 self._reset()
+            finally:
+                self._beat, self._stepping = time.monotonic(), False
         for r in [*self._running, *self._waiting]:
             _tell(r, EngineError("the engine stopped"))
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,9 @@ from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.model import hidden_size, load_model, model_device, num_layers
 from chameleon.data.storage import Store, StoreError, open_store
 from chameleon.serving.config import ServeConfig
-from chameleon.serving.decoder import Delta, GenItem, default_eos_ids
+from chameleon.serving.decoder import Delta, GenItem, SamplingError, default_eos_ids
 from chameleon.serving.edit_cache import CacheFullError, EditCache
-from chameleon.serving.engine import Engine
+from chameleon.serving.engine import Engine, EngineDeadError
 from chameleon.serving.metrics import NULL_METRICS, ServingMetrics
 from chameleon.serving.protocol import ApiError
 from chameleon.serving.registry import BankSpec, LoadedRun, RunRegistry
@@ -341,6 +342,93 @@ class ModelServer:
         whether the request's `user` is in the run (that would tell any key holder who is)."""
         run = res.run.run_id if res.run is not None and res.source != "off" else "base"
         return f"{run}@{self.fingerprint.weights_sha256[:16]}"
+
+    async def events(
+        self, payload: dict[str, Any], request_id: Callable[[], str] = lambda: ""
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One request, as events for the ingress: `start` (or `error`), then `delta`s, then
+        `end` (or `error`). Errors are events, never exceptions: a request's own bad settings
+        (`SamplingError`) are its 400, a dead engine is 503, anything else 500."""
+        try:
+            adm = await self.admit(payload)
+        except ApiError as exc:
+            yield exc.to_event()
+            return
+        except Exception as exc:
+            log.exception("admission failed")
+            yield ApiError(
+                500, f"internal error during admission: {type(exc).__name__}", "internal_error"
+            ).to_event()
+            return
+        texts: list[str] = []
+        ids: list[int] = []
+        n, finish, stop_reason, first_at = 0, None, None, None
+        want_ids = bool(payload.get("return_token_ids"))
+        try:  # from here on the pinned row is released on every exit path (finally)
+            yield {
+                "type": "start",
+                "personalization": adm.resolution.describe(),
+                "prompt_tokens": len(adm.item.prompt_ids),
+                "max_tokens": adm.item.max_tokens,
+                "system_fingerprint": self.system_fingerprint(adm.resolution),
+            }
+            async for chunk in self.stream(adm):
+                first_at = first_at or time.perf_counter()
+                text = "".join(d.text for d in chunk)
+                chunk_ids = [t for d in chunk for t in d.token_ids]
+                n += len(chunk_ids)
+                if chunk[-1].finish_reason:
+                    finish, stop_reason = chunk[-1].finish_reason, chunk[-1].stop_reason
+                if adm.stream:
+                    if text or want_ids:
+                        yield {"type": "delta", "text": text, "token_ids": chunk_ids}
+                else:
+                    texts.append(text)
+                    ids += chunk_ids
+                if finish is not None:
+                    if not adm.stream:
+                        yield {"type": "delta", "text": "".join(texts), "token_ids": ids}
+                    yield {
+                        "type": "end",
+                        "finish_reason": finish,
+                        "stop_reason": stop_reason,
+                        "completion_tokens": n,
+                    }
+            if finish is None:
+                raise RuntimeError("the engine ended before this request finished")
+        except SamplingError as exc:  # this request's sampling settings: it alone fails
+            finish = "error"
+            yield ApiError(400, str(exc), "invalid_sampling").to_event()
+        except EngineDeadError:
+            finish = "error"
+            yield ApiError(
+                503,
+                "the model replica's decode engine failed; retry (it is being replaced)",
+                "engine_unavailable",
+            ).to_event()
+        except Exception as exc:
+            log.exception("generation failed")
+            finish = "error"
+            yield ApiError(
+                500, f"internal error during generation: {type(exc).__name__}: {exc}", "internal_error"
+            ).to_event()
+        finally:
+            adm.release()  # the row has left (or is leaving) the batch
+            self._log_request(adm, n, finish or "cancelled", first_at, request_id)
+
+    def _log_request(
+        self,
+        adm: Admission,
+        completion_tokens: int,
+        finish: str,
+        first_at: float | None,
+        request_id: Callable[[], str],
+    ) -> None:
+        latency = time.perf_counter() - adm.admitted_at
+        self.metrics.request_done(len(adm.item.prompt_ids), latency, finish)
+        if self.cfg.log_requests:
+            record = adm.log_record(request_id(), completion_tokens, finish, first_at, latency)
+            log.info(json.dumps(record))
 
     async def stream(self, adm: Admission) -> AsyncIterator[list[Delta]]:
         """The request's deltas from the engine, gathered per `stream_interval_s`. Leaving early
