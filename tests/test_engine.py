@@ -346,7 +346,10 @@ def test_a_burst_of_long_prompts_is_prefilled_within_the_token_budget(model, tok
     finally:
         engine.stop()
     assert engine.stats["max_prefill_tokens_seen"] <= budget, engine.stats
-    for ids, c, n in [*zip(short_ids, running, [24, 24]), *zip(long_ids, burst, [3] * 10)]:
+    for ids, c, n in [
+        *zip(short_ids, running, [24, 24], strict=True),
+        *zip(long_ids, burst, [3] * 10, strict=True),
+    ]:
         want = ReferenceDecoder(model, tok, [GenItem(ids, n, ignore_eos=True)], None, eos).run()[0][1]
         assert c.ids == want
 
