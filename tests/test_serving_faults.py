@@ -328,14 +328,18 @@ def test_a_stalled_engine_fails_health(served, monkeypatch):
     ids = core.tok("hi", add_special_tokens=False).input_ids
     finished = threading.Event()
     try:
-        engine.check(stall_s=0.3)  # idle: healthy
+        engine.check(stall_s=1.0)  # idle: healthy
         engine.submit(GenItem(ids, 2), None, lambda items: items[-1].finish_reason and finished.set())
-        time.sleep(0.8)
+        time.sleep(2.0)
         with pytest.raises(EngineDeadError, match="no decode step"):
-            engine.check(stall_s=0.3)
+            engine.check(stall_s=1.0)
         release.set()
         assert finished.wait(30)
-        engine.check(stall_s=0.3)  # it recovered: healthy again
+        for _ in range(100):  # the step that finished it ends: healthy again
+            if engine.counts() == {"running": 0, "waiting": 0} and not engine._stepping:
+                break
+            time.sleep(0.05)
+        engine.check(stall_s=1.0)
     finally:
         release.set()
         engine.stop()
@@ -409,3 +413,189 @@ def test_chat_request_model_refuses_unknown_template_kwargs_directly():
     with pytest.raises(ApiError) as err:
         req.template_kwargs()
     assert err.value.status == 400
+
+
+# --------------------------------------------------------------------------------------------
+# 9. The API fuzz: hypothesis over request bodies, end to end through the app's steps
+
+
+def weighted(*options):
+    """One of the (weight, strategy) options, drawn in proportion to the weights."""
+    from hypothesis import strategies as st
+
+    table = [strategy for weight, strategy in options for _ in range(weight)]
+    return st.integers(0, len(table) - 1).flatmap(lambda i: table[i])
+
+
+def _texts():
+    from hypothesis import strategies as st
+
+    surrogate = st.sampled_from(["\ud800", "\udc00", "\udfff"])
+    return weighted(
+        (6, st.text(st.characters(codec="utf-8"), max_size=24)),
+        (2, st.sampled_from(["", " ", "hello", "a" * 300, "<|im_start|>", "{{ 7*7 }}", "\x00", "\u202e"])),
+        (1, st.builds(lambda a, s, b: a + s + b, st.text(max_size=4), surrogate, st.text(max_size=4))),
+    )
+
+
+def request_bodies(model: str, groups: list[str], users: list[str]):
+    """JSON request bodies: mostly plausible, with edge values and junk in any field."""
+    from hypothesis import strategies as st
+
+    text = _texts()
+    junk = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | text,
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(text, c, max_size=3),
+        max_leaves=6,
+    )
+    floats = weighted(
+        (3, st.floats(0, 1)),
+        (3, st.sampled_from([0.0, 1e-40, 5e-324, 1e-300, 1e-45, 1e-2, 1.0, 2.0, -0.0])),
+        (1, st.floats()),
+    )
+    ints = st.one_of(st.integers(0, 8), st.sampled_from([-1, 2**63, -(2**63) - 1, 10**40]), st.integers())
+    message = st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "user", "user", "system", "assistant", "developer", "tool"]),
+            "content": st.one_of(
+                text,
+                st.lists(
+                    st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": text}),
+                    max_size=2,
+                ),
+            ),
+        }
+    )
+    template_keys = st.sampled_from(
+        ["enable_thinking", "add_generation_prompt", "chat_template", "tools", "documents"]
+    )
+    optional = {
+        "temperature": floats,
+        "top_p": floats,
+        "top_k": ints,
+        "min_p": floats,
+        "repetition_penalty": floats,
+        "frequency_penalty": floats,
+        "presence_penalty": floats,
+        "max_tokens": ints,
+        "max_completion_tokens": ints,
+        "seed": ints,
+        "stop": st.one_of(text, st.lists(text, max_size=5)),
+        "stop_token_ids": st.lists(ints, max_size=4),
+        "min_tokens": ints,
+        "n": ints,
+        "stream": st.booleans(),
+        "stream_options": st.dictionaries(st.sampled_from(["include_usage", "x"]), junk, max_size=2),
+        "user": st.one_of(st.sampled_from(users), text),
+        "safety_identifier": text,
+        "personalization": st.one_of(
+            st.fixed_dictionaries(
+                {}, optional={"group_id": st.one_of(st.sampled_from(groups), text), "off": st.booleans()}
+            ),
+            junk,
+        ),
+        "chat_template_kwargs": st.one_of(
+            st.dictionaries(st.one_of(template_keys, text), junk, max_size=2), junk
+        ),
+        "return_token_ids": st.booleans(),
+        "ignore_eos": st.booleans(),
+        "logit_bias": junk,
+        "tools": junk,
+        "response_format": junk,
+        "logprobs": junk,
+        "metadata": junk,
+    }
+    models = weighted((6, st.just(model)), (2, st.sampled_from([f"{model}:{g}" for g in groups])), (1, text))
+    # A few fields per request (each drawn plausible, at an edge, or junk), so that many requests
+    # pass validation and reach the sampler.
+    sampling = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty"]
+    keys = sorted(optional) + sampling * 6  # the sampler's fields come up more often
+    extra = st.lists(st.sampled_from(keys), max_size=3, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: optional[k] for k in keys})
+    )
+    chat = st.builds(
+        lambda m, msgs, more: {"model": m, "messages": msgs, **more},
+        models,
+        weighted((8, st.lists(message, min_size=1, max_size=3)), (1, junk)),
+        extra,
+    )
+    completion = st.builds(
+        lambda m, p, more: {"model": m, "prompt": p, **more},
+        models,
+        weighted((6, text), (2, st.lists(text, max_size=2)), (1, junk)),
+        extra,
+    )
+    return weighted(
+        (5, st.tuples(st.just("chat"), chat.map(lambda b: json.dumps(b).encode()))),
+        (4, st.tuples(st.just("completion"), completion.map(lambda b: json.dumps(b).encode()))),
+        (1, st.tuples(st.sampled_from(["chat", "completion"]), st.binary(max_size=40))),
+    )
+
+
+def run_fuzz(served, max_examples: int) -> dict:
+    """Hypothesis over request bodies; fails on the first answer >= 500 (or one that cannot be
+    encoded). Returns counts by status."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    core = served[0]
+    run = core.registry.current
+    counts: dict[int, int] = {}
+
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=(Phase.explicit, Phase.generate),  # report the first failure, no shrinking
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(request_bodies(core.cfg.model_name, sorted(run.group_ids), members(core)[:3]))
+    def no_5xx(case):
+        kind, body = case
+        reply = ask(served, body, kind)
+        counts[reply.status] = counts.get(reply.status, 0) + 1
+        assert reply.status < 500, (reply.status, reply.body, repr(reply.exception), body[:300])
+        if reply.status == 200:
+            assert reply.raw and (reply.body is not None or reply.chunks)
+
+    no_5xx()
+    return counts
+
+
+def test_api_fuzz_finds_no_5xx(served):
+    counts = run_fuzz(served, max_examples=300)
+    print("fuzz statuses:", dict(sorted(counts.items())))
+    assert sum(counts.values()) == 300
+    assert counts.get(200, 0) >= 20, f"the fuzz reaches generation often enough: {counts}"
+
+
+def _unguarded_pick_tokens(logits, seqs):
+    """The sampler before issue 19: no temperature floor, nothing checked before the draw, and
+    an exception fails the whole step."""
+    out = torch.argmax(logits, dim=-1)
+    for j, s in enumerate(seqs):
+        it = s.item
+        if it.plain:
+            continue
+        x = logits[j] / it.temperature if it.temperature > 0 else logits[j]
+        if it.temperature <= 0:
+            out[j] = torch.argmax(x)
+            continue
+        if 0 < it.top_k < x.shape[0]:
+            x = x.masked_fill(x < torch.topk(x, it.top_k).values[-1], -float("inf"))
+        out[j] = torch.multinomial(torch.softmax(x, dim=-1), 1, generator=s.generator)[0]
+    return out, {}
+
+
+@pytest.mark.parametrize("defect", ["temperature", "surrogate"])
+def test_api_fuzz_finds_the_defects_when_they_are_put_back(served, monkeypatch, defect):
+    import chameleon.serving.engine as engine_module
+    import chameleon.serving.protocol as protocol_module
+
+    if defect == "temperature":
+        monkeypatch.setattr(engine_module, "pick_tokens", _unguarded_pick_tokens)
+    else:
+        monkeypatch.setattr(protocol_module, "check_text", lambda data: None)
+    with pytest.raises(AssertionError) as found:
+        run_fuzz(served, max_examples=500)
+    assert "500" in str(found.value), str(found.value)[:500]

@@ -360,7 +360,8 @@ def check_text(data: Any) -> None:
         elif isinstance(obj, dict):
             for k, v in obj.items():
                 stack.append((k, where or "body"))
-                stack.append((v, f"{where}.{k}" if where else str(k)))
+                label = k[:40] if k.isascii() and k.isprintable() else ascii(k[:40])  # never echo bad text
+                stack.append((v, f"{where}.{label}" if where else label))
         elif isinstance(obj, list):
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(obj))
 
