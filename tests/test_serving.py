@@ -841,7 +841,16 @@ def test_malformed_requests_get_clear_4xx(app):
         (chat_url, {**ok, "min_p": 2}, 400, "invalid_request_body"),
         (chat_url, {**ok, "frequency_penalty": 3}, 400, "invalid_request_body"),
         (chat_url, {**ok, "stop_token_ids": [-1]}, 400, "invalid_value"),
-        (chat_url, {**ok, "chat_template_kwargs": {"tokenize": True}}, 400, "invalid_value"),
+        (chat_url, {**ok, "chat_template_kwargs": {"tokenize": True}}, 400, "unsupported_parameter"),
+        (
+            chat_url,
+            {**ok, "chat_template_kwargs": {"chat_template": "{{ 'x' * 10 }}"}},
+            400,
+            "unsupported_parameter",
+        ),
+        (chat_url, {**ok, "chat_template_kwargs": {"enable_thinking": "no"}}, 400, "invalid_value"),
+        (chat_url, json.dumps({**ok, "user": "a\ud800"}).encode(), 400, "invalid_text"),
+        (comp_url, json.dumps({"model": app.name, "prompt": "\udfff"}).encode(), 400, "invalid_text"),
         (chat_url, {**ok, "model": app.name + ":../x"}, 400, "invalid_value"),
         (chat_url, {**ok, "model": app.name + ":no-such-group"}, 404, "group_not_found"),
         (chat_url, {**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value"),
@@ -872,6 +881,10 @@ def test_malformed_requests_get_clear_4xx(app):
         (comp_url, {"model": app.name, "prompt": ""}, 400, "invalid_value"),
         (app.url + "/v1/nothing", {}, 404, "not_found"),
     ]
+    # Sampling settings that once gave 500 (NaN in the sampler) are served.
+    for poison in ({"temperature": 1e-40}, {"temperature": 1e-40, "top_k": 3}, {"repetition_penalty": 1e-45}):
+        r = requests.post(chat_url, json={**ok, **poison}, headers=auth, timeout=60)
+        assert r.status_code == 200, (poison, r.text)
     for url, body, status, code in cases:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         r = requests.post(url, data=content, headers={**auth, "Content-Type": "application/json"}, timeout=60)
