@@ -90,13 +90,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
     for run_id, users in res.holding.items():
         print(f"held by {run_id}: {', '.join(users)}")
-    c = res.manifest["counts"]
+    c = res.manifest.counts
     print(
         f"published run {res.new_run} from {res.source_run} without {len(args.user)} user(s): "
-        f"{c['users_mapped']} users, {c['groups']} groups"
+        f"{c.users_mapped} users, {c.groups} groups"
         + (
             " (latest updated)"
-            if res.manifest["run_id"] == res.new_run and res.source_run != res.new_run
+            if res.manifest.run_id == res.new_run and res.source_run != res.new_run
             else ""
         )
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "chameleon"
+JOBS = PACKAGE.parent / "jobs"
 
 LEAVES = {"chameleon", "chameleon.config", "chameleon.flags"}
 ALLOWED = {  # package -> chameleon packages it may import (besides itself and the leaves)
@@ -204,3 +205,63 @@ def test_help_imports_neither_torch_nor_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout[-500:]
+
+
+def _manifest_key_reads(path: Path) -> list[str]:
+    """`x["key"]` / `x.get("key")` where x is a manifest: an expression ending in `manifest`
+    (`reader.manifest`, `manifest`) or a name assigned from one (or from `committed_manifest(...)`)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+
+    def is_manifest(expr: ast.AST, names: set[str]) -> bool:
+        text = ast.unparse(expr)
+        return (
+            text.endswith("manifest")
+            or text.split(".")[-1] == "manifest"
+            or (isinstance(expr, ast.Name) and expr.id in names)
+            or (isinstance(expr, ast.Call) and ast.unparse(expr.func).endswith("committed_manifest"))
+        )
+
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and is_manifest(node.value, set()):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and is_manifest(node.value, names):
+            if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and is_manifest(node.func.value, names)
+        ):
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_manifest_is_read_by_attribute_outside_its_module():
+    """The manifest is a typed `RunManifest` (`chameleon.data.manifest`): no reader goes back to
+    string keys, in the package or in the benchmarks."""
+    paths = [
+        p for p in [*PACKAGE.rglob("*.py"), *JOBS.rglob("*.py")] if p != PACKAGE / "data" / "manifest.py"
+    ]
+    bad = [hit for p in paths for hit in _manifest_key_reads(p)]
+    assert not bad, "string-key reads of a manifest:\n" + "\n".join(bad)
+
+
+def test_the_manifest_check_finds_string_key_reads(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def f(reader, store):\n"
+        "    a = reader.manifest['counts']\n"
+        "    m = committed_manifest(store, 'r')\n"
+        "    b = m['groups']\n"
+        "    c = reader.manifest.get('config')\n"
+        "    d = reader.manifest.counts.partitions\n"
+    )
+    assert [h.split(": ", 1)[1] for h in _manifest_key_reads(sample)] == [
+        "reader.manifest['counts']",
+        "m['groups']",
+        "reader.manifest.get('config')",
+    ]

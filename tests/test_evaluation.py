@@ -250,7 +250,7 @@ def test_generate_answers_keeps_input_order_and_applies_edits(tiny_run):
     want = [generate(model, tok, [chat_prompt(tok, m)], max_new_tokens=5)[0] for m in msgs]
     assert got == want  # length-sorted batching, answers back in input order
     pairs, profiles = runs.read_run_tables(store, "r1")
-    fit = runs.fit_edits(pairs, profiles, manifest["captured_layers"], cfg)
+    fit = runs.fit_edits(pairs, profiles, manifest.captured_layers, cfg)
     uid = sorted(fit.user)[0]
     edit = fit.user[uid]
     plain = generate_answers(model, tok, msgs, edits=[None, None, None], max_new_tokens=5)
@@ -264,7 +264,7 @@ def test_generate_answers_keeps_input_order_and_applies_edits(tiny_run):
 def test_fit_edits_matches_published_run_and_group_sizes(tiny_run):
     store, manifest, cfg, _ = tiny_run
     pairs, profiles = runs.read_run_tables(store, "r1")
-    fit = runs.fit_edits(pairs, profiles, manifest["captured_layers"], cfg)
+    fit = runs.fit_edits(pairs, profiles, manifest.captured_layers, cfg)
     run = PublishedRun(RunReader(store, "r1"))
     assert set(fit.user) == set(run.assignments())
     for uid, edit in fit.user.items():
@@ -276,7 +276,7 @@ def test_fit_edits_matches_published_run_and_group_sizes(tiny_run):
     assert {u: fit.group_of[u] for u in fit.user} == {u: run.user_group(u) for u in fit.user}
     assert sum(fit.group_sizes.values()) == len(fit.user)
     one = runs.fit_edits(
-        pairs, profiles, manifest["captured_layers"], cfg.with_overrides(ablations.group_overrides("all", 12))
+        pairs, profiles, manifest.captured_layers, cfg.with_overrides(ablations.group_overrides("all", 12))
     )
     assert len(one.group) == 1 and one.mean_group_size == 12
 
@@ -294,7 +294,7 @@ def test_derived_run_on_a_subset_and_unseen_assignment(tiny_run):
     assert set(run.assignments()) == set(seen)
     _, profiles = runs.read_run_tables(store, "r1", unseen)
     emb = runs.history_embeddings(profiles, unseen)
-    assert emb.shape == (4, manifest["hidden_size"])
+    assert emb.shape == (4, manifest.hidden_size)
     gids, dist = run.assign_unseen(emb)
     assert len(gids) == 4 and set(gids) <= set(run.group_ids)
 
@@ -303,12 +303,12 @@ def test_recapture_at_the_same_site_reproduces_the_stored_states(tiny_run):
     store, manifest, cfg, (model, tok) = tiny_run
     pairs, _ = runs.read_run_tables(store, "r1")
     pairs = pairs.slice(0, 6)
-    again = runs.recapture_pairs(model, tok, pairs, manifest["captured_layers"], cfg, manifest["site"])
+    again = runs.recapture_pairs(model, tok, pairs, manifest.captured_layers, cfg, manifest.site)
     a = np.asarray(pairs.column("emb_p").combine_chunks().flatten())
     b = np.asarray(again.column("emb_p").combine_chunks().flatten())
     assert np.allclose(a, b, atol=1e-4)
-    other = "mlp" if manifest["site"] == "residual" else "residual"
-    resid = runs.recapture_pairs(model, tok, pairs, manifest["captured_layers"], cfg, other)
+    other = "mlp" if manifest.site == "residual" else "residual"
+    resid = runs.recapture_pairs(model, tok, pairs, manifest.captured_layers, cfg, other)
     assert resid.column("emb_n").type == pairs.column("emb_n").type
 
 

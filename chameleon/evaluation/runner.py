@@ -38,7 +38,7 @@ from chameleon.config import ChameleonConfig, EditConfig
 from chameleon.core.edit import Edit
 from chameleon.core.generation import generate_answers
 from chameleon.core.model import load_model
-from chameleon.data.artifacts import RunReader
+from chameleon.data.artifacts import RunReader, committed_manifest
 from chameleon.data.published import PublishedRun
 from chameleon.data.storage import LocalStore, open_store
 from chameleon.evaluation.ablations import group_overrides, run_ablations
@@ -49,7 +49,6 @@ from chameleon.evaluation.names import ABLATIONS, METHODS, NO_PREAMBLE
 from chameleon.evaluation.report import write_report
 from chameleon.evaluation.runs import (
     REDUCE_KEYS,
-    committed_manifest,
     config_summary,
     derive_run,
     history_embeddings,
@@ -322,7 +321,7 @@ class Evaluator:
         return run_id
 
     def manifest_layers(self, run_id: str) -> list[int]:
-        return list(committed_manifest(self.store, run_id)["captured_layers"])
+        return list(RunReader(self.store, run_id).manifest.captured_layers)
 
 
 GROUP_RUN_METHODS = (
@@ -393,7 +392,8 @@ def _main_methods(
     if any(m in methods for m in GROUP_RUN_METHODS):
         all_cfg = _run_cfg(cfg, group_size, len(ev.tuning) + len(ev.reported))
         # The synthesis run's own reduce is used when it was published with exactly this setting.
-        published = (committed_manifest(ev.store, synth_run) or {}).get("config", {})
+        done = committed_manifest(ev.store, synth_run)
+        published = done.config if done is not None else {}
         same = reduce_signature(all_cfg) == {k: published.get(k) for k in REDUCE_KEYS}
         all_run = synth_run if same else ev.derived(synth_run, "all", all_cfg, None)
         info["run_all"] = all_run
@@ -406,7 +406,7 @@ def _main_methods(
         group_edits = run.edits_for(ids, "group", gids)
         if "chameleon_group" in methods:
             groups["chameleon_group"] = gids
-            info["groups_all"] = {g["group_id"]: g["n_users"] for g in run.manifest["groups"]}
+            info["groups_all"] = {g.group_id: g.n_users for g in run.manifest.groups}
             raw["chameleon_group"] = edited("chameleon_group", all_run, group_edits)
         if "chameleon_group_plain" in methods:
             raw["chameleon_group_plain"] = edited("chameleon_group", all_run, group_edits, plain=True)
@@ -438,7 +438,7 @@ def _main_methods(
         _, profiles = read_run_tables(ev.store, synth_run, ids)
         gids, _ = run_t.assign_unseen(history_embeddings(profiles, ids))
         groups["chameleon_unseen"] = gids
-        info["groups_tuning"] = {g["group_id"]: g["n_users"] for g in run_t.manifest["groups"]}
+        info["groups_tuning"] = {g.group_id: g.n_users for g in run_t.manifest.groups}
         raw["chameleon_unseen"] = edited("chameleon_unseen", t_run, run_t.edits_for(ids, "group", gids))
     return raw, groups, info
 

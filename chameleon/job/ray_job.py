@@ -37,6 +37,7 @@ from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunWriter
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
@@ -177,7 +178,7 @@ def run_ray_job(
     address: str | None = None,
     restart: bool = False,
     **store_options: Any,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
 
     Resume, `restart` and a committed run behave as in `job.local.run_local`."""
