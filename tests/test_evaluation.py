@@ -29,7 +29,7 @@ from chameleon.dev.demo import write_example_users
 from chameleon.evaluation import ablations, runner, runs
 from chameleon.evaluation.baselines import copy_answer, rag_items, rag_prompt
 from chameleon.evaluation.cache import PredictionCache
-from chameleon.evaluation.cli import add_eval_parser, eval_config
+from chameleon.evaluation.cli import add_eval_parser, eval_config, eval_settings
 from chameleon.evaluation.lamp import LAMP7_PROMPT, LampQuestion
 from chameleon.evaluation.names import ABLATIONS, EVAL_SYNTH_DEFAULTS, METHODS
 from chameleon.evaluation.runner import EvalSettings, run_evaluation
@@ -515,6 +515,29 @@ def test_eval_cli_flags_map_onto_settings_and_config():
     assert cfg.synth.answer_max_new_tokens == EVAL_SYNTH_DEFAULTS["synth.answer_max_new_tokens"]
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--out", "o", "--methods", "base,oracle"])
+    settings = eval_settings(args)  # the evaluation's own settings come from their flag table too
+    assert settings.out_dir == "o" and settings.methods == ("base", "rag") and settings.ablations == ABLATIONS
+    assert settings.reported_users == (600, 700) and not settings.validation and not settings.use_ray
+    assert settings.tuning_users == EvalSettings.model_fields["tuning_users"].default
+    more = parser.parse_args(
+        [
+            "eval",
+            "--out",
+            "o",
+            "--validation",
+            "--ray",
+            "--system-prompt",
+            "none",
+            "--seed",
+            "3",
+            "--rag-k",
+            "5",
+        ]
+    )
+    s2 = eval_settings(more)
+    assert s2.validation and s2.use_ray and s2.system_prompt is None and s2.seed == 3 and s2.rag_k == 5
+    with pytest.raises(ValueError, match="user range"):
+        eval_settings(parser.parse_args(["eval", "--out", "o", "--tuning-users", "5"]))
 
 
 def test_eval_help_gives_every_flag_a_help_and_its_default_and_examples():
@@ -531,7 +554,7 @@ def test_eval_help_gives_every_flag_a_help_and_its_default_and_examples():
             continue
         assert "default" in block, f"{flag} does not show its default: {block}"
     assert (
-        "(default: all)" in text and "(default: none)" in text and "default: 4]" in text
+        "[methods; default: all]" in text and "[ablations; default: none]" in text and "default: 4]" in text
     )  # eval's own synthesis defaults
     assert "\nexamples:\n" in text and text.count("chameleon eval --out") >= 3
 

@@ -26,7 +26,7 @@ from chameleon.data.artifacts import RunReader, new_run_id
 from chameleon.data.published import PublishedRun
 from chameleon.dev.s3server import embedded_store
 from chameleon.job.drivers import describe_run, run_job
-from chameleon.job.ray_env import quiet_console
+from chameleon.ray_env import quiet_console
 
 EXAMPLE_STYLES: dict[str, list[str]] = {
     "shouty_fan": [

@@ -41,7 +41,6 @@ from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
-from chameleon.job.ray_env import init_ray
 from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
 from chameleon.job.run import (
     RunPlan,
@@ -53,6 +52,7 @@ from chameleon.job.run import (
 )
 from chameleon.job.spec import model_identity
 from chameleon.job.stages import Reduced, process_partition
+from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
 
