@@ -20,7 +20,8 @@ from chameleon.job.local import run_local
 from chameleon.job.publish import JobFailedError, check_users_accounted
 from chameleon.job.run import adopt_partition, begin_run, partition_users, write_partition
 from chameleon.job.spec import JobSpecMismatchError, model_identity
-from chameleon.job.stages import pairs_to_tables, process_partition
+from chameleon.job.stages import process_partition
+from chameleon.job.tables import pairs_to_tables
 
 
 def _users_file(tmp_path, users):

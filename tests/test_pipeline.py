@@ -221,7 +221,7 @@ def test_ray_driver_maps_a_partition_in_which_every_user_failed_again(
     """A partition whose users all failed (say, on a broken actor) is not adopted by a rerun."""
     from chameleon.data.artifacts import RunWriter
     from chameleon.job.run import write_partition
-    from chameleon.job.stages import pairs_to_tables
+    from chameleon.job.tables import pairs_to_tables
 
     users = [
         {"user_id": f"u{i}", "history": [{"text": f"tweet {i} {j}"} for j in range(3)]} for i in range(4)

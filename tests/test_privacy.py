@@ -16,7 +16,8 @@ from chameleon.data.storage import LocalStore, read_parquet_bytes
 from chameleon.dev.demo import example_users
 from chameleon.job.forget import runs_holding
 from chameleon.job.local import run_local
-from chameleon.job.stages import pairs_to_tables, reduce_all
+from chameleon.job.reduce import reduce_all
+from chameleon.job.tables import pairs_to_tables
 
 
 def _user(uid: str, group: str, k: int, seed: int, center: torch.Tensor) -> UserPairs:

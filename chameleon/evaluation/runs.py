@@ -4,7 +4,7 @@ The synthesis (fake it) runs once over tuning + reported users, as one job (in-p
 job's map stage); its partitions hold the pairs and hidden states, so every reduce-side variant
 (θP/θN method, number of layers, group size, α/β) re-reduces them without generating again:
 :func:`derive_run` publishes such a variant as a run of its own, :func:`fit_edits` keeps it in
-memory (ablations). Both reduce with the job's own :func:`chameleon.job.stages.reduce_all`.
+memory (ablations). Both reduce with the job's own :func:`chameleon.job.reduce.reduce_all`.
 
 Ray is used only when asked for (through `chameleon.job.drivers`).
 """
@@ -36,8 +36,8 @@ from chameleon.evaluation.cache import key_hash
 from chameleon.evaluation.lamp import LampQuestion, lamp_to_user_records
 from chameleon.job.drivers import run_job
 from chameleon.job.publish import Calibrate, reduce_and_publish
+from chameleon.job.reduce import reduce_all
 from chameleon.job.run import partition_users, read_done_record, write_partition
-from chameleon.job.stages import reduce_all
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def fit_edits(
     pairs: pa.Table, profiles: pa.Table, layers: Sequence[int], cfg: ChameleonConfig
 ) -> FittedEdits:
     """Reduce users, group them and reduce groups with ``cfg``: the job's own
-    :func:`~chameleon.job.stages.reduce_all`, kept in memory as edits by user and group id (additive
+    :func:`~chameleon.job.reduce.reduce_all`, kept in memory as edits by user and group id (additive
     forms use `edit.strength` at the reduce-chosen layers: calibrating needs a model)."""
     red = reduce_all(pairs, profiles, cfg, list(layers))
     site, ids, grouping = cfg.subspace.site, red.data.user_ids, red.grouping

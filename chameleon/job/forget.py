@@ -37,7 +37,7 @@ from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.publish import reduce_and_publish
 from chameleon.job.run import write_partition
-from chameleon.job.stages import without_user_reduce
+from chameleon.job.tables import without_user_reduce
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from chameleon.data.manifest import (
     RunManifest,
     user_shard_tensors,
 )
+from chameleon.job.reduce import Reduced
 from chameleon.job.reduce_stream import reduce_partitions
-from chameleon.job.stages import Reduced
 
 Calibrate = Callable[[Reduced, pa.Table], list[Calibration]]
 """(reduced, profiles) -> one Calibration per group, in group order."""

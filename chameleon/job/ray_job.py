@@ -41,6 +41,7 @@ from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
+from chameleon.job.reduce import Reduced
 from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
 from chameleon.job.run import (
     RunPlan,
@@ -51,7 +52,7 @@ from chameleon.job.run import (
     write_partition,
 )
 from chameleon.job.spec import model_identity
-from chameleon.job.stages import Reduced, process_partition
+from chameleon.job.stages import process_partition
 from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"

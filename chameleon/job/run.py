@@ -41,7 +41,8 @@ from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store, StoreConflictError, StoreKeyError
 from chameleon.job.publish import Calibrate, JobFailedError, reduce_and_publish
 from chameleon.job.spec import build_spec, check_spec
-from chameleon.job.stages import candidate_layers, pairs_to_tables
+from chameleon.job.stages import candidate_layers
+from chameleon.job.tables import pairs_to_tables
 
 log = logging.getLogger(__name__)
 

@@ -70,15 +70,9 @@ from chameleon.data.storage import LocalStore, read_parquet_bytes
 from chameleon.dev.poison import GOOD_KINDS, MALFORMED_KINDS, PARQUET_KINDS
 from chameleon.job.forget import forget_users
 from chameleon.job.publish import reduce_and_publish
+from chameleon.job.reduce import reduce_all, reduce_users
 from chameleon.job.run import begin_run, read_done_record, write_partition
-from chameleon.job.stages import (
-    attach_user_reduce,
-    pairs_to_tables,
-    reduce_all,
-    reduce_subspace_config,
-    reduce_users,
-    tables_to_units,
-)
+from chameleon.job.tables import attach_user_reduce, pairs_to_tables, reduce_subspace_config, tables_to_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
