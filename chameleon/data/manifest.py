@@ -49,7 +49,8 @@ class ManifestError(ValueError):
 class _Part(BaseModel):
     """A manifest section: unknown fields refused; optional fields left out of the JSON when unset."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN stays NaN (a calibration without held-out texts has no NLL), as `json.dumps` writes it.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
     _omit_if_none: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")
