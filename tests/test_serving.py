@@ -774,13 +774,20 @@ def test_metrics_reach_prometheus(app, client):
         "chameleon_edit_cache_misses",
         "chameleon_requests",
     )
+    from chameleon.serving.metrics import prometheus_series
+
+    # The names PromQL, the README and cluster/grafana-dashboard.json use (`ray_` prefix and all).
+    series = [s for name in want for s in prometheus_series(name)]
     text = ""
     for _ in range(60):
         text = requests.get(app.metrics_url, timeout=10).text
-        if all(name in text for name in want):
+        exported = {
+            line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")
+        }
+        if all(s in exported for s in series):
             break
         time.sleep(0.5)
-    missing = [name for name in want if name not in text]
+    missing = [s for s in series if s not in exported]
     assert not missing, f"not on the Prometheus endpoint: {missing}"
     assert 'deployment="ChameleonServer"' in text
 
