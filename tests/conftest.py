@@ -4,8 +4,8 @@ Tiers (`make test-unit`, `pytest -m unit|job|e2e`): every test is marked with th
 among the fixtures it uses (directly or through other fixtures) and the tier marks it carries:
 
     e2e   Ray, Serve, a subprocess CLI or the real model: a fixture in E2E_FIXTURES, or `slow`
-    job   an in-process job or the S3 server: a fixture in JOB_FIXTURES or named `*_run` (a
-          fixture that publishes a run), or `@pytest.mark.job` on a test that runs one itself
+    job   an in-process job, its stages on a saved model, or the S3 server: a fixture in
+          JOB_FIXTURES or named `*_run` (a fixture that publishes a run), or `@pytest.mark.job`
     unit  everything else: no server, no job, no Ray (`make test-unit`, well under 90 s)
 """
 
@@ -22,7 +22,10 @@ from chameleon.dev.s3server import LocalS3Server
 
 TIERS = ("unit", "job", "e2e")
 E2E_FIXTURES = frozenset({"ray_session", "ray_local", "ray_head"})
-JOB_FIXTURES = frozenset({"s3_server", "tiny_run_factory"})
+JOB_FIXTURES = frozenset({"s3_server", "tiny_run_factory", "tiny_model_dir"})
+"""`tiny_model_dir`: the tiny model saved to disk and loaded from its config, as the job loads a
+model: the tests that use it run the job's stages (synthesis, a run, serving a run) on it. Unit
+tests build the tiny model in memory (`tiny_models.tiny_llama`)."""
 
 
 def fixture_tier(fixturenames) -> str:
