@@ -31,8 +31,6 @@ class Flag:
     type: Callable[[str], Any] = str
     """how the value is parsed; `bool`: a `--flag` / `--no-flag` pair of switches"""
     choices: Sequence[str] | None = None
-    switch: bool = False
-    """A flag without a value: given, it sets the setting to True."""
     required: bool = False
     shown_default: str | None = None
     """How the help states the default (default: the setting's default value)."""
@@ -52,15 +50,6 @@ def setting_default(defaults: BaseModel, setting: str) -> Any:
 
 def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], defaults: BaseModel) -> None:
     for f in flags:
-        if f.switch:
-            parser.add_argument(
-                f.flag,
-                action="store_const",
-                const=True,
-                dest=f.dest,
-                help=f"{f.help} [{f.setting}; default: off]",
-            )
-            continue
         default = None if f.required else setting_default(defaults, f.setting)
         shown = "required" if f.required else f.shown_default or ("unset" if default is None else default)
         help_text = f"{f.help} [{f.setting}; {'' if f.required else 'default: '}{shown}]"
