@@ -29,6 +29,8 @@ class Flag:
     help: str
     type: Callable[[str], Any] = str
     choices: Sequence[str] | None = None
+    switch: bool = False
+    """A flag without a value that sets the setting to True."""
 
     @property
     def dest(self) -> str:
@@ -47,6 +49,11 @@ def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], defaults: 
     for f in flags:
         default = setting_default(defaults, f.setting)
         shown = "unset" if default is None else default
+        if f.switch:
+            parser.add_argument(
+                f.flag, action="store_const", const=True, dest=f.dest, help=f"{f.help} [{f.setting}]"
+            )
+            continue
         parser.add_argument(
             f.flag,
             type=f.type,
@@ -86,6 +93,12 @@ JOB_FLAGS: tuple[Flag, ...] = (
         "job.users_per_partition",
         "users per map partition (the unit of resume)",
         int,
+    ),
+    Flag(
+        "--single-writer",
+        "storage.single_writer",
+        "use a store that does not enforce exclusive create (one writer at a time only)",
+        switch=True,
     ),
 )
 

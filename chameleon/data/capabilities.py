@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from chameleon.data.s3_protocol import error_code, is_unsupported, sha256_b64
+from chameleon.data.s3_protocol import error_code, is_transient, is_unsupported, sha256_b64
 from chameleon.data.storage import LocalStore, S3Store, Store, StoreAccessError, StoreError
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,16 @@ def probe_store(store: Store) -> StoreCapabilities:
         return StoreCapabilities("enforced", "not probed", "not probed", "local directory")
     if not isinstance(store, S3Store):
         return StoreCapabilities("not probed", "not probed", "not probed", type(store).__name__)
+    try:
+        # Transient failures (an outage at start) are retried like any request of the store.
+        return store._call(store.uri, lambda: _probe_s3(store))
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise store._translate(exc, store.uri) from exc
+
+
+def _probe_s3(store: S3Store) -> StoreCapabilities:
     prefix = f"{PROBE_PREFIX}/{uuid.uuid4().hex[:12]}"
     client, bucket = store.client, store.bucket
     keys = [
@@ -103,7 +113,10 @@ def _answer(fn: Callable[[], Any]) -> str:
         fn()
         return ""
     except ClientError as exc:
-        return "NotImplemented" if is_unsupported(exc) else error_code(exc) or "unknown"
+        code = error_code(exc)
+        if is_transient(exc) and code not in _CHECKSUM_MISMATCH | _RETRY_409:
+            raise  # an outage, not an answer: retried around the whole probe
+        return "NotImplemented" if is_unsupported(exc) else code or "unknown"
 
 
 def _raise_unexpected(store: S3Store, code: str, what: str) -> None:
@@ -189,8 +202,8 @@ def check_store(
     if role == "server":
         try:
             caps = probe_store(store)
-        except StoreAccessError as exc:  # read-only credentials: enough to serve
-            caps = StoreCapabilities("not probed", "not probed", "not probed", f"read-only ({exc})")
+        except StoreError as exc:  # read-only credentials are enough to serve; an outage is not ours
+            caps = StoreCapabilities("not probed", "not probed", "not probed", str(exc)[:300])
         log.info("store %s: %s", store.uri, caps.summary())
         return caps
     caps = probe_store(store)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 PART_SIZE = 16 * 2**20
@@ -75,8 +76,6 @@ def put_multipart(client: Any, bucket: str, key: str, data: bytes, *, checksums:
     """Upload `data` in `PART_SIZE` parts, in parallel; with `checksums`, each part carries its
     own SHA-256 (the server refuses a damaged part) and the upload is a SHA-256 one. Aborted on
     any failure."""
-    from concurrent.futures import ThreadPoolExecutor
-
     where = {"Bucket": bucket, "Key": key}
     algorithm = {"ChecksumAlgorithm": "SHA256"} if checksums else {}
     upload_id = client.create_multipart_upload(**where, **algorithm)["UploadId"]

@@ -1,5 +1,5 @@
 """A loopback HTTP proxy in front of a local S3 server that drops chosen request headers, and
-records every request it forwards: a real store that ignores `If-None-Match`, for the tests and
+records every request it forwards (or answers with an injected error, `fail_next`): a real store that ignores `If-None-Match`, for the tests and
 the integrity benchmark, and a witness of what the client really sent (each multipart part's
 checksum header).
 
@@ -43,6 +43,7 @@ class S3Proxy:
         self.upstream = (parsed.hostname, parsed.port or 80)
         self.drop = {h.lower() for h in drop}
         self.requests: list[Forwarded] = []
+        self._errors: list[tuple[str, int, str]] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -65,6 +66,8 @@ class S3Proxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 sent = {k.lower(): v for k, v in self.headers.items()}
+                if proxy._answer_error(self, sent):
+                    return
                 headers = {k: v for k, v in sent.items() if k not in _HOP_BY_HOP and k not in proxy.drop}
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
@@ -103,6 +106,26 @@ class S3Proxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def fail_next(self, method: str, status: int, code: str, times: int = 1) -> None:
+        """Answer the next `times` requests of `method` with an S3 error (not forwarded)."""
+        with self._lock:
+            self._errors += [(method, status, code)] * times
+
+    def _answer_error(self, handler: BaseHTTPRequestHandler, sent: dict[str, str]) -> bool:
+        with self._lock:
+            match = next((e for e in self._errors if e[0] == handler.command), None)
+            if match is None:
+                return False
+            self._errors.remove(match)
+            self.requests.append(Forwarded(handler.command, handler.path, sent, match[1]))
+        body = f"<Error><Code>{match[2]}</Code><Message>injected by S3Proxy</Message></Error>".encode()
+        handler.send_response(match[1])
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+        return True
 
     def upload_parts(self) -> list[Forwarded]:
         """The multipart part uploads forwarded (`PUT …?partNumber=N&uploadId=…`)."""
