@@ -57,13 +57,13 @@ class UserMatch:
 
     def __init__(self, user_ids: Iterable[str]) -> None:
         self.given = sorted({u for u in user_ids if isinstance(u, str)})
+        blank = [u for u in self.given if not normalize_id(u)]
+        if blank or not self.given:
+            raise ValueError(f"no user ids to look for in {blank}: an id must not be empty or only whitespace")
         self._forms: dict[str, set[str]] = {}
         for uid in self.given:
             for form in (uid, normalize_id(uid)):
-                if form:
-                    self._forms.setdefault(form, set()).add(uid)
-        if not self._forms:
-            raise ValueError("no user ids to look for (an id must not be empty or only whitespace)")
+                self._forms.setdefault(form, set()).add(uid)
         self.valid_ids = sorted(f for f in self._forms if is_valid_id(f))
         """The forms an accepted user's rows can hold (valid ids): matched exactly."""
         self._tokens = [(re.compile(_TOKEN.format(re.escape(f))), ids) for f, ids in self._forms.items()]
