@@ -15,6 +15,7 @@ from chameleon.dev.forget_case import (
     FORGOTTEN,
     bytes_found,
     forgotten_needles,
+    hide_everywhere,
     other_reject_markers,
     write_forget_case,
 )
@@ -62,16 +63,7 @@ def test_rejects_match_by_parsed_id_then_by_text():
 
 
 def _store_with_every_hiding_place(store) -> None:
-    """A half-deleted run (manifest gone), an abandoned job (no manifest), and the latest run with
-    an abandoned attempt folder of its own."""
-    write_forget_case(store, "halfgone")
-    store.delete("runs/halfgone/manifest.json")  # what an interrupted --delete-old leaves
-    write_forget_case(store, "abandoned", commit=False)
-    write_forget_case(store, "before")
-    old = next(k for k in store.list("runs/before/attempts/") if k.endswith("part-00002.parquet"))
-    store.put_bytes(
-        "runs/before/attempts/19700101T000000-deadbeef00/pairs/part-00002.parquet", store.get_bytes(old)
-    )
+    hide_everywhere(store)
     assert latest_run_id(store) == "before"
 
 

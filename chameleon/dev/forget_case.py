@@ -132,6 +132,21 @@ def write_forget_case(store: Store, run_id: str, n_others: int = 10, *, commit: 
     )
 
 
+def hide_everywhere(store: Store, n_others: int = 10) -> None:
+    """The case in every place a user's bytes can hide: a run whose deletion was interrupted
+    (manifest gone, files left), an abandoned job (never committed), and the latest run `before`
+    with an abandoned attempt folder of its own next to the committed one."""
+    write_forget_case(store, "halfgone", n_others)
+    store.delete("runs/halfgone/manifest.json")  # what an interrupted --delete-old leaves
+    write_forget_case(store, "abandoned", n_others, commit=False)
+    write_forget_case(store, "before", n_others)
+    # The forgotten users come after the others: in the last partition.
+    old = max(k for k in store.list("runs/before/attempts/") if "/pairs/" in k)
+    store.put_bytes(
+        "runs/before/attempts/19700101T000000-deadbeef00/" + old.split("/", 4)[4], store.get_bytes(old)
+    )
+
+
 def forgotten_needles() -> list[bytes]:
     """What no object may hold after forgetting `FORGOTTEN`: their texts, and their ids as JSON
     strings (`"user"`, not the key `"user_id"`; `"alice "`, the id that failed validation)."""
