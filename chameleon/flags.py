@@ -30,7 +30,10 @@ class Flag:
     type: Callable[[str], Any] = str
     choices: Sequence[str] | None = None
     switch: bool = False
-    """A flag without a value that sets the setting to True."""
+    """A flag without a value: given, it sets the setting to True."""
+    required: bool = False
+    shown_default: str | None = None
+    """How the help states the default (default: the setting's default value)."""
 
     @property
     def dest(self) -> str:
@@ -47,19 +50,24 @@ def setting_default(defaults: BaseModel, setting: str) -> Any:
 
 def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], defaults: BaseModel) -> None:
     for f in flags:
-        default = setting_default(defaults, f.setting)
-        shown = "unset" if default is None else default
         if f.switch:
             parser.add_argument(
-                f.flag, action="store_const", const=True, dest=f.dest, help=f"{f.help} [{f.setting}]"
+                f.flag,
+                action="store_const",
+                const=True,
+                dest=f.dest,
+                help=f"{f.help} [{f.setting}; default: off]",
             )
             continue
+        default = None if f.required else setting_default(defaults, f.setting)
+        shown = "required" if f.required else f.shown_default or ("unset" if default is None else default)
         parser.add_argument(
             f.flag,
             type=f.type,
             choices=f.choices,
             dest=f.dest,
-            help=f"{f.help} [{f.setting}; default: {shown}]",
+            required=f.required,
+            help=f"{f.help} [{f.setting}; {'' if f.required else 'default: '}{shown}]",
         )
 
 

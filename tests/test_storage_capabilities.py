@@ -10,6 +10,7 @@ import time
 import uuid
 
 import pytest
+from conftest import stub_manifest
 
 from chameleon.data import s3_protocol, storage
 from chameleon.data.artifacts import RunConflictError, RunWriter
@@ -81,9 +82,9 @@ def test_single_writer_mode_emulates_exclusive_create(ignoring_store):
     a, b = RunWriter(ignoring_store, "r1"), RunWriter(ignoring_store, "r1")
     a.put_json("x.json", {"w": "a"})
     b.put_json("x.json", {"w": "b"})
-    a.commit()
+    a.commit(stub_manifest())
     with pytest.raises(RunConflictError):
-        b.commit()
+        b.commit(stub_manifest())
 
 
 def test_every_multipart_part_carries_its_checksum(moto_server, monkeypatch):

@@ -59,7 +59,9 @@ class UserMatch:
         self.given = sorted({u for u in user_ids if isinstance(u, str)})
         blank = [u for u in self.given if not normalize_id(u)]
         if blank or not self.given:
-            raise ValueError(f"no user ids to look for in {blank}: an id must not be empty or only whitespace")
+            raise ValueError(
+                f"no user ids to look for in {blank}: an id must not be empty or only whitespace"
+            )
         self._forms: dict[str, set[str]] = {}
         for uid in self.given:
             for form in (uid, normalize_id(uid)):

@@ -24,11 +24,12 @@ from chameleon.core.synth import UserPairs
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.inputs import parse_jsonl
 from chameleon.data.layout import REJECTS
+from chameleon.data.manifest import RunManifest
 from chameleon.data.schema import validate_records
 from chameleon.data.storage import Store, read_parquet_bytes
 from chameleon.job.publish import reduce_and_publish
 from chameleon.job.run import write_partition
-from chameleon.job.stages import pairs_to_tables
+from chameleon.job.tables import pairs_to_tables
 
 FORGOTTEN = ("user", "alice")
 HIDDEN, LAYERS, PAIRS = 16, 2, 4
@@ -99,9 +100,11 @@ def case_config() -> ChameleonConfig:
     )
 
 
-def write_forget_case(store: Store, run_id: str, n_others: int = 10, *, commit: bool = True) -> dict:
+def write_forget_case(
+    store: Store, run_id: str, n_others: int = 10, *, commit: bool = True
+) -> RunManifest | None:
     """Publish the case as run `run_id` (partitions of 4 users, rejects as the job writes them);
-    with `commit=False`, stop before the manifest (a run without one). Returns the manifest, or {}."""
+    with `commit=False`, stop before the manifest (a run without one). Returns the manifest."""
     records = parse_jsonl("\n".join(input_lines(n_others)).encode())
     accepted, rejects = validate_records(records)
     writer = RunWriter(store, run_id)
@@ -113,7 +116,7 @@ def write_forget_case(store: Store, run_id: str, n_others: int = 10, *, commit: 
         write_partition(writer, n_parts, pairs, profiles, [])
         n_parts += 1
     if not commit:
-        return {}
+        return None
     fingerprint = ModelFingerprint("random", "0" * 64, "0" * 64, HIDDEN, LAYERS)
     counts = {
         "records": len(records),

@@ -33,19 +33,19 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from chameleon.config import ChameleonConfig
-from chameleon.core.fingerprint import ModelFingerprint, check_compatible, fingerprint_model
+from chameleon.core.fingerprint import check_compatible, fingerprint_model
 from chameleon.core.model import load_model
 from chameleon.data.artifacts import LATEST, MANIFEST, RUNS, RunReader, RunWriter, latest_run_id, new_run_id
 from chameleon.data.capabilities import check_store
 from chameleon.data.ids import validate_id
 from chameleon.data.layout import REJECTS, part_keys
+from chameleon.data.manifest import ForgetSource, RunManifest
 from chameleon.data.storage import Store
 from chameleon.data.user_scan import RunHolding, UserMatch, scan_runs
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.publish import reduce_and_publish
 from chameleon.job.run import write_partition
-from chameleon.job.stages import without_user_reduce
+from chameleon.job.tables import without_user_reduce
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ForgetResult:
     source_run: str
     new_run: str | None
     """None when the source run did not hold the users (nothing to copy)."""
-    manifest: dict[str, Any] | None
+    manifest: RunManifest | None
     holding: dict[str, RunHolding]
     """runs that held the users before (committed or not, the source included)"""
     moved_latest: bool = False
@@ -111,7 +111,7 @@ def forget_users(
     result = ForgetResult(src.run_id, None, None, holding)
     if src.run_id in holding:
         result.manifest = _publish_without(store, src, match, new_run, model_and_tokenizer, moves_latest)
-        result.new_run, result.moved_latest = result.manifest["run_id"], moves_latest
+        result.new_run, result.moved_latest = result.manifest.run_id, moves_latest
     if delete_old:
         for run_id in sorted(holding):
             if run_id != result.new_run:
@@ -128,13 +128,12 @@ def _publish_without(
     new_run: str | None,
     model_and_tokenizer: Any,
     set_latest: bool,
-) -> dict[str, Any]:
+) -> RunManifest:
     """A new run from `src`'s partitions and rejects without the users' rows; its manifest."""
     manifest = src.manifest
-    cfg = ChameleonConfig.model_validate(manifest["config"])
-    fingerprint = ModelFingerprint.from_dict(manifest["model"]["fingerprint"])
-    counts = manifest["counts"]
-    n_parts = int(counts["partitions"])
+    cfg = manifest.chameleon_config()
+    fingerprint = manifest.fingerprint
+    n_parts = manifest.counts.partitions
     writer = RunWriter(store, new_run or new_run_id("forget"))
     t0 = time.perf_counter()
     removed_users: set[str] = set()
@@ -158,7 +157,7 @@ def _publish_without(
     rejects = src.get_jsonl(REJECTS)
     kept_rejects = [r for r in rejects if not match.rejects_of(r)]
     writer.put_jsonl(REJECTS, kept_rejects)
-    accepted = int(counts["accepted"]) - removed_accepted
+    accepted = manifest.counts.accepted - removed_accepted
     new_counts = {
         "records": accepted + len(kept_rejects),
         "accepted": accepted,
@@ -176,18 +175,16 @@ def _publish_without(
     return reduce_and_publish(
         writer,
         cfg=cfg,
-        layers=list(manifest["captured_layers"]),
+        layers=list(manifest.captured_layers),
         fingerprint=fingerprint,
         n_partitions=n_parts,
         counts=new_counts,
         timings={"forget_copy_s": time.perf_counter() - t0},
         calibrate=calibrate,
-        extra={
-            "forget": {
-                "source_run": src.run_id,
-                "users_removed": len(removed_users),
-                "rejects_removed": len(rejects) - len(kept_rejects),
-            }
-        },
+        forget=ForgetSource(
+            source_run=src.run_id,
+            users_removed=len(removed_users),
+            rejects_removed=len(rejects) - len(kept_rejects),
+        ),
         set_latest=set_latest,
     )

@@ -22,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
+from common import stub_manifest
+
 from chameleon.data import s3_protocol, storage
 from chameleon.data.artifacts import RunConflictError, RunReader, RunWriter
 from chameleon.data.capabilities import StoreCapabilityError, check_store, probe_store
@@ -102,9 +104,9 @@ def check_storage(workdir: Path, args) -> dict[str, int | float | str]:
         first, second = RunWriter(store, "r"), RunWriter(store, "r")
         first.put_json("x.json", {"writer": 1})
         second.put_json("x.json", {"writer": 2})
-        first.commit()
+        first.commit(stub_manifest())
         try:
-            second.commit()
+            second.commit(stub_manifest())
             ignored += 1  # the second writer replaced the manifest
         except RunConflictError:
             pass
