@@ -116,7 +116,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             f"published run {res.new_run} from {res.source_run} without {len(args.user)} user(s): "
             f"{c.users_mapped} users, {c.groups} groups" + (" (latest updated)" if res.moved_latest else "")
         )
-    else:
+    elif res.source_run is not None:
         print(f"run {res.source_run} does not hold {'these users' if len(args.user) > 1 else 'this user'}")
     if res.deleted:
         print(f"deleted runs: {', '.join(res.deleted)}")

@@ -167,3 +167,11 @@ def test_forget_never_drops_another_users_rows(tmp_path):
     assert after == before  # `user` has no reject: all 7 kept (a substring match dropped all 7)
     ids = RunReader(store, "after").get_parquet("assignments.parquet").column("user_id").to_pylist()
     assert sorted(ids) == sorted([*OTHERS, "alice"])
+
+
+def test_forget_cleans_a_store_without_any_committed_run(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    write_forget_case(store, "abandoned", commit=False)
+    res = forget_users(store, ["alice"], delete_old=True)
+    assert res.source_run is None and res.deleted == ["abandoned"] and res.still_holding == []
+    assert store.list("runs/") == []

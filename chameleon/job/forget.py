@@ -58,7 +58,8 @@ def runs_holding(store: Store, user_ids: Sequence[str]) -> dict[str, RunHolding]
 
 @dataclass
 class ForgetResult:
-    source_run: str
+    source_run: str | None
+    """None when the store has no committed run."""
     new_run: str | None
     """None when the source run did not hold the users (nothing to copy)."""
     manifest: RunManifest | None
@@ -100,16 +101,17 @@ def forget_users(
     match = UserMatch(user_ids)
     check_store(store, single_writer=single_writer)
     latest = latest_run_id(store)
-    src = RunReader(store, source_run)
+    # No committed run at all (only abandoned jobs hold the users): nothing to copy, still to delete.
+    src = RunReader(store, source_run) if latest is not None or source_run != LATEST else None
     holding = scan_runs(store, match)
-    moves_latest = src.run_id == latest
+    moves_latest = src is not None and src.run_id == latest
     if delete_old and latest in holding and not moves_latest:
         raise ValueError(
             f"the latest run {latest!r} holds {sorted(holding[latest].users)}; forget from it first "
             "(omit --run), so `latest` moves to the new run before old runs are deleted"
         )
-    result = ForgetResult(src.run_id, None, None, holding)
-    if src.run_id in holding:
+    result = ForgetResult(src.run_id if src else None, None, None, holding)
+    if src is not None and src.run_id in holding:
         result.manifest = _publish_without(store, src, match, new_run, model_and_tokenizer, moves_latest)
         result.new_run, result.moved_latest = result.manifest.run_id, moves_latest
     if delete_old:
