@@ -5,7 +5,8 @@
     overrides = flag_overrides(args, FLAGS)               # {"model.name_or_path": "…"} (unset skipped)
 
 Flags default to None, so a flag the user did not give never overrides a YAML file's value; the
-help text shows the default the config itself would use.
+help text shows the default the config itself would use. A boolean setting (`type=bool`) gets a
+pair of switches, `--calibrate` / `--no-calibrate`, instead of a value to spell.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Flag:
     """dotted config setting it overrides, e.g. `synth.pairs_per_user`"""
     help: str
     type: Callable[[str], Any] = str
+    """how the value is parsed; `bool`: a `--flag` / `--no-flag` pair of switches"""
     choices: Sequence[str] | None = None
     switch: bool = False
     """A flag without a value: given, it sets the setting to True."""
@@ -61,13 +63,13 @@ def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], defaults: 
             continue
         default = None if f.required else setting_default(defaults, f.setting)
         shown = "required" if f.required else f.shown_default or ("unset" if default is None else default)
+        help_text = f"{f.help} [{f.setting}; {'' if f.required else 'default: '}{shown}]"
+        if f.type is bool:
+            # Not type=bool: bool("false") is True. None (neither switch) keeps the config's value.
+            parser.add_argument(f.flag, action=argparse.BooleanOptionalAction, dest=f.dest, help=help_text)
+            continue
         parser.add_argument(
-            f.flag,
-            type=f.type,
-            choices=f.choices,
-            dest=f.dest,
-            required=f.required,
-            help=f"{f.help} [{f.setting}; {'' if f.required else 'default: '}{shown}]",
+            f.flag, type=f.type, choices=f.choices, dest=f.dest, required=f.required, help=help_text
         )
 
 

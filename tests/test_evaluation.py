@@ -607,12 +607,8 @@ def test_seed_partitions_reuses_the_same_users_synthesis(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_synthesis_through_the_ray_job(tmp_path, fake_lamp, tiny_model_dir):
-    """`--ray`: the synthesis runs as the Ray job's map stage (a local Ray), then the same evaluation."""
-    import ray
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+def test_synthesis_through_the_ray_job(tmp_path, fake_lamp, tiny_model_dir, ray_session):
+    """`--ray`: the synthesis runs as the Ray job's map stage (the session's Ray), then the same evaluation."""
     cfg = tiny_job_config(tiny_model_dir, **{"groups.n_groups": 2, "subspace.ccs_steps": 30})
     settings = EvalSettings(
         out_dir=str(tmp_path / "out"),
@@ -625,10 +621,6 @@ def test_synthesis_through_the_ray_job(tmp_path, fake_lamp, tiny_model_dir):
         methods=("copy", "base", "chameleon_group", "chameleon_unseen"),
         use_ray=True,
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
-    try:
-        res = run_evaluation(settings, cfg, progress=False)
-    finally:
-        ray.shutdown()
+    res = run_evaluation(settings, cfg, progress=False)
     assert res["n_users"] == 4 and "chameleon_unseen" in res["methods"]
     assert res["runs"]["synthesis"].startswith("lamp7-t0-4-r500-504")

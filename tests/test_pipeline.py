@@ -17,7 +17,7 @@ from conftest import tiny_job_config
 
 from chameleon.data.artifacts import RunReader
 from chameleon.data.published import PublishedRun
-from chameleon.evaluation.lamp import lamp_to_user_records, load_lamp7
+from chameleon.dev.demo import example_users
 from chameleon.job.ray_job import run_ray_job
 
 pytestmark = pytest.mark.slow
@@ -32,13 +32,15 @@ BAD_RECORDS = [
 ]
 
 
+def good_users() -> list[dict]:
+    """20 of the demo's example users (the project writes them; no LaMP-7 data needed)."""
+    return example_users(n_per_style=4)[:N_USERS]
+
+
 @pytest.fixture(scope="module")
 def users_file(tmp_path_factory) -> Path:
-    """20 real LaMP-7 users (tuning split) plus planted bad records and a duplicated id."""
-    questions, _ = load_lamp7()
-    records = lamp_to_user_records(questions[:N_USERS])
-    for r in records:  # keep the tiny-model job fast: 8 history items each
-        r["history"] = r["history"][:8]
+    """20 example users plus planted bad records and a duplicated id."""
+    records = good_users()
     dup = dict(records[3])
     path = tmp_path_factory.mktemp("users") / "users.jsonl"
     lines = [json.dumps(r) for r in records + BAD_RECORDS + [dup]]
@@ -81,9 +83,7 @@ def test_layout_checksums_assignments_and_rejects(clean_run):
         assert f"runs/clean/parts/part-{k:05d}.json" in keys  # the done record
         for kind, ext in (("pairs", "parquet"), ("profiles", "parquet"), ("failures", "jsonl")):
             assert "runs/clean/" + manifest.files[f"{kind}/part-{k:05d}.{ext}"].key in keys
-    accepted = {r["user_id"] for r in lamp_to_user_records(load_lamp7()[0][:N_USERS])} - {
-        lamp_to_user_records(load_lamp7()[0][3:4])[0]["user_id"]
-    }
+    accepted = {r["user_id"] for r in good_users()} - {good_users()[3]["user_id"]}
     run = PublishedRun(reader)
     assert set(run.assignments()) == accepted
     assert all(row["group_id"] in run.group_ids for row in run.assignments().values())

@@ -43,12 +43,7 @@ EVAL_FLAGS: tuple[Flag, ...] = (
         "additive step relative to the layer's norm (without calibration)",
         float,
     ),
-    Flag(
-        "--calibrate",
-        "edit.calibrate",
-        "choose layer and strength on held-out history (true/false)",
-        lambda v: v.lower() in ("1", "true", "yes"),
-    ),
+    Flag("--calibrate", "edit.calibrate", "choose layer and strength on held-out history", bool),
     Flag("--heldout-items", "synth.heldout_items", "history items per user kept for calibration", int),
     Flag(
         "--calibration-examples", "edit.calibration_examples", "held-out texts per group's calibration", int

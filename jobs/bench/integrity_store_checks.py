@@ -1,6 +1,9 @@
 """Two checks of `job_integrity.py` (kept here so that script stays readable): forgetting users
 wherever their bytes are, and what the store really enforces. Each is `check_<name>(workdir,
-args) -> dict` like the others; `job_integrity.py` imports and registers them.
+args) -> dict` like the others; `job_integrity.py` imports and registers them. Run alone, this
+script runs both and prints their figures, `store_integrity_violations` (goal 0) last.
+
+    python jobs/bench/integrity_store_checks.py [--poison-users 100] [--smoke] [--out FILE]
 
     forget   a run whose input holds hostile ids (`user`, `"alice "`, a line that is not JSON,
              broken JSON; `chameleon.dev.forget_case`) with --poison-users other users, placed in
@@ -22,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common import stub_manifest
+from common import parse, parser, report, stub_manifest
 
 from chameleon.data import s3_protocol, storage
 from chameleon.data.artifacts import RunConflictError, RunReader, RunWriter
@@ -129,3 +132,26 @@ def check_storage(workdir: Path, args) -> dict[str, int | float | str]:
         not parts
     )
     return out
+
+
+GOAL_0 = ("forget_user_bytes_found", "other_rejects_dropped", "conditional_create_ignored",
+          "multipart_parts_without_checksum")  # fmt: skip
+
+
+def main() -> None:
+    import tempfile
+
+    p = parser(__doc__)
+    p.add_argument("--poison-users", type=int, default=100, help="forget: other users in the run")
+    args = parse(p, {"poison_users": 8})
+    workdir = Path(tempfile.mkdtemp(prefix="chameleon-store-integrity-"))
+    try:
+        figures = {**check_forget(workdir, args), **check_storage(workdir, args)}
+    finally:
+        stop_servers()
+    figures["store_integrity_violations"] = sum(int(figures[k]) for k in GOAL_0)
+    report(figures, "store_integrity_violations", args.out)
+
+
+if __name__ == "__main__":
+    main()
