@@ -249,8 +249,12 @@ class StorageConfig(_Section):
     read_timeout_s: float = Field(60.0, gt=0)
     """Seconds to wait for a response; a paused server counts as down after this."""
     checksums: bool = True
-    """Send each upload's SHA-256 so the server refuses a body damaged in transit (turned off by
-    itself when a server refuses the header)."""
+    """Send each upload's SHA-256 (each multipart part's too) so the server refuses a body damaged
+    in transit (turned off when the probe at start finds the server does not implement them)."""
+    single_writer: bool = False
+    """Allow a store that does not enforce exclusive create (`If-None-Match: *`, probed at start):
+    the job and `forget` then check with a HEAD before creating a manifest, which is only safe
+    when one writer at a time uses the store. Off: such a store is refused (`--single-writer`)."""
 
     def s3_options(self) -> dict[str, Any]:
         """Keyword arguments of `S3Store` / `open_store`."""

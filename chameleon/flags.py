@@ -93,6 +93,12 @@ JOB_FLAGS: tuple[Flag, ...] = (
         "users per map partition (the unit of resume)",
         int,
     ),
+    Flag(
+        "--single-writer",
+        "storage.single_writer",
+        "use a store that does not enforce exclusive create (one writer at a time only)",
+        switch=True,
+    ),
 )
 
 

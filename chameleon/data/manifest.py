@@ -146,10 +146,12 @@ class Counts(_Part):
 
 
 class ForgetSource(_Part):
-    """A run made by `chameleon forget`: the run it was copied from, minus how many users."""
+    """A run made by `chameleon forget`: the run it was copied from, minus how many accepted users
+    and how many rejects."""
 
     source_run: str
     users_removed: int
+    rejects_removed: int = 0
 
 
 class BankSpec(_Part):

@@ -35,6 +35,7 @@ from chameleon.data.artifacts import (
     latest_run_id,
     point_latest,
 )
+from chameleon.data.capabilities import check_store
 from chameleon.data.inputs import PreparedInput, prepare_input
 from chameleon.data.layout import JOB_SPEC, REJECTS, done_key, part_keys
 from chameleon.data.manifest import RunManifest
@@ -185,6 +186,8 @@ def begin_run(
     find the partitions left to map. `model`: `job.spec.model_identity(cfg)`. `restart` deletes
     an uncommitted run's earlier attempts first."""
     t0 = time.perf_counter()
+    # Before anything is written: refuse a store that would let a second writer replace the run.
+    check_store(store, single_writer=cfg.storage.single_writer)
     prepared = prepare_input(input_uri, cfg, **store_options)
     if not prepared.users:
         raise ValueError(f"{input_uri}: no valid user records ({len(prepared.rejects)} rejected)")
