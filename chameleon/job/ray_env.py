@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 
+from chameleon.core.devices import cluster_gpus
+
 LOCAL_ENV_DEFAULTS = {
     # On Linux Ray binds the machine's external address even when told 127.0.0.1 unless this is 0.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -77,3 +79,16 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, ray_dat
     if _quiet and ray_data:
         _quiet_ray_data()
     return not address
+
+
+def cluster_gpu_capacity() -> float:
+    """GPUs of the Ray cluster this process is connected to: those it has now, or the most its
+    autoscaler's node types can add (a GPU group that scales from zero has none at the start)."""
+    import ray
+    from ray._private.state import state
+
+    try:  # the autoscaler's node types, as Ray Train reads them; None without an autoscaler
+        autoscaler_max = state.get_max_resources_from_cluster_config()
+    except Exception:  # an older or a client-mode connection: what the cluster has now
+        autoscaler_max = None
+    return cluster_gpus(ray.cluster_resources(), autoscaler_max)

@@ -23,6 +23,7 @@ or hang (`{"hang_on_user": "<user id>"}`) on a partition holding that user. Noth
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import time
@@ -41,7 +42,7 @@ from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_env import init_ray
-from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
+from chameleon.job.replicas import ModelReplica, actor_resources, item_deadline, map_with_replicas
 from chameleon.job.run import (
     RunPlan,
     adopt_partition,
@@ -54,6 +55,8 @@ from chameleon.job.spec import model_identity
 from chameleon.job.stages import Reduced, process_partition
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
+
+log = logging.getLogger(__name__)
 
 
 class PartitionWorker(ModelReplica):
@@ -182,6 +185,12 @@ def run_ray_job(
 
     Resume, `restart` and a committed run behave as in `job.local.run_local`."""
     init_ray(address)
+    # Before the input is read: GPUs asked of a cluster without them fail the job now.
+    resources = actor_resources(cfg)
+    log.info(
+        "map actors: %d, each with %g GPUs and %g CPUs",
+        cfg.job.num_actors, resources["num_gpus"], resources["num_cpus"],
+    )  # fmt: skip
     plan = begin_run(input_uri, store, run_id, cfg, model_identity(cfg), restart=restart, **store_options)
     if plan.committed is not None:
         return plan.committed

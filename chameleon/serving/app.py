@@ -48,10 +48,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray._private.state import state as ray_state
 from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chameleon.core.devices import cluster_gpus, gpus_per_replica
 from chameleon.core.model import runs_on_cpu, worker_torch_threads
 from chameleon.data.storage import Store
 from chameleon.serving.access import api_key, public_personalization
@@ -654,6 +656,18 @@ class ChameleonServer:
 # Building the application
 
 
+def replica_gpus(cfg: ServeConfig) -> float:
+    """GPUs each model replica asks for: `num_gpus` resolved against the Ray cluster this runs on
+    (`core.devices.gpus_per_replica`: `auto` is 1 GPU when the cluster has or can add GPUs, else
+    CPU; GPUs asked of a cluster without them raise `NoGpuError` here, before anything deploys)."""
+    try:  # the autoscaler's node types (GPU groups that scale from zero); None without one
+        autoscaler_max = ray_state.get_max_resources_from_cluster_config()
+    except Exception:
+        autoscaler_max = None
+    available = cluster_gpus(ray.cluster_resources(), autoscaler_max)
+    return gpus_per_replica(cfg.num_gpus, available, setting_name="num_gpus (--num-gpus)")
+
+
 def build_app(cfg: ServeConfig, store: Store | None = None):
     """The Serve application: `ChameleonIngress` (HTTP) in front of `ChameleonServer` (model).
 
@@ -670,7 +684,7 @@ def build_app(cfg: ServeConfig, store: Store | None = None):
     server = ChameleonServer.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": replica_gpus(cfg)},
         health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=cfg.health_check_timeout_s,
         **queues,

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from chameleon.flags import Flag, add_flags, flag_overrides
+from chameleon.flags import Flag, add_flags, auto_or, flag_overrides
 from chameleon.job.ray_env import init_ray, quiet_console
 from chameleon.serving.access import api_key
 from chameleon.serving.config import ServeConfig
@@ -97,7 +97,12 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--request-timeout-s", "request_timeout_s", "longer requests end with 408", float),
     Flag("--max-prompt-chars", "max_prompt_chars", "longer prompts get 400 before tokenizing", int),
     Flag("--num-replicas", "num_replicas", "model replicas", int),
-    Flag("--num-gpus", "num_gpus", "GPUs per model replica", float),
+    Flag(
+        "--num-gpus",
+        "num_gpus",
+        "GPUs per model replica (auto: 1 when the cluster has GPUs, else CPU; a fraction shares a GPU)",
+        auto_or(float),
+    ),
     Flag("--num-cpus", "num_cpus", "CPUs per model replica; torch threads on CPU", float),
     Flag("--max-ongoing-requests", "max_ongoing_requests", "concurrent requests per replica", int),
 )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from chameleon.config import EMBEDDED_MODEL, ModelConfig
+from chameleon.config import EMBEDDED_MODEL, GpuSetting, ModelConfig
 from chameleon.data.ids import ID_RULE, is_valid_id
 
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -123,8 +123,10 @@ class ServeConfig(BaseModel):
     """How long a stopping replica lets requests in flight finish before it ends them."""
     num_replicas: int = Field(1, ge=1)
     """Model replicas (`ChameleonServer`); a Serve config's `deployments:` entry overrides it."""
-    num_gpus: float = Field(0.0, ge=0.0)
-    """GPUs per model replica (0 on CPU; 1 on a GPU node)."""
+    num_gpus: GpuSetting = "auto"
+    """GPUs per model replica. `auto`: 1 when the Ray cluster has GPUs (or its autoscaler can add
+    them), else 0 (CPU); a fraction (0.5) puts two replicas of a small model on one GPU. A number
+    > 0 on a cluster without GPUs stops the deployment at once."""
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs per model replica; on CPU also the number of torch threads."""
     max_ongoing_requests: int = Field(256, ge=1)
