@@ -73,6 +73,7 @@ from chameleon.serving.protocol import (
     validation_message,
 )
 from chameleon.serving.replica import Admission, ModelServer
+from chameleon.serving.run_model import with_run_model
 
 log = logging.getLogger("chameleon.serving")
 
@@ -696,5 +697,8 @@ def build_app(cfg: ServeConfig, store: Store | None = None):
 
 def app_builder(args: dict[str, Any]):
     """Import path of the Serve config files: `chameleon.serving:app_builder` with `args` =
-    `ServeConfig` fields (`store`, `run`, `model`, `api_key_env`, ...)."""
-    return build_app(ServeConfig.model_validate(dict(args or {})))
+    `ServeConfig` fields (`store`, `run`, `model`, `api_key_env`, ...). The model fields left out
+    come from the manifest of the run to serve (`serving.run_model`)."""
+    cfg, source = with_run_model(ServeConfig.model_validate(dict(args or {})))
+    log.info("base model %s (%s)", cfg.model.name_or_path, source)
+    return build_app(cfg)

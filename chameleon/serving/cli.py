@@ -32,6 +32,7 @@ from chameleon.flags import Flag, add_flags, auto_or, flag_overrides
 from chameleon.job.ray_env import init_ray, quiet_console
 from chameleon.serving.access import api_key
 from chameleon.serving.config import ServeConfig
+from chameleon.serving.run_model import with_run_model
 
 log = logging.getLogger("chameleon")
 
@@ -52,12 +53,16 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         "S3-compatible endpoint URL (else CHAMELEON_S3_ENDPOINT / AWS_ENDPOINT_URL)",
     ),
     Flag("--run", "run", "run id to serve, or `latest` to follow the store's pointer"),
-    Flag("--model", "model.name_or_path", "base model id or path; the model the run was computed on"),
-    Flag("--revision", "model.revision", "hub revision of the model"),
+    Flag(
+        "--model",
+        "model.name_or_path",
+        "base model id or path (unset: the model recorded in the manifest of the run served)",
+    ),
+    Flag("--revision", "model.revision", "hub revision of the model (unset: the run's, with its model)"),
     Flag(
         "--dtype",
         "model.dtype",
-        "weights dtype (auto: float32 on CPU, bfloat16 on GPU)",
+        "weights dtype (unset: the run's; auto: float32 on CPU, bfloat16 on GPU)",
         choices=("auto", "float32", "bfloat16", "float16"),
     ),
     Flag("--device", "model.device", "auto | cpu | cuda | cuda:N (ignored with --device-map)"),
@@ -112,8 +117,8 @@ EXAMPLES = """\
 examples:
   # the demo's run (`make demo` first): the embedded store under demo-out, on this machine's CPU
   chameleon serve
-  # the latest run of an S3 store, on this machine's GPU
-  chameleon serve --store s3://bucket/prefix --model Qwen/Qwen2.5-1.5B-Instruct --num-gpus 1
+  # the latest run of an S3 store with the model that made it, on the GPUs when there are some
+  chameleon serve --store s3://bucket/prefix
   # one pinned run of a local store on port 8080, bearer token from $MY_KEY
   chameleon serve --store ./store --run 20250101T000000Z-a1b2c3 --port 8080 --api-key-env MY_KEY
   # the settings of a YAML file, deployed to a running cluster (the app keeps running)
@@ -312,6 +317,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 raise ValueError("--detach needs --store: the embedded store stops with this process")
             store = stack.enter_context(demo_store(Path(args.workdir)))
         cfg = ServeConfig.model_validate(serve_settings(args, default_store=store.uri if store else None))
+        cfg, source = with_run_model(cfg, store)
+        print(f"base model: {cfg.model.name_or_path} ({source})", flush=True)
         return run_server(
             cfg,
             host=args.host,

@@ -7,6 +7,9 @@ loads a model for the job (a hub revision, `device_map` sharding, `trust_remote_
     args:                                  args:
       store: s3://bucket/prefix              store: s3://bucket/prefix
       model: Qwen/Qwen2.5-1.5B-Instruct      model: {name_or_path: Qwen/Qwen2.5-1.5B-Instruct, dtype: bfloat16}
+
+Left out, the model name, revision and dtype are those recorded by the run served
+(`chameleon.serving.run_model`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class ServeConfig(BaseModel):
     """Base model: the job's `model:` section (`name_or_path`, `revision`, `dtype`, `device`,
     `device_map`, `cache_dir`, `trust_remote_code`); a string is short for `{name_or_path: ...}`.
     Must be the model the run was computed on (its fingerprint is checked against each run's
-    manifest)."""
+    manifest); `name_or_path` (with `revision`) and `dtype` left unset are taken from the manifest
+    of the run served (`chameleon.serving.run_model`)."""
     served_model_name: str | None = None
     """The `model` clients send and `/v1/models` lists; default: the model's name."""
     api_key_env: str | None = "CHAMELEON_API_KEY"
