@@ -212,6 +212,25 @@ class TestOnAClusterWithGpus:
         assert server.ray_actor_options["num_gpus"] == 1.0
         assert replica_gpus(ServeConfig(store=str(tmp_path), num_gpus=0)) == 0.0
 
+    def test_the_job_runs_its_map_actors_on_the_gpus_and_reports_progress(
+        self, ray_gpus, tiny_model_dir, tmp_path, local_store, capsys
+    ):
+        """The whole Ray job on the fake-GPU cluster: actors ask for a GPU each, run on the CPU
+        (torch sees no CUDA), and the map stage's figures reach the log and the manifest."""
+        from conftest import tiny_job_config
+
+        from chameleon.dev.demo import write_example_users
+        from chameleon.job.ray_job import run_ray_job
+
+        users = write_example_users(tmp_path / "users.jsonl")
+        cfg = tiny_job_config(tiny_model_dir, **{"job.num_cpus_per_actor": 0.5})
+        assert cfg.job.num_gpus_per_actor == "auto"
+        manifest = run_ray_job(str(users), local_store, "gpu-run", cfg)
+        t = manifest["timings_s"]
+        assert t["map_users"] == manifest["counts"]["accepted"] and t["map_tokens"] > 0
+        err = capsys.readouterr().err
+        assert f"map: users {t['map_users']}/{t['map_users']} (100%)" in err and "tok/s" in err
+
 
 class TestOnAClusterWithoutGpus:
     def test_auto_runs_on_the_cpu(self, ray_cpu, tmp_path):

@@ -15,8 +15,11 @@ its parity with this module is tested.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -80,6 +83,26 @@ def encode(tok, texts: Sequence[str], max_length: int | None = None) -> dict[str
     )
 
 
+@dataclass
+class TokenCount:
+    tokens: int = 0
+    """Tokens generated (padding after a finished row not counted)."""
+
+
+_counters: contextvars.ContextVar[tuple[TokenCount, ...]] = contextvars.ContextVar("counters", default=())
+
+
+@contextlib.contextmanager
+def count_generated_tokens() -> Iterator[TokenCount]:
+    """Count the tokens every `generate` call inside the block produces (for progress figures)."""
+    count = TokenCount()
+    reset = _counters.set((*_counters.get(), count))
+    try:
+        yield count
+    finally:
+        _counters.reset(reset)
+
+
 def length_order(tok, texts: Sequence[str]) -> list[int]:
     """Indices of `texts` by token length (ties in input order): batches of alike lengths."""
     lengths = [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
@@ -137,6 +160,10 @@ def generate(
             else:
                 out = model.generate(**enc, **gen_kwargs)
         new = out[:, enc["input_ids"].shape[1] :]
+        if _counters.get():
+            produced = int((new != tok.pad_token_id).sum())
+            for count in _counters.get():
+                count.tokens += produced
         for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True), strict=True):
             outputs[i] = text.strip()
     return outputs

@@ -11,13 +11,13 @@ import time
 from functools import partial
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
+from chameleon.core.generation import count_generated_tokens
 from chameleon.core.model import load_model, num_layers
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
+from chameleon.job.progress import MapProgress
 from chameleon.job.run import begin_run, finish_run, write_partition
 from chameleon.job.spec import model_identity
 from chameleon.job.stages import process_partition
@@ -50,14 +50,19 @@ def run_local(
     plan.timings["load_s"] += load_s
     fingerprint = fingerprint_model(model, cfg.model.name_or_path)
     t1 = time.perf_counter()
-    for k in tqdm(plan.todo, desc="fake it (partitions)", disable=not progress):
+    line = MapProgress(len(plan.prepared.users), resumed=plan.users_resumed, enabled=progress)
+    for k in plan.todo:
         users = plan.partitions[k]
-        pairs, profiles, failures = process_partition(model, tok, users, cfg, plan.layers)
+        with count_generated_tokens() as generated:
+            pairs, profiles, failures = process_partition(model, tok, users, cfg, plan.layers)
         write_partition(
             plan.run_writer, k, pairs, profiles, failures,
             user_ids=[u.user_id for u in users], fingerprint=fingerprint,
         )  # fmt: skip
         plan.fingerprints[k] = fingerprint.to_dict()
+        line.update(len(users), len(failures), generated.tokens)
+    line.close()
     plan.timings["map_s"] = time.perf_counter() - t1
+    plan.timings.update(line.figures())
     calibrate = partial(calibrate_in_process, model, tok, cfg=cfg)
     return finish_run(plan, cfg, fingerprint, calibrate)

@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -96,15 +96,18 @@ def map_with_replicas(
     cfg: ChameleonConfig,
     *,
     drop_lost_items: bool = False,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
     **worker_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Run `worker` over `items` (one item per call) on an actor pool sized by `cfg.job`.
 
     An item whose actor died more than `job.max_task_retries` times fails the execution, or, with
-    `drop_lost_items`, is left out of the results (the caller finds which are missing)."""
+    `drop_lost_items`, is left out of the results (the caller finds which are missing).
+    `on_row` sees each result as it arrives (the caller then shows the progress, not Ray Data)."""
     resources = actor_resources(cfg)
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s
+    saved = ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s, ctx.enable_progress_bars
+    ctx.enable_progress_bars = ctx.enable_progress_bars and on_row is None
     # Only actor deaths can lose an item: workers that drop items return their errors as rows.
     ctx.max_errored_blocks = -1 if drop_lost_items else 0
     ctx.execution_no_progress_timeout_s = 2 * cfg.job.partition_timeout_s
@@ -128,9 +131,14 @@ def map_with_replicas(
                 max_task_retries=cfg.job.max_task_retries,
                 fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), **worker_kwargs},
             )
-        return ds.take_all()
+        rows = []
+        for row in ds.iter_rows():  # streamed: each result as soon as its actor returns it
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        return rows
     finally:
-        ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s = saved
+        ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s, ctx.enable_progress_bars = saved
 
 
 # ---------------------------------------------------------------------------------------------

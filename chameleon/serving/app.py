@@ -660,7 +660,10 @@ class ChameleonServer:
 def replica_gpus(cfg: ServeConfig) -> float:
     """GPUs each model replica asks for: `num_gpus` resolved against the Ray cluster this runs on
     (`core.devices.gpus_per_replica`: `auto` is 1 GPU when the cluster has or can add GPUs, else
-    CPU; GPUs asked of a cluster without them raise `NoGpuError` here, before anything deploys)."""
+    CPU; GPUs asked of a cluster without them raise `NoGpuError` here, before anything deploys).
+    Without Ray (an application built offline to check a config) the setting is taken as is."""
+    if not ray.is_initialized():
+        return 0.0 if cfg.num_gpus == "auto" else float(cfg.num_gpus)
     try:  # the autoscaler's node types (GPU groups that scale from zero); None without one
         autoscaler_max = ray_state.get_max_resources_from_cluster_config()
     except Exception:
