@@ -37,8 +37,8 @@ import torch
 from chameleon.config import ChameleonConfig, EditConfig
 from chameleon.core.edit import Edit
 from chameleon.core.generation import generate_answers
-from chameleon.core.model import load_model
 from chameleon.data.artifacts import RunReader
+from chameleon.data.model_mirror import load_model_for
 from chameleon.data.published import PublishedRun
 from chameleon.data.storage import LocalStore, open_store
 from chameleon.evaluation.ablations import group_overrides, run_ablations
@@ -196,7 +196,7 @@ class Evaluator:
     def model_tok(self):
         """(model, tokenizer), loaded on first use."""
         if self._mt is None:
-            self._mt = load_model(self.cfg.model)
+            self._mt = load_model_for(self.cfg.model)
         return self._mt
 
     def gen_key(self) -> dict[str, Any]:

@@ -29,10 +29,10 @@ import pyarrow.compute as pc
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import ModelFingerprint, check_compatible, fingerprint_model
-from chameleon.core.model import load_model
 from chameleon.data.artifacts import LATEST, MANIFEST, RUNS, RunReader, RunWriter, latest_run_id, new_run_id
 from chameleon.data.ids import validate_id
 from chameleon.data.layout import ASSIGNMENTS, REJECTS, part_keys
+from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.publish import reduce_and_publish
@@ -165,7 +165,7 @@ def forget_users(
     }
     calibrate = None
     if cfg.edit.form != "projection" and cfg.edit.calibrate:
-        model, tok = model_and_tokenizer or load_model(cfg.model)
+        model, tok = model_and_tokenizer or load_model_for(cfg.model)
         check_compatible(
             fingerprint.to_dict(), fingerprint_model(model, cfg.model.name_or_path), run_id=src.run_id
         )

@@ -14,7 +14,8 @@ from typing import Any
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.generation import count_generated_tokens
-from chameleon.core.model import load_model, num_layers
+from chameleon.core.model import num_layers
+from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.progress import MapProgress
@@ -41,7 +42,7 @@ def run_local(
     committed run is returned as it is (and `latest` moved to it if a crash left it behind).
     """
     t0 = time.perf_counter()
-    model, tok = model_and_tokenizer or load_model(cfg.model)
+    model, tok = model_and_tokenizer or load_model_for(cfg.model)
     load_s = time.perf_counter() - t0
     identity = {**model_identity(cfg), "num_layers": num_layers(model)}
     plan = begin_run(input_uri, store, run_id, cfg, identity, restart=restart, **store_options)

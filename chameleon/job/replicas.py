@@ -33,7 +33,8 @@ from chameleon.config import ChameleonConfig, EditConfig
 from chameleon.core.devices import gpus_per_replica
 from chameleon.core.edit import Edit
 from chameleon.core.generation import distinct_edits, generate_answers
-from chameleon.core.model import load_model, model_device, worker_torch_threads
+from chameleon.core.model import model_device, worker_torch_threads
+from chameleon.data.model_mirror import load_model_for
 from chameleon.job.ray_env import cluster_gpu_capacity, init_ray
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class ModelReplica:
     def __init__(self, cfg_json: str) -> None:
         self.cfg = ChameleonConfig.model_validate_json(cfg_json)
         worker_torch_threads(self.cfg.job.torch_threads)
-        self.model, self.tok = load_model(self.cfg.model)
+        self.model, self.tok = load_model_for(self.cfg.model)
         if ray.get_gpu_ids() and model_device(self.model).type != "cuda":
             # Ray gave this actor a GPU that torch cannot use (a CPU-only torch, a broken driver).
             log.warning(

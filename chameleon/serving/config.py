@@ -198,6 +198,8 @@ class ServeConfig(BaseModel):
         name = self.model.name_or_path
         if name == EMBEDDED_MODEL:
             return EMBEDDED_MODEL.partition(":")[2]
+        if name.startswith("s3://"):  # a model mirror: its folder's name
+            return name.rstrip("/").rpartition("/")[2]
         path = Path(name)
         return path.name if path.is_absolute() or name.startswith(".") else name
 
