@@ -41,9 +41,13 @@ def test_gpus_asked_of_a_cluster_without_gpus_are_refused_naming_the_setting():
 
 
 def test_gpu_groups_that_scale_from_zero_count():
-    assert cluster_gpus({"CPU": 4}, None) == 0
-    assert cluster_gpus({"CPU": 4, "GPU": 0}, {"GPU": 16, "CPU": 64}) == 16
-    assert cluster_gpus({"GPU": 2}, {}) == 2
+    assert cluster_gpus({"CPU": 4}, None, declared="") == 0
+    assert cluster_gpus({"CPU": 4, "GPU": 0}, {"GPU": 16, "CPU": 64}, declared="") == 16
+    assert cluster_gpus({"GPU": 2}, {}, declared="") == 2
+    # Declared by the cluster's config (Ray 2.60's autoscaler does not report its node types).
+    assert cluster_gpus({"CPU": 4}, None, declared="16") == 16
+    with pytest.raises(ValueError, match="CHAMELEON_CLUSTER_MAX_GPUS"):
+        cluster_gpus({}, None, declared="many")
 
 
 def test_batch_size_by_device():
@@ -240,6 +244,12 @@ class TestOnAClusterWithoutGpus:
 
         assert actor_resources(ChameleonConfig())["num_gpus"] == 0.0
         assert replica_gpus(ServeConfig(store=str(tmp_path))) == 0.0
+
+    def test_gpus_declared_by_the_clusters_config_count(self, ray_cpu, monkeypatch):
+        from chameleon.job.replicas import actor_resources
+
+        monkeypatch.setenv("CHAMELEON_CLUSTER_MAX_GPUS", "8")  # a GPU group at zero pods
+        assert actor_resources(ChameleonConfig())["num_gpus"] == 1.0
 
     def test_a_job_asking_for_gpus_fails_at_once_naming_the_setting(self, ray_cpu, tmp_path, local_store):
         from chameleon.job.ray_job import run_ray_job

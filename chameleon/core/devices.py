@@ -15,6 +15,7 @@ Nothing here imports Ray: the Ray modules read the cluster's resources and pass 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -32,10 +33,27 @@ class NoGpuError(ValueError):
     """GPUs were asked for on a Ray cluster that has none (and cannot add any)."""
 
 
-def cluster_gpus(resources: Mapping[str, float], autoscaler_max: Mapping[str, float] | None) -> float:
+MAX_GPUS_ENV = "CHAMELEON_CLUSTER_MAX_GPUS"
+"""The most GPUs a cluster's autoscaler can add, declared by its config (cluster/*.yaml and
+ray-cluster.yaml set it): Ray 2.60's autoscaler does not report its node types to the cluster, so
+a GPU group that starts at zero pods is otherwise invisible until its first pod is up."""
+
+
+def cluster_gpus(
+    resources: Mapping[str, float],
+    autoscaler_max: Mapping[str, float] | None,
+    declared: str | None = None,
+) -> float:
     """GPUs a Ray cluster has now (`ray.cluster_resources()`) or can add: the most its
-    autoscaler's node types provide (`None` on a cluster without an autoscaler)."""
-    return max(float(resources.get("GPU", 0)), float((autoscaler_max or {}).get("GPU", 0)))
+    autoscaler's node types provide, as Ray reports them (`None`: not reported) or as declared
+    in `$CHAMELEON_CLUSTER_MAX_GPUS` (`declared`, read from the environment when not given)."""
+    declared = os.environ.get(MAX_GPUS_ENV, "") if declared is None else declared
+    try:
+        declared_gpus = float(declared) if declared.strip() else 0.0
+    except ValueError:
+        raise ValueError(f"${MAX_GPUS_ENV} must be a number of GPUs, got {declared!r}") from None
+    reported = float((autoscaler_max or {}).get("GPU", 0))
+    return max(float(resources.get("GPU", 0)), reported, declared_gpus)
 
 
 def gpus_per_replica(setting: float | str, available: float, *, setting_name: str) -> float:
@@ -48,7 +66,8 @@ def gpus_per_replica(setting: float | str, available: float, *, setting_name: st
     if wanted > 0 and available <= 0:
         raise NoGpuError(
             f"{setting_name}={wanted:g} asks for GPUs, but the Ray cluster has none and its autoscaler "
-            f"cannot add any; set {setting_name} to auto (GPUs when there are some, else CPU) or 0"
+            f"cannot add any; set {setting_name} to auto (GPUs when there are some, else CPU) or 0 "
+            f"(a GPU node type that starts at zero nodes: declare it with ${MAX_GPUS_ENV})"
         )
     return wanted
 
