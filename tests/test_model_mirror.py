@@ -91,3 +91,23 @@ def test_unsafe_names_in_a_record_are_refused(mirror, tmp_path):
     store.put_bytes(MIRROR_RECORD, json.dumps({**record, "files": files}).encode())
     with pytest.raises(ValueError, match="unsafe file name"):
         fetch_model(uri, cache_dir=str(tmp_path), store=store)
+
+
+def test_the_mirror_script_as_the_readme_runs_it(s3_server, s3_store, tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **s3_server.env(), "PYTHONPATH": str(root)}
+    assert s3_store.list("") == []  # creates the test bucket; the script only writes into one
+    out = subprocess.run(
+        [sys.executable, str(root / "jobs" / "mirror_model.py"), str(tiny_model_dir), s3_store.uri],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"use: --model {s3_store.uri}" in out.stdout
+    record = s3_store.get_json(MIRROR_RECORD)
+    fetched = fetch_model(s3_store.uri, cache_dir=str(tmp_path), store=s3_store)
+    assert fetched.downloaded and set(record["files"]) <= {p.name for p in fetched.path.iterdir()}
