@@ -10,15 +10,18 @@ Two separate decisions, so that each can be tested on any machine:
 - **the device** inside a replica (`core.model.pick_device`: cuda when torch sees one), and from it
   the batch size (`batch_size_for`).
 
-Nothing here imports Ray: the Ray modules read the cluster's resources and pass them in.
+Nothing here imports Ray: the Ray modules read the cluster's resources and pass them in (and
+torch only when a batch size is chosen: `chameleon --help` stays light).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CPU_BATCH_SIZE = 16
 """`synth.batch_size: auto` on CPU: larger batches gain little there and hold more memory."""
@@ -79,5 +82,7 @@ def batch_size_for(setting: int | str, device: torch.device) -> int:
         return int(setting)
     if device.type != "cuda":
         return CPU_BATCH_SIZE
+    import torch
+
     total = torch.cuda.get_device_properties(device).total_memory
     return GPU_BATCH_SIZE if total >= LARGE_GPU_BYTES else SMALL_GPU_BATCH_SIZE

@@ -48,7 +48,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from ray._private.state import state as ray_state
 from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -658,16 +657,12 @@ class ChameleonServer:
 
 
 def replica_gpus(cfg: ServeConfig) -> float:
-    """GPUs each model replica asks for: `num_gpus` resolved against the Ray cluster this runs on
-    (`core.devices.gpus_per_replica`: `auto` is 1 GPU when the cluster has or can add GPUs, else
-    CPU; GPUs asked of a cluster without them raise `NoGpuError` here, before anything deploys).
-    Without Ray (an application built offline to check a config) the setting is taken as is."""
-    if not ray.is_initialized():
+    """GPUs per model replica: `num_gpus` resolved against this Ray cluster (`core.devices`)."""
+    if not ray.is_initialized():  # an application built offline to check a config: as is
         return 0.0 if cfg.num_gpus == "auto" else float(cfg.num_gpus)
-    try:  # the autoscaler's node types (GPU groups that scale from zero); None without one
-        autoscaler_max = ray_state.get_max_resources_from_cluster_config()
-    except Exception:
-        autoscaler_max = None
+    autoscaler_max = None  # the autoscaler's node types, where Ray reports them
+    with contextlib.suppress(Exception):
+        autoscaler_max = ray._private.state.state.get_max_resources_from_cluster_config()
     available = cluster_gpus(ray.cluster_resources(), autoscaler_max)
     return gpus_per_replica(cfg.num_gpus, available, setting_name="num_gpus (--num-gpus)")
 
@@ -700,8 +695,5 @@ def build_app(cfg: ServeConfig, store: Store | None = None):
 
 def app_builder(args: dict[str, Any]):
     """Import path of the Serve config files: `chameleon.serving:app_builder` with `args` =
-    `ServeConfig` fields (`store`, `run`, `model`, `api_key_env`, ...). The model fields left out
-    come from the manifest of the run to serve (`serving.run_model`)."""
-    cfg, source = with_run_model(ServeConfig.model_validate(dict(args or {})))
-    log.info("base model %s (%s)", cfg.model.name_or_path, source)
-    return build_app(cfg)
+    `ServeConfig` fields (`store`, `run`, `model`, ...; model fields left out: `serving.run_model`)."""
+    return build_app(with_run_model(ServeConfig.model_validate(dict(args or {})))[0])

@@ -32,7 +32,6 @@ from chameleon.flags import Flag, add_flags, auto_or, flag_overrides
 from chameleon.job.ray_env import init_ray, quiet_console
 from chameleon.serving.access import api_key
 from chameleon.serving.config import ServeConfig
-from chameleon.serving.run_model import with_run_model
 
 log = logging.getLogger("chameleon")
 
@@ -310,6 +309,8 @@ def _serving_run(app_name: str, cfg: ServeConfig) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from chameleon.serving.run_model import with_run_model  # reads stores: torch, boto3
+
     with contextlib.ExitStack() as stack:
         store = None
         if not has_store(args):

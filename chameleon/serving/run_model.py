@@ -10,12 +10,15 @@ another model than the one loaded is still refused by its fingerprint, as for ev
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from chameleon.data.artifacts import RunNotFoundError, RunReader
 from chameleon.data.storage import Store, open_store
 from chameleon.serving.config import ServeConfig
+
+log = logging.getLogger("chameleon.serving")
 
 
 def manifest_model(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -34,7 +37,13 @@ def manifest_model(manifest: Mapping[str, Any]) -> dict[str, Any]:
 def with_run_model(cfg: ServeConfig, store: Store | None = None) -> tuple[ServeConfig, str]:
     """`cfg` with its model taken from the manifest of the run it serves where not set, and one
     line saying where the model came from. `store`: an open store (default: `cfg.store`). With no
-    run published yet, the configured model stays."""
+    run published yet, the configured model stays. Logs the line too."""
+    cfg, source = _with_run_model(cfg, store)
+    log.info("base model %s (%s)", cfg.model.name_or_path, source)
+    return cfg, source
+
+
+def _with_run_model(cfg: ServeConfig, store: Store | None) -> tuple[ServeConfig, str]:
     told = cfg.model.model_fields_set if "model" in cfg.model_fields_set else set()
     wanted = {"dtype"} - told
     if "name_or_path" not in told:
