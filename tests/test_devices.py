@@ -14,12 +14,14 @@ import time
 
 import pytest
 import torch
+from conftest import own_ray, tiny_job_config
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.capture import capture
-from chameleon.core.devices import NoGpuError, batch_size_for, cluster_gpus, gpus_per_replica
+from chameleon.core.devices import NoGpuError, batch_size_for, gpus_per_replica
 from chameleon.core.generation import chat_prompt, generate, length_order
 from chameleon.flags import JOB_FLAGS, auto_or
+from chameleon.ray_env import cluster_gpus
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -132,23 +134,14 @@ def test_capture_of_sorted_batches_equals_the_unsorted_order(tiny):
 # -- on a Ray cluster with (fake) GPUs, and on one without -----------------------------------------
 
 
-def _start_ray(num_gpus: int):
+def _own_ray(num_gpus: int):
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    if ray.is_initialized():  # a module before this one left its Ray up
-        ray.shutdown()
     # Ray's workers cannot import this test module: ship GpuProbe by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        object_store_memory=256 * 2**20,
-    )
-    return ray
+    return own_ray(num_gpus=num_gpus)
 
 
 class GpuProbe:
@@ -174,18 +167,17 @@ class GpuProbe:
 
 @pytest.fixture(scope="class")
 def ray_gpus():
-    ray = _start_ray(num_gpus=2)
-    yield ray
-    ray.shutdown()
+    with _own_ray(num_gpus=2) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="class")
 def ray_cpu():
-    ray = _start_ray(num_gpus=0)
-    yield ray
-    ray.shutdown()
+    with _own_ray(num_gpus=0) as ray:
+        yield ray
 
 
+@pytest.mark.e2e
 class TestOnAClusterWithGpus:
     def test_map_actors_ask_for_one_gpu_by_default(self, ray_gpus):
         from chameleon.job.replicas import actor_resources, map_with_replicas
@@ -221,7 +213,6 @@ class TestOnAClusterWithGpus:
     ):
         """The whole Ray job on the fake-GPU cluster: actors ask for a GPU each, run on the CPU
         (torch sees no CUDA), and the map stage's figures reach the log and the manifest."""
-        from conftest import tiny_job_config
 
         from chameleon.dev.demo import write_example_users
         from chameleon.job.ray_job import run_ray_job
@@ -230,12 +221,13 @@ class TestOnAClusterWithGpus:
         cfg = tiny_job_config(tiny_model_dir, **{"job.num_cpus_per_actor": 0.5})
         assert cfg.job.num_gpus_per_actor == "auto"
         manifest = run_ray_job(str(users), local_store, "gpu-run", cfg)
-        t = manifest["timings_s"]
-        assert t["map_users"] == manifest["counts"]["accepted"] and t["map_tokens"] > 0
+        t = manifest.timings_s
+        assert t["map_users"] == manifest.counts.accepted and t["map_tokens"] > 0
         err = capsys.readouterr().err
         assert f"map: users {t['map_users']}/{t['map_users']} (100%)" in err and "tok/s" in err
 
 
+@pytest.mark.e2e
 class TestOnAClusterWithoutGpus:
     def test_auto_runs_on_the_cpu(self, ray_cpu, tmp_path):
         from chameleon.job.replicas import actor_resources

@@ -84,7 +84,7 @@ def test_generated_tokens_are_counted_per_block(tiny_model_dir):
 
 def test_the_in_process_jobs_manifest_has_the_figures(published_tiny_run):
     _store, manifest, _model_dir = published_tiny_run
-    t, c = manifest["timings_s"], manifest["counts"]
-    assert t["map_users"] == c["accepted"] and t["map_users_failed"] == c["users_failed"]
+    t, c = manifest.timings_s, manifest.counts
+    assert t["map_users"] == c.accepted and t["map_users_failed"] == c.users_failed
     assert t["map_users_resumed"] == 0
     assert t["map_tokens"] > 0 and t["map_users_per_s"] > 0 and t["map_tokens_per_s"] > 0

@@ -4,16 +4,17 @@ another model is still refused by its fingerprint."""
 from __future__ import annotations
 
 import pytest
+from conftest import stub_manifest
 
 from chameleon.data.artifacts import RunReader, RunWriter
+from chameleon.data.manifest import ModelInfo
 from chameleon.serving.config import ServeConfig
 from chameleon.serving.run_model import manifest_model, with_run_model
 
 
 def _commit(store, run_id: str, *, name: str, revision: str | None, dtype: str) -> None:
-    RunWriter(store, run_id).commit(
-        {"model": {"id": name, "revision": revision}, "config": {"model": {"dtype": dtype}}}
-    )
+    model = ModelInfo(id=name, revision=revision, fingerprint={})
+    RunWriter(store, run_id).commit(stub_manifest(model=model, config={"model": {"dtype": dtype}}))
 
 
 def test_the_model_comes_from_the_run_unless_told_otherwise(local_store):
@@ -67,7 +68,7 @@ def test_without_a_published_run_the_configured_model_stays(local_store):
 
 def test_manifest_model_reads_what_the_job_writes(published_tiny_run):
     store, manifest, model_dir = published_tiny_run
-    assert manifest_model(RunReader(store, manifest["run_id"]).manifest) == {
+    assert manifest_model(RunReader(store, manifest.run_id).manifest) == {
         "name_or_path": str(model_dir),
         "dtype": "auto",
     }
@@ -80,14 +81,14 @@ def test_the_runs_model_passes_its_fingerprint_check_and_another_is_refused(publ
     from chameleon.core.model import load_model
 
     store, manifest, model_dir = published_tiny_run
-    cfg, _ = with_run_model(ServeConfig(store=store.uri, run=manifest["run_id"]), store)
+    cfg, _ = with_run_model(ServeConfig(store=store.uri, run=manifest.run_id), store)
     model, _tok = load_model(cfg.model)
-    reader = RunReader(store, manifest["run_id"])
+    reader = RunReader(store, manifest.run_id)
     reader.check_model(fingerprint_model(model, cfg.model.name_or_path))  # no error
 
     other_dir = save_tiny_model(tmp_path / "other", seed=1)
     told, _ = with_run_model(
-        ServeConfig.model_validate({"store": store.uri, "run": manifest["run_id"], "model": str(other_dir)}),
+        ServeConfig.model_validate({"store": store.uri, "run": manifest.run_id, "model": str(other_dir)}),
         store,
     )
     assert told.model.name_or_path == str(other_dir)

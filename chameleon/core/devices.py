@@ -10,14 +10,12 @@ Two separate decisions, so that each can be tested on any machine:
 - **the device** inside a replica (`core.model.pick_device`: cuda when torch sees one), and from it
   the batch size (`batch_size_for`).
 
-Nothing here imports Ray: the Ray modules read the cluster's resources and pass them in (and
-torch only when a batch size is chosen: `chameleon --help` stays light).
+Nothing here imports Ray: `chameleon.ray_env.cluster_gpu_capacity` reads the cluster's GPUs and
+the callers pass them in (and torch is imported only when a batch size is chosen).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -36,32 +34,9 @@ class NoGpuError(ValueError):
     """GPUs were asked for on a Ray cluster that has none (and cannot add any)."""
 
 
-MAX_GPUS_ENV = "CHAMELEON_CLUSTER_MAX_GPUS"
-"""The most GPUs a cluster's autoscaler can add, declared by its config (cluster/*.yaml and
-ray-cluster.yaml set it): Ray 2.60's autoscaler does not report its node types to the cluster, so
-a GPU group that starts at zero pods is otherwise invisible until its first pod is up."""
-
-
-def cluster_gpus(
-    resources: Mapping[str, float],
-    autoscaler_max: Mapping[str, float] | None,
-    declared: str | None = None,
-) -> float:
-    """GPUs a Ray cluster has now (`ray.cluster_resources()`) or can add: the most its
-    autoscaler's node types provide, as Ray reports them (`None`: not reported) or as declared
-    in `$CHAMELEON_CLUSTER_MAX_GPUS` (`declared`, read from the environment when not given)."""
-    declared = os.environ.get(MAX_GPUS_ENV, "") if declared is None else declared
-    try:
-        declared_gpus = float(declared) if declared.strip() else 0.0
-    except ValueError:
-        raise ValueError(f"${MAX_GPUS_ENV} must be a number of GPUs, got {declared!r}") from None
-    reported = float((autoscaler_max or {}).get("GPU", 0))
-    return max(float(resources.get("GPU", 0)), reported, declared_gpus)
-
-
 def gpus_per_replica(setting: float | str, available: float, *, setting_name: str) -> float:
     """GPUs one model replica asks for: `setting` (`auto` or a number) on a cluster with
-    `available` GPUs (`cluster_gpus`). `auto`: 1 with GPUs, else 0 (CPU). A number is kept, and
+    `available` GPUs (`chameleon.ray_env.cluster_gpu_capacity`). `auto`: 1 with GPUs, else 0 (CPU). A number is kept, and
     refused (`NoGpuError`, naming `setting_name`) when it asks for GPUs the cluster cannot have."""
     if setting == "auto":
         return 1.0 if available > 0 else 0.0
@@ -70,7 +45,7 @@ def gpus_per_replica(setting: float | str, available: float, *, setting_name: st
         raise NoGpuError(
             f"{setting_name}={wanted:g} asks for GPUs, but the Ray cluster has none and its autoscaler "
             f"cannot add any; set {setting_name} to auto (GPUs when there are some, else CPU) or 0 "
-            f"(a GPU node type that starts at zero nodes: declare it with ${MAX_GPUS_ENV})"
+            "(a GPU node type that starts at zero nodes: declare it with $CHAMELEON_CLUSTER_MAX_GPUS)"
         )
     return wanted
 

@@ -19,7 +19,7 @@ from chameleon.core.calibration import Calibration, choose, nll_curve
 from chameleon.core.devices import batch_size_for
 from chameleon.core.generation import chat_prompt
 from chameleon.core.model import model_device
-from chameleon.job.stages import Reduced
+from chameleon.job.reduce import Reduced
 
 
 @dataclass

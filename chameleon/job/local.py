@@ -15,6 +15,7 @@ from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.generation import count_generated_tokens
 from chameleon.core.model import num_layers
+from chameleon.data.manifest import RunManifest
 from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
@@ -34,7 +35,7 @@ def run_local(
     progress: bool = True,
     restart: bool = False,
     **store_options: Any,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the whole job in this process; returns the run's manifest.
 
     Rerunning with the same run id resumes under the same job spec: partitions already complete

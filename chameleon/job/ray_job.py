@@ -39,11 +39,12 @@ from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.generation import count_generated_tokens
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunWriter
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_task, calibration_tasks
 from chameleon.job.progress import MapProgress
 from chameleon.job.publish import JobFailedError
-from chameleon.job.ray_env import init_ray
+from chameleon.job.reduce import Reduced
 from chameleon.job.replicas import ModelReplica, actor_resources, item_deadline, map_with_replicas
 from chameleon.job.run import (
     RunPlan,
@@ -54,7 +55,8 @@ from chameleon.job.run import (
     write_partition,
 )
 from chameleon.job.spec import model_identity
-from chameleon.job.stages import Reduced, process_partition
+from chameleon.job.stages import process_partition
+from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
 
@@ -200,7 +202,7 @@ def run_ray_job(
     restart: bool = False,
     progress: bool = True,
     **store_options: Any,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
     `progress`: the map stage's live line (`job.progress`).
 

@@ -35,7 +35,7 @@ from chameleon.core.edit import Edit
 from chameleon.core.generation import distinct_edits, generate_answers
 from chameleon.core.model import model_device, worker_torch_threads
 from chameleon.data.model_mirror import load_model_for
-from chameleon.job.ray_env import cluster_gpu_capacity, init_ray
+from chameleon.ray_env import cluster_gpu_capacity, init_ray
 
 log = logging.getLogger(__name__)
 

@@ -52,9 +52,10 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chameleon.core.devices import cluster_gpus, gpus_per_replica
+from chameleon.core.devices import gpus_per_replica
 from chameleon.core.model import runs_on_cpu, worker_torch_threads
 from chameleon.data.storage import Store
+from chameleon.ray_env import cluster_gpu_capacity
 from chameleon.serving.access import api_key, public_personalization
 from chameleon.serving.config import ServeConfig, ServeUserConfig
 from chameleon.serving.metrics import TAG_KEYS, ServingMetrics
@@ -660,11 +661,7 @@ def replica_gpus(cfg: ServeConfig) -> float:
     """GPUs per model replica: `num_gpus` resolved against this Ray cluster (`core.devices`)."""
     if not ray.is_initialized():  # an application built offline to check a config: as is
         return 0.0 if cfg.num_gpus == "auto" else float(cfg.num_gpus)
-    autoscaler_max = None  # the autoscaler's node types, where Ray reports them
-    with contextlib.suppress(Exception):
-        autoscaler_max = ray._private.state.state.get_max_resources_from_cluster_config()
-    available = cluster_gpus(ray.cluster_resources(), autoscaler_max)
-    return gpus_per_replica(cfg.num_gpus, available, setting_name="num_gpus (--num-gpus)")
+    return gpus_per_replica(cfg.num_gpus, cluster_gpu_capacity(), setting_name="num_gpus (--num-gpus)")
 
 
 def build_app(cfg: ServeConfig, store: Store | None = None):

@@ -11,26 +11,21 @@ another model than the one loaded is still refused by its fingerprint, as for ev
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from chameleon.data.artifacts import RunNotFoundError, RunReader
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store, open_store
 from chameleon.serving.config import ServeConfig
 
 log = logging.getLogger("chameleon.serving")
 
 
-def manifest_model(manifest: Mapping[str, Any]) -> dict[str, Any]:
+def manifest_model(run: RunManifest) -> dict[str, Any]:
     """`ModelConfig` fields a run's manifest records: name_or_path, revision, dtype (the one
     place serving reads the model out of a manifest)."""
-    model = manifest.get("model") or {}
-    job_model = (manifest.get("config") or {}).get("model") or {}
-    fields = {
-        "name_or_path": model.get("id"),
-        "revision": model.get("revision"),
-        "dtype": job_model.get("dtype"),
-    }
+    job_model = run.config.get("model") or {}
+    fields = {"name_or_path": run.model.id, "revision": run.model.revision, "dtype": job_model.get("dtype")}
     return {k: v for k, v in fields.items() if v is not None}
 
 
