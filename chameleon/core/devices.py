@@ -36,8 +36,9 @@ class NoGpuError(ValueError):
 
 def gpus_per_replica(setting: float | str, available: float, *, setting_name: str) -> float:
     """GPUs one model replica asks for: `setting` (`auto` or a number) on a cluster with
-    `available` GPUs (`chameleon.ray_env.cluster_gpu_capacity`). `auto`: 1 with GPUs, else 0 (CPU). A number is kept, and
-    refused (`NoGpuError`, naming `setting_name`) when it asks for GPUs the cluster cannot have."""
+    `available` GPUs (`chameleon.ray_env.cluster_gpu_capacity`). `auto`: 1 with GPUs, else 0
+    (CPU). A number is kept, and refused (`NoGpuError`, naming `setting_name`) when it asks for
+    GPUs the cluster cannot have."""
     if setting == "auto":
         return 1.0 if available > 0 else 0.0
     wanted = float(setting)

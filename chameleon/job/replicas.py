@@ -1,9 +1,9 @@
 """Actor pools of model replicas on Ray Data: the job's map stage and the evaluation's answers.
 
 Each actor of a pool holds one model replica (`cfg.job` sizes the pool: actors, GPUs and CPUs per
-actor, as for the map stage; `actor_resources` resolves `job.num_gpus_per_actor: auto` against the
-cluster, while the device inside an actor is whatever torch sees there) and maps one item at a time. `map_with_replicas` is the one way
-the project runs model work on Ray.
+actor, as for the map stage) and maps one item at a time. `map_with_replicas` is the one way the
+project runs model work on Ray. What an actor asks Ray for (`actor_resources`: `auto` GPUs from the
+cluster's resources) and the device it then runs on (whatever torch sees there) are decided apart.
 
 Failure is bounded (Ray Data's own default restarts actors and retries their tasks forever): an
 actor restarts at most `job.max_actor_restarts` times, an item whose actor died is retried at most
