@@ -40,6 +40,16 @@ class Flag:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+def auto_or(number: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A flag type taking `auto` or a number (e.g. `auto_or(float)` for a GPU count)."""
+
+    def parse(text: str) -> Any:
+        return "auto" if text == "auto" else number(text)
+
+    parse.__name__ = f"auto or {number.__name__}"  # argparse names the type in its error
+    return parse
+
+
 def setting_default(defaults: BaseModel, setting: str) -> Any:
     """The value of a dotted setting in a config instance."""
     value: Any = defaults
@@ -74,7 +84,12 @@ JOB_FLAGS: tuple[Flag, ...] = (
     Flag("--pairs-per-user", "synth.pairs_per_user", "synthetic pairs per user", int),
     Flag("--history-k", "synth.history_k", "history items each user's pairs are made from", int),
     Flag("--max-new-tokens", "synth.answer_max_new_tokens", "token budget of each synthetic answer", int),
-    Flag("--batch-size", "synth.batch_size", "generation batch size of the map stage", int),
+    Flag(
+        "--batch-size",
+        "synth.batch_size",
+        "generation batch size of the map stage (auto: 16 on CPU, 64-128 on a GPU)",
+        auto_or(int),
+    ),
     Flag("--seed", "synth.seed", "seed of the synthesis", int),
     Flag("--site", "subspace.site", "where hidden states are read and edited", choices=("mlp", "residual")),
     Flag("--n-layers", "subspace.n_layers", "layers each edit applies to", int),
@@ -86,7 +101,12 @@ JOB_FLAGS: tuple[Flag, ...] = (
         "user field that names each user's group (instead of clustering)",
     ),
     Flag("--num-actors", "job.num_actors", "model replicas (Ray actors) of the map stage", int),
-    Flag("--num-gpus-per-actor", "job.num_gpus_per_actor", "GPUs per replica", float),
+    Flag(
+        "--num-gpus-per-actor",
+        "job.num_gpus_per_actor",
+        "GPUs per replica (auto: 1 when the cluster has GPUs, else CPU; a fraction shares a GPU)",
+        auto_or(float),
+    ),
     Flag(
         "--users-per-partition",
         "job.users_per_partition",

@@ -34,12 +34,12 @@ from functools import partial
 from typing import Any
 
 from chameleon.core.fingerprint import check_compatible, fingerprint_model
-from chameleon.core.model import load_model
 from chameleon.data.artifacts import LATEST, MANIFEST, RUNS, RunReader, RunWriter, latest_run_id, new_run_id
 from chameleon.data.capabilities import check_store
 from chameleon.data.ids import validate_id
 from chameleon.data.layout import REJECTS, part_keys
 from chameleon.data.manifest import ForgetSource, RunManifest
+from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store
 from chameleon.data.user_scan import RunHolding, UserMatch, scan_runs
 from chameleon.job.calibrate import calibrate_in_process
@@ -169,7 +169,7 @@ def _publish_without(
     }
     calibrate = None
     if cfg.edit.form != "projection" and cfg.edit.calibrate:
-        model, tok = model_and_tokenizer or load_model(cfg.model)
+        model, tok = model_and_tokenizer or load_model_for(cfg.model)
         check_compatible(
             fingerprint.to_dict(), fingerprint_model(model, cfg.model.name_or_path), run_id=src.run_id
         )

@@ -68,6 +68,11 @@ class RunPlan:
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
+    def users_resumed(self) -> int:
+        """Accepted users of the partitions adopted from an earlier attempt (not to map again)."""
+        return len(self.prepared.users) - sum(len(self.partitions[k]) for k in self.todo)
+
+    @property
     def run_writer(self) -> RunWriter:
         if self.writer is None:
             raise RuntimeError("the run is already committed: nothing to write")
