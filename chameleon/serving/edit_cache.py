@@ -5,7 +5,7 @@ edits occupy its other rows. It is the "slots" tier of serving (vLLM's `max_lora
 LLM's `max_num_adapters_per_replica`): cold edits come from storage, warm ones are a row index.
 
     cache = EditCache(bank, capacity=256)
-    row = await cache.pin(key, load_edit, EditParams(alpha, beta, centered), timeout)  # pinned
+    row = await cache.pin(key, load_edit, run.edit, timeout)  # pinned
     ... run a batch that uses `row` ...
     cache.release(row)                             # once the batch is done with it
 
@@ -36,6 +36,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
+from chameleon.config import EditConfig
 from chameleon.core.edit import Edit, EditBank
 
 CacheKey = tuple[str, str]
@@ -46,21 +47,12 @@ class CacheFullError(RuntimeError):
     """Every editable row is pinned by a batch in flight; retry after a release."""
 
 
-@dataclass(frozen=True)
-class EditParams:
-    """How a run's edits are applied (the run manifest's `edit` section)."""
-
-    alpha: float = 1.0
-    beta: float = 1.0
-    centered: bool = True
-
-
 @dataclass(eq=False)
 class _Ticket:
     """A request in the line for a row."""
 
     key: CacheKey
-    params: EditParams
+    params: EditConfig
     loop: asyncio.AbstractEventLoop
     edit: Edit | None = None
     """Set once loaded; a ticket without one holds no place in the line for a free row."""
@@ -168,7 +160,7 @@ class EditCache:
             self._stats.hits += 1
             return row
 
-    def install(self, key: CacheKey, edit: Edit, params: EditParams | None = None) -> int:
+    def install(self, key: CacheKey, edit: Edit, params: EditConfig | None = None) -> int:
         """Put `edit` in a row for `key` and pin it; returns the row.
 
         When the key became resident meanwhile (another request loaded it), that row is pinned and
@@ -178,9 +170,9 @@ class EditCache:
         hidden size, rank or layers); the cache is unchanged in both cases.
         """
         with self._lock:
-            return self._install_locked(key, edit, params or EditParams())
+            return self._install_locked(key, edit, params or EditConfig())
 
-    def _install_locked(self, key: CacheKey, edit: Edit, params: EditParams) -> int:
+    def _install_locked(self, key: CacheKey, edit: Edit, params: EditConfig) -> int:
         """`install` with `self._lock` held."""
         row = self._lru.get(key)
         if row is not None:
@@ -229,7 +221,7 @@ class EditCache:
         self,
         key: CacheKey,
         load: Callable[[], Awaitable[Edit]],
-        params: EditParams | None = None,
+        params: EditConfig | None = None,
         timeout: float = 10.0,
     ) -> int:
         """The key's row, pinned: at once on a hit with nobody in line, else in FIFO order.
@@ -245,7 +237,7 @@ class EditCache:
                 self._pins[row] += 1
                 self._stats.hits += 1
                 return row
-            t = _Ticket(key, params or EditParams(), loop)
+            t = _Ticket(key, params or EditConfig(), loop)
             self._stats.misses += row is None
             self._line.append(t)
             self._serve_locked()
@@ -284,7 +276,7 @@ class EditCache:
             raise
 
     async def install_waiting(
-        self, key: CacheKey, edit: Edit, params: EditParams | None, timeout: float
+        self, key: CacheKey, edit: Edit, params: EditConfig | None, timeout: float
     ) -> int:
         """`pin` with the edit at hand."""
 

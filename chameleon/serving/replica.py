@@ -27,7 +27,9 @@ import torch
 
 from chameleon.core.edit import Edit, EditBank
 from chameleon.core.fingerprint import fingerprint_model
-from chameleon.core.model import hidden_size, load_model, model_device, num_layers
+from chameleon.core.model import hidden_size, model_device, num_layers
+from chameleon.data.capabilities import check_store
+from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store, StoreError, open_store
 from chameleon.serving.config import ServeConfig
 from chameleon.serving.decoder import Delta, GenItem, SamplingError, default_eos_ids
@@ -112,8 +114,9 @@ class ModelServer:
             if store is not None
             else open_store(cfg.store, **({"endpoint_url": cfg.s3_endpoint} if cfg.s3_endpoint else {}))
         )
+        self.store_capabilities = check_store(self.store, role="server")  # reported, never refused
         t0 = time.perf_counter()
-        self.model, self.tok = load_model(cfg.model)
+        self.model, self.tok = load_model_for(cfg.model)
         self.load_seconds = time.perf_counter() - t0
         self.device = model_device(self.model)
         self.hidden_size = hidden_size(self.model)
@@ -449,7 +452,7 @@ class ModelServer:
 
         try:
             # One FIFO line for hits and misses; the edit loads (only if needed) while in line.
-            return await cache.pin(key, load, run.params, self.cfg.admission_timeout_s)
+            return await cache.pin(key, load, run.edit, self.cfg.admission_timeout_s)
         except CacheFullError:
             raise ApiError(
                 503, "every edit slot is busy with requests in flight; retry shortly", "edit_slots_busy"

@@ -28,9 +28,14 @@ checks print as `name=value`, the headline last.
                   job's first step (`job.run.begin_run`): records_lost (input records neither
                   accepted nor rejected) and crashes (goal 0; a file without any good row must
                   raise the clear "no valid user records" error, which is not counted)
-    forget        a run of random pairs, then `forget_users` with `delete_old`; every object of
-                  the new run is searched for the user's id and texts (Parquet also decoded):
-                  user_bytes_found (goal 0)
+    forget        hostile ids (`user`, `"alice "`, a line that is not JSON) in every hiding place
+                  (an abandoned attempt, an abandoned job, an interrupted deletion), then
+                  `forget_users` with `delete_old`; a byte scan of every object under the store:
+                  forget_user_bytes_found, other_rejects_dropped (goal 0)   [integrity_store_checks]
+    storage       the store capability probe; a store that ignores If-None-Match (moto behind a
+                  loopback proxy that drops it) refused or detected: conditional_create_ignored;
+                  each multipart part's checksum seen on the wire:
+                  multipart_parts_without_checksum (goal 0)                 [integrity_store_checks]
     groups        column groups with a singleton and a group whose members mostly lack pairs,
                   both small-group policies, and clustered groups:
                   groups_below_min_contributors (goal 0)
@@ -59,26 +64,20 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from common import parser, report
+from common import parser, report, stub_manifest
+from integrity_store_checks import check_forget, check_storage, stop_servers  # noqa: F401 (registered in CHECKS)
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.synth import UserPairs
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.inputs import prepare_input
-from chameleon.data.storage import LocalStore, read_parquet_bytes
+from chameleon.data.storage import LocalStore
 from chameleon.dev.poison import GOOD_KINDS, MALFORMED_KINDS, PARQUET_KINDS
-from chameleon.job.forget import forget_users
 from chameleon.job.publish import reduce_and_publish
+from chameleon.job.reduce import reduce_all, reduce_users
 from chameleon.job.run import begin_run, read_done_record, write_partition
-from chameleon.job.stages import (
-    attach_user_reduce,
-    pairs_to_tables,
-    reduce_all,
-    reduce_subspace_config,
-    reduce_users,
-    tables_to_units,
-)
+from chameleon.job.tables import attach_user_reduce, pairs_to_tables, reduce_subspace_config, tables_to_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -95,7 +94,10 @@ BAD_WHEN_ABOVE_0 = (
     "checksum_mismatches",
     "outage_manifest_written",
     "crashes",
-    "user_bytes_found",
+    "forget_user_bytes_found",
+    "other_rejects_dropped",
+    "conditional_create_ignored",
+    "multipart_parts_without_checksum",
     "groups_below_min_contributors",
 )
 DRIVER_MEMORY_GOAL = 1.5
@@ -190,9 +192,9 @@ def published_ids(store, run_id: str) -> list[str]:
     return RunReader(store, run_id).get_parquet("assignments.parquet").column("user_id").to_pylist()
 
 
-def logical_hashes(manifest: dict) -> dict[str, str]:
+def logical_hashes(manifest) -> dict[str, str]:
     """Checksums of what a run publishes, by logical path (attempt folders differ between runs)."""
-    return {k: v["sha256"] for k, v in manifest["files"].items() if not k.startswith("failures/")}
+    return {k: v.sha256 for k, v in manifest.files.items() if not k.startswith("failures/")}
 
 
 # -- checks --------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def check_resume(workdir: Path, args) -> dict:
             print(f"# {name}: refused: {str(exc)[:160]}")
             figures["resumes_refused"] += 1
             manifest = run_local(path, store, "r", changed, progress=False, restart=True)
-        figures["stale_partitions_adopted"] += manifest["counts"]["partitions_resumed"]
+        figures["stale_partitions_adopted"] += manifest.counts.partitions_resumed
         ids = published_ids(store, "r")
         expected = {u["user_id"] for u in new_users}
         figures["duplicate_users"] += len(ids) - len(set(ids))
@@ -386,7 +388,7 @@ def check_outage(workdir: Path, args) -> dict:
         pgid = os.getpgid(server._proc.pid)
         previous = RunWriter(store, "previous")
         previous.put_json("x.json", {})
-        previous.commit({})
+        previous.commit(stub_manifest())
 
         def pause_after_first_partition(run_id: str, resume_after: float | None) -> None:
             while not store.exists(f"runs/{run_id}/parts/part-00000.json"):
@@ -543,38 +545,6 @@ def write_synthetic_run(
     return writer, n_parts, counts
 
 
-def check_forget(workdir: Path, args) -> dict[str, int | float]:
-    store = LocalStore(workdir / "forget-store")
-    cfg = _bench_cfg(args)
-    writer, n_parts, counts = write_synthetic_run(store, "before", args.poison_users, args)
-    layers = list(range(args.layers))
-    fp = _fingerprint(args.hidden, args.layers)
-    reduce_and_publish(
-        writer, cfg=cfg, layers=layers, fingerprint=fp, n_partitions=n_parts, counts=counts, timings={}
-    )
-    victim = "user-0-000007"
-    needles = [victim.encode(), f"answer of {victim}".encode(), f"held-out text {victim}".encode()]
-
-    def found(run_id: str) -> int:
-        hits = 0
-        for key in store.list(f"runs/{run_id}/"):
-            data = store.get_bytes(key)
-            if key.endswith(".parquet"):
-                data += json.dumps(read_parquet_bytes(data).to_pylist(), default=repr).encode()
-            hits += sum(n in data for n in needles)
-        return hits
-
-    before = found("before")
-    t0 = time.perf_counter()
-    res = forget_users(store, [victim], new_run="after", delete_old=True)
-    return {
-        "user_bytes_found_before": before,
-        "runs_deleted": len(res.deleted),
-        "forget_call_s": round(time.perf_counter() - t0, 2),
-        "user_bytes_found": found("after"),
-    }
-
-
 def check_groups(workdir: Path, args) -> dict[str, int | float]:
     names = ["big_a"] * 6 + ["big_b"] * 6 + ["solo"] + ["thin"] * 3
     users = list(_synthetic_users(len(names), args.pairs, args.layers, args.hidden, seed=3, groups=names))
@@ -689,6 +659,7 @@ def main() -> None:
     finally:
         for server in _SERVERS.values():
             server.stop()
+        stop_servers()
     figures["wall_s"] = round(time.monotonic() - t0, 1)
     figures["integrity_violations"] = sum(figures.get(k, 0) for k in BAD_WHEN_ABOVE_0) + sum(
         1 - figures[k] for k in BAD_WHEN_BELOW_1 if k in figures

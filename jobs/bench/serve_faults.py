@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import parser, report  # also puts the project on sys.path
+from common import TINY_MODEL, model_path, parse, parser, report  # also puts the project on sys.path
 
 POISONS = {
     "temperature_1e-40": {"temperature": 1e-40},
@@ -78,45 +78,14 @@ FIELDS = (
 
 def parse_args(argv=None):
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--model", help="model directory (default: a tiny random Llama, made here)")
+    p.add_argument("--model", default=TINY_MODEL, help="base model (default: the tests' tiny random Llama)")
     p.add_argument("--fuzz-requests", type=int, default=2000)
     p.add_argument("--burst", type=int, default=32, help="long prompts in the burst (default 32)")
     p.add_argument("--burst-tokens", type=int, default=1024, help="tokens per long prompt (default 1024)")
     p.add_argument("--stress-requests", type=int, default=2000, help="edit-row line stress (default 2000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="seconds-sized run (tests)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.fuzz_requests, args.burst, args.burst_tokens, args.stress_requests = 200, 8, 128, 200
-    return args
-
-
-def tiny_model(path: Path) -> str:
-    """A tiny random Llama saved with the embedded model's tokenizer (as the tests' model)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from chameleon.core.model import embedded_model_dir, prepare_tokenizer
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
-    prepare_tokenizer(tok)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=4096,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    smoke = {"fuzz_requests": 200, "burst": 8, "burst_tokens": 128, "stress_requests": 200}
+    return parse(p, smoke, argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +494,7 @@ def main(argv=None) -> int:
     # The faults below are injected on purpose; their tracebacks would drown the figures.
     logging.getLogger("chameleon.serving").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="serve-faults-"))
-    model_id = args.model or tiny_model(tmp / "model")
+    model_id = model_path(args.model)
     model, _tok = load_model(ModelConfig(name_or_path=model_id))
     store = LocalStore(tmp / "store")
 

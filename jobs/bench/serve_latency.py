@@ -1,7 +1,7 @@
-"""Benchmark: latency and throughput of the continuous engine against the static path.
+"""Benchmark: latency and throughput of the continuous engine (the static path is retired).
 
     python jobs/bench/serve_latency.py [--requests 256] [--rate 2.0] [--min-tokens 8] [--max-tokens 256]
-                                       [--groups 64] [--engines continuous,static] [--out FILE]
+                                       [--groups 64] [--out FILE]
 
 Open-loop arrivals: request i is sent at `i / rate` seconds whatever the server does (a
 client that waits for answers before sending hides queueing). Each request streams a chat
@@ -14,8 +14,8 @@ Per engine: `ttft_p50_ms`, `ttft_p99_ms` (send to first content chunk), `itl_p99
 content chunks divided by the tokens they carry), `tokens_per_s` (generated tokens over the time
 from the first send to the last answer). Then:
 
-- `ttft_p99_ratio` = continuous over static (goal <= 0.25),
-- `throughput_ratio` = continuous over static tokens/s (goal >= 1.3),
+- (`ttft_p99_ratio` and `throughput_ratio` compared it with the static path, which serving no
+  longer has: they are not printed),
 - `engine_vs_generate_throughput` (headline, last) = continuous tokens/s over plain
   `model.generate` on the same prompts and lengths, batches of `--max-batch-size` in arrival
   order, no server, no edits, every generated token counted (goal >= 0.8).
@@ -51,9 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-tokens", type=int, default=8, help="shortest output (default 8)")
     p.add_argument("--max-tokens", type=int, default=256, help="longest output (default 256)")
     p.add_argument("--warmup", type=int, default=8, help="warm-up requests per engine (default 8)")
-    p.add_argument("--engines", default="continuous,static", help="engines to compare, in order")
-    p.add_argument("--max-batch-size", type=int, default=32, help="running batch / @serve.batch size")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.05, help="static path's batch wait")
+    p.add_argument("--engines", default="continuous", choices=["continuous"], help="the one engine")
+    p.add_argument("--max-batch-size", type=int, default=32, help="the engine's running batch")
     p.add_argument(
         "--stream-interval-s", type=float, default=0.02, help="continuous engine's chunk gathering"
     )
@@ -129,9 +128,7 @@ def measure_engine(engine: str, store, users, args, lengths, port_holder: dict) 
         store=store.uri,
         model=args.model,
         api_key_env=None,
-        engine=engine,
         max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
         stream_interval_s=args.stream_interval_s,
         edit_cache_size=max(len(users), 1),
         max_tokens_limit=max(args.max_tokens, 16),
