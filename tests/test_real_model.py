@@ -41,7 +41,7 @@ def test_real_model_edits_change_edited_users_only(tmp_path, local_store):
     manifest = run_local(
         str(path), local_store, "real", cfg, model_and_tokenizer=(model, tok), progress=False
     )
-    assert manifest["counts"]["users_with_edit"] == 4
+    assert manifest.counts.users_with_edit == 4
     run = PublishedRun(RunReader(local_store, "real"))
     pairs = RunReader(local_store, "real").get_parquet("pairs/part-00000.parquet").to_pylist()
     assert any(p["personalized"] != p["neutral"] for p in pairs)

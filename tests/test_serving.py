@@ -409,10 +409,9 @@ _OFFLINE: dict = {}
 
 def offline_tokens(tiny, run, gid: str | None, content: str = QUESTION, max_tokens: int = 8) -> list[int]:
     """Greedy tokens of `content` offline: the base model (gid None) or `run`'s edit of `gid`."""
-    from chameleon.config import EditConfig
     from chameleon.core.generation import bank_for_edits
 
-    key = (run.manifest["run_id"] if run else None, gid, content, max_tokens)
+    key = (run.manifest.run_id if run else None, gid, content, max_tokens)
     if key not in _OFFLINE:
         model, tok = tiny
         enc = tok([chat_prompt(tok, content)], return_tensors="pt", add_special_tokens=False)
@@ -426,7 +425,7 @@ def offline_tokens(tiny, run, gid: str | None, content: str = QUESTION, max_toke
         )
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if gid is not None:
-                bank, rows = bank_for_edits(model, [run.group_edit(gid)], EditConfig(**run.manifest["edit"]))
+                bank, rows = bank_for_edits(model, [run.group_edit(gid)], run.manifest.edit)
                 stack.enter_context(bank.apply(model, rows))
             _OFFLINE[key] = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1] :].tolist()
     return _OFFLINE[key]
@@ -639,9 +638,7 @@ def test_edit_off_is_the_base_model_and_a_group_edit_matches_offline(app, client
     assert off.choices[0].token_ids == base_ids[: len(off.choices[0].token_ids)]
     assert off.choices[0].message.content.strip() == generate(model, tok, [prompt], max_new_tokens=16)[0]
 
-    from chameleon.config import EditConfig
-
-    bank, rows = bank_for_edits(model, [app.run1.group_edit(gid)], EditConfig(**app.run1.manifest["edit"]))
+    bank, rows = bank_for_edits(model, [app.run1.group_edit(gid)], app.run1.manifest.edit)
     with torch.no_grad(), bank.apply(model, rows):
         edited_ids = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1] :].tolist()
     _, on = chat(

@@ -23,13 +23,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from chameleon.flags import Flag, add_flags, flag_overrides
-from chameleon.job.ray_env import init_ray, quiet_console
+from chameleon.ray_env import init_ray, quiet_console
 from chameleon.serving.access import api_key
 from chameleon.serving.config import ServeConfig
 
@@ -139,8 +142,11 @@ examples:
 """
 
 
-def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `serve` to a subparsers object (`chameleon.cli.build_parser` calls this)."""
+def add_serve_parser(
+    sub: argparse._SubParsersAction, embedded_store: EmbeddedStore | None = None
+) -> argparse.ArgumentParser:
+    """Add `serve` to a subparsers object (`chameleon.cli.build_parser` calls this, passing the
+    embedded store that serves `--workdir` without `--store`)."""
     p = sub.add_parser(
         "serve",
         help="serve published edits over an OpenAI-compatible HTTP API (Ray Serve)",
@@ -182,7 +188,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         action="store_true",
         help="deploy and return; needs --address, the app keeps running [default: off]",
     )
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=partial(cmd_serve, embedded_store=embedded_store))
     return p
 
 
@@ -225,20 +231,6 @@ def has_store(args: argparse.Namespace) -> bool:
         data = yaml.safe_load(Path(args.config).read_text()) or {}
         return isinstance(data, dict) and "store" in data
     return False
-
-
-@contextlib.contextmanager
-def demo_store(workdir: Path):
-    """The embedded store under `workdir` (an S3 server on loopback, up while serving)."""
-    from chameleon.dev.s3server import embedded_store
-
-    if not (workdir / "s3").is_dir():
-        raise ValueError(
-            f"no --store given and no embedded store under {workdir / 's3'}: run `make demo` "
-            "(or `chameleon personalize --input USERS.jsonl`) first, or pass --store"
-        )
-    with embedded_store(workdir) as (_s3, store):
-        yield store
 
 
 def run_server(
@@ -322,13 +314,20 @@ def _serving_run(app_name: str, cfg: ServeConfig) -> str:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+EmbeddedStore = Callable[[Path], AbstractContextManager[Any]]
+"""workdir -> a context manager yielding the store kept there (`chameleon.cli.demo_store`: the
+dev layer's embedded S3 server, which serving does not import)."""
+
+
+def cmd_serve(args: argparse.Namespace, embedded_store: EmbeddedStore | None = None) -> int:
     with contextlib.ExitStack() as stack:
         store = None
         if not has_store(args):
             if args.detach:
                 raise ValueError("--detach needs --store: the embedded store stops with this process")
-            store = stack.enter_context(demo_store(Path(args.workdir)))
+            if embedded_store is None:
+                raise ValueError("no --store given (this entry point has no embedded store)")
+            store = stack.enter_context(embedded_store(Path(args.workdir)))
         cfg = ServeConfig.model_validate(serve_settings(args, default_store=store.uri if store else None))
         return run_server(
             cfg,

@@ -5,7 +5,7 @@
 
 Synthetic hidden states with the shape of the default job (8 pairs, 3 captured layers, SmolLM2's
 hidden size 576) and the default subspace config (CCS: 10 restarts x 1000 steps). The
-vectorized reduce (`stages.reduce_users`) runs on all users; the per-user loop runs the same
+vectorized reduce (`reduce.reduce_users`) runs on all users; the per-user loop runs the same
 function one user at a time on a sample and is extrapolated (`vectorized_speedup` = loop time
 per user x users / vectorized time). Grouping (on random stylometric features, as the default
 `groups.features: style` clusters the features the map stage records) and group subspaces are
@@ -21,7 +21,9 @@ from common import parse, parser, report
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.style import FEATURES
-from chameleon.job.stages import UnitData, group_users, reduce_groups, reduce_users
+from chameleon.job.grouping import group_users
+from chameleon.job.reduce import reduce_groups, reduce_users
+from chameleon.job.tables import UnitData
 
 SMOKE = {
     "users": 64,
