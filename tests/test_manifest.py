@@ -170,3 +170,28 @@ def test_artifacts_are_byte_identical_for_the_same_input_and_config(
     assert {k: v for k, v in a.items() if k not in volatile} == {
         k: v for k, v in b.items() if k not in volatile
     }
+
+
+def test_a_group_calibrated_without_held_out_text_commits_and_reads_back(local_store):
+    """Its NLLs are NaN (nothing to score), which JSON writes as null: the manifest still commits."""
+    from chameleon.data.manifest import GroupEntry
+
+    writer = RunWriter(local_store, "r1")
+    manifest = stub_manifest()
+    calibration = {"layer": 1, "strength": 0.0, "nll": float("nan"), "base_nll": float("nan")}
+    manifest.groups.append(
+        GroupEntry.model_validate(
+            {
+                "group_id": "g",
+                "n_users": 3,
+                "n_pairs": 6,
+                "layers": [1],
+                "rank": [1],
+                "form": "additive",
+                "calibration": calibration,
+            }
+        )
+    )
+    writer.commit(manifest)
+    (group,) = RunReader(local_store, "r1").manifest.groups
+    assert group.calibration.nll is None and group.calibration.strength == 0.0

@@ -136,7 +136,7 @@ def test_killed_actor_still_finishes_with_identical_artifacts(
     thread.join(timeout=300)
     assert killed is not None, "the job finished before an actor could be killed"
     assert "error" not in result, result.get("error")
-    assert killed[0] < result["manifest"]["counts"]["partitions"]
+    assert killed[0] < result["manifest"].counts.partitions
     assert artifact_hashes(result["manifest"]) == artifact_hashes(clean_run[1])
 
 
@@ -178,7 +178,7 @@ def test_interrupted_driver_resumes_without_recomputing(
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole local Ray
         proc.wait()
     done_before = {k: store.get_bytes(k) for k in store.list("runs/resumed/parts/")}
-    assert 3 <= len(done_before) < clean_run[1]["counts"]["partitions"], "interrupt came too late"
+    assert 3 <= len(done_before) < clean_run[1].counts.partitions, "interrupt came too late"
     assert not store.exists("runs/resumed/manifest.json")
 
     import ray

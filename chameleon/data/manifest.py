@@ -84,8 +84,9 @@ class GroupCalibration(_Part):
 
     layer: int
     strength: float
-    nll: float
-    base_nll: float
+    nll: float | None
+    base_nll: float | None
+    """None when the group had no held-out text to score (its NLL is NaN, which JSON writes as null)."""
 
 
 class GroupEntry(_Part):
