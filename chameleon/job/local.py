@@ -18,9 +18,9 @@ from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.model import load_model, num_layers
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
+from chameleon.job.refresh import check_source_model, map_partition
 from chameleon.job.run import begin_run, finish_run, write_partition
 from chameleon.job.spec import model_identity
-from chameleon.job.stages import process_partition
 
 
 def run_local(
@@ -32,6 +32,7 @@ def run_local(
     model_and_tokenizer=None,
     progress: bool = True,
     restart: bool = False,
+    update_from: str | None = None,
     **store_options: Any,
 ) -> dict[str, Any]:
     """Run the whole job in this process; returns the run's manifest.
@@ -39,25 +40,33 @@ def run_local(
     Rerunning with the same run id resumes under the same job spec: partitions already complete
     in the store are adopted, not recomputed (`restart` starts the run id over instead). A
     committed run is returned as it is (and `latest` moved to it if a crash left it behind).
+    `update_from`: a committed run whose results are reused for unchanged users (`job.refresh`).
     """
     t0 = time.perf_counter()
     model, tok = model_and_tokenizer or load_model(cfg.model)
     load_s = time.perf_counter() - t0
     identity = {**model_identity(cfg), "num_layers": num_layers(model)}
-    plan = begin_run(input_uri, store, run_id, cfg, identity, restart=restart, **store_options)
+    plan = begin_run(
+        input_uri, store, run_id, cfg, identity, restart=restart, update_from=update_from, **store_options
+    )
     if plan.committed is not None:
         return plan.committed
     plan.timings["load_s"] += load_s
     fingerprint = fingerprint_model(model, cfg.model.name_or_path)
+    source = plan.source.reader if plan.source is not None else None
+    if source is not None:
+        check_source_model(source, fingerprint.to_dict())
     t1 = time.perf_counter()
     for k in tqdm(plan.todo, desc="fake it (partitions)", disable=not progress):
         users = plan.partitions[k]
-        pairs, profiles, failures = process_partition(model, tok, users, cfg, plan.layers)
-        write_partition(
+        pairs, profiles, failures, reused = map_partition(
+            model, tok, users, cfg, plan.layers, source, plan.source_parts(k)
+        )
+        record = write_partition(
             plan.run_writer, k, pairs, profiles, failures,
-            user_ids=[u.user_id for u in users], fingerprint=fingerprint,
+            user_ids=[u.user_id for u in users], fingerprint=fingerprint, reused=reused,
         )  # fmt: skip
-        plan.fingerprints[k] = fingerprint.to_dict()
+        plan.adopted(k, record)
     plan.timings["map_s"] = time.perf_counter() - t1
     calibrate = partial(calibrate_in_process, model, tok, cfg=cfg)
     return finish_run(plan, cfg, fingerprint, calibrate)

@@ -36,11 +36,12 @@ from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.records import UserRecord
-from chameleon.data.artifacts import RunWriter
+from chameleon.data.artifacts import RunReader, RunWriter
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_env import init_ray
+from chameleon.job.refresh import check_source_model, map_partition
 from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
 from chameleon.job.run import (
     RunPlan,
@@ -51,7 +52,7 @@ from chameleon.job.run import (
     write_partition,
 )
 from chameleon.job.spec import model_identity
-from chameleon.job.stages import Reduced, process_partition
+from chameleon.job.stages import Reduced
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
 
@@ -66,12 +67,14 @@ class PartitionWorker(ModelReplica):
         run_id: str,
         layers: list[int],
         faults: dict[str, str] | None = None,
+        source_run: str | None = None,
     ) -> None:
         super().__init__(cfg_json)
         self.layers = layers
         self.writer = RunWriter(store, run_id)
         self.fingerprint = fingerprint_model(self.model, self.cfg.model.name_or_path)
         self.faults = faults or {}
+        self.source = RunReader(store, source_run) if source_run else None
 
     def _inject_faults(self, user_ids: set[str]) -> None:
         if self.faults.get("exit_on_user") in user_ids:
@@ -81,19 +84,29 @@ class PartitionWorker(ModelReplica):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"partition": [], "failed": [], "seconds": [], "pid": [], "error": []}
-        for k, users_json in zip(batch["partition"], batch["users"], strict=True):
+        for k, users_json, parts in zip(
+            batch["partition"], batch["users"], batch["source_parts"], strict=True
+        ):
             t0 = time.perf_counter()
             users = [UserRecord.from_dict(u) for u in json.loads(str(users_json))]
             error, failed = "", 0
             with item_deadline(self.cfg.job.partition_timeout_s, f"partition {int(k)}"):
                 self._inject_faults({u.user_id for u in users})
                 try:
-                    pairs, profiles, failures = process_partition(
-                        self.model, self.tok, users, self.cfg, self.layers
+                    if self.source is not None:
+                        check_source_model(self.source, self.fingerprint.to_dict())
+                    pairs, profiles, failures, reused = map_partition(
+                        self.model,
+                        self.tok,
+                        users,
+                        self.cfg,
+                        self.layers,
+                        self.source,
+                        json.loads(str(parts)),
                     )
                     write_partition(
                         self.writer, int(k), pairs, profiles, failures,
-                        user_ids=[u.user_id for u in users], fingerprint=self.fingerprint,
+                        user_ids=[u.user_id for u in users], fingerprint=self.fingerprint, reused=reused,
                     )  # fmt: skip
                     failed = len(failures)
                 except Exception as exc:  # e.g. the store stayed down past its retries
@@ -135,13 +148,20 @@ def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
     (or passing their deadline) as failed. A worker's error (such as a store outage longer than
     its retries) fails the job before anything is published."""
     items = [
-        {"partition": k, "users": json.dumps([u.to_dict() for u in plan.partitions[k]])} for k in plan.todo
+        {
+            "partition": k,
+            "users": json.dumps([u.to_dict() for u in plan.partitions[k]]),
+            "source_parts": json.dumps(plan.source_parts(k)),
+        }
+        for k in plan.todo
     ]
+    source_run = plan.source.run_id if plan.source is not None else None
     faults = json.loads(os.environ.get(FAULTS_ENV) or "{}")
     try:
         results = map_with_replicas(
             items, PartitionWorker, cfg, drop_lost_items=True,
             store=store, run_id=plan.run_writer.run_id, layers=plan.layers, faults=faults,
+            source_run=source_run,
         )  # fmt: skip
     except Exception as exc:
         raise JobFailedError(
@@ -159,7 +179,7 @@ def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
     for k in plan.todo:
         record = adopt_partition(plan.run_writer, k, plan.partitions[k], retry_failed=False)
         if record is not None:
-            plan.fingerprints[k] = record.get("fingerprint")
+            plan.adopted(k, record)
         else:
             record_failed_partition(
                 plan, k,
@@ -176,13 +196,17 @@ def run_ray_job(
     *,
     address: str | None = None,
     restart: bool = False,
+    update_from: str | None = None,
     **store_options: Any,
 ) -> dict[str, Any]:
     """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
 
-    Resume, `restart` and a committed run behave as in `job.local.run_local`."""
+    Resume, `restart`, `update_from` and a committed run behave as in `job.local.run_local`."""
     init_ray(address)
-    plan = begin_run(input_uri, store, run_id, cfg, model_identity(cfg), restart=restart, **store_options)
+    plan = begin_run(
+        input_uri, store, run_id, cfg, model_identity(cfg), restart=restart, update_from=update_from,
+        **store_options,
+    )  # fmt: skip
     if plan.committed is not None:
         return plan.committed
     t1 = time.perf_counter()

@@ -30,6 +30,7 @@ from chameleon.core.fingerprint import ModelFingerprint
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import (
     RunImmutableError,
+    RunReader,
     RunWriter,
     committed_manifest,
     latest_run_id,
@@ -39,7 +40,8 @@ from chameleon.data.inputs import PreparedInput, prepare_input
 from chameleon.data.layout import JOB_SPEC, REJECTS, done_key, part_keys
 from chameleon.data.storage import Store, StoreConflictError, StoreKeyError
 from chameleon.job.publish import Calibrate, JobFailedError, reduce_and_publish
-from chameleon.job.spec import build_spec, check_spec
+from chameleon.job.refresh import RefreshSource, check_source_model, open_source
+from chameleon.job.spec import build_spec, check_refresh_source, check_spec
 from chameleon.job.stages import candidate_layers, pairs_to_tables
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,10 @@ class RunPlan:
     committed: dict[str, Any] | None = None
     fingerprints: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     """The model each done partition was mapped with (None: a partition recorded as failed)."""
+    reused: dict[int, int] = field(default_factory=dict)
+    """Users of each done partition whose results came from the refresh source (`job.refresh`)."""
+    source: RefreshSource | None = None
+    """The run a refresh (`--update-from`) reuses per-user results of."""
     failed_partitions: dict[int, str] = field(default_factory=dict)
     """Partitions of this attempt recorded as failed as a whole, with why."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -69,6 +75,17 @@ class RunPlan:
         if self.writer is None:
             raise RuntimeError("the run is already committed: nothing to write")
         return self.writer
+
+    def source_parts(self, k: int) -> list[int]:
+        """The refresh source's partitions holding partition k's users (none without a source)."""
+        if self.source is None:
+            return []
+        return self.source.partitions_for([u.user_id for u in self.partitions[k]])
+
+    def adopted(self, k: int, record: Mapping[str, Any]) -> None:
+        """Note a done partition's record: its model and how many users it reused."""
+        self.fingerprints[k] = record.get("fingerprint")
+        self.reused[k] = len(record.get("reused") or [])
 
 
 def partition_users(users: Sequence[UserRecord], size: int) -> list[list[UserRecord]]:
@@ -85,11 +102,14 @@ def write_partition(
     *,
     user_ids: Sequence[str] | None = None,
     fingerprint: ModelFingerprint | None = None,
-) -> None:
-    """Write a finished partition's files, then its done record (which makes it adoptable).
+    reused: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Write a finished partition's files, then its done record (which makes it adoptable);
+    returns the record.
 
     `user_ids`: the partition's users (default: the mapped and failed users it holds);
-    `fingerprint`: the model that mapped it."""
+    `fingerprint`: the model that mapped it; `reused`: users whose rows a refresh copied from its
+    source run instead of mapping them."""
     keys = part_keys(k)
     entries = {
         keys.profiles: writer.put_parquet(keys.profiles, profiles),
@@ -106,9 +126,11 @@ def write_partition(
         "files": entries,
         "fingerprint": fingerprint.to_dict() if fingerprint is not None else None,
         "attempt": writer.attempt,
+        "reused": list(reused),
     }
     # Outside the attempt folder, last writer wins: every record points at one attempt's files.
     writer.run_store.put_bytes(done_key(k), (json.dumps(record, indent=1) + "\n").encode())
+    return record
 
 
 def read_done_record(writer: RunWriter, k: int) -> dict[str, Any] | None:
@@ -177,17 +199,25 @@ def begin_run(
     model: Mapping[str, Any],
     *,
     restart: bool = False,
+    update_from: str | None = None,
     **store_options: Any,
 ) -> RunPlan:
     """Validate the input, open the run under its job spec (or refuse), write its rejects, and
     find the partitions left to map. `model`: `job.spec.model_identity(cfg)`. `restart` deletes
-    an uncommitted run's earlier attempts first."""
+    an uncommitted run's earlier attempts first. `update_from`: a committed run whose per-user
+    results are reused for users whose record is unchanged (`job.refresh`)."""
     t0 = time.perf_counter()
     prepared = prepare_input(input_uri, cfg, **store_options)
     if not prepared.users:
         raise ValueError(f"{input_uri}: no valid user records ({len(prepared.rejects)} rejected)")
     layers = candidate_layers(int(model["num_layers"]), cfg.subspace)
     spec = build_spec(cfg, prepared.users, prepared.n_input, layers, model)
+    source = None
+    if update_from is not None:
+        reader = RunReader(store, update_from)
+        check_refresh_source(update_from, reader.manifest.get("job_spec"), spec)
+        spec["update_from"] = reader.run_id
+        source = open_source(reader, cfg.job.read_threads)
     partitions = partition_users(prepared.users, cfg.job.users_per_partition)
     committed = committed_manifest(store, run_id)
     if committed is not None:
@@ -209,13 +239,13 @@ def begin_run(
         check_spec(run_id, json.loads(writer.run_store.get_bytes(JOB_SPEC)), spec, committed=False)
     # Rejects are JSON-safe whatever the input held (repr of anything JSON cannot carry).
     writer.put_jsonl(REJECTS, [json.loads(json.dumps(r.to_dict(), default=repr)) for r in prepared.rejects])
-    plan = RunPlan(writer, prepared, layers, partitions, [], spec)
+    plan = RunPlan(writer, prepared, layers, partitions, [], spec, source=source)
     for k, users in enumerate(partitions):
         record = adopt_partition(writer, k, users)
         if record is None:
             plan.todo.append(k)
         else:
-            plan.fingerprints[k] = record.get("fingerprint")
+            plan.adopted(k, record)
     plan.timings["load_s"] = time.perf_counter() - t0
     log.info(
         "run %s: %d users in %d partitions, %d to map",
@@ -272,13 +302,18 @@ def finish_run(
         if k not in plan.fingerprints:  # mapped by this attempt's workers
             record = adopt_partition(writer, k, plan.partitions[k], retry_failed=False)
             if record is not None:
-                plan.fingerprints[k] = record.get("fingerprint")
+                plan.adopted(k, record)
     missing = [k for k in range(len(plan.partitions)) if k not in plan.fingerprints]
     if missing:
         raise JobFailedError(
             f"partitions {missing} did not complete; rerun with --run-id {writer.run_id} to resume"
         )
     fp = _one_fingerprint(plan, fingerprint)
+    if plan.source is not None:
+        try:
+            check_source_model(plan.source.reader, fp.to_dict())
+        except ValueError as exc:
+            raise JobFailedError(str(exc)) from None
     counts = {
         "records": plan.prepared.n_input,
         "accepted": len(plan.prepared.users),
@@ -286,6 +321,7 @@ def finish_run(
         "partitions": len(plan.partitions),
         "partitions_resumed": len(plan.partitions) - len(plan.todo),
         "partitions_failed": len(plan.failed_partitions),
+        "users_reused": sum(plan.reused.values()),
     }
     note = "; ".join(f"partition {k}: {why}" for k, why in sorted(plan.failed_partitions.items()))
     return reduce_and_publish(

@@ -99,6 +99,7 @@ def spec_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) ->
     """What differs between two specs, one phrase each (empty when they match)."""
     out = []
     for field, what in (
+        ("update_from", "source run of the refresh (--update-from)"),
         ("partition_size", "partition size (job.users_per_partition)"),
         ("captured_layers", "captured layers"),
         ("prompt_version", "prompt version"),
@@ -141,3 +142,19 @@ def check_spec(
     raise JobSpecMismatchError(
         f"run {run_id} was started from another job spec; differs in: {'; '.join(diffs)}. {remedy}"
     )
+
+
+def check_refresh_source(
+    source_id: str, recorded: Mapping[str, Any] | None, current: Mapping[str, Any]
+) -> None:
+    """Refuse (`JobSpecMismatchError`) a refresh from a run made under another spec than this
+    job's, its input, partition size and own source aside: its per-user results would differ."""
+    if not recorded:
+        raise JobSpecMismatchError(f"run {source_id} records no job spec: it cannot be refreshed")
+    free = {"input": None, "partition_size": None, "update_from": None}
+    diffs = spec_differences({**recorded, **free}, {**current, **free})
+    if diffs:
+        raise JobSpecMismatchError(
+            f"cannot refresh run {source_id}: it was made under another job spec; differs in: "
+            f"{'; '.join(diffs)}. Run without --update-from (a full run) instead"
+        )
