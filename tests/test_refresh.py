@@ -44,7 +44,9 @@ def _mapped_users(monkeypatch) -> list[str]:
     return seen
 
 
-def test_refresh_maps_only_changed_users_and_equals_a_full_run(tmp_path, local_store, tiny_model_dir, monkeypatch):
+def test_refresh_maps_only_changed_users_and_equals_a_full_run(
+    tmp_path, local_store, tiny_model_dir, monkeypatch
+):
     cfg = tiny_job_config(tiny_model_dir)
     old, new, new_users, changed = _inputs(tmp_path)
     run_local(old, local_store, "day-1", cfg, progress=False)
@@ -55,7 +57,11 @@ def test_refresh_maps_only_changed_users_and_equals_a_full_run(tmp_path, local_s
     assert manifest["counts"]["users_reused"] == len(unchanged)
     assert manifest["job_spec"]["update_from"] == "day-1"
     reader = RunReader(local_store, "day-2")
-    reused = [u for k in range(manifest["counts"]["partitions"]) for u in reader.run_store.get_json(done_key(k))["reused"]]
+    reused = [
+        u
+        for k in range(manifest["counts"]["partitions"])
+        for u in reader.run_store.get_json(done_key(k))["reused"]
+    ]
     assert sorted(reused) == unchanged
     # The dropped user is gone from the new run; the newcomer is in it.
     assigned = refresh.PublishedRun(reader).assignments()
@@ -74,3 +80,19 @@ def test_refresh_from_a_run_made_under_other_settings_is_refused(tmp_path, local
     other = cfg.with_overrides({"subspace.n_layers": 2})
     with pytest.raises(JobSpecMismatchError, match=r"cannot refresh run day-1.*subspace.n_layers"):
         run_local(new, local_store, "day-2", other, progress=False, update_from="day-1")
+
+
+def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(
+    ray_local, tmp_path, s3_store, tiny_model_dir
+):
+    from chameleon.job.ray_job import run_ray_job
+
+    cfg = tiny_job_config(tiny_model_dir, **{"job.num_actors": 1, "job.num_cpus_per_actor": 0.5})
+    old, new, new_users, changed = _inputs(tmp_path)
+    run_local(old, s3_store, "day-1", cfg, progress=False)
+    manifest = run_ray_job(new, s3_store, "day-2", cfg, update_from="day-1")
+    assert manifest["counts"]["users_reused"] == len(new_users) - len(changed)
+    assert "calibrate_s" in manifest["timings_s"] and all("calibration" in g for g in manifest["groups"])
+    run_local(new, s3_store, "full", cfg, progress=False)
+    unchanged = sorted({u["user_id"] for u in new_users} - changed)
+    assert refresh.compare_runs(RunReader(s3_store, "day-2"), RunReader(s3_store, "full"), unchanged) == []

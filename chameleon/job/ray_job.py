@@ -1,10 +1,10 @@
 """The distributed job: Ray Data map over model-replica actors → reduce → publish.
 
-    users file ─ validate (driver) ─ partitions ─▶ map_with_replicas(PartitionWorker)
+    users file ─ validate (driver) ─ partitions ─▶ ReplicaPool(PartitionWorker).run("map")
                                                    each actor = one model replica; writes
                                                    pairs/profiles/failures of its partitions
                ◀─ reduce users, group, reduce groups (driver; `job.run.finish_run`)
-                 ─▶ map_with_replicas(CalibrationWorker): one item per group
+                 ─▶ the same actors .run("calibrate"): one item per group, no second model load
                ◀─ publish (driver)
 
 The map stage runs exactly `job.stages.process_partition`, the function the in-process driver
@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 from functools import partial
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from chameleon.config import ChameleonConfig
@@ -38,17 +36,18 @@ from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunReader, RunWriter
 from chameleon.data.storage import Store
-from chameleon.job.calibrate import calibrate_task, calibration_tasks
+from chameleon.job.calibrate import GroupCalibrationTask, calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_env import init_ray
 from chameleon.job.refresh import check_source_model, map_partition
-from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
+from chameleon.job.replicas import ModelReplica, ReplicaPool, item_deadline
 from chameleon.job.run import (
     RunPlan,
     adopt_partition,
     begin_run,
     finish_run,
     record_failed_partition,
+    take_record,
     write_partition,
 )
 from chameleon.job.spec import model_identity
@@ -58,7 +57,8 @@ FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
 
 
 class PartitionWorker(ModelReplica):
-    """Maps partitions of users to pairs and writes them to the run (in its own attempt folder)."""
+    """One model replica of the job: maps partitions of users to pairs (written to the run, in
+    its own attempt folder), then calibrates groups, on the model it loaded once."""
 
     def __init__(
         self,
@@ -82,93 +82,87 @@ class PartitionWorker(ModelReplica):
         if self.faults.get("hang_on_user") in user_ids:
             time.sleep(10**6)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"partition": [], "failed": [], "seconds": [], "pid": [], "error": []}
-        for k, users_json, parts in zip(
-            batch["partition"], batch["users"], batch["source_parts"], strict=True
-        ):
-            t0 = time.perf_counter()
-            users = [UserRecord.from_dict(u) for u in json.loads(str(users_json))]
-            error, failed = "", 0
-            with item_deadline(self.cfg.job.partition_timeout_s, f"partition {int(k)}"):
-                self._inject_faults({u.user_id for u in users})
-                try:
-                    if self.source is not None:
-                        check_source_model(self.source, self.fingerprint.to_dict())
-                    pairs, profiles, failures, reused = map_partition(
-                        self.model,
-                        self.tok,
-                        users,
-                        self.cfg,
-                        self.layers,
-                        self.source,
-                        json.loads(str(parts)),
-                    )
-                    write_partition(
-                        self.writer, int(k), pairs, profiles, failures,
-                        user_ids=[u.user_id for u in users], fingerprint=self.fingerprint, reused=reused,
-                    )  # fmt: skip
-                    failed = len(failures)
-                except Exception as exc:  # e.g. the store stayed down past its retries
-                    error = f"{type(exc).__name__}: {exc}"
-            out["partition"].append(int(k))
-            out["failed"].append(failed)
-            out["seconds"].append(time.perf_counter() - t0)
-            out["pid"].append(os.getpid())
-            out["error"].append(error)
-        return out
+    def map(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Map one partition (`item`: partition, users, source_parts); errors come back as text."""
+        k, t0 = int(item["partition"]), time.perf_counter()
+        users = [UserRecord.from_dict(u) for u in json.loads(item["users"])]
+        error, failed, record = "", 0, None
+        with item_deadline(self.cfg.job.partition_timeout_s, f"partition {k}"):
+            self._inject_faults({u.user_id for u in users})
+            try:
+                if self.source is not None:
+                    check_source_model(self.source, self.fingerprint.to_dict())
+                pairs, profiles, failures, reused = map_partition(
+                    self.model, self.tok, users, self.cfg, self.layers, self.source, item["source_parts"]
+                )
+                record = write_partition(
+                    self.writer, k, pairs, profiles, failures,
+                    user_ids=[u.user_id for u in users], fingerprint=self.fingerprint, reused=reused,
+                )  # fmt: skip
+                failed = len(failures)
+            except Exception as exc:  # e.g. the store stayed down past its retries
+                error = f"{type(exc).__name__}: {exc}"
+        return {"failed": failed, "seconds": time.perf_counter() - t0, "error": error, "record": record}
+
+    def calibrate(self, task: GroupCalibrationTask) -> Calibration:
+        """Calibrate one group on the held-out texts of its members."""
+        return calibrate_task(self.model, self.tok, task, self.cfg)
 
 
-class CalibrationWorker(ModelReplica):
-    """Calibrates groups (one per item) on the held-out texts of their members."""
+class JobPool:
+    """The job's actor pool, started when first needed and kept for the map and the calibration."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"index": [], "calibration": []}
-        for k, blob in zip(batch["index"], batch["task"], strict=True):
-            task = pickle.loads(bytes(blob))  # written by this job's driver just before
-            out["index"].append(int(k))
-            out["calibration"].append(pickle.dumps(calibrate_task(self.model, self.tok, task, self.cfg)))
-        return out
+    def __init__(self, plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
+        self.plan, self.store, self.cfg = plan, store, cfg
+        self._pool: ReplicaPool | None = None
+
+    def get(self, n_items: int) -> ReplicaPool:
+        if self._pool is None:
+            plan = self.plan
+            self._pool = ReplicaPool(
+                PartitionWorker, self.cfg, max(1, min(self.cfg.job.num_actors, n_items)),
+                store=self.store, run_id=plan.run_writer.run_id, layers=plan.layers,
+                faults=json.loads(os.environ.get(FAULTS_ENV) or "{}"),
+                source_run=plan.source.run_id if plan.source is not None else None,
+            )  # fmt: skip
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
 
 
-def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, cfg: ChameleonConfig) -> list[Calibration]:
-    """`job.calibrate` for every group, spread over the actor pool."""
-    tasks = calibration_tasks(reduced, profiles, cfg)
-    items = [{"index": k, "task": pickle.dumps(task)} for k, task in enumerate(tasks)]
-    results = map_with_replicas(items, CalibrationWorker, cfg)
-    by_index = {int(r["index"]): pickle.loads(bytes(r["calibration"])) for r in results}
-    missing = [k for k in range(len(tasks)) if k not in by_index]
+def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, pool: JobPool) -> list[Calibration]:
+    """`job.calibrate` for every group, spread over the job's actors (the models that mapped)."""
+    tasks = calibration_tasks(reduced, profiles, pool.cfg)
+    results = pool.get(len(tasks)).run("calibrate", tasks)
+    missing = [k for k in range(len(tasks)) if k not in results]
     if missing:
         raise JobFailedError(f"calibration of groups {[tasks[k].group_id for k in missing]} returned nothing")
-    return [by_index[k] for k in range(len(tasks))]
+    return [results[k] for k in range(len(tasks))]
 
 
-def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
+def map_partitions(plan: RunPlan, pool: JobPool) -> None:
     """Map the plan's partitions on the actor pool; record the ones that kept killing their actor
     (or passing their deadline) as failed. A worker's error (such as a store outage longer than
     its retries) fails the job before anything is published."""
+    cfg = pool.cfg
     items = [
         {
             "partition": k,
             "users": json.dumps([u.to_dict() for u in plan.partitions[k]]),
-            "source_parts": json.dumps(plan.source_parts(k)),
+            "source_parts": plan.source_parts(k),
         }
         for k in plan.todo
     ]
-    source_run = plan.source.run_id if plan.source is not None else None
-    faults = json.loads(os.environ.get(FAULTS_ENV) or "{}")
     try:
-        results = map_with_replicas(
-            items, PartitionWorker, cfg, drop_lost_items=True,
-            store=store, run_id=plan.run_writer.run_id, layers=plan.layers, faults=faults,
-            source_run=source_run,
-        )  # fmt: skip
+        results = pool.get(len(items)).run("map", items, drop_lost_items=True)
     except Exception as exc:
         raise JobFailedError(
             f"the map stage stopped ({type(exc).__name__}: {exc}); finished partitions are kept: "
             f"rerun with --run-id {plan.run_writer.run_id} to resume"
         ) from exc
-    errors = {int(r["partition"]): r["error"] for r in results if r["error"]}
+    errors = {plan.todo[i]: r["error"] for i, r in results.items() if r["error"]}
     if errors:
         k, error = sorted(errors.items())[0]
         raise JobFailedError(
@@ -176,7 +170,11 @@ def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
             f"nothing was published: rerun with --run-id {plan.run_writer.run_id} to resume"
         )
     tries = cfg.job.max_task_retries + 1
-    for k in plan.todo:
+    for i, k in enumerate(plan.todo):
+        record = results[i]["record"] if i in results else None
+        if record is not None and take_record(plan.run_writer, k, record):
+            plan.adopted(k, record)
+            continue
         record = adopt_partition(plan.run_writer, k, plan.partitions[k], retry_failed=False)
         if record is not None:
             plan.adopted(k, record)
@@ -209,8 +207,12 @@ def run_ray_job(
     )  # fmt: skip
     if plan.committed is not None:
         return plan.committed
-    t1 = time.perf_counter()
-    if plan.todo:
-        map_partitions(plan, store, cfg)
-    plan.timings["map_s"] = time.perf_counter() - t1
-    return finish_run(plan, cfg, None, partial(calibrate_on_ray, cfg=cfg))
+    pool = JobPool(plan, store, cfg)
+    try:
+        t1 = time.perf_counter()
+        if plan.todo:
+            map_partitions(plan, pool)
+        plan.timings["map_s"] = time.perf_counter() - t1
+        return finish_run(plan, cfg, None, partial(calibrate_on_ray, pool=pool))
+    finally:
+        pool.close()

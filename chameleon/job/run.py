@@ -167,6 +167,17 @@ def adopt_partition(
     return record
 
 
+def take_record(writer: RunWriter, k: int, record: Mapping[str, Any]) -> bool:
+    """Keep partition k as the worker that just mapped it in this job reported it (its done
+    record), without reading its files back; False when the record is not partition k's."""
+    files = record.get("files") or {}
+    if record.get("partition") != k or set(files) != set(part_keys(k).all()):
+        return False
+    for rel, entry in files.items():
+        writer.record_written(rel, entry)
+    return True
+
+
 def _restart(store: Store, run_id: str) -> None:
     """Delete every file of an uncommitted run (`--restart`)."""
     run_store = store.child(f"runs/{run_id}")
