@@ -1,14 +1,15 @@
 """The distributed job: Ray Data map over model-replica actors → reduce → publish.
 
-    users file ─ validate (driver) ─ partitions ─▶ ReplicaPool(PartitionWorker).run("map")
+    users files ─ read, validate, hash-partition (Ray Data, `job.ray_input`) ─▶ staged partitions
+               ─▶ ReplicaPool(PartitionWorker).run("map")
                                                    each actor = one model replica; writes
                                                    pairs/profiles/failures of its partitions
                ◀─ reduce users, group, reduce groups (driver; `job.run.finish_run`)
                  ─▶ the same actors .run("calibrate"): one item per group, no second model load
                ◀─ publish (driver)
 
-The map stage runs exactly `job.stages.process_partition`, the function the in-process driver
-runs, on the records the driver validated (workers never re-validate under other limits).
+The map stage runs exactly `job.refresh.map_partition`, the function the in-process driver runs,
+on the records validated by the staging tasks (workers never re-validate under other limits).
 Partitions are the unit of resume and of fault tolerance: a worker writes a partition's files into
 its own attempt folder, then its done record; the driver adopts what the done records name. A
 partition whose actor died is retried on a restarted actor, at most `job.max_task_retries` times
@@ -33,12 +34,12 @@ import pyarrow as pa
 from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
-from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunReader, RunWriter
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import GroupCalibrationTask, calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_env import init_ray
+from chameleon.job.ray_input import read_staged, stage_input
 from chameleon.job.refresh import check_source_model, map_partition
 from chameleon.job.replicas import ModelReplica, ReplicaPool, item_deadline
 from chameleon.job.run import (
@@ -83,13 +84,14 @@ class PartitionWorker(ModelReplica):
             time.sleep(10**6)
 
     def map(self, item: dict[str, Any]) -> dict[str, Any]:
-        """Map one partition (`item`: partition, users, source_parts); errors come back as text."""
+        """Map one partition (`item`: partition, user_ids, its staged input, source_parts); errors
+        come back as text."""
         k, t0 = int(item["partition"]), time.perf_counter()
-        users = [UserRecord.from_dict(u) for u in json.loads(item["users"])]
         error, failed, record = "", 0, None
         with item_deadline(self.cfg.job.partition_timeout_s, f"partition {k}"):
-            self._inject_faults({u.user_id for u in users})
+            self._inject_faults(set(item["user_ids"]))
             try:
+                users = read_staged(self.writer.run_store, item["input"])
                 if self.source is not None:
                     check_source_model(self.source, self.fingerprint.to_dict())
                 pairs, profiles, failures, reused = map_partition(
@@ -97,7 +99,7 @@ class PartitionWorker(ModelReplica):
                 )
                 record = write_partition(
                     self.writer, k, pairs, profiles, failures,
-                    user_ids=[u.user_id for u in users], fingerprint=self.fingerprint, reused=reused,
+                    user_ids=item["user_ids"], fingerprint=self.fingerprint, reused=reused,
                 )  # fmt: skip
                 failed = len(failures)
             except Exception as exc:  # e.g. the store stayed down past its retries
@@ -147,10 +149,13 @@ def map_partitions(plan: RunPlan, pool: JobPool) -> None:
     (or passing their deadline) as failed. A worker's error (such as a store outage longer than
     its retries) fails the job before anything is published."""
     cfg = pool.cfg
+    staged = plan.staged
+    assert staged is not None, "the Ray driver stages its input on the cluster"
     items = [
         {
             "partition": k,
-            "users": json.dumps([u.to_dict() for u in plan.partitions[k]]),
+            "user_ids": plan.partition_ids[k],
+            "input": staged.inputs[k],
             "source_parts": plan.source_parts(k),
         }
         for k in plan.todo
@@ -175,7 +180,7 @@ def map_partitions(plan: RunPlan, pool: JobPool) -> None:
         if record is not None and take_record(plan.run_writer, k, record):
             plan.adopted(k, record)
             continue
-        record = adopt_partition(plan.run_writer, k, plan.partitions[k], retry_failed=False)
+        record = adopt_partition(plan.run_writer, k, plan.partition_ids[k], retry_failed=False)
         if record is not None:
             plan.adopted(k, record)
         else:
@@ -203,7 +208,7 @@ def run_ray_job(
     init_ray(address)
     plan = begin_run(
         input_uri, store, run_id, cfg, model_identity(cfg), restart=restart, update_from=update_from,
-        **store_options,
+        stage_input=lambda writer: stage_input(input_uri, writer, cfg, **store_options), **store_options,
     )  # fmt: skip
     if plan.committed is not None:
         return plan.committed
