@@ -56,7 +56,7 @@ def test_a_partition_that_keeps_killing_its_actor_fails_the_job_in_bounded_time_
         JobFailedError, match=rf"{n_failed} of 6 users failed .*partition {k}: killed its actor .* 2 times"
     ):
         run_ray_job(path, s3_store, "r1", cfg)
-    assert time.monotonic() - t0 < 180  # Ray Data's defaults would retry it forever
+    assert time.monotonic() - t0 < 300  # Ray Data's defaults would retry it forever (300: a loaded 2-core CI)
     assert not s3_store.exists("runs/r1/manifest.json")
     monkeypatch.delenv(FAULTS_ENV)
     manifest = run_ray_job(path, s3_store, "r1", cfg)  # the failed partition is mapped again
