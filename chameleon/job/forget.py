@@ -32,7 +32,7 @@ from chameleon.core.fingerprint import ModelFingerprint, check_compatible, finge
 from chameleon.core.model import load_model
 from chameleon.data.artifacts import LATEST, MANIFEST, RUNS, RunReader, RunWriter, latest_run_id, new_run_id
 from chameleon.data.ids import validate_id
-from chameleon.data.layout import ASSIGNMENTS, REJECTS, part_keys
+from chameleon.data.layout import ASSIGNMENTS, part_keys, reject_files
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.publish import reduce_and_publish
@@ -56,7 +56,7 @@ def _users_in(reader: RunReader) -> set[str]:
     """Every user id a committed run holds: published, failed in the map stage, or rejected."""
     ids = set(reader.get_parquet(ASSIGNMENTS).column("user_id").to_pylist())
     for name in reader.files:
-        if name.startswith("failures/") or name == REJECTS:
+        if name.startswith("failures/") or name in reject_files([name]):
             ids.update(str(row.get("user_id")) for row in reader.get_jsonl(name) if row.get("user_id"))
     return ids
 
@@ -152,9 +152,11 @@ def forget_users(
         kept = [f for f in failures if f.get("user_id") not in gone]
         removed_accepted += len(failures) - len(kept)  # failed users were accepted too
         write_partition(writer, k, pairs, profiles, kept)
-    rejects = src.get_jsonl(REJECTS)
-    kept_rejects = [r for r in rejects if not _names_any(r, ids)]
-    writer.put_jsonl(REJECTS, kept_rejects)
+    kept_rejects = []
+    for name in reject_files(src.files):
+        kept = [r for r in src.get_jsonl(name) if not _names_any(r, ids)]
+        writer.put_jsonl(name, kept)
+        kept_rejects += kept
     accepted = int(counts["accepted"]) - removed_accepted
     new_counts = {
         "records": accepted + len(kept_rejects),
