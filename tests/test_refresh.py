@@ -96,3 +96,16 @@ def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(
     run_local(new, s3_store, "full", cfg, progress=False)
     unchanged = sorted({u["user_id"] for u in new_users} - changed)
     assert refresh.compare_runs(RunReader(s3_store, "day-2"), RunReader(s3_store, "full"), unchanged) == []
+
+
+def test_sampled_answers_are_seeded_per_row_so_batchmates_do_not_change_them(tiny_model_dir):
+    from chameleon.core.generation import chat_prompt, generate
+    from chameleon.core.model import load_model
+
+    model, tok = load_model(tiny_job_config(tiny_model_dir).model)
+    prompts = [chat_prompt(tok, f"say something about {w}") for w in ("cats", "dogs", "rain")]
+    kw = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 0.9}
+    batch = generate(model, tok, prompts, row_seeds=[11, 22, 33], batch_size=3, **kw)
+    alone = generate(model, tok, prompts[1:2], row_seeds=[22], **kw)
+    assert batch[1] == alone[0]
+    assert generate(model, tok, prompts[1:2], row_seeds=[23], **kw) != alone  # the seed counts

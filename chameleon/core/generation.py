@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers import LogitsProcessorList
 
 from chameleon.config import EditConfig
 from chameleon.core.edit import Edit, EditBank
@@ -80,6 +81,29 @@ def encode(tok, texts: Sequence[str], max_length: int | None = None) -> dict[str
     )
 
 
+class RowSampler:
+    """Temperature / top-p sampling in which row i draws from its own generator seeded with
+    `seeds[i]`: a row's text does not depend on which rows share its batch (HF's sampling draws
+    the whole batch from one RNG). Run with `do_sample=False`: every other token is masked, so the
+    greedy pick is the sampled one."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest set reaching top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)]
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(picks)), torch.cat(picks).to(scores.device)] = 0.0
+        return out
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -94,8 +118,10 @@ def generate(
     bank: EditBank | None = None,
     rows: Sequence[int] | None = None,
     stop_strings: Sequence[str] | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[str]:
-    """Generate an answer for each rendered prompt; `rows[i]` picks prompt i's bank row."""
+    """Generate an answer for each rendered prompt; `rows[i]` picks prompt i's bank row.
+    `row_seeds[i]` seeds prompt i's own sampling (`RowSampler`) instead of one seed per batch."""
     if bank is not None and (rows is None or len(rows) != len(prompts)):
         raise ValueError("with an edit bank, give one bank row per prompt")
     device = model_device(model)
@@ -108,7 +134,16 @@ def generate(
             pad_token_id=tok.pad_token_id,
             do_sample=temperature > 0,
         )
-        if temperature > 0:
+        if temperature > 0 and row_seeds is not None:
+            sampler = RowSampler(row_seeds[start : start + batch_size], temperature, top_p)
+            gen_kwargs.update(
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                logits_processor=LogitsProcessorList([sampler]),
+            )
+        elif temperature > 0:
             gen_kwargs.update(temperature=temperature, top_p=top_p)
         else:
             # Neutralize sampling defaults from generation_config so greedy warns about nothing.

@@ -35,6 +35,7 @@ from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.data.artifacts import RunReader, RunWriter
+from chameleon.data.parallel_reads import read_in_order
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import GroupCalibrationTask, calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
@@ -218,6 +219,17 @@ def run_ray_job(
         if plan.todo:
             map_partitions(plan, pool)
         plan.timings["map_s"] = time.perf_counter() - t1
-        return finish_run(plan, cfg, None, partial(calibrate_on_ray, pool=pool))
+        manifest = finish_run(plan, cfg, None, partial(calibrate_on_ray, pool=pool))
     finally:
         pool.close()
+    drop_staged_input(plan, cfg)
+    return manifest
+
+
+def drop_staged_input(plan: RunPlan, cfg: ChameleonConfig) -> None:
+    """Delete the committed run's staged input partitions: copies of the users' records that no
+    reader needs once the run is published (a failed run keeps them until it is deleted)."""
+    staged, run_store = plan.staged, plan.run_writer.run_store
+    keys = [entry["key"] for entry in (staged.inputs if staged is not None else []) if entry]
+    for _ in read_in_order(run_store.delete, keys, cfg.job.read_threads):
+        pass

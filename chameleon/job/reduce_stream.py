@@ -38,6 +38,7 @@ from chameleon.core import subspace as ss
 from chameleon.data.artifacts import VerifiedFiles
 from chameleon.data.layout import column_matrix, part_keys
 from chameleon.data.parallel_reads import read_in_order
+from chameleon.job.refresh import RECORD_DIGEST
 from chameleon.job.stages import (
     Reduced,
     UnitData,
@@ -196,7 +197,9 @@ def reduce_partitions(
             red = reduce_users(data, sub_cfg, layers)
             data.H_P = data.H_N = None  # this partition's pair vectors are not needed any more
             stored = data, red
-        return k, fails, without_user_reduce(prof), stored
+        # The refresh's record digests are the map's bookkeeping: partitions of older runs lack them.
+        prof = without_user_reduce(prof)
+        return k, fails, prof.drop_columns([c for c in [RECORD_DIGEST] if c in prof.column_names]), stored
 
     for k, fails, prof, stored in read_in_order(read, range(n_partitions), cfg.job.read_threads):
         failures += fails
