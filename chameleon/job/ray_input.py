@@ -105,8 +105,10 @@ def stage_input(input_uri: str, writer: RunWriter, cfg: ChameleonConfig, **store
     )
     file_rows = [json.loads(r["info"]) for r in read.filter(lambda r: r["kind"] == "file").take_all()]
     users = read.filter(lambda r: r["kind"] == "user")
-    counts = users.groupby("user_id").count()
-    dup = {r["user_id"]: int(r["count()"]) for r in counts.filter(lambda r: r["count()"] > 1).take_all()}
+    dup: dict[str, int] = {}
+    if len(files) > 1:  # within one file, validation itself rejected every copy of a duplicate
+        counts = users.groupby("user_id").count()
+        dup = {r["user_id"]: int(r["count()"]) for r in counts.filter(lambda r: r["count()"] > 1).take_all()}
     rejects: list[dict] = []
     if dup:
         for r in users.filter(lambda r: r["user_id"] in dup).take_all():
