@@ -83,14 +83,28 @@ def test_refresh_from_a_run_made_under_other_settings_is_refused(tmp_path, local
 
 
 def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(
-    ray_local, tmp_path, s3_store, tiny_model_dir
+    ray_local, tmp_path, s3_store, tiny_model_dir, monkeypatch
 ):
-    from chameleon.job.ray_job import run_ray_job
+    from chameleon.job import ray_job
 
+    pools, stages = [], []
+
+    class CountingPool(ray_job.ReplicaPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(len(self.actors))
+
+        def run(self, method, items, **kwargs):
+            stages.append(method)
+            return super().run(method, items, **kwargs)
+
+    monkeypatch.setattr(ray_job, "ReplicaPool", CountingPool)
     cfg = tiny_job_config(tiny_model_dir, **{"job.num_actors": 1, "job.num_cpus_per_actor": 0.5})
     old, new, new_users, changed = _inputs(tmp_path)
     run_local(old, s3_store, "day-1", cfg, progress=False)
-    manifest = run_ray_job(new, s3_store, "day-2", cfg, update_from="day-1")
+    manifest = ray_job.run_ray_job(new, s3_store, "day-2", cfg, update_from="day-1")
+    # One pool of one actor (one model load) mapped, then calibrated: no second pool.
+    assert pools == [1] and stages == ["map", "calibrate"]
     assert manifest["counts"]["users_reused"] == len(new_users) - len(changed)
     assert "calibrate_s" in manifest["timings_s"] and all("calibration" in g for g in manifest["groups"])
     run_local(new, s3_store, "full", cfg, progress=False)

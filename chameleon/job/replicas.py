@@ -145,6 +145,7 @@ class ReplicaPool:
         idle = [a for a in range(len(self.actors)) if self.deaths[a] <= self.cfg.job.max_actor_restarts]
         pending: dict[Any, tuple[int, int]] = {}
         results: dict[int, Any] = {}
+        last_death = ""
         timeout = 2 * self.cfg.job.partition_timeout_s
         while queue or pending:
             while queue and idle:
@@ -153,7 +154,8 @@ class ReplicaPool:
             if not pending:
                 raise RuntimeError(
                     f"every actor of the pool died more than job.max_actor_restarts="
-                    f"{self.cfg.job.max_actor_restarts} times; {len(queue)} items were not run"
+                    f"{self.cfg.job.max_actor_restarts} times; {len(queue)} items were not run "
+                    f"(last death: {last_death[:2000]})"
                 )
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
             if not ready:
@@ -161,9 +163,10 @@ class ReplicaPool:
             a, i = pending.pop(ready[0])
             try:
                 results[i] = ray.get(ready[0])
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayActorError as exc:
                 # Ray ran the item on restarts of its actor max_task_retries more times first.
                 self.deaths[a] += self.cfg.job.max_task_retries + 1
+                last_death = str(exc)
                 if not drop_lost_items:
                     raise
             if self.deaths[a] <= self.cfg.job.max_actor_restarts:
