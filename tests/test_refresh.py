@@ -54,13 +54,11 @@ def test_refresh_maps_only_changed_users_and_equals_a_full_run(
     manifest = run_local(new, local_store, "day-2", cfg, progress=False, update_from="day-1")
     assert sorted(mapped) == sorted(changed)  # no model call for an unchanged user
     unchanged = sorted({u["user_id"] for u in new_users} - changed)
-    assert manifest["counts"]["users_reused"] == len(unchanged)
-    assert manifest["job_spec"]["update_from"] == "day-1"
+    assert manifest.counts.users_reused == len(unchanged)
+    assert manifest.job_spec["update_from"] == "day-1"
     reader = RunReader(local_store, "day-2")
     reused = [
-        u
-        for k in range(manifest["counts"]["partitions"])
-        for u in reader.run_store.get_json(done_key(k))["reused"]
+        u for k in range(manifest.counts.partitions) for u in reader.run_store.get_json(done_key(k))["reused"]
     ]
     assert sorted(reused) == unchanged
     # The dropped user is gone from the new run; the newcomer is in it.
@@ -105,8 +103,8 @@ def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(
     manifest = ray_job.run_ray_job(new, s3_store, "day-2", cfg, update_from="day-1")
     # One pool of one actor (one model load) mapped, then calibrated: no second pool.
     assert pools == [1] and stages == ["map", "calibrate"]
-    assert manifest["counts"]["users_reused"] == len(new_users) - len(changed)
-    assert "calibrate_s" in manifest["timings_s"] and all("calibration" in g for g in manifest["groups"])
+    assert manifest.counts.users_reused == len(new_users) - len(changed)
+    assert "calibrate_s" in manifest.timings_s and all(g.calibration is not None for g in manifest.groups)
     run_local(new, s3_store, "full", cfg, progress=False)
     unchanged = sorted({u["user_id"] for u in new_users} - changed)
     assert refresh.compare_runs(RunReader(s3_store, "day-2"), RunReader(s3_store, "full"), unchanged) == []

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.model import load_model, num_layers
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.refresh import check_source_model, map_partition
@@ -34,7 +35,7 @@ def run_local(
     restart: bool = False,
     update_from: str | None = None,
     **store_options: Any,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the whole job in this process; returns the run's manifest.
 
     Rerunning with the same run id resumes under the same job spec: partitions already complete

@@ -35,12 +35,13 @@ from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.data.artifacts import RunReader, RunWriter
+from chameleon.data.manifest import RunManifest
 from chameleon.data.parallel_reads import read_in_order
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import GroupCalibrationTask, calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
-from chameleon.job.ray_env import init_ray
 from chameleon.job.ray_input import read_staged, stage_input
+from chameleon.job.reduce import Reduced
 from chameleon.job.refresh import check_source_model, map_partition
 from chameleon.job.replicas import ModelReplica, ReplicaPool, item_deadline
 from chameleon.job.run import (
@@ -53,7 +54,7 @@ from chameleon.job.run import (
     write_partition,
 )
 from chameleon.job.spec import model_identity
-from chameleon.job.stages import Reduced
+from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
 
@@ -202,7 +203,7 @@ def run_ray_job(
     restart: bool = False,
     update_from: str | None = None,
     **store_options: Any,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
 
     Resume, `restart`, `update_from` and a committed run behave as in `job.local.run_local`."""

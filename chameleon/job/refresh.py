@@ -33,7 +33,8 @@ from chameleon.data.layout import done_key, part_keys
 from chameleon.data.parallel_reads import read_in_order
 from chameleon.data.published import PublishedRun
 from chameleon.data.storage import StoreKeyError
-from chameleon.job.stages import UNIT_SIGNATURE, pairs_to_tables, process_partition, unit_signature
+from chameleon.job.stages import process_partition
+from chameleon.job.tables import UNIT_SIGNATURE, pairs_to_tables, unit_signature
 
 RECORD_DIGEST = "record_sha256"
 """Profiles column: the sha256 of the user's validated record (what decides "unchanged")."""
@@ -74,7 +75,7 @@ def open_source(reader: RunReader, threads: int = 16) -> RefreshSource:
         return list(record.get("user_ids") or []) if isinstance(record, dict) else []
 
     partition_of: dict[str, int] = {}
-    n = int(reader.manifest["counts"]["partitions"])
+    n = reader.manifest.counts.partitions
     for k, users in enumerate(read_in_order(ids, range(n), threads)):
         partition_of.update(dict.fromkeys(users, k))
     return RefreshSource(reader, partition_of)
@@ -156,7 +157,7 @@ def map_partition(
 
 def check_source_model(reader: RunReader, fingerprint: Mapping[str, object]) -> None:
     """Refuse to reuse a run's results made with other model weights than this job's."""
-    recorded = (reader.manifest.get("model") or {}).get("fingerprint")
+    recorded = reader.manifest.model.fingerprint
     if recorded != dict(fingerprint):
         raise ValueError(
             f"run {reader.run_id} was made with other model weights than this job's model; "
@@ -172,7 +173,7 @@ def compare_runs(a: RunReader, b: RunReader, user_ids: Sequence[str], atol: floa
 
     def units(reader: RunReader) -> dict[str, dict]:
         rows: dict[str, dict] = {}
-        for k in range(int(reader.manifest["counts"]["partitions"])):
+        for k in range(reader.manifest.counts.partitions):
             table = reader.get_parquet(part_keys(k).profiles)
             cols = [c for c in table.column_names if c.startswith("unit_")]
             for row in table.select(["user_id", *cols]).to_pylist():

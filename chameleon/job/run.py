@@ -39,11 +39,13 @@ from chameleon.data.artifacts import (
 )
 from chameleon.data.inputs import PreparedInput, prepare_input
 from chameleon.data.layout import JOB_SPEC, REJECTS, done_key, part_keys
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store, StoreConflictError, StoreKeyError
 from chameleon.job.publish import Calibrate, JobFailedError, reduce_and_publish
 from chameleon.job.refresh import RefreshSource, check_source_model, open_source
 from chameleon.job.spec import build_spec, check_refresh_source, check_spec, input_summary
-from chameleon.job.stages import candidate_layers, pairs_to_tables
+from chameleon.job.stages import candidate_layers
+from chameleon.job.tables import pairs_to_tables
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class RunPlan:
     partition_ids: list[list[str]] = field(default_factory=list)
     """per partition: its users' ids"""
     staged: StagedInput | None = None
-    committed: dict[str, Any] | None = None
+    committed: RunManifest | None = None
     fingerprints: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     """The model each done partition was mapped with (None: a partition recorded as failed)."""
     reused: dict[int, int] = field(default_factory=dict)
@@ -233,7 +235,7 @@ def _restart(store: Store, run_id: str) -> None:
     log.warning("run %s restarted: %d files of earlier attempts deleted", run_id, len(keys))
 
 
-def _repair_latest(store: Store, run_id: str, manifest: Mapping[str, Any]) -> None:
+def _repair_latest(store: Store, run_id: str, manifest: RunManifest) -> None:
     """A run committed by a job that died before moving `latest`: move it now, unless `latest`
     already names a run committed later."""
     current = latest_run_id(store)
@@ -241,7 +243,7 @@ def _repair_latest(store: Store, run_id: str, manifest: Mapping[str, Any]) -> No
         return
     if current is not None:
         newer = committed_manifest(store, current)
-        if newer is not None and str(newer.get("created_at", "")) > str(manifest.get("created_at", "")):
+        if newer is not None and newer.created_at > manifest.created_at:
             log.warning("run %s is committed; latest stays at the newer run %s", run_id, current)
             return
     point_latest(store, run_id)
@@ -285,7 +287,7 @@ def begin_run(
         spec = build_spec(
             cfg, input_summary(prepared.users, prepared.n_input), layers, model, partitioning=how
         )
-        recorded = committed.get("job_spec")
+        recorded = committed.job_spec
         if recorded is not None:
             if stage_input is not None:  # partitioned by hash on the cluster: the input's digest differs
                 recorded, spec = {**recorded, "input": None}, {**spec, "input": None}
@@ -310,7 +312,7 @@ def begin_run(
     source = None
     if update_from is not None:
         reader = RunReader(store, update_from)
-        check_refresh_source(update_from, reader.manifest.get("job_spec"), spec)
+        check_refresh_source(update_from, reader.manifest.job_spec, spec)
         spec["update_from"] = reader.run_id
         source = open_source(reader, cfg.job.read_threads)
     spec_bytes = (json.dumps(spec, indent=1) + "\n").encode()
@@ -377,7 +379,7 @@ def finish_run(
     cfg: ChameleonConfig,
     fingerprint: ModelFingerprint | None = None,
     calibrate: Calibrate | None = None,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Check every partition is complete, mapped by one model (`fingerprint`, when the driver
     loaded it), that every accepted user is mapped or failed exactly once and the failure limit
     holds; then reduce, calibrate (with `calibrate`, a model replica's work) and publish."""
@@ -419,5 +421,5 @@ def finish_run(
         calibrate=calibrate,
         expected_user_ids=[u for ids in plan.partition_ids for u in ids],
         failure_note=note,
-        extra={"job_spec": plan.spec},
+        job_spec=plan.spec,
     )

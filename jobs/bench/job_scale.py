@@ -137,9 +137,7 @@ def refresh_figures(n: int, tmp: Path, model_dir: Path, store) -> dict:
     unchanged = sorted(f"user-{i:06d}" for i in range(n) if i not in changed)
     reader = RunReader(store, "day-2")
     reused = {
-        u
-        for k in range(manifest["counts"]["partitions"])
-        for u in reader.run_store.get_json(done_key(k))["reused"]
+        u for k in range(manifest.counts.partitions) for u in reader.run_store.get_json(done_key(k))["reused"]
     }
     mismatches = compare_runs(reader, RunReader(store, "full"), unchanged)
     for line in mismatches[:5]:
@@ -149,7 +147,7 @@ def refresh_figures(n: int, tmp: Path, model_dir: Path, store) -> dict:
         "update_changed_users": len(changed),
         "update_refresh_s": t_refresh,
         "update_full_s": t_full,
-        "update_refresh_timings": json.dumps(manifest["timings_s"]),
+        "update_refresh_timings": json.dumps(manifest.timings_s),
         "update_model_calls_for_unchanged_users": len(set(unchanged) - reused),
         "update_mismatches": len(mismatches),
         "update_time_ratio": t_refresh / t_full,
