@@ -2,7 +2,8 @@
 reduce's parallel partition reads. Loopback SeaweedFS, a tiny random Llama with the embedded
 model's real tokenizer (the figures measure the system, not the model).
 
-    python jobs/bench/job_scale.py [--smoke] [--out FILE]
+    python jobs/bench/job_scale.py [--smoke] [--out FILE] [--memory-users N1 N2] [--update-users N]
+                                   [--partitions N] [--skip memory update reads]
 
     driver_input_memory_ratio  peak RSS of the Ray driver opening a run (input read, validated,
                                hash-partitioned and staged on Ray Data) with --memory-users N2 vs
@@ -31,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parser, report
+from common import parse, parser, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -227,11 +228,8 @@ def main() -> None:
     from chameleon.dev.s3server import LocalS3Server
 
     p = parser(__doc__)
-    p.add_argument(
-        "--smoke", action="store_true", help="small sizes: 1,000 vs 10,000 users, 200 for the refresh"
-    )
-    p.add_argument("--memory-users", type=int, nargs=2, default=None, metavar=("N1", "N2"))
-    p.add_argument("--update-users", type=int, default=None)
+    p.add_argument("--memory-users", type=int, nargs=2, default=[10_000, 100_000], metavar=("N1", "N2"))
+    p.add_argument("--update-users", type=int, default=2_000)
     p.add_argument("--partitions", type=int, default=200)
     p.add_argument(
         "--store-latency-ms",
@@ -241,9 +239,10 @@ def main() -> None:
         "ms; loopback in well under one); reduce_read_speedup_loopback is measured without it",
     )
     p.add_argument("--skip", nargs="*", default=[], choices=["memory", "update", "reads"])
-    args = p.parse_args()
-    mem = args.memory_users or ([1_000, 10_000] if args.smoke else [10_000, 100_000])
-    n_update = args.update_users or (200 if args.smoke else 2_000)
+    args = parse(
+        p, {"memory_users": [100, 1_000], "update_users": 24, "partitions": 10, "store_latency_ms": 2.0}
+    )
+    mem, n_update = args.memory_users, args.update_users
     tmp = Path(tempfile.mkdtemp(prefix="chameleon-scale-"))
     model_dir = save_tiny_model(tmp / "model")
     figures: dict = {}
