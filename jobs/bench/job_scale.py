@@ -87,7 +87,14 @@ def memory_child(users_dir: str, model_dir: str, endpoint: str, access: str, sec
     from chameleon.job.run import begin_run
     from chameleon.job.spec import model_identity
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+    for attempt in range(3):  # a local Ray gives its raylet 30 s to start: too short on a loaded machine
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     store = S3Store(
         "bench",
         f"memory-{os.getpid()}",
@@ -111,8 +118,10 @@ def driver_memory(n: int, tmp: Path, model_dir: Path, s3) -> dict:
     users = write_users(tmp / f"memory-{n}", range(n), files=max(1, n // 10_000))
     args = [sys.executable, __file__, "--memory-child", str(users), str(model_dir), s3.endpoint_url]
     args += [s3.access_key, s3.secret_key]
-    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the driver-memory run for {n} users failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # -- refresh vs full run ----------------------------------------------------------------------------
