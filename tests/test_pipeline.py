@@ -17,6 +17,7 @@ from conftest import tiny_job_config
 
 from chameleon.data.artifacts import RunReader
 from chameleon.data.layout import reject_files
+from chameleon.data.manifest import RunManifest
 from chameleon.data.published import PublishedRun
 from chameleon.dev.demo import example_users
 from chameleon.job.ray_job import run_ray_job
@@ -60,7 +61,7 @@ def job_config(model_dir, **overrides):
     return tiny_job_config(model_dir, **{**base, **overrides})
 
 
-def artifact_hashes(manifest: dict) -> dict[str, str]:
+def artifact_hashes(manifest: RunManifest) -> dict[str, str]:
     """Checksums of everything a run publishes except per-attempt bookkeeping."""
     return {k: v.sha256 for k, v in manifest.files.items() if not k.startswith("failures/")}
 

@@ -16,7 +16,9 @@ import torch
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration, choose, nll_curve
+from chameleon.core.devices import batch_size_for
 from chameleon.core.generation import chat_prompt
+from chameleon.core.model import model_device
 from chameleon.job.reduce import Reduced
 
 
@@ -86,7 +88,7 @@ def calibrate_task(model, tok, task: GroupCalibrationTask, cfg: ChameleonConfig)
         strengths=cfg.edit.strengths,
         site=cfg.subspace.site,
         renorm=cfg.edit.form == "norm_preserving",
-        batch_size=cfg.synth.batch_size,
+        batch_size=batch_size_for(cfg.synth.batch_size, model_device(model)),
         change=change,
     )
     calibration = choose(curve)

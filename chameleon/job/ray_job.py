@@ -24,6 +24,7 @@ or hang (`{"hang_on_user": "<user id>"}`) on a partition holding that user. Noth
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from functools import partial
@@ -34,16 +35,18 @@ import pyarrow as pa
 from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
+from chameleon.core.generation import count_generated_tokens
 from chameleon.data.artifacts import RunReader, RunWriter
 from chameleon.data.manifest import RunManifest
 from chameleon.data.parallel_reads import read_in_order
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import GroupCalibrationTask, calibrate_task, calibration_tasks
+from chameleon.job.progress import MapProgress
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_input import read_staged, stage_input
 from chameleon.job.reduce import Reduced
 from chameleon.job.refresh import check_source_model, map_partition
-from chameleon.job.replicas import ModelReplica, ReplicaPool, item_deadline
+from chameleon.job.replicas import ModelReplica, ReplicaPool, actor_resources, item_deadline
 from chameleon.job.run import (
     RunPlan,
     adopt_partition,
@@ -57,6 +60,8 @@ from chameleon.job.spec import model_identity
 from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
+
+log = logging.getLogger(__name__)
 
 
 class PartitionWorker(ModelReplica):
@@ -90,7 +95,10 @@ class PartitionWorker(ModelReplica):
         come back as text."""
         k, t0 = int(item["partition"]), time.perf_counter()
         error, failed, record = "", 0, None
-        with item_deadline(self.cfg.job.partition_timeout_s, f"partition {k}"):
+        with (
+            item_deadline(self.cfg.job.partition_timeout_s, f"partition {k}"),
+            count_generated_tokens() as generated,
+        ):
             self._inject_faults(set(item["user_ids"]))
             try:
                 users = read_staged(self.writer.run_store, item["input"])
@@ -106,7 +114,10 @@ class PartitionWorker(ModelReplica):
                 failed = len(failures)
             except Exception as exc:  # e.g. the store stayed down past its retries
                 error = f"{type(exc).__name__}: {exc}"
-        return {"failed": failed, "seconds": time.perf_counter() - t0, "error": error, "record": record}
+        return {
+            "users": len(item["user_ids"]), "failed": failed, "tokens": generated.tokens,
+            "seconds": time.perf_counter() - t0, "error": error, "record": record,
+        }  # fmt: skip
 
     def calibrate(self, task: GroupCalibrationTask) -> Calibration:
         """Calibrate one group on the held-out texts of its members."""
@@ -146,7 +157,7 @@ def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, pool: JobPool) -> 
     return [results[k] for k in range(len(tasks))]
 
 
-def map_partitions(plan: RunPlan, pool: JobPool) -> None:
+def map_partitions(plan: RunPlan, pool: JobPool, *, progress: bool = True) -> None:
     """Map the plan's partitions on the actor pool; record the ones that kept killing their actor
     (or passing their deadline) as failed. A worker's error (such as a store outage longer than
     its retries) fails the job before anything is published."""
@@ -162,13 +173,23 @@ def map_partitions(plan: RunPlan, pool: JobPool) -> None:
         }
         for k in plan.todo
     ]
+    line = MapProgress(sum(map(len, plan.partition_ids)), resumed=plan.users_resumed, enabled=progress)
+
+    def report(row: dict[str, Any]) -> None:
+        # A partition that failed on its actor is reported as all of its users failed.
+        failed = int(row["users"]) if row["error"] else int(row["failed"])
+        line.update(int(row["users"]), failed, int(row["tokens"]))
+
     try:
-        results = pool.get(len(items)).run("map", items, drop_lost_items=True)
+        results = pool.get(len(items)).run("map", items, drop_lost_items=True, on_result=report)
     except Exception as exc:
         raise JobFailedError(
             f"the map stage stopped ({type(exc).__name__}: {exc}); finished partitions are kept: "
             f"rerun with --run-id {plan.run_writer.run_id} to resume"
         ) from exc
+    finally:
+        line.close()
+        plan.timings.update(line.figures())
     errors = {plan.todo[i]: r["error"] for i, r in results.items() if r["error"]}
     if errors:
         k, error = sorted(errors.items())[0]
@@ -202,12 +223,20 @@ def run_ray_job(
     address: str | None = None,
     restart: bool = False,
     update_from: str | None = None,
+    progress: bool = True,
     **store_options: Any,
 ) -> RunManifest:
     """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
+    `progress`: the map stage's live line (`job.progress`).
 
     Resume, `restart`, `update_from` and a committed run behave as in `job.local.run_local`."""
     init_ray(address)
+    # Before the input is read: GPUs asked of a cluster without them fail the job now.
+    resources = actor_resources(cfg)
+    log.info(
+        "map actors: %d, each with %g GPUs and %g CPUs",
+        cfg.job.num_actors, resources["num_gpus"], resources["num_cpus"],
+    )  # fmt: skip
     plan = begin_run(
         input_uri, store, run_id, cfg, model_identity(cfg), restart=restart, update_from=update_from,
         stage_input=lambda writer: stage_input(input_uri, writer, cfg, **store_options), **store_options,
@@ -218,7 +247,7 @@ def run_ray_job(
     try:
         t1 = time.perf_counter()
         if plan.todo:
-            map_partitions(plan, pool)
+            map_partitions(plan, pool, progress=progress)
         plan.timings["map_s"] = time.perf_counter() - t1
         manifest = finish_run(plan, cfg, None, partial(calibrate_on_ray, pool=pool))
     finally:

@@ -37,6 +37,7 @@ from chameleon.data.artifacts import (
     latest_run_id,
     point_latest,
 )
+from chameleon.data.capabilities import check_store
 from chameleon.data.inputs import PreparedInput, prepare_input
 from chameleon.data.layout import JOB_SPEC, REJECTS, done_key, part_keys
 from chameleon.data.manifest import RunManifest
@@ -105,6 +106,11 @@ class RunPlan:
     failed_partitions: dict[int, str] = field(default_factory=dict)
     """Partitions of this attempt recorded as failed as a whole, with why."""
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def users_resumed(self) -> int:
+        """Accepted users of the partitions adopted from an earlier attempt (not to map again)."""
+        return sum(map(len, self.partition_ids)) - sum(len(self.partition_ids[k]) for k in self.todo)
 
     @property
     def run_writer(self) -> RunWriter:
@@ -269,6 +275,8 @@ def begin_run(
     the input off this driver (the Ray driver's), partitions by a stable hash of the user id;
     without it this driver reads the input and cuts partitions in input order."""
     t0 = time.perf_counter()
+    # Before anything is written: refuse a store that would let a second writer replace the run.
+    check_store(store, single_writer=cfg.storage.single_writer)
     layers = candidate_layers(int(model["num_layers"]), cfg.subspace)
     committed = committed_manifest(store, run_id)
     if committed is not None and restart:
