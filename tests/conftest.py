@@ -3,10 +3,11 @@
 Tiers (`make test-unit`, `pytest -m unit|job|e2e`): every test is marked with the heaviest tier
 among the fixtures it uses (directly or through other fixtures) and the tier marks it carries:
 
-    e2e   Ray, Serve, a subprocess CLI or the real model: a fixture in E2E_FIXTURES, or `slow`
+    e2e   Ray, Serve, a subprocess CLI or the real model: a fixture in E2E_FIXTURES, `slow`, or
+          `@pytest.mark.e2e` (a test that starts a fresh interpreter itself)
     job   an in-process job, its stages on a saved model, or the S3 server: a fixture in
           JOB_FIXTURES or named `*_run` (a fixture that publishes a run), or `@pytest.mark.job`
-    unit  everything else: no server, no job, no Ray (`make test-unit`, well under 90 s)
+    unit  everything else: no server, no job, no Ray (`make test-unit`; goal under 90 s)
 """
 
 from __future__ import annotations

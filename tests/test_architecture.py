@@ -32,6 +32,7 @@ ALLOWED = {  # package -> chameleon packages it may import (besides itself and t
 }
 RAY_MODULES = {
     "chameleon.ray_env",
+    "chameleon.job.ray_input",
     "chameleon.job.ray_job",
     "chameleon.job.replicas",
     "chameleon.serving.app",

@@ -208,6 +208,7 @@ def test_decoder_stop_sequences_are_cut_and_never_streamed(tiny):
     assert dec.seqs[0].finish == "stop"
 
 
+@pytest.mark.e2e  # a fresh interpreter
 def test_serving_core_imports_no_ray_or_web_framework():
     import subprocess
     import sys
@@ -1021,6 +1022,7 @@ def test_auth_fails_closed():
     assert public_personalization(pers, "full") == pers
 
 
+@pytest.mark.e2e  # a subprocess CLI
 def test_serve_refuses_to_start_without_a_key(tmp_path):
     import subprocess
     import sys

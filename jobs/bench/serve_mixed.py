@@ -1,16 +1,16 @@
 """Benchmark: does serving many groups in one batch cost about the same as serving none?
 
     python jobs/bench/serve_mixed.py [--model ID] [--requests 64] [--concurrency 32] [--max-tokens 16]
-                                     [--out FILE]
+                                     [--smoke] [--out FILE]
 
 Two figures, each a ratio of two measurements taken in this run:
 
 - `mixed_vs_plain_throughput`: generated tokens/s of the Serve endpoint (HTTP, official `openai`
   client, `--concurrency` clients) when every request is a different user of a different group,
   over the same load with personalization off. Goal >= 0.9.
-- `offline_64_groups_ratio`: tokens/s of the batched decode loop for `--offline-batch` prompts each
-  with its own group edit (one EditBank, one forward per step), over the same batch unedited, the
-  two batches stepped alternately so both see the same machine noise.
+- `offline_64_groups_ratio`: tokens/s of `model.generate` on `--offline-batch` prompts each with
+  its own group edit (one EditBank bound to the batch's rows), over the same batch unedited; the
+  two batches run alternately, `--offline-repeats` times, so both see the same machine noise.
   Goal >= 0.95.
 
 The groups are synthetic (random orthonormal θP, unit θN) and published through `RunWriter` in the
@@ -23,6 +23,7 @@ noise over both. Prints `name=value` lines, headline last; `--out` writes them a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from common import TINY_MODEL, model_path, parse, parser
 
 from chameleon.config import EMBEDDED_MODEL
 
@@ -53,8 +56,22 @@ def prompt_text(i: int) -> str:
     return f"{QUESTIONS[i % len(QUESTIONS)]} (note {i})"
 
 
+SMOKE = {
+    "model": TINY_MODEL,
+    "groups": 4,
+    "requests": 4,
+    "concurrency": 2,
+    "max_tokens": 4,
+    "rounds": 1,
+    "offline_batch": 4,
+    "offline_max_tokens": 4,
+    "offline_repeats": 1,
+    "max_batch_size": 4,
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument(
         "--model", default=EMBEDDED_MODEL, help="base model (default: the embedded SmolLM2-135M-Instruct)"
     )
@@ -85,8 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--store", help="store for the synthetic run (default: a temporary local directory)")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--skip-serve", action="store_true")
-    p.add_argument("--out", help="write the figures and settings as JSON here")
-    return p.parse_args(argv)
+    return parse(p, SMOKE, argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,9 +229,8 @@ def offline_ratio(model, tok, edits, captured, args) -> dict:
     import torch
 
     from chameleon.core.edit import EditBank
-    from chameleon.core.generation import chat_prompt
+    from chameleon.core.generation import chat_prompt, encode
     from chameleon.core.model import hidden_size, model_device
-    from chameleon.serving.decoder import forward_kwargs, left_pad, pad_id, run_forward
 
     n = args.offline_batch
     bank = EditBank(
@@ -227,51 +242,35 @@ def offline_ratio(model, tok, edits, captured, args) -> dict:
         device=model_device(model),
     )
     rows = bank.add_many([edits[i % len(edits)] for i in range(min(n, len(edits)))])
-    prompts = [tok(chat_prompt(tok, prompt_text(i)), add_special_tokens=False).input_ids for i in range(n)]
+    batch_rows = [rows[i % len(rows)] for i in range(n)]
+    enc = encode(tok, [chat_prompt(tok, prompt_text(i)) for i in range(n)])
+    kw = dict(
+        max_new_tokens=args.offline_max_tokens,
+        min_new_tokens=args.offline_max_tokens,  # every row generates exactly this many
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tok.pad_token_id,
+    )
 
-    cache_kw, keep = forward_kwargs(model)
-    ids, mask0, pos0 = left_pad(prompts, pad_id(tok, [tok.eos_token_id or 0]), model_device(model))
-    bound = bank.bind([rows[i % len(rows)] for i in range(n)])
+    def timed(edited: bool) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad(), bank.apply(model, batch_rows) if edited else contextlib.nullcontext():
+            out = model.generate(**enc, **kw)
+        assert out.shape[1] - enc["input_ids"].shape[1] == args.offline_max_tokens
+        return time.perf_counter() - t0
 
-    def greedy_steps(edited: bool):
-        """Prefill, then one greedy decode step per `next()` (a fixed-length batch, no eos)."""
-        mask, pos, cache = mask0, pos0, None
-        inp = ids
-        for _ in range(args.offline_max_tokens):
-            logits, cache = run_forward(
-                model, inp, pos, mask, cache, bound if edited else None, cache_kw, keep
-            )
-            inp = logits.argmax(-1)[:, None]
-            pos = pos[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
-            yield
-
-    def interleaved() -> tuple[float, float]:
-        """Prefill and every decode step of the plain and the edited batch, alternately, each
-        timed on its own: both see the same machine noise (this box is shared)."""
-        steps = {False: greedy_steps(False), True: greedy_steps(True)}
-        spent = {False: 0.0, True: 0.0}
-        with torch.inference_mode():
-            for _ in range(args.offline_max_tokens):
-                for edited, it in steps.items():
-                    t0 = time.perf_counter()
-                    next(it)
-                    spent[edited] += time.perf_counter() - t0
-        return spent[False], spent[True]
-
-    with torch.inference_mode():
-        for _ in greedy_steps(True):  # warm up
-            break
+    timed(False), timed(True)  # warm up
     plain, mixed = [], []
-    for _ in range(args.offline_repeats):
-        tp_, tm_ = interleaved()
-        plain.append(tp_)
-        mixed.append(tm_)
+    for _ in range(args.offline_repeats):  # alternately: both see the same machine noise
+        plain.append(timed(False))
+        mixed.append(timed(True))
     tokens = n * args.offline_max_tokens
     tp, tm = sum(plain) / len(plain), sum(mixed) / len(mixed)
     return {
         "offline_batch": n,
-        "offline_distinct_groups": len(set(rows[i % len(rows)] for i in range(n))),
+        "offline_distinct_groups": len(set(batch_rows)),
         "offline_plain_tokens_per_s": tokens / tp,
         "offline_64_groups_tokens_per_s": tokens / tm,
         "offline_64_groups_ratio": tp / tm,
@@ -390,7 +389,8 @@ def main(argv=None) -> int:
     from chameleon.data.storage import open_store
 
     torch.set_num_threads(max(1, int(args.num_cpus)))
-    model, tok = load_model(ModelConfig(name_or_path=args.model))
+    model_id = model_path(args.model)
+    model, tok = load_model(ModelConfig(name_or_path=model_id))
     tmp = None
     if args.store:
         store = open_store(args.store)
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         store = open_store(tmp.name)
     run_id = f"bench-{int(time.time())}"
     _, users, edits = publish_synthetic_run(
-        store, run_id, model, args.model, args.groups, args.rank, args.edit_layers
+        store, run_id, model, model_id, args.groups, args.rank, args.edit_layers
     )
     captured = captured_band(num_layers(model))
     results: dict = {
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
         figures += ["offline_plain_tokens_per_s", "offline_64_groups_tokens_per_s", "offline_64_groups_ratio"]
     del model
     if not args.skip_serve:
-        srv = served_ratio(store, users, args.model, args)
+        srv = served_ratio(store, users, model_id, args)
         results.update(srv)
         figures += [
             "serve_plain_tokens_per_s",
