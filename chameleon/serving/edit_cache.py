@@ -262,6 +262,8 @@ class EditCache:
                 await asyncio.wait_for(t.wake, max(0.0, deadline - loop.time()))
         except BaseException as exc:
             with self._lock:
+                if isinstance(exc, TimeoutError) and t.row is not None:
+                    return t.row  # a row was handed over as the deadline passed: it is ours
                 if t in self._line:
                     self._line.remove(t)
                 if t.row is not None:  # handed a row as we left: give it back
