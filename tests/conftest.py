@@ -254,7 +254,7 @@ def copy_run(
         key = entry.get("key", rel)  # a run's objects live under its writer's attempt folder
         data = src.get_bytes(f"runs/{run_id}/{key}")
         if rel == corrupt:
-            data = data[:-8] + bytes(8)
+            data = data[:-8] + bytes(b ^ 0xFF for b in data[-8:])  # changed even if the tail is zeros
         dst.put_bytes(f"runs/{new_id}/{key}", data)
     manifest["run_id"] = new_id
     if manifest_edit:

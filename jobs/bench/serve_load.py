@@ -166,7 +166,6 @@ def main(argv=None) -> int:
         api_key_env=KEY_ENV,
         personalization_detail="full",  # the benchmark checks the group the server resolved
         max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=0.02,
         edit_cache_size=args.edit_cache_size,
         max_tokens_limit=max(args.max_tokens, 16),
         default_max_tokens=min(16, max(args.max_tokens, 16)),
