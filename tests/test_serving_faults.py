@@ -252,7 +252,10 @@ def _public_fields(reply) -> dict:
         "headers": reply.headers,
         "chunk_keys": sorted(first),
         "system_fingerprint": {c.get("system_fingerprint") for c in reply.chunks},
-        "personalization": [_anonymous(c.get("personalization")) for c in reply.chunks],
+        # Every distinct value over the chunks (how many chunks there are is the generated content's).
+        "personalization": sorted(
+            {json.dumps(_anonymous(c.get("personalization")), sort_keys=True) for c in reply.chunks}
+        ),
     }
 
 
