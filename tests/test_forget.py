@@ -76,7 +76,7 @@ def _check_clean(store, new_run: str) -> None:
     assert sorted(reader.get_parquet("assignments.parquet").column("user_id").to_pylist()) == sorted(OTHERS)
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.job)])  # s3: job tier
 def test_forget_removes_hostile_ids_from_every_object_of_every_run(backend, request, tmp_path):
     store = request.getfixturevalue(f"{backend}_store")
     _store_with_every_hiding_place(store)

@@ -286,7 +286,7 @@ def check_chaos(workdir: Path, args) -> dict:
     return {
         "killed_actors": len(killed),
         "artifact_mismatches": sum(a.get(k) != b.get(k) for k in set(a) | set(b)),
-        "chaos_users_failed": chaos["counts"]["users_failed"],
+        "chaos_users_failed": chaos.counts.users_failed,
     }
 
 
