@@ -168,6 +168,8 @@ def layout_patterns(text: str) -> list[re.Pattern]:
     block = block[: block.index("```")]
     pats = []
     for line in block.strip().splitlines():
+        if line[:1].isspace():
+            continue  # the description's continuation (e.g. the Ray driver's per-file rejects), no path
         path = line.split()[0].removeprefix("<store>/")
         rx = re.escape(path)
         rx = re.sub(r"<[a-z_]+>", "[^/]+", rx.replace(r"\<", "<").replace(r"\>", ">"))
