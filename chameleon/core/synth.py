@@ -8,6 +8,12 @@ sources (`synth.pair_source`):
   the model fakes (LaMP-7's inputs were made that way), wrapped in `synth.query_template`.
 - `insight` (the paper's variant): the model writes a personalized and a neutral insight from
   the selected history, then answers each query under both.
+- `style`: every history item not held out is a pair: the personalized answer is the raw text,
+  the neutral answer is its neutral rendering (`core.normalize`), and the query is the template
+  around that rendering (or the item's `input`). Both answers render the query's content, so the
+  pair differs in style only, not in content or in how much it copies; no generation. Its
+  held-out items are asked with the neutral rendering as the query too, so calibration scores
+  the raw text given a query that does not contain it.
 
 Both capture "query + answer" exactly as the model sees it at inference (chat template and the
 task's system prompt, no insight). A few items per user are held out of the pairs
@@ -28,6 +34,7 @@ from chameleon.core import prompts
 from chameleon.core.capture import capture
 from chameleon.core.generation import chat_prompt, generate
 from chameleon.core.model import num_layers
+from chameleon.core.normalize import neutralize
 from chameleon.core.records import UserRecord
 from chameleon.core.style import history_style
 
@@ -205,14 +212,25 @@ def synthesize(
     heldout = [
         heldout_indices(u, [], s.heldout_items) if len(u.history) > s.heldout_items else [] for u in users
     ]
+    # Reference items (evaluation's style checks) are kept out of pairs and calibration alike.
+    reserved = [
+        held + (heldout_indices(u, held, s.reference_items) if s.reference_items else [])
+        for u, held in zip(users, heldout, strict=True)
+    ]
     selected = []
-    for u, emb, held in zip(users, item_embs, heldout, strict=True):
-        pool = [i for i in range(len(u.history)) if i not in set(held)]
-        if s.selection_embedding == "model":
+    for u, emb, res in zip(users, item_embs, reserved, strict=True):
+        pool = [i for i in range(len(u.history)) if i not in set(res)]
+        if not pool:
+            selected.append([])
+        elif s.pair_source == "style":  # every item not held out, spread when over the cap
+            selected.append(
+                heldout_indices(u, res, s.style_max_items) if len(pool) > s.style_max_items else pool
+            )
+        elif s.selection_embedding == "model":
             selected.append(sorted(pool[j] for j in select_history(emb[pool], s.history_k)))
         else:
             selected.append(pool[: s.history_k])
-    pair_source = _history_pairs if s.pair_source == "history" else _insight_pairs
+    pair_source = {"history": _history_pairs, "insight": _insight_pairs, "style": _style_pairs}[s.pair_source]
     out = pair_source(model, tok, users, cfg, layers, item_embs, selected, heldout)
     for pairs, u in zip(out, users, strict=True):
         pairs.style_features = torch.from_numpy(history_style([h.text for h in u.history])).float()
@@ -336,4 +354,42 @@ def _insight_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout)
                 heldout_texts=[u.history[i].text for i in heldout[j]],
             )
         )
+    return out
+
+
+def style_query(item, template: str) -> tuple[str, str]:
+    """(query, neutral answer) of one history item for the style source: the item's neutral
+    rendering, asked as the template around it (or as the item's own `input`)."""
+    neutral = neutralize(item.text)
+    return (item.input or template.format(text=neutral or item.text)), neutral
+
+
+def _style_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout) -> list[UserPairs]:
+    """Personalized = the user's raw text; neutral = its neutral rendering; query = around the rendering."""
+    s = cfg.synth
+    made = [
+        [style_query(u.history[i], s.query_template) for i in sel]
+        for u, sel in zip(users, selected, strict=True)
+    ]
+    prompts = [chat_prompt(tok, q, s.system_prompt) for qs in made for q, _ in qs]
+    real = [u.history[i].text for u, sel in zip(users, selected, strict=True) for i in sel]
+    neutral = [n for qs in made for _, n in qs]
+    hidden = capture_answers(model, tok, prompts + prompts, real + neutral, cfg, layers) if prompts else None
+    n = len(prompts)
+    out, start = [], 0
+    for j, u in enumerate(users):
+        k = len(selected[j])
+        emb_p = (
+            hidden[start : start + k].clone() if k else torch.zeros(0, len(layers), item_embs[j].shape[-1])
+        )
+        emb_n = hidden[n + start : n + start + k].clone() if k else emb_p.clone()
+        out.append(UserPairs(
+            user_id=u.user_id, group_id=u.group_id, selected=selected[j],
+            history_embedding=item_embs[j].mean(0), insight_p="", insight_n="",
+            queries=[q for q, _ in made[j]], personalized=real[start : start + k],
+            neutral=neutral[start : start + k], emb_p=emb_p, emb_n=emb_n,
+            heldout_queries=[style_query(u.history[i], s.query_template)[0] for i in heldout[j]],
+            heldout_texts=[u.history[i].text for i in heldout[j]],
+        ))  # fmt: skip
+        start += k
     return out

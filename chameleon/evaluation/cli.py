@@ -22,7 +22,9 @@ EVAL_FLAGS: tuple[Flag, ...] = (
     Flag("--theta-p", "subspace.theta_p", "how θP is computed", choices=("svd", "svd_diff", "mean_diff")),
     Flag("--theta-n", "subspace.theta_n", "how θN is computed", choices=("ccs", "mean_diff")),
     Flag("--ccs-steps", "subspace.ccs_steps", "gradient steps of each CCS restart", int),
-    Flag("--pair-source", "synth.pair_source", "where pairs come from", choices=("insight", "history")),
+    Flag(
+        "--pair-source", "synth.pair_source", "where pairs come from", choices=("insight", "history", "style")
+    ),
     Flag(
         "--query-faking",
         "synth.query_faking",
@@ -48,6 +50,19 @@ EVAL_FLAGS: tuple[Flag, ...] = (
         lambda v: v.lower() in ("1", "true", "yes"),
     ),
     Flag("--heldout-items", "synth.heldout_items", "history items per user kept for calibration", int),
+    Flag(
+        "--reference-items",
+        "synth.reference_items",
+        "history items per user kept out of pairs and calibration (style references)",
+        int,
+    ),
+    Flag("--style-max-items", "synth.style_max_items", "style pair source: pairs per user at most", int),
+    Flag(
+        "--edit-composition",
+        "edit.composition",
+        "whole edits, or a global edit + group/user residuals",
+        choices=("whole", "residual"),
+    ),
     Flag(
         "--calibration-examples", "edit.calibration_examples", "held-out texts per group's calibration", int
     ),

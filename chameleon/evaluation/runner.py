@@ -47,6 +47,7 @@ from chameleon.evaluation.cache import PredictionCache, key_hash
 from chameleon.evaluation.lamp import LampQuestion, extract_lamp7_tweet, load_lamp7, profile_texts
 from chameleon.evaluation.names import ABLATIONS, METHODS, NO_PREAMBLE
 from chameleon.evaluation.report import write_report
+from chameleon.evaluation.residuals import RESIDUAL_METHODS, has_parts, residual_edits
 from chameleon.evaluation.runs import (
     REDUCE_KEYS,
     committed_manifest,
@@ -331,6 +332,7 @@ GROUP_RUN_METHODS = (
     "chameleon_group_plain",
     "random_direction",
     "shuffled",
+    *RESIDUAL_METHODS,
 )
 """Methods whose edits come from the run over tuning + reported users."""
 
@@ -424,7 +426,15 @@ def _main_methods(
             other = {g: run.group_ids[(k + 1) % len(run.group_ids)] for k, g in enumerate(run.group_ids)}
             groups["shuffled"] = [other[g] if g else None for g in gids]
             raw["shuffled"] = edited("shuffled", all_run, run.edits_for(ids, "group", groups["shuffled"]))
-    if "chameleon_global" in methods:
+        if has_parts(run):  # residual composition: the global part and the controls from the parts
+            parts = residual_edits(run, ids, gids, seed=str(cfg.subspace.seed))
+            for name in ("chameleon_global", *RESIDUAL_METHODS):
+                if name in methods:
+                    groups[name] = gids
+                    raw[name] = edited(name, all_run, parts[name])
+        elif any(m in methods for m in RESIDUAL_METHODS):
+            info["residual_controls"] = "not run: the run's edits are not composed of residual parts"
+    if "chameleon_global" in methods and "chameleon_global" not in raw:
         g_run = ev.derived(synth_run, "global", cfg.with_overrides({"groups.n_groups": 1}), None)
         info["run_global"] = g_run
         raw["chameleon_global"] = edited(

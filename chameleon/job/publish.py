@@ -25,6 +25,7 @@ from chameleon.data.layout import (
     group_key,
     user_shards,
 )
+from chameleon.job import compose
 from chameleon.job.reduce_stream import reduce_partitions
 from chameleon.job.stages import Reduced
 
@@ -53,6 +54,9 @@ def _user_shard_tensors(reduced: Reduced, rows: slice, cfg: ChameleonConfig) -> 
     if cfg.edit.form != "projection":
         tensors["steer"] = torch.stack([e.steer for e in edits]).contiguous()
         tensors["renorm"] = torch.tensor(int(cfg.edit.form == "norm_preserving"), dtype=torch.uint8)
+    if cfg.edit.composition == "residual":  # the user's own part, beside the composed row
+        own = [compose.user_parts(reduced, i, cfg.edit)[3] for i in range(rows.start, rows.stop)]
+        tensors["user_steer"] = torch.stack(own)[:, None].contiguous()
     return tensors
 
 
@@ -86,6 +90,9 @@ def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> li
         edit = reduced.group_edit(j, cfg.edit, cfg.subspace.site)
         rank = groups.rank[j, reduced.group_layers[j]]
         tensors = {**edit.to_tensors(), "rank": rank, "ccs_loss": groups.ccs_loss[j]}
+        if cfg.edit.composition == "residual":  # the parts of the composed row, each [1, d]
+            _, shared, residual = compose.group_parts(reduced, j, cfg.edit)
+            tensors |= {"global_steer": shared[None].contiguous(), "group_steer": residual[None].contiguous()}
         # n_users: the users whose pairs entered this edit (members without pairs do not count).
         meta = {
             "group_id": gid,
@@ -118,6 +125,23 @@ def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> li
     )
     writer.put_parquet(ASSIGNMENTS, assignments_table(reduced))
     return groups_meta
+
+
+def edit_parts_manifest(reduced: Reduced, cfg: ChameleonConfig) -> dict[str, Any]:
+    """`edit_parts` (residual composition only): the global edit's layer and calibration, and how
+    many users have their own calibrated residual strength."""
+    if cfg.edit.composition != "residual":
+        return {}
+    slot = compose.global_slot(reduced)
+    cal = reduced.global_calibration
+    return {
+        "edit_parts": {
+            "composition": "residual",
+            "layer": reduced.layers[slot],
+            "global_calibration": cal.to_dict() if cal is not None else None,
+            "users_with_own_strength": len(reduced.user_strengths),
+        }
+    }
 
 
 def check_users_accounted(
@@ -219,6 +243,7 @@ def reduce_and_publish(
         "counts": counts,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "config": cfg.model_dump(),
+        **edit_parts_manifest(reduced, cfg),
         **(extra or {}),
     }
     return writer.commit(manifest, set_latest=set_latest)

@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -38,7 +39,7 @@ from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.storage import Store
-from chameleon.job.calibrate import calibrate_task, calibration_tasks
+from chameleon.job.calibrate import GroupCalibrationTask, calibrate_reduced, calibrate_task
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_env import init_ray
 from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
@@ -120,7 +121,12 @@ class CalibrationWorker(ModelReplica):
 
 def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, cfg: ChameleonConfig) -> list[Calibration]:
     """`job.calibrate` for every group, spread over the actor pool."""
-    tasks = calibration_tasks(reduced, profiles, cfg)
+    return calibrate_reduced(partial(_calibrate_tasks_on_ray, cfg=cfg), reduced, profiles, cfg)
+
+
+def _calibrate_tasks_on_ray(
+    tasks: Sequence[GroupCalibrationTask], *, cfg: ChameleonConfig
+) -> list[Calibration]:
     items = [{"index": k, "task": pickle.dumps(task)} for k, task in enumerate(tasks)]
     results = map_with_replicas(items, CalibrationWorker, cfg)
     by_index = {int(r["index"]): pickle.loads(bytes(r["calibration"])) for r in results}

@@ -32,6 +32,7 @@ from chameleon.core.edit import Edit
 from chameleon.core.records import UserRecord
 from chameleon.core.synth import UserPairs, synthesize
 from chameleon.data.layout import column_matrix, vector_column
+from chameleon.job import compose
 
 log = logging.getLogger(__name__)
 
@@ -550,14 +551,32 @@ class Reduced:
     user_steer: tuple[torch.Tensor, torch.Tensor]
     """the same per user, [U, L, d] and [U, L]"""
     group_calibration: list[Calibration | None] = field(default_factory=list)
-    """per group: the layer and strength chosen on its members' held-out texts (additive forms)"""
+    """per group: the layer and strength chosen on its members' held-out texts (additive forms;
+    with `edit.composition: residual`, the strength of the group's residual)"""
+    global_steer: tuple[torch.Tensor, torch.Tensor] | None = None
+    """`residual` composition: (unit mean difference [L, d], typical state norm [L]) of every
+    user's pooled pairs: the shared part of every edit"""
+    global_calibration: Calibration | None = None
+    """`residual` composition: the global edit's layer and strength"""
+    user_strengths: dict[str, float] = field(default_factory=dict)
+    """`residual` composition: users' own residual strengths, calibrated on their own held-out
+    items (users not in it take their group's residual strength)"""
 
     def group_edit(self, j: int, edit: EditConfig, site: str) -> Edit:
+        if edit.composition == "residual":
+            return compose.composed_edit(
+                self, self.groups, j, compose.group_parts(self, j, edit)[1:], edit, site
+            )
         cal = self.group_calibration[j] if self.group_calibration else None
         return self._edit(self.groups, j, self.group_layers, self.group_steer, cal, edit, site)
 
     def user_edit(self, i: int, edit: EditConfig, site: str) -> Edit:
-        """A user's own edit: its own direction, at its group's calibrated layer and strength."""
+        """A user's own edit: its own direction, at its group's calibrated layer and strength
+        (`residual`: global + group residual + the user's residual)."""
+        if edit.composition == "residual":
+            return compose.composed_edit(
+                self, self.users.sub, i, compose.user_parts(self, i, edit)[1:], edit, site
+            )
         g = int(self.grouping.labels[i])
         cal = self.group_calibration[g] if self.group_calibration else None
         return self._edit(self.users.sub, i, self.users.chosen, self.user_steer, cal, edit, site)
@@ -589,9 +608,10 @@ class Reduced:
 
 def reduce_subspace_config(cfg: ChameleonConfig) -> SubspaceConfig:
     """The subspace settings the reduce runs with."""
-    if cfg.synth.pair_source == "history":
-        # Real text vs the model's own answer: never a duplicate, and states of one prompt are
-        # always close in cosine, so the insight source's near-duplicate filter does not apply.
+    if cfg.synth.pair_source in ("history", "style"):
+        # Real text vs the model's own answer (or its neutral rendering): states of one prompt
+        # are always close in cosine, so the insight source's near-duplicate filter does not
+        # apply (identical answers are still dropped).
         return cfg.subspace.model_copy(update={"pair_cos_max": 1.0})
     return cfg.subspace
 
@@ -631,6 +651,15 @@ def group_and_reduce(
     if timings is not None:
         timings["reduce_users_s"] = t1 - t0
         timings["reduce_groups_s"] = time.perf_counter() - t1
+    global_steer = None
+    if cfg.edit.composition == "residual":  # every user's kept pairs, pooled as one group
+        sub_cfg = reduce_subspace_config(cfg)
+        pools = users.has_edit if grouping.pools is None else grouping.pools
+        every = torch.zeros(len(data.user_ids), dtype=torch.long)
+        fetch = pool or partial(ss.pool_groups, data.H_P, data.H_N)
+        H_P, H_N, mask = fetch(users.keep & pools[:, None], every, 1, sub_cfg.max_group_pairs, sub_cfg.seed)
+        direction, norms = ss.steering_directions(H_P, H_N, mask)
+        global_steer = (direction[0], norms[0])
     return Reduced(
         data,
         users,
@@ -640,4 +669,5 @@ def group_and_reduce(
         list(layers),
         group_steer=ss.steering_directions(*pooled),
         user_steer=users.steer,
+        global_steer=global_steer,
     )

@@ -1,0 +1,96 @@
+"""Shared and personal parts of an edit (`edit.composition: residual`).
+
+A global edit (every user's pairs pooled, k = 1) carries what all users share: for LaMP-7 on a
+small model, "answer like a tweet, not like an assistant". A group's and a user's own part is a
+RESIDUAL: the unit of (own direction − global direction) at the global edit's layer, scaled by its
+own calibrated strength (relative to the layer's typical state norm, as every additive edit). Every
+part sits at that one layer, so a served edit is ONE row of one layer:
+
+    group edit = global + group residual
+    user edit  = global + group residual + user residual
+
+The published group files and user shards keep the parts (`global_steer`, `group_steer`,
+`user_steer`), so the evaluation can switch each off or swap it for another unit's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from chameleon.config import EditConfig
+from chameleon.core.edit import Edit
+
+if TYPE_CHECKING:
+    from chameleon.job.stages import Reduced
+
+
+def residual_unit(own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """Unit vector of `own − shared` (both [d]); zero when they coincide (one group = the global)."""
+    r = own - shared
+    n = float(r.norm())
+    return r / n if n > 1e-6 else torch.zeros_like(r)
+
+
+def global_slot(reduced: Reduced) -> int:
+    """Captured-layer slot of the global edit: its calibrated layer (the best one even when no
+    strength beat the base model), else the middle captured layer."""
+    cal = reduced.global_calibration
+    if cal is not None and cal.best_layer in reduced.layers:
+        return reduced.layers.index(cal.best_layer)
+    return len(reduced.layers) // 2
+
+
+def global_part(reduced: Reduced, edit: EditConfig) -> tuple[int, torch.Tensor]:
+    """(slot, steering vector [d]) of the global edit: calibrated strength, else `edit.strength`."""
+    if reduced.global_steer is None:
+        raise ValueError("edit.composition=residual needs the reduce's global direction")
+    direction, norms = reduced.global_steer
+    slot, cal = global_slot(reduced), reduced.global_calibration
+    strength = cal.strength if cal is not None else edit.strength
+    return slot, strength * float(norms[slot]) * direction[slot]
+
+
+def group_residual_strength(reduced: Reduced, j: int, edit: EditConfig) -> float:
+    cal = reduced.group_calibration[j] if reduced.group_calibration else None
+    return cal.strength if cal is not None else edit.strength
+
+
+def group_parts(reduced: Reduced, j: int, edit: EditConfig) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(slot, global vector, group residual vector) of group j, vectors [d]."""
+    slot, shared = global_part(reduced, edit)
+    direction, norms = reduced.group_steer
+    unit = residual_unit(direction[j, slot], reduced.global_steer[0][slot])
+    return slot, shared, group_residual_strength(reduced, j, edit) * float(norms[j, slot]) * unit
+
+
+def user_parts(
+    reduced: Reduced, i: int, edit: EditConfig
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot, global vector, group residual vector, user residual vector) of user i, vectors [d].
+    The user's strength is its own calibrated one where it has one, else its group's."""
+    g = int(reduced.grouping.labels[i])
+    slot, shared, group = group_parts(reduced, g, edit)
+    strength = reduced.user_strengths.get(reduced.data.user_ids[i], group_residual_strength(reduced, g, edit))
+    direction, norms = reduced.user_steer
+    unit = residual_unit(direction[i, slot], reduced.global_steer[0][slot])
+    return slot, shared, group, strength * float(norms[i, slot]) * unit
+
+
+def composed_edit(
+    reduced: Reduced, sub, i: int, parts: Sequence[torch.Tensor], edit: EditConfig, site: str
+) -> Edit:
+    """One edit of one layer whose steering vector is the sum of `parts` (unit i of `sub` gives
+    the projection fields, unused by the additive forms)."""
+    slot = global_slot(reduced)
+    return Edit(
+        layers=[reduced.layers[slot]],
+        theta_p=sub.theta_p[i, [slot]].clone(),
+        theta_n=sub.theta_n[i, [slot]].clone(),
+        mean=sub.mean[i, [slot]].clone(),
+        site=site,
+        steer=torch.stack(list(parts)).sum(0)[None],
+        renorm=edit.form == "norm_preserving",
+    )
