@@ -51,6 +51,11 @@ class SynthConfig(_Section):
     item not held out, raw text vs its neutral rendering (`core.normalize`), both after the
     template around the rendering, so a pair differs in style only (no generation); its held-out
     items are asked the same way, so calibration cannot reward copying the query."""
+    shared_pairs: int = Field(0, ge=0)
+    """`style` source: items per user that also make a shared pair (raw text vs the model's own
+    answer to the same query; generation). With the residual composition the global edit is
+    their pooled contrast ("a person's text, not an assistant's answer": the format every user
+    shares); without them the global edit is every user's pooled style pairs."""
     style_max_items: int = Field(64, ge=1)
     """`style` source: pairs per user at most (items spread over the history when it has more)."""
     reference_items: int = Field(0, ge=0)

@@ -89,6 +89,12 @@ class UserPairs:
     """The held-out items' real texts: what calibration asks the edited model to find likely."""
     style_features: torch.Tensor | None = None
     """[F] mean stylometric features of the user's history (`core.style`), for style grouping."""
+    shared_diff: torch.Tensor | None = None
+    """`style` source with `synth.shared_pairs`: [L, d] sum over the user's shared pairs (raw text
+    vs the model's own answer to the same query) of h_P − h_N: what every user's edit shares."""
+    shared_norm: torch.Tensor | None = None
+    """[L] sum over the shared pairs of the mean state norm of their two sides."""
+    shared_count: int = 0
 
 
 def pair_queries(user: UserRecord, selected: Sequence[int], k: int, template: str = "{text}") -> list[str]:
@@ -392,4 +398,36 @@ def _style_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout) -
             heldout_texts=[u.history[i].text for i in heldout[j]],
         ))  # fmt: skip
         start += k
+    _add_shared_pairs(model, tok, users, cfg, layers, selected, made, out)
     return out
+
+
+def _add_shared_pairs(model, tok, users, cfg, layers, selected, made, out: list[UserPairs]) -> None:
+    """`synth.shared_pairs` items per user (spread over its pairs) also contrast the raw text with
+    the model's own answer to the same query: "a person's tweet, not an assistant's answer", what
+    every user shares. Only their per-user sums are kept (the global edit pools them)."""
+    s = cfg.synth
+    if not s.shared_pairs:
+        return
+    picks = [
+        [j * len(sel) // min(s.shared_pairs, len(sel)) for j in range(min(s.shared_pairs, len(sel)))]
+        if sel
+        else []
+        for sel in selected
+    ]
+    prompts = [chat_prompt(tok, made[u][j][0], s.system_prompt) for u, js in enumerate(picks) for j in js]
+    if not prompts:
+        return
+    own = generate(
+        model, tok, prompts, max_new_tokens=s.answer_max_new_tokens, batch_size=s.batch_size, seed=s.seed
+    )
+    real = [users[u].history[selected[u][j]].text for u, js in enumerate(picks) for j in js]
+    hidden = capture_answers(model, tok, prompts + prompts, real + own, cfg, layers)
+    n, start = len(prompts), 0
+    for u, js in enumerate(picks):
+        k = len(js)
+        p, q = hidden[start : start + k], hidden[n + start : n + start + k]
+        out[u].shared_diff = (p - q).sum(0)
+        out[u].shared_norm = ((p.norm(dim=-1) + q.norm(dim=-1)) / 2).sum(0)
+        out[u].shared_count = k
+        start += k

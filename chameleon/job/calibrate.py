@@ -80,7 +80,7 @@ def global_task(reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig) -> G
     items = [item for items in _heldout_by_user(profiles).values() for item in items]
     random.Random(f"{cfg.subspace.seed}:global").shuffle(items)
     items = items[: cfg.edit.calibration_examples]
-    direction, norms = reduced.global_steer
+    direction, norms = compose.served_global(reduced)
     return GroupCalibrationTask(
         group_id="global",
         layers=list(reduced.layers),

@@ -1,7 +1,8 @@
 """Shared and personal parts of an edit (`edit.composition: residual`).
 
-A global edit (every user's pairs pooled, k = 1) carries what all users share: for LaMP-7 on a
-small model, "answer like a tweet, not like an assistant". A group's and a user's own part is a
+A global edit (k = 1) carries what all users share: for LaMP-7 on a small model, "answer like
+a person's tweet, not like an assistant" (the pooled shared pairs, `synth.shared_pairs`, when the
+run has them; else every user's pooled style pairs). A group's and a user's own part is a
 RESIDUAL: the unit of (own direction − global direction) at the global edit's layer, scaled by its
 own calibrated strength (relative to the layer's typical state norm, as every additive edit). Every
 part sits at that one layer, so a served edit is ONE row of one layer:
@@ -18,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import torch
 
 from chameleon.config import EditConfig
 from chameleon.core.edit import Edit
+from chameleon.data.layout import column_matrix
 
 if TYPE_CHECKING:
     from chameleon.job.stages import Reduced
@@ -43,11 +46,33 @@ def global_slot(reduced: Reduced) -> int:
     return len(reduced.layers) // 2
 
 
-def global_part(reduced: Reduced, edit: EditConfig) -> tuple[int, torch.Tensor]:
-    """(slot, steering vector [d]) of the global edit: calibrated strength, else `edit.strength`."""
+def shared_steer(profiles: pa.Table, n_layers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(unit direction [L, d], typical norm [L]) of every user's shared pairs pooled (the
+    synthesis' per-user sums), or None for a run made without shared pairs."""
+    if "shared_diff" not in profiles.column_names:
+        return None
+    count = float(sum(profiles.column("shared_count").to_pylist()))
+    if not count:
+        return None
+    diff = torch.from_numpy(column_matrix(profiles, "shared_diff").sum(0)).float().reshape(n_layers, -1)
+    norm = torch.from_numpy(column_matrix(profiles, "shared_norm").sum(0)).float() / count
+    return diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12), norm
+
+
+def served_global(reduced: Reduced) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit direction [L, d], typical norm [L]) the global part is served along: the shared
+    pairs' when the run has them, else every user's pooled style pairs (`global_steer`, which is
+    always what residuals are taken against: the same kind of pairs as the groups' and users')."""
+    if reduced.shared_steer is not None:
+        return reduced.shared_steer
     if reduced.global_steer is None:
         raise ValueError("edit.composition=residual needs the reduce's global direction")
-    direction, norms = reduced.global_steer
+    return reduced.global_steer
+
+
+def global_part(reduced: Reduced, edit: EditConfig) -> tuple[int, torch.Tensor]:
+    """(slot, steering vector [d]) of the global edit: calibrated strength, else `edit.strength`."""
+    direction, norms = served_global(reduced)
     slot, cal = global_slot(reduced), reduced.global_calibration
     strength = cal.strength if cal is not None else edit.strength
     return slot, strength * float(norms[slot]) * direction[slot]

@@ -140,6 +140,7 @@ def edit_parts_manifest(reduced: Reduced, cfg: ChameleonConfig) -> dict[str, Any
             "layer": reduced.layers[slot],
             "global_calibration": cal.to_dict() if cal is not None else None,
             "users_with_own_strength": len(reduced.user_strengths),
+            "global_from": "shared_pairs" if reduced.shared_steer is not None else "style_pairs",
         }
     }
 
@@ -207,6 +208,8 @@ def reduce_and_publish(
         raise JobFailedError(
             f"the map stage produced no pairs for any user (see runs/{writer.run_id}/failures/)"
         )
+    if cfg.edit.composition == "residual":
+        reduced.shared_steer = compose.shared_steer(profiles, len(layers))
     if calibrate is not None and cfg.edit.form != "projection" and cfg.edit.calibrate:
         t_cal = time.perf_counter()
         reduced.group_calibration = calibrate(reduced, profiles)

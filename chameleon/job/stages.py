@@ -107,6 +107,12 @@ def pairs_to_tables(pairs: Sequence[UserPairs]) -> tuple[pa.Table, pa.Table]:
         if all(p.style_features is not None for p in pairs):
             styles = np.stack([p.style_features.numpy() for p in pairs])
             profile_cols["style_features"] = vector_column(styles, styles.shape[1])
+        if all(p.shared_diff is not None for p in pairs):  # per-user sums of the shared pairs
+            diff = np.stack([p.shared_diff.reshape(-1).numpy() for p in pairs])
+            norm = np.stack([p.shared_norm.numpy() for p in pairs])
+            profile_cols["shared_diff"] = vector_column(diff, diff.shape[1])
+            profile_cols["shared_norm"] = vector_column(norm, norm.shape[1])
+            profile_cols["shared_count"] = pa.array([p.shared_count for p in pairs], pa.int32())
     return pairs_table, pa.table(profile_cols)
 
 
@@ -556,6 +562,9 @@ class Reduced:
     global_steer: tuple[torch.Tensor, torch.Tensor] | None = None
     """`residual` composition: (unit mean difference [L, d], typical state norm [L]) of every
     user's pooled pairs: the shared part of every edit"""
+    shared_steer: tuple[torch.Tensor, torch.Tensor] | None = None
+    """`residual` composition with shared pairs: (unit direction [L, d], typical norm [L]) of
+    every user's shared pairs pooled: the served global part (else `global_steer` is)"""
     global_calibration: Calibration | None = None
     """`residual` composition: the global edit's layer and strength"""
     user_strengths: dict[str, float] = field(default_factory=dict)
