@@ -79,6 +79,35 @@ EXAMPLE_STYLES: dict[str, list[str]] = {
     ],
 }
 
+REAL_WORLD_STYLES: dict[str, list[str]] = {
+    "lowercase_texter": [
+        "just got home and im so tired lol",
+        "cant believe its already december",
+        "ok who wants to get pizza tonight",
+        "my cat knocked my coffee over again",
+        "finally finished that book, so good",
+        "why is the bus always late when im in a hurry",
+    ],
+    "hashtag_fan": [
+        "Morning run done #fitness #motivation",
+        "New recipe tonight: lemon pasta #foodie #homecooking",
+        "Can't wait for the concert #music #friday",
+        "Rainy Sunday reading #books #cozy",
+        "First day at the new job #newbeginnings",
+        "Beach sunset tonight #travel #summer",
+    ],
+    "exclaimer": [
+        "Best concert of my life!!!",
+        "We finally got the puppy!!! So happy!!",
+        "Exams are over!!! Time to celebrate!!",
+        "My sister is getting married!!!",
+        "Snow day tomorrow!!! No school!!",
+        "Just booked my flight to Rome!!!",
+    ],
+}
+"""Styles real user bases have (LaMP-7's users write in lowercase, with hashtags, with `!!!`
+runs): candidates for an example style the embedded model cannot carry (`jobs/bench/demo_capacity.py`)."""
+
 PARAPHRASE = PARAPHRASE_TWEET + "{text}"
 """The LaMP-7 task string: the small default model follows it far better than "write a tweet"."""
 

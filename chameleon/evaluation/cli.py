@@ -57,6 +57,13 @@ EVAL_FLAGS: tuple[Flag, ...] = (
         int,
     ),
     Flag("--style-max-items", "synth.style_max_items", "style pair source: pairs per user at most", int),
+    Flag("--shared-pairs", "synth.shared_pairs", "style pair source: shared (format) pairs per user", int),
+    Flag(
+        "--user-calibration-items",
+        "edit.user_calibration_items",
+        "residual composition: held-out items a user needs for its own strength",
+        int,
+    ),
     Flag(
         "--edit-composition",
         "edit.composition",
