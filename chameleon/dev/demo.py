@@ -21,7 +21,7 @@ from chameleon.config import EMBEDDED_MODEL, ChameleonConfig, JobConfig
 from chameleon.core.generation import first_answer_line, generate_answers
 from chameleon.core.model import load_model, resolve_name
 from chameleon.core.prompts import PARAPHRASE_TWEET
-from chameleon.core.style import style_similarity
+from chameleon.dev.demo_markers import DEMO_CAPACITY, MARKERS
 from chameleon.data.artifacts import RunReader, new_run_id
 from chameleon.data.published import PublishedRun
 from chameleon.dev.s3server import embedded_store
@@ -140,13 +140,24 @@ def write_example_users(path: str | Path, n_per_style: int = 2) -> Path:
     return path
 
 
-DEMO_SETTINGS = {
-    "groups.n_groups": len(EXAMPLE_STYLES),
-    "groups.min_group_size": 2,
-    "synth.query_template": PARAPHRASE,
-    "synth.heldout_items": 2,
-}
-"""The demo's own settings: one group per style, LaMP-7's task around the faked neutral queries."""
+DEMO_SETTINGS = {"synth.query_template": PARAPHRASE}
+"""The task only (LaMP-7's around the faked neutral queries): the example users are personalized
+with the same settings as any user (no demo-only groups, strengths or held-out counts)."""
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def capacity_note() -> str:
+    """What the embedded model can carry of each example style (measured once, `DEMO_CAPACITY`)."""
+    rows = [
+        f"{style} {fig['base']:.0%} → {fig['best']:.0%}" for style, fig in DEMO_CAPACITY["styles"].items()
+    ]
+    return (
+        "what the embedded model can carry (share of answers with the marker, base → best readable "
+        f"residual edit, {DEMO_CAPACITY['how']}): " + "; ".join(rows)
+    )
 
 
 def given_cores() -> int:
@@ -233,20 +244,21 @@ def run_demo(
         base = [first_answer_line(a) for a in generate_answers(model, tok, queries, max_new_tokens=40)]
         group = [first_answer_line(a) for a in generate_answers(
             model, tok, queries, edits=run.edits_for(ids, "group"), max_new_tokens=40)]  # fmt: skip
-        moved = 0
+        carried = 0
         for u, q, b, g in zip(shown, queries, base, group, strict=True):
-            history = [h["text"] for h in u["history"]]
-            s_base, s_group = style_similarity(b, history), style_similarity(g, history)
-            moved += s_group > s_base
+            style = u["user_id"].rsplit("-", 1)[0]
+            marker, found = MARKERS[style]
+            in_base, in_group = found(b), found(g)
+            carried += in_group and not in_base
             print(f"\n== {u['user_id']} (group {run.user_group(u['user_id'])}) — {q}")
             print(f"   base:         {b}")
             print(f"   personalized: {g}")
-            print(
-                f"   style (similarity to the user's tweets): base {s_base:.3f} → personalized {s_group:.3f}"
-            )
+            print(f"   marker ({marker}): base {_yes(in_base)}, personalized {_yes(in_group)}")
         print(
-            f"\npersonalized answers closer to their user's style than the base answer: {moved} of {len(shown)}"
+            f"\nstyles whose marker the personalized answer carries and the base answer does not: "
+            f"{carried} of {len(shown)}"
         )
+        print(capacity_note())
         print(
             f"\nartifacts: {store.uri}/runs/{manifest['run_id']}/ on the embedded S3 server "
             f"(data under {workdir / 's3'}, kept); total {time.perf_counter() - t0:.0f} s"

@@ -6,7 +6,7 @@ rendering, captured as the job captures the `style` pair source (answer-mean, re
 Its residual direction is unit(style mean difference − the mean over all styles' pairs); it is
 added at the last position, at `--strengths` × the layer's typical state norm, at each of
 `--layers`, while the model paraphrases the demo's six neutral tweets. Printed per style: the
-share of answers with the style's marker (`dev.markers`) for the base model and for the best
+share of answers with the style's marker (`dev.demo_markers`) for the base model and for the best
 (layer, strength) whose answers stay readable (mean ROUGE-L to the input ≥ `--min-closeness`), and
 that gain; headline: the number of styles whose best readable edit carries the marker in more
 answers than base.
@@ -28,7 +28,7 @@ from chameleon.core.generation import chat_prompt, first_answer_line, generate_a
 from chameleon.core.model import load_model
 from chameleon.core.normalize import neutralize
 from chameleon.dev.demo import EXAMPLE_STYLES, NEUTRAL_TWEETS, PARAPHRASE, REAL_WORLD_STYLES
-from chameleon.dev.markers import MARKERS, has_marker
+from chameleon.dev.demo_markers import MARKERS, has_marker
 from chameleon.evaluation.metrics import rouge_per_item
 
 

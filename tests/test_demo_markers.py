@@ -1,4 +1,4 @@
-"""The demo's style markers (dev.markers): each example style's own texts carry its marker, a plain
+"""The demo's style markers (dev.demo_markers): each example style's own texts carry its marker, a plain
 neutral sentence carries none of the markers that mark a departure from plain writing."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from chameleon.dev.demo import EXAMPLE_STYLES, NEUTRAL_TWEETS, REAL_WORLD_STYLES
-from chameleon.dev.markers import MARKERS, has_marker
+from chameleon.dev.demo_markers import MARKERS, has_marker
 
 STYLES = {**EXAMPLE_STYLES, **REAL_WORLD_STYLES}
 

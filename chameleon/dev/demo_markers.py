@@ -17,7 +17,7 @@ _PIRATE = re.compile(
     r"\b(?:arr+|ahoy|matey|hearties|avast|ye|scallywags?|shiver|timbers|yo ho|me ship)\b", re.I
 )
 _SAD = re.compile(
-    r"\.\.\.|…|\b(?:sad|alone|lonely|tears?|grey|gray|empty|fades?|forgotten|nothing stays|cold|rain|sorrow)\b",
+    r"\.\.\.|…|\b(?:sad|alone|lonely|tears?|grey|gray|empty|fades?|forgotten|nothing stays|sorrow|melancholy|echo(?:es)?|rain|never|wish|let go)\b",
     re.IGNORECASE,
 )
 _HASHTAG = re.compile(r"(?<!\w)#\w+")
@@ -50,3 +50,11 @@ MARKERS: dict[str, tuple[str, Callable[[str], bool]]] = {
 
 def has_marker(style: str, text: str) -> bool:
     return MARKERS[style][1](text)
+
+DEMO_CAPACITY: dict = {
+    "how": "not measured yet",
+    "styles": {},
+}
+"""Measured by `python jobs/bench/demo_capacity.py --out docs/results/demo-capacity.json`: per style,
+the share of the six demo answers with its marker for the base model and for the best residual
+edit whose answers stay readable (mean ROUGE-L to the input ≥ 0.3)."""
