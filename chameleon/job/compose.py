@@ -27,7 +27,7 @@ from chameleon.core.edit import Edit
 from chameleon.data.layout import column_matrix
 
 if TYPE_CHECKING:
-    from chameleon.job.stages import Reduced
+    from chameleon.job.reduce import Reduced
 
 
 def residual_unit(own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
