@@ -17,7 +17,7 @@ The published group files and user shards keep the parts (`global_steer`, `group
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -26,8 +26,8 @@ from chameleon.config import EditConfig
 from chameleon.core.edit import Edit
 from chameleon.data.layout import column_matrix
 
-if TYPE_CHECKING:
-    from chameleon.job.stages import Reduced
+Reduced = Any
+"""A `job.reduce.Reduced` (not imported: `job.reduce` dispatches to this module)."""
 
 
 def residual_unit(own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:

@@ -38,10 +38,11 @@ from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunWriter
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import GroupCalibrationTask, calibrate_reduced, calibrate_task
 from chameleon.job.publish import JobFailedError
-from chameleon.job.ray_env import init_ray
+from chameleon.job.reduce import Reduced
 from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
 from chameleon.job.run import (
     RunPlan,
@@ -52,7 +53,8 @@ from chameleon.job.run import (
     write_partition,
 )
 from chameleon.job.spec import model_identity
-from chameleon.job.stages import Reduced, process_partition
+from chameleon.job.stages import process_partition
+from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
 
@@ -183,7 +185,7 @@ def run_ray_job(
     address: str | None = None,
     restart: bool = False,
     **store_options: Any,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
 
     Resume, `restart` and a committed run behave as in `job.local.run_local`."""
