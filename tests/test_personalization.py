@@ -311,3 +311,10 @@ def test_capacity_prompts_carry_the_instruction_where_asked():
     shares = marker_shares(["#a :)", "Plain", "i think so..."])
     assert shares["hashtag"] == pytest.approx(1 / 3) and shares["punct_run"] == pytest.approx(1 / 3)
     assert shares["lower_start"] == pytest.approx(1 / 3) and shares["elongation"] == 0.0
+
+
+def test_attribution_ignores_mentions_copied_from_the_input():
+    ids = ["a", "b"]
+    refs = [["@bobbyjones @bobbyjones ok.", "@bobbyjones fine."], ["yo wassup lol", "lol yo yo"]]
+    answers = ["@bobbyjones fine.", "@bobbyjones @bobbyjones yo lol"]
+    assert attribution.attribution_ranks(answers, refs, attribution.candidate_sets(ids), ids) == [1, 1]

@@ -60,9 +60,10 @@ _EMOTICON = re.compile(
 _HASHTAG = re.compile(r"(?<![\w&])#[^\W\d_]\w*")
 
 
-def _clean(text: str) -> str:
-    text = html.unescape(str(text))
-    return _MENTION.sub(" ", _URL.sub(" ", text))
+def without_handles(text: str) -> str:
+    """The text HTML-unescaped, with its URLs and @mentions removed (who and what a tweet links to
+    is not how it is written)."""
+    return _MENTION.sub(" ", _URL.sub(" ", html.unescape(str(text))))
 
 
 def lower_start(text: str) -> bool | None:
@@ -77,7 +78,7 @@ def lower_start(text: str) -> bool | None:
 
 def text_markers(text: str) -> dict[str, bool]:
     """Which markers a text carries (every name of :data:`MARKERS`)."""
-    t = _clean(text)
+    t = without_handles(text)
     return {
         "lower_start": bool(lower_start(text)),
         "lowercase_i": bool(_LOWER_I.search(t)),

@@ -3,7 +3,9 @@
 For each user, the user's own unused history and that of ``n_candidates - 1`` other users (a
 seeded draw among the scored users, the same draw for every method so methods compare paired) are
 ranked by the project's style similarity (``core.style``: cosine of character 2-4-gram counts of
-the answer and of a candidate's pooled items). The rank of the own user is the user's
+the answer and of a candidate's pooled items), with @mentions and URLs removed from both sides
+first (``core.markers.without_handles``): an answer copies the mention of its LaMP input, and the
+user's history mentions the same people, so a mention would attribute copying, not style. The rank of the own user is the user's
 ``attribution_rank`` (1 = the own user ranks first); the mean reciprocal rank (MRR) and the top-1
 share summarize a method. Chance: top-1 = 1/n_candidates (5 % with 20), MRR = H_n / n (0.180).
 
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from chameleon.core.markers import without_handles
 from chameleon.core.style import char_ngrams
 
 __all__ = ["N_CANDIDATES", "attribution_ranks", "candidate_sets", "chance_mrr", "mrr", "profiles_of", "top1"]
@@ -61,7 +64,7 @@ class _Profile:
     def __init__(self, reference: Sequence[str]) -> None:
         self.grams: Counter[str] = Counter()
         for text in reference:
-            self.grams.update(char_ngrams(text))
+            self.grams.update(char_ngrams(without_handles(text)))
         self.norm = math.sqrt(sum(v * v for v in self.grams.values()))
 
     def similarity(self, grams: Counter[str], norm: float) -> float:
@@ -93,7 +96,7 @@ def attribution_ranks(
     for i, (answer, cands) in enumerate(zip(answers, candidates, strict=True)):
         if not cands or cands[0] != i:
             raise ValueError(f"candidate set {i} must start with the user itself")
-        grams = char_ngrams(answer)
+        grams = char_ngrams(without_handles(answer))
         norm = math.sqrt(sum(v * v for v in grams.values()))
         sims = np.array([profiles[j].similarity(grams, norm) for j in cands])
         own = sims[0]
