@@ -318,3 +318,16 @@ def test_attribution_ignores_mentions_copied_from_the_input():
     refs = [["@bobbyjones @bobbyjones ok.", "@bobbyjones fine."], ["yo wassup lol", "lol yo yo"]]
     answers = ["@bobbyjones fine.", "@bobbyjones @bobbyjones yo lol"]
     assert attribution.attribution_ranks(answers, refs, attribution.candidate_sets(ids), ids) == [1, 1]
+
+
+def test_one_user_gives_figures_without_a_regression_line():
+    pu = _lower_users_per_user([0] * 20)
+    pu["user_ids"] = pu["user_ids"][:1]
+    pu["history_lower_start_share"] = pu["history_lower_start_share"][:1]
+    pu["history_marker_shares"] = {k: v[:1] for k, v in pu["history_marker_shares"].items()}
+    for e in pu["methods"].values():
+        for k in e:
+            e[k] = e[k][:1]
+    figs = figures_from_per_user(pu, n_resamples=20)
+    assert figs["personalization"]["closeness_adjusted"] == {}
+    assert not figs["style_goals"]["group_closeness_adjusted_gain"]["evaluated"]

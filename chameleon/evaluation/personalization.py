@@ -200,6 +200,8 @@ def _markers(per_user: dict[str, Any], references: Sequence[str], n_resamples: i
 def _closeness_adjusted(per_user: dict[str, Any], references: Sequence[str], n_resamples: int, seed: int):
     M = per_user["methods"]
     out: dict[str, Any] = {}
+    if len(per_user["user_ids"]) < 2:  # a regression line needs two users
+        return out
     for m, e in M.items():
         entry = {}
         for ref in _refs_for(m, M, references):
