@@ -114,7 +114,7 @@ def _marker_tables(res: dict[str, Any], order: Sequence[str], capacity: dict[str
                 e = K[mk]["methods"][m]
                 w = e["with"] and e["with"].get(f"vs_{ref}")
                 wo = e["without"] and e["without"].get(f"vs_{ref}")
-                cells.append(f"{_cmp(w) or '–'} / {_cmp(wo) or '–'}")
+                cells.append(f"{_cmp(w, '+.2f') or '–'} / {_cmp(wo, '+.2f') or '–'}")
             L.append(f"| `{m}` | " + " | ".join(cells) + " |")
         L.append("")
     if capacity:
