@@ -11,7 +11,7 @@ ARGS ?=
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo serve-demo test test-fast lint bench clean
+.PHONY: install demo serve-demo test test-unit test-fast lint bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml .ci/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,20 +36,29 @@ lint: install
 	$(VENV)/bin/ruff check chameleon jobs tests
 	$(VENV)/bin/ruff format --check chameleon jobs tests
 
+# Every test (the CI command): lint, then unit, job and e2e tiers in one pytest run (one Ray, one
+# S3 server); the 25 slowest tests are listed at the end.
 test: lint
 	$(VENV)/bin/pytest -q
 
-test-fast: install
-	$(VENV)/bin/pytest -q -m "not slow"
+# The fast signal (under 90 s): lint and the unit tier (no S3 server, no job run, no Ray, no real
+# model; tiers are set from the fixtures a test uses, tests/conftest.py).
+test-unit: lint
+	$(VENV)/bin/pytest -q -m unit
 
+# Unit and job tiers: everything but Ray, Serve, subprocess CLIs and the real model.
+test-fast: lint
+	$(VENV)/bin/pytest -q -m "not e2e"
+
+# The benchmarks at full size (minutes each; figures as `name=value` lines, headline last).
 bench: install
-	$(PY) jobs/bench/edit_overhead.py
-	$(PY) jobs/bench/reduce_speed.py
-	$(PY) jobs/bench/pipeline_scaling.py
-	$(PY) jobs/bench/serve_mixed.py
-	$(PY) jobs/bench/serve_latency.py
-	$(PY) jobs/bench/serve_load.py
-	$(PY) jobs/bench/job_integrity.py
+	for b in jobs/bench/*.py; do case $$b in */common.py) continue;; esac; \
+		echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Every benchmark at its smoke size (seconds each; tests/test_bench.py runs the same).
+bench-smoke: install
+	for b in jobs/bench/*.py; do case $$b in */common.py) continue;; esac; \
+		echo "== $$b"; $(PY) $$b --smoke || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from chameleon import __version__
 from chameleon.evaluation.cli import add_eval_parser
 from chameleon.flags import add_config_flags, load_config
-from chameleon.job.ray_env import set_local_env_defaults, set_quiet_console
+from chameleon.ray_env import set_local_env_defaults, set_quiet_console
 from chameleon.serving.cli import DEFAULT_WORKDIR, add_serve_parser
 
 log = logging.getLogger("chameleon")
@@ -48,6 +48,20 @@ def _open_store(args: argparse.Namespace, stack: contextlib.ExitStack, cfg: Any 
     s3, store = stack.enter_context(embedded_store(Path(args.workdir)))
     os.environ.setdefault("AWS_ENDPOINT_URL", s3.endpoint_url)
     return store
+
+
+@contextlib.contextmanager
+def demo_store(workdir: Path):
+    """The embedded store under `workdir` (an S3 server on loopback, up while serving)."""
+    from chameleon.dev.s3server import embedded_store
+
+    if not (workdir / "s3").is_dir():
+        raise ValueError(
+            f"no --store given and no embedded store under {workdir / 's3'}: run `make demo` "
+            "(or `chameleon personalize --input USERS.jsonl`) first, or pass --store"
+        )
+    with embedded_store(workdir) as (_s3, store):
+        yield store
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
@@ -90,13 +104,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
     for run_id, users in res.holding.items():
         print(f"held by {run_id}: {', '.join(users)}")
-    c = res.manifest["counts"]
+    c = res.manifest.counts
     print(
         f"published run {res.new_run} from {res.source_run} without {len(args.user)} user(s): "
-        f"{c['users_mapped']} users, {c['groups']} groups"
+        f"{c.users_mapped} users, {c.groups} groups"
         + (
             " (latest updated)"
-            if res.manifest["run_id"] == res.new_run and res.source_run != res.new_run
+            if res.manifest.run_id == res.new_run and res.source_run != res.new_run
             else ""
         )
     )
@@ -246,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_demo)
 
-    add_serve_parser(sub)
+    add_serve_parser(sub, embedded_store=demo_store)
     add_eval_parser(sub)
     for command in sub.choices.values():  # `chameleon demo -v` as well as `chameleon -v demo`
         command.add_argument(

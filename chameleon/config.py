@@ -83,8 +83,10 @@ class SynthConfig(_Section):
     """JSONL lines (and elements of a LaMP JSON list) longer than this are rejected unread; a
     record within the history limits above is well under the default 8 MiB."""
     pairs_per_user: int = Field(8, ge=1)
-    """K: queries answered twice (personalized, neutral) per user. Queries cycle over the selected
-    history items when K exceeds them (sampled answers differ; greedy duplicates are filtered)."""
+    """K: pairs per user. `history` source: one pair per selected history item, so at most
+    `history_k` pairs (a repeated item would repeat its personalized side); `insight` source: K
+    queries answered twice (personalized, neutral), cycling over the selected items when K exceeds
+    them (sampled answers differ; greedy duplicates are filtered)."""
     insight_max_new_tokens: int = Field(64, ge=1)
     """Token budget of each insight."""
     answer_max_new_tokens: int = Field(48, ge=1)

@@ -5,7 +5,8 @@
     overrides = flag_overrides(args, FLAGS)               # {"model.name_or_path": "…"} (unset skipped)
 
 Flags default to None, so a flag the user did not give never overrides a YAML file's value; the
-help text shows the default the config itself would use.
+help text shows the default the config itself would use. A boolean setting (`type=bool`) gets a
+pair of switches, `--calibrate` / `--no-calibrate`, instead of a value to spell.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ class Flag:
     """dotted config setting it overrides, e.g. `synth.pairs_per_user`"""
     help: str
     type: Callable[[str], Any] = str
+    """how the value is parsed; `bool`: a `--flag` / `--no-flag` pair of switches"""
     choices: Sequence[str] | None = None
+    switch: bool = False
+    """A flag without a value: given, it sets the setting to True."""
+    required: bool = False
+    shown_default: str | None = None
+    """How the help states the default (default: the setting's default value)."""
 
     @property
     def dest(self) -> str:
@@ -45,14 +52,24 @@ def setting_default(defaults: BaseModel, setting: str) -> Any:
 
 def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], defaults: BaseModel) -> None:
     for f in flags:
-        default = setting_default(defaults, f.setting)
-        shown = "unset" if default is None else default
+        if f.switch:
+            parser.add_argument(
+                f.flag,
+                action="store_const",
+                const=True,
+                dest=f.dest,
+                help=f"{f.help} [{f.setting}; default: off]",
+            )
+            continue
+        default = None if f.required else setting_default(defaults, f.setting)
+        shown = "required" if f.required else f.shown_default or ("unset" if default is None else default)
+        help_text = f"{f.help} [{f.setting}; {'' if f.required else 'default: '}{shown}]"
+        if f.type is bool:
+            # Not type=bool: bool("false") is True. None (neither switch) keeps the config's value.
+            parser.add_argument(f.flag, action=argparse.BooleanOptionalAction, dest=f.dest, help=help_text)
+            continue
         parser.add_argument(
-            f.flag,
-            type=f.type,
-            choices=f.choices,
-            dest=f.dest,
-            help=f"{f.help} [{f.setting}; default: {shown}]",
+            f.flag, type=f.type, choices=f.choices, dest=f.dest, required=f.required, help=help_text
         )
 
 

@@ -1,16 +1,75 @@
-"""Shared fixtures. Storage: a real S3-compatible server (SeaweedFS, SigV4 auth) on loopback."""
+"""Shared fixtures. Storage: a real S3-compatible server (SeaweedFS, SigV4 auth) on loopback.
+
+Tiers (`make test-unit`, `pytest -m unit|job|e2e`): every test is marked with the heaviest tier
+among the fixtures it uses (directly or through other fixtures) and the tier marks it carries:
+
+    e2e   Ray, Serve, a subprocess CLI or the real model: a fixture in E2E_FIXTURES, or `slow`
+    job   an in-process job, its stages on a saved model, or the S3 server: a fixture in
+          JOB_FIXTURES or named `*_run` (a fixture that publishes a run), or `@pytest.mark.job`
+    unit  everything else: no server, no job, no Ray (`make test-unit`, well under 90 s)
+"""
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 
 import pytest
 
+from chameleon.config import EditConfig
+from chameleon.data.manifest import Counts, ModelInfo, RunManifest
 from chameleon.data.storage import LocalStore, S3Store
 from chameleon.dev.s3server import LocalS3Server
 
+TIERS = ("unit", "job", "e2e")
+E2E_FIXTURES = frozenset({"ray_session", "ray_local", "ray_head"})
+JOB_FIXTURES = frozenset({"s3_server", "tiny_run_factory", "tiny_model_dir"})
+"""`tiny_model_dir`: the tiny model saved to disk and loaded from its config, as the job loads a
+model: the tests that use it run the job's stages (synthesis, a run, serving a run) on it. Unit
+tests build the tiny model in memory (`tiny_models.tiny_llama`)."""
+
+
+def fixture_tier(fixturenames) -> str:
+    names = set(fixturenames)
+    if names & E2E_FIXTURES:
+        return "e2e"
+    if names & JOB_FIXTURES or any(n.endswith("_run") for n in names):
+        return "job"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier (see the module doc)."""
+    for item in items:
+        tiers = [fixture_tier(getattr(item, "fixturenames", ()))]
+        tiers += [m.name for m in item.iter_markers() if m.name in TIERS]
+        if item.get_closest_marker("slow"):
+            tiers.append("e2e")
+        item.add_marker(getattr(pytest.mark, max(tiers, key=TIERS.index)))
+
+
 TEST_BUCKET = "chameleon-test"
+
+
+def stub_manifest(**fields) -> RunManifest:
+    """A valid manifest for a test run that holds files only (no edits); `fields` override."""
+    none = dict(accepted=0, partitions=0, users_mapped=0, users_failed=0, users_with_edit=0, groups=0)
+    base = dict(
+        model=ModelInfo(id="stub", fingerprint={}),
+        hidden_size=1,
+        captured_layers=[0],
+        site="residual",
+        max_rank=1,
+        edit=EditConfig(),
+        prompt_version="stub",
+        groups=[],
+        user_shards=[],
+        counts=Counts(**none, pairs=0, pairs_kept=0),
+        timings_s={},
+        config={},
+    )
+    return RunManifest(**{**base, **fields})
 
 
 @pytest.fixture(scope="session")
@@ -27,18 +86,65 @@ def s3_store(s3_server: LocalS3Server, request: pytest.FixtureRequest) -> S3Stor
     return s3_server.store(TEST_BUCKET, f"{name}-{uuid.uuid4().hex[:8]}")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray for one test module (2 CPUs, every port on loopback)."""
-    import os
+SERVE_KEY_ENV = "CHAMELEON_TEST_SERVE_KEY"
+SERVE_API_KEY = "sk-test-" + uuid.uuid4().hex
+"""The serving tests' bearer token: in the environment before Ray starts, since the ingress
+replicas read it from the environment their worker inherited."""
+_RAY = {}
 
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ray(ray) -> None:
+    _RAY["metrics_port"] = free_port()
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        _metrics_export_port=_RAY["metrics_port"],
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole pytest run (2 CPUs, every port on loopback): a start costs
+    seconds on 2 cores, so the job, evaluation and serving tests share it (each Serve test module
+    starts and stops Serve on it). Its workers' environment is fixed here, at the start: the
+    serving tests' key and a 1 s metrics interval (metrics reach Prometheus within seconds)."""
     import ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+    os.environ.update(
+        {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_metrics_report_interval_ms": "1000",
+            SERVE_KEY_ENV: SERVE_API_KEY,
+        }
+    )
+    if ray.is_initialized():  # a test started one of its own and left it up
+        ray.shutdown()
+    _start_ray(ray)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_session):
+    """The session's Ray (the name the tests have always used)."""
+    return ray_session
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_url(ray_session) -> str:
+    """The session Ray's Prometheus endpoint."""
+    return f"http://127.0.0.1:{_RAY['metrics_port']}/metrics"
 
 
 @pytest.fixture
@@ -79,16 +185,33 @@ def tiny_job_config(model_dir, **overrides):
 
 
 @pytest.fixture(scope="session")
-def published_tiny_run(s3_server, tiny_model_dir, tmp_path_factory):
-    """A run of the in-process job on the 12 demo users with the tiny model, published to
-    SeaweedFS. Returns (store, manifest, model_dir)."""
+def tiny_run_factory(s3_server, tiny_model_dir, tmp_path_factory):
+    """`publish(**overrides) -> (store, manifest, model_dir)`: the in-process job on the 12 demo
+    users with the tiny model (`tiny_job_config(model_dir, **overrides)`), published to SeaweedFS
+    as run `tiny-run-1`. One run per distinct configuration for the whole pytest run: tests that
+    ask for the same settings share it, so they must not change it (`copy_run` it first)."""
     from chameleon.dev.demo import write_example_users
     from chameleon.job.local import run_local
 
     users = write_example_users(tmp_path_factory.mktemp("users") / "users.jsonl")
-    store = s3_server.store(TEST_BUCKET, f"published-{uuid.uuid4().hex[:8]}")
-    manifest = run_local(str(users), store, "tiny-run-1", tiny_job_config(tiny_model_dir), progress=False)
-    return store, manifest, tiny_model_dir
+    runs: dict[str, tuple] = {}
+
+    def publish(**overrides):
+        cfg = tiny_job_config(tiny_model_dir, **overrides)
+        key = cfg.model_dump_json()
+        if key not in runs:
+            store = s3_server.store(TEST_BUCKET, f"published-{uuid.uuid4().hex[:8]}")
+            manifest = run_local(str(users), store, "tiny-run-1", cfg, progress=False)
+            runs[key] = (store, manifest, tiny_model_dir)
+        return runs[key]
+
+    return publish
+
+
+@pytest.fixture(scope="session")
+def published_tiny_run(tiny_run_factory):
+    """The default tiny run (see `tiny_run_factory`). Returns (store, manifest, model_dir)."""
+    return tiny_run_factory()
 
 
 def copy_run(

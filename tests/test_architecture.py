@@ -2,9 +2,10 @@
 
     core ← data ← job ← evaluation;  serving uses core and data only;  dev sits beside job.
 
-`config` and `flags` are leaves every layer may use. Ray is imported only by the job's Ray
-driver, actor pools and Ray setup (`job/ray_env`), serving's app and the CLIs; FastAPI and Starlette
-only by serving's app.
+`config`, `flags` and `ray_env` (Ray setup) are leaves every layer may use. The rule holds for the
+CLIs too (`serving/cli` uses core, data and the leaves). Ray is imported only by the job's Ray
+driver, actor pools, Ray setup, serving's app and the CLIs; FastAPI and Starlette only by serving's
+app. No import cycle, not even through imports made for type checking only.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "chameleon"
+JOBS = PACKAGE.parent / "jobs"
 
-LEAVES = {"chameleon", "chameleon.config", "chameleon.flags"}
+LEAVES = {"chameleon", "chameleon.config", "chameleon.flags", "chameleon.ray_env"}
 ALLOWED = {  # package -> chameleon packages it may import (besides itself and the leaves)
     "core": set(),
     "data": {"core"},
@@ -29,7 +31,7 @@ ALLOWED = {  # package -> chameleon packages it may import (besides itself and t
     "dev": {"core", "data", "job"},
 }
 RAY_MODULES = {
-    "chameleon.job.ray_env",
+    "chameleon.ray_env",
     "chameleon.job.ray_job",
     "chameleon.job.replicas",
     "chameleon.serving.app",
@@ -68,14 +70,15 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(imported module, at module level?) of every import statement, TYPE_CHECKING blocks skipped."""
+def _imports(path: Path, type_level: bool = False) -> list[tuple[str, bool]]:
+    """(imported module, at module level?) of every import statement; TYPE_CHECKING blocks are
+    skipped unless `type_level`."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found: list[tuple[str, bool]] = []
 
     def visit(node: ast.AST, top: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test) and not type_level:
                 continue
             if isinstance(child, ast.Import):
                 found.extend((a.name, top) for a in child.names)
@@ -91,6 +94,7 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
 
 MODULES = _modules()
 IMPORTS = {name: _imports(path) for name, path in MODULES.items()}
+TYPE_LEVEL_IMPORTS = {name: _imports(path, type_level=True) for name, path in MODULES.items()}
 
 
 def _own(name: str) -> str | None:
@@ -112,7 +116,7 @@ def test_layers_import_only_what_the_rule_allows():
     bad = []
     for module, imports in IMPORTS.items():
         layer = _layer(module)
-        if layer is None or module in CLI_MODULES:
+        if layer is None:  # the package root and `chameleon.cli`, the top of every layer
             continue
         for name, _top in imports:
             target = _own(name)
@@ -124,7 +128,7 @@ def test_layers_import_only_what_the_rule_allows():
 
 
 def test_leaves_import_no_layer():
-    for leaf in ("chameleon.config",):
+    for leaf in ("chameleon.config", "chameleon.ray_env"):
         assert not [n for n, _ in IMPORTS[leaf] if _own(n) not in (None, leaf)], leaf
     assert {_own(n) for n, _ in IMPORTS["chameleon.flags"]} <= {None, "chameleon.config"}
 
@@ -139,10 +143,10 @@ def test_ray_and_web_frameworks_stay_in_their_modules():
             assert module in WEB_MODULES, f"{module} imports a web framework"
 
 
-def test_no_import_cycles():
+def test_no_import_cycles_even_at_type_level():
     graph = {
         m: {t for n, _ in imps if (t := _own(n)) and t != m and t != "chameleon"}
-        for m, imps in IMPORTS.items()
+        for m, imps in TYPE_LEVEL_IMPORTS.items()
     }
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -204,3 +208,63 @@ def test_help_imports_neither_torch_nor_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout[-500:]
+
+
+def _manifest_key_reads(path: Path) -> list[str]:
+    """`x["key"]` / `x.get("key")` where x is a manifest: an expression ending in `manifest`
+    (`reader.manifest`, `manifest`) or a name assigned from one (or from `committed_manifest(...)`)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+
+    def is_manifest(expr: ast.AST, names: set[str]) -> bool:
+        text = ast.unparse(expr)
+        return (
+            text.endswith("manifest")
+            or text.split(".")[-1] == "manifest"
+            or (isinstance(expr, ast.Name) and expr.id in names)
+            or (isinstance(expr, ast.Call) and ast.unparse(expr.func).endswith("committed_manifest"))
+        )
+
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and is_manifest(node.value, set()):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and is_manifest(node.value, names):
+            if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and is_manifest(node.func.value, names)
+        ):
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_manifest_is_read_by_attribute_outside_its_module():
+    """The manifest is a typed `RunManifest` (`chameleon.data.manifest`): no reader goes back to
+    string keys, in the package or in the benchmarks."""
+    paths = [
+        p for p in [*PACKAGE.rglob("*.py"), *JOBS.rglob("*.py")] if p != PACKAGE / "data" / "manifest.py"
+    ]
+    bad = [hit for p in paths for hit in _manifest_key_reads(p)]
+    assert not bad, "string-key reads of a manifest:\n" + "\n".join(bad)
+
+
+def test_the_manifest_check_finds_string_key_reads(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def f(reader, store):\n"
+        "    a = reader.manifest['counts']\n"
+        "    m = committed_manifest(store, 'r')\n"
+        "    b = m['groups']\n"
+        "    c = reader.manifest.get('config')\n"
+        "    d = reader.manifest.counts.partitions\n"
+    )
+    assert [h.split(": ", 1)[1] for h in _manifest_key_reads(sample)] == [
+        "reader.manifest['counts']",
+        "m['groups']",
+        "reader.manifest.get('config')",
+    ]

@@ -7,6 +7,7 @@ import hashlib
 import pyarrow as pa
 import pytest
 import torch
+from conftest import stub_manifest
 from tiny_models import random_llama
 
 from chameleon.core.fingerprint import ModelMismatchError, fingerprint_model
@@ -23,6 +24,7 @@ from chameleon.data.artifacts import (
     new_run_id,
     validate_run_id,
 )
+from chameleon.data.manifest import ModelInfo
 from chameleon.data.storage import LocalStore, StoreConflictError
 
 
@@ -48,13 +50,13 @@ def _write_all(writer: RunWriter) -> None:
 def test_round_trip(store):
     writer = RunWriter(store, "run-1")
     _write_all(writer)
-    manifest = writer.commit({"model": "tiny", "counts": {"users": 2}})
+    manifest = writer.commit(stub_manifest(model=ModelInfo(id="tiny", fingerprint={})))
 
     reader = RunReader(store)  # follows `latest`
     assert reader.run_id == "run-1"
     assert reader.manifest == manifest
-    assert reader.manifest["model"] == "tiny" and reader.manifest["format_version"] == FORMAT_VERSION
-    assert reader.manifest["created_at"] and reader.manifest["run_id"] == "run-1"
+    assert reader.manifest.model.id == "tiny" and reader.manifest.format_version == FORMAT_VERSION
+    assert reader.manifest.created_at and reader.manifest.run_id == "run-1"
     assert reader.files == [
         "assignments.parquet",
         "config.json",
@@ -62,7 +64,7 @@ def test_round_trip(store):
         "notes.txt",
         "rejects.jsonl",
     ]
-    assert manifest["files"]["notes.txt"] == {
+    assert manifest.files["notes.txt"].model_dump() == {
         "sha256": hashlib.sha256(b"free text").hexdigest(),
         "bytes": 9,
         "key": f"attempts/{writer.attempt}/notes.txt",
@@ -94,7 +96,7 @@ def test_manifest_is_written_last_then_latest(tmp_path):
     root = RecordingStore(tmp_path)
     writer = RunWriter(root, "r1")
     _write_all(writer)
-    writer.commit({})
+    writer.commit(stub_manifest())
     assert RecordingStore.writes[-2:] == ["runs/r1/manifest.json", "latest"]
     assert len(RecordingStore.writes) == 7
 
@@ -118,10 +120,10 @@ def test_latest_points_at_newest_committed_run(store):
     for run_id, alpha in [("r1", 1.0), ("r2", 2.0)]:
         writer = RunWriter(store, run_id)
         writer.put_json("config.json", {"alpha": alpha})
-        writer.commit({})
+        writer.commit(stub_manifest())
     staging = RunWriter(store, "r3-staging")
     staging.put_json("config.json", {"alpha": 3.0})
-    staging.commit({}, set_latest=False)
+    staging.commit(stub_manifest(), set_latest=False)
     RunWriter(store, "r4-unfinished").put_json("config.json", {})
 
     assert latest_run_id(store) == "r2"
@@ -135,16 +137,16 @@ def test_latest_points_at_newest_committed_run(store):
 def test_tampered_file_fails_checksum(store):
     writer = RunWriter(store, "r1")
     _write_all(writer)
-    manifest = writer.commit({})
-    group_file = "runs/r1/" + manifest["files"]["groups/g1.safetensors"]["key"]
+    manifest = writer.commit(stub_manifest())
+    group_file = "runs/r1/" + manifest.files["groups/g1.safetensors"].key
     store.put_bytes(group_file, store.get_bytes(group_file)[:-4] + b"\0\0\0\0")
     reader = RunReader(store)
     with pytest.raises(ChecksumMismatchError) as info:
         reader.get_safetensors("groups/g1.safetensors")
     message = str(info.value)
     assert "groups/g1.safetensors" in message
-    assert manifest["files"]["groups/g1.safetensors"]["sha256"] in message
-    store.put_bytes("runs/r1/" + manifest["files"]["config.json"]["key"], b"{}")  # truncated / replaced
+    assert manifest.files["groups/g1.safetensors"].sha256 in message
+    store.put_bytes("runs/r1/" + manifest.files["config.json"].key, b"{}")  # truncated / replaced
     with pytest.raises(ChecksumMismatchError, match="config.json"):
         reader.get_json("config.json")
     assert reader.get_parquet("assignments.parquet").num_rows == 2  # untouched files still read
@@ -153,7 +155,7 @@ def test_tampered_file_fails_checksum(store):
 def test_files_not_in_manifest_are_refused(store):
     writer = RunWriter(store, "r1")
     writer.put_json("config.json", {})
-    writer.commit({})
+    writer.commit(stub_manifest())
     store.put_bytes("runs/r1/extra.json", b"{}")
     with pytest.raises(ArtifactError, match="not listed in the manifest"):
         RunReader(store).get_json("extra.json")
@@ -164,11 +166,11 @@ def test_files_not_in_manifest_are_refused(store):
 def test_committed_run_is_immutable(store):
     writer = RunWriter(store, "r1")
     writer.put_json("config.json", {})
-    writer.commit({})
+    writer.commit(stub_manifest())
     with pytest.raises(RunImmutableError, match="already committed"):
         writer.put_json("config.json", {"changed": True})
     with pytest.raises(RunImmutableError):
-        writer.commit({})
+        writer.commit(stub_manifest())
     with pytest.raises(RunImmutableError, match="write a new run id"):
         RunWriter(store, "r1")
     assert RunReader(store, "r1").get_json("config.json") == {}
@@ -187,7 +189,7 @@ def test_resume_adopts_files_of_an_earlier_attempt_only_with_their_hashes(store)
     assert second.adopt("pairs/part-00000.parquet", entry)
     assert second.files["pairs/part-00000.parquet"] == entry
     second.put_parquet("pairs/part-00001.parquet", pa.table({"x": [3]}))
-    second.commit({})
+    second.commit(stub_manifest())
     reader = RunReader(store)
     assert reader.files == ["pairs/part-00000.parquet", "pairs/part-00001.parquet"]
     assert reader.get_parquet("pairs/part-00000.parquet").column("x").to_pylist() == [1, 2]
@@ -197,10 +199,10 @@ def test_two_writers_on_one_run_id_never_both_commit_nor_overwrite_the_committed
     a, b = RunWriter(store, "r1"), RunWriter(store, "r1")  # both opened before either commits
     a.put_json("config.json", {"by": "a"})
     b.put_json("config.json", {"by": "b"})
-    committed = b.commit({"by": "b"})
+    committed = b.commit(stub_manifest(prompt_version="b"))
     a.put_json("late.json", {"by": "a"})  # still writes, but only into its own attempt folder
     with pytest.raises(RunConflictError, match="committed by another writer"):
-        a.commit({"by": "a"})
+        a.commit(stub_manifest(prompt_version="a"))
     reader = RunReader(store, "latest")
     assert reader.manifest == committed and reader.run_id == "r1"
     for rel in reader.files:  # every committed file still has the bytes it was committed with
@@ -239,9 +241,9 @@ def test_invalid_artifact_paths_and_fields(local_store):
     with pytest.raises(ValueError, match="written by commit"):
         writer.put_json("manifest.json", {})
     with pytest.raises(ValueError, match="set by commit"):
-        writer.commit({"files": {}})
+        writer.commit(stub_manifest(files={"a": {"sha256": "0", "bytes": 0}}))
     with pytest.raises(ValueError, match="not this run's id"):
-        writer.commit({"run_id": "r2"})
+        writer.commit(stub_manifest(run_id="r2"))
     with pytest.raises(TypeError, match="str to str"):
         writer.put_safetensors("a.safetensors", {"t": torch.zeros(2)}, metadata={"rank": 3})
     assert latest_run_id(local_store) is None
@@ -264,12 +266,12 @@ def test_reader_refuses_a_run_made_for_another_model(store):
     other = fingerprint_model(random_llama(1), "tiny-seed-1")
     writer = RunWriter(store, "r1")
     writer.put_json("config.json", {})
-    writer.commit({"model": {"id": "tiny-seed-0", "fingerprint": made_with.to_dict()}})
+    writer.commit(stub_manifest(model=ModelInfo(id="tiny-seed-0", fingerprint=made_with.to_dict())))
     reader = RunReader(store)
     reader.check_model(made_with)
     with pytest.raises(ModelMismatchError, match="run 'r1'"):
         reader.check_model(other)
-    RunWriter(store, "r3").commit({})
+    RunWriter(store, "r3").commit(stub_manifest())
     with pytest.raises(ArtifactError, match="records no model fingerprint"):
         RunReader(store, "r3").check_model(made_with)
 

@@ -607,12 +607,32 @@ def test_job_config_example_has_the_documented_keys():
     config = load_one(JOB_CONFIG)
     expected = {
         "model": {"name_or_path", "dtype", "device_map"},
-        "synth": {"history_k", "pairs_per_user", "answer_max_new_tokens", "batch_size", "seed"},
-        "subspace": {"site", "n_layers", "max_rank", "theta_n"},
-        "groups": {"n_groups", "min_group_size"},
+        "synth": {
+            "pair_source",
+            "history_k",
+            "pairs_per_user",
+            "answer_max_new_tokens",
+            "batch_size",
+            "seed",
+        },
+        "subspace": {"site", "n_layers"},
+        "edit": {"form", "calibrate"},
+        "groups": {"n_groups", "min_group_size", "features"},
         "job": {"num_actors", "num_gpus_per_actor", "users_per_partition"},
     }
     assert {k: set(v) for k, v in config.items()} == expected
+
+
+def test_job_config_example_sets_the_method_to_its_defaults():
+    """The example's method settings are the defaults the results were measured with (an example
+    that set another method, say projection edits on the MLP, would be run by people copying it)."""
+    from chameleon.config import ChameleonConfig
+
+    config, defaults = load_one(JOB_CONFIG), ChameleonConfig()
+    ChameleonConfig.model_validate(config)  # a valid config as a whole
+    for section in ("synth", "subspace", "edit", "groups"):
+        for key, value in config.get(section, {}).items():
+            assert value == getattr(getattr(defaults, section), key), f"{section}.{key}: {value!r}"
 
 
 def test_s3_dev_server_and_secret():

@@ -57,3 +57,19 @@ def test_every_field_is_documented():
                     getattr(nxt, "value", None), ast.Constant
                 )
                 assert documented, f"{cls.name}.{node.target.id} has no docstring"
+
+
+def test_boolean_settings_are_switches_not_strings():
+    """`--calibrate` / `--no-calibrate`: a value such as "false" is an error, never a silent True."""
+    import argparse
+
+    from chameleon.evaluation.cli import EVAL_FLAGS
+    from chameleon.flags import add_flags, flag_overrides
+
+    p = argparse.ArgumentParser()
+    add_flags(p, EVAL_FLAGS, ChameleonConfig())
+    assert flag_overrides(p.parse_args(["--calibrate"]), EVAL_FLAGS) == {"edit.calibrate": True}
+    assert flag_overrides(p.parse_args(["--no-calibrate"]), EVAL_FLAGS) == {"edit.calibrate": False}
+    assert "edit.calibrate" not in flag_overrides(p.parse_args([]), EVAL_FLAGS)  # the config decides
+    with pytest.raises(SystemExit):
+        p.parse_args(["--calibrate", "false"])

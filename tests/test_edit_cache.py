@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chameleon.config import EditConfig
 from chameleon.core.edit import Edit, EditBank
-from chameleon.serving.edit_cache import CacheFullError, EditCache, EditParams
+from chameleon.serving.edit_cache import CacheFullError, EditCache
 
 D = 8
 LAYERS = [1, 3]
@@ -24,7 +25,7 @@ def fresh(capacity: int) -> EditCache:
     return EditCache(EditBank(D, LAYERS, max_rank=3), capacity)
 
 
-def row_matches(bank: EditBank, row: int, e: Edit, params: EditParams = EditParams()) -> bool:
+def row_matches(bank: EditBank, row: int, e: Edit, params: EditConfig = EditConfig()) -> bool:
     ref = EditBank(D, LAYERS, max_rank=3)
     r = ref.add(e, params.alpha, params.beta, params.centered)
     return (
@@ -63,7 +64,7 @@ def test_rows_grow_lazily_then_lru_reuses_the_oldest_unpinned_row():
     cache.release(rb)
     assert cache.acquire(a) == ra  # a is now the most recent: b is the LRU victim
     cache.release(ra)
-    params = EditParams(alpha=0.5, beta=2.0, centered=False)
+    params = EditConfig(alpha=0.5, beta=2.0, centered=False)
     rc = cache.install(c, edit(3), params)
     assert rc == rb and cache.bank.n_rows == 3, "the bank never grows past capacity"
     assert b not in cache and cache.row_of(c) == rb and cache.key_of(rb) == c

@@ -29,7 +29,7 @@ from chameleon.dev.demo import write_example_users
 from chameleon.evaluation import ablations, recompute, runner, runs
 from chameleon.evaluation.baselines import copy_answer, rag_items, rag_prompt
 from chameleon.evaluation.cache import PredictionCache
-from chameleon.evaluation.cli import add_eval_parser, eval_config
+from chameleon.evaluation.cli import add_eval_parser, eval_config, eval_settings
 from chameleon.evaluation.lamp import LAMP7_PROMPT, LampQuestion
 from chameleon.evaluation.names import ABLATIONS, EVAL_SYNTH_DEFAULTS, METHODS
 from chameleon.evaluation.runner import EvalSettings, run_evaluation
@@ -250,7 +250,7 @@ def test_generate_answers_keeps_input_order_and_applies_edits(tiny_run):
     want = [generate(model, tok, [chat_prompt(tok, m)], max_new_tokens=5)[0] for m in msgs]
     assert got == want  # length-sorted batching, answers back in input order
     pairs, profiles = runs.read_run_tables(store, "r1")
-    fit = runs.fit_edits(pairs, profiles, manifest["captured_layers"], cfg)
+    fit = runs.fit_edits(pairs, profiles, manifest.captured_layers, cfg)
     uid = sorted(fit.user)[0]
     edit = fit.user[uid]
     plain = generate_answers(model, tok, msgs, edits=[None, None, None], max_new_tokens=5)
@@ -264,7 +264,7 @@ def test_generate_answers_keeps_input_order_and_applies_edits(tiny_run):
 def test_fit_edits_matches_published_run_and_group_sizes(tiny_run):
     store, manifest, cfg, _ = tiny_run
     pairs, profiles = runs.read_run_tables(store, "r1")
-    fit = runs.fit_edits(pairs, profiles, manifest["captured_layers"], cfg)
+    fit = runs.fit_edits(pairs, profiles, manifest.captured_layers, cfg)
     run = PublishedRun(RunReader(store, "r1"))
     assert set(fit.user) == set(run.assignments())
     for uid, edit in fit.user.items():
@@ -276,7 +276,7 @@ def test_fit_edits_matches_published_run_and_group_sizes(tiny_run):
     assert {u: fit.group_of[u] for u in fit.user} == {u: run.user_group(u) for u in fit.user}
     assert sum(fit.group_sizes.values()) == len(fit.user)
     one = runs.fit_edits(
-        pairs, profiles, manifest["captured_layers"], cfg.with_overrides(ablations.group_overrides("all", 12))
+        pairs, profiles, manifest.captured_layers, cfg.with_overrides(ablations.group_overrides("all", 12))
     )
     assert len(one.group) == 1 and one.mean_group_size == 12
 
@@ -294,7 +294,7 @@ def test_derived_run_on_a_subset_and_unseen_assignment(tiny_run):
     assert set(run.assignments()) == set(seen)
     _, profiles = runs.read_run_tables(store, "r1", unseen)
     emb = runs.history_embeddings(profiles, unseen)
-    assert emb.shape == (4, manifest["hidden_size"])
+    assert emb.shape == (4, manifest.hidden_size)
     gids, dist = run.assign_unseen(emb)
     assert len(gids) == 4 and set(gids) <= set(run.group_ids)
 
@@ -303,12 +303,12 @@ def test_recapture_at_the_same_site_reproduces_the_stored_states(tiny_run):
     store, manifest, cfg, (model, tok) = tiny_run
     pairs, _ = runs.read_run_tables(store, "r1")
     pairs = pairs.slice(0, 6)
-    again = runs.recapture_pairs(model, tok, pairs, manifest["captured_layers"], cfg, manifest["site"])
+    again = runs.recapture_pairs(model, tok, pairs, manifest.captured_layers, cfg, manifest.site)
     a = np.asarray(pairs.column("emb_p").combine_chunks().flatten())
     b = np.asarray(again.column("emb_p").combine_chunks().flatten())
     assert np.allclose(a, b, atol=1e-4)
-    other = "mlp" if manifest["site"] == "residual" else "residual"
-    resid = runs.recapture_pairs(model, tok, pairs, manifest["captured_layers"], cfg, other)
+    other = "mlp" if manifest.site == "residual" else "residual"
+    resid = runs.recapture_pairs(model, tok, pairs, manifest.captured_layers, cfg, other)
     assert resid.column("emb_n").type == pairs.column("emb_n").type
 
 
@@ -526,6 +526,29 @@ def test_eval_cli_flags_map_onto_settings_and_config():
     assert cfg.synth.answer_max_new_tokens == EVAL_SYNTH_DEFAULTS["synth.answer_max_new_tokens"]
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--out", "o", "--methods", "base,oracle"])
+    settings = eval_settings(args)  # the evaluation's own settings come from their flag table too
+    assert settings.out_dir == "o" and settings.methods == ("base", "rag") and settings.ablations == ABLATIONS
+    assert settings.reported_users == (600, 700) and not settings.validation and not settings.use_ray
+    assert settings.tuning_users == EvalSettings.model_fields["tuning_users"].default
+    more = parser.parse_args(
+        [
+            "eval",
+            "--out",
+            "o",
+            "--validation",
+            "--ray",
+            "--system-prompt",
+            "none",
+            "--seed",
+            "3",
+            "--rag-k",
+            "5",
+        ]
+    )
+    s2 = eval_settings(more)
+    assert s2.validation and s2.use_ray and s2.system_prompt is None and s2.seed == 3 and s2.rag_k == 5
+    with pytest.raises(ValueError, match="user range"):
+        eval_settings(parser.parse_args(["eval", "--out", "o", "--tuning-users", "5"]))
 
 
 def test_eval_help_gives_every_flag_a_help_and_its_default_and_examples():
@@ -542,7 +565,7 @@ def test_eval_help_gives_every_flag_a_help_and_its_default_and_examples():
             continue
         assert "default" in block, f"{flag} does not show its default: {block}"
     assert (
-        "(default: all)" in text and "(default: none)" in text and "default: 4]" in text
+        "[methods; default: all]" in text and "[ablations; default: none]" in text and "default: 4]" in text
     )  # eval's own synthesis defaults
     assert "\nexamples:\n" in text and text.count("chameleon eval --out") >= 3
 
@@ -595,12 +618,8 @@ def test_seed_partitions_reuses_the_same_users_synthesis(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_synthesis_through_the_ray_job(tmp_path, fake_lamp, tiny_model_dir):
-    """`--ray`: the synthesis runs as the Ray job's map stage (a local Ray), then the same evaluation."""
-    import ray
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+def test_synthesis_through_the_ray_job(tmp_path, fake_lamp, tiny_model_dir, ray_session):
+    """`--ray`: the synthesis runs as the Ray job's map stage (the session's Ray), then the same evaluation."""
     cfg = tiny_job_config(tiny_model_dir, **{"groups.n_groups": 2, "subspace.ccs_steps": 30})
     settings = EvalSettings(
         out_dir=str(tmp_path / "out"),
@@ -613,10 +632,6 @@ def test_synthesis_through_the_ray_job(tmp_path, fake_lamp, tiny_model_dir):
         methods=("copy", "base", "chameleon_group", "chameleon_unseen"),
         use_ray=True,
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
-    try:
-        res = run_evaluation(settings, cfg, progress=False)
-    finally:
-        ray.shutdown()
+    res = run_evaluation(settings, cfg, progress=False)
     assert res["n_users"] == 4 and "chameleon_unseen" in res["methods"]
     assert res["runs"]["synthesis"].startswith("lamp7-t0-4-r500-504")

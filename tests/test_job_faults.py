@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import tiny_job_config
+from conftest import stub_manifest, tiny_job_config
 
 from chameleon.data.artifacts import RunReader, RunWriter, latest_run_id
 from chameleon.data.storage import S3Store, StoreUnavailableError
@@ -56,8 +56,8 @@ def test_a_partition_that_keeps_killing_its_actor_fails_the_job_in_bounded_time_
     assert not s3_store.exists("runs/r1/manifest.json")
     monkeypatch.delenv(FAULTS_ENV)
     manifest = run_ray_job(path, s3_store, "r1", cfg)  # the failed partition is mapped again
-    c = manifest["counts"]
-    assert c["partitions_resumed"] == 2 and c["users_failed"] == 0 and c["users_mapped"] == 6
+    c = manifest.counts
+    assert c.partitions_resumed == 2 and c.users_failed == 0 and c.users_mapped == 6
 
 
 def test_a_partition_past_its_deadline_stops_its_actor_and_counts_as_failed(
@@ -71,8 +71,8 @@ def test_a_partition_past_its_deadline_stops_its_actor_and_counts_as_failed(
     )
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"hang_on_user": users[5]["user_id"]}))
     manifest = run_ray_job(path, s3_store, "r1", cfg)
-    c = manifest["counts"]
-    assert c["partitions_failed"] == 1 and c["users_failed"] == 2 and c["users_mapped"] == 4
+    c = manifest.counts
+    assert c.partitions_failed == 1 and c.users_failed == 2 and c.users_mapped == 4
     failures = RunReader(s3_store, "r1").get_jsonl("failures/part-00002.jsonl")
     assert {f["user_id"] for f in failures} == {users[4]["user_id"], users[5]["user_id"]}
     assert all("passed its deadline (15 s) 1 times" in f["reason"] for f in failures)
@@ -97,7 +97,7 @@ def test_store_outage_is_retried_then_fails_cleanly_keeping_latest(own_s3, tiny_
     store = S3Store("outage", "p", create_bucket=True, **own_s3.storage_options(), **retry)
     previous = RunWriter(store, "r0")
     previous.put_json("x.json", {})
-    previous.commit({})
+    previous.commit(stub_manifest())
 
     # A short outage is ridden out.
     _signal(own_s3, signal.SIGSTOP)

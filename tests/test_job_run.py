@@ -20,7 +20,8 @@ from chameleon.job.local import run_local
 from chameleon.job.publish import JobFailedError, check_users_accounted
 from chameleon.job.run import adopt_partition, begin_run, partition_users, write_partition
 from chameleon.job.spec import JobSpecMismatchError, model_identity
-from chameleon.job.stages import pairs_to_tables, process_partition
+from chameleon.job.stages import process_partition
+from chameleon.job.tables import pairs_to_tables
 
 
 def _users_file(tmp_path, users):
@@ -101,7 +102,7 @@ def test_failure_limit_holds_over_adopted_partitions_and_on_every_rerun(
     manifest = run_local(
         path, local_store, "r1", cfg.with_overrides({"job.max_user_failures": 0.75}), progress=False
     )
-    assert manifest["counts"]["users_failed"] == 3 and manifest["counts"]["partitions_resumed"] == 2
+    assert manifest.counts.users_failed == 3 and manifest.counts.partitions_resumed == 2
 
 
 def test_a_partition_in_which_every_user_failed_is_mapped_again(tmp_path, local_store, tiny_model_dir):
@@ -111,8 +112,8 @@ def test_a_partition_in_which_every_user_failed_is_mapped_again(tmp_path, local_
     plan = begin_run(path, local_store, "r1", cfg, model_identity(cfg))
     _failed_partition(local_store, "r1", plan.partitions[0])
     manifest = run_local(path, local_store, "r1", cfg, progress=False)
-    c = manifest["counts"]
-    assert c["partitions_resumed"] == 0 and c["users_failed"] == 0 and c["users_mapped"] == 6
+    c = manifest.counts
+    assert c.partitions_resumed == 0 and c.users_failed == 0 and c.users_mapped == 6
 
 
 def _identity(cfg, **changes):
@@ -170,7 +171,7 @@ def test_restart_after_a_partition_size_change_publishes_every_user_once(
     )
     ids = RunReader(local_store, "r1").get_parquet("assignments.parquet").column("user_id").to_pylist()
     assert sorted(ids) == sorted(u["user_id"] for u in users)  # each user exactly once
-    assert manifest["counts"]["partitions_resumed"] == 0 and manifest["job_spec"]["partition_size"] == 3
+    assert manifest.counts.partitions_resumed == 0 and manifest.job_spec["partition_size"] == 3
 
 
 def test_invariant_every_accepted_user_is_mapped_or_failed_exactly_once():
@@ -217,7 +218,7 @@ def test_group_ids_with_any_allowed_character_and_reserved_looking_names_publish
         u["team"] = name
     cfg = tiny_job_config(tiny_model_dir, **{"groups.group_column": "team"})
     manifest = run_local(_users_file(tmp_path, users), local_store, "r1", cfg, progress=False)
-    assert sorted(g["group_id"] for g in manifest["groups"]) == ["centroids", "ops@x", "team:a"]
+    assert sorted(g.group_id for g in manifest.groups) == ["centroids", "ops@x", "team:a"]
     reader = RunReader(local_store, "r1")
     assert {group_key(g) for g in ("centroids", "ops@x", "team:a")} | {CENTROIDS} <= set(reader.files)
     run = PublishedRun(reader)

@@ -133,4 +133,4 @@ def test_ray_job_submit_runs_the_job(ray_head, s3_server, tiny_model_dir, tmp_pa
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "run submitted-1: 12 users accepted" in result.stdout
     reader = RunReader(s3_server.store("submitted", "out"), "latest")
-    assert reader.manifest["run_id"] == "submitted-1" and reader.manifest["counts"]["accepted"] == 12
+    assert reader.manifest.run_id == "submitted-1" and reader.manifest.counts.accepted == 12

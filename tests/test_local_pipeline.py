@@ -23,7 +23,7 @@ def test_published_layout_and_manifest(published_tiny_run):
     assert {"runs/tiny-run-1/manifest.json", "runs/tiny-run-1/job-spec.json"} <= objects
     assert store.get_text("latest").strip() == "tiny-run-1"
     reader = RunReader(store, "latest")
-    files = manifest["files"]
+    files = manifest.files
     assert {
         "assignments.parquet",
         "rejects.jsonl",
@@ -32,11 +32,11 @@ def test_published_layout_and_manifest(published_tiny_run):
         "calibration.json",
     } <= set(files)
     # Each logical file lives in the attempt folder of the writer that wrote it.
-    assert {"runs/tiny-run-1/" + e["key"] for e in files.values()} <= objects
-    assert all(e["key"].startswith("attempts/") and e["key"].endswith(rel) for rel, e in files.items())
-    assert manifest["job_spec"]["partition_size"] == 4 and manifest["job_spec"]["input"]["accepted"] == 12
-    assert manifest["counts"]["accepted"] == 12 and manifest["counts"]["rejected"] == 0
-    assert manifest["prompt_version"] and manifest["site"] == "residual"
+    assert {"runs/tiny-run-1/" + e.key for e in files.values()} <= objects
+    assert all(e.key.startswith("attempts/") and e.key.endswith(rel) for rel, e in files.items())
+    assert manifest.job_spec["partition_size"] == 4 and manifest.job_spec["input"]["accepted"] == 12
+    assert manifest.counts.accepted == 12 and manifest.counts.rejected == 0
+    assert manifest.prompt_version and manifest.site == "residual"
     run = PublishedRun(reader)
     assign = run.assignments()
     assert set(assign) == {
@@ -51,18 +51,18 @@ def test_published_layout_and_manifest(published_tiny_run):
         )
         for k in (1, 2)
     }
-    sizes = {g["group_id"]: g["n_users"] for g in manifest["groups"]}
+    sizes = {g.group_id: g.n_users for g in manifest.groups}
     assert sum(sizes.values()) == 12 and min(sizes.values()) >= 2
     curves = reader.get_json("calibration.json")
-    for row in manifest["groups"]:
-        gid, cal = row["group_id"], row["calibration"]
+    for row in manifest.groups:
+        gid, cal = row.group_id, row.calibration
         edit = run.group_edit(gid)
         assert edit.form == "additive" and len(edit.layers) == 1
-        assert edit.layers[0] in manifest["captured_layers"]
+        assert edit.layers[0] in manifest.captured_layers
         assert torch.isfinite(edit.steer).all()
         # Calibration never makes the held-out texts less likely than the base model.
-        assert cal["nll"] <= cal["base_nll"] and curves[gid]["curve"]["base"] == cal["base_nll"]
-        assert (cal["strength"] > 0) == (float(edit.steer.norm()) > 0)
+        assert cal.nll <= cal.base_nll and curves[gid]["curve"]["base"] == cal.base_nll
+        assert (cal.strength > 0) == (float(edit.steer.norm()) > 0)
 
 
 def test_user_edits_and_personalized_generation(published_tiny_run):
@@ -123,7 +123,7 @@ def test_bad_records_are_rejected_with_reasons(tmp_path, local_store, tiny_model
         "unreadable",
     ):
         assert needle in reasons
-    assert manifest["counts"]["accepted"] == 3 and manifest["counts"]["rejected"] == 7
+    assert manifest.counts.accepted == 3 and manifest.counts.rejected == 7
 
 
 def test_committed_run_is_immutable(published_tiny_run, tiny_model_dir, tmp_path):

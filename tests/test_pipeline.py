@@ -17,7 +17,7 @@ from conftest import tiny_job_config
 
 from chameleon.data.artifacts import RunReader
 from chameleon.data.published import PublishedRun
-from chameleon.evaluation.lamp import lamp_to_user_records, load_lamp7
+from chameleon.dev.demo import example_users
 from chameleon.job.ray_job import run_ray_job
 
 pytestmark = pytest.mark.slow
@@ -32,13 +32,15 @@ BAD_RECORDS = [
 ]
 
 
+def good_users() -> list[dict]:
+    """20 of the demo's example users (the project writes them; no LaMP-7 data needed)."""
+    return example_users(n_per_style=4)[:N_USERS]
+
+
 @pytest.fixture(scope="module")
 def users_file(tmp_path_factory) -> Path:
-    """20 real LaMP-7 users (tuning split) plus planted bad records and a duplicated id."""
-    questions, _ = load_lamp7()
-    records = lamp_to_user_records(questions[:N_USERS])
-    for r in records:  # keep the tiny-model job fast: 8 history items each
-        r["history"] = r["history"][:8]
+    """20 example users plus planted bad records and a duplicated id."""
+    records = good_users()
     dup = dict(records[3])
     path = tmp_path_factory.mktemp("users") / "users.jsonl"
     lines = [json.dumps(r) for r in records + BAD_RECORDS + [dup]]
@@ -59,7 +61,7 @@ def job_config(model_dir, **overrides):
 
 def artifact_hashes(manifest: dict) -> dict[str, str]:
     """Checksums of everything a run publishes except per-attempt bookkeeping."""
-    return {k: v["sha256"] for k, v in manifest["files"].items() if not k.startswith("failures/")}
+    return {k: v.sha256 for k, v in manifest.files.items() if not k.startswith("failures/")}
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +74,16 @@ def clean_run(ray_local, s3_server, tiny_model_dir, users_file):
 def test_layout_checksums_assignments_and_rejects(clean_run):
     store, manifest = clean_run
     reader = RunReader(store, "latest")
-    assert reader.manifest["run_id"] == "clean"
+    assert reader.manifest.run_id == "clean"
     for rel in reader.files:  # every listed file is present and matches its checksum
         reader.get_bytes(rel)
     keys = set(store.list("runs/clean/"))
-    n_parts = manifest["counts"]["partitions"]
+    n_parts = manifest.counts.partitions
     for k in range(n_parts):
         assert f"runs/clean/parts/part-{k:05d}.json" in keys  # the done record
         for kind, ext in (("pairs", "parquet"), ("profiles", "parquet"), ("failures", "jsonl")):
-            assert "runs/clean/" + manifest["files"][f"{kind}/part-{k:05d}.{ext}"]["key"] in keys
-    accepted = {r["user_id"] for r in lamp_to_user_records(load_lamp7()[0][:N_USERS])} - {
-        lamp_to_user_records(load_lamp7()[0][3:4])[0]["user_id"]
-    }
+            assert "runs/clean/" + manifest.files[f"{kind}/part-{k:05d}.{ext}"].key in keys
+    accepted = {r["user_id"] for r in good_users()} - {good_users()[3]["user_id"]}
     run = PublishedRun(reader)
     assert set(run.assignments()) == accepted
     assert all(row["group_id"] in run.group_ids for row in run.assignments().values())
@@ -93,9 +93,9 @@ def test_layout_checksums_assignments_and_rejects(clean_run):
     assert sum("duplicate user_id" in r for r in reasons) == 2
     assert any("missing user_id" in r for r in reasons) and any("unreadable" in r for r in reasons)
     assert any("characters (limit" in r for r in reasons) and any("must be a string" in r for r in reasons)
-    c = manifest["counts"]
-    assert c["accepted"] == N_USERS - 1 and c["rejected"] == len(rejects) and c["users_failed"] == 0
-    assert manifest["model"]["fingerprint"]["num_layers"] == 4
+    c = manifest.counts
+    assert c.accepted == N_USERS - 1 and c.rejected == len(rejects) and c.users_failed == 0
+    assert manifest.fingerprint.num_layers == 4
 
 
 def _own_map_actors() -> list[psutil.Process]:
@@ -186,7 +186,7 @@ def test_interrupted_driver_resumes_without_recomputing(
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
     manifest = run_ray_job(str(users_file), store, "resumed", job_config(tiny_model_dir))
-    assert manifest["counts"]["partitions_resumed"] >= len(done_before)
+    assert manifest.counts.partitions_resumed >= len(done_before)
     for key, data in done_before.items():  # finished partitions were kept, not recomputed
         assert store.get_bytes(key) == data
     assert artifact_hashes(manifest) == artifact_hashes(clean_run[1])
@@ -212,7 +212,7 @@ def test_workers_map_the_records_the_driver_accepted_under_raised_limits(
         **{"synth.max_item_chars": 8000, "groups.n_groups": 1, "synth.answer_max_new_tokens": 4},
     )
     manifest = run_ray_job(str(path), store, "raised", cfg)
-    assert manifest["counts"]["accepted"] == 2 and manifest["counts"]["users_failed"] == 0
+    assert manifest.counts.accepted == 2 and manifest.counts.users_failed == 0
 
 
 def test_ray_driver_maps_a_partition_in_which_every_user_failed_again(
@@ -221,7 +221,7 @@ def test_ray_driver_maps_a_partition_in_which_every_user_failed_again(
     """A partition whose users all failed (say, on a broken actor) is not adopted by a rerun."""
     from chameleon.data.artifacts import RunWriter
     from chameleon.job.run import write_partition
-    from chameleon.job.stages import pairs_to_tables
+    from chameleon.job.tables import pairs_to_tables
 
     users = [
         {"user_id": f"u{i}", "history": [{"text": f"tweet {i} {j}"} for j in range(3)]} for i in range(4)
@@ -242,8 +242,8 @@ def test_ray_driver_maps_a_partition_in_which_every_user_failed_again(
         **{"job.max_user_failures": 0.25, "groups.n_groups": 1, "synth.answer_max_new_tokens": 4},
     )
     manifest = run_ray_job(str(path), store, "r", cfg)
-    c = manifest["counts"]
-    assert c["partitions_resumed"] == 0 and c["users_failed"] == 0 and c["users_mapped"] == 4
+    c = manifest.counts
+    assert c.partitions_resumed == 0 and c.users_failed == 0 and c.users_mapped == 4
 
 
 def test_answer_shards_cover_every_row_once_in_whole_batches():

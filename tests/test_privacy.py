@@ -16,7 +16,8 @@ from chameleon.data.storage import LocalStore, read_parquet_bytes
 from chameleon.dev.demo import example_users
 from chameleon.job.forget import runs_holding
 from chameleon.job.local import run_local
-from chameleon.job.stages import pairs_to_tables, reduce_all
+from chameleon.job.reduce import reduce_all
+from chameleon.job.tables import pairs_to_tables
 
 
 def _user(uid: str, group: str, k: int, seed: int, center: torch.Tensor) -> UserPairs:
@@ -163,9 +164,9 @@ def test_forget_publishes_a_run_without_any_byte_of_the_user(tmp_path, tiny_mode
     ]
     assert found == []  # user_bytes_found=0
     manifest = RunReader(store, "after").manifest
-    assert manifest["forget"] == {"source_run": "before", "users_removed": 1}
-    assert manifest["counts"]["accepted"] == len(users) and manifest["counts"]["users_mapped"] == len(users)
-    assert all(g["n_users"] >= cfg.groups.min_contributors for g in manifest["groups"])
+    assert manifest.forget.model_dump() == {"source_run": "before", "users_removed": 1}
+    assert manifest.counts.accepted == len(users) and manifest.counts.users_mapped == len(users)
+    assert all(g.n_users >= cfg.groups.min_contributors for g in manifest.groups)
     assert runs_holding(store, ["forget-me"]) == {}
     # Forgetting a user no run holds publishes nothing.
     runs_before = store.list("runs/")

@@ -1,4 +1,4 @@
-"""End to end with the real SmolLM2-135M-Instruct on 4 LaMP-7 users (slow)."""
+"""End to end with the real SmolLM2-135M-Instruct on 4 of the demo's example users (slow)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from chameleon.core.generation import bank_for_edits, chat_prompt, generate
 from chameleon.core.model import load_model
 from chameleon.data.artifacts import RunReader
 from chameleon.data.published import PublishedRun
-from chameleon.evaluation.lamp import lamp_to_user_records, load_lamp7
+from chameleon.dev.demo import example_users
 from chameleon.job.local import run_local
 
 pytestmark = pytest.mark.slow
@@ -19,10 +19,7 @@ pytestmark = pytest.mark.slow
 def test_real_model_edits_change_edited_users_only(tmp_path, local_store):
     import json
 
-    questions, _ = load_lamp7()
-    records = lamp_to_user_records(questions[:4])
-    for r in records:
-        r["history"] = r["history"][:6]
+    records = example_users(n_per_style=1)[:4]  # four styles; no LaMP-7 data needed
     path = tmp_path / "users.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = ChameleonConfig().with_overrides(
@@ -44,7 +41,7 @@ def test_real_model_edits_change_edited_users_only(tmp_path, local_store):
     manifest = run_local(
         str(path), local_store, "real", cfg, model_and_tokenizer=(model, tok), progress=False
     )
-    assert manifest["counts"]["users_with_edit"] == 4
+    assert manifest.counts.users_with_edit == 4
     run = PublishedRun(RunReader(local_store, "real"))
     pairs = RunReader(local_store, "real").get_parquet("pairs/part-00000.parquet").to_pylist()
     assert any(p["personalized"] != p["neutral"] for p in pairs)

@@ -9,14 +9,13 @@ from chameleon.config import ChameleonConfig
 from chameleon.core.synth import UserPairs
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.layout import read_partitions
+from chameleon.job.reduce import reduce_all, reduce_users
 from chameleon.job.reduce_stream import reduce_partitions
 from chameleon.job.run import write_partition
-from chameleon.job.stages import (
+from chameleon.job.tables import (
     attach_user_reduce,
     pairs_to_tables,
-    reduce_all,
     reduce_subspace_config,
-    reduce_users,
     tables_to_units,
     without_user_reduce,
 )

@@ -98,13 +98,11 @@ def test_reconfigure_refuses_unknown_settings(replica):
 
 
 @pytest.mark.slow
-def test_serve_applies_a_new_user_config_to_the_running_replica(replica, tiny_model_dir):
+def test_serve_applies_a_new_user_config_to_the_running_replica(replica, tiny_model_dir, ray_session):
     """On real Ray Serve, deployed from a config as `serve deploy` and KubeRay do: a new
     `user_config` reaches the running replica (`reconfigure`), which switches runs without being
     replaced, so without loading the model again."""
-    import os
 
-    import ray
     from ray import serve
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
@@ -145,11 +143,8 @@ def test_serve_applies_a_new_user_config_to_the_running_replica(replica, tiny_mo
             assert time.monotonic() < deadline, "the deployment did not get there in time"
             time.sleep(1)
 
-    saved = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")}
-    os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
-    owns_ray = not ray.is_initialized()  # an earlier module may have left its Ray up
-    if owns_ray:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+    # Serve of its own on the session's Ray: apps deployed from a config (deploy_apps) and apps
+    # deployed with serve.run (test_serving) cannot share one Serve instance.
     try:
         client = serve_start(http_options={"host": "127.0.0.1", "port": 0})
         client.deploy_apps(config("run-a"))
@@ -163,10 +158,3 @@ def test_serve_applies_a_new_user_config_to_the_running_replica(replica, tiny_mo
         assert second["run_switches"] == first["run_switches"] + 1
     finally:
         serve.shutdown()
-        if owns_ray:
-            ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -24,7 +24,7 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import copy_run
+from conftest import SERVE_API_KEY, SERVE_KEY_ENV, copy_run
 
 from chameleon.config import ModelConfig
 from chameleon.core.generation import chat_prompt, generate
@@ -39,8 +39,7 @@ with warnings.catch_warnings():  # Ray Serve's own pydantic models warn on impor
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY_ENV = "CHAMELEON_TEST_SERVE_KEY"
-API_KEY = "sk-test-" + uuid.uuid4().hex
+KEY_ENV, API_KEY = SERVE_KEY_ENV, SERVE_API_KEY  # in the session Ray's environment (conftest)
 APP = "chameleon-test"
 QUESTION = "Paraphrase the following tweet: the weather was cold this morning."
 
@@ -334,8 +333,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(published_tiny_run, s3_server):
-    import ray
+def app(published_tiny_run, s3_server, ray_session, ray_metrics_url):
+    """The app on the session's Ray (whose workers hold KEY_ENV), Serve started for this module."""
     from conftest import TEST_BUCKET
     from ray import serve
 
@@ -348,31 +347,6 @@ def app(published_tiny_run, s3_server):
     copy_run(src, store, "tiny-run-1", set_latest=True)
     run1 = PublishedRun(RunReader(store, "tiny-run-1"))
 
-    saved = {
-        k: os.environ.get(k)
-        for k in (
-            KEY_ENV,
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-            "RAY_USAGE_STATS_ENABLED",
-            "RAY_metrics_report_interval_ms",
-        )
-    }
-    os.environ.update(
-        {
-            KEY_ENV: API_KEY,
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_metrics_report_interval_ms": "1000",  # metrics reach Prometheus within seconds
-        }
-    )
-    metrics_port = _free_port()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=512 * 2**20,
-        _metrics_export_port=metrics_port,
-    )
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -402,16 +376,10 @@ def app(published_tiny_run, s3_server):
             run1=run1,
             name=cfg.model_name,
             server=serve.get_deployment_handle("ChameleonServer", app_name=APP),
-            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            metrics_url=ray_metrics_url,
         )
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        serve.shutdown()  # Serve goes, the session's Ray stays
 
 
 @pytest.fixture(scope="module")
@@ -441,10 +409,9 @@ _OFFLINE: dict = {}
 
 def offline_tokens(tiny, run, gid: str | None, content: str = QUESTION, max_tokens: int = 8) -> list[int]:
     """Greedy tokens of `content` offline: the base model (gid None) or `run`'s edit of `gid`."""
-    from chameleon.config import EditConfig
     from chameleon.core.generation import bank_for_edits
 
-    key = (run.manifest["run_id"] if run else None, gid, content, max_tokens)
+    key = (run.manifest.run_id if run else None, gid, content, max_tokens)
     if key not in _OFFLINE:
         model, tok = tiny
         enc = tok([chat_prompt(tok, content)], return_tensors="pt", add_special_tokens=False)
@@ -458,7 +425,7 @@ def offline_tokens(tiny, run, gid: str | None, content: str = QUESTION, max_toke
         )
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if gid is not None:
-                bank, rows = bank_for_edits(model, [run.group_edit(gid)], EditConfig(**run.manifest["edit"]))
+                bank, rows = bank_for_edits(model, [run.group_edit(gid)], run.manifest.edit)
                 stack.enter_context(bank.apply(model, rows))
             _OFFLINE[key] = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1] :].tolist()
     return _OFFLINE[key]
@@ -671,9 +638,7 @@ def test_edit_off_is_the_base_model_and_a_group_edit_matches_offline(app, client
     assert off.choices[0].token_ids == base_ids[: len(off.choices[0].token_ids)]
     assert off.choices[0].message.content.strip() == generate(model, tok, [prompt], max_new_tokens=16)[0]
 
-    from chameleon.config import EditConfig
-
-    bank, rows = bank_for_edits(model, [app.run1.group_edit(gid)], EditConfig(**app.run1.manifest["edit"]))
+    bank, rows = bank_for_edits(model, [app.run1.group_edit(gid)], app.run1.manifest.edit)
     with torch.no_grad(), bank.apply(model, rows):
         edited_ids = model.generate(**enc, **greedy)[0, enc.input_ids.shape[1] :].tolist()
     _, on = chat(
@@ -774,13 +739,20 @@ def test_metrics_reach_prometheus(app, client):
         "chameleon_edit_cache_misses",
         "chameleon_requests",
     )
+    from chameleon.serving.metrics import prometheus_series
+
+    # The names PromQL, the README and cluster/grafana-dashboard.json use (`ray_` prefix and all).
+    series = [s for name in want for s in prometheus_series(name)]
     text = ""
     for _ in range(60):
         text = requests.get(app.metrics_url, timeout=10).text
-        if all(name in text for name in want):
+        exported = {
+            line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")
+        }
+        if all(s in exported for s in series):
             break
         time.sleep(0.5)
-    missing = [name for name in want if name not in text]
+    missing = [s for s in series if s not in exported]
     assert not missing, f"not on the Prometheus endpoint: {missing}"
     assert 'deployment="ChameleonServer"' in text
 

@@ -9,7 +9,9 @@ from chameleon.config import ChameleonConfig, EditConfig, SubspaceConfig
 from chameleon.core.calibration import choose
 from chameleon.core.style import history_style
 from chameleon.core.synth import UserPairs
-from chameleon.job.stages import candidate_layers, pairs_to_tables, reduce_all, tables_to_units
+from chameleon.job.reduce import reduce_all
+from chameleon.job.stages import candidate_layers
+from chameleon.job.tables import pairs_to_tables, tables_to_units
 
 
 def test_candidate_layers_span_the_middle_band_and_include_explicit_layers():

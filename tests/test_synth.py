@@ -205,3 +205,19 @@ def test_missing_queries_are_faked_from_the_text(model_tok, tiny_model_dir):
         f"Paraphrase: {first_line(r) or p}" for r, p in zip(rewrites, faked.personalized, strict=True)
     ]
     assert first_line('  \n "Sure thing"  \nmore') == "Sure thing"
+
+
+def test_history_pairs_are_capped_at_the_selected_items_as_the_docstring_says(model_tok, tiny_model_dir):
+    """`pairs_per_user` above `history_k` gives `history_k` pairs, each item once (config.py says so)."""
+    model, tok = model_tok
+    cfg = tiny_job_config(
+        tiny_model_dir,
+        **{
+            "synth.pairs_per_user": 8,
+            "synth.history_k": 2,
+            "synth.heldout_items": 1,
+            "synth.pair_source": "history",
+        },
+    )
+    for x in synthesize(model, tok, users(2), cfg, [1]):
+        assert len(x.personalized) == 2 and len(set(x.personalized)) == 2

@@ -16,9 +16,9 @@ maps each file's logical path (`assignments.parquet`) to the object holding it. 
 created exclusively (`If-None-Match: *`): of two writers racing to commit, one wins and the other
 gets `RunConflictError`; nothing the committed manifest lists can be overwritten afterwards.
 
-The manifest records the model's fingerprint under `model.fingerprint`
-(`chameleon.core.fingerprint`); `RunReader.check_model` refuses edits computed on another model
-(directions of one model mean nothing in another).
+The manifest is a typed `RunManifest` (`chameleon.data.manifest`: its fields, its format versions).
+It records the model's fingerprint (`chameleon.core.fingerprint`); `RunReader.check_model` refuses
+edits computed on another model (directions of one model mean nothing in another).
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ import pyarrow as pa
 
 from chameleon.core.fingerprint import ModelFingerprint, check_compatible
 from chameleon.data.ids import validate_id
+from chameleon.data.manifest import (
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    FileEntry,
+    ManifestError,
+    RunManifest,
+)
 from chameleon.data.storage import (
     Store,
     StoreConflictError,
@@ -45,19 +52,30 @@ from chameleon.data.storage import (
     validate_key,
 )
 
-FORMAT_VERSION = 3
-"""Bumped when the layout or the manifest changes incompatibly (2: centroids moved out of
-`groups/`, so every group id is a valid group file name; 3: files live in attempt folders, each
-manifest entry names its object in `key`)."""
-READABLE_VERSIONS = (2, 3)
-"""Versions this code reads (a version-2 entry has no `key`: its object is at its logical path)."""
+__all__ = [  # the format versions live with the manifest; re-exported for the artifact's readers
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "ArtifactError",
+    "ChecksumMismatchError",
+    "RunConflictError",
+    "RunImmutableError",
+    "RunNotFoundError",
+    "RunReader",
+    "RunWriter",
+    "committed_manifest",
+    "latest_run_id",
+    "new_attempt_id",
+    "new_run_id",
+    "point_latest",
+    "read_safetensors_bytes",
+    "safetensors_bytes",
+    "validate_run_id",
+]
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 RUNS = "runs"
 ATTEMPTS = "attempts"
-
-_RESERVED_FIELDS = ("files", "format_version", "created_at")
 
 
 class ArtifactError(Exception):
@@ -163,7 +181,7 @@ class VerifiedFiles:
     _record_name = "record"
     """What the hashes come from, for messages: the manifest, or what a writer recorded."""
 
-    def _entry(self, relpath: str) -> Mapping[str, Any] | None:
+    def _entry(self, relpath: str) -> FileEntry | None:
         raise NotImplementedError
 
     def get_bytes(self, relpath: str) -> bytes:
@@ -175,12 +193,12 @@ class VerifiedFiles:
                 f"{self.run_store.uri}; only recorded files can be read"
             )
         validate_key(relpath, what="artifact path")
-        data = self.run_store.get_bytes(validate_key(entry.get("key", relpath), what="artifact key"))
+        data = self.run_store.get_bytes(validate_key(entry.object_key(relpath), what="artifact key"))
         actual = _sha256(data)
-        if actual != entry["sha256"]:
+        if actual != entry.sha256:
             raise ChecksumMismatchError(
                 f"{self.run_store.key_uri(relpath)} does not match the {self._record_name} of run {self.run_id!r}: "
-                f"expected sha256 {entry['sha256']} ({entry['bytes']} bytes), got {actual} ({len(data)} bytes)"
+                f"expected sha256 {entry.sha256} ({entry.bytes} bytes), got {actual} ({len(data)} bytes)"
             )
         return data
 
@@ -216,7 +234,7 @@ class RunWriter(VerifiedFiles):
         self.run_id = validate_run_id(run_id)
         self.run_store = store.child(_run_prefix(run_id))
         self.attempt = validate_id(attempt or new_attempt_id(), "attempt id")
-        self._files: dict[str, dict[str, Any]] = {}
+        self._files: dict[str, FileEntry] = {}
         self._lock = threading.Lock()
         self._committed = False
         self._check_open()
@@ -227,9 +245,9 @@ class RunWriter(VerifiedFiles):
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
-        """What was recorded so far: {relpath: {sha256, bytes, key}}."""
+        """What was recorded so far, sorted: {relpath: {sha256, bytes, key}}."""
         with self._lock:
-            return {k: dict(v) for k, v in sorted(self._files.items())}
+            return {k: v.model_dump() for k, v in sorted(self._files.items())}
 
     def _check_open(self) -> None:
         if self._committed or self.run_store.exists(MANIFEST):
@@ -244,10 +262,10 @@ class RunWriter(VerifiedFiles):
             raise ValueError(f"{MANIFEST!r} is written by commit(), not as an artifact")
         return relpath
 
-    def _record(self, relpath: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    def _record(self, relpath: str, entry: FileEntry) -> dict[str, Any]:
         with self._lock:
-            self._files[relpath] = dict(entry)
-        return dict(entry)
+            self._files[relpath] = entry
+        return entry.model_dump()
 
     def put_bytes(self, relpath: str, data: bytes) -> dict[str, Any]:
         """Write raw bytes into this writer's attempt folder; returns the recorded
@@ -257,7 +275,7 @@ class RunWriter(VerifiedFiles):
             self._check_open()
         key = f"{ATTEMPTS}/{self.attempt}/{relpath}"
         self.run_store.put_bytes(key, data)
-        return self._record(relpath, {"sha256": _sha256(data), "bytes": len(data), "key": key})
+        return self._record(relpath, FileEntry(sha256=_sha256(data), bytes=len(data), key=key))
 
     def put_safetensors(
         self, relpath: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
@@ -284,36 +302,34 @@ class RunWriter(VerifiedFiles):
             return False
         if _sha256(data) != entry.get("sha256") or len(data) != entry.get("bytes"):
             return False
-        self._record(relpath, {"sha256": entry["sha256"], "bytes": len(data), "key": key})
+        self._record(relpath, FileEntry(sha256=entry["sha256"], bytes=len(data), key=key))
         return True
 
-    def _entry(self, relpath: str) -> Mapping[str, Any] | None:
+    def _entry(self, relpath: str) -> FileEntry | None:
         with self._lock:
             return self._files.get(relpath)
 
-    def commit(self, manifest: Mapping[str, Any] | None = None, *, set_latest: bool = True) -> dict[str, Any]:
-        """Write `manifest.json` (the given fields plus `files`, `run_id`, `created_at`,
-        `format_version`) after every file, then point `latest` at this run. Returns the manifest.
+    def commit(self, manifest: RunManifest, *, set_latest: bool = True) -> RunManifest:
+        """Write `manifest.json` after every file, then point `latest` at this run. Returns the
+        committed manifest: the given one stamped with `run_id`, `format_version`, `created_at`
+        and `files` (what this writer recorded).
 
-        `run_id` may be given when it equals this run's id; the other added fields may not."""
-        fields_ = dict(manifest or {})
-        if fields_.get("run_id", self.run_id) != self.run_id:
-            raise ValueError(f"manifest run_id {fields_['run_id']!r} is not this run's id {self.run_id!r}")
-        fields_.pop("run_id", None)
-        clash = sorted(set(fields_) & set(_RESERVED_FIELDS))
-        if clash:
-            raise ValueError(f"manifest fields {clash} are set by commit() itself")
+        `run_id` may be set when it equals this run's id; `files` must be left empty."""
+        if manifest.run_id not in ("", self.run_id):
+            raise ValueError(f"manifest run_id {manifest.run_id!r} is not this run's id {self.run_id!r}")
+        if manifest.files:
+            raise ValueError("manifest files are set by commit() itself, from what this writer recorded")
         if self._committed:
             self._check_open()
-        full = {
-            **fields_,
+        stamp = {
             "run_id": self.run_id,
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "files": self.files,
         }
-        # Fail here, before anything is published, if a field cannot be stored as JSON.
-        data = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        # Validated as a whole, as any reader will, before anything is published.
+        full = RunManifest.model_validate({**manifest.to_dict(), **stamp})
+        data = full.to_json().encode("utf-8")
         try:
             self.run_store.put_bytes(MANIFEST, data, if_absent=True)
         except StoreConflictError:
@@ -349,47 +365,46 @@ class RunReader(VerifiedFiles):
         self.run_id = validate_run_id(run_id)
         self.run_store = store.child(_run_prefix(self.run_id))
         try:
-            manifest = self.run_store.get_json(MANIFEST)
+            raw = self.run_store.get_bytes(MANIFEST)
         except StoreKeyError:
             raise RunNotFoundError(
                 f"run {self.run_id!r} has no {MANIFEST} at {self.run_store.uri}: it does not exist or is incomplete"
             ) from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        try:
+            manifest = RunManifest.from_json(raw, run_id=self.run_id)
+        except ManifestError as exc:
+            raise ArtifactError(f"{exc} ({self.run_store.key_uri(MANIFEST)})") from None
+        if manifest.run_id != self.run_id:
             raise ArtifactError(
-                f"{self.run_store.key_uri(MANIFEST)} is not a valid manifest (no 'files' map)"
+                f"{self.run_store.key_uri(MANIFEST)} names run {manifest.run_id!r}, not {self.run_id!r}"
             )
-        version = manifest.get("format_version")
-        if version not in READABLE_VERSIONS:
-            raise ArtifactError(
-                f"run {self.run_id!r} has artifact format version {version}; this code reads versions "
-                f"{', '.join(map(str, READABLE_VERSIONS))}"
-            )
-        self._manifest: dict[str, Any] = manifest
+        self._manifest = manifest
 
     @property
     def uri(self) -> str:
         return self.run_store.uri
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> RunManifest:
         return self._manifest
 
     @property
     def files(self) -> list[str]:
         """Relative paths of the run's files, sorted."""
-        return sorted(self._manifest["files"])
+        return sorted(self._manifest.files)
 
-    def _entry(self, relpath: str) -> Mapping[str, Any] | None:
-        return self._manifest["files"].get(relpath)
+    def _entry(self, relpath: str) -> FileEntry | None:
+        return self._manifest.files.get(relpath)
 
     def check_model(self, fingerprint: ModelFingerprint) -> None:
         """Refuse (`ModelMismatchError`) when this run was made for another model."""
-        model = self._manifest.get("model")
-        recorded = model.get("fingerprint") if isinstance(model, dict) else None
-        if not isinstance(recorded, dict):
+        try:
+            recorded = self._manifest.fingerprint
+        except (TypeError, ValueError) as exc:
             raise ArtifactError(
-                f"run {self.run_id!r} records no model fingerprint: cannot check it matches {fingerprint.model_id!r}"
-            )
+                f"run {self.run_id!r} records no model fingerprint ({exc}): cannot check it "
+                f"matches {fingerprint.model_id!r}"
+            ) from None
         check_compatible(recorded, fingerprint, run_id=self.run_id)
 
 
@@ -398,7 +413,7 @@ def point_latest(store: Store, run_id: str) -> None:
     store.put_text(LATEST, validate_run_id(run_id) + "\n")
 
 
-def committed_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
+def committed_manifest(store: Store, run_id: str) -> RunManifest | None:
     """The manifest of `run_id` when it is committed, else None."""
     try:
         return RunReader(store, run_id).manifest

@@ -17,6 +17,7 @@ from chameleon.core import subspace
 from chameleon.core.edit import Edit
 from chameleon.data.artifacts import RunReader
 from chameleon.data.layout import ASSIGNMENTS, CENTROIDS, group_key, user_shard_key
+from chameleon.data.manifest import user_shard_edit
 
 LEVELS = ("none", "group", "user")
 """Which edit a user gets: the base model, the user's group edit, or the user's own edit."""
@@ -28,15 +29,15 @@ class PublishedRun:
     def __init__(self, reader: RunReader) -> None:
         self.reader = reader
         self.manifest = reader.manifest
-        self.run_id = self.manifest["run_id"]
-        self.site = self.manifest["site"]
+        self.run_id = self.manifest.run_id
+        self.site = self.manifest.site
         self._assign: dict[str, dict] | None = None
         self._groups: dict[str, Edit] = {}
         self._shards: dict[int, dict[str, Any]] = {}
 
     @property
     def group_ids(self) -> list[str]:
-        return [g["group_id"] for g in self.manifest["groups"]]
+        return self.manifest.group_ids
 
     def group_edit(self, group_id: str) -> Edit:
         """The group's edit; one Edit object per group, so callers can de-duplicate by identity."""
@@ -65,16 +66,7 @@ class PublishedRun:
         shard = row["user_shard"]
         if shard not in self._shards:
             self._shards[shard], _ = self.reader.get_safetensors(user_shard_key(shard))
-        tensors, i = self._shards[shard], row["user_row"]
-        return Edit(
-            layers=tensors["layers"][i].tolist(),
-            theta_p=tensors["theta_p"][i],
-            theta_n=tensors["theta_n"][i],
-            mean=tensors["mean"][i],
-            site=self.site,
-            steer=tensors["steer"][i] if "steer" in tensors else None,
-            renorm=bool(int(tensors["renorm"])) if "renorm" in tensors else False,
-        )
+        return user_shard_edit(self._shards[shard], row["user_row"], self.site)
 
     def edit_for(self, user_id: str, level: str, group_id: str | None = None) -> Edit | None:
         """The edit a user gets at `level` (None = base model). `group_id` overrides the assignment."""

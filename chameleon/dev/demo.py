@@ -26,7 +26,7 @@ from chameleon.data.artifacts import RunReader, new_run_id
 from chameleon.data.published import PublishedRun
 from chameleon.dev.s3server import embedded_store
 from chameleon.job.drivers import describe_run, run_job
-from chameleon.job.ray_env import quiet_console
+from chameleon.ray_env import quiet_console
 
 EXAMPLE_STYLES: dict[str, list[str]] = {
     "shouty_fan": [
@@ -197,7 +197,7 @@ def run_demo(
         os.environ.setdefault("AWS_ENDPOINT_URL", s3.endpoint_url)
         manifest = run_job(str(users_file), store, run_id, cfg, local=local, address=address)
         print("\n" + describe_run(manifest, store.uri))
-        run = PublishedRun(RunReader(store, manifest["run_id"]))
+        run = PublishedRun(RunReader(store, manifest.run_id))
         model, tok = load_model(cfg.model)
         shown = [u for u in example_users() if u["user_id"].endswith("-1")]
         ids, queries = [u["user_id"] for u in shown], [u["query"] for u in shown]
@@ -219,7 +219,7 @@ def run_demo(
             f"\npersonalized answers closer to their user's style than the base answer: {moved} of {len(shown)}"
         )
         print(
-            f"\nartifacts: {store.uri}/runs/{manifest['run_id']}/ on the embedded S3 server "
+            f"\nartifacts: {store.uri}/runs/{manifest.run_id}/ on the embedded S3 server "
             f"(data under {workdir / 's3'}, kept); total {time.perf_counter() - t0:.0f} s"
         )
         print(

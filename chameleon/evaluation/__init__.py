@@ -16,7 +16,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "EvalSettings": "chameleon.evaluation.runner",
+    "EvalSettings": "chameleon.evaluation.settings",
     "run_evaluation": "chameleon.evaluation.runner",
     "write_report": "chameleon.evaluation.report",
 }

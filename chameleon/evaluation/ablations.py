@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,7 @@ from chameleon.core.edit import Edit
 from chameleon.data.layout import filter_users
 from chameleon.evaluation.baselines import copy_answer, rag_prompt
 from chameleon.evaluation.cache import key_hash
+from chameleon.evaluation.context import EvalContext
 from chameleon.evaluation.lamp import LampQuestion
 from chameleon.evaluation.runs import (
     FittedEdits,
@@ -33,9 +34,6 @@ from chameleon.evaluation.runs import (
     write_users_jsonl,
 )
 from chameleon.evaluation.scoring import postprocess, score_methods
-
-if TYPE_CHECKING:
-    from chameleon.evaluation.runner import Evaluator
 
 __all__ = [
     "AblationPoint",
@@ -115,7 +113,7 @@ def fit_signature(cfg: ChameleonConfig) -> str:
     return short_hash({"subspace": cfg.subspace.model_dump(), "groups": cfg.groups.model_dump()})
 
 
-def slice_tuning(ev: Evaluator, rng: tuple[int, int]) -> list[LampQuestion]:
+def slice_tuning(ev: EvalContext, rng: tuple[int, int]) -> list[LampQuestion]:
     """The tuning questions at file positions ``rng`` (which must lie inside the tuning users)."""
     start, stop = rng
     t0, t1 = ev.s.tuning_users
@@ -128,7 +126,7 @@ def _without_per_user(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k != "per_user"}
 
 
-def run_ablations(ev: Evaluator, synth_run: str) -> dict[str, Any]:
+def run_ablations(ev: EvalContext, synth_run: str) -> dict[str, Any]:
     """One-factor-at-a-time ablations on tuning users (never on reported users).
 
     Edits come from the tuning users' stored pairs (reduced in memory with each setting; groups
@@ -229,7 +227,7 @@ def run_ablations(ev: Evaluator, synth_run: str) -> dict[str, Any]:
 
 
 def unseen_points(
-    ev: Evaluator,
+    ev: EvalContext,
     synth_run: str,
     pairs: pa.Table,
     profiles: pa.Table,
@@ -354,7 +352,7 @@ def select_setting(points: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def history_ablation(ev: Evaluator, synth_run: str) -> dict[str, Any]:
+def history_ablation(ev: EvalContext, synth_run: str) -> dict[str, Any]:
     """History size (1, 3, 5, all items) on a few tuning users: one synthesis per size (the main
     synthesis is reused for the configured size). Edits and groups come from these users only."""
     s = ev.s

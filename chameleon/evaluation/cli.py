@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import Any
 
 from chameleon.config import ChameleonConfig
-from chameleon.evaluation.names import ABLATIONS, EVAL_SYNTH_DEFAULTS, METHODS, NO_PREAMBLE
+from chameleon.evaluation.names import ABLATIONS, EVAL_SYNTH_DEFAULTS, METHODS
+from chameleon.evaluation.settings import EvalSettings
 from chameleon.flags import JOB_FLAGS, Flag, add_flags, flag_overrides
 
 EVAL_FLAGS: tuple[Flag, ...] = (
@@ -41,12 +43,7 @@ EVAL_FLAGS: tuple[Flag, ...] = (
         "additive step relative to the layer's norm (without calibration)",
         float,
     ),
-    Flag(
-        "--calibrate",
-        "edit.calibrate",
-        "choose layer and strength on held-out history (true/false)",
-        lambda v: v.lower() in ("1", "true", "yes"),
-    ),
+    Flag("--calibrate", "edit.calibrate", "choose layer and strength on held-out history", bool),
     Flag("--heldout-items", "synth.heldout_items", "history items per user kept for calibration", int),
     Flag(
         "--calibration-examples", "edit.calibration_examples", "held-out texts per group's calibration", int
@@ -89,10 +86,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Every flag's default in its help; flags without a value (None) say theirs in words."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:  # the flag tables' flags say their default themselves
+            return action.help
         if action.nargs == 0 and action.const is True:  # store_true
             return f"{action.help} (default: off)"
-        if action.default is None:
-            return action.help
         return super()._get_help_string(action)
 
 
@@ -113,6 +110,98 @@ def _csv(choices: tuple[str, ...]):
     return parse
 
 
+EVAL_SETTING_FLAGS: tuple[Flag, ...] = (
+    Flag(
+        "--out",
+        "out_dir",
+        "output directory (results.json, predictions.parquet, report.md, *.png)",
+        required=True,
+    ),
+    Flag(
+        "--workdir",
+        "workdir",
+        "prediction cache, users files and (default) the store of runs; rerun to resume",
+    ),
+    Flag(
+        "--store",
+        "store",
+        "store of the runs: s3://bucket/prefix or a path (unset: WORKDIR/store); "
+        "with --ray on a cluster, one every node reaches",
+    ),
+    Flag(
+        "--lamp-dir",
+        "lamp_dir",
+        "LaMP-7 directory (unset: $CHAMELEON_LAMP7_DIR, else ../shared/data/lamp/lamp7 next to the repository)",
+    ),
+    Flag("--tuning-users", "tuning_users", "file positions START:STOP of tuning users, inside 0:500"),
+    Flag(
+        "--reported-users", "reported_users", "file positions START:STOP of reported users, inside 500:1500"
+    ),
+    Flag(
+        "--methods", "methods", "comma list, or all: " + ",".join(METHODS), _csv(METHODS), shown_default="all"
+    ),
+    Flag("--rag-k", "rag_k", "profile items retrieved by BM25 for the RAG baseline", int),
+    Flag("--eval-max-new-tokens", "max_new_tokens", "answer budget of every evaluated method", int),
+    Flag("--eval-batch-size", "batch_size", "generation batch size of the evaluated methods", int),
+    Flag("--n-resamples", "n_resamples", "bootstrap resamples", int),
+    Flag("--run-tag", "run_tag", "prefix of run ids in the store"),
+    Flag(
+        "--synth-run",
+        "synth_run",
+        "run id of the synthesis, reused when committed in the store "
+        "(unset: the tag, the users and a hash of the synthesis settings)",
+    ),
+    Flag(
+        "--reuse-synthesis-from",
+        "reuse_synthesis_from",
+        "copy the partitions of this committed run that hold the same users, to extend an evaluation "
+        "(unset: synthesize every user)",
+    ),
+    Flag(
+        "--ablations",
+        "ablations",
+        "comma list, all or none (tuning users only): " + ",".join(ABLATIONS),
+        _csv(ABLATIONS),
+        shown_default="none",
+    ),
+    Flag(
+        "--ablation-run",
+        "ablation_run",
+        "committed run holding the tuning users' pairs for the ablations (unset: this synthesis)",
+    ),
+    Flag(
+        "--ablation-users",
+        "ablation_users",
+        "tuning positions START:STOP scored in the ablations (unset: all tuning users)",
+    ),
+    Flag("--history-users", "history_users", "tuning positions of the history-size ablation"),
+    Flag(
+        "--select-on-tuning",
+        "select_on_tuning",
+        "use the ablations' best group-level setting (tuning ROUGE-L) for the reported run",
+        switch=True,
+    ),
+    Flag(
+        "--validation",
+        "validation",
+        "tuning phase: --reported-users are held-out tuning users (inside 0:500, disjoint from --tuning-users)",
+        switch=True,
+    ),
+    Flag("--system-prompt", "system_prompt", "system turn of every method's prompt; `none` for none"),
+    Flag(
+        "--ray",
+        "use_ray",
+        "run on Ray: the synthesis as the Ray job, and every method's answers "
+        "on the same kind of actor pool (--num-actors, --num-gpus-per-actor size both)",
+        switch=True,
+    ),
+    Flag(
+        "--address", "address", "Ray cluster address with --ray (unset: $RAY_ADDRESS, else a new local Ray)"
+    ),
+)
+"""The evaluation's own settings (`EvalSettings`), one flag each."""
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add `eval` to a `subparsers` object of the `chameleon` parser; returns the new parser."""
     p = subparsers.add_parser(
@@ -124,106 +213,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=_HelpFormatter,
     )
-    p.add_argument(
-        "--out", required=True, help="output directory (results.json, predictions.parquet, report.md, *.png)"
-    )
-    p.add_argument(
-        "--workdir",
-        default=".cache/eval",
-        help="prediction cache, users files and (default) the store of runs; rerun to resume",
-    )
-    p.add_argument(
-        "--store",
-        help="store of the runs: s3://bucket/prefix or a path (default: WORKDIR/store); "
-        "with --ray on a cluster, one every node reaches",
-    )
+    add_flags(p, EVAL_SETTING_FLAGS, EvalSettings.model_construct())
     p.add_argument(
         "--s3-endpoint",
         help="S3-compatible endpoint URL for an s3:// --store "
         "(default: $CHAMELEON_S3_ENDPOINT, else $AWS_ENDPOINT_URL, else AWS)",
     )
-    p.add_argument(
-        "--lamp-dir",
-        help="LaMP-7 directory (default: $CHAMELEON_LAMP7_DIR, else ../shared/data/lamp/lamp7 "
-        "next to the repository)",
-    )
-    p.add_argument(
-        "--tuning-users", default="0:100", help="file positions START:STOP of tuning users, inside 0:500"
-    )
-    p.add_argument(
-        "--reported-users",
-        default="500:600",
-        help="file positions START:STOP of reported users, inside 500:1500",
-    )
-    p.add_argument(
-        "--methods", type=_csv(METHODS), default="all", help="comma list, or all: " + ",".join(METHODS)
-    )
-    p.add_argument(
-        "--rag-k", type=int, default=3, help="profile items retrieved by BM25 for the RAG baseline"
-    )
-    p.add_argument(
-        "--eval-max-new-tokens", type=int, default=48, help="answer budget of every evaluated method"
-    )
-    p.add_argument(
-        "--eval-batch-size", type=int, default=16, help="generation batch size of the evaluated methods"
-    )
-    p.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--run-tag", default="lamp7", help="prefix of run ids in the store")
-    p.add_argument(
-        "--synth-run",
-        metavar="RUN_ID",
-        help="run id of the synthesis, reused when committed in the store "
-        "(default: the tag, the users and a hash of the synthesis settings)",
-    )
-    p.add_argument(
-        "--reuse-synthesis-from",
-        metavar="RUN_ID",
-        help="copy the partitions of this committed run that hold the same users, to extend an evaluation "
-        "(default: synthesize every user)",
-    )
-    p.add_argument(
-        "--ablations",
-        type=_csv(ABLATIONS),
-        default="none",
-        help="comma list, all or none (tuning users only): " + ",".join(ABLATIONS),
-    )
-    p.add_argument(
-        "--ablation-run",
-        metavar="RUN_ID",
-        help="committed run holding the tuning users' pairs for the ablations (default: this synthesis)",
-    )
-    p.add_argument(
-        "--ablation-users",
-        help="tuning positions START:STOP scored in the ablations (default: all tuning users)",
-    )
-    p.add_argument("--history-users", default="0:20", help="tuning positions of the history-size ablation")
-    p.add_argument(
-        "--select-on-tuning",
-        action="store_true",
-        help="use the ablations' best group-level setting (tuning ROUGE-L) for the reported run",
-    )
-    p.add_argument(
-        "--validation",
-        action="store_true",
-        help="tuning phase: --reported-users are held-out tuning users (inside 0:500, disjoint from --tuning-users)",
-    )
-    p.add_argument(
-        "--system-prompt",
-        default=NO_PREAMBLE,
-        help="system turn of every method's prompt; `none` for none (default: %(default)r)",
-    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of this process")
     p.add_argument(
         "--report-only", action="store_true", help="redraw report.md and plots from the files in --out"
-    )
-    p.add_argument(
-        "--ray",
-        action="store_true",
-        help="run on Ray: the synthesis as the Ray job, and every method's answers "
-        "on the same kind of actor pool (--num-actors, --num-gpus-per-actor size both)",
-    )
-    p.add_argument(
-        "--address", help="Ray cluster address with --ray (default: $RAY_ADDRESS, else a new local Ray)"
     )
     p.add_argument(
         "--config",
@@ -249,6 +247,18 @@ def eval_config(args: argparse.Namespace) -> ChameleonConfig:
     )
 
 
+def eval_settings(args: argparse.Namespace) -> EvalSettings:
+    """The EvalSettings of an evaluation: the flags of `EVAL_SETTING_FLAGS` that were given, the S3
+    endpoint, the synthesis seed and the command line."""
+    extra: dict[str, Any] = {
+        "store_options": {"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {},
+        "command": "chameleon eval " + " ".join(shlex.quote(a) for a in _eval_argv()),
+    }
+    if args.seed is not None:
+        extra["seed"] = args.seed
+    return EvalSettings.model_validate({**flag_overrides(args, EVAL_SETTING_FLAGS), **extra})
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.report_only:
         from chameleon.evaluation.report import write_report
@@ -257,38 +267,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from chameleon.evaluation.runner import EvalSettings, run_evaluation
+    from chameleon.evaluation.runner import run_evaluation
 
     torch.set_num_threads(max(1, args.threads))
     cfg = eval_config(args)
-    settings = EvalSettings(
-        out_dir=args.out,
-        workdir=args.workdir,
-        store=args.store,
-        store_options={"endpoint_url": args.s3_endpoint} if args.s3_endpoint else {},
-        lamp_dir=args.lamp_dir,
-        tuning_users=args.tuning_users,
-        reported_users=args.reported_users,
-        methods=tuple(args.methods),
-        rag_k=args.rag_k,
-        max_new_tokens=args.eval_max_new_tokens,
-        batch_size=args.eval_batch_size,
-        n_resamples=args.n_resamples,
-        seed=args.seed if args.seed is not None else 0,
-        run_tag=args.run_tag,
-        synth_run=args.synth_run,
-        reuse_synthesis_from=args.reuse_synthesis_from,
-        use_ray=args.ray,
-        address=args.address,
-        ablations=tuple(args.ablations),
-        ablation_run=args.ablation_run,
-        ablation_users=args.ablation_users,
-        history_users=args.history_users,
-        select_on_tuning=args.select_on_tuning,
-        validation=args.validation,
-        system_prompt=None if args.system_prompt == "none" else args.system_prompt,
-        command="chameleon eval " + " ".join(shlex.quote(a) for a in _eval_argv()),
-    )
+    settings = eval_settings(args)
     res = run_evaluation(settings, cfg)
     print(f"\n{res['n_users']} reported users, model {res['model']}")
     for m, e in res["methods"].items():

@@ -18,15 +18,12 @@ it stopped. Edits are read once per group (and user shard) of a published run
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,296 +31,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from chameleon.config import ChameleonConfig, EditConfig
+from chameleon.config import ChameleonConfig
 from chameleon.core.edit import Edit
-from chameleon.core.generation import generate_answers
-from chameleon.core.model import load_model
-from chameleon.data.artifacts import RunReader
+from chameleon.data.artifacts import RunReader, committed_manifest
 from chameleon.data.published import PublishedRun
-from chameleon.data.storage import LocalStore, open_store
 from chameleon.evaluation.ablations import group_overrides, run_ablations
 from chameleon.evaluation.baselines import copy_answer, rag_prompt
-from chameleon.evaluation.cache import PredictionCache, key_hash
-from chameleon.evaluation.lamp import LampQuestion, extract_lamp7_tweet, load_lamp7, profile_texts
-from chameleon.evaluation.names import ABLATIONS, METHODS, NO_PREAMBLE
+from chameleon.evaluation.context import EvalContext
+from chameleon.evaluation.lamp import extract_lamp7_tweet, profile_texts
+from chameleon.evaluation.names import METHODS
 from chameleon.evaluation.personalization import personalization_results
 from chameleon.evaluation.report import write_report
 from chameleon.evaluation.runs import (
     REDUCE_KEYS,
-    committed_manifest,
     config_summary,
-    derive_run,
     history_embeddings,
     read_run_tables,
     reduce_signature,
-    run_synthesis,
-    seed_partitions,
-    short_hash,
-    write_users_jsonl,
 )
 from chameleon.evaluation.scoring import goal_verdict, goals, postprocess, score_methods, strip_per_user
-from chameleon.evaluation.split import parse_range, select_users
-from chameleon.job.calibrate import calibrate_in_process
-from chameleon.job.drivers import answers_on_ray
+from chameleon.evaluation.settings import EvalSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalSettings", "Evaluator", "run_evaluation"]
-
-
-@dataclass
-class EvalSettings:
-    """Everything that decides what an evaluation computes (besides the ChameleonConfig)."""
-
-    out_dir: str
-    """Where results.json, predictions.parquet, report.md and plots go."""
-    workdir: str = ".cache/eval"
-    """Users files, the prediction cache and (without ``store``) the store of runs: resumable state."""
-    store: str | None = None
-    """Store of the runs (``s3://bucket/prefix`` or a path; a cluster's actors must reach it);
-    default ``<workdir>/store``."""
-    store_options: dict[str, Any] = field(default_factory=dict)
-    """Options of an ``s3://`` store (e.g. ``endpoint_url``)."""
-    lamp_dir: str | None = None
-    tuning_users: tuple[int, int] = (0, 100)
-    """File positions of the tuning users (synthesis + groups; ablations)."""
-    reported_users: tuple[int, int] = (500, 600)
-    """File positions of the reported users (must be past the tuning part)."""
-    methods: tuple[str, ...] = METHODS
-    rag_k: int = 3
-    validation: bool = False
-    """A tuning-phase run: the scored ("reported") users are held-out tuning users (0..499, disjoint
-    from ``tuning_users``); decisions are taken on such runs only."""
-    system_prompt: str | None = NO_PREAMBLE
-    """The system turn of every method's prompt (``*_plain`` methods: none)."""
-    max_new_tokens: int = 48
-    """Answer budget of every evaluated method (greedy)."""
-    batch_size: int = 16
-    n_resamples: int = 1000
-    seed: int = 0
-    run_tag: str = "lamp7"
-    """Prefix of the run ids in the store."""
-    synth_run: str | None = None
-    """Run id of the synthesis (created when absent, reused when committed); default: derived from
-    the tag, the users and the synthesis settings."""
-    reuse_synthesis_from: str | None = None
-    """A committed synthesis run whose partitions with the same users are copied instead of
-    generated again (see :func:`~chameleon.evaluation.runs.seed_partitions`)."""
-    use_ray: bool = False
-    """Run the synthesis as the Ray job and generate every method's answers on a Ray Data actor
-    pool (``cfg.job`` sizes both); otherwise everything runs in this process."""
-    address: str | None = None
-    """Ray cluster address with ``use_ray`` (default ``RAY_ADDRESS``, else a new local Ray)."""
-    ablations: tuple[str, ...] = ()
-    ablation_run: str | None = None
-    """Committed run whose pairs of the tuning users feed the ablations (default: this evaluation's
-    synthesis); lets an extended evaluation reuse the ablations of an earlier one."""
-    ablation_users: tuple[int, int] | None = None
-    """Tuning users scored in the ablations (default: all tuning users)."""
-    history_users: tuple[int, int] = (0, 20)
-    """Tuning users of the history-size ablation (needs its own synthesis)."""
-    select_on_tuning: bool = False
-    """Pick the reduce/edit configuration of the reported run from the ablations (tuning users)."""
-    command: str = ""
-    """The command line that produced the results (written into the report)."""
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-        bad = [a for a in self.ablations if a not in ABLATIONS]
-        if bad:
-            raise ValueError(f"unknown ablations {bad}; known: {', '.join(ABLATIONS)}")
-        self.tuning_users = parse_range(self.tuning_users)
-        self.reported_users = parse_range(self.reported_users)
-        if self.ablation_users is not None:
-            self.ablation_users = parse_range(self.ablation_users)
-        self.history_users = parse_range(self.history_users)
-
-
-class _Clock:
-    """Wall and CPU seconds per stage (CPU shows how much a shared machine slowed the wall time)."""
-
-    def __init__(self) -> None:
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        w, c = time.perf_counter(), time.process_time()
-        log.info("stage %s ...", name)
-        try:
-            yield
-        finally:
-            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
-            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
-            log.info("stage %s done in %.1f s", name, self.wall[name])
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "wall_s": {k: round(v, 1) for k, v in self.wall.items()},
-            "cpu_s": {k: round(v, 1) for k, v in self.cpu.items()},
-            "total_wall_s": round(sum(self.wall.values()), 1),
-        }
-
-
-class Evaluator:
-    """State shared by the stages of one evaluation: data, model, store, cache, clock."""
-
-    def __init__(
-        self, settings: EvalSettings, cfg: ChameleonConfig, model_and_tokenizer=None, progress: bool = True
-    ) -> None:
-        self.s = settings
-        self.cfg = cfg
-        self.progress = progress
-        self.clock = _Clock()
-        self.work = Path(settings.workdir)
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.store = (
-            open_store(settings.store, **settings.store_options)
-            if settings.store
-            else LocalStore(self.work / "store")
-        )
-        self.cache = PredictionCache(self.work / "predictions")
-        questions, self.golds = load_lamp7(settings.lamp_dir)
-        self.position = {q.id: i for i, q in enumerate(questions)}
-        self.tuning, self.reported = select_users(
-            questions, settings.tuning_users, settings.reported_users, validation=settings.validation
-        )
-        self._mt = model_and_tokenizer
-
-    # -- model -----------------------------------------------------------------------------
-    @property
-    def model_tok(self):
-        """(model, tokenizer), loaded on first use."""
-        if self._mt is None:
-            self._mt = load_model(self.cfg.model)
-        return self._mt
-
-    def gen_key(self) -> dict[str, Any]:
-        return {
-            "model": self.cfg.model.name_or_path,
-            "revision": self.cfg.model.revision,
-            "max_new_tokens": self.s.max_new_tokens,
-            "batch_size": self.s.batch_size,
-        }
-
-    def _bar(self, name: str) -> Callable[[int, int], None] | None:
-        if not self.progress:
-            return None
-        last = [0.0]
-
-        def cb(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if done == total or now - last[0] > 30:
-                last[0] = now
-                log.info("  %s: %d/%d answers", name, done, total)
-
-        return cb
-
-    def answers(
-        self,
-        name: str,
-        key: dict[str, Any],
-        questions: Sequence[LampQuestion],
-        messages: Sequence[str],
-        edits: Sequence[Edit | None] | None = None,
-        edit_cfg: EditConfig | None = None,
-        plain: bool = False,
-    ) -> list[str]:
-        """Raw answers (cached by ``name`` + ``key`` + users), under the settings' system prompt
-        (none when ``plain``)."""
-        ids = [q.id for q in questions]
-        system = None if plain else self.s.system_prompt
-        full = {
-            **self.gen_key(),
-            **key,
-            "system": system,
-            "name": name,
-            "users": key_hash({"ids": ids}),
-            "messages": key_hash({"m": list(messages)}),
-        }
-
-        def produce() -> list[str]:
-            if self.s.use_ray:
-                return answers_on_ray(
-                    self.cfg,
-                    messages,
-                    edits=edits,
-                    edit_cfg=edit_cfg,
-                    system=system,
-                    max_new_tokens=self.s.max_new_tokens,
-                    batch_size=self.s.batch_size,
-                    address=self.s.address,
-                )
-            model, tok = self.model_tok
-            return generate_answers(
-                model,
-                tok,
-                messages,
-                edits=edits,
-                edit_cfg=edit_cfg,
-                system=system,
-                max_new_tokens=self.s.max_new_tokens,
-                batch_size=self.s.batch_size,
-                progress=self._bar(name),
-            )
-
-        with self.clock.stage(f"generate:{name}"):
-            raw, hit = self.cache.cached(name, full, ids, produce)
-        if hit:
-            log.info("  %s: %d answers from the cache", name, len(raw))
-        return raw
-
-    # -- runs ------------------------------------------------------------------------------
-    def synth_run_id(self) -> str:
-        if self.s.synth_run:
-            return self.s.synth_run
-        t, r = self.s.tuning_users, self.s.reported_users
-        sig = short_hash(
-            {
-                "synth": self.cfg.synth.model_dump(),
-                "subspace": self.cfg.subspace.model_dump(),
-                "model": self.cfg.model.name_or_path,
-            }
-        )
-        return f"{self.s.run_tag}-t{t[0]}-{t[1]}-r{r[0]}-{r[1]}-{sig}"
-
-    def ensure_synthesis(self) -> str:
-        run_id = self.synth_run_id()
-        path = write_users_jsonl(self.work / "users" / f"{run_id}.jsonl", self.tuning + self.reported)
-        reuse = self.s.reuse_synthesis_from
-        if reuse and reuse != run_id and committed_manifest(self.store, reuse) is None:
-            log.warning("run %s (to reuse) is not in %s; synthesizing every user", reuse, self.store.uri)
-        elif reuse and reuse != run_id:
-            copied = seed_partitions(self.store, reuse, run_id, path, self.cfg)
-            log.info("reused %d partitions of run %s", len(copied), reuse)
-        with self.clock.stage("synthesis"):
-            model_tok = None if self.s.use_ray else self.model_tok
-            run_synthesis(
-                path,
-                self.store,
-                run_id,
-                self.cfg,
-                model_and_tokenizer=model_tok,
-                use_ray=self.s.use_ray,
-                address=self.s.address,
-                progress=self.progress,
-                store_options=self.s.store_options,
-            )
-        return run_id
-
-    def derived(self, src: str, name: str, cfg: ChameleonConfig, user_ids: Sequence[str] | None) -> str:
-        run_id = f"{src}-{name}-{short_hash(reduce_signature(cfg))}"
-        model, tok = self.model_tok
-        with self.clock.stage("reduce"):
-            derive_run(
-                self.store, src, run_id, cfg, user_ids, partial(calibrate_in_process, model, tok, cfg=cfg)
-            )
-        return run_id
-
-    def manifest_layers(self, run_id: str) -> list[int]:
-        return list(committed_manifest(self.store, run_id)["captured_layers"])
+__all__ = ["EvalContext", "EvalSettings", "run_evaluation"]
 
 
 GROUP_RUN_METHODS = (
@@ -361,7 +92,7 @@ def _run_cfg(cfg: ChameleonConfig, group_size: Any, n_users: int) -> ChameleonCo
 
 
 def _main_methods(
-    ev: Evaluator,
+    ev: EvalContext,
     synth_run: str | None,
     cfg: ChameleonConfig,
     methods: Sequence[str] = METHODS,
@@ -394,7 +125,8 @@ def _main_methods(
     if any(m in methods for m in GROUP_RUN_METHODS):
         all_cfg = _run_cfg(cfg, group_size, len(ev.tuning) + len(ev.reported))
         # The synthesis run's own reduce is used when it was published with exactly this setting.
-        published = (committed_manifest(ev.store, synth_run) or {}).get("config", {})
+        done = committed_manifest(ev.store, synth_run)
+        published = done.config if done is not None else {}
         same = reduce_signature(all_cfg) == {k: published.get(k) for k in REDUCE_KEYS}
         all_run = synth_run if same else ev.derived(synth_run, "all", all_cfg, None)
         info["run_all"] = all_run
@@ -407,7 +139,7 @@ def _main_methods(
         group_edits = run.edits_for(ids, "group", gids)
         if "chameleon_group" in methods:
             groups["chameleon_group"] = gids
-            info["groups_all"] = {g["group_id"]: g["n_users"] for g in run.manifest["groups"]}
+            info["groups_all"] = {g.group_id: g.n_users for g in run.manifest.groups}
             raw["chameleon_group"] = edited("chameleon_group", all_run, group_edits)
         if "chameleon_group_plain" in methods:
             raw["chameleon_group_plain"] = edited("chameleon_group", all_run, group_edits, plain=True)
@@ -439,7 +171,7 @@ def _main_methods(
         _, profiles = read_run_tables(ev.store, synth_run, ids)
         gids, _ = run_t.assign_unseen(history_embeddings(profiles, ids))
         groups["chameleon_unseen"] = gids
-        info["groups_tuning"] = {g["group_id"]: g["n_users"] for g in run_t.manifest["groups"]}
+        info["groups_tuning"] = {g.group_id: g.n_users for g in run_t.manifest.groups}
         raw["chameleon_unseen"] = edited("chameleon_unseen", t_run, run_t.edits_for(ids, "group", gids))
     return raw, groups, info
 
@@ -452,7 +184,7 @@ def run_evaluation(
 
     Returns the results dict (also written to ``<out_dir>/results.json``).
     """
-    ev = Evaluator(settings, cfg, model_and_tokenizer, progress)
+    ev = EvalContext.open(settings, cfg, model_and_tokenizer, progress)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -561,7 +293,7 @@ def run_evaluation(
     return results
 
 
-def style_references(ev: Evaluator, synth_run: str | None) -> list[list[str]]:
+def style_references(ev: EvalContext, synth_run: str | None) -> list[list[str]]:
     """Per reported user, the profile tweets no edit was made from: neither a pair's nor a held-out
     (calibration) item of the synthesis run."""
     used: dict[str, tuple[set[int], set[str]]] = {}
@@ -581,7 +313,7 @@ def style_references(ev: Evaluator, synth_run: str | None) -> list[list[str]]:
     return refs
 
 
-def _write_predictions(path: Path, ev: Evaluator, raw, preds, scores, groups) -> None:
+def _write_predictions(path: Path, ev: EvalContext, raw, preds, scores, groups) -> None:
     rows: dict[str, list] = {
         k: []
         for k in (

@@ -4,7 +4,7 @@ The synthesis (fake it) runs once over tuning + reported users, as one job (in-p
 job's map stage); its partitions hold the pairs and hidden states, so every reduce-side variant
 (θP/θN method, number of layers, group size, α/β) re-reduces them without generating again:
 :func:`derive_run` publishes such a variant as a run of its own, :func:`fit_edits` keeps it in
-memory (ablations). Both reduce with the job's own :func:`chameleon.job.stages.reduce_all`.
+memory (ablations). Both reduce with the job's own :func:`chameleon.job.reduce.reduce_all`.
 
 Ray is used only when asked for (through `chameleon.job.drivers`).
 """
@@ -24,27 +24,26 @@ import torch
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.edit import Edit
-from chameleon.core.fingerprint import ModelFingerprint
 from chameleon.core.generation import chat_prompt
 from chameleon.core.subspace import nearest_group
 from chameleon.core.synth import capture_answers
-from chameleon.data.artifacts import RunNotFoundError, RunReader, RunWriter
+from chameleon.data.artifacts import RunReader, RunWriter, committed_manifest
 from chameleon.data.inputs import prepare_input
 from chameleon.data.layout import column_matrix, filter_users, part_keys, read_partitions, vector_column
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.evaluation.cache import key_hash
 from chameleon.evaluation.lamp import LampQuestion, lamp_to_user_records
 from chameleon.job.drivers import run_job
 from chameleon.job.publish import Calibrate, reduce_and_publish
+from chameleon.job.reduce import reduce_all
 from chameleon.job.run import partition_users, read_done_record, write_partition
-from chameleon.job.stages import reduce_all
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "REDUCE_KEYS",
     "FittedEdits",
-    "committed_manifest",
     "config_summary",
     "derive_run",
     "fit_edits",
@@ -107,14 +106,6 @@ def write_users_jsonl(path: str | Path, questions: Sequence[LampQuestion]) -> Pa
     return p
 
 
-def committed_manifest(store: Store, run_id: str) -> dict[str, Any] | None:
-    """The manifest of ``run_id`` when it is committed in ``store``, else None."""
-    try:
-        return RunReader(store, run_id).manifest
-    except RunNotFoundError:
-        return None
-
-
 def run_synthesis(
     users_path: str | Path,
     store: Store,
@@ -126,7 +117,7 @@ def run_synthesis(
     address: str | None = None,
     progress: bool = True,
     store_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunManifest:
     """The job over the users file (fake it for every user, reduce, publish) unless ``run_id`` is
     already committed in ``store``; an interrupted run resumes from its finished partitions."""
     done = committed_manifest(store, run_id)
@@ -157,7 +148,7 @@ def seed_partitions(
     at the cost of the new users only.
     """
     reader = RunReader(store, src_run_id)
-    src_cfg = reader.manifest.get("config", {})
+    src_cfg = reader.manifest.config
     capture_keys = ("site", "candidate_layers", "layers")
     mismatch = [
         name
@@ -184,7 +175,7 @@ def seed_partitions(
     writer = RunWriter(store, dst_run_id)
     parts = partition_users(prepare_input(str(users_path), cfg).users, cfg.job.users_per_partition)
     copied = []
-    for k in range(min(len(parts), int(reader.manifest["counts"]["partitions"]))):
+    for k in range(min(len(parts), reader.manifest.counts.partitions)):
         keys = part_keys(k)
         if read_done_record(writer, k) is not None:
             continue
@@ -192,9 +183,13 @@ def seed_partitions(
         ids = set(profiles.column("user_id").to_pylist()) | {r["user_id"] for r in failures}
         if ids != {u.user_id for u in parts[k]}:
             continue
-        fingerprint = ModelFingerprint.from_dict(reader.manifest["model"]["fingerprint"])
         write_partition(
-            writer, k, reader.get_parquet(keys.pairs), profiles, failures, fingerprint=fingerprint
+            writer,
+            k,
+            reader.get_parquet(keys.pairs),
+            profiles,
+            failures,
+            fingerprint=reader.manifest.fingerprint,
         )
         copied.append(k)
     return copied
@@ -210,7 +205,7 @@ def read_run_tables(
     """(pairs, profiles) of a committed run's partitions (checksums verified), optionally only
     ``user_ids``' rows."""
     reader = RunReader(store, run_id)
-    pairs, profiles, _ = read_partitions(reader, int(reader.manifest["counts"]["partitions"]))
+    pairs, profiles, _ = read_partitions(reader, reader.manifest.counts.partitions)
     if pairs is None or profiles is None:
         raise RuntimeError(f"run {run_id} has no pairs")
     if user_ids is not None:
@@ -225,7 +220,7 @@ def derive_run(
     cfg: ChameleonConfig,
     user_ids: Sequence[str] | None = None,
     calibrate: Calibrate | None = None,
-) -> dict[str, Any]:
+) -> RunManifest:
     """A new published run from another run's synthesis, without generating anything: the source's
     partitions (restricted to ``user_ids`` when given) are copied and reduced with ``cfg``'s
     subspace / group settings. Reuses ``dst_run_id`` when it is already committed.
@@ -237,10 +232,10 @@ def derive_run(
     if done is not None:
         return done
     src = RunReader(store, src_run_id).manifest
-    layers = list(src["captured_layers"])
-    if cfg.subspace.site != src["site"]:
+    layers = list(src.captured_layers)
+    if cfg.subspace.site != src.site:
         raise ValueError(
-            f"run {src_run_id} captured site {src['site']!r}; cannot derive a {cfg.subspace.site!r} run"
+            f"run {src_run_id} captured site {src.site!r}; cannot derive a {cfg.subspace.site!r} run"
         )
     pairs, profiles = read_run_tables(store, src_run_id, user_ids)
     writer = RunWriter(store, dst_run_id)
@@ -257,7 +252,7 @@ def derive_run(
         writer,
         cfg=cfg,
         layers=layers,
-        fingerprint=ModelFingerprint.from_dict(src["model"]["fingerprint"]),
+        fingerprint=src.fingerprint,
         n_partitions=1,
         counts=counts,
         timings={},
@@ -315,7 +310,7 @@ def fit_edits(
     pairs: pa.Table, profiles: pa.Table, layers: Sequence[int], cfg: ChameleonConfig
 ) -> FittedEdits:
     """Reduce users, group them and reduce groups with ``cfg``: the job's own
-    :func:`~chameleon.job.stages.reduce_all`, kept in memory as edits by user and group id (additive
+    :func:`~chameleon.job.reduce.reduce_all`, kept in memory as edits by user and group id (additive
     forms use `edit.strength` at the reduce-chosen layers: calibrating needs a model)."""
     red = reduce_all(pairs, profiles, cfg, list(layers))
     site, ids, grouping = cfg.subspace.site, red.data.user_ids, red.grouping

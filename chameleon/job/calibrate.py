@@ -17,7 +17,7 @@ import torch
 from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration, choose, nll_curve
 from chameleon.core.generation import chat_prompt
-from chameleon.job.stages import Reduced
+from chameleon.job.reduce import Reduced
 
 
 @dataclass

@@ -7,6 +7,7 @@ from typing import Any
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.edit import Edit
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.local import run_local
 
@@ -23,7 +24,7 @@ def run_job(
     progress: bool = True,
     restart: bool = False,
     **store_options: Any,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the job in this process (`local`, optionally on an already loaded model) or on Ray;
     returns the committed manifest. `restart` starts an uncommitted run id over."""
     if local:
@@ -57,15 +58,15 @@ def answers_on_ray(
     )
 
 
-def describe_run(manifest: dict[str, Any], store_uri: str) -> str:
+def describe_run(manifest: RunManifest, store_uri: str) -> str:
     """What a finished run holds, in three lines for a terminal."""
-    c = manifest["counts"]
+    c = manifest.counts
     return "\n".join(
         (
-            f"run {manifest['run_id']}: {c['accepted']} users accepted, {c['rejected']} rejected, "
-            f"{c['users_failed']} failed in the map stage, {c['users_with_edit']} with their own edit, "
-            f"{c['groups']} groups, {c['pairs_kept']}/{c['pairs']} pairs kept",
-            "time per stage: " + ", ".join(f"{k}={v:.1f}" for k, v in manifest["timings_s"].items()),
-            f"artifacts: {store_uri.rstrip('/')}/runs/{manifest['run_id']}/ (manifest.json, latest updated)",
+            f"run {manifest.run_id}: {c.accepted} users accepted, {c.rejected or 0} rejected, "
+            f"{c.users_failed} failed in the map stage, {c.users_with_edit} with their own edit, "
+            f"{c.groups} groups, {c.pairs_kept}/{c.pairs} pairs kept",
+            "time per stage: " + ", ".join(f"{k}={v:.1f}" for k, v in manifest.timings_s.items()),
+            f"artifacts: {store_uri.rstrip('/')}/runs/{manifest.run_id}/ (manifest.json, latest updated)",
         )
     )

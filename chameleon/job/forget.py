@@ -27,17 +27,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from chameleon.config import ChameleonConfig
-from chameleon.core.fingerprint import ModelFingerprint, check_compatible, fingerprint_model
+from chameleon.core.fingerprint import check_compatible, fingerprint_model
 from chameleon.core.model import load_model
 from chameleon.data.artifacts import LATEST, MANIFEST, RUNS, RunReader, RunWriter, latest_run_id, new_run_id
 from chameleon.data.ids import validate_id
 from chameleon.data.layout import ASSIGNMENTS, REJECTS, part_keys
+from chameleon.data.manifest import ForgetSource, RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.publish import reduce_and_publish
 from chameleon.job.run import write_partition
-from chameleon.job.stages import without_user_reduce
+from chameleon.job.tables import without_user_reduce
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _names_any(row: Any, user_ids: Sequence[str]) -> bool:
 class ForgetResult:
     source_run: str
     new_run: str
-    manifest: dict[str, Any]
+    manifest: RunManifest
     holding: dict[str, list[str]]
     """runs that held the users before (committed runs, the source included)"""
     moved_latest: bool = False
@@ -133,10 +133,9 @@ def forget_users(
             "(omit --run), so `latest` moves to the new run before old runs are deleted"
         )
     manifest = src.manifest
-    cfg = ChameleonConfig.model_validate(manifest["config"])
-    fingerprint = ModelFingerprint.from_dict(manifest["model"]["fingerprint"])
-    counts = manifest["counts"]
-    n_parts = int(counts["partitions"])
+    cfg = manifest.chameleon_config()
+    fingerprint = manifest.fingerprint
+    n_parts = manifest.counts.partitions
     writer = RunWriter(store, new_run or new_run_id("forget"))
     t0 = time.perf_counter()
     gone = set(ids)
@@ -155,7 +154,7 @@ def forget_users(
     rejects = src.get_jsonl(REJECTS)
     kept_rejects = [r for r in rejects if not _names_any(r, ids)]
     writer.put_jsonl(REJECTS, kept_rejects)
-    accepted = int(counts["accepted"]) - removed_accepted
+    accepted = manifest.counts.accepted - removed_accepted
     new_counts = {
         "records": accepted + len(kept_rejects),
         "accepted": accepted,
@@ -173,13 +172,13 @@ def forget_users(
     published = reduce_and_publish(
         writer,
         cfg=cfg,
-        layers=list(manifest["captured_layers"]),
+        layers=list(manifest.captured_layers),
         fingerprint=fingerprint,
         n_partitions=n_parts,
         counts=new_counts,
         timings={"forget_copy_s": time.perf_counter() - t0},
         calibrate=calibrate,
-        extra={"forget": {"source_run": src.run_id, "users_removed": removed_users}},
+        forget=ForgetSource(source_run=src.run_id, users_removed=removed_users),
         set_latest=moves_latest,
     )
     result = ForgetResult(src.run_id, writer.run_id, published, holding, moved_latest=moves_latest)

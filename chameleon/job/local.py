@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.model import load_model, num_layers
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.run import begin_run, finish_run, write_partition
@@ -33,7 +34,7 @@ def run_local(
     progress: bool = True,
     restart: bool = False,
     **store_options: Any,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the whole job in this process; returns the run's manifest.
 
     Rerunning with the same run id resumes under the same job spec: partitions already complete

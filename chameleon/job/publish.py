@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -25,8 +25,17 @@ from chameleon.data.layout import (
     group_key,
     user_shards,
 )
+from chameleon.data.manifest import (
+    Counts,
+    ForgetSource,
+    GroupCalibration,
+    GroupEntry,
+    ModelInfo,
+    RunManifest,
+    user_shard_tensors,
+)
+from chameleon.job.reduce import Reduced
 from chameleon.job.reduce_stream import reduce_partitions
-from chameleon.job.stages import Reduced
 
 Calibrate = Callable[[Reduced, pa.Table], list[Calibration]]
 """(reduced, profiles) -> one Calibration per group, in group order."""
@@ -37,23 +46,14 @@ class JobFailedError(RuntimeError):
 
 
 def _user_shard_tensors(reduced: Reduced, rows: slice, cfg: ChameleonConfig) -> dict[str, torch.Tensor]:
-    """The users' own edits, stacked (every user of a run has edits of one shape), plus their
-    CCS losses and pair counts."""
+    """The users' own edits of one shard, through the run's one user-shard codec."""
     users, site = reduced.users, cfg.subspace.site
-    edits = [reduced.user_edit(i, cfg.edit, site) for i in range(rows.start, rows.stop)]
-    tensors = {
-        "layers": torch.tensor([e.layers for e in edits], dtype=torch.int64),
-        "theta_p": torch.stack([e.theta_p for e in edits]).contiguous(),
-        "theta_n": torch.stack([e.theta_n for e in edits]).contiguous(),
-        "mean": torch.stack([e.mean for e in edits]).contiguous(),
-        "ccs_loss": users.sub.ccs_loss[rows].contiguous(),
-        "has_edit": users.has_edit[rows].to(torch.uint8),
-        "n_pairs_kept": users.keep[rows].sum(1),
-    }
-    if cfg.edit.form != "projection":
-        tensors["steer"] = torch.stack([e.steer for e in edits]).contiguous()
-        tensors["renorm"] = torch.tensor(int(cfg.edit.form == "norm_preserving"), dtype=torch.uint8)
-    return tensors
+    return user_shard_tensors(
+        [reduced.user_edit(i, cfg.edit, site) for i in range(rows.start, rows.stop)],
+        ccs_loss=users.sub.ccs_loss[rows],
+        has_edit=users.has_edit[rows],
+        n_pairs_kept=users.keep[rows].sum(1),
+    )
 
 
 def assignments_table(reduced: Reduced) -> pa.Table:
@@ -74,9 +74,9 @@ def assignments_table(reduced: Reduced) -> pa.Table:
     )
 
 
-def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> list[dict[str, Any]]:
+def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> list[GroupEntry]:
     """Write user shards, group edits, calibration, centroids and assignments; returns the groups'
-    manifest rows."""
+    manifest entries."""
     for key, rows in user_shards(len(reduced.data.user_ids)):
         meta = {"user_ids": json.dumps(reduced.data.user_ids[rows])}
         writer.put_safetensors(key, _user_shard_tensors(reduced, rows, cfg), meta)
@@ -94,18 +94,19 @@ def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> li
             "n_pairs": str(int(groups.n_pairs[j])),
         }
         writer.put_safetensors(group_key(gid), tensors, meta)
-        row = {
-            "group_id": gid,
-            "n_users": grouping.contributors[j],
-            "n_members": grouping.sizes[j],
-            "n_pairs": int(groups.n_pairs[j]),
-            "layers": edit.layers,
-            "rank": rank.tolist(),
-            "form": edit.form,
-        }
-        if reduced.group_calibration:
-            row["calibration"] = reduced.group_calibration[j].summary()
-        groups_meta.append(row)
+        cal = reduced.group_calibration[j] if reduced.group_calibration else None
+        groups_meta.append(
+            GroupEntry(
+                group_id=gid,
+                n_users=grouping.contributors[j],
+                n_members=grouping.sizes[j],
+                n_pairs=int(groups.n_pairs[j]),
+                layers=edit.layers,
+                rank=rank.tolist(),
+                form=edit.form,
+                calibration=GroupCalibration(**cal.summary()) if cal is not None else None,
+            )
+        )
     if reduced.group_calibration:
         curves = {
             gid: cal.to_dict() for gid, cal in zip(grouping.group_ids, reduced.group_calibration, strict=True)
@@ -153,9 +154,10 @@ def reduce_and_publish(
     calibrate: Calibrate | None = None,
     expected_user_ids: Sequence[str] | None = None,
     failure_note: str = "",
-    extra: Mapping[str, Any] | None = None,
+    job_spec: dict[str, Any] | None = None,
+    forget: ForgetSource | None = None,
     set_latest: bool = True,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Reduce every partition of the run, group, calibrate, and publish; returns the committed manifest.
 
     Refuses (`JobFailedError`, nothing published) when more than `max_user_failures` of the
@@ -164,8 +166,9 @@ def reduce_and_publish(
     strength when the edit form is additive and `edit.calibrate` is set; without it the edits use
     `edit.strength` at the layers the reduce chose. With `expected_user_ids` (the accepted users)
     the partitions must account for each exactly once (`check_users_accounted`). `failure_note`
-    is added to the failure-limit error; `extra` adds manifest fields (e.g. what a forget run was
-    made from); `set_latest=False` commits without moving `latest`.
+    is added to the failure-limit error; `job_spec` (what a job run was made from) and `forget`
+    (what a forget run was copied from) go into the manifest; `set_latest=False` commits without
+    moving `latest`.
     """
     # Partition by partition: the driver holds per-user results and the groups' pair samples only.
     reduced, profiles, failures = reduce_partitions(writer, n_partitions, cfg, layers, timings)
@@ -190,35 +193,33 @@ def reduce_and_publish(
     t0 = time.perf_counter()
     groups_meta = write_edits(writer, reduced, cfg)
     timings["publish_s"] = time.perf_counter() - t0
-    counts = {
-        **counts,
-        "users_mapped": len(reduced.data.user_ids),
-        "users_failed": len(failures),
-        "users_with_edit": int(reduced.users.has_edit.sum()),
-        "groups": len(reduced.grouping.group_ids),
-        "groups_unpublished": len(reduced.grouping.unpublished),
-        "pairs": int(reduced.data.mask.sum()),
-        "pairs_kept": int(reduced.users.keep.sum()),
-    }
-    manifest = {
-        "model": {
-            "id": cfg.model.name_or_path,
-            "revision": cfg.model.revision,
-            "fingerprint": fingerprint.to_dict(),
-        },
-        "hidden_size": fingerprint.hidden_size,
-        "captured_layers": list(layers),
-        "site": cfg.subspace.site,
-        "max_rank": cfg.subspace.max_rank,
-        "edit": cfg.edit.model_dump(),
-        "prompt_version": prompts.PROMPT_VERSION,
-        "groups": groups_meta,
-        "min_contributors": cfg.groups.min_contributors,
-        "unpublished_groups": reduced.grouping.unpublished,
-        "user_shards": [key for key, _ in user_shards(len(reduced.data.user_ids))],
-        "counts": counts,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "config": cfg.model_dump(),
-        **(extra or {}),
-    }
+    manifest = RunManifest(
+        model=ModelInfo(
+            id=cfg.model.name_or_path, revision=cfg.model.revision, fingerprint=fingerprint.to_dict()
+        ),
+        hidden_size=fingerprint.hidden_size,
+        captured_layers=list(layers),
+        site=cfg.subspace.site,
+        max_rank=cfg.subspace.max_rank,
+        edit=cfg.edit.model_copy(),
+        prompt_version=prompts.PROMPT_VERSION,
+        groups=groups_meta,
+        min_contributors=cfg.groups.min_contributors,
+        unpublished_groups=reduced.grouping.unpublished,
+        user_shards=[key for key, _ in user_shards(len(reduced.data.user_ids))],
+        counts=Counts(
+            **counts,
+            users_mapped=len(reduced.data.user_ids),
+            users_failed=len(failures),
+            users_with_edit=int(reduced.users.has_edit.sum()),
+            groups=len(reduced.grouping.group_ids),
+            groups_unpublished=len(reduced.grouping.unpublished),
+            pairs=int(reduced.data.mask.sum()),
+            pairs_kept=int(reduced.users.keep.sum()),
+        ),
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        config=cfg.model_dump(),
+        job_spec=job_spec,
+        forget=forget,
+    )
     return writer.commit(manifest, set_latest=set_latest)

@@ -37,10 +37,11 @@ from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunWriter
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_task, calibration_tasks
 from chameleon.job.publish import JobFailedError
-from chameleon.job.ray_env import init_ray
+from chameleon.job.reduce import Reduced
 from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
 from chameleon.job.run import (
     RunPlan,
@@ -51,7 +52,8 @@ from chameleon.job.run import (
     write_partition,
 )
 from chameleon.job.spec import model_identity
-from chameleon.job.stages import Reduced, process_partition
+from chameleon.job.stages import process_partition
+from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
 
@@ -177,7 +179,7 @@ def run_ray_job(
     address: str | None = None,
     restart: bool = False,
     **store_options: Any,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
 
     Resume, `restart` and a committed run behave as in `job.local.run_local`."""

@@ -1,15 +1,15 @@
 """The job's reduce, one partition at a time: the driver never holds every user's pair vectors.
 
-`stages.reduce_all` takes every partition's pairs at once: dense [U, K, L, d] tensors, about
+`reduce.reduce_all` takes every partition's pairs at once: dense [U, K, L, d] tensors, about
 0.6 MB per user at 8 pairs, 6 layers and hidden size 1,536 (6 GB for 10,000 users, before copies).
 `reduce_partitions` computes the same thing in two passes over the stored partitions:
 
 1. each partition's users are reduced on their own (θP, θN, μ, CCS loss, layer choice, steering
-   direction; `stages.reduce_users`) where the pairs are made: the map stage stores the results
-   with the partition's profiles (`stages.attach_user_reduce`), so the driver reads only these
+   direction; `reduce.reduce_users`) where the pairs are made: the map stage stores the results
+   with the partition's profiles (`tables.attach_user_reduce`), so the driver reads only these
    (a partition without them, or made under other subspace settings, is reduced here from its
    pairs); only the per-user results are kept;
-2. after grouping (`stages.group_users`, on the per-user results), the pairs each group pools
+2. after grouping (`grouping.group_users`, on the per-user results), the pairs each group pools
    (at most `subspace.max_group_pairs` per group, the very sample `reduce_all` takes) are read
    back from their partitions, and nothing else.
 
@@ -34,13 +34,11 @@ from chameleon.config import ChameleonConfig
 from chameleon.core import subspace as ss
 from chameleon.data.artifacts import VerifiedFiles
 from chameleon.data.layout import column_matrix, part_keys
-from chameleon.job.stages import (
-    Reduced,
+from chameleon.job.reduce import Reduced, group_and_reduce, reduce_users
+from chameleon.job.tables import (
     UnitData,
     UserReduce,
-    group_and_reduce,
     reduce_subspace_config,
-    reduce_users,
     stored_user_reduce,
     tables_to_units,
     without_user_reduce,
@@ -107,7 +105,7 @@ def _concat(parts: list[tuple[UnitData, UserReduce]], order: torch.Tensor) -> tu
 
 
 class _PartitionPool:
-    """`stages.Pool` reading the sampled pairs back from the stored partitions."""
+    """`reduce.Pool` reading the sampled pairs back from the stored partitions."""
 
     def __init__(
         self, files: VerifiedFiles, where: dict[str, int], user_ids: list[str], n_layers: int, hidden: int

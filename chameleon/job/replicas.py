@@ -31,7 +31,7 @@ from chameleon.config import ChameleonConfig, EditConfig
 from chameleon.core.edit import Edit
 from chameleon.core.generation import distinct_edits, generate_answers
 from chameleon.core.model import load_model, worker_torch_threads
-from chameleon.job.ray_env import init_ray
+from chameleon.ray_env import init_ray
 
 
 class ModelReplica:

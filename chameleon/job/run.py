@@ -37,10 +37,12 @@ from chameleon.data.artifacts import (
 )
 from chameleon.data.inputs import PreparedInput, prepare_input
 from chameleon.data.layout import JOB_SPEC, REJECTS, done_key, part_keys
+from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store, StoreConflictError, StoreKeyError
 from chameleon.job.publish import Calibrate, JobFailedError, reduce_and_publish
 from chameleon.job.spec import build_spec, check_spec
-from chameleon.job.stages import candidate_layers, pairs_to_tables
+from chameleon.job.stages import candidate_layers
+from chameleon.job.tables import pairs_to_tables
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class RunPlan:
     partitions: list[list[UserRecord]]
     todo: list[int]
     spec: dict[str, Any]
-    committed: dict[str, Any] | None = None
+    committed: RunManifest | None = None
     fingerprints: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     """The model each done partition was mapped with (None: a partition recorded as failed)."""
     failed_partitions: dict[int, str] = field(default_factory=dict)
@@ -154,7 +156,7 @@ def _restart(store: Store, run_id: str) -> None:
     log.warning("run %s restarted: %d files of earlier attempts deleted", run_id, len(keys))
 
 
-def _repair_latest(store: Store, run_id: str, manifest: Mapping[str, Any]) -> None:
+def _repair_latest(store: Store, run_id: str, manifest: RunManifest) -> None:
     """A run committed by a job that died before moving `latest`: move it now, unless `latest`
     already names a run committed later."""
     current = latest_run_id(store)
@@ -162,7 +164,7 @@ def _repair_latest(store: Store, run_id: str, manifest: Mapping[str, Any]) -> No
         return
     if current is not None:
         newer = committed_manifest(store, current)
-        if newer is not None and str(newer.get("created_at", "")) > str(manifest.get("created_at", "")):
+        if newer is not None and newer.created_at > manifest.created_at:
             log.warning("run %s is committed; latest stays at the newer run %s", run_id, current)
             return
     point_latest(store, run_id)
@@ -195,8 +197,8 @@ def begin_run(
             raise RunImmutableError(
                 f"run {run_id} is committed: --restart cannot start it over; use a new run id"
             )
-        if "job_spec" in committed:
-            check_spec(run_id, committed["job_spec"], spec, committed=True)
+        if committed.job_spec is not None:
+            check_spec(run_id, committed.job_spec, spec, committed=True)
         _repair_latest(store, run_id, committed)
         return RunPlan(None, prepared, layers, partitions, [], spec, committed=committed)
     if restart:
@@ -263,7 +265,7 @@ def finish_run(
     cfg: ChameleonConfig,
     fingerprint: ModelFingerprint | None = None,
     calibrate: Calibrate | None = None,
-) -> dict[str, Any]:
+) -> RunManifest:
     """Check every partition is complete, mapped by one model (`fingerprint`, when the driver
     loaded it), that every accepted user is mapped or failed exactly once and the failure limit
     holds; then reduce, calibrate (with `calibrate`, a model replica's work) and publish."""
@@ -300,5 +302,5 @@ def finish_run(
         calibrate=calibrate,
         expected_user_ids=[u.user_id for u in plan.prepared.users],
         failure_note=note,
-        extra={"job_spec": plan.spec},
+        job_spec=plan.spec,
     )

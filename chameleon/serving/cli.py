@@ -23,13 +23,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from chameleon.flags import Flag, add_flags, flag_overrides
-from chameleon.job.ray_env import init_ray, quiet_console
+from chameleon.ray_env import init_ray, quiet_console
 from chameleon.serving.access import api_key
 from chameleon.serving.config import ServeConfig
 
@@ -75,8 +78,18 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         "what responses tell about personalization: minimal (only what the caller sent) or full",
         choices=("minimal", "full"),
     ),
-    Flag("--max-batch-size", "max_batch_size", "requests per @serve.batch", int),
-    Flag("--batch-wait-timeout-s", "batch_wait_timeout_s", "how long a batch waits to fill", float),
+    Flag("--cache-dir", "model.cache_dir", "where the embedded model is converted to safetensors once"),
+    Flag(
+        "--trust-remote-code", "model.trust_remote_code", "run the model repo's own code (transformers)", bool
+    ),
+    Flag("--max-batch-size", "max_batch_size", "rows the decode loop runs together (its running batch)", int),
+    Flag(
+        "--stream-interval-s",
+        "stream_interval_s",
+        "a stream's tokens after the first are gathered this long per message (0: every token)",
+        float,
+    ),
+    Flag("--log-requests", "log_requests", "one JSON log line per finished request", bool),
     Flag("--edit-cache-size", "edit_cache_size", "group edits resident per replica", int),
     Flag("--max-prompt-tokens", "max_prompt_tokens", "longer prompts get 400", int),
     Flag("--max-tokens-limit", "max_tokens_limit", "largest max_tokens a request may ask", int),
@@ -96,6 +109,19 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("--max-queued-requests", "max_queued_requests", "queued requests per caller; then 503", int),
     Flag("--request-timeout-s", "request_timeout_s", "longer requests end with 408", float),
     Flag("--max-prompt-chars", "max_prompt_chars", "longer prompts get 400 before tokenizing", int),
+    Flag("--health-check-period-s", "health_check_period_s", "how often Serve checks a model replica", float),
+    Flag(
+        "--health-check-timeout-s",
+        "health_check_timeout_s",
+        "a model replica whose device does not answer within this is restarted",
+        float,
+    ),
+    Flag(
+        "--graceful-shutdown-timeout-s",
+        "graceful_shutdown_timeout_s",
+        "how long a stopping replica lets requests in flight finish",
+        float,
+    ),
     Flag("--num-replicas", "num_replicas", "model replicas", int),
     Flag("--num-gpus", "num_gpus", "GPUs per model replica", float),
     Flag("--num-cpus", "num_cpus", "CPUs per model replica; torch threads on CPU", float),
@@ -116,8 +142,11 @@ examples:
 """
 
 
-def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `serve` to a subparsers object (`chameleon.cli.build_parser` calls this)."""
+def add_serve_parser(
+    sub: argparse._SubParsersAction, embedded_store: EmbeddedStore | None = None
+) -> argparse.ArgumentParser:
+    """Add `serve` to a subparsers object (`chameleon.cli.build_parser` calls this, passing the
+    embedded store that serves `--workdir` without `--store`)."""
     p = sub.add_parser(
         "serve",
         help="serve published edits over an OpenAI-compatible HTTP API (Ray Serve)",
@@ -159,7 +188,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         action="store_true",
         help="deploy and return; needs --address, the app keeps running [default: off]",
     )
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=partial(cmd_serve, embedded_store=embedded_store))
     return p
 
 
@@ -202,20 +231,6 @@ def has_store(args: argparse.Namespace) -> bool:
         data = yaml.safe_load(Path(args.config).read_text()) or {}
         return isinstance(data, dict) and "store" in data
     return False
-
-
-@contextlib.contextmanager
-def demo_store(workdir: Path):
-    """The embedded store under `workdir` (an S3 server on loopback, up while serving)."""
-    from chameleon.dev.s3server import embedded_store
-
-    if not (workdir / "s3").is_dir():
-        raise ValueError(
-            f"no --store given and no embedded store under {workdir / 's3'}: run `make demo` "
-            "(or `chameleon personalize --input USERS.jsonl`) first, or pass --store"
-        )
-    with embedded_store(workdir) as (_s3, store):
-        yield store
 
 
 def run_server(
@@ -299,13 +314,20 @@ def _serving_run(app_name: str, cfg: ServeConfig) -> str:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+EmbeddedStore = Callable[[Path], AbstractContextManager[Any]]
+"""workdir -> a context manager yielding the store kept there (`chameleon.cli.demo_store`: the
+dev layer's embedded S3 server, which serving does not import)."""
+
+
+def cmd_serve(args: argparse.Namespace, embedded_store: EmbeddedStore | None = None) -> int:
     with contextlib.ExitStack() as stack:
         store = None
         if not has_store(args):
             if args.detach:
                 raise ValueError("--detach needs --store: the embedded store stops with this process")
-            store = stack.enter_context(demo_store(Path(args.workdir)))
+            if embedded_store is None:
+                raise ValueError("no --store given (this entry point has no embedded store)")
+            store = stack.enter_context(embedded_store(Path(args.workdir)))
         cfg = ServeConfig.model_validate(serve_settings(args, default_store=store.uri if store else None))
         return run_server(
             cfg,

@@ -7,7 +7,7 @@ LLM's `max_num_adapters_per_replica`): cold edits come from storage, warm ones a
     cache = EditCache(bank, capacity=256)
     row = cache.acquire(key)                       # pinned row, or None on a miss
     if row is None:
-        row = cache.install(key, load_edit(key), EditParams(alpha, beta, centered))   # pinned
+        row = cache.install(key, load_edit(key), run.edit)   # pinned
     ... run a batch that uses `row` ...
     cache.release(row)                             # once the batch is done with it
 
@@ -33,6 +33,7 @@ import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass
 
+from chameleon.config import EditConfig
 from chameleon.core.edit import Edit, EditBank
 
 CacheKey = tuple[str, str]
@@ -41,15 +42,6 @@ CacheKey = tuple[str, str]
 
 class CacheFullError(RuntimeError):
     """Every editable row is pinned by a batch in flight; retry after a release."""
-
-
-@dataclass(frozen=True)
-class EditParams:
-    """How a run's edits are applied (the run manifest's `edit` section)."""
-
-    alpha: float = 1.0
-    beta: float = 1.0
-    centered: bool = True
 
 
 @dataclass
@@ -149,7 +141,7 @@ class EditCache:
             self._stats.hits += 1
             return row
 
-    def install(self, key: CacheKey, edit: Edit, params: EditParams | None = None) -> int:
+    def install(self, key: CacheKey, edit: Edit, params: EditConfig | None = None) -> int:
         """Put `edit` in a row for `key` and pin it; returns the row.
 
         When the key became resident meanwhile (another request loaded it), that row is pinned and
@@ -159,9 +151,9 @@ class EditCache:
         hidden size, rank or layers); the cache is unchanged in both cases.
         """
         with self._lock:
-            return self._install_locked(key, edit, params or EditParams())
+            return self._install_locked(key, edit, params or EditConfig())
 
-    def _install_locked(self, key: CacheKey, edit: Edit, params: EditParams) -> int:
+    def _install_locked(self, key: CacheKey, edit: Edit, params: EditConfig) -> int:
         """`install` with `self._lock` held."""
         row = self._lru.get(key)
         if row is not None:
@@ -204,12 +196,12 @@ class EditCache:
                 self._wake_one_locked()
 
     async def install_waiting(
-        self, key: CacheKey, edit: Edit, params: EditParams | None, timeout: float
+        self, key: CacheKey, edit: Edit, params: EditConfig | None, timeout: float
     ) -> int:
         """`install`, waiting (FIFO, no polling) while every row is pinned; raises
         `CacheFullError` after `timeout` seconds. A new request does not overtake earlier waiters
         for a free row (it may still pin a row already holding its key)."""
-        params = params or EditParams()
+        params = params or EditConfig()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         woken = False

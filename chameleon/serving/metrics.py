@@ -120,3 +120,19 @@ NULL_METRICS = ServingMetrics()
 
 TAG_KEYS: dict[str, tuple[str, ...]] = {"chameleon_requests": ("finish_reason",)}
 """Tag keys a factory must declare per metric (besides the ones Serve adds)."""
+
+PROMETHEUS_PREFIX = "ray_"
+"""Ray's exporter puts every application metric under its `ray_` namespace."""
+
+
+def prometheus_series(name: str) -> tuple[str, ...]:
+    """The series a metric of DEFINITIONS appears as on a Ray node's Prometheus endpoint (checked
+    against Ray 2.60's exporter: `ray_` prefix; counters end in `_total`; histograms are
+    `_bucket`, `_sum` and `_count`). PromQL and dashboards query these names."""
+    kind = DEFINITIONS[name][0]
+    full = PROMETHEUS_PREFIX + name
+    if kind == "counter":
+        return (full + "_total",)
+    if kind == "histogram":
+        return (full + "_bucket", full + "_sum", full + "_count")
+    return (full,)

@@ -15,24 +15,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from chameleon.config import EditConfig
 from chameleon.core.fingerprint import ModelFingerprint, ModelMismatchError
 from chameleon.data.artifacts import ArtifactError, RunNotFoundError, RunReader, latest_run_id
-from chameleon.data.ids import is_valid_id
+from chameleon.data.manifest import BankSpec
 from chameleon.data.published import PublishedRun
 from chameleon.data.storage import Store
-from chameleon.serving.edit_cache import EditParams
 
 log = logging.getLogger("chameleon.serving")
-
-
-@dataclass(frozen=True)
-class BankSpec:
-    """Banks are shared by runs with the same layout (usually every run of one job config)."""
-
-    layers: tuple[int, ...]
-    site: str
-    max_rank: int
-    positions: str
 
 
 @dataclass
@@ -42,7 +32,8 @@ class LoadedRun:
     user_groups: dict[str, str]
     group_ids: frozenset[str]
     spec: BankSpec
-    params: EditParams
+    edit: EditConfig
+    """How the run's edits are applied (its manifest's `edit` section)."""
     loaded_at: float
     warnings: list[str] = field(default_factory=list)
 
@@ -50,32 +41,22 @@ class LoadedRun:
 def load_run(
     store: Store, run_id: str, fingerprint: ModelFingerprint, num_layers: int, fallback_group: str | None
 ) -> LoadedRun:
-    """Open a committed run for serving: model check, manifest sanity, assignments (checksummed)."""
+    """Open a committed run for serving: model check, manifest sanity, assignments (checksummed).
+
+    The manifest's types (site, positions, rank, group ids) are checked when it is read
+    (`chameleon.data.manifest`); what depends on the loaded model is checked here."""
     reader = RunReader(store, run_id)
     reader.check_model(fingerprint)
     m = reader.manifest
-    try:
-        hidden = int(m["hidden_size"])
-        layers = tuple(sorted({int(x) for x in m["captured_layers"]}))
-        site = str(m["site"])
-        max_rank = int(m["max_rank"])
-        edit = m["edit"]
-        params = EditParams(float(edit["alpha"]), float(edit["beta"]), bool(edit["centered"]))
-        positions = str(edit["positions"])
-        group_ids = [str(g["group_id"]) for g in m["groups"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"run {run_id!r} has an incomplete manifest for serving: {exc!r}") from None
-    if hidden != fingerprint.hidden_size:
-        raise ArtifactError(f"run {run_id!r} has hidden size {hidden}, the model {fingerprint.hidden_size}")
-    if not layers or not all(0 <= x < num_layers for x in layers):
-        raise ArtifactError(f"run {run_id!r} captured layers {list(layers)} outside the model's {num_layers}")
-    if site not in ("mlp", "residual") or positions not in ("last", "all") or max_rank < 1:
+    spec = m.bank_spec()
+    if m.hidden_size != fingerprint.hidden_size:
         raise ArtifactError(
-            f"run {run_id!r}: unsupported edit site/positions/rank {site!r}/{positions!r}/{max_rank}"
+            f"run {run_id!r} has hidden size {m.hidden_size}, the model {fingerprint.hidden_size}"
         )
-    bad = [g for g in group_ids if not is_valid_id(g)]
-    if bad:
-        raise ArtifactError(f"run {run_id!r} lists invalid group ids {bad[:3]}")
+    if not all(0 <= x < num_layers for x in spec.layers):
+        raise ArtifactError(
+            f"run {run_id!r} captured layers {list(spec.layers)} outside the model's {num_layers}"
+        )
     published = PublishedRun(reader)
     assignments = published.assignments()  # verified against the manifest's checksum
     user_groups = {str(u): str(row["group_id"]) for u, row in assignments.items()}
@@ -83,9 +64,9 @@ def load_run(
         run_id=reader.run_id,
         published=published,
         user_groups=user_groups,
-        group_ids=frozenset(group_ids),
-        spec=BankSpec(layers, site, max_rank, positions),
-        params=params,
+        group_ids=frozenset(m.group_ids),
+        spec=spec,
+        edit=m.edit,
         loaded_at=time.time(),
     )
     unknown = sorted({g for g in user_groups.values() if g not in run.group_ids})

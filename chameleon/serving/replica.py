@@ -363,7 +363,7 @@ class ModelServer:
         edit = await self._load(run, group_id, deadline)
         try:
             # Pins the key's row if another request installed it meanwhile.
-            return await cache.install_waiting(key, edit, run.params, max(0.0, deadline - time.monotonic()))
+            return await cache.install_waiting(key, edit, run.edit, max(0.0, deadline - time.monotonic()))
         except CacheFullError:
             raise ApiError(
                 503, "every edit slot is busy with requests in flight; retry shortly", "edit_slots_busy"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Benchmarks run as scripts (`python jobs/bench/X.py`): make the project importable from a checkout.
@@ -13,9 +16,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="also write the figures as JSON to this file")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny size that runs in seconds (tests/test_bench.py): checks that the script works; "
+        "its figures mean nothing",
+    )
     return p
+
+
+def parse(p: argparse.ArgumentParser, smoke: dict, argv=None) -> argparse.Namespace:
+    """Parse the flags; with `--smoke`, `smoke` replaces the defaults (flags given still win)."""
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**smoke)
+        args = p.parse_args(argv)
+    return args
+
+
+TINY_MODEL = "tiny"
+"""`--model tiny` (the smoke default): the tests' tiny random Llama (hidden 64, 4 layers, the
+embedded model's real tokenizer), saved to a temporary directory for this process."""
+
+
+def tiny_model_dir(workdir: Path) -> Path:
+    """The tiny random Llama saved under `workdir` (reused when it is there)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from tiny_models import save_tiny_model
+
+    path = Path(workdir) / "tiny-model"
+    return path if (path / "config.json").exists() else save_tiny_model(path)
+
+
+def model_path(name: str) -> str:
+    """A `--model` value as `load_model` takes it (`tiny`: a fresh tiny model, removed at exit)."""
+    if name != TINY_MODEL:
+        return name
+    workdir = tempfile.mkdtemp(prefix="chameleon-bench-model-")
+    atexit.register(shutil.rmtree, workdir, True)
+    return str(tiny_model_dir(Path(workdir)))
 
 
 def report(figures: dict, headline: str, out: str | None, extra: dict | None = None) -> None:
@@ -31,3 +72,25 @@ def report(figures: dict, headline: str, out: str | None, extra: dict | None = N
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def stub_manifest():
+    """A valid manifest for a run that holds files only (no edits): e.g. a previous `latest`."""
+    from chameleon.config import EditConfig
+    from chameleon.data.manifest import Counts, ModelInfo, RunManifest
+
+    none = dict(accepted=0, partitions=0, users_mapped=0, users_failed=0, users_with_edit=0, groups=0)
+    return RunManifest(
+        model=ModelInfo(id="stub", fingerprint={}),
+        hidden_size=1,
+        captured_layers=[0],
+        site="residual",
+        max_rank=1,
+        edit=EditConfig(),
+        prompt_version="stub",
+        groups=[],
+        user_shards=[],
+        counts=Counts(**none, pairs=0, pairs_kept=0),
+        timings_s={},
+        config={},
+    )

@@ -1,6 +1,6 @@
 """Generation time with per-row edits (3 layers, 8 distinct groups in one batch of 8) over plain.
 
-    python jobs/bench/edit_overhead.py [--model ID] [--tokens 32] [--trials 5] [--out FILE]
+    python jobs/bench/edit_overhead.py [--model ID] [--tokens 32] [--trials 5] [--smoke] [--out FILE]
 
 Both variants generate exactly the same number of tokens (min = max new tokens) from the same
 prompts; trials alternate plain/edited so machine noise hits both alike. The ratio is the median
@@ -13,7 +13,7 @@ import statistics
 import time
 
 import torch
-from common import parser, report
+from common import TINY_MODEL, model_path, parse, parser, report
 
 from chameleon.config import EMBEDDED_MODEL, ModelConfig
 from chameleon.core.edit import Edit, EditBank
@@ -52,10 +52,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--groups", type=int, default=8)
-    args = p.parse_args()
-    model, tok = load_model(ModelConfig(name_or_path=args.model))
+    args = parse(p, {"model": TINY_MODEL, "tokens": 4, "trials": 1, "groups": 2})
+    model, tok = load_model(ModelConfig(name_or_path=model_path(args.model)))
     L = num_layers(model)
-    layers = [L // 4, L // 3, L // 2]
+    layers = sorted({L // 4, L // 3, L // 2})
     bank = EditBank(hidden_size(model), layers, max_rank=3, device=model_device(model))
     rows = bank.add_many(random_edits(args.groups, layers, hidden_size(model)), alpha=0.5, beta=1.0)
     prompts = [chat_prompt(tok, PROMPTS[i % len(PROMPTS)]) for i in range(args.groups)]

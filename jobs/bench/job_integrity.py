@@ -59,7 +59,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from common import parser, report
+from common import parser, report, stub_manifest
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
@@ -70,15 +70,9 @@ from chameleon.data.storage import LocalStore, read_parquet_bytes
 from chameleon.dev.poison import GOOD_KINDS, MALFORMED_KINDS, PARQUET_KINDS
 from chameleon.job.forget import forget_users
 from chameleon.job.publish import reduce_and_publish
+from chameleon.job.reduce import reduce_all, reduce_users
 from chameleon.job.run import begin_run, read_done_record, write_partition
-from chameleon.job.stages import (
-    attach_user_reduce,
-    pairs_to_tables,
-    reduce_all,
-    reduce_subspace_config,
-    reduce_users,
-    tables_to_units,
-)
+from chameleon.job.tables import attach_user_reduce, pairs_to_tables, reduce_subspace_config, tables_to_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -190,9 +184,9 @@ def published_ids(store, run_id: str) -> list[str]:
     return RunReader(store, run_id).get_parquet("assignments.parquet").column("user_id").to_pylist()
 
 
-def logical_hashes(manifest: dict) -> dict[str, str]:
+def logical_hashes(manifest) -> dict[str, str]:
     """Checksums of what a run publishes, by logical path (attempt folders differ between runs)."""
-    return {k: v["sha256"] for k, v in manifest["files"].items() if not k.startswith("failures/")}
+    return {k: v.sha256 for k, v in manifest.files.items() if not k.startswith("failures/")}
 
 
 # -- checks --------------------------------------------------------------------------------------
@@ -233,7 +227,7 @@ def check_resume(workdir: Path, args) -> dict:
             print(f"# {name}: refused: {str(exc)[:160]}")
             figures["resumes_refused"] += 1
             manifest = run_local(path, store, "r", changed, progress=False, restart=True)
-        figures["stale_partitions_adopted"] += manifest["counts"]["partitions_resumed"]
+        figures["stale_partitions_adopted"] += manifest.counts.partitions_resumed
         ids = published_ids(store, "r")
         expected = {u["user_id"] for u in new_users}
         figures["duplicate_users"] += len(ids) - len(set(ids))
@@ -386,7 +380,7 @@ def check_outage(workdir: Path, args) -> dict:
         pgid = os.getpgid(server._proc.pid)
         previous = RunWriter(store, "previous")
         previous.put_json("x.json", {})
-        previous.commit({})
+        previous.commit(stub_manifest())
 
         def pause_after_first_partition(run_id: str, resume_after: float | None) -> None:
             while not store.exists(f"runs/{run_id}/parts/part-00000.json"):

@@ -1,6 +1,6 @@
 """Scaling of the personalization job: per-user time at 100 vs 1,000 users, Ray vs in-process.
 
-    python jobs/bench/pipeline_scaling.py [--sizes 100 1000] [--actors 2] [--out FILE]
+    python jobs/bench/pipeline_scaling.py [--sizes 100 1000] [--actors 2] [--smoke] [--out FILE]
 
 A tiny random Llama (hidden 64, 4 layers) with the embedded model's real tokenizer stands in for
 the LLM, so the figures measure the system (partitioning, actors, Parquet to S3, reduce, publish)
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parser, report
+from common import parse, parser, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--users-per-partition", type=int, default=25)
     p.add_argument("--pairs", type=int, default=4, help="pairs per user")
     p.add_argument("--tokens", type=int, default=8, help="new tokens per insight and answer")
-    args = p.parse_args()
+    args = parse(p, {"sizes": [6, 12], "actors": 1, "users_per_partition": 6, "pairs": 2, "tokens": 2})
     tmp = Path(tempfile.mkdtemp(prefix="chameleon-bench-"))
     model_dir = save_tiny_model(tmp / "model")
     cpus = os.cpu_count() or 2

@@ -1,13 +1,15 @@
 """Speed of the reduce stage: θP, θN (CCS), layer choice for many users at once.
 
     python jobs/bench/reduce_speed.py [--users 10000] [--pairs 8] [--layers 3] [--hidden 576]
-                                      [--loop-sample 40] [--out FILE]
+                                      [--loop-sample 40] [--smoke] [--out FILE]
 
 Synthetic hidden states with the shape of the default job (8 pairs, 3 captured layers, SmolLM2's
 hidden size 576) and the default subspace config (CCS: 10 restarts x 1000 steps). The
-vectorized reduce (`stages.reduce_users`) runs on all users; the per-user loop runs the same
+vectorized reduce (`reduce.reduce_users`) runs on all users; the per-user loop runs the same
 function one user at a time on a sample and is extrapolated (`vectorized_speedup` = loop time
-per user x users / vectorized time). Grouping and group subspaces are timed as well.
+per user x users / vectorized time). Grouping (on random stylometric features, as the default
+`groups.features: style` clusters the features the map stage records) and group subspaces are
+timed as well.
 """
 
 from __future__ import annotations
@@ -15,10 +17,23 @@ from __future__ import annotations
 import time
 
 import torch
-from common import parser, report
+from common import parse, parser, report
 
 from chameleon.config import ChameleonConfig
-from chameleon.job.stages import UnitData, group_users, reduce_groups, reduce_users
+from chameleon.core.style import FEATURES
+from chameleon.job.grouping import group_users
+from chameleon.job.reduce import reduce_groups, reduce_users
+from chameleon.job.tables import UnitData
+
+SMOKE = {
+    "users": 64,
+    "pairs": 4,
+    "layers": 2,
+    "hidden": 32,
+    "loop_sample": 4,
+    "ccs_steps": 20,
+    "ccs_restarts": 2,
+}
 
 
 def synthetic_units(U: int, K: int, L: int, d: int, seed: int = 0) -> UnitData:
@@ -34,6 +49,7 @@ def synthetic_units(U: int, K: int, L: int, d: int, seed: int = 0) -> UnitData:
         H_N=H_N,
         mask=torch.ones(U, K, dtype=torch.bool),
         history_embedding=torch.randn(U, d, generator=g),
+        style_features=torch.rand(U, len(FEATURES), generator=g),
     )
 
 
@@ -45,11 +61,15 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--loop-sample", type=int, default=40)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = p.parse_args()
+    p.add_argument("--ccs-steps", type=int, help="CCS steps per restart (default: the config's)")
+    p.add_argument("--ccs-restarts", type=int, help="CCS restarts (default: the config's)")
+    args = parse(p, SMOKE)
     if args.threads:
         # On a shared or small machine, one thread avoids OpenMP waits on these small ops.
         torch.set_num_threads(args.threads)
-    cfg = ChameleonConfig()
+    cfg = ChameleonConfig().with_overrides(
+        {"subspace.ccs_steps": args.ccs_steps, "subspace.ccs_restarts": args.ccs_restarts}
+    )
     layers = list(range(args.layers))
     data = synthetic_units(args.users, args.pairs, args.layers, args.hidden)
 
@@ -73,6 +93,7 @@ def main() -> None:
             sample.H_N[i : i + 1],
             sample.mask[i : i + 1],
             sample.history_embedding[i : i + 1],
+            sample.style_features[i : i + 1],
         )
         reduce_users(one, cfg.subspace, layers)
     loop_per_user = (time.perf_counter() - t2) / n

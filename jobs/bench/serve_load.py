@@ -69,7 +69,6 @@ def offline_reference(model, tok, run, group_ids, prompts: list[str], max_tokens
 
     import torch
 
-    from chameleon.config import EditConfig
     from chameleon.core.generation import bank_for_edits, chat_prompt
 
     greedy = dict(
@@ -84,7 +83,7 @@ def offline_reference(model, tok, run, group_ids, prompts: list[str], max_tokens
     for gid in [None, *group_ids]:
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if gid is not None:
-                bank, rows = bank_for_edits(model, [run.group_edit(gid)], EditConfig(**run.manifest["edit"]))
+                bank, rows = bank_for_edits(model, [run.group_edit(gid)], run.manifest.edit)
                 stack.enter_context(bank.apply(model, rows))
             for k, text in enumerate(prompts):
                 enc = tok([chat_prompt(tok, text)], return_tensors="pt", add_special_tokens=False)

@@ -146,7 +146,9 @@ def publish_synthetic_run(
     from chameleon.config import EditConfig
     from chameleon.core.fingerprint import fingerprint_model
     from chameleon.core.model import hidden_size, num_layers
+    from chameleon.core.prompts import PROMPT_VERSION
     from chameleon.data.artifacts import RunWriter
+    from chameleon.data.manifest import Counts, GroupEntry, ModelInfo, RunManifest
 
     fp = fingerprint_model(model, model_id)
     captured = captured_band(num_layers(model))
@@ -161,7 +163,9 @@ def publish_synthetic_run(
             {"group_id": gid},
         )
         groups.append(
-            {"group_id": gid, "n_users": 1, "n_pairs": 0, "layers": e.layers, "rank": [rank] * len(e.layers)}
+            GroupEntry(
+                group_id=gid, n_users=1, n_pairs=0, layers=e.layers, rank=[rank] * len(e.layers), form=e.form
+            )
         )
     users = [f"user-{j:03d}" for j in range(n_groups)]
     writer.put_parquet(
@@ -169,7 +173,7 @@ def publish_synthetic_run(
         pa.table(
             {
                 "user_id": pa.array(users, pa.string()),
-                "group_id": pa.array([g["group_id"] for g in groups], pa.string()),
+                "group_id": pa.array([g.group_id for g in groups], pa.string()),
                 "distance": pa.array([0.0] * n_groups, pa.float32()),
                 "assigned_by": pa.array(["synthetic"] * n_groups, pa.string()),
                 "user_shard": pa.array([0] * n_groups, pa.int32()),
@@ -179,20 +183,31 @@ def publish_synthetic_run(
             }
         ),
     )
+    # Synthetic: random orthonormal directions (benchmark), no pairs behind them.
     manifest = writer.commit(
-        {
-            "format": "chameleon-run/1",
-            "model": {"id": model_id, "revision": None, "fingerprint": fp.to_dict()},
-            "hidden_size": fp.hidden_size,
-            "captured_layers": captured,
-            "site": "mlp",
-            "max_rank": rank,
-            "edit": EditConfig(**(edit or {})).model_dump(),
-            "method": {"synthetic": "random orthonormal directions (benchmark)"},
-            "groups": groups,
-            "user_shards": [],
-            "counts": {"groups": n_groups, "users_mapped": n_groups},
-        }
+        RunManifest(
+            model=ModelInfo(id=model_id, fingerprint=fp.to_dict()),
+            hidden_size=fp.hidden_size,
+            captured_layers=captured,
+            site="mlp",
+            max_rank=rank,
+            edit=EditConfig(**(edit or {})),
+            prompt_version=PROMPT_VERSION,
+            groups=groups,
+            user_shards=[],
+            counts=Counts(
+                accepted=n_groups,
+                partitions=0,
+                users_mapped=n_groups,
+                users_failed=0,
+                users_with_edit=0,
+                groups=n_groups,
+                pairs=0,
+                pairs_kept=0,
+            ),
+            timings_s={},
+            config={},
+        )
     )
     return manifest, users, edits
 
