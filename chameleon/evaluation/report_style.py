@@ -129,7 +129,7 @@ def _marker_tables(res: dict[str, Any], order: Sequence[str], capacity: dict[str
 
 def _capacity_table(capacity: dict[str, Any], marks: Sequence[str]) -> list[str]:
     cap = capacity["capacity"]
-    users = capacity.get("users", ["?", "?"])
+    users = capacity.get("users") or ["?", "?"]
     L = [
         f"**Style capacity of the model** ({capacity.get('model', '?')}, LaMP-7 tuning users "
         f"{users[0]}..{users[1] - 1 if isinstance(users[1], int) else users[1]}): share of answers carrying "
