@@ -40,6 +40,7 @@ from chameleon.evaluation.baselines import copy_answer, rag_prompt
 from chameleon.evaluation.context import EvalContext
 from chameleon.evaluation.lamp import extract_lamp7_tweet, profile_texts
 from chameleon.evaluation.names import METHODS
+from chameleon.evaluation.personalization import personalization_results
 from chameleon.evaluation.report import write_report
 from chameleon.evaluation.residuals import RESIDUAL_METHODS, has_parts, residual_edits
 from chameleon.evaluation.runs import (
@@ -235,13 +236,23 @@ def run_evaluation(
     with ev.clock.stage("score"):
         preds = {m: postprocess(r) for m, r in raw.items()}
         golds = [ev.golds[q.id] for q in ev.reported]
+        references = style_references(ev, synth_run)
         scores = score_methods(
             preds,
             golds,
             n_resamples=settings.n_resamples,
             seed=settings.seed,
-            style_references=style_references(ev, synth_run),
+            style_references=references,
             inputs=[extract_lamp7_tweet(q.input) for q in ev.reported],
+        )
+        # Attribution, marker transfer, closeness-adjusted gain, issue 18's goals, `per_user`.
+        personal = personalization_results(
+            [q.id for q in ev.reported],
+            references,
+            preds,
+            scores,
+            n_resamples=settings.n_resamples,
+            seed=settings.seed,
         )
     order = [m for m in METHODS if m in scores] + sorted(m for m in scores if m not in METHODS)
     stripped = strip_per_user(scores)
@@ -284,6 +295,7 @@ def run_evaluation(
             "cpu_count": os.cpu_count(),
         },
         "command": settings.command,
+        **personal,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _write_predictions(out / "predictions.parquet", ev, raw, preds, scores, groups)
