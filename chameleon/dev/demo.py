@@ -21,9 +21,9 @@ from chameleon.config import EMBEDDED_MODEL, ChameleonConfig, JobConfig
 from chameleon.core.generation import first_answer_line, generate_answers
 from chameleon.core.model import load_model, resolve_name
 from chameleon.core.prompts import PARAPHRASE_TWEET
-from chameleon.dev.demo_markers import DEMO_CAPACITY, MARKERS
 from chameleon.data.artifacts import RunReader, new_run_id
 from chameleon.data.published import PublishedRun
+from chameleon.dev.demo_markers import DEMO_CAPACITY, MARKERS
 from chameleon.dev.s3server import embedded_store
 from chameleon.job.drivers import describe_run, run_job
 from chameleon.ray_env import quiet_console
@@ -155,8 +155,9 @@ def capacity_note() -> str:
         f"{style} {fig['base']:.0%} → {fig['best']:.0%}" for style, fig in DEMO_CAPACITY["styles"].items()
     ]
     return (
-        "what the embedded model can carry (share of answers with the marker, base → best readable "
-        f"residual edit, {DEMO_CAPACITY['how']}): " + "; ".join(rows)
+        f"what the embedded model can carry ({DEMO_CAPACITY['how']}): "
+        + "; ".join(rows)
+        + f"; {DEMO_CAPACITY['vector']}"
     )
 
 
