@@ -91,37 +91,39 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         store = _open_store(args, stack)
-        holding = runs_holding(store, args.user)
-        if args.list or not holding:  # nothing holds them: no new run to publish
-            for run_id, users in holding.items():
-                print(f"{run_id}: {', '.join(users)}")
-            print(
-                f"{len(holding)} committed runs hold {'these users' if len(args.user) > 1 else 'this user'}"
-            )
+        if args.list:
+            holding = runs_holding(store, args.user)
+            for run_id, held in holding.items():
+                state = "" if held.committed else " (no manifest: incomplete or half deleted)"
+                print(f"{run_id}{state}: {', '.join(sorted(held.users))} in {len(held.keys)} objects")
+            print(f"{len(holding)} runs hold {'these users' if len(args.user) > 1 else 'this user'}")
             return 0
         res = forget_users(
-            store, args.user, source_run=args.run, new_run=args.new_run_id, delete_old=args.delete_old
+            store,
+            args.user,
+            source_run=args.run,
+            new_run=args.new_run_id,
+            delete_old=args.delete_old,
+            single_writer=args.single_writer,
         )
-    for run_id, users in res.holding.items():
-        print(f"held by {run_id}: {', '.join(users)}")
-    c = res.manifest.counts
-    print(
-        f"published run {res.new_run} from {res.source_run} without {len(args.user)} user(s): "
-        f"{c.users_mapped} users, {c.groups} groups"
-        + (
-            " (latest updated)"
-            if res.manifest.run_id == res.new_run and res.source_run != res.new_run
-            else ""
+    for run_id, held in res.holding.items():
+        print(
+            f"held by {run_id}{'' if held.committed else ' (no manifest)'}: {', '.join(sorted(held.users))}"
         )
-    )
+    if res.manifest is not None:
+        c = res.manifest.counts
+        print(
+            f"published run {res.new_run} from {res.source_run} without {len(args.user)} user(s): "
+            f"{c.users_mapped} users, {c.groups} groups" + (" (latest updated)" if res.moved_latest else "")
+        )
+    elif res.source_run is not None:
+        print(f"run {res.source_run} does not hold {'these users' if len(args.user) > 1 else 'this user'}")
     if res.deleted:
         print(f"deleted runs: {', '.join(res.deleted)}")
+    if res.still_holding:
+        print(f"still holding the users (pass --delete-old to delete them): {', '.join(res.still_holding)}")
     else:
-        kept = sorted(res.holding)
-        if kept:
-            print(f"still holding the users (pass --delete-old to delete them): {', '.join(kept)}")
-    if res.incomplete:
-        print(f"runs without a manifest were not checked and may hold them: {', '.join(res.incomplete)}")
+        print("no run of the store holds them now")
     print("remove the users from the input users file too, or the next personalize run brings them back")
     return 0
 
@@ -154,6 +156,11 @@ _FORGET_EXAMPLES = """examples:
   chameleon forget --user u17 --store s3://runs/prod --list          # which runs hold u17
   chameleon forget --user u17 u42 --store s3://runs/prod             # new run from latest without them
   chameleon forget --user u17 --store s3://runs/prod --delete-old    # ... then delete every run that held u17
+
+An id matches as given and normalized (NFKC, no control or format characters, no surrounding
+whitespace): `--user alice` also finds a reject of `"alice "`. Rejects match by their parsed id;
+a line that was not JSON matches when it holds the id as a token. Every object of every run is
+read, runs without a manifest included. Rerunning after a crash finishes the job.
 """
 
 
@@ -210,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "forget",
         help="forget users: list the runs that hold them, publish a new run without them",
-        description="Forget users: find the committed runs that hold them, then publish a new run made\n"
+        description="Forget users: find the runs that hold them (every object read), then publish a new run made\n"
         "from a run's own partitions without their rows (re-reduced, re-grouped and, when the edits are\n"
         "calibrated, recalibrated with the run's model in this process). `latest` moves to the new run\n"
         "when the source is the latest run. Remove the users from the input users file as well.",
@@ -234,11 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", default="latest", help="the run to copy without the users (default: latest)")
     p.add_argument("--new-run-id", help="id of the new run (default: a new forget-… id)")
-    p.add_argument("--list", action="store_true", help="only list the committed runs that hold the users")
+    p.add_argument("--list", action="store_true", help="only list the runs that hold the users")
     p.add_argument(
         "--delete-old",
         action="store_true",
-        help="after publishing, delete every committed run that held the users (irreversible)",
+        help="after publishing, delete every run that holds the users, runs without a manifest "
+        "included (irreversible)",
+    )
+    p.add_argument(
+        "--single-writer",
+        action="store_true",
+        help="allow a store that does not enforce exclusive create (storage.single_writer): "
+        "no other job or forget may write to it meanwhile",
     )
     p.set_defaults(func=cmd_forget)
 

@@ -9,12 +9,17 @@ One `ChameleonConfig` holds the sections; a YAML file maps onto it one to one
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+
+GpuSetting = Annotated[float, Field(ge=0)] | Literal["auto"]
+"""GPUs per model replica: a number (a fraction packs replicas of a small model on one GPU), or
+`auto`: one GPU per replica when the Ray cluster has GPUs (or can add them), else CPU
+(`chameleon.core.devices.gpus_per_replica`)."""
 
 
 class _Section(BaseModel):
@@ -109,8 +114,10 @@ class SynthConfig(_Section):
     """Sampling temperature for paired answers; 0 means greedy."""
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     """Nucleus sampling mass for paired answers (ignored when greedy)."""
-    batch_size: int = Field(16, ge=1)
-    """Sequences per `generate()` / capture call."""
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Sequences per `generate()` / capture call (prompts are sorted by length within a partition,
+    so a batch pads little). `auto`: by the replica's device, 16 on CPU, 128 on a GPU with 40 GiB
+    or more, 64 on a smaller one (`chameleon.core.devices.batch_size_for`)."""
     seed: int = 0
     """Seeds history selection and sampling; a user's data depends only on (seed, user_id)."""
     selection_embedding: Literal["model", "none"] = "model"
@@ -233,8 +240,11 @@ class JobConfig(_Section):
 
     num_actors: int = Field(1, ge=1)
     """Model replicas in the map stage's actor pool."""
-    num_gpus_per_actor: float = Field(0.0, ge=0)
-    """GPUs per actor; 0 on CPU; >1 with `model.device_map: auto` to shard one replica."""
+    num_gpus_per_actor: GpuSetting = "auto"
+    """GPUs per actor. `auto`: 1 when the Ray cluster has GPUs (now, or in a node type its
+    autoscaler can add), else 0 (CPU); a fraction (0.5) puts two replicas of a small model on one
+    GPU; >1 with `model.device_map: auto` shards one replica. A number > 0 on a cluster without
+    GPUs fails the job at once."""
     num_cpus_per_actor: float = Field(1.0, gt=0)
     """CPUs reserved per actor (fractional keeps CPUs free for Ray Data's own tasks)."""
     torch_threads: int = Field(0, ge=0)
@@ -273,8 +283,12 @@ class StorageConfig(_Section):
     read_timeout_s: float = Field(60.0, gt=0)
     """Seconds to wait for a response; a paused server counts as down after this."""
     checksums: bool = True
-    """Send each upload's SHA-256 so the server refuses a body damaged in transit (turned off by
-    itself when a server refuses the header)."""
+    """Send each upload's SHA-256 (each multipart part's too) so the server refuses a body damaged
+    in transit (turned off when the probe at start finds the server does not implement them)."""
+    single_writer: bool = False
+    """Allow a store that does not enforce exclusive create (`If-None-Match: *`, probed at start):
+    the job and `forget` then check with a HEAD before creating a manifest, which is only safe
+    when one writer at a time uses the store. Off: such a store is refused (`--single-writer`)."""
 
     def s3_options(self) -> dict[str, Any]:
         """Keyword arguments of `S3Store` / `open_store`."""

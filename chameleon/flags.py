@@ -31,8 +31,6 @@ class Flag:
     type: Callable[[str], Any] = str
     """how the value is parsed; `bool`: a `--flag` / `--no-flag` pair of switches"""
     choices: Sequence[str] | None = None
-    switch: bool = False
-    """A flag without a value: given, it sets the setting to True."""
     required: bool = False
     shown_default: str | None = None
     """How the help states the default (default: the setting's default value)."""
@@ -40,6 +38,16 @@ class Flag:
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
+
+
+def auto_or(number: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A flag type taking `auto` or a number (e.g. `auto_or(float)` for a GPU count)."""
+
+    def parse(text: str) -> Any:
+        return "auto" if text == "auto" else number(text)
+
+    parse.__name__ = f"auto or {number.__name__}"  # argparse names the type in its error
+    return parse
 
 
 def setting_default(defaults: BaseModel, setting: str) -> Any:
@@ -52,15 +60,6 @@ def setting_default(defaults: BaseModel, setting: str) -> Any:
 
 def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag], defaults: BaseModel) -> None:
     for f in flags:
-        if f.switch:
-            parser.add_argument(
-                f.flag,
-                action="store_const",
-                const=True,
-                dest=f.dest,
-                help=f"{f.help} [{f.setting}; default: off]",
-            )
-            continue
         default = None if f.required else setting_default(defaults, f.setting)
         shown = "required" if f.required else f.shown_default or ("unset" if default is None else default)
         help_text = f"{f.help} [{f.setting}; {'' if f.required else 'default: '}{shown}]"
@@ -85,7 +84,12 @@ JOB_FLAGS: tuple[Flag, ...] = (
     Flag("--pairs-per-user", "synth.pairs_per_user", "synthetic pairs per user", int),
     Flag("--history-k", "synth.history_k", "history items each user's pairs are made from", int),
     Flag("--max-new-tokens", "synth.answer_max_new_tokens", "token budget of each synthetic answer", int),
-    Flag("--batch-size", "synth.batch_size", "generation batch size of the map stage", int),
+    Flag(
+        "--batch-size",
+        "synth.batch_size",
+        "generation batch size of the map stage (auto: 16 on CPU, 64-128 on a GPU)",
+        auto_or(int),
+    ),
     Flag("--seed", "synth.seed", "seed of the synthesis", int),
     Flag("--site", "subspace.site", "where hidden states are read and edited", choices=("mlp", "residual")),
     Flag("--n-layers", "subspace.n_layers", "layers each edit applies to", int),
@@ -97,12 +101,23 @@ JOB_FLAGS: tuple[Flag, ...] = (
         "user field that names each user's group (instead of clustering)",
     ),
     Flag("--num-actors", "job.num_actors", "model replicas (Ray actors) of the map stage", int),
-    Flag("--num-gpus-per-actor", "job.num_gpus_per_actor", "GPUs per replica", float),
+    Flag(
+        "--num-gpus-per-actor",
+        "job.num_gpus_per_actor",
+        "GPUs per replica (auto: 1 when the cluster has GPUs, else CPU; a fraction shares a GPU)",
+        auto_or(float),
+    ),
     Flag(
         "--users-per-partition",
         "job.users_per_partition",
         "users per map partition (the unit of resume)",
         int,
+    ),
+    Flag(
+        "--single-writer",
+        "storage.single_writer",
+        "use a store that does not enforce exclusive create (one writer at a time only)",
+        switch=True,
     ),
 )
 

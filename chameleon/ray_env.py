@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 LOCAL_ENV_DEFAULTS = {
     # On Linux Ray binds the machine's external address even when told 127.0.0.1 unless this is 0.
@@ -77,3 +78,39 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, ray_dat
     if _quiet and ray_data:
         _quiet_ray_data()
     return not address
+
+
+MAX_GPUS_ENV = "CHAMELEON_CLUSTER_MAX_GPUS"
+"""The most GPUs a cluster's autoscaler can add, declared by its config (cluster/*.yaml and
+ray-cluster.yaml set it): Ray 2.60's autoscaler does not report its node types to the cluster, so
+a GPU group that starts at zero pods is otherwise invisible until its first pod is up."""
+
+
+def cluster_gpus(
+    resources: Mapping[str, float],
+    autoscaler_max: Mapping[str, float] | None,
+    declared: str | None = None,
+) -> float:
+    """GPUs a Ray cluster has now (`ray.cluster_resources()`) or can add: the most its
+    autoscaler's node types provide, as Ray reports them (`None`: not reported) or as declared
+    in `$CHAMELEON_CLUSTER_MAX_GPUS` (`declared`, read from the environment when not given)."""
+    declared = os.environ.get(MAX_GPUS_ENV, "") if declared is None else declared
+    try:
+        declared_gpus = float(declared) if declared.strip() else 0.0
+    except ValueError:
+        raise ValueError(f"${MAX_GPUS_ENV} must be a number of GPUs, got {declared!r}") from None
+    reported = float((autoscaler_max or {}).get("GPU", 0))
+    return max(float(resources.get("GPU", 0)), reported, declared_gpus)
+
+
+def cluster_gpu_capacity() -> float:
+    """GPUs of the Ray cluster this process is connected to (`cluster_gpus`): those it has now, or
+    the most its autoscaler can add (a GPU group that scales from zero has none at the start)."""
+    import ray
+    from ray._private.state import state
+
+    try:  # the autoscaler's node types, as Ray Train reads them; None when not reported
+        autoscaler_max = state.get_max_resources_from_cluster_config()
+    except Exception:  # an older or a client-mode connection: what the cluster has now
+        autoscaler_max = None
+    return cluster_gpus(ray.cluster_resources(), autoscaler_max)

@@ -11,6 +11,7 @@ among the fixtures it uses (directly or through other fixtures) and the tier mar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -101,8 +102,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ray(ray) -> None:
-    _RAY["metrics_port"] = free_port()
+def _start_ray(ray, metrics_port: int | None = None) -> None:
+    _RAY["metrics_port"] = metrics_port or free_port()
     ray.init(
         address="local",
         num_cpus=2,
@@ -133,6 +134,26 @@ def ray_session():
     _start_ray(ray)
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def own_ray(**init_options):
+    """A local Ray of a test's own (`ray.init` options, e.g. `num_gpus=2` for fake GPUs): the
+    session's Ray, when one is up, is stopped for it and started again after (same metrics port)."""
+    import ray
+
+    session_was_up = ray.is_initialized()
+    if session_was_up:
+        ray.shutdown()
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, **init_options
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if session_was_up:
+            _start_ray(ray, metrics_port=_RAY.get("metrics_port"))
 
 
 @pytest.fixture(scope="session")

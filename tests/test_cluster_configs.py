@@ -299,7 +299,16 @@ CLUSTER_YAMLS = sorted(p for p in CLUSTER.rglob("*") if p.suffix in {".yaml", ".
 
 def test_cluster_dir_has_the_expected_files():
     names = {p.name for p in CLUSTER_YAMLS}
-    assert set(KUBERAY_MANIFESTS) | {"serve-config.yaml", "job-config.example.yaml", "s3-dev.yaml"} <= names
+    assert (
+        set(KUBERAY_MANIFESTS)
+        | {
+            "serve-config.yaml",
+            "job-config.example.yaml",
+            "s3-dev.yaml",
+            "model-cache.yaml",
+        }
+        <= names
+    )
     assert (CLUSTER / "README.md").is_file()
 
 
@@ -482,6 +491,83 @@ def test_rayjob_entrypoint_parses_with_the_job_cli():
 
 
 # --------------------------------------------------------------------------------------------
+# Model weights once: the cache volume, the Hugging Face token, the declared GPUs
+# --------------------------------------------------------------------------------------------
+
+MODEL_CACHE_PVC = "chameleon-model-cache"
+MODEL_CACHE_MOUNT = "/models"
+HF_SECRET = "chameleon-hf"
+
+
+def pod_specs(spec: dict):
+    """(group name, pod spec) of the head and of every worker group."""
+    yield "head", spec["headGroupSpec"]["template"]["spec"]
+    for group in spec.get("workerGroupSpecs", []):
+        yield group["groupName"], group["template"]["spec"]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_the_model_cache_claim():
+    pvc = manifest("model-cache.yaml")
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["metadata"]["name"] == MODEL_CACHE_PVC
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "one copy shared by every pod of every node"
+    assert pvc["spec"]["resources"]["requests"]["storage"]
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_every_ray_pod_mounts_the_model_cache_and_keeps_downloads_there(name):
+    spec = cluster_spec(manifest(name))
+    for group, pod in pod_specs(spec):
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        claims = [
+            v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v
+        ]
+        assert claims == [MODEL_CACHE_PVC], f"{name}/{group}: volumes {sorted(volumes)}"
+        (volume,) = [n for n, v in volumes.items() if "persistentVolumeClaim" in v]
+        container = pod["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+        assert mounts.get(volume) == MODEL_CACHE_MOUNT, f"{name}/{group}: {mounts}"
+        env = env_of(container)
+        # Hugging Face downloads and copies of s3:// mirrors both land on the shared volume.
+        for var in ("HF_HOME", "CHAMELEON_CACHE"):
+            assert env[var]["value"].startswith(MODEL_CACHE_MOUNT + "/"), f"{name}/{group}: {var}"
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_every_ray_pod_gets_the_hugging_face_token_from_a_secret(name):
+    spec = cluster_spec(manifest(name))
+    for group, container in ray_containers(spec):
+        ref = env_of(container).get("HF_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+        assert ref == {"name": HF_SECRET, "key": "HF_TOKEN", "optional": True}, f"{name}/{group}: {ref}"
+        # Never a token written into the manifest itself.
+        assert "value" not in env_of(container)["HF_TOKEN"]
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY_MANIFESTS))
+def test_every_ray_pod_declares_the_gpus_its_groups_can_add(name):
+    # GPU groups start at zero pods and Ray 2.60's autoscaler does not tell the cluster its node
+    # types: without this, `num_gpus: auto` would see no GPUs and run on the CPU.
+    spec = cluster_spec(manifest(name))
+    most = sum(
+        g["maxReplicas"] * gpu_limit(g["template"]["spec"]["containers"][0]) for g in spec["workerGroupSpecs"]
+    )
+    for group, container in ray_containers(spec):
+        assert env_of(container)["CHAMELEON_CLUSTER_MAX_GPUS"]["value"] == str(most), f"{name}/{group}"
+
+
+def test_ray_up_declares_the_gpus_its_node_types_can_add():
+    config = load_one(RAY_UP)
+    most = sum(
+        t.get("max_workers", 0) * t["resources"].get("GPU", 0)
+        for t in config["available_node_types"].values()
+    )
+    assert f"--env CHAMELEON_CLUSTER_MAX_GPUS={most}" in config["docker"]["run_options"]
+
+
+# --------------------------------------------------------------------------------------------
 # Serve config and RayService
 # --------------------------------------------------------------------------------------------
 
@@ -537,7 +623,9 @@ def test_serve_config_application():
     # About one running batch per replica before the autoscaler adds one; room for a short queue.
     assert scaling["target_ongoing_requests"] == app["args"]["max_batch_size"]
     assert server["max_ongoing_requests"] > scaling["target_ongoing_requests"]
-    assert server["ray_actor_options"]["num_gpus"] == 1
+    # GPUs per replica: the app's `num_gpus: auto` (one each on a cluster with GPUs), not a
+    # deployment override that would also drop the app's CPU request.
+    assert "ray_actor_options" not in server and "num_gpus" not in app["args"]
     assert server["user_config"] == {"run": "latest"}
     ingress = deployments(app)["ChameleonIngress"]
     assert ingress["num_replicas"] >= 2, "no single ingress replica"
@@ -595,7 +683,7 @@ def test_rayservice_serves_the_serve_config_application():
         for g in spec["rayClusterConfig"]["workerGroupSpecs"]
     )
     most = deployment["autoscaling_config"]["max_replicas"]
-    assert gpus >= most * deployment["ray_actor_options"]["num_gpus"]
+    assert gpus >= most * 1, "num_gpus auto: one GPU per replica"
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,14 +26,15 @@ from chameleon.data.artifacts import RunReader, VerifiedFiles
 from chameleon.data.published import PublishedRun
 from chameleon.data.storage import LocalStore
 from chameleon.dev.demo import write_example_users
-from chameleon.evaluation import ablations, recompute, runner, runs
+from chameleon.evaluation import ablations, context, recompute, runs
 from chameleon.evaluation.baselines import copy_answer, rag_items, rag_prompt
 from chameleon.evaluation.cache import PredictionCache
 from chameleon.evaluation.cli import add_eval_parser, eval_config, eval_settings
 from chameleon.evaluation.lamp import LAMP7_PROMPT, LampQuestion
 from chameleon.evaluation.names import ABLATIONS, EVAL_SYNTH_DEFAULTS, METHODS
-from chameleon.evaluation.runner import EvalSettings, run_evaluation
+from chameleon.evaluation.runner import run_evaluation
 from chameleon.evaluation.scoring import goal_verdict, paired_comparison, score_methods
+from chameleon.evaluation.settings import EvalSettings
 from chameleon.evaluation.split import parse_range, select_users
 from chameleon.job.local import run_local
 
@@ -286,10 +287,8 @@ def test_derived_run_on_a_subset_and_unseen_assignment(tiny_run):
     ids = sorted(PublishedRun(RunReader(store, "r1")).assignments())
     seen, unseen = ids[:8], ids[8:]
     m = runs.derive_run(store, "r1", "r1-sub", cfg, seen)
-    assert m["counts"]["users_mapped"] == 8
-    assert (
-        runs.derive_run(store, "r1", "r1-sub", cfg, seen)["created_at"] == m["created_at"]
-    )  # reused, not redone
+    assert m.counts.users_mapped == 8
+    assert runs.derive_run(store, "r1", "r1-sub", cfg, seen).created_at == m.created_at  # reused, not redone
     run = PublishedRun(RunReader(store, "r1-sub"))
     assert set(run.assignments()) == set(seen)
     _, profiles = runs.read_run_tables(store, "r1", unseen)
@@ -408,7 +407,7 @@ def test_run_evaluation_end_to_end(tmp_path, fake_lamp, tiny_model_dir, monkeypa
     def no_generation(*a, **k):
         raise AssertionError("generated again instead of reading the cache")
 
-    monkeypatch.setattr(runner, "generate_answers", no_generation)
+    monkeypatch.setattr(context, "generate_answers", no_generation)
     again = run_evaluation(settings, cfg, model_and_tokenizer=model_tok, progress=False)
     assert again["methods"] == res["methods"]
 
@@ -609,7 +608,7 @@ def test_seed_partitions_reuses_the_same_users_synthesis(tiny_run, tmp_path):
     copied = runs.seed_partitions(store, "r1", "r2", path, cfg)
     assert copied == [0, 1, 2]  # 12 users in partitions of 4; the 4th partition holds new users
     m = run_local(str(path), store, "r2", cfg, model_and_tokenizer=model_tok, progress=False)
-    assert m["counts"]["partitions_resumed"] == 3 and m["counts"]["users_mapped"] == 15
+    assert m.counts.partitions_resumed == 3 and m.counts.users_mapped == 15
     a, _ = runs.read_run_tables(store, "r1")
     b, _ = runs.read_run_tables(store, "r2", [u["user_id"] for u in src_users])
     assert a.column("personalized").to_pylist() == b.column("personalized").to_pylist()

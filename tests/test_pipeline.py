@@ -16,6 +16,7 @@ import pytest
 from conftest import tiny_job_config
 
 from chameleon.data.artifacts import RunReader
+from chameleon.data.manifest import RunManifest
 from chameleon.data.published import PublishedRun
 from chameleon.dev.demo import example_users
 from chameleon.job.ray_job import run_ray_job
@@ -59,7 +60,7 @@ def job_config(model_dir, **overrides):
     return tiny_job_config(model_dir, **{**base, **overrides})
 
 
-def artifact_hashes(manifest: dict) -> dict[str, str]:
+def artifact_hashes(manifest: RunManifest) -> dict[str, str]:
     """Checksums of everything a run publishes except per-attempt bookkeeping."""
     return {k: v.sha256 for k, v in manifest.files.items() if not k.startswith("failures/")}
 
@@ -136,7 +137,7 @@ def test_killed_actor_still_finishes_with_identical_artifacts(
     thread.join(timeout=300)
     assert killed is not None, "the job finished before an actor could be killed"
     assert "error" not in result, result.get("error")
-    assert killed[0] < result["manifest"]["counts"]["partitions"]
+    assert killed[0] < result["manifest"].counts.partitions
     assert artifact_hashes(result["manifest"]) == artifact_hashes(clean_run[1])
 
 
@@ -178,7 +179,7 @@ def test_interrupted_driver_resumes_without_recomputing(
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole local Ray
         proc.wait()
     done_before = {k: store.get_bytes(k) for k in store.list("runs/resumed/parts/")}
-    assert 3 <= len(done_before) < clean_run[1]["counts"]["partitions"], "interrupt came too late"
+    assert 3 <= len(done_before) < clean_run[1].counts.partitions, "interrupt came too late"
     assert not store.exists("runs/resumed/manifest.json")
 
     import ray

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from chameleon.core.generation import length_order
 from chameleon.core.model import layer_module, model_device
 
 
@@ -37,12 +38,14 @@ def capture(
     reduce: str = "last",
     max_length: int = 1024,
     answer_starts: Sequence[int] | None = None,
+    sort_by_length: bool = True,
 ) -> torch.Tensor:
     """Return float32 [N, len(layers), d] hidden states of `texts` (rendered, special tokens included).
 
     reduce: `last` = last real token; `mean` = mean over real tokens (used to embed history items);
     `answer_mean` = mean over the tokens from `answer_starts[i]` (the prompt's token count) on,
-    i.e. over the answer of a prompt + answer text.
+    i.e. over the answer of a prompt + answer text. Texts are batched in order of their token
+    length (less padding; the vectors do not depend on the batch) and returned in input order.
     """
     if reduce not in ("last", "mean", "answer_mean"):
         raise ValueError("reduce must be 'last', 'mean' or 'answer_mean'")
@@ -66,10 +69,12 @@ def capture(
 
     modules = [layer_module(model, layer, site) for layer in layers]
     handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+    order = length_order(tok, texts) if sort_by_length else list(range(len(texts)))
     out = []
     try:
         for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
+            idx = order[start : start + batch_size]
+            chunk = [texts[i] for i in idx]
             enc = tok(
                 chunk,
                 return_tensors="pt",
@@ -89,7 +94,7 @@ def capture(
             if reduce == "answer_mean":
                 # Real tokens from the answer's first token on (padding may sit on either side).
                 real_before = mask.cumsum(1) - mask
-                starts = torch.as_tensor(answer_starts[start : start + batch_size], device=mask.device)
+                starts = torch.as_tensor([answer_starts[i] for i in idx], device=mask.device)
                 mask = mask * (real_before >= starts[:, None]).to(mask.dtype)
             rows = []
             for slot in range(len(layers)):
@@ -104,4 +109,6 @@ def capture(
     finally:
         for h in handles:
             h.remove()
-    return torch.cat(out)
+    result = torch.empty(len(texts), *out[0].shape[1:])
+    result[torch.tensor(order)] = torch.cat(out)
+    return result

@@ -15,8 +15,11 @@ its parity with this module is tested.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -80,6 +83,32 @@ def encode(tok, texts: Sequence[str], max_length: int | None = None) -> dict[str
     )
 
 
+@dataclass
+class TokenCount:
+    tokens: int = 0
+    """Tokens generated (padding after a finished row not counted)."""
+
+
+_counters: contextvars.ContextVar[tuple[TokenCount, ...]] = contextvars.ContextVar("counters", default=())
+
+
+@contextlib.contextmanager
+def count_generated_tokens() -> Iterator[TokenCount]:
+    """Count the tokens every `generate` call inside the block produces (for progress figures)."""
+    count = TokenCount()
+    reset = _counters.set((*_counters.get(), count))
+    try:
+        yield count
+    finally:
+        _counters.reset(reset)
+
+
+def length_order(tok, texts: Sequence[str]) -> list[int]:
+    """Indices of `texts` by token length (ties in input order): batches of alike lengths."""
+    lengths = [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+    return sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -94,14 +123,21 @@ def generate(
     bank: EditBank | None = None,
     rows: Sequence[int] | None = None,
     stop_strings: Sequence[str] | None = None,
+    sort_by_length: bool = True,
 ) -> list[str]:
-    """Generate an answer for each rendered prompt; `rows[i]` picks prompt i's bank row."""
+    """Generate an answer for each rendered prompt; `rows[i]` picks prompt i's bank row.
+
+    Prompts are batched in order of their token length (`length_order`: batches pad little), and
+    the answers come back in input order. Greedy answers are those of the unsorted order; sampled
+    ones are seeded per batch (`seed` + the batch's start), so they depend on the set of prompts."""
     if bank is not None and (rows is None or len(rows) != len(prompts)):
         raise ValueError("with an edit bank, give one bank row per prompt")
     device = model_device(model)
-    outputs: list[str] = []
+    order = length_order(tok, prompts) if sort_by_length else list(range(len(prompts)))
+    outputs: list[str] = [""] * len(prompts)
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
+        idx = order[start : start + batch_size]
+        chunk = [prompts[i] for i in idx]
         enc = {k: v.to(device) for k, v in encode(tok, chunk).items()}
         gen_kwargs = dict(
             max_new_tokens=max_new_tokens,
@@ -119,13 +155,18 @@ def generate(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed + start)
             if bank is not None:
-                with bank.apply(model, rows[start : start + batch_size]):
+                with bank.apply(model, [rows[i] for i in idx]):
                     out = model.generate(**enc, **gen_kwargs)
             else:
                 out = model.generate(**enc, **gen_kwargs)
         new = out[:, enc["input_ids"].shape[1] :]
-        outputs.extend(tok.batch_decode(new, skip_special_tokens=True))
-    return [o.strip() for o in outputs]
+        if _counters.get():
+            produced = int((new != tok.pad_token_id).sum())
+            for count in _counters.get():
+                count.tokens += produced
+        for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True), strict=True):
+            outputs[i] = text.strip()
+    return outputs
 
 
 def distinct_edits(edits: Sequence[Edit | None]) -> tuple[list[Edit], list[int]]:
@@ -187,8 +228,7 @@ def generate_answers(
     if edits is not None and len(edits) != n:
         raise ValueError(f"{len(edits)} edits for {n} messages")
     prompts = [chat_prompt(tok, m, system) for m in messages]
-    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(n), key=lambda i: (lengths[i], i))
+    order = length_order(tok, prompts)
     bank, row_of = None, [0] * n
     unique, index = distinct_edits(edits or [])
     if unique:

@@ -150,6 +150,10 @@ def embedded_model_dir(cache_dir: str | None = None) -> Path:
 
 
 def resolve_name(cfg: ModelConfig) -> str:
+    if cfg.name_or_path.startswith("s3://"):
+        raise ModelNotAvailableError(
+            f"{cfg.name_or_path} is an S3 model mirror: load it with chameleon.data.model_mirror.load_model_for"
+        )
     if cfg.name_or_path == EMBEDDED_MODEL:
         return str(embedded_model_dir(cfg.cache_dir))
     return cfg.name_or_path

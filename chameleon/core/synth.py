@@ -32,8 +32,9 @@ import torch
 from chameleon.config import ChameleonConfig
 from chameleon.core import prompts
 from chameleon.core.capture import capture
+from chameleon.core.devices import batch_size_for
 from chameleon.core.generation import chat_prompt, generate
-from chameleon.core.model import num_layers
+from chameleon.core.model import model_device, num_layers
 from chameleon.core.normalize import neutralize
 from chameleon.core.records import UserRecord
 from chameleon.core.style import history_style
@@ -205,6 +206,12 @@ def as_data(tok, users: Sequence[UserRecord]) -> list[UserRecord]:
     ]
 
 
+def with_device_batch_size(cfg: ChameleonConfig, model) -> ChameleonConfig:
+    """`cfg` with `synth.batch_size: auto` made the number for the model's device."""
+    size = batch_size_for(cfg.synth.batch_size, model_device(model))
+    return cfg.model_copy(update={"synth": cfg.synth.model_copy(update={"batch_size": size})})
+
+
 def synthesize(
     model, tok, users: Sequence[UserRecord], cfg: ChameleonConfig, layers: Sequence[int]
 ) -> list[UserPairs]:
@@ -212,6 +219,7 @@ def synthesize(
     if not users:
         return []
     users = as_data(tok, users)  # history is data in every prompt built below
+    cfg = with_device_batch_size(cfg, model)
     s = cfg.synth
     item_embs = embed_history(model, tok, users, cfg)
     # Held-out items first (spread over the history), so the selection never takes them.

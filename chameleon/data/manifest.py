@@ -49,7 +49,8 @@ class ManifestError(ValueError):
 class _Part(BaseModel):
     """A manifest section: unknown fields refused; optional fields left out of the JSON when unset."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN stays NaN (a calibration without held-out texts has no NLL), as `json.dumps` writes it.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
     _omit_if_none: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")
@@ -145,10 +146,12 @@ class Counts(_Part):
 
 
 class ForgetSource(_Part):
-    """A run made by `chameleon forget`: the run it was copied from, minus how many users."""
+    """A run made by `chameleon forget`: the run it was copied from, minus how many accepted users
+    and how many rejects."""
 
     source_run: str
     users_removed: int
+    rejects_removed: int = 0
 
 
 class BankSpec(_Part):

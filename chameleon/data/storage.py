@@ -13,18 +13,18 @@ credentials raise `StoreAccessError` (a `PermissionError`); a missing bucket rai
 `BucketNotFoundError`. None of these is retried by callers: they are configuration problems.
 `put_bytes(..., if_absent=True)` is an exclusive create (S3 `If-None-Match: *`, a hard link on a
 local disk): when the key exists it raises `StoreConflictError` and leaves the object alone.
-Transient S3 failures (connection errors, timeouts, 5xx, throttling) are retried by botocore and
-then by `S3Store` itself, with backoff, for up to `retry_deadline_s`; past it they raise
-`StoreUnavailableError`.
+Transient S3 failures (connection errors, timeouts, 5xx, throttling, a 409 conflicting operation)
+are retried by botocore and then by `S3Store` itself, with backoff, for up to `retry_deadline_s`;
+past it they raise `StoreUnavailableError`. A 501 (`NotImplemented`) is not an outage: it raises
+`StoreUnsupportedError` at once. What a server supports (exclusive create, checksums) is probed at
+job and server start by `chameleon.data.capabilities`, never guessed from errors.
 """
 
 from __future__ import annotations
 
 import abc
-import base64
 import copy
 import hashlib
-import io
 import json
 import logging
 import os
@@ -40,11 +40,14 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from chameleon.data.s3_protocol import error_code, is_transient, is_unsupported, put_multipart, sha256_b64
+
 ENDPOINT_ENV_VARS = ("CHAMELEON_S3_ENDPOINT", "AWS_ENDPOINT_URL")
 """Where `S3Store` looks for the endpoint when none is given (first set wins)."""
 
 _TMP_SUFFIX = ".chameleon-tmp"
 _MULTIPART_THRESHOLD = 64 * 2**20
+"""Uploads above this size go in parts (user shards and pairs of big runs): `s3_protocol.put_multipart`."""
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,10 @@ class StoreConflictError(StoreError):
 
 class StoreUnavailableError(StoreError):
     """The store kept failing with transient errors for longer than its retry deadline."""
+
+
+class StoreUnsupportedError(StoreError):
+    """The server does not implement an operation or header this store sent (HTTP 501)."""
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -302,7 +309,9 @@ class S3Store(Store):
     transiently, by the store itself with backoff for up to `retry_deadline_s` seconds (an outage
     shorter than that is ridden out; a longer one raises `StoreUnavailableError`). The default 0
     suits latency-bound readers such as serving; the batch job passes `storage.retry_deadline_s`. Uploads carry
-    their SHA-256 (`ChecksumSHA256`) so the server refuses a body damaged in transit.
+    their SHA-256 (`ChecksumSHA256`; above `_MULTIPART_THRESHOLD`, every part its own) so the server
+    refuses a body damaged in transit. `checksums` and `exclusive_create` are set from the startup
+    probe (`chameleon.data.capabilities.check_store`).
     """
 
     def __init__(
@@ -346,7 +355,12 @@ class S3Store(Store):
         self.read_timeout = read_timeout
         self.retry_deadline_s = retry_deadline_s
         self.checksums = checksums
-        """Send each upload's SHA-256 (turned off by itself when the server refuses it)."""
+        """Send each upload's (and each part's) SHA-256; the startup probe turns it off on a server
+        that does not implement checksums."""
+        self.exclusive_create = "native"
+        """`native`: `if_absent` sends `If-None-Match: *` and the server enforces it; `emulated`
+        (single-writer mode on a server that does not enforce it): a HEAD before the write, which
+        only protects against writers that run one after another."""
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -415,13 +429,13 @@ class S3Store(Store):
             client.head_bucket(Bucket=self.bucket)
             return
         except ClientError as exc:
-            code = _error_code(exc)
-            if _is_transient(exc):
+            code = error_code(exc)
+            if is_transient(exc):
                 raise  # retried by the caller's `_call`
             if code not in ("404", "NoSuchBucket", "NotFound"):
                 raise self._translate(exc, f"s3://{self.bucket}") from exc
         except Exception as exc:
-            if _is_transient(exc):
+            if is_transient(exc):
                 raise
             raise self._translate(exc, f"s3://{self.bucket}") from exc
         if not self.create_bucket:
@@ -433,7 +447,7 @@ class S3Store(Store):
             client.create_bucket(Bucket=self.bucket)
         except ClientError as exc:
             # Another process may have created it in between.
-            if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise self._translate(exc, f"s3://{self.bucket}") from exc
 
     def _where(self) -> str:
@@ -456,7 +470,7 @@ class S3Store(Store):
         if isinstance(exc, EndpointConnectionError):
             return StoreError(f"cannot reach the S3 endpoint {self._where()} for {uri}: {exc}")
         if isinstance(exc, ClientError):
-            code = _error_code(exc)
+            code = error_code(exc)
             if code in _ACCESS_CODES:
                 key_id = self.access_key or "(from the environment / boto3 config)"
                 return StoreAccessError(
@@ -465,6 +479,11 @@ class S3Store(Store):
                 )
             if code in ("NoSuchBucket",):
                 return BucketNotFoundError(f"bucket {self.bucket!r} does not exist at {self._where()}")
+            if is_unsupported(exc):
+                return StoreUnsupportedError(
+                    f"S3 at {self._where()} does not implement a request made on {uri} ({code}, HTTP 501): "
+                    "the storage probe at start (chameleon.data.capabilities) says which features it lacks"
+                )
             return StoreError(f"S3 error on {uri} at {self._where()} ({code}): {exc}")
         return StoreError(f"S3 error on {uri} at {self._where()}: {exc}")
 
@@ -484,7 +503,7 @@ class S3Store(Store):
             except StoreError:
                 raise
             except Exception as exc:
-                if not _is_transient(exc) or self.retry_deadline_s <= 0:
+                if not is_transient(exc) or self.retry_deadline_s <= 0:
                     raise  # translated by the caller
                 waited = time.monotonic() - t0
                 if waited + delay > self.retry_deadline_s:
@@ -497,30 +516,29 @@ class S3Store(Store):
                 time.sleep(delay)
                 delay = min(2 * delay, 10.0)
 
+    def s3_key(self, key: str) -> str:
+        """The object key of a store key (the store's prefix added)."""
+        return self._key(key)
+
     def _put_object(self, full: str, data: bytes, if_absent: bool) -> None:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Body": data}
-        if if_absent:
+        if if_absent and self.exclusive_create == "native":
             args["IfNoneMatch"] = "*"
         if self.checksums:
             # The server checks the body against it (BadDigest on corruption in transit, retried).
-            args["ChecksumSHA256"] = base64.b64encode(hashlib.sha256(data).digest()).decode()
-        try:
-            self.client.put_object(**args)
-        except Exception as exc:
-            if not (self.checksums and _error_code(exc) in _CHECKSUM_UNSUPPORTED_CODES):
-                raise
-            # A server without checksum support: say so once, then write without.
-            log.warning("S3 at %s refused ChecksumSHA256 (%s); uploading without", self._where(), exc)
-            self.checksums = False
-            self._put_object(full, data, if_absent)
+            args["ChecksumSHA256"] = sha256_b64(data)
+        self.client.put_object(**args)
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         full, uri = self._key(key), self.key_uri(key)
+        if if_absent and self.exclusive_create == "emulated" and self.exists(key):
+            if self._sha256_or_none(key) == hashlib.sha256(data).hexdigest():
+                return
+            raise StoreConflictError(f"{uri} already exists")
 
         def put() -> None:
             if len(data) > _MULTIPART_THRESHOLD and not if_absent:
-                # Managed transfer: multipart, parallel parts, each retried on its own.
-                self.client.upload_fileobj(io.BytesIO(data), self.bucket, full)
+                put_multipart(self.client, self.bucket, full, data, checksums=self.checksums)
             else:
                 self._put_object(full, data, if_absent)
 
@@ -529,7 +547,7 @@ class S3Store(Store):
         except StoreError:
             raise
         except Exception as exc:
-            if if_absent and _error_code(exc) in ("PreconditionFailed", "412"):
+            if if_absent and error_code(exc) in ("PreconditionFailed", "412"):
                 # A retried create whose first try landed finds its own bytes: not a conflict.
                 if self._sha256_or_none(key) == hashlib.sha256(data).hexdigest():
                     return
@@ -551,7 +569,7 @@ class S3Store(Store):
         except StoreError:
             raise
         except Exception as exc:
-            if _error_code(exc) in _MISSING_KEY_CODES:
+            if error_code(exc) in _MISSING_KEY_CODES:
                 raise StoreKeyError(f"no such key: {uri}") from None
             raise self._translate(exc, uri) from exc
 
@@ -563,7 +581,7 @@ class S3Store(Store):
         except StoreError:
             raise
         except Exception as exc:
-            if _error_code(exc) in _MISSING_KEY_CODES:
+            if error_code(exc) in _MISSING_KEY_CODES:
                 return False
             raise self._translate(exc, uri) from exc
 
@@ -595,7 +613,7 @@ class S3Store(Store):
         except StoreError:
             raise
         except Exception as exc:
-            if _error_code(exc) in _MISSING_KEY_CODES:
+            if error_code(exc) in _MISSING_KEY_CODES:
                 return
             raise self._translate(exc, uri) from exc
 
@@ -611,45 +629,6 @@ class S3Store(Store):
         new.__dict__.update(self.__dict__)
         new._lock = threading.Lock()
         return new
-
-
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
-
-
-_TRANSIENT_CODES = {
-    "InternalError",
-    "ServiceUnavailable",
-    "SlowDown",
-    "RequestTimeout",
-    "Throttling",
-    "ThrottlingException",
-    "RequestThrottled",
-    "BadDigest",  # the body was damaged in transit: send it again
-}
-_CHECKSUM_UNSUPPORTED_CODES = {
-    "NotImplemented",
-    "InvalidArgument",
-    "InvalidRequest",
-    "XAmzContentSHA256Mismatch",
-}
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the endpoint was unreachable, slow, overloaded or failed on its side."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
-
-    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
-        return True
-    response = getattr(exc, "response", None)
-    status = (
-        response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if isinstance(response, dict) else 0
-    )
-    return _error_code(exc) in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
 
 
 # -- opening by URI ------------------------------------------------------------------------------

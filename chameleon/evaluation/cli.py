@@ -201,13 +201,13 @@ EVAL_SETTING_FLAGS: tuple[Flag, ...] = (
         "--select-on-tuning",
         "select_on_tuning",
         "use the ablations' best group-level setting (tuning ROUGE-L) for the reported run",
-        switch=True,
+        bool,
     ),
     Flag(
         "--validation",
         "validation",
         "tuning phase: --reported-users are held-out tuning users (inside 0:500, disjoint from --tuning-users)",
-        switch=True,
+        bool,
     ),
     Flag("--system-prompt", "system_prompt", "system turn of every method's prompt; `none` for none"),
     Flag(
@@ -215,7 +215,7 @@ EVAL_SETTING_FLAGS: tuple[Flag, ...] = (
         "use_ray",
         "run on Ray: the synthesis as the Ray job, and every method's answers "
         "on the same kind of actor pool (--num-actors, --num-gpus-per-actor size both)",
-        switch=True,
+        bool,
     ),
     Flag(
         "--address", "address", "Ray cluster address with --ray (unset: $RAY_ADDRESS, else a new local Ray)"

@@ -16,8 +16,8 @@ from typing import Any
 from chameleon.config import ChameleonConfig, EditConfig
 from chameleon.core.edit import Edit
 from chameleon.core.generation import generate_answers
-from chameleon.core.model import load_model
 from chameleon.data.artifacts import RunReader, committed_manifest
+from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import LocalStore, Store, open_store
 from chameleon.evaluation.cache import PredictionCache, key_hash
 from chameleon.evaluation.lamp import LampQuestion, load_lamp7
@@ -121,7 +121,7 @@ class EvalContext:
     def model_tok(self):
         """(model, tokenizer), loaded on first use."""
         if self._mt is None:
-            self._mt = load_model(self.cfg.model)
+            self._mt = load_model_for(self.cfg.model)
         return self._mt
 
     def gen_key(self) -> dict[str, Any]:

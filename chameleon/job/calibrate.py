@@ -25,7 +25,9 @@ import torch
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration, choose, nll_curve
+from chameleon.core.devices import batch_size_for
 from chameleon.core.generation import chat_prompt
+from chameleon.core.model import model_device
 from chameleon.job import compose
 from chameleon.job.reduce import Reduced
 
@@ -196,7 +198,7 @@ def _curve(model, tok, queries, texts, directions, norms, task, cfg: ChameleonCo
         strengths=cfg.edit.strengths,
         site=cfg.subspace.site,
         renorm=cfg.edit.form == "norm_preserving",
-        batch_size=cfg.synth.batch_size,
+        batch_size=batch_size_for(cfg.synth.batch_size, model_device(model)),
         change=change,
         offset=offset,
     )

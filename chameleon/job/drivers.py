@@ -40,7 +40,9 @@ def run_job(
         )
     from chameleon.job.ray_job import run_ray_job
 
-    return run_ray_job(input_uri, store, run_id, cfg, address=address, restart=restart, **store_options)
+    return run_ray_job(
+        input_uri, store, run_id, cfg, address=address, restart=restart, progress=progress, **store_options
+    )
 
 
 def answers_on_ray(
@@ -59,14 +61,26 @@ def answers_on_ray(
 
 
 def describe_run(manifest: RunManifest, store_uri: str) -> str:
-    """What a finished run holds, in three lines for a terminal."""
-    c = manifest.counts
+    """What a finished run holds, in a few lines for a terminal."""
+    c, t = manifest.counts, manifest.timings_s
     return "\n".join(
         (
             f"run {manifest.run_id}: {c.accepted} users accepted, {c.rejected or 0} rejected, "
             f"{c.users_failed} failed in the map stage, {c.users_with_edit} with their own edit, "
             f"{c.groups} groups, {c.pairs_kept}/{c.pairs} pairs kept",
-            "time per stage: " + ", ".join(f"{k}={v:.1f}" for k, v in manifest.timings_s.items()),
+            "time per stage: "
+            + ", ".join(
+                f"{k}={v:.1f}" for k, v in t.items() if k.endswith("_s") and not k.endswith("_per_s")
+            ),
+            *(
+                [
+                    f"map stage: {t['map_users']:,.0f} users mapped ({t['map_users_per_s']:.1f} users/s), "
+                    f"{t['map_tokens']:,.0f} tokens generated ({t['map_tokens_per_s']:,.0f} tok/s), "
+                    f"{t['map_users_failed']:,.0f} failed, {t['map_users_resumed']:,.0f} resumed"
+                ]
+                if "map_users" in t
+                else []
+            ),
             f"artifacts: {store_uri.rstrip('/')}/runs/{manifest.run_id}/ (manifest.json, latest updated)",
         )
     )

@@ -11,14 +11,15 @@ import time
 from functools import partial
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
-from chameleon.core.model import load_model, num_layers
+from chameleon.core.generation import count_generated_tokens
+from chameleon.core.model import num_layers
 from chameleon.data.manifest import RunManifest
+from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
+from chameleon.job.progress import MapProgress
 from chameleon.job.run import begin_run, finish_run, write_partition
 from chameleon.job.spec import model_identity
 from chameleon.job.stages import process_partition
@@ -42,7 +43,7 @@ def run_local(
     committed run is returned as it is (and `latest` moved to it if a crash left it behind).
     """
     t0 = time.perf_counter()
-    model, tok = model_and_tokenizer or load_model(cfg.model)
+    model, tok = model_and_tokenizer or load_model_for(cfg.model)
     load_s = time.perf_counter() - t0
     identity = {**model_identity(cfg), "num_layers": num_layers(model)}
     plan = begin_run(input_uri, store, run_id, cfg, identity, restart=restart, **store_options)
@@ -51,14 +52,19 @@ def run_local(
     plan.timings["load_s"] += load_s
     fingerprint = fingerprint_model(model, cfg.model.name_or_path)
     t1 = time.perf_counter()
-    for k in tqdm(plan.todo, desc="fake it (partitions)", disable=not progress):
+    line = MapProgress(len(plan.prepared.users), resumed=plan.users_resumed, enabled=progress)
+    for k in plan.todo:
         users = plan.partitions[k]
-        pairs, profiles, failures = process_partition(model, tok, users, cfg, plan.layers)
+        with count_generated_tokens() as generated:
+            pairs, profiles, failures = process_partition(model, tok, users, cfg, plan.layers)
         write_partition(
             plan.run_writer, k, pairs, profiles, failures,
             user_ids=[u.user_id for u in users], fingerprint=fingerprint,
         )  # fmt: skip
         plan.fingerprints[k] = fingerprint.to_dict()
+        line.update(len(users), len(failures), generated.tokens)
+    line.close()
     plan.timings["map_s"] = time.perf_counter() - t1
+    plan.timings.update(line.figures())
     calibrate = partial(calibrate_in_process, model, tok, cfg=cfg)
     return finish_run(plan, cfg, fingerprint, calibrate)

@@ -23,6 +23,7 @@ or hang (`{"hang_on_user": "<user id>"}`) on a partition holding that user. Noth
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import time
@@ -36,14 +37,16 @@ import pyarrow as pa
 from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
+from chameleon.core.generation import count_generated_tokens
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import GroupCalibrationTask, calibrate_reduced, calibrate_task
+from chameleon.job.progress import MapProgress
 from chameleon.job.publish import JobFailedError
 from chameleon.job.reduce import Reduced
-from chameleon.job.replicas import ModelReplica, item_deadline, map_with_replicas
+from chameleon.job.replicas import ModelReplica, actor_resources, item_deadline, map_with_replicas
 from chameleon.job.run import (
     RunPlan,
     adopt_partition,
@@ -57,6 +60,8 @@ from chameleon.job.stages import process_partition
 from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
+
+log = logging.getLogger(__name__)
 
 
 class PartitionWorker(ModelReplica):
@@ -83,12 +88,17 @@ class PartitionWorker(ModelReplica):
             time.sleep(10**6)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"partition": [], "failed": [], "seconds": [], "pid": [], "error": []}
+        out: dict[str, list] = {
+            "partition": [], "users": [], "failed": [], "tokens": [], "seconds": [], "pid": [], "error": [],
+        }  # fmt: skip
         for k, users_json in zip(batch["partition"], batch["users"], strict=True):
             t0 = time.perf_counter()
             users = [UserRecord.from_dict(u) for u in json.loads(str(users_json))]
             error, failed = "", 0
-            with item_deadline(self.cfg.job.partition_timeout_s, f"partition {int(k)}"):
+            with (
+                item_deadline(self.cfg.job.partition_timeout_s, f"partition {int(k)}"),
+                count_generated_tokens() as generated,
+            ):
                 self._inject_faults({u.user_id for u in users})
                 try:
                     pairs, profiles, failures = process_partition(
@@ -102,7 +112,9 @@ class PartitionWorker(ModelReplica):
                 except Exception as exc:  # e.g. the store stayed down past its retries
                     error = f"{type(exc).__name__}: {exc}"
             out["partition"].append(int(k))
+            out["users"].append(len(users))
             out["failed"].append(failed)
+            out["tokens"].append(generated.tokens)
             out["seconds"].append(time.perf_counter() - t0)
             out["pid"].append(os.getpid())
             out["error"].append(error)
@@ -138,7 +150,7 @@ def _calibrate_tasks_on_ray(
     return [by_index[k] for k in range(len(tasks))]
 
 
-def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
+def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig, *, progress: bool = True) -> None:
     """Map the plan's partitions on the actor pool; record the ones that kept killing their actor
     (or passing their deadline) as failed. A worker's error (such as a store outage longer than
     its retries) fails the job before anything is published."""
@@ -146,9 +158,16 @@ def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
         {"partition": k, "users": json.dumps([u.to_dict() for u in plan.partitions[k]])} for k in plan.todo
     ]
     faults = json.loads(os.environ.get(FAULTS_ENV) or "{}")
+    line = MapProgress(len(plan.prepared.users), resumed=plan.users_resumed, enabled=progress)
+
+    def report(row: dict[str, Any]) -> None:
+        # A partition that failed on its actor is reported as all of its users failed.
+        failed = int(row["users"]) if row["error"] else int(row["failed"])
+        line.update(int(row["users"]), failed, int(row["tokens"]))
+
     try:
         results = map_with_replicas(
-            items, PartitionWorker, cfg, drop_lost_items=True,
+            items, PartitionWorker, cfg, drop_lost_items=True, on_row=report,
             store=store, run_id=plan.run_writer.run_id, layers=plan.layers, faults=faults,
         )  # fmt: skip
     except Exception as exc:
@@ -156,6 +175,9 @@ def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
             f"the map stage stopped ({type(exc).__name__}: {exc}); finished partitions are kept: "
             f"rerun with --run-id {plan.run_writer.run_id} to resume"
         ) from exc
+    finally:
+        line.close()
+        plan.timings.update(line.figures())
     errors = {int(r["partition"]): r["error"] for r in results if r["error"]}
     if errors:
         k, error = sorted(errors.items())[0]
@@ -184,17 +206,25 @@ def run_ray_job(
     *,
     address: str | None = None,
     restart: bool = False,
+    progress: bool = True,
     **store_options: Any,
 ) -> RunManifest:
     """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
+    `progress`: the map stage's live line (`job.progress`).
 
     Resume, `restart` and a committed run behave as in `job.local.run_local`."""
     init_ray(address)
+    # Before the input is read: GPUs asked of a cluster without them fail the job now.
+    resources = actor_resources(cfg)
+    log.info(
+        "map actors: %d, each with %g GPUs and %g CPUs",
+        cfg.job.num_actors, resources["num_gpus"], resources["num_cpus"],
+    )  # fmt: skip
     plan = begin_run(input_uri, store, run_id, cfg, model_identity(cfg), restart=restart, **store_options)
     if plan.committed is not None:
         return plan.committed
     t1 = time.perf_counter()
     if plan.todo:
-        map_partitions(plan, store, cfg)
+        map_partitions(plan, store, cfg, progress=progress)
     plan.timings["map_s"] = time.perf_counter() - t1
     return finish_run(plan, cfg, None, partial(calibrate_on_ray, cfg=cfg))

@@ -1,8 +1,9 @@
 """Actor pools of model replicas on Ray Data: the job's map stage and the evaluation's answers.
 
 Each actor of a pool holds one model replica (`cfg.job` sizes the pool: actors, GPUs and CPUs per
-actor, as for the map stage) and maps one item at a time. `map_with_replicas` is the one way
-the project runs model work on Ray.
+actor, as for the map stage) and maps one item at a time. `map_with_replicas` is the one way the
+project runs model work on Ray. What an actor asks Ray for (`actor_resources`: `auto` GPUs from the
+cluster's resources) and the device it then runs on (whatever torch sees there) are decided apart.
 
 Failure is bounded (Ray Data's own default restarts actors and retries their tasks forever): an
 actor restarts at most `job.max_actor_restarts` times, an item whose actor died is retried at most
@@ -16,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -28,10 +30,14 @@ import ray
 import torch
 
 from chameleon.config import ChameleonConfig, EditConfig
+from chameleon.core.devices import gpus_per_replica
 from chameleon.core.edit import Edit
 from chameleon.core.generation import distinct_edits, generate_answers
-from chameleon.core.model import load_model, worker_torch_threads
-from chameleon.ray_env import init_ray
+from chameleon.core.model import model_device, worker_torch_threads
+from chameleon.data.model_mirror import load_model_for
+from chameleon.ray_env import cluster_gpu_capacity, init_ray
+
+log = logging.getLogger(__name__)
 
 
 class ModelReplica:
@@ -40,7 +46,22 @@ class ModelReplica:
     def __init__(self, cfg_json: str) -> None:
         self.cfg = ChameleonConfig.model_validate_json(cfg_json)
         worker_torch_threads(self.cfg.job.torch_threads)
-        self.model, self.tok = load_model(self.cfg.model)
+        self.model, self.tok = load_model_for(self.cfg.model)
+        if ray.get_gpu_ids() and model_device(self.model).type != "cuda":
+            # Ray gave this actor a GPU that torch cannot use (a CPU-only torch, a broken driver).
+            log.warning(
+                "this actor holds GPUs %s but runs on the CPU: torch sees no CUDA device", ray.get_gpu_ids()
+            )
+
+
+def actor_resources(cfg: ChameleonConfig) -> dict[str, float]:
+    """What each actor of a pool asks Ray for: `job.num_gpus_per_actor` resolved against the
+    cluster (`core.devices.gpus_per_replica`: `auto` is 1 GPU when it has GPUs, else none; GPUs
+    asked of a cluster without them raise `NoGpuError` at once) and `job.num_cpus_per_actor`."""
+    gpus = gpus_per_replica(
+        cfg.job.num_gpus_per_actor, cluster_gpu_capacity(), setting_name="job.num_gpus_per_actor"
+    )
+    return {"num_gpus": gpus, "num_cpus": cfg.job.num_cpus_per_actor}
 
 
 DEADLINE_EXIT_CODE = 75
@@ -76,14 +97,18 @@ def map_with_replicas(
     cfg: ChameleonConfig,
     *,
     drop_lost_items: bool = False,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
     **worker_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Run `worker` over `items` (one item per call) on an actor pool sized by `cfg.job`.
 
     An item whose actor died more than `job.max_task_retries` times fails the execution, or, with
-    `drop_lost_items`, is left out of the results (the caller finds which are missing)."""
+    `drop_lost_items`, is left out of the results (the caller finds which are missing).
+    `on_row` sees each result as it arrives (the caller then shows the progress, not Ray Data)."""
+    resources = actor_resources(cfg)
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s
+    saved = ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s, ctx.enable_progress_bars
+    ctx.enable_progress_bars = ctx.enable_progress_bars and on_row is None
     # Only actor deaths can lose an item: workers that drop items return their errors as rows.
     ctx.max_errored_blocks = -1 if drop_lost_items else 0
     ctx.execution_no_progress_timeout_s = 2 * cfg.job.partition_timeout_s
@@ -100,16 +125,21 @@ def map_with_replicas(
                 compute=ray.data.ActorPoolStrategy(
                     size=min(cfg.job.num_actors, len(items)), max_tasks_in_flight_per_actor=1
                 ),
-                num_gpus=cfg.job.num_gpus_per_actor or None,
-                num_cpus=cfg.job.num_cpus_per_actor,
+                num_gpus=resources["num_gpus"] or None,
+                num_cpus=resources["num_cpus"],
                 # Ray Data's default for both is forever.
                 max_restarts=cfg.job.max_actor_restarts,
                 max_task_retries=cfg.job.max_task_retries,
                 fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), **worker_kwargs},
             )
-        return ds.take_all()
+        rows = []
+        for row in ds.iter_rows():  # streamed: each result as soon as its actor returns it
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        return rows
     finally:
-        ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s = saved
+        ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s, ctx.enable_progress_bars = saved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from chameleon.data.artifacts import (
     latest_run_id,
     point_latest,
 )
+from chameleon.data.capabilities import check_store
 from chameleon.data.inputs import PreparedInput, prepare_input
 from chameleon.data.layout import JOB_SPEC, REJECTS, done_key, part_keys
 from chameleon.data.manifest import RunManifest
@@ -65,6 +66,11 @@ class RunPlan:
     failed_partitions: dict[int, str] = field(default_factory=dict)
     """Partitions of this attempt recorded as failed as a whole, with why."""
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def users_resumed(self) -> int:
+        """Accepted users of the partitions adopted from an earlier attempt (not to map again)."""
+        return len(self.prepared.users) - sum(len(self.partitions[k]) for k in self.todo)
 
     @property
     def run_writer(self) -> RunWriter:
@@ -185,6 +191,8 @@ def begin_run(
     find the partitions left to map. `model`: `job.spec.model_identity(cfg)`. `restart` deletes
     an uncommitted run's earlier attempts first."""
     t0 = time.perf_counter()
+    # Before anything is written: refuse a store that would let a second writer replace the run.
+    check_store(store, single_writer=cfg.storage.single_writer)
     prepared = prepare_input(input_uri, cfg, **store_options)
     if not prepared.users:
         raise ValueError(f"{input_uri}: no valid user records ({len(prepared.rejects)} rejected)")

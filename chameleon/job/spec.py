@@ -24,6 +24,7 @@ from chameleon.core import prompts
 from chameleon.core.fingerprint import config_sha256
 from chameleon.core.model import resolve_name
 from chameleon.core.records import UserRecord
+from chameleon.data.model_mirror import is_mirrored, mirrored_config
 
 SPEC_VERSION = 1
 RUNTIME_SECTIONS = ("job", "storage")
@@ -41,9 +42,14 @@ def _sha256_json(obj: Any) -> str:
 
 def model_config(cfg: ChameleonConfig) -> Any:
     """The model's (text) config, read without loading weights."""
-    mc = AutoConfig.from_pretrained(
-        resolve_name(cfg.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    if is_mirrored(cfg.model.name_or_path):  # its config only: the driver needs no weights
+        mc = mirrored_config(cfg.model.name_or_path)
+    else:
+        mc = AutoConfig.from_pretrained(
+            resolve_name(cfg.model),
+            revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
     return mc.get_text_config() if hasattr(mc, "get_text_config") else mc
 
 

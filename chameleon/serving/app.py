@@ -52,8 +52,10 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chameleon.core.devices import gpus_per_replica
 from chameleon.core.model import runs_on_cpu, worker_torch_threads
 from chameleon.data.storage import Store
+from chameleon.ray_env import cluster_gpu_capacity
 from chameleon.serving.access import api_key, public_personalization
 from chameleon.serving.config import ServeConfig, ServeUserConfig
 from chameleon.serving.metrics import TAG_KEYS, ServingMetrics
@@ -71,6 +73,7 @@ from chameleon.serving.protocol import (
     validation_message,
 )
 from chameleon.serving.replica import Admission, ModelServer
+from chameleon.serving.run_model import with_run_model
 
 log = logging.getLogger("chameleon.serving")
 
@@ -654,6 +657,13 @@ class ChameleonServer:
 # Building the application
 
 
+def replica_gpus(cfg: ServeConfig) -> float:
+    """GPUs per model replica: `num_gpus` resolved against this Ray cluster (`core.devices`)."""
+    if not ray.is_initialized():  # an application built offline to check a config: as is
+        return 0.0 if cfg.num_gpus == "auto" else float(cfg.num_gpus)
+    return gpus_per_replica(cfg.num_gpus, cluster_gpu_capacity(), setting_name="num_gpus (--num-gpus)")
+
+
 def build_app(cfg: ServeConfig, store: Store | None = None):
     """The Serve application: `ChameleonIngress` (HTTP) in front of `ChameleonServer` (model).
 
@@ -670,7 +680,7 @@ def build_app(cfg: ServeConfig, store: Store | None = None):
     server = ChameleonServer.options(
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": replica_gpus(cfg)},
         health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=cfg.health_check_timeout_s,
         **queues,
@@ -682,5 +692,5 @@ def build_app(cfg: ServeConfig, store: Store | None = None):
 
 def app_builder(args: dict[str, Any]):
     """Import path of the Serve config files: `chameleon.serving:app_builder` with `args` =
-    `ServeConfig` fields (`store`, `run`, `model`, `api_key_env`, ...)."""
-    return build_app(ServeConfig.model_validate(dict(args or {})))
+    `ServeConfig` fields (`store`, `run`, `model`, ...; model fields left out: `serving.run_model`)."""
+    return build_app(with_run_model(ServeConfig.model_validate(dict(args or {})))[0])

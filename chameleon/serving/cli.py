@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from chameleon.flags import Flag, add_flags, flag_overrides
+from chameleon.flags import Flag, add_flags, auto_or, flag_overrides
 from chameleon.ray_env import init_ray, quiet_console
 from chameleon.serving.access import api_key
 from chameleon.serving.config import ServeConfig
@@ -55,12 +55,16 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         "S3-compatible endpoint URL (else CHAMELEON_S3_ENDPOINT / AWS_ENDPOINT_URL)",
     ),
     Flag("--run", "run", "run id to serve, or `latest` to follow the store's pointer"),
-    Flag("--model", "model.name_or_path", "base model id or path; the model the run was computed on"),
-    Flag("--revision", "model.revision", "hub revision of the model"),
+    Flag(
+        "--model",
+        "model.name_or_path",
+        "base model id or path (unset: the model recorded in the manifest of the run served)",
+    ),
+    Flag("--revision", "model.revision", "hub revision of the model (unset: the run's, with its model)"),
     Flag(
         "--dtype",
         "model.dtype",
-        "weights dtype (auto: float32 on CPU, bfloat16 on GPU)",
+        "weights dtype (unset: the run's; auto: float32 on CPU, bfloat16 on GPU)",
         choices=("auto", "float32", "bfloat16", "float16"),
     ),
     Flag("--device", "model.device", "auto | cpu | cuda | cuda:N (ignored with --device-map)"),
@@ -123,7 +127,12 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         float,
     ),
     Flag("--num-replicas", "num_replicas", "model replicas", int),
-    Flag("--num-gpus", "num_gpus", "GPUs per model replica", float),
+    Flag(
+        "--num-gpus",
+        "num_gpus",
+        "GPUs per model replica (auto: 1 when the cluster has GPUs, else CPU; a fraction shares a GPU)",
+        auto_or(float),
+    ),
     Flag("--num-cpus", "num_cpus", "CPUs per model replica; torch threads on CPU", float),
     Flag("--max-ongoing-requests", "max_ongoing_requests", "concurrent requests per replica", int),
 )
@@ -134,7 +143,7 @@ examples:
   # the demo's run (`make demo` first): the embedded store under demo-out, on this machine's CPU
   chameleon serve
   # the latest run of an S3 store, on this machine's GPU
-  chameleon serve --store s3://bucket/prefix --model Qwen/Qwen2.5-1.5B-Instruct --num-gpus 1
+  chameleon serve --store s3://bucket/prefix
   # one pinned run of a local store on port 8080, bearer token from $MY_KEY
   chameleon serve --store ./store --run 20250101T000000Z-a1b2c3 --port 8080 --api-key-env MY_KEY
   # the settings of a YAML file, deployed to a running cluster (the app keeps running)
@@ -320,6 +329,8 @@ dev layer's embedded S3 server, which serving does not import)."""
 
 
 def cmd_serve(args: argparse.Namespace, embedded_store: EmbeddedStore | None = None) -> int:
+    from chameleon.serving.run_model import with_run_model  # reads stores: torch, boto3
+
     with contextlib.ExitStack() as stack:
         store = None
         if not has_store(args):
@@ -329,6 +340,8 @@ def cmd_serve(args: argparse.Namespace, embedded_store: EmbeddedStore | None = N
                 raise ValueError("no --store given (this entry point has no embedded store)")
             store = stack.enter_context(embedded_store(Path(args.workdir)))
         cfg = ServeConfig.model_validate(serve_settings(args, default_store=store.uri if store else None))
+        cfg, source = with_run_model(cfg, store)
+        print(f"base model: {cfg.model.name_or_path} ({source})", flush=True)
         return run_server(
             cfg,
             host=args.host,

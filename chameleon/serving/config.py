@@ -7,6 +7,9 @@ loads a model for the job (a hub revision, `device_map` sharding, `trust_remote_
     args:                                  args:
       store: s3://bucket/prefix              store: s3://bucket/prefix
       model: Qwen/Qwen2.5-1.5B-Instruct      model: {name_or_path: Qwen/Qwen2.5-1.5B-Instruct, dtype: bfloat16}
+
+Left out, the model name, revision and dtype are those recorded by the run served
+(`chameleon.serving.run_model`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from chameleon.config import EMBEDDED_MODEL, ModelConfig
+from chameleon.config import EMBEDDED_MODEL, GpuSetting, ModelConfig
 from chameleon.data.ids import ID_RULE, is_valid_id
 
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -49,7 +52,8 @@ class ServeConfig(BaseModel):
     """Base model: the job's `model:` section (`name_or_path`, `revision`, `dtype`, `device`,
     `device_map`, `cache_dir`, `trust_remote_code`); a string is short for `{name_or_path: ...}`.
     Must be the model the run was computed on (its fingerprint is checked against each run's
-    manifest)."""
+    manifest); `name_or_path` (with `revision`) and `dtype` left unset are taken from the manifest
+    of the run served (`chameleon.serving.run_model`)."""
     served_model_name: str | None = None
     """The `model` clients send and `/v1/models` lists; default: the model's name."""
     api_key_env: str | None = "CHAMELEON_API_KEY"
@@ -123,8 +127,10 @@ class ServeConfig(BaseModel):
     """How long a stopping replica lets requests in flight finish before it ends them."""
     num_replicas: int = Field(1, ge=1)
     """Model replicas (`ChameleonServer`); a Serve config's `deployments:` entry overrides it."""
-    num_gpus: float = Field(0.0, ge=0.0)
-    """GPUs per model replica (0 on CPU; 1 on a GPU node)."""
+    num_gpus: GpuSetting = "auto"
+    """GPUs per model replica. `auto`: 1 when the Ray cluster has GPUs (or its autoscaler can add
+    them), else 0 (CPU); a fraction (0.5) puts two replicas of a small model on one GPU. A number
+    > 0 on a cluster without GPUs stops the deployment at once."""
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs per model replica; on CPU also the number of torch threads."""
     max_ongoing_requests: int = Field(256, ge=1)
@@ -192,6 +198,8 @@ class ServeConfig(BaseModel):
         name = self.model.name_or_path
         if name == EMBEDDED_MODEL:
             return EMBEDDED_MODEL.partition(":")[2]
+        if name.startswith("s3://"):  # a model mirror: its folder's name
+            return name.rstrip("/").rpartition("/")[2]
         path = Path(name)
         return path.name if path.is_absolute() or name.startswith(".") else name
 

@@ -31,7 +31,9 @@ import torch
 
 from chameleon.core.edit import Edit, EditBank
 from chameleon.core.fingerprint import fingerprint_model
-from chameleon.core.model import hidden_size, load_model, model_device, num_layers
+from chameleon.core.model import hidden_size, model_device, num_layers
+from chameleon.data.capabilities import check_store
+from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store, StoreError, open_store
 from chameleon.serving.config import ServeConfig
 from chameleon.serving.decoder import BatchDecoder, Delta, GenItem, default_eos_ids
@@ -118,8 +120,9 @@ class ModelServer:
             if store is not None
             else open_store(cfg.store, **({"endpoint_url": cfg.s3_endpoint} if cfg.s3_endpoint else {}))
         )
+        self.store_capabilities = check_store(self.store, role="server")  # reported, never refused
         t0 = time.perf_counter()
-        self.model, self.tok = load_model(cfg.model)
+        self.model, self.tok = load_model_for(cfg.model)
         self.load_seconds = time.perf_counter() - t0
         self.device = model_device(self.model)
         self.hidden_size = hidden_size(self.model)

@@ -28,9 +28,14 @@ checks print as `name=value`, the headline last.
                   job's first step (`job.run.begin_run`): records_lost (input records neither
                   accepted nor rejected) and crashes (goal 0; a file without any good row must
                   raise the clear "no valid user records" error, which is not counted)
-    forget        a run of random pairs, then `forget_users` with `delete_old`; every object of
-                  the new run is searched for the user's id and texts (Parquet also decoded):
-                  user_bytes_found (goal 0)
+    forget        hostile ids (`user`, `"alice "`, a line that is not JSON) in every hiding place
+                  (an abandoned attempt, an abandoned job, an interrupted deletion), then
+                  `forget_users` with `delete_old`; a byte scan of every object under the store:
+                  forget_user_bytes_found, other_rejects_dropped (goal 0)   [integrity_store_checks]
+    storage       the store capability probe; a store that ignores If-None-Match (moto behind a
+                  loopback proxy that drops it) refused or detected: conditional_create_ignored;
+                  each multipart part's checksum seen on the wire:
+                  multipart_parts_without_checksum (goal 0)                 [integrity_store_checks]
     groups        column groups with a singleton and a group whose members mostly lack pairs,
                   both small-group policies, and clustered groups:
                   groups_below_min_contributors (goal 0)
@@ -60,15 +65,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from common import parser, report, stub_manifest
+from integrity_store_checks import check_forget, check_storage, stop_servers  # noqa: F401 (registered in CHECKS)
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.synth import UserPairs
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.inputs import prepare_input
-from chameleon.data.storage import LocalStore, read_parquet_bytes
+from chameleon.data.storage import LocalStore
 from chameleon.dev.poison import GOOD_KINDS, MALFORMED_KINDS, PARQUET_KINDS
-from chameleon.job.forget import forget_users
 from chameleon.job.publish import reduce_and_publish
 from chameleon.job.reduce import reduce_all, reduce_users
 from chameleon.job.run import begin_run, read_done_record, write_partition
@@ -89,7 +94,10 @@ BAD_WHEN_ABOVE_0 = (
     "checksum_mismatches",
     "outage_manifest_written",
     "crashes",
-    "user_bytes_found",
+    "forget_user_bytes_found",
+    "other_rejects_dropped",
+    "conditional_create_ignored",
+    "multipart_parts_without_checksum",
     "groups_below_min_contributors",
 )
 DRIVER_MEMORY_GOAL = 1.5
@@ -537,38 +545,6 @@ def write_synthetic_run(
     return writer, n_parts, counts
 
 
-def check_forget(workdir: Path, args) -> dict[str, int | float]:
-    store = LocalStore(workdir / "forget-store")
-    cfg = _bench_cfg(args)
-    writer, n_parts, counts = write_synthetic_run(store, "before", args.poison_users, args)
-    layers = list(range(args.layers))
-    fp = _fingerprint(args.hidden, args.layers)
-    reduce_and_publish(
-        writer, cfg=cfg, layers=layers, fingerprint=fp, n_partitions=n_parts, counts=counts, timings={}
-    )
-    victim = "user-0-000007"
-    needles = [victim.encode(), f"answer of {victim}".encode(), f"held-out text {victim}".encode()]
-
-    def found(run_id: str) -> int:
-        hits = 0
-        for key in store.list(f"runs/{run_id}/"):
-            data = store.get_bytes(key)
-            if key.endswith(".parquet"):
-                data += json.dumps(read_parquet_bytes(data).to_pylist(), default=repr).encode()
-            hits += sum(n in data for n in needles)
-        return hits
-
-    before = found("before")
-    t0 = time.perf_counter()
-    res = forget_users(store, [victim], new_run="after", delete_old=True)
-    return {
-        "user_bytes_found_before": before,
-        "runs_deleted": len(res.deleted),
-        "forget_call_s": round(time.perf_counter() - t0, 2),
-        "user_bytes_found": found("after"),
-    }
-
-
 def check_groups(workdir: Path, args) -> dict[str, int | float]:
     names = ["big_a"] * 6 + ["big_b"] * 6 + ["solo"] + ["thin"] * 3
     users = list(_synthetic_users(len(names), args.pairs, args.layers, args.hidden, seed=3, groups=names))
@@ -683,6 +659,7 @@ def main() -> None:
     finally:
         for server in _SERVERS.values():
             server.stop()
+        stop_servers()
     figures["wall_s"] = round(time.monotonic() - t0, 1)
     figures["integrity_violations"] = sum(figures.get(k, 0) for k in BAD_WHEN_ABOVE_0) + sum(
         1 - figures[k] for k in BAD_WHEN_BELOW_1 if k in figures
