@@ -117,7 +117,7 @@ JOB_FLAGS: tuple[Flag, ...] = (
         "--single-writer",
         "storage.single_writer",
         "use a store that does not enforce exclusive create (one writer at a time only)",
-        switch=True,
+        bool,
     ),
 )
 
