@@ -80,6 +80,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
             local=args.local,
             address=args.address,
             restart=args.restart,
+            update_from=args.update_from,
             **s3_options(args, cfg),
         )
         print("\n" + describe_run(manifest, store.uri))
@@ -146,6 +147,7 @@ _PERSONALIZE_EXAMPLES = """examples:
   chameleon personalize --input s3://data/users.jsonl --store s3://runs/prod --address auto
   chameleon personalize --input users.jsonl --config job.yaml --run-id nightly-1   # rerun = resume
   chameleon personalize --input users.jsonl --run-id nightly-1 --restart   # start nightly-1 over
+  chameleon personalize --input today.jsonl --update-from nightly-1 --run-id nightly-2   # refresh
 
 A rerun with the same --run-id resumes only under the job spec the run was started with (config,
 input, model, prompt version, partition size); otherwise it is refused, naming what differs.
@@ -206,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray cluster address, `auto` = the running cluster (default: RAY_ADDRESS, else a new local Ray)",
     )
     p.add_argument("--local", action="store_true", help="run in this process without Ray")
+    p.add_argument(
+        "--update-from",
+        metavar="RUN_ID",
+        help="refresh: reuse this committed run's per-user results for users whose record is "
+        "unchanged (no model call), map changed and new users, drop users no longer in --input; "
+        "grouping, reduce and calibration run as usual",
+    )
     p.add_argument(
         "--workdir",
         default=DEFAULT_WORKDIR,

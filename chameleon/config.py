@@ -251,6 +251,10 @@ class JobConfig(_Section):
     """Torch threads per actor; 0 = the actor's CPUs (what Ray sets in OMP_NUM_THREADS)."""
     users_per_partition: int = Field(64, ge=1)
     """Users per map partition (the unit of resume)."""
+    read_threads: int = Field(16, ge=1)
+    """Partition files the driver reads at once (the reduce, a refresh's index): an object store
+    answers each GET after tens of milliseconds, so reads in flight, not bandwidth, set the pace;
+    at most this many partitions are held at a time."""
     max_user_failures: float = Field(0.5, ge=0, le=1)
     """Fail the job when more than this share of accepted users fail in the map stage, counted over
     every partition of the run (adopted ones and partitions that kept killing their actor

@@ -3,10 +3,11 @@
 Tiers (`make test-unit`, `pytest -m unit|job|e2e`): every test is marked with the heaviest tier
 among the fixtures it uses (directly or through other fixtures) and the tier marks it carries:
 
-    e2e   Ray, Serve, a subprocess CLI or the real model: a fixture in E2E_FIXTURES, or `slow`
+    e2e   Ray, Serve, a subprocess CLI or the real model: a fixture in E2E_FIXTURES, `slow`, or
+          `@pytest.mark.e2e` (a test that starts a fresh interpreter itself)
     job   an in-process job, its stages on a saved model, or the S3 server: a fixture in
           JOB_FIXTURES or named `*_run` (a fixture that publishes a run), or `@pytest.mark.job`
-    unit  everything else: no server, no job, no Ray (`make test-unit`, well under 90 s)
+    unit  everything else: no server, no job, no Ray (`make test-unit`; goal under 90 s)
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def copy_run(
         key = entry.get("key", rel)  # a run's objects live under its writer's attempt folder
         data = src.get_bytes(f"runs/{run_id}/{key}")
         if rel == corrupt:
-            data = data[:-8] + bytes(8)
+            data = data[:-8] + bytes(b ^ 0xFF for b in data[-8:])  # changed even if the tail is zeros
         dst.put_bytes(f"runs/{new_id}/{key}", data)
     manifest["run_id"] = new_id
     if manifest_edit:

@@ -32,6 +32,7 @@ ALLOWED = {  # package -> chameleon packages it may import (besides itself and t
 }
 RAY_MODULES = {
     "chameleon.ray_env",
+    "chameleon.job.ray_input",
     "chameleon.job.ray_job",
     "chameleon.job.replicas",
     "chameleon.serving.app",
@@ -268,3 +269,22 @@ def test_the_manifest_check_finds_string_key_reads(tmp_path):
         "m['groups']",
         "reader.manifest.get('config')",
     ]
+
+
+def test_serving_has_one_decode_path():
+    """The continuous engine is the only decode path: no static-batch decoder and no
+    `@serve.batch` branch in the serving package (the reference decoder lives in tests/)."""
+    found = []
+    for module, path in MODULES.items():
+        if not module.startswith("chameleon.serving"):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name == "BatchDecoder":
+                found.append(f"{module}: class BatchDecoder")
+            if isinstance(node, ast.Name | ast.Attribute) and ast.unparse(node) in (
+                "BatchDecoder",
+                "serve.batch",
+            ):
+                found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "a second decode path in serving:\n" + "\n".join(found)

@@ -28,7 +28,7 @@ from chameleon.data.manifest import ModelInfo
 from chameleon.data.storage import LocalStore, StoreConflictError
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.job)])  # s3: the job tier
 def store(request):
     return request.getfixturevalue(f"{request.param}_store")
 

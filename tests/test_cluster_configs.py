@@ -609,13 +609,11 @@ def test_serve_config_application():
         "store",
         "model",
         "api_key_env",
-        "engine",
         "max_batch_size",
         "stream_interval_s",
     }
     assert app["args"]["api_key_env"] == "CHAMELEON_API_KEY"
     assert app["args"]["store"].startswith("s3://")
-    assert app["args"]["engine"] == "continuous"
     server = deployments(app)["ChameleonServer"]
     assert "num_replicas" not in server, "the model replicas autoscale"
     scaling = server["autoscaling_config"]

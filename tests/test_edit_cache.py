@@ -286,3 +286,98 @@ def test_contention_500_tasks_10_keys_capacity_2_random_cancellation():
         0,
     )
     assert figures["served"] + figures["cancelled"] == 500 and figures["cancelled"] > 50
+
+
+def test_no_lost_wake_up_when_the_woken_request_cannot_use_the_row():
+    """A request ahead in line whose edit does not fit the bank must not keep the freed row from
+    the one behind it. Defect put back (a woken waiter whose install raises keeps the wake-up):
+    the second waiter times out with CacheFullError while a row is free."""
+    import asyncio
+
+    async def main():
+        cache = fresh(1)
+        held = cache.install(("r", "held"), edit(0))
+        bad = asyncio.create_task(cache.install_waiting(("r", "bad"), edit(1, d=4), None, timeout=5))
+        await asyncio.sleep(0)
+        good = asyncio.create_task(cache.install_waiting(("r", "good"), edit(2), None, timeout=1.0))
+        await asyncio.sleep(0)
+        cache.release(held)
+        with pytest.raises(ValueError):
+            await bad
+        row = await good
+        assert cache.key_of(row) == ("r", "good")
+        cache.release(row)
+
+    asyncio.run(main())
+
+
+def test_hits_on_resident_groups_cannot_starve_a_cold_group():
+    """2 rows held by 2 hot groups whose requests overlap (each new one arrives before the
+    previous one ends, so neither row is ever unpinned by the hot traffic alone); a cold group
+    waiting in line gets a row at the next release. Defect put back (hits skip the line): the hot
+    groups keep both rows pinned and the cold request times out."""
+    import asyncio
+
+    async def main():
+        cache = fresh(2)
+        hot = [("r", "h0"), ("r", "h1")]
+
+        def loader(key):
+            async def load():
+                return edit(int(key[1][1:]) if key[1][1:].isdigit() else 9)
+
+            return load
+
+        held = {k: [await cache.pin(k, loader(k), None, timeout=1)] for k in hot}
+        cold = asyncio.create_task(cache.pin(("r", "c"), loader(("r", "c")), None, timeout=0.5))
+        await asyncio.sleep(0)
+        assert cache.waiting() == 1, "the cold group waits for a row"
+        queued = []
+        for _ in range(60):  # hot arrivals for ~0.6 s, longer than the cold request's timeout
+            for k in hot:
+                t = asyncio.create_task(cache.pin(k, loader(k), None, timeout=5))
+                await asyncio.sleep(0)  # the new request arrives (a hit pins at once) ...
+                if held[k]:
+                    cache.release(held[k].pop(0))  # ... then the previous one ends
+                if t.done():
+                    held[k].append(t.result())
+                else:
+                    queued.append(t)
+            if cold.done():
+                break
+            await asyncio.sleep(0.01)
+        row = await cold  # CacheFullError here with the defect
+        assert cache.key_of(row) == ("r", "c")
+        cache.release(row)
+        for t in queued:
+            cache.release(await t)
+        for rows in held.values():
+            for r in rows:
+                cache.release(r)
+        assert cache.waiting() == 0 and cache.stats().pinned == 0
+
+    asyncio.run(main())
+
+
+def test_a_hit_with_nobody_in_line_never_waits_and_the_edit_loads_once():
+    import asyncio
+
+    calls = []
+
+    async def main():
+        cache = fresh(2)
+
+        async def load():
+            calls.append(1)
+            await asyncio.sleep(0.01)
+            return edit(1)
+
+        rows = await asyncio.gather(*(cache.pin(("r", "a"), load, None, timeout=5) for _ in range(3)))
+        assert len(set(rows)) == 1
+        for r in rows:
+            cache.release(r)
+        assert await cache.pin(("r", "a"), load, None, timeout=0) == rows[0]  # a plain hit
+        cache.release(rows[0])
+
+    asyncio.run(main())
+    assert len(calls) <= 3  # each request in line may load (the replica dedupes store reads)

@@ -9,12 +9,13 @@ import time
 
 import pytest
 import torch
+from reference_decoder import ReferenceDecoder
 from tiny_models import embedded_tokenizer, tiny_llama
 
 from chameleon.config import EditConfig
 from chameleon.core.edit import Edit
 from chameleon.core.generation import bank_for_edits, chat_prompt, generate_answers
-from chameleon.serving.decoder import BatchDecoder, GenItem, TextStream, default_eos_ids
+from chameleon.serving.decoder import GenItem, TextStream, default_eos_ids
 from chameleon.serving.engine import Engine
 from chameleon.serving.metrics import ServingMetrics
 
@@ -141,14 +142,15 @@ def test_greedy_engine_equals_offline_generation_with_rows_joining_and_leaving(m
     assert offline_ids(model, tok, bank, 0, QUESTIONS[2], 12) != got[2].ids
 
 
-def test_static_path_gives_the_same_tokens(model, tok):
+def test_reference_decoder_gives_offline_tokens(model, tok):
+    """The parity oracle itself: a fixed batch with mixed rows gives offline generation's tokens."""
     bank, rows = bank_for_edits(model, [make_edit(3, "additive")], EditConfig())
     items = [
         GenItem(tok(chat_prompt(tok, q), add_special_tokens=False).input_ids, 8, row=r, ignore_eos=True)
         for q, r in zip(QUESTIONS[:3], (rows[0], 0, rows[0]), strict=True)
     ]
-    static = BatchDecoder(model, tok, items, bank).run()
-    for it, (_, ids, _) in zip(items, static, strict=True):
+    ref = ReferenceDecoder(model, tok, items, bank).run()
+    for it, (_, ids, _) in zip(items, ref, strict=True):
         q = QUESTIONS[items.index(it)]
         assert ids == offline_ids(model, tok, bank, it.row, q, 8)
 
@@ -188,7 +190,7 @@ def test_sampling_fields(model, tok):
     ids = tok(chat_prompt(tok, "hello"), add_special_tokens=False).input_ids
 
     def run(**kw):
-        return BatchDecoder(model, tok, [GenItem(ids, 12, ignore_eos=True, **kw)], None, eos).run()[0][1]
+        return ReferenceDecoder(model, tok, [GenItem(ids, 12, ignore_eos=True, **kw)], None, eos).run()[0][1]
 
     greedy = run()
     # Seeded sampling is reproducible; top_k=1 is greedy whatever the temperature.
@@ -202,12 +204,12 @@ def test_sampling_fields(model, tok):
     assert run(repetition_penalty=50.0) != greedy or len(set(greedy)) == len(greedy)
     # stop_token_ids end the sequence on that token (not in the text), min_tokens postpones it.
     stop_tok = greedy[3]
-    ((_, out, finish),) = BatchDecoder(
+    ((_, out, finish),) = ReferenceDecoder(
         model, tok, [GenItem(ids, 12, stop_token_ids=(stop_tok,))], None, eos
     ).run()
     first = greedy.index(stop_tok)
     assert out == greedy[: first + 1] and finish == "stop"
-    seq = BatchDecoder(
+    seq = ReferenceDecoder(
         model, tok, [GenItem(ids, 12, stop_token_ids=(stop_tok,), min_tokens=first + 2)], None, eos
     )
     ((_, out2, _),) = seq.run()
@@ -318,3 +320,62 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(model, tok):
         assert good.done.wait(30) and good.error is None and len(good.ids) == 4
     finally:
         engine.stop()
+
+
+def test_a_burst_of_long_prompts_is_prefilled_within_the_token_budget(model, tok):
+    """Running streams keep decoding while 10 long prompts arrive; each prefill forward stays
+    within max_prefill_tokens and every answer is exact. Defect put back (no budget): the burst
+    is prefilled in one forward of 10 × its longest prompt."""
+    eos = default_eos_ids(model, tok)
+    budget = 300
+    long_ids = [tok(("rain and wind " * 40) + str(i), add_special_tokens=False).input_ids for i in range(10)]
+    assert 100 < max(map(len, long_ids)) <= budget
+    short_ids = [tok(chat_prompt(tok, q), add_special_tokens=False).input_ids for q in QUESTIONS[:2]]
+    engine = Engine(model, tok, eos, max_running=16, max_prefill_tokens=budget)
+    running = [Collector() for _ in short_ids]
+    burst = [Collector() for _ in long_ids]
+    try:
+        for ids, c in zip(short_ids, running, strict=True):
+            engine.submit(GenItem(ids, 24, ignore_eos=True), None, c)
+        while len(running[0].ids) < 2:
+            time.sleep(0.005)
+        for ids, c in zip(long_ids, burst, strict=True):
+            engine.submit(GenItem(ids, 3, ignore_eos=True), None, c)
+        for c in (*running, *burst):
+            assert c.done.wait(120) and c.error is None, c.error
+    finally:
+        engine.stop()
+    assert engine.stats["max_prefill_tokens_seen"] <= budget, engine.stats
+    for ids, c, n in [
+        *zip(short_ids, running, [24, 24], strict=True),
+        *zip(long_ids, burst, [3] * 10, strict=True),
+    ]:
+        want = ReferenceDecoder(model, tok, [GenItem(ids, n, ignore_eos=True)], None, eos).run()[0][1]
+        assert c.ids == want
+
+
+def test_base_rows_never_wait_for_a_layout_switch(model, tok):
+    """A request for another bank layout waits for the running layout's rows to finish; a base
+    request behind it starts at once. Defect put back (the switch blocks the whole queue): the
+    base request waits for the long edited one."""
+    eos = default_eos_ids(model, tok)
+    bank_a, rows_a = bank_for_edits(model, [make_edit(5, "additive")], EditConfig())
+    bank_b, rows_b = bank_for_edits(model, [make_edit(6, "additive")], EditConfig())
+    ids = [tok(chat_prompt(tok, q), add_special_tokens=False).input_ids for q in QUESTIONS[:3]]
+    engine = Engine(model, tok, eos, max_running=8)
+    a, b, base = Collector(), Collector(), Collector()
+    try:
+        engine.submit(GenItem(ids[0], 60, row=rows_a[0], ignore_eos=True), bank_a, a)
+        while len(a.ids) < 2:
+            time.sleep(0.005)
+        engine.submit(GenItem(ids[1], 4, row=rows_b[0], ignore_eos=True), bank_b, b)
+        engine.submit(GenItem(ids[2], 3, ignore_eos=True), None, base)
+        assert base.done.wait(60) and base.error is None
+        assert not a.done.is_set(), "the base request finished while the old layout still ran"
+        for c in (a, b):
+            assert c.done.wait(120) and c.error is None
+    finally:
+        engine.stop()
+    assert b.ids == offline_ids(model, tok, bank_b, rows_b[0], QUESTIONS[1], 4)
+    assert base.ids == offline_ids(model, tok, None, 0, QUESTIONS[2], 3)
+    assert engine.stats["run_switches"] == 2

@@ -569,6 +569,7 @@ def test_eval_help_gives_every_flag_a_help_and_its_default_and_examples():
     assert "\nexamples:\n" in text and text.count("chameleon eval --out") >= 3
 
 
+@pytest.mark.e2e  # a fresh interpreter
 def test_building_the_parser_and_importing_the_package_stay_light():
     code = (
         "import argparse, sys\n"

@@ -8,6 +8,7 @@ into the repository.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,15 @@ def test_real_copy_baseline_matches_reference(real):
     # tolerance allows for another resampling scheme
     assert ci1.low == pytest.approx(0.458, abs=0.005) and ci1.high == pytest.approx(0.511, abs=0.005)
     assert cil.low == pytest.approx(0.405, abs=0.005) and cil.high == pytest.approx(0.454, abs=0.005)
+
+
+def test_only_the_lamp_tests_read_the_real_data():
+    """Tests that do not study LaMP-7 use users the project writes (the demo's example users,
+    synthetic ones), so `make test` passes on a clone without the data beside it."""
+    here = Path(__file__).resolve()
+    readers = [
+        p.name
+        for p in here.parent.glob("test_*.py")
+        if p != here and re.search(r"\b(load_lamp7|default_lamp7_dir|find_lamp7_files)\(", p.read_text())
+    ]
+    assert not readers, f"read LaMP-7 outside test_lamp.py (skip them without the data): {readers}"

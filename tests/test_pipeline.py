@@ -16,6 +16,7 @@ import pytest
 from conftest import tiny_job_config
 
 from chameleon.data.artifacts import RunReader
+from chameleon.data.layout import reject_files
 from chameleon.data.manifest import RunManifest
 from chameleon.data.published import PublishedRun
 from chameleon.dev.demo import example_users
@@ -88,7 +89,9 @@ def test_layout_checksums_assignments_and_rejects(clean_run):
     run = PublishedRun(reader)
     assert set(run.assignments()) == accepted
     assert all(row["group_id"] in run.group_ids for row in run.assignments().values())
-    rejects = reader.get_jsonl("rejects.jsonl")
+    # The Ray driver writes the rejects of each input file, and the duplicates, on their own.
+    assert reject_files(reader.files) == ["rejects/duplicates.jsonl", "rejects/file-00000.jsonl"]
+    rejects = [r for name in reject_files(reader.files) for r in reader.get_jsonl(name)]
     reasons = [r["reason"] for r in rejects]
     assert len(rejects) == len(BAD_RECORDS) + 3, reasons  # + broken line + both duplicate copies
     assert sum("duplicate user_id" in r for r in reasons) == 2
@@ -221,7 +224,7 @@ def test_ray_driver_maps_a_partition_in_which_every_user_failed_again(
 ):
     """A partition whose users all failed (say, on a broken actor) is not adopted by a rerun."""
     from chameleon.data.artifacts import RunWriter
-    from chameleon.job.run import write_partition
+    from chameleon.job.run import hash_partition, write_partition
     from chameleon.job.tables import pairs_to_tables
 
     users = [
@@ -230,14 +233,10 @@ def test_ray_driver_maps_a_partition_in_which_every_user_failed_again(
     path = tmp_path / "users.jsonl"
     path.write_text("".join(json.dumps(u) + "\n" for u in users))
     store = s3_server.store("pipeline", "failure-limit")
-    pairs, profiles = pairs_to_tables([])  # partition 0 (u0, u1): every user failed earlier
-    write_partition(
-        RunWriter(store, "r"),
-        0,
-        pairs,
-        profiles,
-        [{"user_id": "u0", "reason": "x"}, {"user_id": "u1", "reason": "x"}],
-    )
+    pairs, profiles = pairs_to_tables([])  # partition 0 (by user-id hash): every user failed earlier
+    first = [u["user_id"] for u in users if hash_partition(u["user_id"], 2) == 0]
+    assert first
+    write_partition(RunWriter(store, "r"), 0, pairs, profiles, [{"user_id": u, "reason": "x"} for u in first])
     cfg = job_config(
         tiny_model_dir,
         **{"job.max_user_failures": 0.25, "groups.n_groups": 1, "synth.answer_max_new_tokens": 4},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -48,9 +50,11 @@ class CountingReads(RunWriter):
     """A run writer that counts reads of pair files."""
 
     pair_reads = 0
+    _count_lock = threading.Lock()  # the reduce reads job.read_threads partitions at once
 
     def get_parquet(self, relpath):
-        self.pair_reads += relpath.startswith("pairs/")
+        with self._count_lock:
+            self.pair_reads += relpath.startswith("pairs/")
         return super().get_parquet(relpath)
 
 
@@ -99,8 +103,8 @@ def test_partition_reduce_equals_the_in_memory_reduce(local_store, overrides, ma
     assert torch.equal(got.users.has_edit, want.users.has_edit) and not bool(got.users.has_edit.all())
     assert torch.allclose(got.users.sub.theta_p, want.users.sub.theta_p, atol=1e-5)
     assert torch.allclose(got.users.steer[0], want.users.steer[0], atol=1e-6)
-    # CCS stops when a whole batch has converged: per-partition batches agree to a tolerance.
-    assert torch.allclose(got.users.sub.theta_n, want.users.sub.theta_n, atol=1e-3)
+    # Each user's CCS stops at its own step: per-partition batches agree but for batched sums.
+    assert torch.allclose(got.users.sub.theta_n, want.users.sub.theta_n, atol=1e-5)
     gw, gg = want.grouping, got.grouping
     assert gg.group_ids == gw.group_ids and torch.equal(gg.labels, gw.labels)
     assert gg.contributors == gw.contributors and gg.unpublished == gw.unpublished

@@ -25,7 +25,7 @@ from chameleon.data.storage import (
 from chameleon.dev.s3server import LocalS3Server, S3ServerError
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.job)])  # s3: the job tier
 def store(request):
     return request.getfixturevalue(f"{request.param}_store")
 
@@ -252,6 +252,7 @@ def test_seaweedfs_listens_on_loopback_only(s3_server):
     assert {addr.ip for addr in listening} == {"127.0.0.1"}
 
 
+@pytest.mark.job  # starts a moto server
 def test_moto_backend_round_trip():
     with LocalS3Server(backend="moto") as server:
         assert server.endpoint_url.startswith("http://127.0.0.1:")
@@ -262,6 +263,7 @@ def test_moto_backend_round_trip():
         server.endpoint_url  # noqa: B018
 
 
+@pytest.mark.job  # starts a SeaweedFS
 def test_server_stop_removes_its_data(tmp_path):
     server = LocalS3Server(backend="seaweedfs").start()
     data_dir, proc = server._tmp, server._proc

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessorList
 
 from chameleon.config import EditConfig
 from chameleon.core.edit import Edit, EditBank
@@ -83,6 +84,29 @@ def encode(tok, texts: Sequence[str], max_length: int | None = None) -> dict[str
     )
 
 
+class RowSampler:
+    """Temperature / top-p sampling in which row i draws from its own generator seeded with
+    `seeds[i]`: a row's text does not depend on which rows share its batch (HF's sampling draws
+    the whole batch from one RNG). Run with `do_sample=False`: every other token is masked, so the
+    greedy pick is the sampled one."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest set reaching top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)]
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(picks)), torch.cat(picks).to(scores.device)] = 0.0
+        return out
+
+
 @dataclass
 class TokenCount:
     tokens: int = 0
@@ -124,12 +148,14 @@ def generate(
     rows: Sequence[int] | None = None,
     stop_strings: Sequence[str] | None = None,
     sort_by_length: bool = True,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[str]:
     """Generate an answer for each rendered prompt; `rows[i]` picks prompt i's bank row.
 
     Prompts are batched in order of their token length (`length_order`: batches pad little), and
     the answers come back in input order. Greedy answers are those of the unsorted order; sampled
-    ones are seeded per batch (`seed` + the batch's start), so they depend on the set of prompts."""
+    ones are seeded per batch (`seed` + the batch's start), so they depend on the set of prompts,
+    unless `row_seeds[i]` seeds prompt i's own sampling (`RowSampler`)."""
     if bank is not None and (rows is None or len(rows) != len(prompts)):
         raise ValueError("with an edit bank, give one bank row per prompt")
     device = model_device(model)
@@ -144,7 +170,16 @@ def generate(
             pad_token_id=tok.pad_token_id,
             do_sample=temperature > 0,
         )
-        if temperature > 0:
+        if temperature > 0 and row_seeds is not None:
+            sampler = RowSampler([row_seeds[i] for i in idx], temperature, top_p)
+            gen_kwargs.update(
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                logits_processor=LogitsProcessorList([sampler]),
+            )
+        elif temperature > 0:
             gen_kwargs.update(temperature=temperature, top_p=top_p)
         else:
             # Neutralize sampling defaults from generation_config so greedy warns about nothing.

@@ -239,8 +239,8 @@ def ccs_direction(
     every low-variance direction of the span and bury the contrast direction; seen on planted
     data, tests/test_subspace.py.) All restarts use the same initial probes (in span
     coordinates) for every unit, so a unit's result does not depend on which other units share
-    the batch (beyond the shared stopping step: training stops when no loss changed by more than
-    `tol` over 50 steps, by then every problem has converged). The best restart's probe maps back through the span basis and is oriented toward
+    the batch: a unit's probes stop moving once none of its losses changed by more than `tol` over
+    50 steps, and the loop ends when every unit has stopped. The best restart's probe maps back through the span basis and is oriented toward
     the neutral side.
     """
     U, K, L, d = H_P.shape
@@ -273,15 +273,22 @@ def ccs_direction(
     pair_mask = wt[:, None, None, :]  # [U, 1, 1, K]
     # Update rule = torch.optim.SGD(momentum=0.9, weight_decay) on every problem at once.
     last = None
+    # A unit stops at its own convergence step (its probes are frozen from then on), so its result
+    # does not depend on which other units share the batch: a refresh that maps a few users alone
+    # gets the directions a full run gets for them.
+    active = torch.ones(U, 1, 1, 1, dtype=H_P.dtype, device=H_P.device)
     for step in range(steps):
         loss, grad = ccs_loss_and_grad(params, zp, zn, pair_mask)
         grad += weight_decay * params
         velocity = grad if step == 0 else velocity.mul_(0.9).add_(grad)
-        params -= lr * velocity
+        params -= lr * velocity * active
         # Gradient descent converges in a few hundred steps; stop once no problem moves.
         if step % 50 == 49:
-            if last is not None and (loss - last).abs().max() < tol:
-                break
+            if last is not None:
+                moving = (loss - last).abs().amax(dim=(1, 2)) >= tol
+                active *= moving.to(active.dtype)[:, None, None, None]
+                if not moving.any():
+                    break
             last = loss
     losses, _ = ccs_loss_and_grad(params, zp, zn, pair_mask)  # [U, L, R]
     best_loss, best = losses.min(-1)

@@ -24,6 +24,7 @@ output of any evaluated query is used: queries come from the users' own history 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -301,6 +302,11 @@ def _history_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout)
     return out
 
 
+def row_seed(seed: int, user_id: str, i: int) -> int:
+    """The sampling seed of a user's i-th generation: a function of (seed, user id, i) only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{user_id}:{i}".encode()).digest()[:8], "big") >> 1
+
+
 def _insight_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout) -> list[UserPairs]:
     """The paper's pairs: the model's answers under a personalized vs a neutral insight."""
     s = cfg.synth
@@ -340,6 +346,13 @@ def _insight_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout)
         top_p=s.top_p,
         batch_size=s.batch_size,
         seed=s.seed,
+        # Seeded per user and answer: a user's pairs do not depend on the rest of the batch, so a
+        # refresh that maps a few users alone gets what a full run gets for them.
+        row_seeds=[
+            row_seed(s.seed, u.user_id, i)
+            for u, q in zip(users, queries, strict=True)
+            for i in range(2 * len(q))
+        ],
     )
 
     # Capture "query + answer" as the model would see it at inference: the plain query, no insight.

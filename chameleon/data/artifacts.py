@@ -305,6 +305,14 @@ class RunWriter(VerifiedFiles):
         self._record(relpath, FileEntry(sha256=entry["sha256"], bytes=len(data), key=key))
         return True
 
+    def record_written(self, relpath: str, entry: Mapping[str, Any]) -> None:
+        """Record a file that a worker of this job just wrote with its own writer, as that writer
+        recorded it ({sha256, bytes, key}), without reading it back (every read verifies it)."""
+        key = validate_key(str(entry["key"]), what="artifact key")
+        self._record(
+            self._relpath(relpath), FileEntry(sha256=entry["sha256"], bytes=int(entry["bytes"]), key=key)
+        )
+
     def _entry(self, relpath: str) -> FileEntry | None:
         with self._lock:
             return self._files.get(relpath)

@@ -10,11 +10,13 @@ A UTF-8 byte-order mark is skipped, and CR, LF and CRLF all end a JSONL line.
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import posixpath
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -192,6 +194,51 @@ def read_user_records(uri: str, max_record_bytes: int = 2**62, **store_options: 
     raise ValueError(f"{uri}: unknown users file format (use .jsonl, .json or .parquet)")
 
 
+INPUT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+_GLOB = re.compile(r"[*?\[]")
+
+
+def expand_input(uri: str, **store_options: Any) -> list[str]:
+    """The users files an `--input` names, sorted: one file, a directory (local or an `s3://`
+    prefix ending in `/` or holding no file of that name) of `.jsonl`/`.ndjson`/`.json`/`.parquet`
+    files, or a glob of them (`*`, `?`, `[...]` in the last path segments). Raises
+    FileNotFoundError when it names no file."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if _GLOB.search(uri):
+        cut = _GLOB.search(uri).start()  # list below the last folder before the first wildcard
+        root = uri[: uri.rfind("/", 0, cut) + 1] if "/" in uri[:cut] else ""
+        found = [f for f in _list_files(root or ".", **store_options) if fnmatch.fnmatchcase(f, uri)]
+    elif uri.lower().endswith(INPUT_SUFFIXES) and not uri.endswith("/"):
+        return [uri]
+    else:
+        found = _list_files(uri, **store_options)
+    files = sorted(f for f in found if f.lower().endswith(INPUT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"{uri}: no users files (.jsonl, .ndjson, .json, .parquet) found")
+    return files
+
+
+def _list_files(root: str, **store_options: Any) -> list[str]:
+    """Every file below `root` (a local directory or an `s3://` prefix), as full URIs."""
+    if root.startswith("s3://"):
+        base = root.rstrip("/")
+        return [f"{base}/{key}" for key in open_store(base, **store_options).list("")]
+    path = Path(root)
+    if not path.is_dir():
+        return []
+    prefix = "" if root in (".", "") else root.rstrip("/") + "/"
+    return [prefix + str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+
+
+def read_input_records(uri: str, max_record_bytes: int = 2**62, **store_options: Any) -> list[Any]:
+    """The raw records of every users file `uri` names (`expand_input`), file after file."""
+    records: list[Any] = []
+    for f in expand_input(uri, **store_options):
+        records.extend(read_user_records(f, max_record_bytes, **store_options))
+    return records
+
+
 @dataclass
 class PreparedInput:
     """A users file after validation: the accepted users in input order, and every reject."""
@@ -202,8 +249,8 @@ class PreparedInput:
 
 
 def prepare_input(input_uri: str, cfg: ChameleonConfig, **store_options: Any) -> PreparedInput:
-    """Read and validate the users file under the configured limits (rejects keep their reason)."""
-    raw = read_user_records(input_uri, cfg.synth.max_record_bytes, **store_options)
+    """Read and validate the users files under the configured limits (rejects keep their reason)."""
+    raw = read_input_records(input_uri, cfg.synth.max_record_bytes, **store_options)
     users, rejects = validate_records(
         raw,
         max_history_items=cfg.synth.max_history_items,

@@ -6,7 +6,8 @@ and a partition's done record, map them to their objects: `chameleon.data.artifa
 runs/<run_id>/job-spec.json                 what the run is made from (`job.spec`); fixed key
 runs/<run_id>/parts/part-K.json             partition K is done: its user ids, its files' hashes
                                             and keys, the model that mapped it; fixed key
-runs/<run_id>/rejects.jsonl                 invalid input records, one reason each
+runs/<run_id>/rejects.jsonl                 invalid input records, one reason each (Ray driver:
+                                            rejects/file-F.jsonl per input file, rejects/duplicates.jsonl)
 runs/<run_id>/profiles/part-K.parquet       map output: per user, selected history, history embedding
 runs/<run_id>/failures/part-K.jsonl         users that failed inside the map stage
 runs/<run_id>/pairs/part-K.parquet          map output
@@ -35,6 +36,12 @@ ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.safetensors"
 CALIBRATION = "calibration.json"
 JOB_SPEC = "job-spec.json"
+
+
+def reject_files(names: Sequence[str]) -> list[str]:
+    """The rejects files among a run's files: `rejects.jsonl` (the in-process driver) or
+    `rejects/*.jsonl` (the Ray driver: one per input file, and `rejects/duplicates.jsonl`)."""
+    return sorted(n for n in names if n == REJECTS or (n.startswith("rejects/") and n.endswith(".jsonl")))
 
 
 @dataclass(frozen=True)

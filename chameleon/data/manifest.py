@@ -134,6 +134,8 @@ class Counts(_Part):
     partitions: int = Field(ge=0)
     partitions_resumed: int = 0
     partitions_failed: int | None = None
+    users_reused: int = 0
+    """Users whose per-user results a refresh (`--update-from`) took from its source run."""
     derived_from: str | None = None
     """A run reduced from another run's partitions (the evaluation's derived runs): its id."""
     users_mapped: int

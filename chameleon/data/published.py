@@ -8,6 +8,8 @@ distinct file, not one per user.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,13 +28,17 @@ LEVELS = ("none", "group", "user")
 class PublishedRun:
     """Typed access to a committed run's edits (checksums verified on every read)."""
 
-    def __init__(self, reader: RunReader) -> None:
+    def __init__(self, reader: RunReader, group_cache_size: int | None = None) -> None:
+        """`group_cache_size`: group edits kept in memory (least recently used dropped first;
+        None = all, for jobs that read each group once)."""
         self.reader = reader
+        self.group_cache_size = group_cache_size
         self.manifest = reader.manifest
         self.run_id = self.manifest.run_id
         self.site = self.manifest.site
         self._assign: dict[str, dict] | None = None
-        self._groups: dict[str, Edit] = {}
+        self._groups: OrderedDict[str, Edit] = OrderedDict()
+        self._groups_lock = threading.Lock()  # serving loads groups from several threads
         self._shards: dict[int, dict[str, Any]] = {}
 
     @property
@@ -40,13 +46,22 @@ class PublishedRun:
         return self.manifest.group_ids
 
     def group_edit(self, group_id: str) -> Edit:
-        """The group's edit; one Edit object per group, so callers can de-duplicate by identity."""
-        if group_id not in self._groups:
-            if group_id not in self.group_ids:
-                raise KeyError(f"run {self.run_id} has no group {group_id!r}")
-            tensors, _ = self.reader.get_safetensors(group_key(group_id))
-            self._groups[group_id] = Edit.from_tensors(tensors, site=self.site)
-        return self._groups[group_id]
+        """The group's edit; one Edit object per group while it stays cached, so callers can
+        de-duplicate by identity."""
+        with self._groups_lock:
+            edit = self._groups.get(group_id)
+            if edit is not None:
+                self._groups.move_to_end(group_id)
+                return edit
+        if group_id not in self.group_ids:
+            raise KeyError(f"run {self.run_id} has no group {group_id!r}")
+        tensors, _ = self.reader.get_safetensors(group_key(group_id))
+        edit = Edit.from_tensors(tensors, site=self.site)
+        with self._groups_lock:
+            edit = self._groups.setdefault(group_id, edit)
+            if self.group_cache_size is not None and len(self._groups) > self.group_cache_size:
+                self._groups.popitem(last=False)
+        return edit
 
     def group_parts(self, group_id: str) -> dict[str, torch.Tensor]:
         """Residual composition: the parts of the group's composed row, `global_steer` and

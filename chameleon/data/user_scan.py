@@ -193,7 +193,7 @@ def ids_in_object(key: str, data: bytes, match: UserMatch) -> set[str]:
         if name.endswith(".parquet"):
             return _of_parquet(data, match)
         if name.endswith(".jsonl"):
-            return _of_jsonl(data, match, rejects=name.startswith("rejects"))
+            return _of_jsonl(data, match, rejects=name.startswith("rejects") or "rejects/" in key)
         if name.endswith(".json"):
             return _of_json_ids(json.loads(data), match)
         if name.endswith(".safetensors"):

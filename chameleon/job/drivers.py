@@ -23,10 +23,12 @@ def run_job(
     model_and_tokenizer: Any = None,
     progress: bool = True,
     restart: bool = False,
+    update_from: str | None = None,
     **store_options: Any,
 ) -> RunManifest:
     """Run the job in this process (`local`, optionally on an already loaded model) or on Ray;
-    returns the committed manifest. `restart` starts an uncommitted run id over."""
+    returns the committed manifest. `restart` starts an uncommitted run id over; `update_from`
+    reuses a committed run's results for users whose record is unchanged (`job.refresh`)."""
     if local:
         return run_local(
             input_uri,
@@ -36,13 +38,15 @@ def run_job(
             model_and_tokenizer=model_and_tokenizer,
             progress=progress,
             restart=restart,
+            update_from=update_from,
             **store_options,
         )
     from chameleon.job.ray_job import run_ray_job
 
     return run_ray_job(
-        input_uri, store, run_id, cfg, address=address, restart=restart, progress=progress, **store_options
-    )
+        input_uri, store, run_id, cfg, address=address, restart=restart, update_from=update_from,
+        progress=progress, **store_options,
+    )  # fmt: skip
 
 
 def answers_on_ray(

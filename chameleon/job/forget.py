@@ -37,7 +37,7 @@ from chameleon.core.fingerprint import check_compatible, fingerprint_model
 from chameleon.data.artifacts import LATEST, MANIFEST, RUNS, RunReader, RunWriter, latest_run_id, new_run_id
 from chameleon.data.capabilities import check_store
 from chameleon.data.ids import validate_id
-from chameleon.data.layout import REJECTS, part_keys
+from chameleon.data.layout import part_keys, reject_files
 from chameleon.data.manifest import ForgetSource, RunManifest
 from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store
@@ -156,9 +156,13 @@ def _publish_without(
         )
         removed_users |= {f["user_id"] for f in failures if not match.keeps(f)}
         write_partition(writer, k, pairs, profiles, kept)
-    rejects = src.get_jsonl(REJECTS)
-    kept_rejects = [r for r in rejects if not match.rejects_of(r)]
-    writer.put_jsonl(REJECTS, kept_rejects)
+    kept_rejects, n_rejects = [], 0
+    for name in reject_files(src.files):  # rejects.jsonl, or the Ray job's rejects/*.jsonl
+        rejects = src.get_jsonl(name)
+        n_rejects += len(rejects)
+        kept_here = [r for r in rejects if not match.rejects_of(r)]
+        writer.put_jsonl(name, kept_here)
+        kept_rejects += kept_here
     accepted = manifest.counts.accepted - removed_accepted
     new_counts = {
         "records": accepted + len(kept_rejects),
@@ -186,7 +190,7 @@ def _publish_without(
         forget=ForgetSource(
             source_run=src.run_id,
             users_removed=len(removed_users),
-            rejects_removed=len(rejects) - len(kept_rejects),
+            rejects_removed=n_rejects - len(kept_rejects),
         ),
         set_latest=set_latest,
     )

@@ -20,9 +20,9 @@ from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.progress import MapProgress
+from chameleon.job.refresh import check_source_model, map_partition
 from chameleon.job.run import begin_run, finish_run, write_partition
 from chameleon.job.spec import model_identity
-from chameleon.job.stages import process_partition
 
 
 def run_local(
@@ -34,6 +34,7 @@ def run_local(
     model_and_tokenizer=None,
     progress: bool = True,
     restart: bool = False,
+    update_from: str | None = None,
     **store_options: Any,
 ) -> RunManifest:
     """Run the whole job in this process; returns the run's manifest.
@@ -41,27 +42,35 @@ def run_local(
     Rerunning with the same run id resumes under the same job spec: partitions already complete
     in the store are adopted, not recomputed (`restart` starts the run id over instead). A
     committed run is returned as it is (and `latest` moved to it if a crash left it behind).
+    `update_from`: a committed run whose results are reused for unchanged users (`job.refresh`).
     """
     t0 = time.perf_counter()
     model, tok = model_and_tokenizer or load_model_for(cfg.model)
     load_s = time.perf_counter() - t0
     identity = {**model_identity(cfg), "num_layers": num_layers(model)}
-    plan = begin_run(input_uri, store, run_id, cfg, identity, restart=restart, **store_options)
+    plan = begin_run(
+        input_uri, store, run_id, cfg, identity, restart=restart, update_from=update_from, **store_options
+    )
     if plan.committed is not None:
         return plan.committed
     plan.timings["load_s"] += load_s
     fingerprint = fingerprint_model(model, cfg.model.name_or_path)
+    source = plan.source.reader if plan.source is not None else None
+    if source is not None:
+        check_source_model(source, fingerprint.to_dict())
     t1 = time.perf_counter()
     line = MapProgress(len(plan.prepared.users), resumed=plan.users_resumed, enabled=progress)
     for k in plan.todo:
         users = plan.partitions[k]
         with count_generated_tokens() as generated:
-            pairs, profiles, failures = process_partition(model, tok, users, cfg, plan.layers)
-        write_partition(
+            pairs, profiles, failures, reused = map_partition(
+                model, tok, users, cfg, plan.layers, source, plan.source_parts(k)
+            )
+        record = write_partition(
             plan.run_writer, k, pairs, profiles, failures,
-            user_ids=[u.user_id for u in users], fingerprint=fingerprint,
+            user_ids=[u.user_id for u in users], fingerprint=fingerprint, reused=reused,
         )  # fmt: skip
-        plan.fingerprints[k] = fingerprint.to_dict()
+        plan.adopted(k, record)
         line.update(len(users), len(failures), generated.tokens)
     line.close()
     plan.timings["map_s"] = time.perf_counter() - t1

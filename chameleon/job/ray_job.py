@@ -1,14 +1,15 @@
 """The distributed job: Ray Data map over model-replica actors → reduce → publish.
 
-    users file ─ validate (driver) ─ partitions ─▶ map_with_replicas(PartitionWorker)
+    users files ─ read, validate, hash-partition (Ray Data, `job.ray_input`) ─▶ staged partitions
+               ─▶ ReplicaPool(PartitionWorker).run("map")
                                                    each actor = one model replica; writes
                                                    pairs/profiles/failures of its partitions
                ◀─ reduce users, group, reduce groups (driver; `job.run.finish_run`)
-                 ─▶ map_with_replicas(CalibrationWorker): one item per group
+                 ─▶ the same actors .run("calibrate"): one item per group, no second model load
                ◀─ publish (driver)
 
-The map stage runs exactly `job.stages.process_partition`, the function the in-process driver
-runs, on the records the driver validated (workers never re-validate under other limits).
+The map stage runs exactly `job.refresh.map_partition`, the function the in-process driver runs,
+on the records validated by the staging tasks (workers never re-validate under other limits).
 Partitions are the unit of resume and of fault tolerance: a worker writes a partition's files into
 its own attempt folder, then its done record; the driver adopts what the done records name. A
 partition whose actor died is retried on a restarted actor, at most `job.max_task_retries` times
@@ -25,38 +26,38 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.generation import count_generated_tokens
-from chameleon.core.records import UserRecord
-from chameleon.data.artifacts import RunWriter
+from chameleon.data.artifacts import RunReader, RunWriter
 from chameleon.data.manifest import RunManifest
+from chameleon.data.parallel_reads import read_in_order
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import GroupCalibrationTask, calibrate_reduced, calibrate_task
 from chameleon.job.progress import MapProgress
 from chameleon.job.publish import JobFailedError
+from chameleon.job.ray_input import read_staged, stage_input
 from chameleon.job.reduce import Reduced
-from chameleon.job.replicas import ModelReplica, actor_resources, item_deadline, map_with_replicas
+from chameleon.job.refresh import check_source_model, map_partition
+from chameleon.job.replicas import ModelReplica, ReplicaPool, actor_resources, item_deadline
 from chameleon.job.run import (
     RunPlan,
     adopt_partition,
     begin_run,
     finish_run,
     record_failed_partition,
+    take_record,
     write_partition,
 )
 from chameleon.job.spec import model_identity
-from chameleon.job.stages import process_partition
 from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
@@ -65,7 +66,8 @@ log = logging.getLogger(__name__)
 
 
 class PartitionWorker(ModelReplica):
-    """Maps partitions of users to pairs and writes them to the run (in its own attempt folder)."""
+    """One model replica of the job: maps partitions of users to pairs (written to the run, in
+    its own attempt folder), then calibrates groups, on the model it loaded once."""
 
     def __init__(
         self,
@@ -74,12 +76,14 @@ class PartitionWorker(ModelReplica):
         run_id: str,
         layers: list[int],
         faults: dict[str, str] | None = None,
+        source_run: str | None = None,
     ) -> None:
         super().__init__(cfg_json)
         self.layers = layers
         self.writer = RunWriter(store, run_id)
         self.fingerprint = fingerprint_model(self.model, self.cfg.model.name_or_path)
         self.faults = faults or {}
+        self.source = RunReader(store, source_run) if source_run else None
 
     def _inject_faults(self, user_ids: set[str]) -> None:
         if self.faults.get("exit_on_user") in user_ids:
@@ -87,78 +91,94 @@ class PartitionWorker(ModelReplica):
         if self.faults.get("hang_on_user") in user_ids:
             time.sleep(10**6)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {
-            "partition": [], "users": [], "failed": [], "tokens": [], "seconds": [], "pid": [], "error": [],
+    def map(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Map one partition (`item`: partition, user_ids, its staged input, source_parts); errors
+        come back as text."""
+        k, t0 = int(item["partition"]), time.perf_counter()
+        error, failed, record = "", 0, None
+        with (
+            item_deadline(self.cfg.job.partition_timeout_s, f"partition {k}"),
+            count_generated_tokens() as generated,
+        ):
+            self._inject_faults(set(item["user_ids"]))
+            try:
+                users = read_staged(self.writer.run_store, item["input"])
+                if self.source is not None:
+                    check_source_model(self.source, self.fingerprint.to_dict())
+                pairs, profiles, failures, reused = map_partition(
+                    self.model, self.tok, users, self.cfg, self.layers, self.source, item["source_parts"]
+                )
+                record = write_partition(
+                    self.writer, k, pairs, profiles, failures,
+                    user_ids=item["user_ids"], fingerprint=self.fingerprint, reused=reused,
+                )  # fmt: skip
+                failed = len(failures)
+            except Exception as exc:  # e.g. the store stayed down past its retries
+                error = f"{type(exc).__name__}: {exc}"
+        return {
+            "users": len(item["user_ids"]), "failed": failed, "tokens": generated.tokens,
+            "seconds": time.perf_counter() - t0, "error": error, "record": record,
         }  # fmt: skip
-        for k, users_json in zip(batch["partition"], batch["users"], strict=True):
-            t0 = time.perf_counter()
-            users = [UserRecord.from_dict(u) for u in json.loads(str(users_json))]
-            error, failed = "", 0
-            with (
-                item_deadline(self.cfg.job.partition_timeout_s, f"partition {int(k)}"),
-                count_generated_tokens() as generated,
-            ):
-                self._inject_faults({u.user_id for u in users})
-                try:
-                    pairs, profiles, failures = process_partition(
-                        self.model, self.tok, users, self.cfg, self.layers
-                    )
-                    write_partition(
-                        self.writer, int(k), pairs, profiles, failures,
-                        user_ids=[u.user_id for u in users], fingerprint=self.fingerprint,
-                    )  # fmt: skip
-                    failed = len(failures)
-                except Exception as exc:  # e.g. the store stayed down past its retries
-                    error = f"{type(exc).__name__}: {exc}"
-            out["partition"].append(int(k))
-            out["users"].append(len(users))
-            out["failed"].append(failed)
-            out["tokens"].append(generated.tokens)
-            out["seconds"].append(time.perf_counter() - t0)
-            out["pid"].append(os.getpid())
-            out["error"].append(error)
-        return out
+
+    def calibrate(self, task: GroupCalibrationTask) -> Calibration:
+        """Calibrate one group on the held-out texts of its members."""
+        return calibrate_task(self.model, self.tok, task, self.cfg)
 
 
-class CalibrationWorker(ModelReplica):
-    """Calibrates groups (one per item) on the held-out texts of their members."""
+class JobPool:
+    """The job's actor pool, started when first needed and kept for the map and the calibration."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"index": [], "calibration": []}
-        for k, blob in zip(batch["index"], batch["task"], strict=True):
-            task = pickle.loads(bytes(blob))  # written by this job's driver just before
-            out["index"].append(int(k))
-            out["calibration"].append(pickle.dumps(calibrate_task(self.model, self.tok, task, self.cfg)))
-        return out
+    def __init__(self, plan: RunPlan, store: Store, cfg: ChameleonConfig) -> None:
+        self.plan, self.store, self.cfg = plan, store, cfg
+        self._pool: ReplicaPool | None = None
+
+    def get(self, n_items: int) -> ReplicaPool:
+        if self._pool is None:
+            plan = self.plan
+            self._pool = ReplicaPool(
+                PartitionWorker, self.cfg, max(1, min(self.cfg.job.num_actors, n_items)),
+                store=self.store, run_id=plan.run_writer.run_id, layers=plan.layers,
+                faults=json.loads(os.environ.get(FAULTS_ENV) or "{}"),
+                source_run=plan.source.run_id if plan.source is not None else None,
+            )  # fmt: skip
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
 
 
-def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, cfg: ChameleonConfig) -> list[Calibration]:
-    """`job.calibrate` for every group, spread over the actor pool."""
-    return calibrate_reduced(partial(_calibrate_tasks_on_ray, cfg=cfg), reduced, profiles, cfg)
+def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, pool: JobPool) -> list[Calibration]:
+    """`job.calibrate` for every group, spread over the job's actors (the models that mapped);
+    the residual composition calibrates in two rounds (`calibrate_reduced`)."""
+    return calibrate_reduced(partial(_calibrate_tasks_on_ray, pool=pool), reduced, profiles, pool.cfg)
 
 
-def _calibrate_tasks_on_ray(
-    tasks: Sequence[GroupCalibrationTask], *, cfg: ChameleonConfig
-) -> list[Calibration]:
-    items = [{"index": k, "task": pickle.dumps(task)} for k, task in enumerate(tasks)]
-    results = map_with_replicas(items, CalibrationWorker, cfg)
-    by_index = {int(r["index"]): pickle.loads(bytes(r["calibration"])) for r in results}
-    missing = [k for k in range(len(tasks)) if k not in by_index]
+def _calibrate_tasks_on_ray(tasks: Sequence[GroupCalibrationTask], *, pool: JobPool) -> list[Calibration]:
+    results = pool.get(len(tasks)).run("calibrate", list(tasks))
+    missing = [k for k in range(len(tasks)) if k not in results]
     if missing:
         raise JobFailedError(f"calibration of groups {[tasks[k].group_id for k in missing]} returned nothing")
-    return [by_index[k] for k in range(len(tasks))]
+    return [results[k] for k in range(len(tasks))]
 
 
-def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig, *, progress: bool = True) -> None:
+def map_partitions(plan: RunPlan, pool: JobPool, *, progress: bool = True) -> None:
     """Map the plan's partitions on the actor pool; record the ones that kept killing their actor
     (or passing their deadline) as failed. A worker's error (such as a store outage longer than
     its retries) fails the job before anything is published."""
+    cfg = pool.cfg
+    staged = plan.staged
+    assert staged is not None, "the Ray driver stages its input on the cluster"
     items = [
-        {"partition": k, "users": json.dumps([u.to_dict() for u in plan.partitions[k]])} for k in plan.todo
+        {
+            "partition": k,
+            "user_ids": plan.partition_ids[k],
+            "input": staged.inputs[k],
+            "source_parts": plan.source_parts(k),
+        }
+        for k in plan.todo
     ]
-    faults = json.loads(os.environ.get(FAULTS_ENV) or "{}")
-    line = MapProgress(len(plan.prepared.users), resumed=plan.users_resumed, enabled=progress)
+    line = MapProgress(sum(map(len, plan.partition_ids)), resumed=plan.users_resumed, enabled=progress)
 
     def report(row: dict[str, Any]) -> None:
         # A partition that failed on its actor is reported as all of its users failed.
@@ -166,10 +186,7 @@ def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig, *, progres
         line.update(int(row["users"]), failed, int(row["tokens"]))
 
     try:
-        results = map_with_replicas(
-            items, PartitionWorker, cfg, drop_lost_items=True, on_row=report,
-            store=store, run_id=plan.run_writer.run_id, layers=plan.layers, faults=faults,
-        )  # fmt: skip
+        results = pool.get(len(items)).run("map", items, drop_lost_items=True, on_result=report)
     except Exception as exc:
         raise JobFailedError(
             f"the map stage stopped ({type(exc).__name__}: {exc}); finished partitions are kept: "
@@ -178,7 +195,7 @@ def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig, *, progres
     finally:
         line.close()
         plan.timings.update(line.figures())
-    errors = {int(r["partition"]): r["error"] for r in results if r["error"]}
+    errors = {plan.todo[i]: r["error"] for i, r in results.items() if r["error"]}
     if errors:
         k, error = sorted(errors.items())[0]
         raise JobFailedError(
@@ -186,10 +203,14 @@ def map_partitions(plan: RunPlan, store: Store, cfg: ChameleonConfig, *, progres
             f"nothing was published: rerun with --run-id {plan.run_writer.run_id} to resume"
         )
     tries = cfg.job.max_task_retries + 1
-    for k in plan.todo:
-        record = adopt_partition(plan.run_writer, k, plan.partitions[k], retry_failed=False)
+    for i, k in enumerate(plan.todo):
+        record = results[i]["record"] if i in results else None
+        if record is not None and take_record(plan.run_writer, k, record):
+            plan.adopted(k, record)
+            continue
+        record = adopt_partition(plan.run_writer, k, plan.partition_ids[k], retry_failed=False)
         if record is not None:
-            plan.fingerprints[k] = record.get("fingerprint")
+            plan.adopted(k, record)
         else:
             record_failed_partition(
                 plan, k,
@@ -206,13 +227,14 @@ def run_ray_job(
     *,
     address: str | None = None,
     restart: bool = False,
+    update_from: str | None = None,
     progress: bool = True,
     **store_options: Any,
 ) -> RunManifest:
     """Run the job on a Ray cluster (a local one when no address is given); returns the manifest.
     `progress`: the map stage's live line (`job.progress`).
 
-    Resume, `restart` and a committed run behave as in `job.local.run_local`."""
+    Resume, `restart`, `update_from` and a committed run behave as in `job.local.run_local`."""
     init_ray(address)
     # Before the input is read: GPUs asked of a cluster without them fail the job now.
     resources = actor_resources(cfg)
@@ -220,11 +242,29 @@ def run_ray_job(
         "map actors: %d, each with %g GPUs and %g CPUs",
         cfg.job.num_actors, resources["num_gpus"], resources["num_cpus"],
     )  # fmt: skip
-    plan = begin_run(input_uri, store, run_id, cfg, model_identity(cfg), restart=restart, **store_options)
+    plan = begin_run(
+        input_uri, store, run_id, cfg, model_identity(cfg), restart=restart, update_from=update_from,
+        stage_input=lambda writer: stage_input(input_uri, writer, cfg, **store_options), **store_options,
+    )  # fmt: skip
     if plan.committed is not None:
         return plan.committed
-    t1 = time.perf_counter()
-    if plan.todo:
-        map_partitions(plan, store, cfg, progress=progress)
-    plan.timings["map_s"] = time.perf_counter() - t1
-    return finish_run(plan, cfg, None, partial(calibrate_on_ray, cfg=cfg))
+    pool = JobPool(plan, store, cfg)
+    try:
+        t1 = time.perf_counter()
+        if plan.todo:
+            map_partitions(plan, pool, progress=progress)
+        plan.timings["map_s"] = time.perf_counter() - t1
+        manifest = finish_run(plan, cfg, None, partial(calibrate_on_ray, pool=pool))
+    finally:
+        pool.close()
+    drop_staged_input(plan, cfg)
+    return manifest
+
+
+def drop_staged_input(plan: RunPlan, cfg: ChameleonConfig) -> None:
+    """Delete the committed run's staged input partitions: copies of the users' records that no
+    reader needs once the run is published (a failed run keeps them until it is deleted)."""
+    staged, run_store = plan.staged, plan.run_writer.run_store
+    keys = [entry["key"] for entry in (staged.inputs if staged is not None else []) if entry]
+    for _ in read_in_order(run_store.delete, keys, cfg.job.read_threads):
+        pass

@@ -15,9 +15,12 @@
 
 The driver then holds per-user directions (no pair vectors), one partition and the groups'
 capped samples. Users come out sorted by id, as from `reduce_all`; pairs, grouping, pooled
-sample and group edits are the same. Per-user CCS runs per partition instead of per 2,048 users:
-CCS stops when every problem of a batch has converged, so losses and directions can differ from
-`reduce_all`'s in the last digits.
+sample and group edits are the same. Per-user CCS runs per partition instead of per 2,048 users;
+each user's probe stops at its own convergence step, so only the floating-point sums of batched
+kernels can make losses and directions differ from `reduce_all`'s, in the last digits.
+
+Partitions are read `job.read_threads` at a time, in order (`data.parallel_reads`): an object
+store's latency per GET, not its bandwidth, sets the pace of thousands of small reads.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from chameleon.config import ChameleonConfig
 from chameleon.core import subspace as ss
 from chameleon.data.artifacts import VerifiedFiles
 from chameleon.data.layout import column_matrix, part_keys
+from chameleon.data.parallel_reads import read_in_order
 from chameleon.job.reduce import Reduced, group_and_reduce, reduce_users
+from chameleon.job.refresh import RECORD_DIGEST
 from chameleon.job.tables import (
     UnitData,
     UserReduce,
@@ -108,10 +113,16 @@ class _PartitionPool:
     """`reduce.Pool` reading the sampled pairs back from the stored partitions."""
 
     def __init__(
-        self, files: VerifiedFiles, where: dict[str, int], user_ids: list[str], n_layers: int, hidden: int
+        self,
+        files: VerifiedFiles,
+        where: dict[str, int],
+        user_ids: list[str],
+        n_layers: int,
+        hidden: int,
+        threads: int = 1,
     ):
         self.files, self.where, self.user_ids = files, where, user_ids
-        self.n_layers, self.hidden = n_layers, hidden
+        self.n_layers, self.hidden, self.threads = n_layers, hidden, threads
 
     def __call__(self, member_pairs, labels, n_groups, max_pairs, seed):
         U, K = member_pairs.shape
@@ -124,7 +135,9 @@ class _PartitionPool:
                 wanted.setdefault(self.where[uid], {})[(uid, flat % K)] = (g, slot)
         kmax = max([len(r) for r in rows] + [1])
         out_p = out_n = None
-        for k in sorted(wanted):
+
+        def sampled(k: int) -> tuple[pa.Table, list[tuple[int, int]]]:
+            # Cut to the sampled rows in the reading thread: only those wait to be copied.
             table = self.files.get_parquet(part_keys(k).pairs)
             keys = zip(
                 table.column("user_id").to_pylist(), table.column("pair_index").to_pylist(), strict=True
@@ -134,7 +147,9 @@ class _PartitionPool:
                 if key in wanted[k]:
                     take.append(row)
                     dest.append(wanted[k][key])
-            sub = table.take(pa.array(take, pa.int64()))
+            return table.take(pa.array(take, pa.int64())), dest
+
+        for sub, dest in read_in_order(sampled, sorted(wanted), self.threads):
             ep = torch.from_numpy(column_matrix(sub, "emb_p").copy())
             en = torch.from_numpy(column_matrix(sub, "emb_n").copy())
             if out_p is None:
@@ -142,8 +157,8 @@ class _PartitionPool:
                 out_p = torch.zeros(n_groups, kmax, self.n_layers, d)
                 out_n = torch.zeros(n_groups, kmax, self.n_layers, d)
             g_idx, s_idx = (torch.tensor(x) for x in zip(*dest, strict=True))
-            out_p[g_idx, s_idx] = ep.reshape(len(take), self.n_layers, -1)
-            out_n[g_idx, s_idx] = en.reshape(len(take), self.n_layers, -1)
+            out_p[g_idx, s_idx] = ep.reshape(sub.num_rows, self.n_layers, -1)
+            out_n[g_idx, s_idx] = en.reshape(sub.num_rows, self.n_layers, -1)
         mask = torch.zeros(n_groups, kmax, dtype=torch.bool)
         for g, idx in enumerate(rows):
             mask[g, : len(idx)] = True
@@ -160,33 +175,44 @@ def reduce_partitions(
     timings: dict[str, float] | None = None,
 ) -> tuple[Reduced | None, pa.Table | None, list[dict]]:
     """(reduced, profiles of the users with pairs, failures) of partitions 0..n-1, every file
-    checked against its recorded hash; reduced and profiles are None when no user has pairs."""
+    checked against its recorded hash; reduced and profiles are None when no user has pairs.
+    Partitions are read `job.read_threads` at a time (at most that many held at once)."""
     t0 = time.perf_counter()
     sub_cfg = reduce_subspace_config(cfg)
     parts: list[tuple[UnitData, UserReduce]] = []
     profiles: list[pa.Table] = []
     failures: list[dict] = []
     where: dict[str, int] = {}
-    for k in range(n_partitions):
+
+    def read(k: int) -> tuple[int, list[dict], pa.Table, tuple[UnitData, UserReduce] | None]:
         keys = part_keys(k)
-        failures += files.get_jsonl(keys.failures)
-        prof = files.get_parquet(keys.profiles)
+        fails, prof = files.get_jsonl(keys.failures), files.get_parquet(keys.profiles)
         if not prof.num_rows:  # every user of the partition failed
-            continue
+            return k, fails, prof, None
         stored = stored_user_reduce(prof, cfg, layers)
         if stored is None:  # made without per-user results, or under other settings: reduce here
             data = tables_to_units(files.get_parquet(keys.pairs), prof, len(layers))
             red = reduce_users(data, sub_cfg, layers)
             data.H_P = data.H_N = None  # this partition's pair vectors are not needed any more
             stored = data, red
+        # The refresh's record digests are the map's bookkeeping: partitions of older runs lack them.
+        prof = without_user_reduce(prof)
+        return k, fails, prof.drop_columns([c for c in [RECORD_DIGEST] if c in prof.column_names]), stored
+
+    for k, fails, prof, stored in read_in_order(read, range(n_partitions), cfg.job.read_threads):
+        failures += fails
+        if stored is None:
+            continue
         parts.append(stored)
-        profiles.append(without_user_reduce(prof))
+        profiles.append(prof)
         where.update(dict.fromkeys(stored[0].user_ids, k))
     if not parts:
         return None, None, failures
     ids = [u for d, _ in parts for u in d.user_ids]
     order = torch.from_numpy(np.argsort(np.array(ids, dtype=object), kind="stable").astype(np.int64))
     data, users = _concat(parts, order)  # empties parts
-    pool = _PartitionPool(files, where, data.user_ids, len(layers), users.sub.mean.shape[-1])
+    pool = _PartitionPool(
+        files, where, data.user_ids, len(layers), users.sub.mean.shape[-1], cfg.job.read_threads
+    )
     reduced = group_and_reduce(data, users, cfg, layers, timings, t0, pool)
     return reduced, pa.concat_tables(profiles), failures

@@ -10,6 +10,9 @@ actor restarts at most `job.max_actor_restarts` times, an item whose actor died 
 `job.max_task_retries` times, an item still running after `job.partition_timeout_s` stops its
 actor (`item_deadline`) and counts as such a death, and a pool that makes no progress for twice
 that deadline fails the execution.
+
+`ReplicaPool` keeps its actors across stages (the job's map, then its calibration, on the same
+loaded models); `map_with_replicas` runs one stage on a Ray Data actor pool (the evaluation's answers).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import sys
 import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -140,6 +144,80 @@ def map_with_replicas(
         return rows
     finally:
         ctx.max_errored_blocks, ctx.execution_no_progress_timeout_s, ctx.enable_progress_bars = saved
+
+
+class ReplicaPool:
+    """Long-lived model-replica actors that serve several stages in turn (the job maps its
+    partitions, then calibrates its groups on the same actors: each loads the model once).
+
+    Bounded failure as in `map_with_replicas`: one item per actor at a time, an actor restarts at
+    most `job.max_actor_restarts` times, an item whose actor died is retried by Ray at most
+    `job.max_task_retries` times, and a stage that makes no progress for twice
+    `job.partition_timeout_s` fails. An actor that used up its restarts is retired; when none is
+    left, the stage fails at once.
+    """
+
+    def __init__(self, worker: type[ModelReplica], cfg: ChameleonConfig, n_actors: int, **worker_kwargs: Any):
+        self.cfg = cfg
+        resources = actor_resources(cfg)
+        remote = ray.remote(worker).options(
+            num_cpus=resources["num_cpus"],
+            num_gpus=resources["num_gpus"] or None,
+            max_restarts=cfg.job.max_actor_restarts,
+            max_task_retries=cfg.job.max_task_retries,
+        )
+        self.actors = [remote.remote(cfg.model_dump_json(), **worker_kwargs) for _ in range(n_actors)]
+        self.deaths = [0] * n_actors
+
+    def run(
+        self,
+        method: str,
+        items: list[Any],
+        *,
+        drop_lost_items: bool = False,
+        on_result: Callable[[Any], None] | None = None,
+    ) -> dict[int, Any]:
+        """`actor.method(item)` for every item; {item index: result}. An item lost with its actor
+        (after Ray's retries) fails the stage, or with `drop_lost_items` is left out. `on_result`
+        sees each result as soon as its actor returns it (a progress line)."""
+        queue = deque(range(len(items)))
+        idle = [a for a in range(len(self.actors)) if self.deaths[a] <= self.cfg.job.max_actor_restarts]
+        pending: dict[Any, tuple[int, int]] = {}
+        results: dict[int, Any] = {}
+        last_death = ""
+        timeout = 2 * self.cfg.job.partition_timeout_s
+        while queue or pending:
+            while queue and idle:
+                a, i = idle.pop(0), queue.popleft()
+                pending[getattr(self.actors[a], method).remote(items[i])] = (a, i)
+            if not pending:
+                raise RuntimeError(
+                    f"every actor of the pool died more than job.max_actor_restarts="
+                    f"{self.cfg.job.max_actor_restarts} times; {len(queue)} items were not run "
+                    f"(last death: {last_death[:2000]})"
+                )
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not ready:
+                raise RuntimeError(f"the actor pool made no progress for {timeout:g} s")
+            a, i = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+                if on_result is not None:
+                    on_result(results[i])
+            except ray.exceptions.RayActorError as exc:
+                # Ray ran the item on restarts of its actor max_task_retries more times first.
+                self.deaths[a] += self.cfg.job.max_task_retries + 1
+                last_death = str(exc)
+                if not drop_lost_items:
+                    raise
+            if self.deaths[a] <= self.cfg.job.max_actor_restarts:
+                idle.append(a)
+        return results
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
 # ---------------------------------------------------------------------------------------------

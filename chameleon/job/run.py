@@ -16,10 +16,11 @@ mapped (a partition in which every user failed, e.g. on a broken actor, is mappe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from chameleon.core.fingerprint import ModelFingerprint
 from chameleon.core.records import UserRecord
 from chameleon.data.artifacts import (
     RunImmutableError,
+    RunReader,
     RunWriter,
     committed_manifest,
     latest_run_id,
@@ -41,7 +43,8 @@ from chameleon.data.layout import JOB_SPEC, REJECTS, done_key, part_keys
 from chameleon.data.manifest import RunManifest
 from chameleon.data.storage import Store, StoreConflictError, StoreKeyError
 from chameleon.job.publish import Calibrate, JobFailedError, reduce_and_publish
-from chameleon.job.spec import build_spec, check_spec
+from chameleon.job.refresh import RefreshSource, check_source_model, open_source
+from chameleon.job.spec import build_spec, check_refresh_source, check_spec, input_summary
 from chameleon.job.stages import candidate_layers
 from chameleon.job.tables import pairs_to_tables
 
@@ -49,20 +52,57 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class StagedInput:
+    """An input read and validated off the driver (`job.ray_input`): counts, and per partition
+    its user ids and where its validated records were staged."""
+
+    records: int
+    rejected: int
+    partition_ids: list[list[str]]
+    inputs: list[dict[str, Any] | None]
+    """per partition: the {key, sha256} of its staged records (`inputs/part-K.jsonl`)"""
+    sha256: str = ""
+    """digest of every accepted record (of the partitions' digests)"""
+
+
+StageInput = Callable[[RunWriter], StagedInput]
+"""Reads the input into a run's attempt folder (the Ray driver's `job.ray_input.stage_input`)."""
+
+
+def hash_partition(user_id: str, n_partitions: int) -> int:
+    """A user's partition by a stable hash of the id: the same whatever the rest of the input."""
+    return int.from_bytes(hashlib.sha256(user_id.encode("utf-8")).digest()[:8], "big") % n_partitions
+
+
+def jsonl_safe_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows that JSON can always carry (repr of anything it cannot)."""
+    return [json.loads(json.dumps(r, default=repr)) for r in rows]
+
+
+@dataclass
 class RunPlan:
     """An opened run: the validated input, its fixed partitions, and which are still to map.
 
+    The input is either read by this driver (`prepared`, `partitions`: the in-process driver) or
+    staged on the cluster (`staged`: the Ray driver), never both.
     `committed` is the manifest when the run was already committed (nothing is left to do)."""
 
     writer: RunWriter | None
-    prepared: PreparedInput
+    prepared: PreparedInput | None
     layers: list[int]
-    partitions: list[list[UserRecord]]
+    partitions: list[list[UserRecord]] | None
     todo: list[int]
     spec: dict[str, Any]
+    partition_ids: list[list[str]] = field(default_factory=list)
+    """per partition: its users' ids"""
+    staged: StagedInput | None = None
     committed: RunManifest | None = None
     fingerprints: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     """The model each done partition was mapped with (None: a partition recorded as failed)."""
+    reused: dict[int, int] = field(default_factory=dict)
+    """Users of each done partition whose results came from the refresh source (`job.refresh`)."""
+    source: RefreshSource | None = None
+    """The run a refresh (`--update-from`) reuses per-user results of."""
     failed_partitions: dict[int, str] = field(default_factory=dict)
     """Partitions of this attempt recorded as failed as a whole, with why."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -70,13 +110,34 @@ class RunPlan:
     @property
     def users_resumed(self) -> int:
         """Accepted users of the partitions adopted from an earlier attempt (not to map again)."""
-        return len(self.prepared.users) - sum(len(self.partitions[k]) for k in self.todo)
+        return sum(map(len, self.partition_ids)) - sum(len(self.partition_ids[k]) for k in self.todo)
 
     @property
     def run_writer(self) -> RunWriter:
         if self.writer is None:
             raise RuntimeError("the run is already committed: nothing to write")
         return self.writer
+
+    def source_parts(self, k: int) -> list[int]:
+        """The refresh source's partitions holding partition k's users (none without a source)."""
+        if self.source is None:
+            return []
+        return self.source.partitions_for(self.partition_ids[k])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """records, accepted, rejected"""
+        if self.staged is not None:
+            s = self.staged
+            return {"records": s.records, "accepted": s.records - s.rejected, "rejected": s.rejected}
+        p = self.prepared
+        assert p is not None
+        return {"records": p.n_input, "accepted": len(p.users), "rejected": len(p.rejects)}
+
+    def adopted(self, k: int, record: Mapping[str, Any]) -> None:
+        """Note a done partition's record: its model and how many users it reused."""
+        self.fingerprints[k] = record.get("fingerprint")
+        self.reused[k] = len(record.get("reused") or [])
 
 
 def partition_users(users: Sequence[UserRecord], size: int) -> list[list[UserRecord]]:
@@ -93,11 +154,14 @@ def write_partition(
     *,
     user_ids: Sequence[str] | None = None,
     fingerprint: ModelFingerprint | None = None,
-) -> None:
-    """Write a finished partition's files, then its done record (which makes it adoptable).
+    reused: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Write a finished partition's files, then its done record (which makes it adoptable);
+    returns the record.
 
     `user_ids`: the partition's users (default: the mapped and failed users it holds);
-    `fingerprint`: the model that mapped it."""
+    `fingerprint`: the model that mapped it; `reused`: users whose rows a refresh copied from its
+    source run instead of mapping them."""
     keys = part_keys(k)
     entries = {
         keys.profiles: writer.put_parquet(keys.profiles, profiles),
@@ -114,9 +178,11 @@ def write_partition(
         "files": entries,
         "fingerprint": fingerprint.to_dict() if fingerprint is not None else None,
         "attempt": writer.attempt,
+        "reused": list(reused),
     }
     # Outside the attempt folder, last writer wins: every record points at one attempt's files.
     writer.run_store.put_bytes(done_key(k), (json.dumps(record, indent=1) + "\n").encode())
+    return record
 
 
 def read_done_record(writer: RunWriter, k: int) -> dict[str, Any] | None:
@@ -129,15 +195,17 @@ def read_done_record(writer: RunWriter, k: int) -> dict[str, Any] | None:
 
 
 def adopt_partition(
-    writer: RunWriter, k: int, users: Sequence[UserRecord], *, retry_failed: bool = True
+    writer: RunWriter, k: int, users: Sequence[UserRecord | str], *, retry_failed: bool = True
 ) -> dict[str, Any] | None:
     """Partition k's done record when it can be kept (its files now recorded by `writer`), else
-    None. `retry_failed`: refuse a partition in which every user failed (an earlier attempt's)."""
+    None. `users`: the partition's users (records or ids). `retry_failed`: refuse a partition in
+    which every user failed (an earlier attempt's)."""
     record = read_done_record(writer, k)
     if record is None:
         return None
     ids = record.get("user_ids") or []
-    if sorted(ids) != sorted(u.user_id for u in users) or len(set(ids)) != len(ids):
+    want = sorted(u if isinstance(u, str) else u.user_id for u in users)
+    if sorted(ids) != want or len(set(ids)) != len(ids):
         log.warning("partition %d was made for other users; mapping it again", k)
         return None
     if retry_failed and users and record.get("failed", 0) >= len(users):
@@ -151,6 +219,17 @@ def adopt_partition(
         )
         return None
     return record
+
+
+def take_record(writer: RunWriter, k: int, record: Mapping[str, Any]) -> bool:
+    """Keep partition k as the worker that just mapped it in this job reported it (its done
+    record), without reading its files back; False when the record is not partition k's."""
+    files = record.get("files") or {}
+    if record.get("partition") != k or set(files) != set(part_keys(k).all()):
+        return False
+    for rel, entry in files.items():
+        writer.record_written(rel, entry)
+    return True
 
 
 def _restart(store: Store, run_id: str) -> None:
@@ -185,53 +264,88 @@ def begin_run(
     model: Mapping[str, Any],
     *,
     restart: bool = False,
+    update_from: str | None = None,
+    stage_input: StageInput | None = None,
     **store_options: Any,
 ) -> RunPlan:
     """Validate the input, open the run under its job spec (or refuse), write its rejects, and
     find the partitions left to map. `model`: `job.spec.model_identity(cfg)`. `restart` deletes
-    an uncommitted run's earlier attempts first."""
+    an uncommitted run's earlier attempts first. `update_from`: a committed run whose per-user
+    results are reused for users whose record is unchanged (`job.refresh`). `stage_input`: read
+    the input off this driver (the Ray driver's), partitions by a stable hash of the user id;
+    without it this driver reads the input and cuts partitions in input order."""
     t0 = time.perf_counter()
     # Before anything is written: refuse a store that would let a second writer replace the run.
     check_store(store, single_writer=cfg.storage.single_writer)
-    prepared = prepare_input(input_uri, cfg, **store_options)
-    if not prepared.users:
-        raise ValueError(f"{input_uri}: no valid user records ({len(prepared.rejects)} rejected)")
     layers = candidate_layers(int(model["num_layers"]), cfg.subspace)
-    spec = build_spec(cfg, prepared.users, prepared.n_input, layers, model)
-    partitions = partition_users(prepared.users, cfg.job.users_per_partition)
     committed = committed_manifest(store, run_id)
+    if committed is not None and restart:
+        raise RunImmutableError(
+            f"run {run_id} is committed: --restart cannot start it over; use a new run id"
+        )
+    prepared = partitions = staged = None
+    if stage_input is None or committed is not None:
+        # A committed run staged by the Ray driver is checked here too (read on this driver).
+        prepared = prepare_input(input_uri, cfg, **store_options)
+        if not prepared.users:
+            raise ValueError(f"{input_uri}: no valid user records ({len(prepared.rejects)} rejected)")
+        partitions = partition_users(prepared.users, cfg.job.users_per_partition)
     if committed is not None:
-        if restart:
-            raise RunImmutableError(
-                f"run {run_id} is committed: --restart cannot start it over; use a new run id"
-            )
-        if committed.job_spec is not None:
-            check_spec(run_id, committed.job_spec, spec, committed=True)
+        how = "hash" if stage_input is not None else "input_order"
+        spec = build_spec(
+            cfg, input_summary(prepared.users, prepared.n_input), layers, model, partitioning=how
+        )
+        recorded = committed.job_spec
+        if recorded is not None:
+            if stage_input is not None:  # partitioned by hash on the cluster: the input's digest differs
+                recorded, spec = {**recorded, "input": None}, {**spec, "input": None}
+            check_spec(run_id, recorded, spec, committed=True)
         _repair_latest(store, run_id, committed)
         return RunPlan(None, prepared, layers, partitions, [], spec, committed=committed)
     if restart:
         _restart(store, run_id)
     writer = RunWriter(store, run_id)
+    if stage_input is not None:
+        staged = stage_input(writer)
+        info = {
+            "records": staged.records,
+            "accepted": staged.records - staged.rejected,
+            "sha256": staged.sha256,
+        }
+        spec = build_spec(cfg, info, layers, model, partitioning="hash")
+        partition_ids = staged.partition_ids
+    else:
+        spec = build_spec(cfg, input_summary(prepared.users, prepared.n_input), layers, model)
+        partition_ids = [[u.user_id for u in p] for p in partitions]
+    source = None
+    if update_from is not None:
+        reader = RunReader(store, update_from)
+        check_refresh_source(update_from, reader.manifest.job_spec, spec)
+        spec["update_from"] = reader.run_id
+        source = open_source(reader, cfg.job.read_threads)
     spec_bytes = (json.dumps(spec, indent=1) + "\n").encode()
     try:
         writer.run_store.put_bytes(JOB_SPEC, spec_bytes, if_absent=True)
     except StoreConflictError:
         check_spec(run_id, json.loads(writer.run_store.get_bytes(JOB_SPEC)), spec, committed=False)
-    # Rejects are JSON-safe whatever the input held (repr of anything JSON cannot carry).
-    writer.put_jsonl(REJECTS, [json.loads(json.dumps(r.to_dict(), default=repr)) for r in prepared.rejects])
-    plan = RunPlan(writer, prepared, layers, partitions, [], spec)
-    for k, users in enumerate(partitions):
-        record = adopt_partition(writer, k, users)
+    if prepared is not None:
+        # Rejects are JSON-safe whatever the input held (repr of anything JSON cannot carry).
+        writer.put_jsonl(REJECTS, jsonl_safe_rows([r.to_dict() for r in prepared.rejects]))
+    plan = RunPlan(
+        writer, prepared, layers, partitions, [], spec, partition_ids, staged=staged, source=source
+    )
+    for k, ids in enumerate(partition_ids):
+        record = adopt_partition(writer, k, ids)
         if record is None:
             plan.todo.append(k)
         else:
-            plan.fingerprints[k] = record.get("fingerprint")
+            plan.adopted(k, record)
     plan.timings["load_s"] = time.perf_counter() - t0
     log.info(
         "run %s: %d users in %d partitions, %d to map",
         run_id,
-        len(prepared.users),
-        len(partitions),
+        sum(map(len, partition_ids)),
+        len(partition_ids),
         len(plan.todo),
     )
     return plan
@@ -241,7 +355,7 @@ def record_failed_partition(plan: RunPlan, k: int, reason: str) -> None:
     """Record partition k as failed as a whole (every user failed, with `reason`): it counts
     against the failure limit now and is mapped again by a rerun."""
     pairs, profiles = pairs_to_tables([])
-    users = [u.user_id for u in plan.partitions[k]]
+    users = list(plan.partition_ids[k])
     failures = [{"user_id": u, "reason": reason} for u in users]
     write_partition(plan.run_writer, k, pairs, profiles, failures, user_ids=users)
     plan.fingerprints[k] = None
@@ -280,22 +394,27 @@ def finish_run(
     writer = plan.run_writer
     for k in plan.todo:
         if k not in plan.fingerprints:  # mapped by this attempt's workers
-            record = adopt_partition(writer, k, plan.partitions[k], retry_failed=False)
+            record = adopt_partition(writer, k, plan.partition_ids[k], retry_failed=False)
             if record is not None:
-                plan.fingerprints[k] = record.get("fingerprint")
-    missing = [k for k in range(len(plan.partitions)) if k not in plan.fingerprints]
+                plan.adopted(k, record)
+    n_partitions = len(plan.partition_ids)
+    missing = [k for k in range(n_partitions) if k not in plan.fingerprints]
     if missing:
         raise JobFailedError(
             f"partitions {missing} did not complete; rerun with --run-id {writer.run_id} to resume"
         )
     fp = _one_fingerprint(plan, fingerprint)
+    if plan.source is not None:
+        try:
+            check_source_model(plan.source.reader, fp.to_dict())
+        except ValueError as exc:
+            raise JobFailedError(str(exc)) from None
     counts = {
-        "records": plan.prepared.n_input,
-        "accepted": len(plan.prepared.users),
-        "rejected": len(plan.prepared.rejects),
-        "partitions": len(plan.partitions),
-        "partitions_resumed": len(plan.partitions) - len(plan.todo),
+        **plan.counts,
+        "partitions": n_partitions,
+        "partitions_resumed": n_partitions - len(plan.todo),
         "partitions_failed": len(plan.failed_partitions),
+        "users_reused": sum(plan.reused.values()),
     }
     note = "; ".join(f"partition {k}: {why}" for k, why in sorted(plan.failed_partitions.items()))
     return reduce_and_publish(
@@ -303,12 +422,12 @@ def finish_run(
         cfg=cfg,
         layers=plan.layers,
         fingerprint=fp,
-        n_partitions=len(plan.partitions),
+        n_partitions=n_partitions,
         counts=counts,
         timings=plan.timings,
         max_user_failures=cfg.job.max_user_failures,
         calibrate=calibrate,
-        expected_user_ids=[u.user_id for u in plan.prepared.users],
+        expected_user_ids=[u for ids in plan.partition_ids for u in ids],
         failure_note=note,
         job_spec=plan.spec,
     )

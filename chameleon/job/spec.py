@@ -27,6 +27,7 @@ from chameleon.core.records import UserRecord
 from chameleon.data.model_mirror import is_mirrored, mirrored_config
 
 SPEC_VERSION = 1
+OLD_DEFAULTS = {"partitioning": "input_order"}
 RUNTIME_SECTIONS = ("job", "storage")
 """Config sections that change how the job runs, not what it makes (actors, retries, deadlines,
 S3 timeouts): free to change on resume. The partition size is recorded on its own."""
@@ -65,29 +66,32 @@ def model_identity(cfg: ChameleonConfig) -> dict[str, Any]:
     }
 
 
+def input_summary(users: Sequence[UserRecord], n_input: int) -> dict[str, Any]:
+    """The accepted records, canonical: what the partitions are cut from (whitespace or key order
+    in the file do not matter; any change of a user's data does)."""
+    return {"records": n_input, "accepted": len(users), "sha256": _sha256_json([u.to_dict() for u in users])}
+
+
 def build_spec(
     cfg: ChameleonConfig,
-    users: Sequence[UserRecord],
-    n_input: int,
+    input_info: Mapping[str, Any],
     layers: Sequence[int],
     model: Mapping[str, Any],
+    *,
+    partitioning: str = "input_order",
 ) -> dict[str, Any]:
-    """The spec of a run over the validated `users` (of `n_input` records) on `model`."""
+    """The spec of a run over an input (`input_summary`, or the Ray driver's staged digest) on
+    `model`; `partitioning`: `input_order` (the in-process driver) or `hash` (of the user id)."""
     config = {k: v for k, v in cfg.model_dump().items() if k not in RUNTIME_SECTIONS}
     return {
         "spec_version": SPEC_VERSION,
         "config_sha256": _sha256_json(config),
         "config": config,
-        # The accepted records, canonical: what the partitions are cut from (whitespace or key
-        # order in the file do not matter; any change of a user's data does).
-        "input": {
-            "records": n_input,
-            "accepted": len(users),
-            "sha256": _sha256_json([u.to_dict() for u in users]),
-        },
+        "input": dict(input_info),
         "model": dict(model),
         "prompt_version": prompts.PROMPT_VERSION,
         "partition_size": cfg.job.users_per_partition,
+        "partitioning": partitioning,
         "captured_layers": list(layers),
     }
 
@@ -105,12 +109,16 @@ def spec_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) ->
     """What differs between two specs, one phrase each (empty when they match)."""
     out = []
     for field, what in (
+        ("update_from", "source run of the refresh (--update-from)"),
         ("partition_size", "partition size (job.users_per_partition)"),
+        ("partitioning", "partitioning (input order: --local; user-id hash: Ray)"),
         ("captured_layers", "captured layers"),
         ("prompt_version", "prompt version"),
     ):
-        if recorded.get(field) != current.get(field):
-            out.append(f"{what} {recorded.get(field)} -> {current.get(field)}")
+        # Specs written before a field existed hold its only value then.
+        old, new = (spec.get(field, OLD_DEFAULTS.get(field)) for spec in (recorded, current))
+        if old != new:
+            out.append(f"{what} {old} -> {new}")
     old_in, new_in = recorded.get("input") or {}, current.get("input") or {}
     if old_in != new_in:
         out.append(
@@ -147,3 +155,19 @@ def check_spec(
     raise JobSpecMismatchError(
         f"run {run_id} was started from another job spec; differs in: {'; '.join(diffs)}. {remedy}"
     )
+
+
+def check_refresh_source(
+    source_id: str, recorded: Mapping[str, Any] | None, current: Mapping[str, Any]
+) -> None:
+    """Refuse (`JobSpecMismatchError`) a refresh from a run made under another spec than this
+    job's, its input, partition size and own source aside: its per-user results would differ."""
+    if not recorded:
+        raise JobSpecMismatchError(f"run {source_id} records no job spec: it cannot be refreshed")
+    free = {"input": None, "partition_size": None, "partitioning": None, "update_from": None}
+    diffs = spec_differences({**recorded, **free}, {**current, **free})
+    if diffs:
+        raise JobSpecMismatchError(
+            f"cannot refresh run {source_id}: it was made under another job spec; differs in: "
+            f"{'; '.join(diffs)}. Run without --update-from (a full run) instead"
+        )

@@ -10,11 +10,9 @@ Two deployments, one concern each:
 
 `ChameleonServer` wraps a `ModelServer` (chameleon.serving.replica, no Ray): the base model and,
 per bank layout, an `EditBank` on the model's device with an `EditCache` deciding which
-(run, group) edits occupy its rows. By default a continuous-batching `Engine`
-(chameleon.serving.engine) admits requests into its running batch at every decode step and
-retires them as they end; `engine: static` keeps the former `@serve.batch` path (a batch runs
-until its longest request ends). Either way every edited layer applies all rows' edits in one
-batched operation. Metrics go to Prometheus through `ray.serve.metrics`
+(run, group) edits occupy its rows. A continuous-batching `Engine` (chameleon.serving.engine)
+admits requests into its running batch at every decode step and retires them as they end; every
+edited layer applies all rows' edits in one batched operation. Metrics go to Prometheus through `ray.serve.metrics`
 (chameleon.serving.metrics); the response id is Serve's request id (the `X-Request-ID` header).
 
 Runs load from the store by id or through `latest` (polled every `refresh_interval_s` in a
@@ -34,19 +32,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import math
 import time
 import typing
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.serve import metrics as serve_metrics
 from ray.serve.exceptions import BackPressureError
@@ -64,15 +60,19 @@ from chameleon.serving.protocol import (
     ChatRequest,
     CompletionRequest,
     RequestBody,
+    chunk_body,
+    completion_body,
+    decode_body,
     generation_payload,
+    parse_request,
     public_error,
-    split_model,
+    response_headers,
     sse_line,
+    stream_head,
     timeout_error,
     usage_of,
-    validation_message,
 )
-from chameleon.serving.replica import Admission, ModelServer
+from chameleon.serving.replica import ModelServer
 from chameleon.serving.run_model import with_run_model
 
 log = logging.getLogger("chameleon.serving")
@@ -174,39 +174,10 @@ class ChameleonIngress:
             body += chunk
             if len(body) > limit:
                 raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            raise ApiError(400, f"request body is not valid JSON: {str(exc)[:200]}", "invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object", "invalid_json")
-        return data
+        return decode_body(bytes(body))
 
     def _parse(self, cls: type[RequestBody], data: dict[str, Any]) -> Any:
-        try:
-            req = cls.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(400, validation_message(exc), "invalid_request_body") from None
-        req.check()
-        base, group = split_model(req.model, self.cfg.model_name)
-        if base != self.cfg.model_name:
-            raise ApiError(
-                404,
-                f"model {req.model!r} does not exist; this server serves {self.cfg.model_name!r} "
-                f"(and '{self.cfg.model_name}:<group>' for a group's edit)",
-                "model_not_found",
-                param="model",
-            )
-        req.select_group(group)
-        asked = req.requested_max_tokens()
-        if asked is not None and asked > self.cfg.max_tokens_limit:
-            raise ApiError(
-                400,
-                f"max_tokens={asked} exceeds this server's limit of {self.cfg.max_tokens_limit}",
-                "max_tokens_too_large",
-                param="max_tokens",
-            )
-        return req
+        return parse_request(cls, data, self.cfg.model_name, self.cfg.max_tokens_limit)
 
     async def _start(self, payload: dict[str, Any], deadline: float):
         gen = self.streaming.generate.remote(payload)
@@ -235,10 +206,6 @@ class ChameleonIngress:
             out.retry_after = self.cfg.retry_after_s
         return out
 
-    @staticmethod
-    def _headers(pers: dict[str, Any]) -> dict[str, str]:
-        return {"x-chameleon-run": pers["run_id"] or "none", "x-chameleon-group": pers["group_id"] or "none"}
-
     async def _complete(self, request: Request, cls: type[RequestBody], kind: str):
         try:
             return await self._answer(request, cls, kind)
@@ -257,7 +224,7 @@ class ChameleonIngress:
         pers = start["personalization"]
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + _request_id()
         created = int(time.time())
-        headers = self._headers(pers)
+        headers = response_headers(pers)
         fingerprint = start.get("system_fingerprint")
         if req.stream:
             return StreamingResponse(
@@ -292,50 +259,14 @@ class ChameleonIngress:
         if end is None:
             raise ApiError(500, "the model replica ended the response early", "internal_error")
         usage = usage_of(start, end)
-        if kind == "chat":
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": end["finish_reason"],
-                "stop_reason": end.get("stop_reason"),
-                "logprobs": None,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "finish_reason": end["finish_reason"],
-                "stop_reason": end.get("stop_reason"),
-                "logprobs": None,
-            }
-            obj = "text_completion"
-        if req.return_token_ids:
-            choice["token_ids"] = ids
-        body = {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": req.model,
-            "system_fingerprint": fingerprint,
-            "choices": [choice],
-            "usage": usage,
-            "personalization": pers,
-        }
+        body = completion_body(req, kind, rid, created, fingerprint, text, ids, end, usage, pers)
         return JSONResponse(body, headers=headers)
 
     async def _sse(
         self, gen, start, req: RequestBody, kind: str, rid: str, created: int, deadline: float
     ) -> AsyncIterator[str]:
         pers = start["personalization"]
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        base = {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": req.model,
-            "system_fingerprint": start.get("system_fingerprint"),
-        }
+        base = stream_head(req, kind, rid, created, start.get("system_fingerprint"))
 
         def chunk(
             text: str | None,
@@ -344,25 +275,7 @@ class ChameleonIngress:
             first: bool = False,
             stop_reason: str | int | None = None,
         ) -> str:
-            if kind == "chat":
-                delta: dict[str, Any] = (
-                    {"role": "assistant", "content": text or ""}
-                    if first
-                    else ({"content": text} if text else {})
-                )
-                choice: dict[str, Any] = {
-                    "index": 0,
-                    "delta": delta,
-                    "finish_reason": finish,
-                    "logprobs": None,
-                }
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            if finish is not None:
-                choice["stop_reason"] = stop_reason
-            if ids is not None and req.return_token_ids:
-                choice["token_ids"] = ids
-            return sse_line({**base, "choices": [choice], "personalization": pers})
+            return sse_line(chunk_body(req, kind, base, pers, text, finish, ids, first, stop_reason))
 
         finished = timed_out = False
         try:
@@ -508,8 +421,6 @@ class ChameleonServer:
         _set_torch_threads(self.cfg)
         self.metrics = ServingMetrics(_serve_metric)
         self.core = ModelServer(self.cfg, store, self.metrics)
-        self._batch.set_max_batch_size(self.cfg.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.core.start_polling()
 
     def __del__(self) -> None:
@@ -524,19 +435,8 @@ class ChameleonServer:
         settings raise, so a typo fails the deploy instead of being ignored."""
         update = ServeUserConfig.model_validate(user_config or {})
         if update.run is not None and update.run != self.cfg.run:
-            await asyncio.to_thread(self._switch_run, update.run)
-
-    def _switch_run(self, run: str) -> None:
-        self.cfg.run = run  # the poller reads it: a pinned run is not polled once it is loaded
-        self.core.registry.requested = run
-        self.core.registry.refresh()
-        status = self.core.registry.status()
-        if status["run_id"] != (status["latest"] if run == "latest" else run):
-            log.error(
-                "asked to serve run %r; still serving %r: %s", run, status["run_id"], status["problems"]
-            )
-        else:
-            log.info("now serving run %s (requested %r)", status["run_id"], run)
+            # A run that cannot be loaded yet is retried by the poller until it is served.
+            await asyncio.to_thread(self.core.switch_run, update.run)
 
     async def health(self) -> dict[str, Any]:
         return self.core.health()
@@ -551,9 +451,9 @@ class ChameleonServer:
 
     async def check_health(self) -> None:
         """Serve's periodic probe: raising (or not answering within health_check_timeout_s) gets
-        the replica restarted. The probe runs on the default executor like every decode step, so
-        a wedged device or wedged decode threads fail it."""
-        await asyncio.to_thread(self.core.check_device)
+        the replica restarted. It fails when the decode loop is dead or stalled with requests
+        waiting (`engine_stall_timeout_s`), and hangs (so times out) when the device is wedged."""
+        await asyncio.to_thread(self.core.check_health)
 
     async def refresh(self) -> dict[str, Any]:
         """Check the store now (tests and operators; the poller does it every refresh_interval_s)."""
@@ -561,96 +461,10 @@ class ChameleonServer:
         return self.core.health()
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Events: one `start` (or `error`), then `delta`s, then `end`."""
-        try:
-            adm = await self.core.admit(payload)
-        except ApiError as exc:
-            yield exc.to_event()
-            return
-        except Exception as exc:
-            log.exception("admission failed")
-            yield ApiError(
-                500, f"internal error during admission: {type(exc).__name__}", "internal_error"
-            ).to_event()
-            return
-        texts: list[str] = []
-        ids: list[int] = []
-        n, finish, stop_reason, first_at = 0, None, None, None
-        want_ids = bool(payload.get("return_token_ids"))
-        try:  # from here on the pinned row is released on every exit path (finally)
-            yield {
-                "type": "start",
-                "personalization": adm.resolution.describe(),
-                "prompt_tokens": len(adm.item.prompt_ids),
-                "max_tokens": adm.item.max_tokens,
-                "system_fingerprint": self.core.system_fingerprint(adm.resolution),
-            }
-            async for chunk in self._chunks(adm):
-                if finish is not None:
-                    continue  # static path: drain (breaking out would orphan @serve.batch's future)
-                first_at = first_at or time.perf_counter()
-                text = "".join(d.text for d in chunk)
-                chunk_ids = [t for d in chunk for t in d.token_ids]
-                n += len(chunk_ids)
-                if chunk[-1].finish_reason:
-                    finish, stop_reason = chunk[-1].finish_reason, chunk[-1].stop_reason
-                if adm.stream:
-                    if text or want_ids:
-                        yield {"type": "delta", "text": text, "token_ids": chunk_ids}
-                else:
-                    texts.append(text)
-                    ids += chunk_ids
-                if finish is not None:
-                    if not adm.stream:
-                        yield {"type": "delta", "text": "".join(texts), "token_ids": ids}
-                    yield {
-                        "type": "end",
-                        "finish_reason": finish,
-                        "stop_reason": stop_reason,
-                        "completion_tokens": n,
-                    }
-            if finish is None:
-                raise RuntimeError("the engine ended before this request finished")
-        except Exception as exc:
-            log.exception("generation failed")
-            finish = "error"
-            yield ApiError(
-                500, f"internal error during generation: {type(exc).__name__}: {exc}", "internal_error"
-            ).to_event()
-        finally:
-            if self.core.engine is not None or not adm.started:
-                adm.release()  # continuous: the row has left (or is leaving) the batch
-            elif finish is None:
-                adm.cancelled = True  # static: the batch drops it at its next step, then releases
-            self._log_request(adm, n, finish or "cancelled", first_at)
-
-    async def _chunks(self, adm: Admission) -> AsyncIterator[Sequence[Any]]:
-        """The request's deltas, a list at a time, from the configured engine."""
-        if self.core.engine is not None:
-            async with contextlib.aclosing(self.core.stream(adm)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        else:
-            async for ev in self._batch(adm):
-                if ev is not None:
-                    yield [ev]
-
-    def _log_request(
-        self, adm: Admission, completion_tokens: int, finish: str, first_at: float | None
-    ) -> None:
-        latency = time.perf_counter() - adm.admitted_at
-        self.metrics.request_done(len(adm.item.prompt_ids), latency, finish)
-        if self.cfg.log_requests:
-            record = adm.log_record(_request_id(), completion_tokens, finish, first_at, latency)
-            log.info(json.dumps({**record, "engine": self.cfg.engine}))
-
-    # Called with no arguments (the bare form refuses async generators); sizes come from ServeConfig in __init__.
-    @serve.batch()
-    async def _batch(self, admissions: list[Admission]) -> AsyncIterator[list[Any]]:
-        """One call per batch: yields, per decode step, one event per request (StopIteration when done)."""
-        async with contextlib.aclosing(self.core.run_batch(admissions)) as steps:
-            async for results in steps:
-                yield results
+        """Events: one `start` (or `error`), then `delta`s, then `end` (`ModelServer.events`)."""
+        async with contextlib.aclosing(self.core.events(payload, _request_id)) as events:
+            async for ev in events:
+                yield ev
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,6 +94,13 @@ SERVE_FLAGS: tuple[Flag, ...] = (
         float,
     ),
     Flag("--log-requests", "log_requests", "one JSON log line per finished request", bool),
+    Flag("--max-prefill-tokens", "max_prefill_tokens", "prefill token budget of one engine step", int),
+    Flag(
+        "--engine-stall-timeout-s",
+        "engine_stall_timeout_s",
+        "health fails when requests wait and no decode step finished for this long",
+        float,
+    ),
     Flag("--edit-cache-size", "edit_cache_size", "group edits resident per replica", int),
     Flag("--max-prompt-tokens", "max_prompt_tokens", "longer prompts get 400", int),
     Flag("--max-tokens-limit", "max_tokens_limit", "largest max_tokens a request may ask", int),

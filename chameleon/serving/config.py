@@ -34,6 +34,8 @@ def _check_run(v: str) -> str:
 
 _MOVED_TO_MODEL = ("revision", "dtype", "device")
 """Top-level fields of earlier versions that now live in the `model` section."""
+_REMOVED = ("engine", "batch_wait_timeout_s")
+"""Fields of the retired `engine: static` path: one decode path (continuous batching) is left."""
 
 
 class ServeConfig(BaseModel):
@@ -68,17 +70,17 @@ class ServeConfig(BaseModel):
     `minimal`: only what the caller already knows (the run id, the group it named, `off`); whether a
     `user` is in the data and which group it is in stay hidden. `full`: the resolved group and
     its source (`user`, `fallback`), for trusted callers and tests."""
-    engine: Literal["continuous", "static"] = "continuous"
-    """`continuous`: one decode loop per replica admits waiting requests and retires finished
-    ones at every step (chameleon.serving.engine); `static`: `@serve.batch` batches that run
-    until their longest request ends (kept for comparison)."""
     max_batch_size: int = Field(32, ge=1, le=4096)
-    """Rows decoded together: the running batch of the continuous engine, or one `@serve.batch`
-    call of the static path."""
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=60.0)
-    """Static path: how long a batch waits to fill up before it starts."""
+    """Rows decoded together: the running batch of the replica's continuous-batching engine."""
+    max_prefill_tokens: int = Field(8192, ge=1)
+    """Prefill token budget of one engine step: rows admitted together × their longest prompt (as
+    vLLM's `max_num_batched_tokens`); a longer prompt is prefilled alone. Bounds the memory and
+    the time of a step, so a burst of long prompts never fails or stalls the running streams."""
+    engine_stall_timeout_s: float = Field(120.0, gt=0.0)
+    """The health check fails when requests wait and no decode step has finished for this long
+    (a wedged device or decode thread); a dead decode loop fails it at once."""
     stream_interval_s: float = Field(0.02, ge=0.0, le=1.0)
-    """Continuous engine: a stream's tokens after the first are gathered this long before they
+    """A stream's tokens after the first are gathered this long before they
     cross to the ingress (one message per interval instead of one per token; 0 = every token)."""
     log_requests: bool = True
     """One JSON log line per finished request (run, group, source, tokens, queue wait, latency)."""
@@ -144,6 +146,12 @@ class ServeConfig(BaseModel):
             if moved:
                 fields = ", ".join(f"model.{k}" for k in moved)
                 raise ValueError(f"{', '.join(moved)} belong in the model section now: set {fields}")
+            removed = [k for k in _REMOVED if k in data]
+            if removed:
+                raise ValueError(
+                    f"{', '.join(removed)}: removed with the static engine; every replica runs the "
+                    "continuous-batching engine (drop the setting)"
+                )
         return data
 
     @field_validator("model", mode="before")

@@ -1,4 +1,4 @@
-"""Per-sequence decoding rules shared by both serving engines, and the static-batch decoder.
+"""Per-sequence decoding rules of the serving engine (chameleon.serving.engine).
 
 No Ray and no web framework: importable and testable with torch alone.
 
@@ -8,8 +8,7 @@ No Ray and no web framework: importable and testable with torch alone.
   stop strings cut before they are streamed, incomplete UTF-8 characters held back.
 - `pick_tokens`: per-row logits processing (min_tokens, repetition/frequency/presence penalties,
   temperature, top-k, top-p, min-p) and greedy or seeded sampling.
-- `BatchDecoder`: the static path (`engine: static`): one batch of prompts decoded together until
-  its longest row ends. The continuous engine (chameleon.serving.engine) uses the same rules.
+- `left_pad`, `run_forward`: the batched forward with the KV cache and the rows' edits.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from typing import Any
 
 import torch
 
-from chameleon.core.edit import BoundEdits, EditBank
-from chameleon.core.model import model_device
+from chameleon.core.edit import BoundEdits
 
 
 @dataclass
@@ -124,7 +122,7 @@ class TextStream:
 
 @dataclass
 class SeqState:
-    """Decoding state of one sequence (both engines)."""
+    """Decoding state of one sequence."""
 
     item: GenItem
     stream: TextStream
@@ -162,176 +160,90 @@ class SeqState:
         return Delta(text, [token], finish, stop_reason)
 
 
-def pick_tokens(logits: torch.Tensor, seqs: Sequence[SeqState]) -> torch.Tensor:
-    """Next token per row of logits [B, V] (float32): argmax for plain greedy rows; the others get
-    their logits processors and, with a temperature, a draw from their own generator."""
+MIN_TEMPERATURE = 1e-2
+"""Temperatures in (0, 1e-2) are raised to this (as vLLM does): below it, float32 logits divided by
+the temperature overflow, and softmax of an overflowed row is NaN."""
+
+
+class SamplingError(ValueError):
+    """One row's logits cannot be sampled (undefined after its logits processors): that request
+    alone fails, with this message; the batch goes on."""
+
+
+def pick_tokens(logits: torch.Tensor, seqs: Sequence[SeqState]) -> tuple[torch.Tensor, dict[int, str]]:
+    """Next token per row of logits [B, V] (float32), and the rows that cannot be sampled
+    ({row index: reason}; their token is meaningless). Plain greedy rows take the argmax; the
+    others get their logits processors and, with a temperature, a draw from their own generator.
+    A row never fails the step: NaN or an empty distribution fails that row only."""
     out = torch.argmax(logits, dim=-1)
+    failed: dict[int, str] = {}
+    nan_rows = torch.isnan(logits).any(dim=-1).tolist()
     for j, s in enumerate(seqs):
-        it = s.item
-        if it.plain:
+        if nan_rows[j]:
+            failed[j] = "the model produced undefined (NaN) logits for this request"
             continue
-        x = logits[j].clone()
-        if it.min_tokens and s.n_generated < it.min_tokens:
-            banned = [t for t in (*(() if it.ignore_eos else s.eos), *it.stop_token_ids) if t < x.shape[0]]
-            if banned:
-                x[banned] = -float("inf")
-        if it.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(it.prompt_ids) | set(s.out_ids)), device=x.device)
-            v = x[seen]
-            x[seen] = torch.where(v < 0, v * it.repetition_penalty, v / it.repetition_penalty)
-        if (it.frequency_penalty or it.presence_penalty) and s.out_ids:
-            counts = torch.bincount(torch.tensor(s.out_ids, device=x.device), minlength=x.shape[0])
-            counts = counts[: x.shape[0]].to(x.dtype)
-            x -= it.frequency_penalty * counts + it.presence_penalty * (counts > 0).to(x.dtype)
-        if it.temperature <= 0:
-            out[j] = torch.argmax(x)
+        if s.item.plain:
             continue
-        x = x / it.temperature
-        if 0 < it.top_k < x.shape[0]:
-            kth = torch.topk(x, it.top_k).values[-1]
-            x = x.masked_fill(x < kth, -float("inf"))
-        probs = torch.softmax(x, dim=-1)
-        if it.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > it.top_p  # keeps at least one
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        if it.min_p > 0:
-            probs = probs.masked_fill(probs < it.min_p * probs.max(), 0.0)
-        out[j] = torch.multinomial(probs, 1, generator=s.generator)[0]
-    return out
+        try:
+            out[j] = _sample_row(logits[j], s)
+        except SamplingError as exc:
+            failed[j] = str(exc)
+        except Exception as exc:
+            failed[j] = f"sampling failed for this request ({type(exc).__name__})"
+    return out, failed
+
+
+def _sample_row(logits: torch.Tensor, s: SeqState) -> torch.Tensor:
+    it = s.item
+    x = logits.clone()
+    if it.min_tokens and s.n_generated < it.min_tokens:
+        banned = [t for t in (*(() if it.ignore_eos else s.eos), *it.stop_token_ids) if t < x.shape[0]]
+        if banned:
+            x[banned] = -float("inf")
+    if it.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(it.prompt_ids) | set(s.out_ids)), device=x.device)
+        v = x[seen]
+        x[seen] = torch.where(v < 0, v * it.repetition_penalty, v / it.repetition_penalty)
+    if (it.frequency_penalty or it.presence_penalty) and s.out_ids:
+        counts = torch.bincount(torch.tensor(s.out_ids, device=x.device), minlength=x.shape[0])
+        counts = counts[: x.shape[0]].to(x.dtype)
+        x -= it.frequency_penalty * counts + it.presence_penalty * (counts > 0).to(x.dtype)
+    if it.temperature <= 0:
+        return torch.argmax(_defined(x))
+    x = x / max(it.temperature, MIN_TEMPERATURE)
+    if 0 < it.top_k < x.shape[0]:
+        kth = torch.topk(x, it.top_k).values[-1]
+        x = x.masked_fill(x < kth, -float("inf"))
+    probs = torch.softmax(_defined(x), dim=-1)
+    if it.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > it.top_p  # keeps at least one
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    if it.min_p > 0:
+        probs = probs.masked_fill(probs < it.min_p * probs.max(), 0.0)
+    # Checked before the draw: on a GPU, NaN reaching the sampling kernel is a device-side assert
+    # that takes the whole CUDA context (every request of the replica) down with it.
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        raise SamplingError("the sampling settings of this request leave no token to sample")
+    return torch.multinomial(probs, 1, generator=s.generator)[0]
+
+
+def _defined(x: torch.Tensor) -> torch.Tensor:
+    """Logits safe for argmax/softmax: NaN fails the row, +inf becomes the largest finite value
+    (softmax of two +inf is NaN), a row with every token excluded fails."""
+    if bool(torch.isnan(x).any()):
+        raise SamplingError("the sampling settings of this request make its logits undefined (NaN)")
+    x = x.clamp(max=torch.finfo(x.dtype).max)
+    if bool(torch.isneginf(x).all()):
+        raise SamplingError("the sampling settings of this request exclude every token")
+    return x
 
 
 def forward_kwargs(model) -> tuple[str, bool]:
     """(name of the model's cache argument, whether it takes `logits_to_keep`)."""
     params = inspect.signature(model.forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
-
-
-class BatchDecoder:
-    """The static path: greedy or sampled decoding of one batch of prompts with the KV cache.
-
-    Prompts are left padded; positions follow the attention mask as in `generate()`, and a batch
-    without padding runs without a mask, so a request alone gives the same tokens as
-    `model.generate` (and `chameleon.core.generation.generate`) on that prompt. With a bank, batch row
-    i is edited by bank row `items[i].row` (row 0 rows are bit-exact base). Each `step()` returns
-    one `Delta` (or None) per item; finished sequences leave the batch at the next step.
-    """
-
-    def __init__(
-        self,
-        model,
-        tok,
-        items: Sequence[GenItem],
-        bank: EditBank | None = None,
-        eos_token_ids: Sequence[int] | None = None,
-    ) -> None:
-        if not items:
-            raise ValueError("nothing to decode")
-        self.model, self.tok, self.bank = model, tok, bank
-        self.device = model_device(model)
-        eos = list(eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tok))
-        self.seqs = [SeqState.new(item, tok, eos, self.device) for item in items]
-        self._cache_kw, self._keep_logits = forward_kwargs(model)
-        self._alive: list[int] = []
-        self._cache = self._mask = self._pos = self._next = None
-        self._edits: tuple[tuple[int, ...], BoundEdits] | None = None
-        self.forward_calls = 0
-
-    @property
-    def done(self) -> bool:
-        return all(s.finish is not None for s in self.seqs)
-
-    def cancel(self, i: int) -> None:
-        """Stop sequence i (the client went away); it leaves the batch at the next step."""
-        if self.seqs[i].finish is None:
-            self.seqs[i].finish = "cancelled"
-
-    def prefill(self) -> list[Delta | None]:
-        with torch.inference_mode():
-            prompts = [s.item.prompt_ids for s in self.seqs]
-            ids, mask, pos = left_pad(prompts, pad_id(self.tok, self.seqs[0].eos), self.device)
-            self._mask = mask if not bool(mask.all()) else None
-            self._alive = list(range(len(prompts)))
-            logits = self._forward(ids, pos)
-            self._pos = pos[:, -1]
-            return self._advance(logits)
-
-    def step(self) -> list[Delta | None]:
-        with torch.inference_mode():
-            self._prune()
-            if not self._alive:
-                return [None] * len(self.seqs)
-            B = len(self._alive)
-            if self._mask is not None:
-                self._mask = torch.cat([self._mask, self._mask.new_ones((B, 1))], dim=1)
-            self._pos = self._pos + 1
-            logits = self._forward(self._next[:, None], self._pos[:, None])
-            return self._advance(logits)
-
-    def run(self) -> list[tuple[str, list[int], str]]:
-        """Decode to the end; (text, token ids, finish reason) per item."""
-        texts = [""] * len(self.seqs)
-        ids: list[list[int]] = [[] for _ in self.seqs]
-        events = self.prefill()
-        while True:
-            for i, ev in enumerate(events):
-                if ev is not None:
-                    texts[i] += ev.text
-                    ids[i] += ev.token_ids
-            if self.done:
-                break
-            events = self.step()
-        return [(texts[i], ids[i], self.seqs[i].finish or "length") for i in range(len(self.seqs))]
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _forward(self, input_ids, position_ids):
-        rows = [self.seqs[i].item.row for i in self._alive]
-        self.forward_calls += 1
-        bound = None
-        if self.bank is not None and any(rows):
-            key = tuple(rows)
-            if self._edits is None or self._edits[0] != key:  # a new composition (rows left the batch)
-                self._edits = (key, self.bank.bind(rows))
-            bound = self._edits[1]
-        logits, self._cache = run_forward(
-            self.model,
-            input_ids,
-            position_ids,
-            self._mask,
-            self._cache,
-            bound,
-            self._cache_kw,
-            self._keep_logits,
-        )
-        return logits
-
-    def _advance(self, logits) -> list[Delta | None]:
-        alive = [self.seqs[i] for i in self._alive]
-        self._next = pick_tokens(logits, alive)
-        tokens = self._next.tolist()
-        events: list[Delta | None] = [None] * len(self.seqs)
-        for j, i in enumerate(self._alive):
-            s = self.seqs[i]
-            if s.finish is None:
-                events[i] = s.append(tokens[j])
-        return events
-
-    def _prune(self) -> None:
-        keep = [j for j, i in enumerate(self._alive) if self.seqs[i].finish is None]
-        if len(keep) == len(self._alive) or not keep:
-            if not keep:
-                self._alive = []
-            return
-        if not hasattr(self._cache, "batch_select_indices"):
-            return  # this cache cannot drop rows: keep computing the finished ones (ignored)
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self._cache.batch_select_indices(idx)
-        self._alive = [self._alive[j] for j in keep]
-        self._next, self._pos = self._next[idx], self._pos[idx]
-        if self._mask is not None:
-            self._mask = self._mask[idx]
 
 
 def pad_id(tok, eos: Sequence[int]) -> int:

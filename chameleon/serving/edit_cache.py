@@ -5,9 +5,7 @@ edits occupy its other rows. It is the "slots" tier of serving (vLLM's `max_lora
 LLM's `max_num_adapters_per_replica`): cold edits come from storage, warm ones are a row index.
 
     cache = EditCache(bank, capacity=256)
-    row = cache.acquire(key)                       # pinned row, or None on a miss
-    if row is None:
-        row = cache.install(key, load_edit(key), run.edit)   # pinned
+    row = await cache.pin(key, load_edit, run.edit, timeout)  # pinned
     ... run a batch that uses `row` ...
     cache.release(row)                             # once the batch is done with it
 
@@ -18,8 +16,12 @@ Rules:
   evicted, so a batch in flight always reads the edit it was admitted with, even when a newer run
   or another group wants the slot. When every row is pinned, `install` raises `CacheFullError`
   (the caller waits for a release: capacity is a scheduling constraint, not a failure).
-  `install_waiting` is that wait for asyncio callers: first come, first served, woken by
-  `release` (no polling); a waiter that is cancelled or times out passes its wake-up on.
+- `pin` is that wait for asyncio callers: one FIFO line for hits and misses. While anyone is in
+  line, a new request queues too, even for a resident key, so steady hits on resident groups
+  cannot starve a cold group: once a cold request has its edit and waits for a row, nobody behind
+  it is served until it has one. A request whose edit is still loading holds no row and blocks
+  nobody. Rows are handed to waiters under the lock when they come free (`release`), so no
+  wake-up is lost; a waiter that leaves (timeout, cancel) gives back a row handed to it.
 - Keys carry the run id, so the same group id of two runs is two entries: a switch of `latest`
   never serves one run's edit under another run's name.
 
@@ -30,7 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
 from chameleon.config import EditConfig
@@ -42,6 +45,22 @@ CacheKey = tuple[str, str]
 
 class CacheFullError(RuntimeError):
     """Every editable row is pinned by a batch in flight; retry after a release."""
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """A request in the line for a row."""
+
+    key: CacheKey
+    params: EditConfig
+    loop: asyncio.AbstractEventLoop
+    edit: Edit | None = None
+    """Set once loaded; a ticket without one holds no place in the line for a free row."""
+    loading: bool = False
+    row: int | None = None
+    """The row handed to it (pinned for it)."""
+    error: BaseException | None = None
+    wake: asyncio.Future[None] | None = None
 
 
 @dataclass
@@ -86,9 +105,8 @@ class EditCache:
         self._pins: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._stats = CacheStats(capacity=capacity, allocated=0, resident=0, pinned=0)
-        # Requests waiting for a row, oldest first; each a future resolved (on its own loop) when
-        # a row may have come free.
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Requests in line for a row, oldest first.
+        self._line: list[_Ticket] = []
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -130,11 +148,12 @@ class EditCache:
     # -- pin / install / release ---------------------------------------------------------------
 
     def acquire(self, key: CacheKey) -> int | None:
-        """Pin and return the key's row when resident (a hit, now most recent); None on a miss."""
+        """Pin and return the key's row when resident and nobody is in line (a hit, now most
+        recent); None otherwise (then `pin` waits in line)."""
         with self._lock:
             row = self._lru.get(key)
-            if row is None:
-                self._stats.misses += 1
+            if row is None or self._line:
+                self._stats.misses += row is None
                 return None
             self._lru.move_to_end(key)
             self._pins[row] += 1
@@ -186,74 +205,141 @@ class EditCache:
         return row
 
     def release(self, row: int) -> None:
-        """Drop one pin of `row` (taken by `acquire` or `install`)."""
+        """Drop one pin of `row` (taken by `acquire`, `install` or `pin`)."""
         with self._lock:
-            if self._pins.get(row, 0) <= 0:
-                raise ValueError(f"row {row} is not pinned")
-            self._pins[row] -= 1
-            if self._pins[row] == 0:
-                del self._pins[row]
-                self._wake_one_locked()
+            self._unpin_locked(row)
+            self._serve_locked()
+
+    def _unpin_locked(self, row: int) -> None:
+        if self._pins.get(row, 0) <= 0:
+            raise ValueError(f"row {row} is not pinned")
+        self._pins[row] -= 1
+        if self._pins[row] == 0:
+            del self._pins[row]
+
+    async def pin(
+        self,
+        key: CacheKey,
+        load: Callable[[], Awaitable[Edit]],
+        params: EditConfig | None = None,
+        timeout: float = 10.0,
+    ) -> int:
+        """The key's row, pinned: at once on a hit with nobody in line, else in FIFO order.
+        `load()` gives the edit and is awaited (once, while in line) only if the key is not
+        resident. Raises `CacheFullError` when no row came within `timeout` seconds,
+        `ValueError` for an edit the bank cannot hold, and whatever `load` raises."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        with self._lock:
+            row = self._lru.get(key)
+            if row is not None and not self._line:
+                self._lru.move_to_end(key)
+                self._pins[row] += 1
+                self._stats.hits += 1
+                return row
+            t = _Ticket(key, params or EditConfig(), loop)
+            self._stats.misses += row is None
+            self._line.append(t)
+            self._serve_locked()
+        try:
+            while True:
+                with self._lock:
+                    if t.error is not None:
+                        raise t.error
+                    if t.row is not None:
+                        return t.row
+                    must_load = t.edit is None and not t.loading and key not in self._lru
+                    if must_load:
+                        t.loading = True
+                    else:
+                        t.wake = loop.create_future()
+                if must_load:
+                    edit = await load()
+                    with self._lock:
+                        t.edit, t.loading = edit, False
+                        self._serve_locked()
+                    continue
+                await asyncio.wait_for(t.wake, max(0.0, deadline - loop.time()))
+        except BaseException as exc:
+            with self._lock:
+                if t in self._line:
+                    self._line.remove(t)
+                if t.row is not None:  # handed a row as we left: give it back
+                    self._unpin_locked(t.row)
+                    t.row = None
+                self._serve_locked()  # leaving may unblock those behind
+            if isinstance(exc, TimeoutError):
+                raise CacheFullError(
+                    f"all {self.capacity} edit rows stayed held by requests in flight for "
+                    f"{timeout:g} s; raise edit_cache_size or retry"
+                ) from None
+            raise
 
     async def install_waiting(
         self, key: CacheKey, edit: Edit, params: EditConfig | None, timeout: float
     ) -> int:
-        """`install`, waiting (FIFO, no polling) while every row is pinned; raises
-        `CacheFullError` after `timeout` seconds. A new request does not overtake earlier waiters
-        for a free row (it may still pin a row already holding its key)."""
-        params = params or EditConfig()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        woken = False
-        while True:
-            with self._lock:
-                if woken or not self._waiters or key in self._lru:
-                    try:
-                        return self._install_locked(key, edit, params)
-                    except CacheFullError:
-                        pass
-                fut: asyncio.Future[None] = loop.create_future()
-                # A waiter that was woken but lost the row to a hit keeps its place at the front.
-                (self._waiters.appendleft if woken else self._waiters.append)(fut)
-            try:
-                await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
-            except BaseException as exc:
-                with self._lock:
-                    if fut in self._waiters:
-                        self._waiters.remove(fut)
-                    else:  # a wake-up was meant for us: hand it to the next waiter
-                        self._wake_one_locked()
-                if isinstance(exc, TimeoutError):
-                    raise CacheFullError(
-                        f"all {self.capacity} edit rows stayed held by requests in flight for "
-                        f"{timeout:g} s; raise edit_cache_size or retry"
-                    ) from None
-                raise
-            woken = True
+        """`pin` with the edit at hand."""
 
-    def _wake_one_locked(self) -> None:
-        """Resolve the oldest waiter's future (thread-safe: on the loop that owns it). A waiter
-        that is gone by then passes the wake-up on, so none is lost."""
-        if not self._waiters:
-            return
-        fut = self._waiters.popleft()
+        async def loaded() -> Edit:
+            return edit
+
+        return await self.pin(key, loaded, params, timeout)
+
+    def _serve_locked(self) -> None:
+        """Hand rows to the line, oldest first: a resident key is pinned for its ticket; a loaded
+        edit is installed in a free or evictable row. Once a loaded ticket finds no row, nobody
+        behind it is served (no overtaking); tickets still loading are passed over."""
+        blocked = False
+        for t in list(self._line):
+            row = self._lru.get(t.key)
+            if row is None and t.edit is None:
+                if not t.loading:
+                    self._notify(t)  # its key was evicted while it waited: it loads now
+                continue
+            if blocked:
+                continue
+            if row is not None:
+                self._lru.move_to_end(t.key)
+                self._pins[row] += 1
+                self._stats.hits += 1
+            else:
+                try:
+                    row = self._install_locked(t.key, t.edit, t.params)
+                except CacheFullError:
+                    blocked = True
+                    continue
+                except ValueError as exc:
+                    t.error = exc
+                    self._line.remove(t)
+                    self._notify(t)
+                    continue
+            self._line.remove(t)
+            t.row = row
+            if not self._notify(t):  # its loop is gone: nobody will use the row
+                t.row = None
+                self._unpin_locked(row)
+
+    @staticmethod
+    def _notify(t: _Ticket) -> bool:
+        """Wake the ticket's waiter on its own loop (thread-safe); False when that loop is closed."""
+        fut = t.wake
+        if fut is None:
+            return True  # not waiting yet: it sees its row when it next looks
 
         def wake() -> None:
-            if fut.done():  # cancelled or timed out meanwhile
-                with self._lock:
-                    self._wake_one_locked()
-            else:
+            if not fut.done():
                 fut.set_result(None)
 
         try:
-            fut.get_loop().call_soon_threadsafe(wake)
-        except RuntimeError:  # its loop is closed: nobody waits there any more
-            self._wake_one_locked()
+            t.loop.call_soon_threadsafe(wake)
+        except RuntimeError:
+            return False
+        return True
 
     def waiting(self) -> int:
-        """Requests waiting for a row."""
+        """Requests in line for a row."""
         with self._lock:
-            return len(self._waiters)
+            return len(self._line)
 
     def discard_run(self, run_id: str) -> int:
         """Forget the unpinned entries of a run (their rows become free); returns how many.
@@ -266,5 +352,5 @@ class EditCache:
                 row = self._lru.pop(k)
                 del self._key_of[row]
                 self._free.append(row)
-                self._wake_one_locked()
+            self._serve_locked()
             return len(dropped)

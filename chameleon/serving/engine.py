@@ -4,19 +4,27 @@ No Ray and no web framework (torch alone). `Engine` owns a running batch with a 
 dedicated thread that, at every step:
 
 1. drops rows whose client went away (`abort`),
-2. admits waiting requests up to `max_running` rows: they are prefilled together in one forward
-   (left padded, each with its own edit) and their first token is emitted at once,
+2. admits waiting requests up to `max_running` rows and `max_prefill_tokens` padded prompt tokens
+   (a longer prompt is prefilled alone): they are prefilled together in one forward (left
+   padded, each with its own edit) and their first token is emitted at once; the rest wait for
+   the next step, so a burst of long prompts never stalls or swamps the running streams,
 3. merges them into the running batch: the KV tensors of both are left padded to a common length
    and concatenated along the batch; an attention mask hides the padding and explicit position
    ids keep each row's own positions, so a row's tokens do not depend on who shares its batch,
 4. runs one decode forward for every running row (each row's `EditBank` row applied in one
    batched operation: the per-row bank indices follow the rows as they join and leave),
 5. retires finished rows at once (their cache rows are dropped, and padding columns nobody
-   needs any more are trimmed).
+   needs any more are trimmed). A row whose logits cannot be sampled (`SamplingError`) is
+   retired alone with that error; the others go on.
 
 Requests of one bank layout share the batch; a request for another layout (a switch to a run
-with other edited layers) waits until no edited row of the previous layout runs (a "run switch").
-Rows without an edit (bank row 0) run with any layout.
+with other edited layers) waits until no edited row of the previous layout runs (a "run switch"):
+meanwhile no more rows of the old layout are admitted, and rows without an edit (bank row 0),
+which run with any layout, never wait for the switch.
+
+Health: `check` raises `EngineDeadError` when the loop has died (every waiting and running
+request was failed with it at once, and new ones are refused) or when requests wait and no step
+has finished for `stall_s`; the replica's health check calls it, so Serve replaces the replica.
 
 `stream()` is the asyncio side: it submits a request and yields lists of `Delta`s, the first
 token at once and later ones gathered over `stream_interval_s`, so a stream crosses the actor
@@ -41,6 +49,7 @@ from chameleon.core.model import model_device
 from chameleon.serving.decoder import (
     Delta,
     GenItem,
+    SamplingError,
     SeqState,
     forward_kwargs,
     left_pad,
@@ -55,6 +64,10 @@ log = logging.getLogger("chameleon.serving")
 
 class EngineError(RuntimeError):
     """The decode loop failed for the requests it was running (the loop itself goes on)."""
+
+
+class EngineDeadError(EngineError):
+    """The decode loop is gone or stalled: the replica cannot decode and must be replaced."""
 
 
 @dataclass(eq=False)
@@ -84,6 +97,7 @@ class Engine:
         eos_token_ids: Sequence[int],
         *,
         max_running: int = 32,
+        max_prefill_tokens: int = 8192,
         stream_interval_s: float = 0.02,
         metrics: ServingMetrics = NULL_METRICS,
     ) -> None:
@@ -92,6 +106,7 @@ class Engine:
         self.eos = list(eos_token_ids)
         self.pad = pad_id(tok, self.eos)
         self.max_running = max_running
+        self.max_prefill_tokens = max_prefill_tokens
         self.stream_interval_s = stream_interval_s
         self.metrics = metrics
         self._cache_kw, self._keep_logits = forward_kwargs(model)
@@ -99,6 +114,9 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._dead: str | None = None  # why the loop died (then every request is refused)
+        self._beat = time.monotonic()  # when the loop last started or finished a step
+        self._stepping = False  # a step is running (its new rows are neither waiting nor running)
         # The running batch (engine thread only): rows, KV cache, mask [B, L], last positions
         # [B], the tokens to feed next [B], the bank of its edited rows and their bound edits.
         self._running: list[Request] = []
@@ -116,6 +134,8 @@ class Engine:
             "run_switches": 0,
             "finished": 0,
             "aborted": 0,
+            "failed": 0,
+            "max_prefill_tokens_seen": 0,
         }
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -139,8 +159,12 @@ class Engine:
     ) -> Request:
         req = Request(SeqState.new(item, self.tok, self.eos, self.device), bank, sink)
         with self._cv:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
             if self._stopping:
                 raise EngineError("the engine is stopped")
+            if not self._waiting and not self._running:
+                self._beat = time.monotonic()  # an idle loop: the stall clock starts now
             self._waiting.append(req)
             self._cv.notify_all()
         self.start()
@@ -155,6 +179,33 @@ class Engine:
     def counts(self) -> dict[str, int]:
         with self._cv:
             return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    def check(self, stall_s: float) -> None:
+        """Raise `EngineDeadError` when the loop died, or when requests wait or run and no step
+        started or finished for `stall_s` seconds (a wedged device or thread)."""
+        with self._cv:
+            dead, beat = self._dead, self._beat
+            busy = bool(self._waiting or self._running or self._stepping)
+            thread, stopping = self._thread, self._stopping
+        if dead is not None:
+            raise EngineDeadError(dead)
+        if thread is not None and not thread.is_alive() and not stopping:
+            raise EngineDeadError("the decode thread is gone")
+        idle_for = time.monotonic() - beat
+        if busy and idle_for > stall_s:
+            raise EngineDeadError(
+                f"no decode step for {idle_for:.0f} s while requests wait (limit {stall_s:g} s)"
+            )
+
+    def state(self) -> dict[str, Any]:
+        """The loop's liveness for the status endpoint."""
+        with self._cv:
+            return {
+                "alive": self._dead is None
+                and (self._thread is None or self._thread.is_alive() or self._stopping),
+                "dead_reason": self._dead,
+                "seconds_since_step": round(time.monotonic() - self._beat, 3),
+            }
 
     async def stream(
         self, item: GenItem, bank: EditBank | None, interval_s: float | None = None
@@ -193,14 +244,36 @@ class Engine:
     # -- the loop (engine thread) ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # the loop itself broke (not one step): the engine is dead
+            log.exception("the decode loop died")
+            self._die(f"the decode loop died ({type(exc).__name__})")
+
+    def _die(self, reason: str) -> None:
+        """Fail every running and waiting request at once (503 for them, not a timeout minutes
+        later) and refuse new ones; `check` reports it, so the replica is replaced."""
+        with self._cv:
+            self._dead = reason
+            pending = [*self._running, *self._waiting]
+            self._waiting.clear()
+        err = EngineDeadError(reason)
+        for r in pending:
+            _tell(r, err)
+        self._reset()
+
+    def _run(self) -> None:
         while True:
             with self._cv:
                 while not self._stopping and not self._waiting and not self._running:
+                    self._beat = time.monotonic()
                     self._cv.wait()
                 if self._stopping:
                     break
+                self._beat = time.monotonic()
                 new = self._take()
                 waiting = len(self._waiting)
+                self._stepping = True
             try:
                 with torch.inference_mode():
                     self._drop_aborted()
@@ -215,26 +288,50 @@ class Engine:
                 for r in {*self._running, *new}:
                     _tell(r, err)
                 self._reset()
+            finally:
+                self._beat, self._stepping = time.monotonic(), False
         for r in [*self._running, *self._waiting]:
             _tell(r, EngineError("the engine stopped"))
 
     def _take(self) -> list[Request]:
-        """Waiting requests to admit now (FIFO; under the lock)."""
+        """Waiting requests to admit now (under the lock): FIFO within the free rows and the
+        prefill token budget (rows × longest prompt; a longer prompt goes alone). While a request
+        for another bank layout waits for the old layout's rows to finish, no more edited rows
+        are admitted (the old layout drains) but base rows are."""
         taken: list[Request] = []
         room = self.max_running - len(self._running)
-        while self._waiting and len(taken) < room:
-            r = self._waiting[0]
+        longest = 0
+        edited_running = any(x.row for x in self._running)
+        switch_pending = False
+        for r in self._waiting:
+            if len(taken) >= room:
+                break
             if r.aborted:
-                self._waiting.popleft()
-                self.stats["aborted"] += 1
                 continue
-            if r.row and r.bank is not self._bank:
-                if any(x.row for x in (*self._running, *taken)):
-                    break  # another layout's edited rows still run: wait for them to finish
-                self._bank, self._bound_valid = r.bank, False
-                self.stats["run_switches"] += 1
-                self.metrics.run_switch()
-            taken.append(self._waiting.popleft())
+            n = len(r.seq.item.prompt_ids)
+            if taken and (len(taken) + 1) * max(longest, n) > self.max_prefill_tokens:
+                break  # the rest joins at the next step, after one more decode of the running rows
+            if r.row:
+                if switch_pending:
+                    continue
+                if r.bank is not self._bank:
+                    if edited_running or any(x.row for x in taken):
+                        switch_pending = True  # wait for the old layout's rows to finish
+                        continue
+                    self._bank, self._bound_valid = r.bank, False
+                    self.stats["run_switches"] += 1
+                    self.metrics.run_switch()
+            taken.append(r)
+            longest = max(longest, n)
+        if taken or any(r.aborted for r in self._waiting):
+            chosen = set(map(id, taken))
+            self.stats["aborted"] += sum(1 for r in self._waiting if r.aborted and id(r) not in chosen)
+            self._waiting = collections.deque(
+                r for r in self._waiting if id(r) not in chosen and not r.aborted
+            )
+        if taken:
+            padded = len(taken) * longest
+            self.stats["max_prefill_tokens_seen"] = max(self.stats["max_prefill_tokens_seen"], padded)
         return taken
 
     def _bind(self, reqs: Sequence[Request]) -> BoundEdits | None:
@@ -257,8 +354,8 @@ class Engine:
             self._keep_logits,
         )
         self.stats["prefills"] += 1
-        tokens = pick_tokens(logits, [r.seq for r in new])
-        self._emit(new, tokens.tolist(), first=True)
+        tokens, failed = pick_tokens(logits, [r.seq for r in new])
+        self._emit(new, tokens.tolist(), failed, first=True)
         keep = [j for j, r in enumerate(new) if r.seq.finish is None]
         if not keep:
             return
@@ -299,15 +396,20 @@ class Engine:
         self._mask, self._pos = mask, pos
         self.stats["steps"] += 1
         self.metrics.batch_size(B)
-        self._next = pick_tokens(logits, [r.seq for r in self._running])
-        self._emit(self._running, self._next.tolist(), first=False)
+        self._next, failed = pick_tokens(logits, [r.seq for r in self._running])
+        self._emit(self._running, self._next.tolist(), failed, first=False)
         self._retire([j for j, r in enumerate(self._running) if r.seq.finish is None])
 
-    def _emit(self, reqs: Sequence[Request], tokens: list[int], first: bool) -> None:
+    def _emit(self, reqs: Sequence[Request], tokens: list[int], failed: dict[int, str], first: bool) -> None:
         now = time.perf_counter()
-        for r, t in zip(reqs, tokens, strict=True):
+        for j, (r, t) in enumerate(zip(reqs, tokens, strict=True)):
             if r.aborted:
                 self._cancel(r)
+                continue
+            if j in failed:  # this row alone: it leaves the batch with its error
+                r.seq.finish = "error"
+                self.stats["failed"] += 1
+                _tell(r, SamplingError(failed[j]))
                 continue
             delta = r.seq.append(t)
             if first:
@@ -381,7 +483,7 @@ def _layers(cache) -> list[Any]:
     if layers is None or any(not hasattr(x, "keys") or getattr(x, "is_sliding", False) for x in layers):
         raise EngineError(
             f"continuous batching needs a full dynamic KV cache, got {type(cache).__name__}; "
-            "use engine: static for this model"
+            "this model cannot be served by the continuous-batching engine"
         )
     return list(layers)
 

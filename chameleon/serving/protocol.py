@@ -132,9 +132,11 @@ UNSUPPORTED_PARAMETERS = {  # would change the answer: refused rather than ignor
 silently ignored). Fields outside this table and the model are ignored only when they cannot
 change the answer (`metadata`, `store`, `service_tier`, ...)."""
 
-RESERVED_TEMPLATE_KWARGS = frozenset(
-    {"tokenize", "add_generation_prompt", "conversation", "messages", "return_dict"}
-)
+TEMPLATE_KWARGS = {"enable_thinking": (True, False), "add_generation_prompt": (True,)}
+"""The `chat_template_kwargs` a request may set, and their allowed values: switches that
+templates document and that cannot inject text. Anything else (`chat_template`, a raw Jinja
+template the replica would render; `tools`; `documents`; unknown keys) gets 400, as in vLLM
+since GHSA-6fvq-23cw-5628. `add_generation_prompt` is always on here, as at the top level."""
 MAX_STOP_TOKEN_IDS = 16
 
 
@@ -276,12 +278,26 @@ class ChatRequest(RequestBody):
 
     def template_kwargs(self) -> dict[str, Any] | None:
         kw = self.chat_template_kwargs or None
-        if kw and RESERVED_TEMPLATE_KWARGS & set(kw):
-            bad = sorted(RESERVED_TEMPLATE_KWARGS & set(kw))
+        if not kw:
+            return None
+        unknown = sorted(k for k in kw if k not in TEMPLATE_KWARGS)
+        if unknown:
             raise ApiError(
-                400, f"chat_template_kwargs may not set {bad}", "invalid_value", param="chat_template_kwargs"
+                400,
+                f"chat_template_kwargs may only set {sorted(TEMPLATE_KWARGS)}; "
+                f"not supported: {[k[:40] for k in unknown[:5]]}",
+                "unsupported_parameter",
+                param="chat_template_kwargs",
             )
-        return kw
+        for k, v in kw.items():
+            if not any(v is ok for ok in TEMPLATE_KWARGS[k]):
+                raise ApiError(
+                    400,
+                    f"chat_template_kwargs.{k} must be one of {list(TEMPLATE_KWARGS[k])}",
+                    "invalid_value",
+                    param=f"chat_template_kwargs.{k}",
+                )
+        return dict(kw)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -322,6 +338,72 @@ class CompletionRequest(RequestBody):
                 400, "exactly one prompt per request is supported", "unsupported_parameter", param="prompt"
             )
         return self.prompt[0]
+
+
+def check_text(data: Any) -> None:
+    """400 for any string of a parsed body (keys included) that is not valid Unicode, such as a
+    lone surrogate (`"\\ud800"` is valid JSON): it could be neither tokenized nor sent back, so
+    it is refused before any work."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        obj, where = stack.pop()
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(
+                    400,
+                    f"{where or 'the body'} contains text that is not valid Unicode (a lone surrogate)",
+                    "invalid_text",
+                    param=where or None,
+                ) from None
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                stack.append((k, where or "body"))
+                label = k[:40] if k.isascii() and k.isprintable() else ascii(k[:40])  # never echo bad text
+                stack.append((v, f"{where}.{label}" if where else label))
+        elif isinstance(obj, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(obj))
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """A request body's JSON object: 400 for invalid JSON, a non-object, or undecodable text."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, f"request body is not valid JSON: {str(exc)[:200]}", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", "invalid_json")
+    check_text(data)
+    return data
+
+
+def parse_request(cls: type[RequestBody], data: dict[str, Any], served: str, max_tokens_limit: int) -> Any:
+    """A validated request of `cls` for the model named `served` (ApiError 4xx otherwise)."""
+    try:
+        req = cls.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, validation_message(exc), "invalid_request_body") from None
+    req.check()
+    base, group = split_model(req.model, served)
+    if base != served:
+        raise ApiError(
+            404,
+            f"model {req.model[:200]!r} does not exist; this server serves {served!r} "
+            f"(and '{served}:<group>' for a group's edit)",
+            "model_not_found",
+            param="model",
+        )
+    req.select_group(group)
+    asked = req.requested_max_tokens()
+    if asked is not None and asked > max_tokens_limit:
+        raise ApiError(
+            400,
+            f"max_tokens={asked} exceeds this server's limit of {max_tokens_limit}",
+            "max_tokens_too_large",
+            param="max_tokens",
+        )
+    return req
 
 
 def split_model(model: str, served: str) -> tuple[str, str | None]:
@@ -382,6 +464,7 @@ _PUBLIC_5XX = frozenset(
         "artifact_error",
         "replica_unavailable",
         "server_overloaded",
+        "engine_unavailable",
     }
 )
 """Codes of 5xx errors whose messages are written for clients (no internals in them)."""
@@ -405,6 +488,90 @@ def usage_of(start: dict[str, Any], end: dict[str, Any]) -> dict[str, int]:
     """OpenAI's `usage` from a generation's `start` and `end` events."""
     p, c = int(start["prompt_tokens"]), int(end["completion_tokens"])
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def response_headers(pers: dict[str, Any]) -> dict[str, str]:
+    """The `x-chameleon-*` headers of an answer (from its public personalization)."""
+    return {"x-chameleon-run": pers["run_id"] or "none", "x-chameleon-group": pers["group_id"] or "none"}
+
+
+def completion_body(
+    req: RequestBody,
+    kind: str,
+    rid: str,
+    created: int,
+    fingerprint: str | None,
+    text: str,
+    ids: list[int],
+    end: dict[str, Any],
+    usage: dict[str, int],
+    pers: dict[str, Any],
+) -> dict[str, Any]:
+    """The body of a whole (non-streamed) chat or text completion."""
+    choice: dict[str, Any] = {"index": 0}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice.update(
+        {"finish_reason": end["finish_reason"], "stop_reason": end.get("stop_reason"), "logprobs": None}
+    )
+    if req.return_token_ids:
+        choice["token_ids"] = ids
+    return {
+        "id": rid,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": req.model,
+        "system_fingerprint": fingerprint,
+        "choices": [choice],
+        "usage": usage,
+        "personalization": pers,
+    }
+
+
+def chunk_body(
+    req: RequestBody,
+    kind: str,
+    head: dict[str, Any],
+    pers: dict[str, Any],
+    text: str | None,
+    finish: str | None,
+    ids: list[int] | None = None,
+    first: bool = False,
+    stop_reason: str | int | None = None,
+) -> dict[str, Any]:
+    """One streamed chunk; `head` is `stream_head(...)` of the stream."""
+    if kind == "chat":
+        delta: dict[str, Any] = (
+            {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+        )
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+    if finish is not None:
+        choice["stop_reason"] = stop_reason
+    if ids is not None and req.return_token_ids:
+        choice["token_ids"] = ids
+    return {**head, "choices": [choice], "personalization": pers}
+
+
+def stream_head(
+    req: RequestBody, kind: str, rid: str, created: int, fingerprint: str | None
+) -> dict[str, Any]:
+    """The fields every chunk of a stream repeats."""
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": req.model,
+        "system_fingerprint": fingerprint,
+    }
+
+
+def json_bytes(obj: dict[str, Any]) -> bytes:
+    """A JSON body as the app sends it (Starlette's `JSONResponse` encoding)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
 
 
 def sse_line(obj: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ serving. No Ray here.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -39,9 +40,15 @@ class LoadedRun:
 
 
 def load_run(
-    store: Store, run_id: str, fingerprint: ModelFingerprint, num_layers: int, fallback_group: str | None
+    store: Store,
+    run_id: str,
+    fingerprint: ModelFingerprint,
+    num_layers: int,
+    fallback_group: str | None,
+    group_cache_size: int | None = None,
 ) -> LoadedRun:
     """Open a committed run for serving: model check, manifest sanity, assignments (checksummed).
+    `group_cache_size` bounds the group edits its `PublishedRun` keeps in host memory.
 
     The manifest's types (site, positions, rank, group ids) are checked when it is read
     (`chameleon.data.manifest`); what depends on the loaded model is checked here."""
@@ -57,7 +64,11 @@ def load_run(
         raise ArtifactError(
             f"run {run_id!r} captured layers {list(spec.layers)} outside the model's {num_layers}"
         )
-    published = PublishedRun(reader)
+    if not (math.isfinite(m.edit.alpha) and math.isfinite(m.edit.beta)):
+        raise ArtifactError(
+            f"run {run_id!r} has non-finite edit strengths alpha/beta {m.edit.alpha}/{m.edit.beta}"
+        )
+    published = PublishedRun(reader, group_cache_size=group_cache_size)
     assignments = published.assignments()  # verified against the manifest's checksum
     user_groups = {str(u): str(row["group_id"]) for u, row in assignments.items()}
     run = LoadedRun(
@@ -94,8 +105,10 @@ class RunRegistry:
         fingerprint: ModelFingerprint,
         num_layers: int,
         fallback_group: str | None,
+        group_cache_size: int | None = None,
     ) -> None:
         self.store = store
+        self.group_cache_size = group_cache_size
         self.requested = run
         self.fingerprint = fingerprint
         self.num_layers = num_layers
@@ -128,7 +141,14 @@ class RunRegistry:
             if target in self.refused:
                 return False
             try:
-                run = load_run(self.store, target, self.fingerprint, self.num_layers, self.fallback_group)
+                run = load_run(
+                    self.store,
+                    target,
+                    self.fingerprint,
+                    self.num_layers,
+                    self.fallback_group,
+                    self.group_cache_size,
+                )
             except RunNotFoundError as exc:
                 self.last_error = str(exc)
                 return False
@@ -146,6 +166,11 @@ class RunRegistry:
                 "serving run %s (%d groups, %d users)", run.run_id, len(run.group_ids), len(run.user_groups)
             )
             return True
+
+    def on_pinned_run(self) -> bool:
+        """A pinned run (not `latest`) is requested and is the one being served."""
+        run = self.current
+        return self.requested != "latest" and run is not None and run.run_id == self.requested
 
     def record_artifact_error(self, message: str) -> None:
         self.artifact_errors.append((time.time(), message))
@@ -165,6 +190,7 @@ class RunRegistry:
             "requested_run": self.requested,
             "latest": self.target,
             "run_id": run.run_id if run else None,
+            "on_target": run is not None and run.run_id == self.target,
             "run": None
             if run is None
             else {

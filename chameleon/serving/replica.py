@@ -4,25 +4,21 @@
 *admitted* once (`admit`): its prompt is tokenized within the limits, its run and group are
 resolved against the run being served at that moment, and its bank row is pinned in the
 `EditCache` of that run's bank layout, so a switch of `latest` never mixes runs inside one request
-and never evicts a row a batch still reads. Then one of two engines decodes it:
-
-- `stream` (`engine: continuous`, the default): the replica's `Engine` (chameleon.serving.engine)
-  joins it to the running batch at the next step and retires it as soon as it ends;
-- `run_batch` (`engine: static`): requests gathered by `@serve.batch` are decoded together until
-  the longest ends, one `BatchDecoder` per bank layout (normally one).
-
-Either way greedy and sampled requests of many groups share every forward pass. The caller
-releases the pinned row (`Admission.release`, idempotent) on every exit path.
+and never evicts a row a batch still reads. Then `stream` hands it to the replica's `Engine`
+(chameleon.serving.engine), which joins it to the running batch at the next step and retires it
+as soon as it ends: greedy and sampled requests of many groups share every forward pass. The
+caller releases the pinned row (`Admission.release`, idempotent) on every exit path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +32,9 @@ from chameleon.data.capabilities import check_store
 from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store, StoreError, open_store
 from chameleon.serving.config import ServeConfig
-from chameleon.serving.decoder import BatchDecoder, Delta, GenItem, default_eos_ids
+from chameleon.serving.decoder import Delta, GenItem, SamplingError, default_eos_ids
 from chameleon.serving.edit_cache import CacheFullError, EditCache
-from chameleon.serving.engine import Engine
+from chameleon.serving.engine import Engine, EngineDeadError
 from chameleon.serving.metrics import NULL_METRICS, ServingMetrics
 from chameleon.serving.protocol import ApiError
 from chameleon.serving.registry import BankSpec, LoadedRun, RunRegistry
@@ -74,8 +70,6 @@ class Admission:
     stream: bool
     admitted_at: float = 0.0
     """`time.perf_counter()` when admission finished."""
-    started: bool = False
-    cancelled: bool = False
     released: bool = False
 
     def log_record(
@@ -108,7 +102,7 @@ def _edit_unusable() -> ApiError:
 
 
 class ModelServer:
-    """Model, tokenizer, runs, edit caches and batch planning of one replica (no Ray)."""
+    """Model, tokenizer, runs, edit caches and the engine of one replica (no Ray)."""
 
     def __init__(
         self, cfg: ServeConfig, store: Store | None = None, metrics: ServingMetrics = NULL_METRICS
@@ -133,7 +127,12 @@ class ModelServer:
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self.torch_threads = torch.get_num_threads()
         self.registry = RunRegistry(
-            self.store, cfg.run, self.fingerprint, self.num_layers, cfg.fallback_group
+            self.store,
+            cfg.run,
+            self.fingerprint,
+            self.num_layers,
+            cfg.fallback_group,
+            group_cache_size=cfg.edit_cache_size,
         )
         self._caches: dict[BankSpec, EditCache] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
@@ -141,26 +140,17 @@ class ModelServer:
         # executor that runs every decode step (and tokenization).
         self._load_pool = ThreadPoolExecutor(cfg.edit_load_workers, thread_name_prefix="chameleon-edit-load")
         self._failed: dict[tuple[str, str], tuple[float, ApiError]] = {}  # key -> (until, answer)
-        self.stats = {
-            "batches": 0,
-            "requests": 0,
-            "max_batch": 0,
-            "max_groups_in_batch": 0,
-            "last_batch": None,
-            "generated_tokens": 0,
-        }
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self.engine: Engine | None = None
-        if cfg.engine == "continuous":
-            self.engine = Engine(
-                self.model,
-                self.tok,
-                self.eos_ids,
-                max_running=cfg.max_batch_size,
-                stream_interval_s=cfg.stream_interval_s,
-                metrics=metrics,
-            )
+        self.engine = Engine(
+            self.model,
+            self.tok,
+            self.eos_ids,
+            max_running=cfg.max_batch_size,
+            max_prefill_tokens=cfg.max_prefill_tokens,
+            stream_interval_s=cfg.stream_interval_s,
+            metrics=metrics,
+        )
         self.registry.refresh()
 
     # -- background refresh ------------------------------------------------------------------
@@ -172,17 +162,31 @@ class ModelServer:
 
     def stop_polling(self) -> None:
         self._stop.set()
-        if self.engine is not None:
-            self.engine.stop()
+        self.engine.stop()
 
     def _poll(self) -> None:
         while not self._stop.wait(self.cfg.refresh_interval_s):
-            if self.cfg.run != "latest" and self.registry.current is not None:
-                continue  # a pinned run never changes
-            try:
+            if self.registry.on_pinned_run():
+                continue  # a pinned run that is being served never changes
+            try:  # `latest`, or a pinned run not loaded yet: retried until it is served
                 self.registry.refresh()
             except Exception:  # never let the poller die
                 log.exception("run refresh failed")
+
+    def switch_run(self, run: str) -> None:
+        """Serve `run` (an id, or `latest` to follow the pointer) from now on. Tried at once; when
+        it cannot be loaded yet (not published, a store error) the current run keeps serving and
+        the poller retries every `refresh_interval_s` until it is served (or refused for good)."""
+        self.cfg.run = run
+        self.registry.requested = run
+        self.registry.refresh()
+        status = self.registry.status()
+        if not status["on_target"]:
+            log.error(
+                "asked to serve run %r; still serving %r: %s", run, status["run_id"], status["problems"]
+            )
+        else:
+            log.info("now serving run %s (requested %r)", status["run_id"], run)
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -207,12 +211,9 @@ class ModelServer:
             messages = payload["messages"]
             if getattr(self.tok, "chat_template", None):
                 try:
-                    text = self.tok.apply_chat_template(
-                        messages,
-                        tokenize=False,
-                        add_generation_prompt=True,
-                        **(payload.get("chat_template_kwargs") or {}),
-                    )
+                    # Only the allow-listed, value-checked kwargs (protocol.TEMPLATE_KWARGS) get here.
+                    kwargs = {"add_generation_prompt": True, **(payload.get("chat_template_kwargs") or {})}
+                    text = self.tok.apply_chat_template(messages, tokenize=False, **kwargs)
                 except Exception as exc:  # jinja raises for conversations the template rejects
                     raise ApiError(
                         400,
@@ -339,34 +340,119 @@ class ModelServer:
         )
 
     def system_fingerprint(self, res: Resolution) -> str:
-        """What produced an answer: the run served (or `base`) and the model's fingerprint."""
-        run = res.run.run_id if res.run is not None and res.group_id is not None else "base"
+        """What produced an answer: the run in effect (`base` when the request turned
+        personalization off or no run is served) and the model's fingerprint. It never depends on
+        whether the request's `user` is in the run (that would tell any key holder who is)."""
+        run = res.run.run_id if res.run is not None and res.source != "off" else "base"
         return f"{run}@{self.fingerprint.weights_sha256[:16]}"
 
+    async def events(
+        self, payload: dict[str, Any], request_id: Callable[[], str] = lambda: ""
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One request, as events for the ingress: `start` (or `error`), then `delta`s, then
+        `end` (or `error`). Errors are events, never exceptions: a request's own bad settings
+        (`SamplingError`) are its 400, a dead engine is 503, anything else 500."""
+        try:
+            adm = await self.admit(payload)
+        except ApiError as exc:
+            yield exc.to_event()
+            return
+        except Exception as exc:
+            log.exception("admission failed")
+            yield ApiError(
+                500, f"internal error during admission: {type(exc).__name__}", "internal_error"
+            ).to_event()
+            return
+        texts: list[str] = []
+        ids: list[int] = []
+        n, finish, stop_reason, first_at = 0, None, None, None
+        want_ids = bool(payload.get("return_token_ids"))
+        try:  # from here on the pinned row is released on every exit path (finally)
+            yield {
+                "type": "start",
+                "personalization": adm.resolution.describe(),
+                "prompt_tokens": len(adm.item.prompt_ids),
+                "max_tokens": adm.item.max_tokens,
+                "system_fingerprint": self.system_fingerprint(adm.resolution),
+            }
+            async for chunk in self.stream(adm):
+                first_at = first_at or time.perf_counter()
+                text = "".join(d.text for d in chunk)
+                chunk_ids = [t for d in chunk for t in d.token_ids]
+                n += len(chunk_ids)
+                if chunk[-1].finish_reason:
+                    finish, stop_reason = chunk[-1].finish_reason, chunk[-1].stop_reason
+                if adm.stream:
+                    if text or want_ids:
+                        yield {"type": "delta", "text": text, "token_ids": chunk_ids}
+                else:
+                    texts.append(text)
+                    ids += chunk_ids
+                if finish is not None:
+                    if not adm.stream:
+                        yield {"type": "delta", "text": "".join(texts), "token_ids": ids}
+                    yield {
+                        "type": "end",
+                        "finish_reason": finish,
+                        "stop_reason": stop_reason,
+                        "completion_tokens": n,
+                    }
+            if finish is None:
+                raise RuntimeError("the engine ended before this request finished")
+        except SamplingError as exc:  # this request's sampling settings: it alone fails
+            finish = "error"
+            yield ApiError(400, str(exc), "invalid_sampling").to_event()
+        except EngineDeadError:
+            finish = "error"
+            yield ApiError(
+                503,
+                "the model replica's decode engine failed; retry (it is being replaced)",
+                "engine_unavailable",
+            ).to_event()
+        except Exception as exc:
+            log.exception("generation failed")
+            finish = "error"
+            yield ApiError(
+                500, f"internal error during generation: {type(exc).__name__}: {exc}", "internal_error"
+            ).to_event()
+        finally:
+            adm.release()  # the row has left (or is leaving) the batch
+            self._log_request(adm, n, finish or "cancelled", first_at, request_id)
+
+    def _log_request(
+        self,
+        adm: Admission,
+        completion_tokens: int,
+        finish: str,
+        first_at: float | None,
+        request_id: Callable[[], str],
+    ) -> None:
+        latency = time.perf_counter() - adm.admitted_at
+        self.metrics.request_done(len(adm.item.prompt_ids), latency, finish)
+        if self.cfg.log_requests:
+            record = adm.log_record(request_id(), completion_tokens, finish, first_at, latency)
+            log.info(json.dumps(record))
+
     async def stream(self, adm: Admission) -> AsyncIterator[list[Delta]]:
-        """Continuous engine: the request's deltas, gathered per `stream_interval_s`. Leaving
-        early aborts its row; the caller releases the pinned bank row."""
-        if self.engine is None:
-            raise RuntimeError("this replica runs the static path (engine: static)")
-        adm.started = True
+        """The request's deltas from the engine, gathered per `stream_interval_s`. Leaving early
+        aborts its row; the caller releases the pinned bank row."""
         bank = adm.cache.bank if adm.cache is not None and adm.item.row else None
         async with contextlib.aclosing(self.engine.stream(adm.item, bank)) as chunks:
             async for chunk in chunks:
-                self.stats["generated_tokens"] += sum(len(d.token_ids) for d in chunk)
                 yield chunk
 
     async def _acquire(self, cache: EditCache, run: LoadedRun, group_id: str) -> int:
         """Pin the group's row, loading its edit on a miss. One deadline, `admission_timeout_s`,
         covers the load and the wait for a free row (FIFO); past it: 503 with Retry-After."""
         key = (run.run_id, group_id)
-        row = cache.acquire(key)
-        if row is not None:
-            return row
         deadline = time.monotonic() + self.cfg.admission_timeout_s
-        edit = await self._load(run, group_id, deadline)
+
+        async def load() -> Edit:
+            return await self._load(run, group_id, deadline)
+
         try:
-            # Pins the key's row if another request installed it meanwhile.
-            return await cache.install_waiting(key, edit, run.edit, max(0.0, deadline - time.monotonic()))
+            # One FIFO line for hits and misses; the edit loads (only if needed) while in line.
+            return await cache.pin(key, load, run.edit, self.cfg.admission_timeout_s)
         except CacheFullError:
             raise ApiError(
                 503, "every edit slot is busy with requests in flight; retry shortly", "edit_slots_busy"
@@ -427,111 +513,32 @@ class ModelServer:
             )
             raise self._remember_failure(key, _edit_unusable()) from None
 
-    # -- batches -------------------------------------------------------------------------------
-
-    def plan(self, admissions: Sequence[Admission]) -> list[tuple[BatchDecoder, list[int]]]:
-        """One decoder per bank layout in the batch (normally one); base requests join the first."""
-        groups: dict[BankSpec | None, list[int]] = {}
-        for i, a in enumerate(admissions):
-            groups.setdefault(a.spec if a.item.row else None, []).append(i)
-        plain = groups.pop(None, [])
-        plans = []
-        for n, (spec, idxs) in enumerate(groups.items()):
-            if n == 0:
-                idxs = sorted(idxs + plain)
-                plain = []
-            bank = self._caches[spec].bank
-            items = [admissions[i].item for i in idxs]
-            plans.append((BatchDecoder(self.model, self.tok, items, bank, self.eos_ids), idxs))
-        if plain:
-            items = [admissions[i].item for i in plain]
-            plans.append((BatchDecoder(self.model, self.tok, items, None, self.eos_ids), plain))
-        groups_in_batch = {
-            (a.resolution.run.run_id if a.resolution.run else None, a.resolution.group_id)
-            for a in admissions
-            if a.item.row
-        }
-        s = self.stats
-        s["batches"] += 1
-        s["requests"] += len(admissions)
-        s["max_batch"] = max(s["max_batch"], len(admissions))
-        s["max_groups_in_batch"] = max(s["max_groups_in_batch"], len(groups_in_batch))
-        s["last_batch"] = {
-            "requests": len(admissions),
-            "groups": len(groups_in_batch),
-            "forwards": len(plans),
-        }
-        return plans
-
-    async def run_batch(self, admissions: list[Admission]) -> AsyncIterator[list[Any]]:
-        """Decode admitted requests together: yields, per decode step, one event per request
-        (a `Delta`, None, or StopIteration once it is done). Releases every row at the end."""
-        n = len(admissions)
-        for a in admissions:
-            a.started = True
-        done = [a.released for a in admissions]  # released = cancelled before the batch began
-        try:
-            live = [i for i in range(n) if not done[i]]
-            plans: list[tuple[BatchDecoder, list[int]]] = []
-            if live:
-                plans = [
-                    (dec, [live[k] for k in idxs]) for dec, idxs in self.plan([admissions[i] for i in live])
-                ]
-
-            def run_all(first: bool) -> list[Any]:
-                out: list[Any] = [None] * n
-                for dec, idxs in plans:
-                    if dec.done:
-                        continue
-                    for k, i in enumerate(idxs):
-                        if admissions[i].cancelled:
-                            dec.cancel(k)
-                    events = dec.prefill() if first else dec.step()
-                    for k, i in enumerate(idxs):
-                        out[i] = events[k]
-                return out
-
-            first = True
-            while plans and not all(dec.done for dec, _ in plans):
-                events = await asyncio.to_thread(run_all, first)
-                first = False
-                results: list[Any] = []
-                for i in range(n):
-                    if done[i]:
-                        results.append(StopIteration)
-                        continue
-                    ev = events[i]
-                    if ev is not None:
-                        self.stats["generated_tokens"] += len(ev.token_ids)
-                        if ev.finish_reason:
-                            done[i] = True
-                    results.append(ev)
-                yield results
-        finally:
-            for a in admissions:
-                a.release()
-
-    def check_device(self) -> None:
-        """A tiny operation on the model's device, run where decode steps run: it hangs (and the
-        caller's timeout fires) when the device or every decode thread is wedged."""
+    def check_health(self) -> None:
+        """Serve's probe: raises when the engine's decode loop is dead or stalled with work
+        waiting (`EngineDeadError`), then runs a tiny operation on the model's device (it hangs,
+        and the caller's timeout fires, when the device is wedged)."""
+        self.engine.check(self.cfg.engine_stall_timeout_s)
         torch.zeros(1, device=self.device).add_(1).item()
 
     def status(self) -> str:
         """`ok`, `degraded` or `unavailable`: all that unauthenticated callers learn."""
+        if not self.engine.state()["alive"]:
+            return "unavailable"
         return self.registry.status()["status"]
 
     def health(self) -> dict[str, Any]:
         """Details for operators (behind the key): runs, problems, caches, batching."""
         status = self.registry.status()
         batching: dict[str, Any] = {
-            "engine": self.cfg.engine,
             "max_batch_size": self.cfg.max_batch_size,
+            "stream_interval_s": self.cfg.stream_interval_s,
+            **self.engine.stats,
+            **self.engine.counts(),
         }
-        if self.engine is not None:
-            batching.update({**self.engine.stats, **self.engine.counts()})
-            batching["stream_interval_s"] = self.cfg.stream_interval_s
-        else:
-            batching.update({**self.stats, "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s})
+        engine = self.engine.state()
+        if not engine["alive"]:
+            status["status"] = "unavailable"
+            status["problems"].append(f"the decode engine is dead: {engine['dead_reason']}")
         status.update(
             {
                 "model": self.cfg.model_name,
@@ -550,6 +557,7 @@ class ModelServer:
                     for spec, cache in self._caches.items()
                 ],
                 "batching": batching,
+                "engine": engine,
             }
         )
         return status

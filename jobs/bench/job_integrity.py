@@ -2,7 +2,7 @@
 poison input, forgetting users, group privacy and driver memory.
 
     python jobs/bench/job_integrity.py [--only NAME ...] [--users 24] [--poison-users 100]
-        [--mem-sizes 1000,10000] [--out FILE]
+        [--mem-sizes 1000,10000] [--smoke] [--out FILE]
 
 Everything runs on loopback: a local Ray, a SeaweedFS with generated keys, and a tiny random Llama
 (hidden 64, 4 layers) with the embedded model's real tokenizer; the privacy and memory checks use
@@ -64,7 +64,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from common import parser, report, stub_manifest
+from common import parse, parser, report, stub_manifest
 from integrity_store_checks import check_forget, check_storage, stop_servers  # noqa: F401 (registered in CHECKS)
 
 from chameleon.config import ChameleonConfig
@@ -645,7 +645,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=8, help="random pairs: pairs per user")
     p.add_argument("--ccs-steps", type=int, default=100, help="random pairs: CCS steps of the reduce")
     p.add_argument("--reduce-child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    smoke = {"users": 6, "kill_every": 2.0, "poison_users": 8, "mem_sizes": "40,80", "layers": 2, "pairs": 2}
+    args = parse(p, {**smoke, "ccs_steps": 10, "poison_limit_s": 120.0})
     if args.reduce_child:
         _reduce_child(args.reduce_child, "mem", args)
         return

@@ -1,7 +1,7 @@
 """Load test: many groups, a small edit cache, a run switch mid-load; every answer checked.
 
     python jobs/bench/serve_load.py [--requests 1000] [--concurrency 64] [--groups 48]
-                                    [--edit-cache-size 16] [--unknown-frac 0.15] [--max-tokens 8] [--out FILE]
+                                    [--edit-cache-size 16] [--unknown-frac 0.15] [--max-tokens 8] [--smoke] [--out FILE]
 
 Two synthetic runs (random orthonormal directions, `--alpha` strong enough that the groups answer
 differently) are published to a real S3-compatible server on loopback (SeaweedFS, as the tests
@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parser, report  # (also puts the checkout on sys.path)
+from common import TINY_MODEL, model_path, parse, parser, report  # (also puts the checkout on sys.path)
 from serve_mixed import _free_port, prompt_text, publish_synthetic_run
 
 from chameleon.config import EMBEDDED_MODEL
@@ -60,7 +60,19 @@ def parse_args(argv=None):
     )
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (torch threads) of the model replica")
     p.add_argument("--store", help="a local directory for the runs (default: SeaweedFS on loopback)")
-    return p.parse_args(argv)
+    smoke = {
+        "model": TINY_MODEL,
+        "requests": 16,
+        "concurrency": 4,
+        "groups": 4,
+        "edit_cache_size": 2,
+        "prompts": 2,
+        "max_tokens": 3,
+        "max_batch_size": 4,
+    }
+    args = parse(p, smoke, argv)
+    args.model = model_path(args.model)
+    return args
 
 
 def offline_reference(model, tok, run, group_ids, prompts: list[str], max_tokens: int) -> dict:
@@ -154,7 +166,6 @@ def main(argv=None) -> int:
         api_key_env=KEY_ENV,
         personalization_detail="full",  # the benchmark checks the group the server resolved
         max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=0.02,
         edit_cache_size=args.edit_cache_size,
         max_tokens_limit=max(args.max_tokens, 16),
         default_max_tokens=min(16, max(args.max_tokens, 16)),

@@ -1,16 +1,16 @@
 """Benchmark: does serving many groups in one batch cost about the same as serving none?
 
     python jobs/bench/serve_mixed.py [--model ID] [--requests 64] [--concurrency 32] [--max-tokens 16]
-                                     [--engine continuous|static] [--out FILE]
+                                     [--smoke] [--out FILE]
 
 Two figures, each a ratio of two measurements taken in this run:
 
 - `mixed_vs_plain_throughput`: generated tokens/s of the Serve endpoint (HTTP, official `openai`
   client, `--concurrency` clients) when every request is a different user of a different group,
   over the same load with personalization off. Goal >= 0.9.
-- `offline_64_groups_ratio`: tokens/s of the batched decode loop for `--offline-batch` prompts each
-  with its own group edit (one EditBank, one forward per step), over the same batch unedited, the
-  two batches stepped alternately so both see the same machine noise.
+- `offline_64_groups_ratio`: tokens/s of `model.generate` on `--offline-batch` prompts each with
+  its own group edit (one EditBank bound to the batch's rows), over the same batch unedited; the
+  two batches run alternately, `--offline-repeats` times, so both see the same machine noise.
   Goal >= 0.95.
 
 The groups are synthetic (random orthonormal θP, unit θN) and published through `RunWriter` in the
@@ -23,6 +23,7 @@ noise over both. Prints `name=value` lines, headline last; `--out` writes them a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from common import TINY_MODEL, model_path, parse, parser
 
 from chameleon.config import EMBEDDED_MODEL
 
@@ -53,8 +56,22 @@ def prompt_text(i: int) -> str:
     return f"{QUESTIONS[i % len(QUESTIONS)]} (note {i})"
 
 
+SMOKE = {
+    "model": TINY_MODEL,
+    "groups": 4,
+    "requests": 4,
+    "concurrency": 2,
+    "max_tokens": 4,
+    "rounds": 1,
+    "offline_batch": 4,
+    "offline_max_tokens": 4,
+    "offline_repeats": 1,
+    "max_batch_size": 4,
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument(
         "--model", default=EMBEDDED_MODEL, help="base model (default: the embedded SmolLM2-135M-Instruct)"
     )
@@ -79,21 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CPUs (= torch threads) of the model replica and of the offline loop (default 1; more threads "
         "slow down badly on a shared, busy machine)",
     )
-    p.add_argument(
-        "--engine",
-        default="continuous",
-        choices=["continuous", "static"],
-        help="serving engine (default continuous)",
-    )
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
     p.add_argument("--rank", type=int, default=3, help="rank of each synthetic θP (default 3)")
     p.add_argument("--edit-layers", type=int, default=3, help="edited layers per group (default 3)")
     p.add_argument("--store", help="store for the synthetic run (default: a temporary local directory)")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--skip-serve", action="store_true")
-    p.add_argument("--out", help="write the figures and settings as JSON here")
-    return p.parse_args(argv)
+    return parse(p, SMOKE, argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +226,11 @@ def publish_synthetic_run(
 
 
 def offline_ratio(model, tok, edits, captured, args) -> dict:
+    import torch
+
     from chameleon.core.edit import EditBank
-    from chameleon.core.generation import chat_prompt
+    from chameleon.core.generation import chat_prompt, encode
     from chameleon.core.model import hidden_size, model_device
-    from chameleon.serving.decoder import BatchDecoder, GenItem
 
     n = args.offline_batch
     bank = EditBank(
@@ -232,45 +242,35 @@ def offline_ratio(model, tok, edits, captured, args) -> dict:
         device=model_device(model),
     )
     rows = bank.add_many([edits[i % len(edits)] for i in range(min(n, len(edits)))])
-    prompts = [tok(chat_prompt(tok, prompt_text(i)), add_special_tokens=False).input_ids for i in range(n)]
+    batch_rows = [rows[i % len(rows)] for i in range(n)]
+    enc = encode(tok, [chat_prompt(tok, prompt_text(i)) for i in range(n)])
+    kw = dict(
+        max_new_tokens=args.offline_max_tokens,
+        min_new_tokens=args.offline_max_tokens,  # every row generates exactly this many
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tok.pad_token_id,
+    )
 
-    def items(edited: bool):
-        return [
-            GenItem(p, args.offline_max_tokens, row=rows[i % len(rows)] if edited else 0, ignore_eos=True)
-            for i, p in enumerate(prompts)
-        ]
+    def timed(edited: bool) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad(), bank.apply(model, batch_rows) if edited else contextlib.nullcontext():
+            out = model.generate(**enc, **kw)
+        assert out.shape[1] - enc["input_ids"].shape[1] == args.offline_max_tokens
+        return time.perf_counter() - t0
 
-    def interleaved() -> tuple[float, float]:
-        """Prefill and every decode step of the plain and the edited batch, alternately, each
-        timed on its own: both see the same machine noise (this box is shared)."""
-        decs = {
-            False: BatchDecoder(model, tok, items(False)),
-            True: BatchDecoder(model, tok, items(True), bank),
-        }
-        spent = {False: 0.0, True: 0.0}
-        first = True
-        while not all(d.done for d in decs.values()):
-            for edited, dec in decs.items():
-                if dec.done:
-                    continue
-                t0 = time.perf_counter()
-                dec.prefill() if first else dec.step()
-                spent[edited] += time.perf_counter() - t0
-            first = False
-        assert all(len(s_.out_ids) == args.offline_max_tokens for d in decs.values() for s_ in d.seqs)
-        return spent[False], spent[True]
-
-    BatchDecoder(model, tok, items(True)[:2], bank).run()  # warm up
+    timed(False), timed(True)  # warm up
     plain, mixed = [], []
-    for _ in range(args.offline_repeats):
-        tp_, tm_ = interleaved()
-        plain.append(tp_)
-        mixed.append(tm_)
+    for _ in range(args.offline_repeats):  # alternately: both see the same machine noise
+        plain.append(timed(False))
+        mixed.append(timed(True))
     tokens = n * args.offline_max_tokens
     tp, tm = sum(plain) / len(plain), sum(mixed) / len(mixed)
     return {
         "offline_batch": n,
-        "offline_distinct_groups": len(set(rows[i % len(rows)] for i in range(n))),
+        "offline_distinct_groups": len(set(batch_rows)),
         "offline_plain_tokens_per_s": tokens / tp,
         "offline_64_groups_tokens_per_s": tokens / tm,
         "offline_64_groups_ratio": tp / tm,
@@ -304,12 +304,10 @@ def served_ratio(store, users, model_id: str, args) -> dict:
         store=store.uri,
         model=model_id,
         api_key_env=None,
-        engine=args.engine,
         log_requests=False,
         allow_unauthenticated=True,  # loopback-only benchmark
         personalization_detail="full",  # the check below reads the resolved group
         max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
         edit_cache_size=max(len(users), 1),
         max_tokens_limit=max(args.max_tokens, 16),
         default_max_tokens=min(16, max(args.max_tokens, 16)),
@@ -391,7 +389,8 @@ def main(argv=None) -> int:
     from chameleon.data.storage import open_store
 
     torch.set_num_threads(max(1, int(args.num_cpus)))
-    model, tok = load_model(ModelConfig(name_or_path=args.model))
+    model_id = model_path(args.model)
+    model, tok = load_model(ModelConfig(name_or_path=model_id))
     tmp = None
     if args.store:
         store = open_store(args.store)
@@ -400,7 +399,7 @@ def main(argv=None) -> int:
         store = open_store(tmp.name)
     run_id = f"bench-{int(time.time())}"
     _, users, edits = publish_synthetic_run(
-        store, run_id, model, args.model, args.groups, args.rank, args.edit_layers
+        store, run_id, model, model_id, args.groups, args.rank, args.edit_layers
     )
     captured = captured_band(num_layers(model))
     results: dict = {
@@ -417,7 +416,6 @@ def main(argv=None) -> int:
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
-        "engine": args.engine,
         "run_id": run_id,
     }
     figures: list[str] = []
@@ -427,7 +425,7 @@ def main(argv=None) -> int:
         figures += ["offline_plain_tokens_per_s", "offline_64_groups_tokens_per_s", "offline_64_groups_ratio"]
     del model
     if not args.skip_serve:
-        srv = served_ratio(store, users, args.model, args)
+        srv = served_ratio(store, users, model_id, args)
         results.update(srv)
         figures += [
             "serve_plain_tokens_per_s",
