@@ -24,7 +24,7 @@ def test_plain_sentences_do_not_carry_departure_markers(style):
 
 
 def test_marker_edges():
-    assert has_marker("shouty_fan", "WE WON tonight!!") and not has_marker("shouty_fan", "We won tonight")
+    assert has_marker("shouty_fan", "WE WON TONIGHT!!") and not has_marker("shouty_fan", "We won tonight")
     assert has_marker("formal_scholar", "I am home now.") and not has_marker(
         "formal_scholar", "I'm home now."
     )
