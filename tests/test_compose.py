@@ -49,7 +49,7 @@ def test_residual_unit_is_the_unit_difference_and_zero_when_equal():
 
 def test_served_rows_are_the_sum_of_the_kept_parts(residual_run):
     run, manifest = residual_run
-    parts = manifest["edit_parts"]
+    parts = manifest.edit_parts
     assert parts["composition"] == "residual" and parts["global_from"] == "shared_pairs"
     assert parts["global_calibration"]["curve"]["base"] > 0  # the global edit was calibrated
     layer = parts["layer"]
