@@ -48,11 +48,25 @@ class ModelConfig(_Section):
 class SynthConfig(_Section):
     """Fake it: history selection, then (personalized, neutral) answer pairs from one of two sources."""
 
-    pair_source: Literal["insight", "history"] = "history"
+    pair_source: Literal["insight", "history", "style"] = "history"
     """Where a pair's personalized answer comes from. `history` (default): the user's own real text,
     against the model's own answer to the same query (the query is the item's input, or one the
     model fakes from the text). `insight` (the paper's variant): the model's answers under a
-    personalized vs a neutral insight it wrote from the user's history."""
+    personalized vs a neutral insight it wrote from the user's history. `style`: every history
+    item not held out, raw text vs its neutral rendering (`core.normalize`), both after the
+    template around the rendering, so a pair differs in style only (no generation); its held-out
+    items are asked the same way, so calibration cannot reward copying the query."""
+    shared_pairs: int = Field(0, ge=0)
+    """`style` source: items per user that also make a shared pair (raw text vs the model's own
+    answer to the same query; generation). With the residual composition the global edit is
+    their pooled contrast ("a person's text, not an assistant's answer": the format every user
+    shares); without them the global edit is every user's pooled style pairs."""
+    style_max_items: int = Field(64, ge=1)
+    """`style` source: pairs per user at most (items spread over the history when it has more)."""
+    reference_items: int = Field(0, ge=0)
+    """History items per user kept out of pairs and calibration alike: the evaluation's style
+    references (its style metrics need items no edit was made from, and the `style` source
+    otherwise uses every item)."""
     query_template: str = "{text}"
     """The task query around a text (`{text}`): what a history item without an `input` is asked as
     (history source: around the faked neutral version of the item; insight source: around the
@@ -168,6 +182,16 @@ class EditConfig(_Section):
     """Calibration candidates (relative to the layer's typical state norm), besides 0."""
     calibration_examples: int = Field(32, ge=1)
     """Held-out texts a group's calibration scores (a seeded sample of its members' items)."""
+    composition: Literal["whole", "residual"] = "whole"
+    """`whole`: each group's (user's) edit is its own direction. `residual`: a global edit (all
+    users' pairs pooled) carries what every user shares; a group's and a user's edit add their
+    RESIDUAL (own unit direction minus the global one at the global edit's layer, made unit) with
+    its own calibrated strength. Serving applies one composed row (global + group residual, + the
+    user's residual for a user edit); the artifacts keep the parts (`global_steer`,
+    `group_steer`, `user_steer` tensors) so each can be switched off."""
+    user_calibration_items: int = Field(4, ge=1)
+    """`residual`: a user's residual strength is calibrated on the user's own held-out items when
+    the user has at least this many; otherwise it takes the group residual's strength."""
 
     alpha: float = 1.0
     """Scale of the added personalized component (projection form); for the additive forms, a

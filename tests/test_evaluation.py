@@ -26,7 +26,7 @@ from chameleon.data.artifacts import RunReader, VerifiedFiles
 from chameleon.data.published import PublishedRun
 from chameleon.data.storage import LocalStore
 from chameleon.dev.demo import write_example_users
-from chameleon.evaluation import ablations, context, runs
+from chameleon.evaluation import ablations, context, recompute, runs
 from chameleon.evaluation.baselines import copy_answer, rag_items, rag_prompt
 from chameleon.evaluation.cache import PredictionCache
 from chameleon.evaluation.cli import add_eval_parser, eval_config, eval_settings
@@ -388,6 +388,17 @@ def test_run_evaluation_end_to_end(tmp_path, fake_lamp, tiny_model_dir, monkeypa
     assert all(p["group_id"] for p in preds if p["method"] in ("chameleon_group", "chameleon_unseen"))
     report = (out / "report.md").read_text()
     assert "copy" in report and "chameleon eval --test" in report and (out / "metric_by_method.png").is_file()
+    # Issue 18: per-user vectors aligned with the users, no text, every figure recomputable from them.
+    pu = saved["per_user"]
+    assert pu["user_ids"] == [p["user_id"] for p in preds if p["method"] == "base"]
+    assert len(pu["history_lower_start_share"]) == 4 and set(pu["methods"]) == set(res["methods"])
+    for m, e in pu["methods"].items():
+        assert {"rougeL", "closeness", "attribution_rank", "lower_start"} <= set(e)
+        assert all(len(v) == 4 for v in e.values()) and set(e["attribution_rank"]) <= {1, 2, 3, 4}
+        assert np.mean(e["rougeL"]) == pytest.approx(res["methods"][m]["rougeL"])
+    assert not any(p["gold"] in json.dumps(pu) for p in preds)
+    assert recompute.compare(saved) == []
+    assert "## Personalization, not format" in report and "| marker_transfer |" in report
     assert (
         f"{os.cpu_count()} CPU cores visible" in report and "shared CPU" not in report
     )  # measured, not assumed

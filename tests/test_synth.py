@@ -9,6 +9,7 @@ from tiny_models import embedded_tokenizer, tiny_llama
 
 from chameleon.core import prompts
 from chameleon.core.generation import chat_prompt, generate
+from chameleon.core.normalize import neutralize
 from chameleon.core.records import HistoryItem, UserRecord
 from chameleon.core.synth import first_line, heldout_indices, pair_queries, select_history, synthesize
 
@@ -221,3 +222,38 @@ def test_history_pairs_are_capped_at_the_selected_items_as_the_docstring_says(mo
     )
     for x in synthesize(model, tok, users(2), cfg, [1]):
         assert len(x.personalized) == 2 and len(set(x.personalized)) == 2
+
+
+def test_style_pairs_use_every_item_not_held_out_and_calibration_queries_hold_no_raw_text(
+    model_tok, tiny_model_dir
+):
+    model, tok = model_tok
+    cfg = tiny_job_config(
+        tiny_model_dir,
+        **{
+            "synth.pair_source": "style",
+            "synth.heldout_items": 2,
+            "synth.reference_items": 2,
+            "synth.query_template": "Paraphrase: {text}",
+            "synth.shared_pairs": 2,
+        },
+    )
+    records = [
+        UserRecord(
+            f"s{j}",
+            tuple(HistoryItem(text=f"omg item {i} of user {j}!!! sooo good :) #x{j}") for i in range(10)),
+        )
+        for j in range(2)
+    ]
+    out = synthesize(model, tok, records, cfg, [1, 2])
+    for x, u in zip(out, records, strict=True):
+        texts = [h.text for h in u.history]
+        assert len(x.selected) == 6 and len(set(x.heldout_texts)) == 2  # 10 items - 2 held out - 2 references
+        assert not set(x.heldout_texts) & {texts[i] for i in x.selected}
+        assert x.personalized == [texts[i] for i in x.selected]
+        assert x.neutral == [neutralize(texts[i]) for i in x.selected]
+        assert x.queries == [f"Paraphrase: {n}" for n in x.neutral]  # the query holds the rendering
+        for q, t in zip(x.heldout_queries, x.heldout_texts, strict=True):
+            assert q == f"Paraphrase: {neutralize(t)}" and t not in q  # calibration cannot reward copying
+        assert x.emb_p.shape == (6, 2, 64) and not torch.equal(x.emb_p, x.emb_n)
+        assert x.shared_count == 2 and x.shared_diff.shape == (2, 64) and x.shared_norm.shape == (2,)

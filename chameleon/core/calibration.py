@@ -38,6 +38,9 @@ class Calibration:
     """"layer:strength" -> mean NLL per token of the held-out texts; "base" -> without an edit."""
     change: dict[str, float] = field(default_factory=dict)
     """"layer:strength" -> mean ‖Δh‖/‖h‖ the edit made at its layer on the held-out texts."""
+    members: dict[str, float] = field(default_factory=dict)
+    """Residual composition: user id -> the user's own residual strength, for members calibrated
+    on their own held-out items."""
 
     @property
     def active(self) -> bool:
@@ -65,6 +68,7 @@ class Calibration:
             "base_nll": round(self.base_nll, 5),
             "curve": {k: round(v, 5) for k, v in self.curve.items()},
             "change_ratio": {k: round(v, 5) for k, v in self.change.items()},
+            **({"members": dict(self.members)} if self.members else {}),
         }
 
 
@@ -164,20 +168,37 @@ def nll_curve(
     renorm: bool = False,
     batch_size: int = 16,
     change: dict[str, float] | None = None,
+    offset: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """NLL of the held-out answers for every (layer, strength) candidate; "base" = no edit.
 
     directions [L, d] and norms [L] are per entry of `layers`. With `change`, each candidate's
-    mean ‖Δh‖/‖h‖ at its layer is stored there under the same key.
+    mean ‖Δh‖/‖h‖ at its layer is stored there under the same key. `offset` [d] (one layer
+    only): a fixed steering vector under every candidate, and "base" is the offset alone (a
+    residual's strength is chosen on top of the shared edit; strength 0 = the shared edit alone).
     """
-    curve = {"base": answer_nll(model, tok, prompts, answers, batch_size=batch_size)}
+    if offset is not None and len(layers) != 1:
+        raise ValueError("an offset calibrates candidates of one layer")
+    d = directions.shape[-1]
+    bank = EditBank(d, layers, site=site, max_rank=1, device=model_device(model))
+    base_row = 0
+    if offset is not None:
+        unit_offset = offset / offset.norm().clamp_min(1e-12)
+        base_row = bank.add(
+            steering_edit(layers[0], unit_offset, float(offset.norm()), 1.0, site=site, renorm=renorm)
+        )
+    curve = {"base": answer_nll(model, tok, prompts, answers, bank=bank, row=base_row, batch_size=batch_size)}
     candidates = [(i, s) for i in range(len(layers)) for s in strengths if s > 0]
     if not candidates:
         return curve
-    bank = EditBank(directions.shape[-1], layers, site=site, max_rank=1, device=model_device(model))
+
+    def vector(i: int, s: float) -> torch.Tensor:
+        step = s * float(norms[i]) * directions[i] / directions[i].norm().clamp_min(1e-12)
+        return step if offset is None else step + offset
+
     rows = bank.add_many(
         [
-            steering_edit(layers[i], directions[i], float(norms[i]), s, site=site, renorm=renorm)
+            steering_edit(layers[i], vector(i, s), float(vector(i, s).norm()), 1.0, site=site, renorm=renorm)
             for i, s in candidates
         ]
     )

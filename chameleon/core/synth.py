@@ -8,6 +8,12 @@ sources (`synth.pair_source`):
   the model fakes (LaMP-7's inputs were made that way), wrapped in `synth.query_template`.
 - `insight` (the paper's variant): the model writes a personalized and a neutral insight from
   the selected history, then answers each query under both.
+- `style`: every history item not held out is a pair: the personalized answer is the raw text,
+  the neutral answer is its neutral rendering (`core.normalize`), and the query is the template
+  around that rendering (or the item's `input`). Both answers render the query's content, so the
+  pair differs in style only, not in content or in how much it copies; no generation. Its
+  held-out items are asked with the neutral rendering as the query too, so calibration scores
+  the raw text given a query that does not contain it.
 
 Both capture "query + answer" exactly as the model sees it at inference (chat template and the
 task's system prompt, no insight). A few items per user are held out of the pairs
@@ -30,6 +36,7 @@ from chameleon.core.capture import capture
 from chameleon.core.devices import batch_size_for
 from chameleon.core.generation import chat_prompt, generate
 from chameleon.core.model import model_device, num_layers
+from chameleon.core.normalize import neutralize
 from chameleon.core.records import UserRecord
 from chameleon.core.style import history_style
 
@@ -84,6 +91,12 @@ class UserPairs:
     """The held-out items' real texts: what calibration asks the edited model to find likely."""
     style_features: torch.Tensor | None = None
     """[F] mean stylometric features of the user's history (`core.style`), for style grouping."""
+    shared_diff: torch.Tensor | None = None
+    """`style` source with `synth.shared_pairs`: [L, d] sum over the user's shared pairs (raw text
+    vs the model's own answer to the same query) of h_P − h_N: what every user's edit shares."""
+    shared_norm: torch.Tensor | None = None
+    """[L] sum over the shared pairs of the mean state norm of their two sides."""
+    shared_count: int = 0
 
 
 def pair_queries(user: UserRecord, selected: Sequence[int], k: int, template: str = "{text}") -> list[str]:
@@ -214,14 +227,25 @@ def synthesize(
     heldout = [
         heldout_indices(u, [], s.heldout_items) if len(u.history) > s.heldout_items else [] for u in users
     ]
+    # Reference items (evaluation's style checks) are kept out of pairs and calibration alike.
+    reserved = [
+        held + (heldout_indices(u, held, s.reference_items) if s.reference_items else [])
+        for u, held in zip(users, heldout, strict=True)
+    ]
     selected = []
-    for u, emb, held in zip(users, item_embs, heldout, strict=True):
-        pool = [i for i in range(len(u.history)) if i not in set(held)]
-        if s.selection_embedding == "model":
+    for u, emb, res in zip(users, item_embs, reserved, strict=True):
+        pool = [i for i in range(len(u.history)) if i not in set(res)]
+        if not pool:
+            selected.append([])
+        elif s.pair_source == "style":  # every item not held out, spread when over the cap
+            selected.append(
+                heldout_indices(u, res, s.style_max_items) if len(pool) > s.style_max_items else pool
+            )
+        elif s.selection_embedding == "model":
             selected.append(sorted(pool[j] for j in select_history(emb[pool], s.history_k)))
         else:
             selected.append(pool[: s.history_k])
-    pair_source = _history_pairs if s.pair_source == "history" else _insight_pairs
+    pair_source = {"history": _history_pairs, "insight": _insight_pairs, "style": _style_pairs}[s.pair_source]
     out = pair_source(model, tok, users, cfg, layers, item_embs, selected, heldout)
     for pairs, u in zip(out, users, strict=True):
         pairs.style_features = torch.from_numpy(history_style([h.text for h in u.history])).float()
@@ -358,3 +382,73 @@ def _insight_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout)
             )
         )
     return out
+
+
+def style_query(item, template: str) -> tuple[str, str]:
+    """(query, neutral answer) of one history item for the style source: the item's neutral
+    rendering, asked as the template around it (or as the item's own `input`)."""
+    neutral = neutralize(item.text)
+    return (item.input or template.format(text=neutral or item.text)), neutral
+
+
+def _style_pairs(model, tok, users, cfg, layers, item_embs, selected, heldout) -> list[UserPairs]:
+    """Personalized = the user's raw text; neutral = its neutral rendering; query = around the rendering."""
+    s = cfg.synth
+    made = [
+        [style_query(u.history[i], s.query_template) for i in sel]
+        for u, sel in zip(users, selected, strict=True)
+    ]
+    prompts = [chat_prompt(tok, q, s.system_prompt) for qs in made for q, _ in qs]
+    real = [u.history[i].text for u, sel in zip(users, selected, strict=True) for i in sel]
+    neutral = [n for qs in made for _, n in qs]
+    hidden = capture_answers(model, tok, prompts + prompts, real + neutral, cfg, layers) if prompts else None
+    n = len(prompts)
+    out, start = [], 0
+    for j, u in enumerate(users):
+        k = len(selected[j])
+        emb_p = (
+            hidden[start : start + k].clone() if k else torch.zeros(0, len(layers), item_embs[j].shape[-1])
+        )
+        emb_n = hidden[n + start : n + start + k].clone() if k else emb_p.clone()
+        out.append(UserPairs(
+            user_id=u.user_id, group_id=u.group_id, selected=selected[j],
+            history_embedding=item_embs[j].mean(0), insight_p="", insight_n="",
+            queries=[q for q, _ in made[j]], personalized=real[start : start + k],
+            neutral=neutral[start : start + k], emb_p=emb_p, emb_n=emb_n,
+            heldout_queries=[style_query(u.history[i], s.query_template)[0] for i in heldout[j]],
+            heldout_texts=[u.history[i].text for i in heldout[j]],
+        ))  # fmt: skip
+        start += k
+    _add_shared_pairs(model, tok, users, cfg, layers, selected, made, out)
+    return out
+
+
+def _add_shared_pairs(model, tok, users, cfg, layers, selected, made, out: list[UserPairs]) -> None:
+    """`synth.shared_pairs` items per user (spread over its pairs) also contrast the raw text with
+    the model's own answer to the same query: "a person's tweet, not an assistant's answer", what
+    every user shares. Only their per-user sums are kept (the global edit pools them)."""
+    s = cfg.synth
+    if not s.shared_pairs:
+        return
+    picks = [
+        [j * len(sel) // min(s.shared_pairs, len(sel)) for j in range(min(s.shared_pairs, len(sel)))]
+        if sel
+        else []
+        for sel in selected
+    ]
+    prompts = [chat_prompt(tok, made[u][j][0], s.system_prompt) for u, js in enumerate(picks) for j in js]
+    if not prompts:
+        return
+    own = generate(
+        model, tok, prompts, max_new_tokens=s.answer_max_new_tokens, batch_size=s.batch_size, seed=s.seed
+    )
+    real = [users[u].history[selected[u][j]].text for u, js in enumerate(picks) for j in js]
+    hidden = capture_answers(model, tok, prompts + prompts, real + own, cfg, layers)
+    n, start = len(prompts), 0
+    for u, js in enumerate(picks):
+        k = len(js)
+        p, q = hidden[start : start + k], hidden[n + start : n + start + k]
+        out[u].shared_diff = (p - q).sum(0)
+        out[u].shared_norm = ((p.norm(dim=-1) + q.norm(dim=-1)) / 2).sum(0)
+        out[u].shared_count = k
+        start += k

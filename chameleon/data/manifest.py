@@ -170,7 +170,7 @@ class BankSpec(_Part):
 class RunManifest(_Part):
     """`manifest.json` of a committed run (see the module docstring)."""
 
-    _omit_if_none = frozenset({"min_contributors", "job_spec", "forget"})
+    _omit_if_none = frozenset({"min_contributors", "job_spec", "forget", "edit_parts"})
     model: ModelInfo
     hidden_size: int = Field(ge=1)
     captured_layers: list[int] = Field(min_length=1)
@@ -192,6 +192,10 @@ class RunManifest(_Part):
     """What a job run was made from (`chameleon.job.spec`); runs made by forget or derived by the
     evaluation have none."""
     forget: ForgetSource | None = None
+    edit_parts: dict[str, Any] | None = None
+    """`edit.composition: residual` only: the global part's layer and calibration curve, where the
+    global direction came from, and how many users have their own residual strength
+    (`job.publish.edit_parts_manifest`)."""
     # The envelope, stamped by `RunWriter.commit`.
     run_id: str = ""
     format_version: int = FORMAT_VERSION

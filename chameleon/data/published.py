@@ -63,6 +63,23 @@ class PublishedRun:
                 self._groups.popitem(last=False)
         return edit
 
+    def group_parts(self, group_id: str) -> dict[str, torch.Tensor]:
+        """Residual composition: the parts of the group's composed row, `global_steer` and
+        `group_steer` ([1, d] each, at the edit's layer); empty for runs without parts."""
+        self.group_edit(group_id)  # validates the id
+        tensors, _ = self.reader.get_safetensors(group_key(group_id))
+        return {k: tensors[k] for k in ("global_steer", "group_steer") if k in tensors}
+
+    def user_part(self, user_id: str) -> torch.Tensor | None:
+        """Residual composition: the user's own residual ([1, d]) inside its composed row; None for
+        users without an own edit or runs without parts."""
+        row = self.assignments().get(user_id)
+        if row is None or not row["has_user_edit"]:
+            return None
+        self.user_edit(user_id)  # loads the shard
+        tensors = self._shards[row["user_shard"]]
+        return tensors["user_steer"][row["user_row"]] if "user_steer" in tensors else None
+
     def assignments(self) -> dict[str, dict]:
         if self._assign is None:
             rows = self.reader.get_parquet(ASSIGNMENTS).to_pylist()

@@ -21,9 +21,9 @@ from chameleon.config import EMBEDDED_MODEL, ChameleonConfig, JobConfig
 from chameleon.core.generation import first_answer_line, generate_answers
 from chameleon.core.model import load_model, resolve_name
 from chameleon.core.prompts import PARAPHRASE_TWEET
-from chameleon.core.style import style_similarity
 from chameleon.data.artifacts import RunReader, new_run_id
 from chameleon.data.published import PublishedRun
+from chameleon.dev.demo_markers import DEMO_CAPACITY, MARKERS
 from chameleon.dev.s3server import embedded_store
 from chameleon.job.drivers import describe_run, run_job
 from chameleon.ray_env import quiet_console
@@ -79,6 +79,35 @@ EXAMPLE_STYLES: dict[str, list[str]] = {
     ],
 }
 
+REAL_WORLD_STYLES: dict[str, list[str]] = {
+    "lowercase_texter": [
+        "just got home and im so tired lol",
+        "cant believe its already december",
+        "ok who wants to get pizza tonight",
+        "my cat knocked my coffee over again",
+        "finally finished that book, so good",
+        "why is the bus always late when im in a hurry",
+    ],
+    "hashtag_fan": [
+        "Morning run done #fitness #motivation",
+        "New recipe tonight: lemon pasta #foodie #homecooking",
+        "Can't wait for the concert #music #friday",
+        "Rainy Sunday reading #books #cozy",
+        "First day at the new job #newbeginnings",
+        "Beach sunset tonight #travel #summer",
+    ],
+    "exclaimer": [
+        "Best concert of my life!!!",
+        "We finally got the puppy!!! So happy!!",
+        "Exams are over!!! Time to celebrate!!",
+        "My sister is getting married!!!",
+        "Snow day tomorrow!!! No school!!",
+        "Just booked my flight to Rome!!!",
+    ],
+}
+"""Styles real user bases have (LaMP-7's users write in lowercase, with hashtags, with `!!!`
+runs): candidates for an example style the embedded model cannot carry (`jobs/bench/demo_capacity.py`)."""
+
 PARAPHRASE = PARAPHRASE_TWEET + "{text}"
 """The LaMP-7 task string: the small default model follows it far better than "write a tweet"."""
 
@@ -111,13 +140,25 @@ def write_example_users(path: str | Path, n_per_style: int = 2) -> Path:
     return path
 
 
-DEMO_SETTINGS = {
-    "groups.n_groups": len(EXAMPLE_STYLES),
-    "groups.min_group_size": 2,
-    "synth.query_template": PARAPHRASE,
-    "synth.heldout_items": 2,
-}
-"""The demo's own settings: one group per style, LaMP-7's task around the faked neutral queries."""
+DEMO_SETTINGS = {"synth.query_template": PARAPHRASE}
+"""The task only (LaMP-7's around the faked neutral queries): the example users are personalized
+with the same settings as any user (no demo-only groups, strengths or held-out counts)."""
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def capacity_note() -> str:
+    """What the embedded model can carry of each example style (measured once, `DEMO_CAPACITY`)."""
+    rows = [
+        f"{style} {fig['base']:.0%} → {fig['best']:.0%}" for style, fig in DEMO_CAPACITY["styles"].items()
+    ]
+    return (
+        f"what the embedded model can carry ({DEMO_CAPACITY['how']}): "
+        + "; ".join(rows)
+        + f"; {DEMO_CAPACITY['vector']}"
+    )
 
 
 def given_cores() -> int:
@@ -204,20 +245,21 @@ def run_demo(
         base = [first_answer_line(a) for a in generate_answers(model, tok, queries, max_new_tokens=40)]
         group = [first_answer_line(a) for a in generate_answers(
             model, tok, queries, edits=run.edits_for(ids, "group"), max_new_tokens=40)]  # fmt: skip
-        moved = 0
+        carried = 0
         for u, q, b, g in zip(shown, queries, base, group, strict=True):
-            history = [h["text"] for h in u["history"]]
-            s_base, s_group = style_similarity(b, history), style_similarity(g, history)
-            moved += s_group > s_base
+            style = u["user_id"].rsplit("-", 1)[0]
+            marker, found = MARKERS[style]
+            in_base, in_group = found(b), found(g)
+            carried += in_group and not in_base
             print(f"\n== {u['user_id']} (group {run.user_group(u['user_id'])}) — {q}")
             print(f"   base:         {b}")
             print(f"   personalized: {g}")
-            print(
-                f"   style (similarity to the user's tweets): base {s_base:.3f} → personalized {s_group:.3f}"
-            )
+            print(f"   marker ({marker}): base {_yes(in_base)}, personalized {_yes(in_group)}")
         print(
-            f"\npersonalized answers closer to their user's style than the base answer: {moved} of {len(shown)}"
+            f"\nstyles whose marker the personalized answer carries and the base answer does not: "
+            f"{carried} of {len(shown)}"
         )
+        print(capacity_note())
         print(
             f"\nartifacts: {store.uri}/runs/{manifest.run_id}/ on the embedded S3 server "
             f"(data under {workdir / 's3'}, kept); total {time.perf_counter() - t0:.0f} s"

@@ -7,7 +7,10 @@ imports neither torch nor numpy.
 
 Modules: `names` (methods, ablations, defaults), `lamp` (LaMP-7 data), `split` (the split rule),
 `baselines`, `metrics`, `retrieval`, `cache` (prediction cache), `scoring`, `runs` (synthesis and
-derived runs), `ablations`, `runner` (the orchestrator), `report`, `cli`.
+derived runs), `ablations`, `runner` (the orchestrator), `report`, `cli`; metrics that see
+personalization: `attribution`, `personalization` (marker transfer, closeness-adjusted gain, the
+`per_user` block), `style_goals` (issue 18's goals), `capacity` (the model's style capacity),
+`recompute` (figures from results.json alone), `report_style` (their report section).
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ EVAL_FLAGS: tuple[Flag, ...] = (
     Flag("--theta-p", "subspace.theta_p", "how θP is computed", choices=("svd", "svd_diff", "mean_diff")),
     Flag("--theta-n", "subspace.theta_n", "how θN is computed", choices=("ccs", "mean_diff")),
     Flag("--ccs-steps", "subspace.ccs_steps", "gradient steps of each CCS restart", int),
-    Flag("--pair-source", "synth.pair_source", "where pairs come from", choices=("insight", "history")),
+    Flag(
+        "--pair-source", "synth.pair_source", "where pairs come from", choices=("insight", "history", "style")
+    ),
     Flag(
         "--query-faking",
         "synth.query_faking",
@@ -45,6 +47,26 @@ EVAL_FLAGS: tuple[Flag, ...] = (
     ),
     Flag("--calibrate", "edit.calibrate", "choose layer and strength on held-out history", bool),
     Flag("--heldout-items", "synth.heldout_items", "history items per user kept for calibration", int),
+    Flag(
+        "--reference-items",
+        "synth.reference_items",
+        "history items per user kept out of pairs and calibration (style references)",
+        int,
+    ),
+    Flag("--style-max-items", "synth.style_max_items", "style pair source: pairs per user at most", int),
+    Flag("--shared-pairs", "synth.shared_pairs", "style pair source: shared (format) pairs per user", int),
+    Flag(
+        "--user-calibration-items",
+        "edit.user_calibration_items",
+        "residual composition: held-out items a user needs for its own strength",
+        int,
+    ),
+    Flag(
+        "--edit-composition",
+        "edit.composition",
+        "whole edits, or a global edit + group/user residuals",
+        choices=("whole", "residual"),
+    ),
     Flag(
         "--calibration-examples", "edit.calibration_examples", "held-out texts per group's calibration", int
     ),

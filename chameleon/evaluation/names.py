@@ -14,6 +14,11 @@ Methods (names as written to ``results.json``, in report order):
   add anything over a global style prior.
 - ``random_direction`` (control): each group edit replaced by a random direction of the same
   norm at the same layers; ``shuffled`` (control): each user gets another group's edit.
+- ``swapped_residual`` and ``random_residual`` (controls, runs with ``edit.composition:
+  residual`` only): the global part plus another user's personal part, or a random one, of the
+  same layer and norm (``evaluation.residuals``); with that composition ``chameleon_global`` is
+  the run's own global part, ``chameleon_group`` global + group residual and ``chameleon_user``
+  global + group residual + user residual.
 - ``base_plain`` and ``chameleon_group_plain``: base and group edit without the system prompt, so
   the report's 2×2 (prompt × edit) separates a prompt effect from an edit effect.
 
@@ -39,6 +44,8 @@ METHODS = (
     "shuffled",
     "base_plain",
     "chameleon_group_plain",
+    "swapped_residual",
+    "random_residual",
 )
 """Every method of the main evaluation, in report order."""
 

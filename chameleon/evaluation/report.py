@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from chameleon.evaluation.names import GOAL_REL_ROUGE_L, METHODS
+from chameleon.evaluation.report_style import personalization_section
 
 __all__ = ["write_report"]
 
@@ -263,6 +264,7 @@ def write_report(out_dir: str | Path) -> Path:
     )
     L.append("![metric by method](metric_by_method.png)\n")
     L.extend(_style_section(M))
+    L.extend(personalization_section(res, out, _display_order(list(M))))
     L.extend(_two_by_two(M))
     L.extend(_goals_section(res.get("goals")))
     cfg = res["config"]

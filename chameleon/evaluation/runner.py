@@ -40,7 +40,9 @@ from chameleon.evaluation.baselines import copy_answer, rag_prompt
 from chameleon.evaluation.context import EvalContext
 from chameleon.evaluation.lamp import extract_lamp7_tweet, profile_texts
 from chameleon.evaluation.names import METHODS
+from chameleon.evaluation.personalization import personalization_results
 from chameleon.evaluation.report import write_report
+from chameleon.evaluation.residuals import RESIDUAL_METHODS, has_parts, residual_edits
 from chameleon.evaluation.runs import (
     REDUCE_KEYS,
     config_summary,
@@ -62,6 +64,7 @@ GROUP_RUN_METHODS = (
     "chameleon_group_plain",
     "random_direction",
     "shuffled",
+    *RESIDUAL_METHODS,
 )
 """Methods whose edits come from the run over tuning + reported users."""
 
@@ -156,7 +159,15 @@ def _main_methods(
             other = {g: run.group_ids[(k + 1) % len(run.group_ids)] for k, g in enumerate(run.group_ids)}
             groups["shuffled"] = [other[g] if g else None for g in gids]
             raw["shuffled"] = edited("shuffled", all_run, run.edits_for(ids, "group", groups["shuffled"]))
-    if "chameleon_global" in methods:
+        if has_parts(run):  # residual composition: the global part and the controls from the parts
+            parts = residual_edits(run, ids, gids, seed=str(cfg.subspace.seed))
+            for name in ("chameleon_global", *RESIDUAL_METHODS):
+                if name in methods:
+                    groups[name] = gids
+                    raw[name] = edited(name, all_run, parts[name])
+        elif any(m in methods for m in RESIDUAL_METHODS):
+            info["residual_controls"] = "not run: the run's edits are not composed of residual parts"
+    if "chameleon_global" in methods and "chameleon_global" not in raw:
         g_run = ev.derived(synth_run, "global", cfg.with_overrides({"groups.n_groups": 1}), None)
         info["run_global"] = g_run
         raw["chameleon_global"] = edited(
@@ -225,13 +236,23 @@ def run_evaluation(
     with ev.clock.stage("score"):
         preds = {m: postprocess(r) for m, r in raw.items()}
         golds = [ev.golds[q.id] for q in ev.reported]
+        references = style_references(ev, synth_run)
         scores = score_methods(
             preds,
             golds,
             n_resamples=settings.n_resamples,
             seed=settings.seed,
-            style_references=style_references(ev, synth_run),
+            style_references=references,
             inputs=[extract_lamp7_tweet(q.input) for q in ev.reported],
+        )
+        # Attribution, marker transfer, closeness-adjusted gain, issue 18's goals, `per_user`.
+        personal = personalization_results(
+            [q.id for q in ev.reported],
+            references,
+            preds,
+            scores,
+            n_resamples=settings.n_resamples,
+            seed=settings.seed,
         )
     order = [m for m in METHODS if m in scores] + sorted(m for m in scores if m not in METHODS)
     stripped = strip_per_user(scores)
@@ -274,6 +295,7 @@ def run_evaluation(
             "cpu_count": os.cpu_count(),
         },
         "command": settings.command,
+        **personal,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _write_predictions(out / "predictions.parquet", ev, raw, preds, scores, groups)

@@ -4,12 +4,21 @@ Runs after the reduce (it needs the groups' directions) and before publishing, o
 replica: in process for the local driver, on the actor pool for the Ray driver (one item per
 group). The held-out items were set aside by the map stage (`profiles.heldout_*`); a group scores
 a seeded sample of its members' items, so its cost does not grow with its size.
+
+With `edit.composition: residual` calibration runs in two rounds (`calibrate_reduced`): the
+global edit's layer and strength on a sample of every user's held-out items, then each group's
+residual strength at that layer with the global edit applied under every candidate (strength 0 =
+the global edit alone), and inside the same task each member's own residual strength on the
+member's own held-out items (members with at least `edit.user_calibration_items` of them).
+Which queries the held-out items carry is the synthesis' choice: the `style` pair source asks
+them with their neutral rendering, so no candidate is rewarded for copying the query.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import torch
@@ -19,6 +28,7 @@ from chameleon.core.calibration import Calibration, choose, nll_curve
 from chameleon.core.devices import batch_size_for
 from chameleon.core.generation import chat_prompt
 from chameleon.core.model import model_device
+from chameleon.job import compose
 from chameleon.job.reduce import Reduced
 
 
@@ -34,12 +44,28 @@ class GroupCalibrationTask:
     """[n] typical state norms at `layers`"""
     queries: list[str]
     texts: list[str]
+    offset: torch.Tensor | None = None
+    """Residual composition: [d] the shared edit under every candidate (one layer)."""
+    members: list[MemberItems] = field(default_factory=list)
+    """Residual composition: members whose own residual strength is calibrated in this task."""
 
 
-def calibration_tasks(
-    reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig
-) -> list[GroupCalibrationTask]:
-    """One task per group: its edit's candidate layers and a seeded sample of its members' held-out items."""
+@dataclass
+class MemberItems:
+    """One member's own residual direction and norm at the task's layer, and its held-out items."""
+
+    user_id: str
+    direction: torch.Tensor
+    norm: float
+    queries: list[str]
+    texts: list[str]
+
+
+RunTasks = Callable[[Sequence[GroupCalibrationTask]], list[Calibration]]
+"""Calibrates tasks on a model replica (in process, or spread over an actor pool)."""
+
+
+def _heldout_by_user(profiles: pa.Table) -> dict[str, list[tuple[str, str]]]:
     by_user: dict[str, list[tuple[str, str]]] = {}
     for uid, qs, ts in zip(
         profiles.column("user_id").to_pylist(),
@@ -48,6 +74,75 @@ def calibration_tasks(
         strict=True,
     ):
         by_user[uid] = list(zip(qs or [], ts or [], strict=True))
+    return by_user
+
+
+def global_task(reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig) -> GroupCalibrationTask:
+    """The global edit's candidates: every captured layer, on a seeded sample of all users' items."""
+    items = [item for items in _heldout_by_user(profiles).values() for item in items]
+    random.Random(f"{cfg.subspace.seed}:global").shuffle(items)
+    items = items[: cfg.edit.calibration_examples]
+    direction, norms = compose.served_global(reduced)
+    return GroupCalibrationTask(
+        group_id="global",
+        layers=list(reduced.layers),
+        directions=direction.clone(),
+        norms=norms.clone(),
+        queries=[q for q, _ in items],
+        texts=[t for _, t in items],
+    )
+
+
+def residual_tasks(reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig) -> list[GroupCalibrationTask]:
+    """Per group: its residual at the global edit's layer, on top of the global edit; its members
+    with enough held-out items of their own, for their own residual strengths."""
+    slot, shared = compose.global_part(reduced, cfg.edit)
+    unit = compose.residual_unit
+    g_dir = reduced.global_steer[0][slot]
+    by_user = _heldout_by_user(profiles)
+    tasks = []
+    for task, j in zip(
+        calibration_tasks(reduced, profiles, cfg), range(len(reduced.grouping.group_ids)), strict=True
+    ):
+        members = []
+        for i, uid in enumerate(reduced.data.user_ids):
+            own = by_user.get(uid, [])
+            if int(reduced.grouping.labels[i]) != j or not bool(reduced.users.has_edit[i]):
+                continue
+            if len(own) < cfg.edit.user_calibration_items:
+                continue
+            members.append(MemberItems(
+                user_id=uid, direction=unit(reduced.user_steer[0][i, slot], g_dir),
+                norm=float(reduced.user_steer[1][i, slot]), queries=[q for q, _ in own], texts=[t for _, t in own],
+            ))  # fmt: skip
+        task.layers = [reduced.layers[slot]]
+        task.directions = unit(reduced.group_steer[0][j, slot], g_dir)[None].clone()
+        task.norms = reduced.group_steer[1][j, slot][None].clone()
+        task.offset = shared.clone()
+        task.members = members
+        tasks.append(task)
+    return tasks
+
+
+def calibrate_reduced(
+    run: RunTasks, reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig
+) -> list[Calibration]:
+    """Each group's calibration (what `Reduced.group_calibration` holds); with the residual
+    composition also the global edit's (`reduced.global_calibration`, first round) and the
+    members' own strengths (`reduced.user_strengths`)."""
+    if cfg.edit.composition != "residual":
+        return run(calibration_tasks(reduced, profiles, cfg))
+    reduced.global_calibration = run([global_task(reduced, profiles, cfg)])[0]
+    calibrations = run(residual_tasks(reduced, profiles, cfg))
+    reduced.user_strengths = {u: s for cal in calibrations for u, s in cal.members.items()}
+    return calibrations
+
+
+def calibration_tasks(
+    reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig
+) -> list[GroupCalibrationTask]:
+    """One task per group: its edit's candidate layers and a seeded sample of its members' held-out items."""
+    by_user = _heldout_by_user(profiles)
     direction, norms = reduced.group_steer
     tasks = []
     for j, gid in enumerate(reduced.grouping.group_ids):
@@ -75,28 +170,44 @@ def calibrate_task(model, tok, task: GroupCalibrationTask, cfg: ChameleonConfig)
     """Score every (layer, strength) candidate of one group on its held-out texts; keep the best."""
     if not task.texts:  # nothing held out: no evidence, so no edit
         return Calibration(layer=-1, strength=0.0, nll=float("nan"), base_nll=float("nan"), curve={})
-    prompts = [chat_prompt(tok, q, cfg.synth.system_prompt) for q in task.queries]
     change: dict[str, float] = {}
-    curve = nll_curve(
+    curve = _curve(
+        model, tok, task.queries, task.texts, task.directions, task.norms, task, cfg, task.offset, change
+    )
+    calibration = choose(curve)
+    calibration.change = change
+    if task.members:  # each member's residual on top of the shared edit + the group's residual
+        offset = task.offset + calibration.strength * float(task.norms[0]) * task.directions[0]
+        for m in task.members:
+            own = _curve(
+                model, tok, m.queries, m.texts, m.direction[None], torch.tensor([m.norm]), task, cfg, offset
+            )
+            calibration.members[m.user_id] = choose(own).strength
+    return calibration
+
+
+def _curve(model, tok, queries, texts, directions, norms, task, cfg: ChameleonConfig, offset, change=None):
+    return nll_curve(
         model,
         tok,
-        prompts,
-        task.texts,
-        directions=task.directions,
-        norms=task.norms,
+        [chat_prompt(tok, q, cfg.synth.system_prompt) for q in queries],
+        texts,
+        directions=directions,
+        norms=norms,
         layers=task.layers,
         strengths=cfg.edit.strengths,
         site=cfg.subspace.site,
         renorm=cfg.edit.form == "norm_preserving",
         batch_size=batch_size_for(cfg.synth.batch_size, model_device(model)),
         change=change,
+        offset=offset,
     )
-    calibration = choose(curve)
-    calibration.change = change
-    return calibration
 
 
 def calibrate_in_process(
     model, tok, reduced: Reduced, profiles: pa.Table, *, cfg: ChameleonConfig
 ) -> list[Calibration]:
-    return [calibrate_task(model, tok, task, cfg) for task in calibration_tasks(reduced, profiles, cfg)]
+    def run(tasks: Sequence[GroupCalibrationTask]) -> list[Calibration]:
+        return [calibrate_task(model, tok, task, cfg) for task in tasks]
+
+    return calibrate_reduced(run, reduced, profiles, cfg)

@@ -34,6 +34,7 @@ from chameleon.data.manifest import (
     RunManifest,
     user_shard_tensors,
 )
+from chameleon.job import compose
 from chameleon.job.reduce import Reduced
 from chameleon.job.reduce_stream import reduce_partitions
 
@@ -48,12 +49,16 @@ class JobFailedError(RuntimeError):
 def _user_shard_tensors(reduced: Reduced, rows: slice, cfg: ChameleonConfig) -> dict[str, torch.Tensor]:
     """The users' own edits of one shard, through the run's one user-shard codec."""
     users, site = reduced.users, cfg.subspace.site
-    return user_shard_tensors(
+    tensors = user_shard_tensors(
         [reduced.user_edit(i, cfg.edit, site) for i in range(rows.start, rows.stop)],
         ccs_loss=users.sub.ccs_loss[rows],
         has_edit=users.has_edit[rows],
         n_pairs_kept=users.keep[rows].sum(1),
     )
+    if cfg.edit.composition == "residual":  # the user's own part, beside the composed row
+        own = [compose.user_parts(reduced, i, cfg.edit)[3] for i in range(rows.start, rows.stop)]
+        tensors["user_steer"] = torch.stack(own)[:, None].contiguous()
+    return tensors
 
 
 def assignments_table(reduced: Reduced) -> pa.Table:
@@ -86,6 +91,9 @@ def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> li
         edit = reduced.group_edit(j, cfg.edit, cfg.subspace.site)
         rank = groups.rank[j, reduced.group_layers[j]]
         tensors = {**edit.to_tensors(), "rank": rank, "ccs_loss": groups.ccs_loss[j]}
+        if cfg.edit.composition == "residual":  # the parts of the composed row, each [1, d]
+            _, shared, residual = compose.group_parts(reduced, j, cfg.edit)
+            tensors |= {"global_steer": shared[None].contiguous(), "group_steer": residual[None].contiguous()}
         # n_users: the users whose pairs entered this edit (members without pairs do not count).
         meta = {
             "group_id": gid,
@@ -119,6 +127,24 @@ def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> li
     )
     writer.put_parquet(ASSIGNMENTS, assignments_table(reduced))
     return groups_meta
+
+
+def edit_parts_manifest(reduced: Reduced, cfg: ChameleonConfig) -> dict[str, Any]:
+    """`edit_parts` (residual composition only): the global edit's layer and calibration, and how
+    many users have their own calibrated residual strength."""
+    if cfg.edit.composition != "residual":
+        return {}
+    slot = compose.global_slot(reduced)
+    cal = reduced.global_calibration
+    return {
+        "edit_parts": {
+            "composition": "residual",
+            "layer": reduced.layers[slot],
+            "global_calibration": cal.to_dict() if cal is not None else None,
+            "users_with_own_strength": len(reduced.user_strengths),
+            "global_from": "shared_pairs" if reduced.shared_steer is not None else "style_pairs",
+        }
+    }
 
 
 def check_users_accounted(
@@ -186,6 +212,8 @@ def reduce_and_publish(
         raise JobFailedError(
             f"the map stage produced no pairs for any user (see runs/{writer.run_id}/failures/)"
         )
+    if cfg.edit.composition == "residual":
+        reduced.shared_steer = compose.shared_steer(profiles, len(layers))
     if calibrate is not None and cfg.edit.form != "projection" and cfg.edit.calibrate:
         t_cal = time.perf_counter()
         reduced.group_calibration = calibrate(reduced, profiles)
@@ -221,5 +249,6 @@ def reduce_and_publish(
         config=cfg.model_dump(),
         job_spec=job_spec,
         forget=forget,
+        **edit_parts_manifest(reduced, cfg),
     )
     return writer.commit(manifest, set_latest=set_latest)

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -40,7 +41,7 @@ from chameleon.data.artifacts import RunReader, RunWriter
 from chameleon.data.manifest import RunManifest
 from chameleon.data.parallel_reads import read_in_order
 from chameleon.data.storage import Store
-from chameleon.job.calibrate import GroupCalibrationTask, calibrate_task, calibration_tasks
+from chameleon.job.calibrate import GroupCalibrationTask, calibrate_reduced, calibrate_task
 from chameleon.job.progress import MapProgress
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_input import read_staged, stage_input
@@ -148,9 +149,13 @@ class JobPool:
 
 
 def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, pool: JobPool) -> list[Calibration]:
-    """`job.calibrate` for every group, spread over the job's actors (the models that mapped)."""
-    tasks = calibration_tasks(reduced, profiles, pool.cfg)
-    results = pool.get(len(tasks)).run("calibrate", tasks)
+    """`job.calibrate` for every group, spread over the job's actors (the models that mapped);
+    the residual composition calibrates in two rounds (`calibrate_reduced`)."""
+    return calibrate_reduced(partial(_calibrate_tasks_on_ray, pool=pool), reduced, profiles, pool.cfg)
+
+
+def _calibrate_tasks_on_ray(tasks: Sequence[GroupCalibrationTask], *, pool: JobPool) -> list[Calibration]:
+    results = pool.get(len(tasks)).run("calibrate", list(tasks))
     missing = [k for k in range(len(tasks)) if k not in results]
     if missing:
         raise JobFailedError(f"calibration of groups {[tasks[k].group_id for k in missing]} returned nothing")

@@ -20,6 +20,7 @@ from chameleon.config import ChameleonConfig, EditConfig, SubspaceConfig
 from chameleon.core import subspace as ss
 from chameleon.core.calibration import Calibration
 from chameleon.core.edit import Edit
+from chameleon.job import compose
 from chameleon.job.grouping import Grouping, group_users
 from chameleon.job.tables import UnitData, UserReduce, reduce_subspace_config, tables_to_units
 
@@ -97,14 +98,35 @@ class Reduced:
     user_steer: tuple[torch.Tensor, torch.Tensor]
     """the same per user, [U, L, d] and [U, L]"""
     group_calibration: list[Calibration | None] = field(default_factory=list)
-    """per group: the layer and strength chosen on its members' held-out texts (additive forms)"""
+    """per group: the layer and strength chosen on its members' held-out texts (additive forms;
+    with `edit.composition: residual`, the strength of the group's residual)"""
+    global_steer: tuple[torch.Tensor, torch.Tensor] | None = None
+    """`residual` composition: (unit mean difference [L, d], typical state norm [L]) of every
+    user's pooled pairs: the shared part of every edit"""
+    shared_steer: tuple[torch.Tensor, torch.Tensor] | None = None
+    """`residual` composition with shared pairs: (unit direction [L, d], typical norm [L]) of
+    every user's shared pairs pooled: the served global part (else `global_steer` is)"""
+    global_calibration: Calibration | None = None
+    """`residual` composition: the global edit's layer and strength"""
+    user_strengths: dict[str, float] = field(default_factory=dict)
+    """`residual` composition: users' own residual strengths, calibrated on their own held-out
+    items (users not in it take their group's residual strength)"""
 
     def group_edit(self, j: int, edit: EditConfig, site: str) -> Edit:
+        if edit.composition == "residual":
+            return compose.composed_edit(
+                self, self.groups, j, compose.group_parts(self, j, edit)[1:], edit, site
+            )
         cal = self.group_calibration[j] if self.group_calibration else None
         return self._edit(self.groups, j, self.group_layers, self.group_steer, cal, edit, site)
 
     def user_edit(self, i: int, edit: EditConfig, site: str) -> Edit:
-        """A user's own edit: its own direction, at its group's calibrated layer and strength."""
+        """A user's own edit: its own direction, at its group's calibrated layer and strength
+        (`residual`: global + group residual + the user's residual)."""
+        if edit.composition == "residual":
+            return compose.composed_edit(
+                self, self.users.sub, i, compose.user_parts(self, i, edit)[1:], edit, site
+            )
         g = int(self.grouping.labels[i])
         cal = self.group_calibration[g] if self.group_calibration else None
         return self._edit(self.users.sub, i, self.users.chosen, self.user_steer, cal, edit, site)
@@ -169,6 +191,15 @@ def group_and_reduce(
     if timings is not None:
         timings["reduce_users_s"] = t1 - t0
         timings["reduce_groups_s"] = time.perf_counter() - t1
+    global_steer = None
+    if cfg.edit.composition == "residual":  # every user's kept pairs, pooled as one group
+        sub_cfg = reduce_subspace_config(cfg)
+        pools = users.has_edit if grouping.pools is None else grouping.pools
+        every = torch.zeros(len(data.user_ids), dtype=torch.long)
+        fetch = pool or partial(ss.pool_groups, data.H_P, data.H_N)
+        H_P, H_N, mask = fetch(users.keep & pools[:, None], every, 1, sub_cfg.max_group_pairs, sub_cfg.seed)
+        direction, norms = ss.steering_directions(H_P, H_N, mask)
+        global_steer = (direction[0], norms[0])
     return Reduced(
         data,
         users,
@@ -178,4 +209,5 @@ def group_and_reduce(
         list(layers),
         group_steer=ss.steering_directions(*pooled),
         user_steer=users.steer,
+        global_steer=global_steer,
     )

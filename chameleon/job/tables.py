@@ -76,6 +76,12 @@ def pairs_to_tables(pairs: Sequence[UserPairs]) -> tuple[pa.Table, pa.Table]:
         if all(p.style_features is not None for p in pairs):
             styles = np.stack([p.style_features.numpy() for p in pairs])
             profile_cols["style_features"] = vector_column(styles, styles.shape[1])
+        if all(p.shared_diff is not None for p in pairs):  # per-user sums of the shared pairs
+            diff = np.stack([p.shared_diff.reshape(-1).numpy() for p in pairs])
+            norm = np.stack([p.shared_norm.numpy() for p in pairs])
+            profile_cols["shared_diff"] = vector_column(diff, diff.shape[1])
+            profile_cols["shared_norm"] = vector_column(norm, norm.shape[1])
+            profile_cols["shared_count"] = pa.array([p.shared_count for p in pairs], pa.int32())
     return pairs_table, pa.table(profile_cols)
 
 
@@ -148,9 +154,10 @@ class UserReduce:
 
 def reduce_subspace_config(cfg: ChameleonConfig) -> SubspaceConfig:
     """The subspace settings the reduce runs with."""
-    if cfg.synth.pair_source == "history":
-        # Real text vs the model's own answer: never a duplicate, and states of one prompt are
-        # always close in cosine, so the insight source's near-duplicate filter does not apply.
+    if cfg.synth.pair_source in ("history", "style"):
+        # Real text vs the model's own answer (or its neutral rendering): states of one prompt
+        # are always close in cosine, so the insight source's near-duplicate filter does not
+        # apply (identical answers are still dropped).
         return cfg.subspace.model_copy(update={"pair_cos_max": 1.0})
     return cfg.subspace
 

@@ -1,0 +1,108 @@
+"""Style capacity of a model: how often its answers carry a marker when the prompt asks for it.
+
+The ceiling any personalization can reach on that model: an edit that makes a user's answers carry
+a marker (``core.markers``) does what the model can do at all; when the model does not produce a
+marker even when told to, a missed marker-transfer goal is the model's, not the method's.
+
+The prompt is the evaluation's own (the system turn ``NO_PREAMBLE``, the LaMP input as the user
+turn, greedy, the same answer clean-up), with one instruction per marker added either to the
+system turn or after the user's message (``placements``); a marker's capacity is the larger share
+of the two. The share without any instruction is measured beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from chameleon.core.generation import generate_answers
+from chameleon.core.markers import MARKERS, text_markers
+from chameleon.evaluation.metrics import bootstrap_ci
+from chameleon.evaluation.names import NO_PREAMBLE
+from chameleon.evaluation.scoring import postprocess
+
+__all__ = ["MARKER_INSTRUCTIONS", "PLACEMENTS", "marker_shares", "measure_capacity"]
+
+MARKER_INSTRUCTIONS: dict[str, str] = {
+    "lower_start": "Write it in all lowercase letters, like a casual tweet: no capital letters at all.",
+    "lowercase_i": 'Write the word "I" in lowercase, as "i" (i am, i\'m, i\'ll).',
+    "punct_run": "End it with several exclamation marks (!!!) or an ellipsis (...).",
+    "elongation": 'Stretch one word by repeating a letter, like "sooo" or "yesss".',
+    "emoticon": "Add an emoticon like :) or an emoji.",
+    "hashtag": "Add a hashtag, like #happy.",
+}
+"""The explicit instruction that asks for each marker of :data:`~chameleon.core.markers.MARKERS`."""
+
+PLACEMENTS = ("system", "user")
+"""Where an instruction goes: appended to the system turn, or after the user's message."""
+
+
+def marker_shares(answers: Sequence[str]) -> dict[str, float]:
+    """Per marker, the share of ``answers`` that carry it."""
+    if not answers:
+        raise ValueError("no answers")
+    flags = [text_markers(a) for a in answers]
+    return {m: sum(f[m] for f in flags) / len(flags) for m in MARKERS}
+
+
+def _prompts(messages: Sequence[str], system: str | None, marker: str | None, placement: str):
+    if marker is None:
+        return list(messages), system
+    instruction = MARKER_INSTRUCTIONS[marker]
+    if placement == "system":
+        return list(messages), f"{system} {instruction}" if system else instruction
+    return [f"{m}\n\n{instruction}" for m in messages], system
+
+
+def measure_capacity(
+    model,
+    tok,
+    messages: Sequence[str],
+    *,
+    system: str | None = NO_PREAMBLE,
+    markers: Sequence[str] = MARKERS,
+    placements: Sequence[str] = PLACEMENTS,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Answers to ``messages`` without an instruction and with each marker's instruction at each
+    placement; returns ``{"none": {marker: share}, "markers": {marker: {"instruction", "by_placement":
+    {placement: {"share", "ci95"}}, "capacity", "none"}}, "answers": {...}}``.
+
+    ``capacity`` is the largest share over the placements (what the model does at best when asked).
+    ``answers`` keeps the scored answers of every prompt (the caller decides whether to write them).
+    """
+    unknown = [m for m in markers if m not in MARKER_INSTRUCTIONS]
+    bad = [p for p in placements if p not in PLACEMENTS]
+    if unknown or bad or not placements:
+        raise ValueError(f"unknown markers {unknown} or placements {bad} (known: {MARKERS}, {PLACEMENTS})")
+    if not messages:
+        raise ValueError("no messages")
+
+    def answer(marker: str | None, placement: str) -> list[str]:
+        msgs, sys_turn = _prompts(messages, system, marker, placement)
+        raw = generate_answers(
+            model, tok, msgs, system=sys_turn, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        return postprocess(raw)
+
+    answers: dict[str, list[str]] = {"none": answer(None, "system")}
+    none = marker_shares(answers["none"])
+    out: dict[str, Any] = {"none": none, "markers": {}}
+    for m in markers:
+        by_placement = {}
+        for p in placements:
+            answers[f"{m}@{p}"] = got = answer(m, p)
+            carried = [float(text_markers(a)[m]) for a in got]
+            ci = bootstrap_ci(carried, n_resamples=n_resamples, seed=seed)
+            by_placement[p] = {"share": ci.mean, "ci95": [ci.low, ci.high]}
+        out["markers"][m] = {
+            "instruction": MARKER_INSTRUCTIONS[m],
+            "by_placement": by_placement,
+            "capacity": max(v["share"] for v in by_placement.values()),
+            "none": none[m],
+        }
+    out["answers"] = answers
+    return out

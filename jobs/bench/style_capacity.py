@@ -1,0 +1,95 @@
+"""Style capacity of a model on LaMP-7 tuning users: the share of answers carrying each style marker
+when the prompt asks for it outright (the ceiling any personalization can reach on that model).
+
+    python jobs/bench/style_capacity.py [--users 0:48] [--model ID] [--lamp-dir DIR] [--out FILE] [--smoke]
+
+The evaluation's prompt (no-preamble system turn, the LaMP input as the user turn), greedy, the
+evaluation's answer clean-up; one instruction per marker (`evaluation.capacity.MARKER_INSTRUCTIONS`)
+appended to the system turn or after the user's message. Prints per marker the share without an
+instruction, with it at each placement, and the capacity (the larger); the golds' share of the same
+users beside it (what the users themselves write). Only tuning users (positions < 500) are
+accepted. The headline counts the markers whose instructed share's 95 % interval lies above the
+share without instruction. The JSON (`--out`) holds figures only, no LaMP text. `--smoke`: the
+tiny random model on three built-in tweets (no LaMP data), 4 new tokens: checks the script only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from common import TINY_MODEL, model_path, parse, parser, report
+
+from chameleon.config import EMBEDDED_MODEL, ModelConfig
+from chameleon.core.markers import MARKERS
+from chameleon.core.model import load_model
+from chameleon.core.prompts import PARAPHRASE_TWEET
+from chameleon.evaluation.capacity import PLACEMENTS, marker_shares, measure_capacity
+from chameleon.evaluation.lamp import N_TUNING, load_lamp7
+from chameleon.evaluation.split import parse_range
+
+SMOKE_TWEETS = ["Great game tonight!", "so tired of this rain", "New phone, who dis."]
+
+
+def _questions(args) -> tuple[list[str], list[str] | None]:
+    """The LaMP inputs and golds of the tuning users asked for (smoke: built-in tweets, no golds)."""
+    if args.smoke:
+        return [PARAPHRASE_TWEET + t for t in SMOKE_TWEETS], None
+    lo, hi = parse_range(args.users)
+    if hi > N_TUNING:
+        raise SystemExit(f"--users {args.users}: only tuning users (positions < {N_TUNING}) may be used here")
+    questions, golds = load_lamp7(args.lamp_dir)
+    qs = questions[lo:hi]
+    return [q.input for q in qs], [golds[q.id] for q in qs]
+
+
+def main() -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--users", default="0:48", help="LaMP-7 file positions START:END (tuning users only)")
+    p.add_argument("--model", default=EMBEDDED_MODEL)
+    p.add_argument("--lamp-dir", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parse(p, {"model": TINY_MODEL, "max_new_tokens": 4})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    messages, golds = _questions(args)
+    model, tok = load_model(ModelConfig(name_or_path=model_path(args.model)))
+    t0 = time.perf_counter()
+    res = measure_capacity(
+        model, tok, messages, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+    )
+    wall = time.perf_counter() - t0
+    gold = marker_shares(golds) if golds else {m: None for m in MARKERS}
+    figures: dict = {}
+    above = 0
+    for m in MARKERS:
+        e = res["markers"][m]
+        figures[f"{m}_none"] = e["none"]
+        for pl in PLACEMENTS:
+            figures[f"{m}_asked_{pl}"] = e["by_placement"][pl]["share"]
+        figures[f"{m}_capacity"] = e["capacity"]
+        if gold[m] is not None:
+            figures[f"{m}_gold"] = gold[m]
+        above += any(v["ci95"][0] > e["none"] for v in e["by_placement"].values())
+    figures["n_users"] = len(messages)
+    figures["wall_s"] = round(wall, 1)
+    figures["markers_above_none_when_asked"] = above
+    res.pop("answers")
+    report(
+        figures,
+        "markers_above_none_when_asked",
+        args.out,
+        extra={
+            "model": args.model,
+            "users": None if args.smoke else list(parse_range(args.users)),
+            "max_new_tokens": args.max_new_tokens,
+            "gold": gold,
+            "capacity": res,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
