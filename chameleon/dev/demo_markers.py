@@ -54,15 +54,17 @@ def has_marker(style: str, text: str) -> bool:
 
 DEMO_CAPACITY: dict = {
     "how": (
-        "measured on LaMP-7 tuning users 0..39 with the no-preamble prompt: share of answers with "
-        "the marker without → with an explicit instruction asking for it"
+        "share of answers with the marker, without -> with an explicit instruction asking for it, on "
+        "LaMP-7 tuning users (emoticons, hashtags, lowercase starts: users 0..47, the instruction after "
+        "the user's message, docs/results/lamp7-style-capacity; the others: users 0..39, the "
+        "instruction in the system turn)"
     ),
     "styles": {
         "capitals (an ALL-CAPS word)": {"base": 0.10, "best": 0.10},
-        "emoticons": {"base": 0.00, "best": 0.00},
+        "emoticons or emoji": {"base": 0.00, "best": 0.604},
         "≤ 8 words": {"base": 0.10, "best": 0.20},
-        "hashtags": {"base": 0.03, "best": 0.00},
-        "starts lowercase": {"base": 0.10, "best": 0.075},
+        "hashtags": {"base": 0.021, "best": 0.688},
+        "starts lowercase": {"base": 0.083, "best": 0.062},
         "an exclamation mark": {"base": 0.07, "best": 0.07},
     },
     "vector": (
@@ -70,8 +72,9 @@ DEMO_CAPACITY: dict = {
         "every readable strength (their users' golds: 78 %)"
     ),
 }
-"""The embedded model's measured capacity for the markers the example styles need: asked outright
-it barely moves any of them (`../shared/reference/lamp7-baselines.md`, "Style capacity"), so no
-edit can be expected to carry them; replacing an example style by a real-world one (lowercase,
-hashtags, `!!!`) would not help, those markers are out of reach too. `jobs/bench/demo_capacity.py`
-measures the residual edit itself on the example styles."""
+"""The embedded model's measured capacity for the markers the example styles need. Asked outright
+it carries emoticons/emoji and hashtags (when the instruction follows the user's message) and
+nothing else measurable: capitals, length, lowercase and exclamation marks stay where they were
+(`docs/results/lamp7-style-capacity`, and the system-turn probe in the team's LaMP-7 baselines). So
+an edit can at most be expected to carry emoji_lover's marker and a hashtag-heavy user's;
+`jobs/bench/demo_capacity.py` measures the residual edit itself on the example styles."""
