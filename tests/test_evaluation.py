@@ -370,7 +370,11 @@ def test_run_evaluation_end_to_end(tmp_path, fake_lamp, tiny_model_dir, monkeypa
     assert res["n_users"] == 4
     # `shuffled` needs a second group to take an edit from.
     several_groups = len(res["runs"]["groups_all"]) > 1
-    assert list(res["methods"]) == [m for m in METHODS if m != "shuffled" or several_groups]
+    # The residual controls need a run composed of residual parts; the default (whole edits) has none.
+    residual_controls = {"swapped_residual", "random_residual"}
+    expected = [m for m in METHODS if (m != "shuffled" or several_groups) and m not in residual_controls]
+    assert list(res["methods"]) == expected
+    assert "not run" in res["runs"]["residual_controls"]
     for m, e in res["methods"].items():
         for k in ("rouge1", "rougeL", "rouge1_ci95", "rougeL_ci95"):
             assert k in e

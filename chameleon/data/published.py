@@ -22,6 +22,8 @@ from chameleon.data.layout import ASSIGNMENTS, CENTROIDS, group_key, user_shard_
 from chameleon.data.manifest import user_shard_edit
 
 LEVELS = ("none", "group", "user")
+GROUP_PARTS = ("global_steer", "group_steer")
+"""Tensors of a residual-composition group file that hold its composed row's parts."""
 """Which edit a user gets: the base model, the user's group edit, or the user's own edit."""
 
 
@@ -38,6 +40,7 @@ class PublishedRun:
         self.site = self.manifest.site
         self._assign: dict[str, dict] | None = None
         self._groups: OrderedDict[str, Edit] = OrderedDict()
+        self._group_parts: dict[str, dict[str, torch.Tensor]] = {}  # read with the edit, evicted with it
         self._groups_lock = threading.Lock()  # serving loads groups from several threads
         self._shards: dict[int, dict[str, Any]] = {}
 
@@ -57,18 +60,25 @@ class PublishedRun:
             raise KeyError(f"run {self.run_id} has no group {group_id!r}")
         tensors, _ = self.reader.get_safetensors(group_key(group_id))
         edit = Edit.from_tensors(tensors, site=self.site)
+        parts = {k: tensors[k] for k in GROUP_PARTS if k in tensors}
         with self._groups_lock:
             edit = self._groups.setdefault(group_id, edit)
+            self._group_parts.setdefault(group_id, parts)
             if self.group_cache_size is not None and len(self._groups) > self.group_cache_size:
-                self._groups.popitem(last=False)
+                evicted, _ = self._groups.popitem(last=False)
+                self._group_parts.pop(evicted, None)
         return edit
 
     def group_parts(self, group_id: str) -> dict[str, torch.Tensor]:
         """Residual composition: the parts of the group's composed row, `global_steer` and
         `group_steer` ([1, d] each, at the edit's layer); empty for runs without parts."""
-        self.group_edit(group_id)  # validates the id
-        tensors, _ = self.reader.get_safetensors(group_key(group_id))
-        return {k: tensors[k] for k in ("global_steer", "group_steer") if k in tensors}
+        self.group_edit(group_id)  # validates the id and loads the parts with the edit (one read)
+        with self._groups_lock:
+            parts = self._group_parts.get(group_id)
+        if parts is None:  # evicted meanwhile by another thread's load
+            tensors, _ = self.reader.get_safetensors(group_key(group_id))
+            parts = {k: tensors[k] for k in GROUP_PARTS if k in tensors}
+        return parts
 
     def user_part(self, user_id: str) -> torch.Tensor | None:
         """Residual composition: the user's own residual ([1, d]) inside its composed row; None for
