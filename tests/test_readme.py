@@ -99,8 +99,10 @@ def check_quiet(stdout: str, stderr: str) -> None:
         if re.search(r"\b(INFO|WARNING|DEBUG)\b|Loading weights|streaming_executor|Traceback", line)
     ]
     assert not noisy, "library output on the console:\n" + "\n".join(noisy[:20])
-    # At most Ray's one-line note that it read the log level it was given.
-    assert len([line for line in stderr.splitlines() if line.strip()]) <= 1, stderr
+    # At most Ray's one-line note that it read the log level it was given, besides the job's own
+    # progress line (a log line per interval when stderr is not a terminal).
+    other = [line for line in stderr.splitlines() if line.strip() and not line.startswith("map: users ")]
+    assert len(other) <= 1, stderr
 
 
 @pytest.mark.slow

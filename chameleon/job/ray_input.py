@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,14 @@ from chameleon.data.storage import Store
 from chameleon.job.run import StagedInput, hash_partition, jsonl_safe_rows
 
 DUPLICATES = "rejects/duplicates.jsonl"
+
+
+def _where(ds: ray.data.Dataset, predicate) -> ray.data.Dataset:
+    """`ds.filter(predicate)` without Ray Data's console hint to prefer `expr=`: these predicates
+    test membership in a Python set, and the hint would break the job's quiet console."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Use 'expr' instead of 'fn'.*")
+        return ds.filter(predicate)
 
 
 def rejects_key(file_index: int) -> str:
@@ -103,15 +112,15 @@ def stage_input(input_uri: str, writer: RunWriter, cfg: ChameleonConfig, **store
         )
         .materialize()  # read once: the passes below run on the cluster's copy
     )
-    file_rows = [json.loads(r["info"]) for r in read.filter(lambda r: r["kind"] == "file").take_all()]
-    users = read.filter(lambda r: r["kind"] == "user")
+    file_rows = [json.loads(r["info"]) for r in _where(read, lambda r: r["kind"] == "file").take_all()]
+    users = _where(read, lambda r: r["kind"] == "user")
     dup: dict[str, int] = {}
     if len(files) > 1:  # within one file, validation itself rejected every copy of a duplicate
         counts = users.groupby("user_id").count()
-        dup = {r["user_id"]: int(r["count()"]) for r in counts.filter(lambda r: r["count()"] > 1).take_all()}
+        dup = {r["user_id"]: int(r["count()"]) for r in _where(counts, lambda r: r["count()"] > 1).take_all()}
     rejects: list[dict] = []
     if dup:
-        for r in users.filter(lambda r: r["user_id"] in dup).take_all():
+        for r in _where(users, lambda r: r["user_id"] in dup).take_all():
             record = UserRecord.from_dict(json.loads(r["record"]))
             reason = f"duplicate user_id ({dup[r['user_id']]} records)"
             rejects.append(
@@ -120,7 +129,7 @@ def stage_input(input_uri: str, writer: RunWriter, cfg: ChameleonConfig, **store
                     "file": r["info"],
                 }
             )
-        users = users.filter(lambda r: r["user_id"] not in dup)
+        users = _where(users, lambda r: r["user_id"] not in dup)
     n_accepted = sum(r["records"] for r in file_rows) - sum(r["rejected"] for r in file_rows) - len(rejects)
     if n_accepted <= 0:
         raise ValueError(
