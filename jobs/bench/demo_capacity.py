@@ -19,9 +19,9 @@ from __future__ import annotations
 import time
 
 import torch
-from common import parser, report
+from common import TINY_MODEL, model_path, parse, parser, report
 
-from chameleon.config import ModelConfig
+from chameleon.config import EMBEDDED_MODEL, ModelConfig
 from chameleon.core.calibration import steering_edit
 from chameleon.core.capture import capture
 from chameleon.core.generation import chat_prompt, first_answer_line, generate_answers
@@ -44,16 +44,21 @@ def style_pairs(model, tok, texts: list[str], layers: list[int]) -> tuple[torch.
     return states[: len(texts)], states[len(texts) :]
 
 
+SMOKE = {"model": TINY_MODEL, "layers": "1", "strengths": "0.2"}
+"""`--smoke`: the tiny random model at one layer and one strength (seconds; figures mean nothing)."""
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="base model (default: the embedded SmolLM2)")
     p.add_argument("--layers", default="9,12,15")
     p.add_argument("--strengths", default="0.1,0.2,0.4,0.8")
     p.add_argument("--min-closeness", type=float, default=0.3)
-    args = p.parse_args()
+    args = parse(p, SMOKE)
     layers = [int(x) for x in args.layers.split(",")]
     strengths = [float(x) for x in args.strengths.split(",")]
     t0 = time.perf_counter()
-    model, tok = load_model(ModelConfig())
+    model, tok = load_model(ModelConfig(name_or_path=model_path(args.model)))
     styles = {**EXAMPLE_STYLES, **REAL_WORLD_STYLES}
     pairs = {s: style_pairs(model, tok, texts, layers) for s, texts in styles.items()}
     diffs = {s: (hp - hn).mean(0) for s, (hp, hn) in pairs.items()}  # [L, d]
