@@ -18,9 +18,8 @@ import re
 import uuid
 
 import pytest
+from stub_runs import stub_manifest  # noqa: F401 (the tests import it from here)
 
-from chameleon.config import EditConfig
-from chameleon.data.manifest import Counts, ModelInfo, RunManifest
 from chameleon.data.storage import LocalStore, S3Store
 from chameleon.dev.s3server import LocalS3Server
 
@@ -52,26 +51,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 TEST_BUCKET = "chameleon-test"
-
-
-def stub_manifest(**fields) -> RunManifest:
-    """A valid manifest for a test run that holds files only (no edits); `fields` override."""
-    none = dict(accepted=0, partitions=0, users_mapped=0, users_failed=0, users_with_edit=0, groups=0)
-    base = dict(
-        model=ModelInfo(id="stub", fingerprint={}),
-        hidden_size=1,
-        captured_layers=[0],
-        site="residual",
-        max_rank=1,
-        edit=EditConfig(),
-        prompt_version="stub",
-        groups=[],
-        user_shards=[],
-        counts=Counts(**none, pairs=0, pairs_kept=0),
-        timings_s={},
-        config={},
-    )
-    return RunManifest(**{**base, **fields})
 
 
 @pytest.fixture(scope="session")

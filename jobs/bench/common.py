@@ -75,22 +75,8 @@ def _fmt(value) -> str:
 
 
 def stub_manifest():
-    """A valid manifest for a run that holds files only (no edits): e.g. a previous `latest`."""
-    from chameleon.config import EditConfig
-    from chameleon.data.manifest import Counts, ModelInfo, RunManifest
+    """A valid manifest for a run that holds files only (no edits): the tests' own stub."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from stub_runs import stub_manifest as stub
 
-    none = dict(accepted=0, partitions=0, users_mapped=0, users_failed=0, users_with_edit=0, groups=0)
-    return RunManifest(
-        model=ModelInfo(id="stub", fingerprint={}),
-        hidden_size=1,
-        captured_layers=[0],
-        site="residual",
-        max_rank=1,
-        edit=EditConfig(),
-        prompt_version="stub",
-        groups=[],
-        user_shards=[],
-        counts=Counts(**none, pairs=0, pairs_kept=0),
-        timings_s={},
-        config={},
-    )
+    return stub()
