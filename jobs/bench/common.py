@@ -59,6 +59,23 @@ def model_path(name: str) -> str:
     return str(tiny_model_dir(Path(workdir)))
 
 
+def start_local_ray(num_cpus: int, tries: int = 3) -> None:
+    """A local Ray for a benchmark's driver. Ray gives its raylet 30 s to start, too short on a
+    loaded machine: a failed start is retried (`tries` in all)."""
+    import ray
+
+    for attempt in range(tries):
+        try:
+            ray.init(
+                address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 2**20
+            )
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == tries - 1:
+                raise
+
+
 def report(figures: dict, headline: str, out: str | None, extra: dict | None = None) -> None:
     """Print each figure as `name=value` with the headline figure last; optionally write JSON."""
     for name, value in figures.items():

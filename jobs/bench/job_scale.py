@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parse, parser, report
+from common import parse, parser, report, start_local_ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -87,14 +87,7 @@ def memory_child(users_dir: str, model_dir: str, endpoint: str, access: str, sec
     from chameleon.job.run import begin_run
     from chameleon.job.spec import model_identity
 
-    for attempt in range(3):  # a local Ray gives its raylet 30 s to start: too short on a loaded machine
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    start_local_ray(num_cpus=2)
     store = S3Store(
         "bench",
         f"memory-{os.getpid()}",

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parse, parser, report
+from common import parse, parser, report, start_local_ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -79,7 +79,7 @@ def main() -> None:
         }
     )
     figures: dict = {}
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=512 * 2**20)
+    start_local_ray(num_cpus=cpus)
     with LocalS3Server() as s3:
         for n in args.sizes:
             users = tmp / f"users-{n}.jsonl"
