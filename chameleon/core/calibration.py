@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from chameleon.core.edit import Edit, EditBank
-from chameleon.core.model import model_device
+from chameleon.core.model import cache_argument, model_device
 
 
 @dataclass
@@ -138,6 +138,7 @@ def answer_nlls(
     `answer_nll` alone would."""
     device = model_device(model)
     decoder = model.get_decoder()
+    cache_kw = cache_argument(decoder)
     totals, counts = [0.0] * len(rows), [0] * len(rows)
     for start in range(0, len(prompts), batch_size):
         ids, attention, answer_mask, first = encode_answers(
@@ -148,8 +149,9 @@ def answer_nlls(
         cut = max(int(first.min()) - 1, 0)
         prefix = None
         if cut:
-            prefix = decoder(input_ids=ids[:, :cut], attention_mask=attention[:, :cut], use_cache=True)
-            prefix = prefix.past_key_values
+            out = decoder(input_ids=ids[:, :cut], attention_mask=attention[:, :cut], use_cache=True)
+            prefix = getattr(out, cache_kw, None)
+            prefix = out.past_key_values if prefix is None else prefix
         # Token t is predicted at position t-1; the vocabulary projection runs on answer positions only.
         predicting = answer_mask[:, cut + 1 :]
         targets = ids[:, cut + 1 :][predicting]
@@ -163,8 +165,8 @@ def answer_nlls(
                 hidden = decoder(
                     input_ids=ids[:, cut:],
                     attention_mask=attention,
-                    past_key_values=copy.deepcopy(prefix),
                     use_cache=prefix is not None,
+                    **{cache_kw: copy.deepcopy(prefix)},
                 ).last_hidden_state
             logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
             totals[i] += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
