@@ -31,17 +31,24 @@ def _inputs(tmp_path):
     return _write(tmp_path / "old.jsonl", old), _write(tmp_path / "new.jsonl", new), new, changed
 
 
-def _mapped_users(monkeypatch) -> list[str]:
-    """Every user id handed to the model (the map stage's one entry point)."""
-    seen: list[str] = []
+def _mapped_users(monkeypatch) -> list[list[str]]:
+    """The user ids handed to the model, one list per batch (the map stage's one entry point)."""
+    seen: list[list[str]] = []
     real = refresh.process_partition
 
     def spy(model, tok, users, *args, **kwargs):
-        seen.extend(u.user_id for u in users)
+        seen.append([u.user_id for u in users])
         return real(model, tok, users, *args, **kwargs)
 
     monkeypatch.setattr(refresh, "process_partition", spy)
     return seen
+
+
+def _partition_user_ids(reader: RunReader) -> list[list[str]]:
+    """Each partition's users, from its done record."""
+    return [
+        reader.run_store.get_json(done_key(k))["user_ids"] for k in range(reader.manifest.counts.partitions)
+    ]
 
 
 def test_refresh_maps_only_changed_users_and_equals_a_full_run(
@@ -52,11 +59,16 @@ def test_refresh_maps_only_changed_users_and_equals_a_full_run(
     run_local(old, local_store, "day-1", cfg, progress=False)
     mapped = _mapped_users(monkeypatch)
     manifest = run_local(new, local_store, "day-2", cfg, progress=False, update_from="day-1")
-    assert sorted(mapped) == sorted(changed)  # no model call for an unchanged user
+    # No model call for an unchanged user; the changed users of different partitions are mapped
+    # in one batch (a batch's cost hardly depends on its size: one per partition would cost a
+    # refresh of 1 % of the users about what a full run costs).
+    assert len(mapped) == 1 and sorted(mapped[0]) == sorted(changed)
     unchanged = sorted({u["user_id"] for u in new_users} - changed)
     assert manifest.counts.users_reused == len(unchanged)
     assert manifest.job_spec["update_from"] == "day-1"
     reader = RunReader(local_store, "day-2")
+    holding = {k for k, ids in enumerate(_partition_user_ids(reader)) if changed & set(ids)}
+    assert len(holding) == 2  # the one batch above held the changed users of two partitions
     reused = [
         u for k in range(manifest.counts.partitions) for u in reader.run_store.get_json(done_key(k))["reused"]
     ]
@@ -67,7 +79,9 @@ def test_refresh_maps_only_changed_users_and_equals_a_full_run(
     # A full run of the new input (same seeds): same per-user results, groups and edits.
     mapped.clear()
     run_local(new, local_store, "full", cfg, progress=False)
-    assert len(mapped) == len(new_users)
+    # A full run maps partition by partition, as before.
+    assert sorted(map(len, mapped)) == sorted(map(len, _partition_user_ids(reader)))
+    assert sum(map(len, mapped)) == len(new_users)
     assert refresh.compare_runs(reader, RunReader(local_store, "full"), unchanged) == []
 
 
@@ -85,7 +99,7 @@ def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(
 ):
     from chameleon.job import ray_job
 
-    pools, stages = [], []
+    pools, stages, bundles = [], [], []
 
     class CountingPool(ray_job.ReplicaPool):
         def __init__(self, *args, **kwargs):
@@ -94,6 +108,8 @@ def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(
 
         def run(self, method, items, **kwargs):
             stages.append(method)
+            if method == "map":  # the partitions of each item
+                bundles.append([[p["partition"] for p in item["partitions"]] for item in items])
             return super().run(method, items, **kwargs)
 
     monkeypatch.setattr(ray_job, "ReplicaPool", CountingPool)
@@ -103,6 +119,8 @@ def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(
     manifest = ray_job.run_ray_job(new, s3_store, "day-2", cfg, update_from="day-1")
     # One pool of one actor (one model load) mapped, then calibrated: no second pool.
     assert pools == [1] and stages == ["map", "calibrate"]
+    # The one actor got every partition in one bundle (its changed users mapped together).
+    assert bundles == [[list(range(manifest.counts.partitions))]] and manifest.counts.partitions > 1
     assert manifest.counts.users_reused == len(new_users) - len(changed)
     assert "calibrate_s" in manifest.timings_s and all(g.calibration is not None for g in manifest.groups)
     run_local(new, s3_store, "full", cfg, progress=False)
