@@ -59,7 +59,7 @@ def model_path(name: str) -> str:
     return str(tiny_model_dir(Path(workdir)))
 
 
-def start_local_ray(num_cpus: int, tries: int = 3) -> None:
+def start_local_ray(num_cpus: int, tries: int = 6) -> None:
     """A local Ray for a benchmark's driver. Ray gives its raylet 30 s to start, too short on a
     loaded machine: a failed start is retried (`tries` in all)."""
     import ray
