@@ -86,12 +86,12 @@ def main() -> None:
             users.write_text("".join(json.dumps(u) + "\n" for u in synthetic_users(n)))
             store = s3.store("bench", f"scaling-{n}")
             t0 = time.perf_counter()
-            run_ray_job(str(users), store, f"ray-{n}", cfg)
+            ray_manifest = run_ray_job(str(users), store, f"ray-{n}", cfg, progress=False)
             t_ray = time.perf_counter() - t0
             # In-process reference: the same work with all of the machine's threads.
             torch.set_num_threads(cpus)
             t1 = time.perf_counter()
-            run_local(
+            local_manifest = run_local(
                 str(users),
                 store,
                 f"local-{n}",
@@ -103,6 +103,9 @@ def main() -> None:
             figures[f"ray_s_{n}"] = t_ray
             figures[f"local_s_{n}"] = t_local
             figures[f"ray_per_user_s_{n}"] = t_ray / n
+            # Where the time went (load_s: opening the run, the Ray driver's input staging included).
+            figures[f"ray_timings_{n}"] = json.dumps(ray_manifest.timings_s)
+            figures[f"local_timings_{n}"] = json.dumps(local_manifest.timings_s)
     ray.shutdown()
     lo, hi = min(args.sizes), max(args.sizes)
     figures["ray_overhead_ratio"] = figures[f"ray_s_{hi}"] / figures[f"local_s_{hi}"]
