@@ -557,26 +557,31 @@ class CompletionChoice(WireModel):
     token_ids: list[int] | None = Field(None, exclude_if=_absent)
 
 
-class ChatCompletion(WireModel):
+class _AnswerBody(WireModel):
+    """What every answer body has, in this order; subclasses narrow `object` and `choices`."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
     system_fingerprint: str | None
+    choices: list
+    usage: Usage | None = Field(None, exclude_if=_absent)
+    """Whole answers: always. Streams: only in the extra last chunk that
+    `stream_options.include_usage` asks for (with no choices)."""
+    personalization: PersonalizationDetail
+
+
+class ChatCompletion(_AnswerBody):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
-    personalization: PersonalizationDetail
 
 
-class Completion(WireModel):
-    id: str
+class Completion(_AnswerBody):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None
     choices: list[CompletionChoice]
     usage: Usage
-    personalization: PersonalizationDetail
 
 
 class ChatDelta(WireModel):
@@ -616,27 +621,14 @@ class CompletionChunkChoice(_StreamChoice):
     token_ids: list[int] | None = Field(None, exclude_if=_absent)
 
 
-class ChatCompletionChunk(WireModel):
-    id: str
+class ChatCompletionChunk(_AnswerBody):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str | None
     choices: list[ChatChunkChoice]
-    usage: Usage | None = Field(None, exclude_if=_absent)
-    """Only in the extra last chunk that `stream_options.include_usage` asks for (no choices)."""
-    personalization: PersonalizationDetail
 
 
-class CompletionChunk(WireModel):
-    id: str
+class CompletionChunk(_AnswerBody):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None
     choices: list[CompletionChunkChoice]
-    usage: Usage | None = Field(None, exclude_if=_absent)
-    personalization: PersonalizationDetail
 
 
 class ModelCard(WireModel):
