@@ -218,12 +218,12 @@ class ChameleonIngress:
         self._auth(request)
         body = parse_request(cls, await self._json(request), self.cfg.model_name, self.cfg.max_tokens_limit)
         gen, started = await self._start(GenerationRequest.from_body(body), deadline)
-        reply = Answer(body, started, _request_id(), self.cfg.personalization_detail)
+        response = Answer(body, started, _request_id(), self.cfg.personalization_detail)
         if body.stream:
             return StreamingResponse(
-                self._sse(gen, reply, deadline),
+                self._sse(gen, response, deadline),
                 media_type="text/event-stream",
-                headers={**reply.headers(), "Cache-Control": "no-cache"},
+                headers={**response.headers(), "Cache-Control": "no-cache"},
             )
         try:
             text, ids, end = await collect(lambda: asyncio.wait_for(anext(gen), _left(deadline)))
@@ -238,12 +238,12 @@ class ChameleonIngress:
             raise ApiError(
                 503, f"the model replica failed: {type(exc).__name__}; retry", "replica_unavailable"
             ) from None
-        return json_response(reply.completion(text, ids, end), headers=reply.headers())
+        return json_response(response.completion(text, ids, end), headers=response.headers())
 
-    async def _sse(self, gen, reply: Answer, deadline: float) -> AsyncIterator[str]:
+    async def _sse(self, gen, response: Answer, deadline: float) -> AsyncIterator[str]:
         finished = timed_out = False
         try:
-            for chunk in reply.opening_chunks():
+            for chunk in response.opening_chunks():
                 yield sse_line(chunk)
             done = False
             while not done:
@@ -255,7 +255,7 @@ class ChameleonIngress:
                     timed_out = True  # not finished: the finally cancels the request on the replica
                     yield sse_line(timeout_error(self.cfg.request_timeout_s).body())
                     break
-                bodies, done = reply.chunks_for(event)
+                bodies, done = response.chunks_for(event)
                 for b in bodies:
                     yield sse_line(b)
             finished = not timed_out

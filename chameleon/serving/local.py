@@ -61,16 +61,16 @@ async def _answer(core: ModelServer, kind: str, raw: bytes) -> Reply:
     request = GenerationRequest.from_body(body)
     async with contextlib.aclosing(core.events(request)) as events:
         started = started_or_raise(await anext(events))
-        reply = Answer(body, started, uuid.uuid4().hex, cfg.personalization_detail)
+        response = Answer(body, started, uuid.uuid4().hex, cfg.personalization_detail)
         if body.stream:
-            chunks = reply.opening_chunks()
+            chunks = response.opening_chunks()
             async for event in events:
-                more, done = reply.chunks_for(event)
+                more, done = response.chunks_for(event)
                 chunks += more
                 if done:
                     break
             wire = "".join(sse_line(c) for c in chunks).encode() + b"data: [DONE]\n\n"
-            return Reply(200, reply.headers(), None, [c.wire() for c in chunks], wire)
+            return Reply(200, response.headers(), None, [c.wire() for c in chunks], wire)
         text, ids, end = await collect(lambda: anext(events))
-    out = reply.completion(text, ids, end)
-    return Reply(200, reply.headers(), out.wire(), [], json_bytes(out))
+    out = response.completion(text, ids, end)
+    return Reply(200, response.headers(), out.wire(), [], json_bytes(out))

@@ -523,7 +523,7 @@ class PersonalizationDetail(WireModel):
 
     run_id: str | None
     group_id: str | None
-    source: str
+    source: Literal["user", "group", "fallback", "off"]
     """`user` (assignment), `group` (named in the request), `fallback`, or `off`."""
     user: str | None
 
