@@ -254,15 +254,21 @@ def test_the_manifest_is_read_by_attribute_outside_its_module():
     assert not bad, "string-key reads of a manifest:\n" + "\n".join(bad)
 
 
+def _sample(tmp_path: Path, code: str) -> Path:
+    path = tmp_path / "sample.py"
+    path.write_text(code)
+    return path
+
+
 def test_the_manifest_check_finds_string_key_reads(tmp_path):
-    sample = tmp_path / "sample.py"
-    sample.write_text(
+    sample = _sample(
+        tmp_path,
         "def f(reader, store):\n"
         "    a = reader.manifest['counts']\n"
         "    m = committed_manifest(store, 'r')\n"
         "    b = m['groups']\n"
         "    c = reader.manifest.get('config')\n"
-        "    d = reader.manifest.counts.partitions\n"
+        "    d = reader.manifest.counts.partitions\n",
     )
     assert [h.split(": ", 1)[1] for h in _manifest_key_reads(sample)] == [
         "reader.manifest['counts']",
@@ -376,14 +382,14 @@ def test_responses_and_events_are_typed_in_serving():
 
 
 def test_the_serving_seam_checks_find_what_they_look_for(tmp_path):
-    sample = tmp_path / "sample.py"
-    sample.write_text(
+    sample = _sample(
+        tmp_path,
         "async def start(self, payload: dict, request: GenerationRequest):\n"
         "    self.handle.generate.remote(payload)\n"
         "    self.handle.generate.remote(request)\n"
         "    yield {'type': 'start'}\n"
         "    body = {'id': rid, 'choices': []}\n"
-        "    return JSONResponse({'status': 'ok'}), sse_line(dict(a=1))\n"
+        "    return JSONResponse({'status': 'ok'}), sse_line(dict(a=1))\n",
     )
     assert _handle_calls(sample) == ["sample.py:2: self.handle.generate.remote(payload)"]
     assert [h.split(": ", 1)[1] for h in _untyped_bodies(sample)] == [

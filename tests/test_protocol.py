@@ -4,32 +4,18 @@ from __future__ import annotations
 
 import json
 
-from chameleon.serving.protocol import (
-    ApiError,
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatDelta,
-    CompletionChunkChoice,
-    HealthBody,
-    ModelCard,
-    ModelList,
-    PersonalizationDetail,
-    Usage,
-    json_bytes,
-    sse_line,
-)
+from chameleon.serving import protocol as wire
 
-PERS = PersonalizationDetail(run_id="r1", group_id=None, source="user", user="u")
+PERS = wire.PersonalizationDetail(run_id="r1", group_id=None, source="user", user="u")
 HEAD = {"id": "chatcmpl-1", "created": 7, "model": "m", "system_fingerprint": "r1@ab"}
 
 
 def test_a_chat_completion_has_openais_fields_in_order():
-    choice = ChatChoice(message=AssistantMessage(content="hi"), finish_reason="stop", stop_reason=None)
-    body = ChatCompletion(choices=[choice], usage=Usage.of(3, 2), personalization=PERS, **HEAD)
-    assert json.loads(json_bytes(body)) == body.wire()
+    choice = wire.ChatChoice(
+        message=wire.AssistantMessage(content="hi"), finish_reason="stop", stop_reason=None
+    )
+    body = wire.ChatCompletion(choices=[choice], usage=wire.Usage.of(3, 2), personalization=PERS, **HEAD)
+    assert json.loads(wire.json_bytes(body)) == body.wire()
     assert list(body.wire()) == [
         "id",
         "object",
@@ -56,15 +42,15 @@ def test_a_chat_completion_has_openais_fields_in_order():
 
 
 def test_stream_choices_carry_stop_reason_in_the_final_chunk_only():
-    opening = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
+    opening = wire.ChatChunkChoice(delta=wire.ChatDelta(role="assistant", content=""))
     assert opening.wire() == {
         "index": 0,
         "delta": {"role": "assistant", "content": ""},
         "finish_reason": None,
         "logprobs": None,
     }
-    assert ChatChunkChoice(delta=ChatDelta()).wire()["delta"] == {}, "no text: an empty delta"
-    final = CompletionChunkChoice(text="", finish_reason="stop", stop_reason=None, token_ids=[])
+    assert wire.ChatChunkChoice(delta=wire.ChatDelta()).wire()["delta"] == {}, "no text: an empty delta"
+    final = wire.CompletionChunkChoice(text="", finish_reason="stop", stop_reason=None, token_ids=[])
     assert final.wire() == {
         "index": 0,
         "text": "",
@@ -76,21 +62,21 @@ def test_stream_choices_carry_stop_reason_in_the_final_chunk_only():
 
 
 def test_a_usage_chunk_has_no_choices_and_a_usage():
-    chunk = ChatCompletionChunk(choices=[], usage=Usage.of(1, 1), personalization=PERS, **HEAD)
+    chunk = wire.ChatCompletionChunk(choices=[], usage=wire.Usage.of(1, 1), personalization=PERS, **HEAD)
     assert chunk.wire()["object"] == "chat.completion.chunk" and chunk.wire()["choices"] == []
-    assert "usage" not in ChatCompletionChunk(choices=[], personalization=PERS, **HEAD).wire()
-    line = sse_line(chunk)
+    assert "usage" not in wire.ChatCompletionChunk(choices=[], personalization=PERS, **HEAD).wire()
+    line = wire.sse_line(chunk)
     assert line.startswith("data: {") and line.endswith("}\n\n")
 
 
 def test_errors_models_and_health():
-    assert ApiError(404, "no", "model_not_found", param="model").body().wire() == {
+    assert wire.ApiError(404, "no", "model_not_found", param="model").body().wire() == {
         "error": {"message": "no", "type": "not_found_error", "param": "model", "code": "model_not_found"}
     }
-    cards = ModelList(
+    cards = wire.ModelList(
         data=[
-            ModelCard(id="m", root="path", parent=None),
-            ModelCard(id="m:g", root="path", parent="m", run_id="r1"),
+            wire.ModelCard(id="m", root="path", parent=None),
+            wire.ModelCard(id="m:g", root="path", parent="m", run_id="r1"),
         ]
     ).wire()
     assert cards["object"] == "list"
@@ -103,7 +89,7 @@ def test_errors_models_and_health():
         "parent": None,
     }
     assert cards["data"][1]["run_id"] == "r1"
-    assert HealthBody(status="ok").wire() == {"status": "ok"}
+    assert wire.HealthBody(status="ok").wire() == {"status": "ok"}
 
 
 def test_personalization_headers():
