@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from chameleon.serving.access import public_personalization
 from chameleon.serving.protocol import (
@@ -50,7 +51,7 @@ class Answer:
     def headers(self) -> dict[str, str]:
         return self.personalization.headers()
 
-    def _head(self) -> dict:
+    def _head(self) -> dict[str, Any]:
         """The fields every body of this answer repeats (keyword arguments of its models)."""
         return {
             "id": self.id,
@@ -68,7 +69,7 @@ class Answer:
 
     def completion(self, text: str, token_ids: list[int], end: Finished) -> ChatCompletion | Completion:
         """The whole (non-streamed) answer."""
-        ending = {"finish_reason": end.finish_reason, "stop_reason": end.stop_reason}
+        ending = _ending(end)
         ids = self._ids(token_ids)
         if self.chat:
             choice = ChatChoice(message=AssistantMessage(content=text), token_ids=ids, **ending)
@@ -83,9 +84,7 @@ class Answer:
         end: Finished | None = None,
         opening: bool = False,
     ) -> Chunk:
-        ending = (
-            {"finish_reason": end.finish_reason, "stop_reason": end.stop_reason} if end is not None else {}
-        )
+        ending = _ending(end)
         ids = self._ids(token_ids)
         if self.chat:
             delta = (
@@ -118,6 +117,11 @@ class Answer:
         if isinstance(event, Failed):
             return [error_body(event.error())], False
         raise TypeError(f"unexpected replica event after the start: {event!r}")
+
+
+def _ending(end: Finished | None) -> dict[str, Any]:
+    """A choice's `finish_reason` and `stop_reason` (keyword arguments; none before the end)."""
+    return {} if end is None else {"finish_reason": end.finish_reason, "stop_reason": end.stop_reason}
 
 
 def error_body(exc: ApiError) -> ErrorBody:
