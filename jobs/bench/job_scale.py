@@ -86,10 +86,11 @@ def memory_child(users_dir: str, model_dir: str, endpoint: str, access: str, sec
     from chameleon.job.ray_input import stage_input
     from chameleon.job.run import begin_run
     from chameleon.job.spec import model_identity
+    from chameleon.ray_env import init_ray
 
     for attempt in range(3):  # a local Ray gives its raylet 30 s to start: too short on a loaded machine
         try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+            init_ray(num_cpus=2, object_store_memory=512 * 2**20)
             break
         except Exception:
             ray.shutdown()
@@ -249,7 +250,7 @@ def main() -> None:
     )
     p.add_argument("--skip", nargs="*", default=[], choices=["memory", "update", "reads"])
     args = parse(
-        p, {"memory_users": [100, 1_000], "update_users": 24, "partitions": 10, "store_latency_ms": 2.0}
+        p, {"memory_users": [100, 1_000], "update_users": 12, "partitions": 10, "store_latency_ms": 2.0}
     )
     mem, n_update = args.memory_users, args.update_users
     tmp = Path(tempfile.mkdtemp(prefix="chameleon-scale-"))

@@ -55,6 +55,7 @@ def main() -> None:
     from chameleon.dev.s3server import LocalS3Server
     from chameleon.job.local import run_local
     from chameleon.job.ray_job import run_ray_job
+    from chameleon.ray_env import init_ray
 
     p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
@@ -62,7 +63,8 @@ def main() -> None:
     p.add_argument("--users-per-partition", type=int, default=25)
     p.add_argument("--pairs", type=int, default=4, help="pairs per user")
     p.add_argument("--tokens", type=int, default=8, help="new tokens per insight and answer")
-    args = parse(p, {"sizes": [6, 12], "actors": 1, "users_per_partition": 6, "pairs": 2, "tokens": 2})
+    # Smoke: one size (one Ray run, one in-process run); its ratios are 1 by construction.
+    args = parse(p, {"sizes": [6], "actors": 1, "users_per_partition": 6, "pairs": 2, "tokens": 2})
     tmp = Path(tempfile.mkdtemp(prefix="chameleon-bench-"))
     model_dir = save_tiny_model(tmp / "model")
     cpus = os.cpu_count() or 2
@@ -79,7 +81,7 @@ def main() -> None:
         }
     )
     figures: dict = {}
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=512 * 2**20)
+    init_ray(num_cpus=cpus, object_store_memory=512 * 2**20)
     with LocalS3Server() as s3:
         for n in args.sizes:
             users = tmp / f"users-{n}.jsonl"

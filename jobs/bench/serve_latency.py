@@ -44,6 +44,7 @@ from common import TINY_MODEL, model_path, parse, parser
 from serve_mixed import _free_port, prompt_text, publish_synthetic_run
 
 from chameleon.config import EMBEDDED_MODEL
+from chameleon.ray_env import init_ray
 
 SMOKE = {
     "model": TINY_MODEL,
@@ -249,13 +250,8 @@ def main(argv=None) -> int:
         "max_batch_size": args.max_batch_size,
         "num_cpus": args.num_cpus,
     }
-    ray.init(
-        address="local",
-        num_cpus=max(2, int(args.num_cpus) + 1),
-        include_dashboard=False,
-        object_store_memory=512 * 2**20,
-        log_to_driver=False,
-    )
+    # RAY_ADDRESS set: Serve runs on that cluster (tests/test_bench.py: the pytest session's Ray).
+    init_ray(num_cpus=max(2, int(args.num_cpus) + 1), object_store_memory=512 * 2**20, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
