@@ -17,6 +17,12 @@ import os
 import re
 import uuid
 
+# One torch thread in the test process and in what it starts (Ray workers, benchmarks, CLIs):
+# the tests' tensors are tiny, and on a busy 2-core machine a second thread only adds waiting
+# (test_vectorized_ccs_equals_per_user_loop: 100 s with 2 threads, 4 s with 1). Set before torch
+# is imported; code that sizes its threads itself (`job.torch_threads`) still does.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from stub_runs import stub_manifest  # noqa: F401 (the tests import it from here)
 
@@ -84,13 +90,20 @@ def free_port() -> int:
 
 def _start_ray(ray, metrics_port: int | None = None) -> None:
     _RAY["metrics_port"] = metrics_port or free_port()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=512 * 2**20,
-        _metrics_export_port=_RAY["metrics_port"],
-    )
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: too short on a loaded machine
+        try:
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                object_store_memory=512 * 2**20,
+                _metrics_export_port=_RAY["metrics_port"],
+            )
+            return
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
 
 
 @pytest.fixture(scope="session")
