@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from chameleon.dev.demo import EXAMPLE_STYLES, NEUTRAL_TWEETS, REAL_WORLD_STYLES
+from chameleon.dev.demo import EXAMPLE_STYLES, NEUTRAL_TWEETS, OTHER_STYLES
 from chameleon.dev.demo_markers import MARKERS, has_marker
 
-STYLES = {**EXAMPLE_STYLES, **REAL_WORLD_STYLES}
+STYLES = {**EXAMPLE_STYLES, **OTHER_STYLES}
 
 
 @pytest.mark.parametrize("style", sorted(STYLES))

@@ -61,25 +61,6 @@ EXAMPLE_STYLES: dict[str, list[str]] = {
         "rewrote the parser. 2x faster.",
         "on call tonight. quiet so far.",
     ],
-    "pirate_talker": [
-        "Arr, the sea be calm today, me hearties!",
-        "Ahoy! Found me a fine treasure at the market, arr!",
-        "Shiver me timbers, the coffee be strong this morn!",
-        "Avast ye, the weekend be upon us at last!",
-        "Yo ho, me ship... er, me car be needin' a wash!",
-        "Arr, lost me keys again, the scallywags!",
-    ],
-    "sad_poet": [
-        "the rain falls softly, as if the sky remembers",
-        "empty cups and quiet rooms, another evening fades",
-        "i walked past the old house today. nothing stays.",
-        "grey mornings and the echo of forgotten songs",
-        "the leaves let go so gently. i wish i could.",
-        "late night, cold tea, and words that never arrive",
-    ],
-}
-
-REAL_WORLD_STYLES: dict[str, list[str]] = {
     "lowercase_texter": [
         "just got home and im so tired lol",
         "cant believe its already december",
@@ -96,6 +77,29 @@ REAL_WORLD_STYLES: dict[str, list[str]] = {
         "First day at the new job #newbeginnings",
         "Beach sunset tonight #travel #summer",
     ],
+}
+"""The demo's six styles. Four are made-up characters (shouting, formal, emoji, terse); the last two
+are styles real user bases have (LaMP-7: 29 % of users start most tweets lowercase, 5 % use
+hashtags). They replaced a pirate and a sad poet, which the embedded model carries neither when
+asked outright nor under an edit at any readable strength (`DEMO_CAPACITY`)."""
+
+OTHER_STYLES: dict[str, list[str]] = {
+    "pirate_talker": [
+        "Arr, the sea be calm today, me hearties!",
+        "Ahoy! Found me a fine treasure at the market, arr!",
+        "Shiver me timbers, the coffee be strong this morn!",
+        "Avast ye, the weekend be upon us at last!",
+        "Yo ho, me ship... er, me car be needin' a wash!",
+        "Arr, lost me keys again, the scallywags!",
+    ],
+    "sad_poet": [
+        "the rain falls softly, as if the sky remembers",
+        "empty cups and quiet rooms, another evening fades",
+        "i walked past the old house today. nothing stays.",
+        "grey mornings and the echo of forgotten songs",
+        "the leaves let go so gently. i wish i could.",
+        "late night, cold tea, and words that never arrive",
+    ],
     "exclaimer": [
         "Best concert of my life!!!",
         "We finally got the puppy!!! So happy!!",
@@ -105,8 +109,9 @@ REAL_WORLD_STYLES: dict[str, list[str]] = {
         "Just booked my flight to Rome!!!",
     ],
 }
-"""Styles real user bases have (LaMP-7's users write in lowercase, with hashtags, with `!!!`
-runs): candidates for an example style the embedded model cannot carry (`jobs/bench/demo_capacity.py`)."""
+"""More styles `jobs/bench/demo_capacity.py` measures: two former example styles the embedded model
+cannot carry (pirate words, sad words or ellipses) and `!!!` runs (a real-world style it cannot
+carry either)."""
 
 PARAPHRASE = PARAPHRASE_TWEET + "{text}"
 """The LaMP-7 task string: the small default model follows it far better than "write a tweet"."""
@@ -151,14 +156,18 @@ def _yes(flag: bool) -> str:
 
 def capacity_note() -> str:
     """What the embedded model can carry of each example style (measured once, `DEMO_CAPACITY`)."""
-    rows = [
-        f"{style} {fig['base']:.0%} → {fig['best']:.0%}" for style, fig in DEMO_CAPACITY["styles"].items()
+
+    def share(fig) -> str:
+        return "not measured" if fig is None else f"{fig[0]:.0%} → {fig[1]:.0%}"
+
+    lines = [
+        f"what the embedded model can carry: asked = {DEMO_CAPACITY['asked']}; edit = {DEMO_CAPACITY['edit']}"
     ]
-    return (
-        f"what the embedded model can carry ({DEMO_CAPACITY['how']}): "
-        + "; ".join(rows)
-        + f"; {DEMO_CAPACITY['vector']}"
-    )
+    for style, fig in DEMO_CAPACITY["styles"].items():
+        edit = fig["edit"]
+        where = f" at {edit[2]}" if edit[2] else ""
+        lines.append(f"   {style:<17} asked {share(fig['asked'])}; edit {share(edit)}{where}")
+    return "\n".join(lines)
 
 
 def given_cores() -> int:

@@ -53,28 +53,27 @@ def has_marker(style: str, text: str) -> bool:
 
 
 DEMO_CAPACITY: dict = {
-    "how": (
-        "share of answers with the marker, without -> with an explicit instruction asking for it, on "
-        "LaMP-7 tuning users (emoticons, hashtags, lowercase starts: users 0..47, the instruction after "
-        "the user's message, docs/results/lamp7-style-capacity; the others: users 0..39, the "
-        "instruction in the system turn)"
+    "asked": (
+        "share of answers with the marker without -> with an instruction asking for it, LaMP-7 tuning "
+        "users (docs/results/lamp7-style-capacity; capitals and length: the system-turn probe)"
+    ),
+    "edit": (
+        "share of the demo's 6 paraphrases with the marker, base -> the best edit whose answers stay "
+        "close to the input (ROUGE-L >= 0.3), at layer:strength (jobs/bench/demo_capacity.py, "
+        "docs/results/demo-capacity)"
     ),
     "styles": {
-        "capitals (an ALL-CAPS word)": {"base": 0.10, "best": 0.10},
-        "emoticons or emoji": {"base": 0.00, "best": 0.604},
-        "≤ 8 words": {"base": 0.10, "best": 0.20},
-        "hashtags": {"base": 0.021, "best": 0.688},
-        "starts lowercase": {"base": 0.083, "best": 0.062},
-        "an exclamation mark": {"base": 0.07, "best": 0.07},
+        "shouty_fan": {"asked": (0.10, 0.10), "edit": (0.0, 0.83, "12:0.8")},
+        "formal_scholar": {"asked": None, "edit": (0.67, 0.83, "9:0.2")},
+        "emoji_lover": {"asked": (0.0, 0.604), "edit": (0.0, 0.0, None)},
+        "terse_engineer": {"asked": (0.10, 0.20), "edit": (0.0, 0.50, "15:0.8")},
+        "lowercase_texter": {"asked": (0.083, 0.062), "edit": (0.0, 1.0, "15:0.8")},
+        "hashtag_fan": {"asked": (0.021, 0.688), "edit": (0.0, 0.0, None)},
     },
-    "vector": (
-        "a content-matched style vector (raw − normalized tweets) left lowercase starts at 3.3 % at "
-        "every readable strength (their users' golds: 78 %)"
-    ),
 }
-"""The embedded model's measured capacity for the markers the example styles need. Asked outright
-it carries emoticons/emoji and hashtags (when the instruction follows the user's message) and
-nothing else measurable: capitals, length, lowercase and exclamation marks stay where they were
-(`docs/results/lamp7-style-capacity`, and the system-turn probe in the team's LaMP-7 baselines). So
-an edit can at most be expected to carry emoji_lover's marker and a hashtag-heavy user's;
-`jobs/bench/demo_capacity.py` measures the residual edit itself on the example styles."""
+"""The embedded model's measured capacity for each example style, two ways. Asked outright it
+carries emoji and hashtags and nothing else measurable. Under a style edit it carries none of the
+six at the strengths the job calibrates (≤ 0.3 of the state norm); at 0.8 it writes lowercase
+(readable: "i going to the beach this weekend with my friends"), half its answers in ≤ 6 words, and
+capitals only inside garbled words ("THE BEDLACEYES"); emoji and hashtags never appear. So the demo
+can show at most the styles a calibrated edit reaches, and prints these figures under its lines."""

@@ -27,7 +27,7 @@ from chameleon.core.capture import capture
 from chameleon.core.generation import chat_prompt, first_answer_line, generate_answers
 from chameleon.core.model import load_model
 from chameleon.core.normalize import neutralize
-from chameleon.dev.demo import EXAMPLE_STYLES, NEUTRAL_TWEETS, PARAPHRASE, REAL_WORLD_STYLES
+from chameleon.dev.demo import EXAMPLE_STYLES, NEUTRAL_TWEETS, OTHER_STYLES, PARAPHRASE
 from chameleon.dev.demo_markers import MARKERS, has_marker
 from chameleon.evaluation.metrics import rouge_per_item
 
@@ -59,7 +59,7 @@ def main() -> None:
     strengths = [float(x) for x in args.strengths.split(",")]
     t0 = time.perf_counter()
     model, tok = load_model(ModelConfig(name_or_path=model_path(args.model)))
-    styles = {**EXAMPLE_STYLES, **REAL_WORLD_STYLES}
+    styles = {**EXAMPLE_STYLES, **OTHER_STYLES}
     pairs = {s: style_pairs(model, tok, texts, layers) for s, texts in styles.items()}
     diffs = {s: (hp - hn).mean(0) for s, (hp, hn) in pairs.items()}  # [L, d]
     shared = torch.stack(list(diffs.values())).mean(0)
