@@ -90,20 +90,13 @@ def free_port() -> int:
 
 def _start_ray(ray, metrics_port: int | None = None) -> None:
     _RAY["metrics_port"] = metrics_port or free_port()
-    for attempt in range(3):  # Ray gives its raylet 30 s to register: too short on a loaded machine
-        try:
-            ray.init(
-                address="local",
-                num_cpus=2,
-                include_dashboard=False,
-                object_store_memory=512 * 2**20,
-                _metrics_export_port=_RAY["metrics_port"],
-            )
-            return
-        except Exception as exc:
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        _metrics_export_port=_RAY["metrics_port"],
+    )
 
 
 @pytest.fixture(scope="session")
