@@ -267,7 +267,8 @@ class JobConfig(_Section):
     """Ray: times one actor of a pool may be restarted after dying. A pool whose actors used up
     their restarts stops making progress; the job then fails after twice `partition_timeout_s`."""
     partition_timeout_s: float = Field(3600.0, gt=0)
-    """Ray: deadline of one map partition. An actor still busy with it after this long is stopped
+    """Ray: deadline of one map item (a partition; in a refresh, a bundle of partitions whose few
+    changed users are mapped together). An actor still busy with it after this long is stopped
     (a hung kernel cannot be interrupted otherwise) and the partition is retried like one that
     killed its actor. Every actor pool (calibration and evaluation answers too) fails when it
     makes no progress for twice this long."""

@@ -94,3 +94,58 @@ def test_answer_nll_is_the_mean_token_nll_of_the_answers_only(setup):
     expected = float(token_nll[answer_mask[:, 1:]].mean())
     assert answer_nll(model, tok, prompts, ANSWERS) == pytest.approx(expected, rel=1e-4)
     assert answer_nll(model, tok, prompts, ANSWERS, batch_size=1) == pytest.approx(expected, rel=1e-4)
+
+
+def _full_forward_nll(model, tok, prompts, answers, bank, row):
+    """Mean answer-token NLL and ‖Δh‖/‖h‖ from one forward over whole sequences (no prefix reuse)."""
+    ids, attention, answer_mask, first = encode_answers(tok, prompts, answers)
+    with torch.no_grad():
+        bound = bank.bind([row] * len(ids)).from_position(first - 1)
+        ratios = bound.record_change()
+        with bound.apply(model):
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0][answer_mask[:, 1:]].mean()
+    return float(nll), [r for values in ratios.values() for r in values]
+
+
+def test_candidates_share_the_prompt_prefix_and_score_as_whole_sequences(setup):
+    """The positions before every row's edit run once per batch, not once per candidate, and
+    each candidate's NLL and change ratio are those of a forward over the whole sequences."""
+    model, tok = setup
+    # Prompts of different lengths and answers of different lengths: the shared prefix is cut
+    # before the earliest edit of the batch.
+    prompts = [
+        chat_prompt(tok, p) for p in [*PROMPTS, "rewrite: a much longer prompt than the others, really"]
+    ]
+    answers = [*ANSWERS, "ok"]
+    g = torch.Generator().manual_seed(2)
+    layers, strengths = [0, 2], [0.5, 2.0]
+    directions, norms = torch.randn(2, 64, generator=g), torch.tensor([3.0, 4.0])
+    positions: list[int] = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: positions.append(args[0].numel())
+    )
+    try:
+        change: dict[str, float] = {}
+        curve = nll_curve(model, tok, prompts, answers, directions=directions, norms=norms, layers=layers,
+                          strengths=strengths, site="residual", change=change)  # fmt: skip
+    finally:
+        handle.remove()
+    ids, _, _, first = encode_answers(tok, prompts, answers)
+    B, T, cut = ids.shape[0], ids.shape[1], int(first.min()) - 1
+    # One prefix pass, then base + 4 candidates over the suffix only (a full forward each: 5 * B * T).
+    assert positions == [B * cut] + [B * (T - cut)] * 5
+    for i, layer in enumerate(layers):
+        for s in strengths:
+            bank = EditBank(64, layers, site="residual", max_rank=1)
+            unit = directions[i] / directions[i].norm()
+            row = bank.add(
+                steering_edit(layer, unit, s * float(norms[i]), 1.0, site="residual", renorm=False)
+            )
+            nll, ratios = _full_forward_nll(model, tok, prompts, answers, bank, row)
+            assert curve[f"{layer}:{s:g}"] == pytest.approx(nll, abs=1e-5)
+            assert change[f"{layer}:{s:g}"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
+    assert curve["base"] == pytest.approx(
+        _full_forward_nll(model, tok, prompts, answers, EditBank(64, [0]), 0)[0], abs=1e-5
+    )

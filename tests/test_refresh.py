@@ -5,11 +5,9 @@ full run of the same input (tiny model, real store, both drivers)."""
 from __future__ import annotations
 
 import json
-import uuid
-from types import SimpleNamespace
 
 import pytest
-from conftest import TEST_BUCKET, tiny_job_config
+from conftest import tiny_job_config
 
 from chameleon.data.artifacts import RunReader
 from chameleon.data.layout import done_key
@@ -33,45 +31,44 @@ def _inputs(tmp_path):
     return _write(tmp_path / "old.jsonl", old), _write(tmp_path / "new.jsonl", new), new, changed
 
 
-def _mapped_users(monkeypatch) -> list[str]:
-    """Every user id handed to the model (the map stage's one entry point)."""
-    seen: list[str] = []
+def _mapped_users(monkeypatch) -> list[list[str]]:
+    """The user ids handed to the model, one list per batch (the map stage's one entry point)."""
+    seen: list[list[str]] = []
     real = refresh.process_partition
 
     def spy(model, tok, users, *args, **kwargs):
-        seen.extend(u.user_id for u in users)
+        seen.append([u.user_id for u in users])
         return real(model, tok, users, *args, **kwargs)
 
     monkeypatch.setattr(refresh, "process_partition", spy)
     return seen
 
 
-@pytest.fixture(scope="module")
-def day_one(s3_server, tiny_model_dir, tmp_path_factory):
-    """One store for the module's refreshes, with the runs they all compare against, made once:
-    `day-1` (the old input) and `full` (a full run of the new input; `full_mapped`: the users it
-    handed the model)."""
-    cfg = tiny_job_config(tiny_model_dir, **{"job.num_actors": 1, "job.num_cpus_per_actor": 0.5})
-    old, new, new_users, changed = _inputs(tmp_path_factory.mktemp("refresh"))
-    store = s3_server.store(TEST_BUCKET, f"refresh-{uuid.uuid4().hex[:8]}")
-    run_local(old, store, "day-1", cfg, progress=False)
-    with pytest.MonkeyPatch.context() as mp:
-        mapped = _mapped_users(mp)
-        run_local(new, store, "full", cfg, progress=False)
-    return SimpleNamespace(
-        cfg=cfg, store=store, new=new, new_users=new_users, changed=changed, full_mapped=list(mapped)
-    )
+def _partition_user_ids(reader: RunReader) -> list[list[str]]:
+    """Each partition's users, from its done record."""
+    return [
+        reader.run_store.get_json(done_key(k))["user_ids"] for k in range(reader.manifest.counts.partitions)
+    ]
 
 
-def test_refresh_maps_only_changed_users_and_equals_a_full_run(day_one, monkeypatch):
-    store, changed, new_users = day_one.store, day_one.changed, day_one.new_users
+def test_refresh_maps_only_changed_users_and_equals_a_full_run(
+    tmp_path, local_store, tiny_model_dir, monkeypatch
+):
+    cfg = tiny_job_config(tiny_model_dir)
+    old, new, new_users, changed = _inputs(tmp_path)
+    run_local(old, local_store, "day-1", cfg, progress=False)
     mapped = _mapped_users(monkeypatch)
-    manifest = run_local(day_one.new, store, "day-2", day_one.cfg, progress=False, update_from="day-1")
-    assert sorted(mapped) == sorted(changed)  # no model call for an unchanged user
+    manifest = run_local(new, local_store, "day-2", cfg, progress=False, update_from="day-1")
+    # No model call for an unchanged user; the changed users of different partitions are mapped
+    # in one batch (a batch's cost hardly depends on its size: one per partition would cost a
+    # refresh of 1 % of the users about what a full run costs).
+    assert len(mapped) == 1 and sorted(mapped[0]) == sorted(changed)
     unchanged = sorted({u["user_id"] for u in new_users} - changed)
     assert manifest.counts.users_reused == len(unchanged)
     assert manifest.job_spec["update_from"] == "day-1"
-    reader = RunReader(store, "day-2")
+    reader = RunReader(local_store, "day-2")
+    holding = {k for k, ids in enumerate(_partition_user_ids(reader)) if changed & set(ids)}
+    assert len(holding) == 2  # the one batch above held the changed users of two partitions
     reused = [
         u for k in range(manifest.counts.partitions) for u in reader.run_store.get_json(done_key(k))["reused"]
     ]
@@ -79,22 +76,30 @@ def test_refresh_maps_only_changed_users_and_equals_a_full_run(day_one, monkeypa
     # The dropped user is gone from the new run; the newcomer is in it.
     assigned = refresh.PublishedRun(reader).assignments()
     assert "hashtag_fan-2" not in assigned and "newcomer-1" in assigned
-    # A full run of the new input (same seeds) mapped every user, and has the same per-user
-    # results, groups and edits.
-    assert len(day_one.full_mapped) == len(new_users)
-    assert refresh.compare_runs(reader, RunReader(store, "full"), unchanged) == []
+    # A full run of the new input (same seeds): same per-user results, groups and edits.
+    mapped.clear()
+    run_local(new, local_store, "full", cfg, progress=False)
+    # A full run maps partition by partition, as before.
+    assert sorted(map(len, mapped)) == sorted(map(len, _partition_user_ids(reader)))
+    assert sum(map(len, mapped)) == len(new_users)
+    assert refresh.compare_runs(reader, RunReader(local_store, "full"), unchanged) == []
 
 
-def test_refresh_from_a_run_made_under_other_settings_is_refused(day_one):
-    other = day_one.cfg.with_overrides({"subspace.n_layers": 2})
+def test_refresh_from_a_run_made_under_other_settings_is_refused(tmp_path, local_store, tiny_model_dir):
+    cfg = tiny_job_config(tiny_model_dir)
+    old, new, _, _ = _inputs(tmp_path)
+    run_local(old, local_store, "day-1", cfg, progress=False)
+    other = cfg.with_overrides({"subspace.n_layers": 2})
     with pytest.raises(JobSpecMismatchError, match=r"cannot refresh run day-1.*subspace.n_layers"):
-        run_local(day_one.new, day_one.store, "day-2-other", other, progress=False, update_from="day-1")
+        run_local(new, local_store, "day-2", other, progress=False, update_from="day-1")
 
 
-def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(ray_local, day_one, monkeypatch):
+def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(
+    ray_local, tmp_path, s3_store, tiny_model_dir, monkeypatch
+):
     from chameleon.job import ray_job
 
-    pools, stages = [], []
+    pools, stages, bundles = [], [], []
 
     class CountingPool(ray_job.ReplicaPool):
         def __init__(self, *args, **kwargs):
@@ -103,17 +108,24 @@ def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(ray_lo
 
         def run(self, method, items, **kwargs):
             stages.append(method)
+            if method == "map":  # the partitions of each item
+                bundles.append([[p["partition"] for p in item["partitions"]] for item in items])
             return super().run(method, items, **kwargs)
 
     monkeypatch.setattr(ray_job, "ReplicaPool", CountingPool)
-    store, new_users, changed = day_one.store, day_one.new_users, day_one.changed
-    manifest = ray_job.run_ray_job(day_one.new, store, "day-2-ray", day_one.cfg, update_from="day-1")
+    cfg = tiny_job_config(tiny_model_dir, **{"job.num_actors": 1, "job.num_cpus_per_actor": 0.5})
+    old, new, new_users, changed = _inputs(tmp_path)
+    run_local(old, s3_store, "day-1", cfg, progress=False)
+    manifest = ray_job.run_ray_job(new, s3_store, "day-2", cfg, update_from="day-1")
     # One pool of one actor (one model load) mapped, then calibrated: no second pool.
     assert pools == [1] and stages == ["map", "calibrate"]
+    # The one actor got every partition in one bundle (its changed users mapped together).
+    assert bundles == [[list(range(manifest.counts.partitions))]] and manifest.counts.partitions > 1
     assert manifest.counts.users_reused == len(new_users) - len(changed)
     assert "calibrate_s" in manifest.timings_s and all(g.calibration is not None for g in manifest.groups)
+    run_local(new, s3_store, "full", cfg, progress=False)
     unchanged = sorted({u["user_id"] for u in new_users} - changed)
-    assert refresh.compare_runs(RunReader(store, "day-2-ray"), RunReader(store, "full"), unchanged) == []
+    assert refresh.compare_runs(RunReader(s3_store, "day-2"), RunReader(s3_store, "full"), unchanged) == []
 
 
 def test_sampled_answers_are_seeded_per_row_so_batchmates_do_not_change_them(tiny_model_dir):

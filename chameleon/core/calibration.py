@@ -15,13 +15,14 @@ than the base model does.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from chameleon.core.edit import Edit, EditBank
-from chameleon.core.model import model_device
+from chameleon.core.model import cache_argument, model_device
 
 
 @dataclass
@@ -96,7 +97,6 @@ def encode_answers(tok, prompts: Sequence[str], answers: Sequence[str], max_answ
     return ids, attention, answer_mask, torch.tensor(first)
 
 
-@torch.no_grad()
 def answer_nll(
     model,
     tok,
@@ -111,30 +111,72 @@ def answer_nll(
     """Mean NLL per answer token of `answers` given rendered `prompts`, with bank row `row` applied
     from each prompt's last token onward (row 0 / no bank = the base model). With `change`, the
     edit's mean ‖Δh‖/‖h‖ of each batch is appended to it."""
+    changes = [change] if change is not None else None
+    return answer_nlls(
+        model, tok, prompts, answers, bank=bank, rows=[row], batch_size=batch_size, changes=changes
+    )[0]
+
+
+@torch.no_grad()
+def answer_nlls(
+    model,
+    tok,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    bank: EditBank | None,
+    rows: Sequence[int],
+    batch_size: int = 16,
+    changes: Sequence[list[float]] | None = None,
+) -> list[float]:
+    """`answer_nll` for each bank row of `rows`, in one pass over the batches.
+
+    No row edits a position before its prompt's last token, so the positions every row of a batch
+    has before that (the system prompt and the query, for all but the longest answer) are the
+    same under every edit: they run once per batch, and each row's forward starts from their KV
+    cache (a copy: the forward extends it). Per row, the batches are summed in the same order as
+    `answer_nll` alone would."""
     device = model_device(model)
-    total, count = 0.0, 0
+    decoder = model.get_decoder()
+    cache_kw = cache_argument(decoder)
+    totals, counts = [0.0] * len(rows), [0] * len(rows)
     for start in range(0, len(prompts), batch_size):
         ids, attention, answer_mask, first = encode_answers(
             tok, prompts[start : start + batch_size], answers[start : start + batch_size]
         )
         ids, attention, answer_mask = ids.to(device), attention.to(device), answer_mask.to(device)
-        ratios = None
-        with contextlib.ExitStack() as stack:
-            if bank is not None and row:
-                bound = bank.bind([row] * len(ids)).from_position(first - 1)
-                ratios = bound.record_change() if change is not None else None
-                stack.enter_context(bound.apply(model))
-            hidden = model.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state
+        # Positions [0, cut) precede every row's edit (an edit starts at its prompt's last token).
+        cut = max(int(first.min()) - 1, 0)
+        prefix = None
+        if cut:
+            out = decoder(input_ids=ids[:, :cut], attention_mask=attention[:, :cut], use_cache=True)
+            prefix = getattr(out, cache_kw, None)
+            prefix = out.past_key_values if prefix is None else prefix
         # Token t is predicted at position t-1; the vocabulary projection runs on answer positions only.
-        predicting = answer_mask[:, 1:]
-        logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
-        total += float(
-            torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][predicting], reduction="sum")
-        )
-        count += int(predicting.sum())
-        if change is not None and ratios:
-            change.extend(r for values in ratios.values() for r in values)
-    return total / max(count, 1)
+        predicting = answer_mask[:, cut + 1 :]
+        targets = ids[:, cut + 1 :][predicting]
+        for i, row in enumerate(rows):
+            ratios = None
+            with contextlib.ExitStack() as stack:
+                if bank is not None and row:
+                    bound = bank.bind([row] * len(ids)).from_position(first - 1 - cut)
+                    ratios = bound.record_change() if changes is not None else None
+                    stack.enter_context(bound.apply(model))
+                hidden = decoder(
+                    input_ids=ids[:, cut:],
+                    attention_mask=attention,
+                    use_cache=prefix is not None,
+                    **{cache_kw: copy.deepcopy(prefix)},
+                ).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
+            totals[i] += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+            counts[i] += int(predicting.sum())
+            if changes is not None and ratios:
+                # A ratio is a mean over the positions the forward ran; rescaled to the whole
+                # sequence's (the unedited prefix adds zeros), as if it had run from position 0.
+                scale = (ids.shape[1] - cut) / ids.shape[1]
+                changes[i].extend(r * scale for values in ratios.values() for r in values)
+    return [t / max(c, 1) for t, c in zip(totals, counts, strict=True)]
 
 
 def steering_edit(
@@ -187,10 +229,7 @@ def nll_curve(
         base_row = bank.add(
             steering_edit(layers[0], unit_offset, float(offset.norm()), 1.0, site=site, renorm=renorm)
         )
-    curve = {"base": answer_nll(model, tok, prompts, answers, bank=bank, row=base_row, batch_size=batch_size)}
     candidates = [(i, s) for i in range(len(layers)) for s in strengths if s > 0]
-    if not candidates:
-        return curve
 
     def vector(i: int, s: float) -> torch.Tensor:
         step = s * float(norms[i]) * directions[i] / directions[i].norm().clamp_min(1e-12)
@@ -202,13 +241,14 @@ def nll_curve(
             for i, s in candidates
         ]
     )
-    for (i, s), row in zip(candidates, rows, strict=True):
-        key, ratios = f"{layers[i]}:{s:g}", []
-        curve[key] = answer_nll(
-            model, tok, prompts, answers, bank=bank, row=row, batch_size=batch_size, change=ratios
-        )
-        if change is not None and ratios:
-            change[key] = sum(ratios) / len(ratios)
+    keys = [f"{layers[i]}:{s:g}" for i, s in candidates]
+    ratios: list[list[float]] = [[] for _ in range(1 + len(rows))]
+    nlls = answer_nlls(
+        model, tok, prompts, answers, bank=bank, rows=[base_row, *rows], batch_size=batch_size, changes=ratios
+    )
+    curve = {"base": nlls[0], **dict(zip(keys, nlls[1:], strict=True))}
+    if change is not None:
+        change.update({key: sum(r) / len(r) for key, r in zip(keys, ratios[1:], strict=True) if r})
     return curve
 
 

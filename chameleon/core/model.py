@@ -9,6 +9,7 @@ both.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -204,6 +205,12 @@ def prepare_tokenizer(tok) -> None:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name under which `module.forward` takes a KV cache (transformers renamed
+    `past_key_values` to `cache`; models of either kind are loaded)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def worker_torch_threads(configured: int | None = None) -> int:

@@ -20,7 +20,7 @@ from chameleon.data.model_mirror import load_model_for
 from chameleon.data.storage import Store
 from chameleon.job.calibrate import calibrate_in_process
 from chameleon.job.progress import MapProgress
-from chameleon.job.refresh import check_source_model, map_partition
+from chameleon.job.refresh import check_source_model, in_bundles, map_reused, reuse_rows
 from chameleon.job.run import begin_run, finish_run, write_partition
 from chameleon.job.spec import model_identity
 
@@ -60,18 +60,20 @@ def run_local(
         check_source_model(source, fingerprint.to_dict())
     t1 = time.perf_counter()
     line = MapProgress(len(plan.prepared.users), resumed=plan.users_resumed, enabled=progress)
-    for k in plan.todo:
-        users = plan.partitions[k]
+    reuses = (
+        (k, reuse_rows(plan.partitions[k], cfg, plan.layers, source, plan.source_parts(k))) for k in plan.todo
+    )
+    for bundle in in_bundles(reuses, cfg, refresh=source is not None):
         with count_generated_tokens() as generated:
-            pairs, profiles, failures, reused = map_partition(
-                model, tok, users, cfg, plan.layers, source, plan.source_parts(k)
-            )
-        record = write_partition(
-            plan.run_writer, k, pairs, profiles, failures,
-            user_ids=[u.user_id for u in users], fingerprint=fingerprint, reused=reused,
-        )  # fmt: skip
-        plan.adopted(k, record)
-        line.update(len(users), len(failures), generated.tokens)
+            results = map_reused(model, tok, [r for _, r in bundle], cfg, plan.layers)
+        for (k, reuse), (pairs, profiles, failures, reused) in zip(bundle, results, strict=True):
+            record = write_partition(
+                plan.run_writer, k, pairs, profiles, failures,
+                user_ids=[u.user_id for u in reuse.users], fingerprint=fingerprint, reused=reused,
+            )  # fmt: skip
+            plan.adopted(k, record)
+        users, failed = sum(len(r.users) for _, r in bundle), sum(len(f) for _, _, f, _ in results)
+        line.update(users, failed, generated.tokens)
     line.close()
     plan.timings["map_s"] = time.perf_counter() - t1
     plan.timings.update(line.figures())

@@ -8,7 +8,7 @@
                  ─▶ the same actors .run("calibrate"): one item per group, no second model load
                ◀─ publish (driver)
 
-The map stage runs exactly `job.refresh.map_partition`, the function the in-process driver runs,
+The map stage runs exactly `job.refresh.map_reused`, the function the in-process driver runs,
 on the records validated by the staging tasks (workers never re-validate under other limits).
 Partitions are the unit of resume and of fault tolerance: a worker writes a partition's files into
 its own attempt folder, then its done record; the driver adopts what the done records name. A
@@ -46,7 +46,7 @@ from chameleon.job.progress import MapProgress
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_input import read_staged, stage_input
 from chameleon.job.reduce import Reduced
-from chameleon.job.refresh import check_source_model, map_partition
+from chameleon.job.refresh import BUNDLE_PARTITIONS, check_source_model, in_bundles, map_reused, reuse_rows
 from chameleon.job.replicas import ModelReplica, ReplicaPool, actor_resources, item_deadline
 from chameleon.job.run import (
     RunPlan,
@@ -92,32 +92,37 @@ class PartitionWorker(ModelReplica):
             time.sleep(10**6)
 
     def map(self, item: dict[str, Any]) -> dict[str, Any]:
-        """Map one partition (`item`: partition, user_ids, its staged input, source_parts); errors
-        come back as text."""
-        k, t0 = int(item["partition"]), time.perf_counter()
-        error, failed, record = "", 0, None
+        """Map one item: partitions (each with its user_ids, staged input and source_parts), one
+        in a full run, a bundle in a refresh (`refresh.in_bundles`); errors come back as text."""
+        parts, t0 = item["partitions"], time.perf_counter()
+        ks, user_ids = [int(p["partition"]) for p in parts], {u for p in parts for u in p["user_ids"]}
+        error, failed, records = "", 0, {}
         with (
-            item_deadline(self.cfg.job.partition_timeout_s, f"partition {k}"),
+            item_deadline(self.cfg.job.partition_timeout_s, f"partitions {ks}"),
             count_generated_tokens() as generated,
         ):
-            self._inject_faults(set(item["user_ids"]))
+            self._inject_faults(user_ids)
             try:
-                users = read_staged(self.writer.run_store, item["input"])
                 if self.source is not None:
                     check_source_model(self.source, self.fingerprint.to_dict())
-                pairs, profiles, failures, reused = map_partition(
-                    self.model, self.tok, users, self.cfg, self.layers, self.source, item["source_parts"]
-                )
-                record = write_partition(
-                    self.writer, k, pairs, profiles, failures,
-                    user_ids=item["user_ids"], fingerprint=self.fingerprint, reused=reused,
+                reuses = (
+                    (k, reuse_rows(read_staged(self.writer.run_store, p["input"]), self.cfg, self.layers,
+                                   self.source, p["source_parts"]))
+                    for k, p in zip(ks, parts, strict=True)
                 )  # fmt: skip
-                failed = len(failures)
+                for bundle in in_bundles(reuses, self.cfg, refresh=self.source is not None):
+                    results = map_reused(self.model, self.tok, [r for _, r in bundle], self.cfg, self.layers)
+                    for (k, reuse), (pairs, profiles, failures, reused) in zip(bundle, results, strict=True):
+                        records[k] = write_partition(
+                            self.writer, k, pairs, profiles, failures,
+                            user_ids=[u.user_id for u in reuse.users], fingerprint=self.fingerprint, reused=reused,
+                        )  # fmt: skip
+                        failed += len(failures)
             except Exception as exc:  # e.g. the store stayed down past its retries
                 error = f"{type(exc).__name__}: {exc}"
         return {
-            "users": len(item["user_ids"]), "failed": failed, "tokens": generated.tokens,
-            "seconds": time.perf_counter() - t0, "error": error, "record": record,
+            "users": len(user_ids), "failed": failed, "tokens": generated.tokens,
+            "seconds": time.perf_counter() - t0, "error": error, "records": records,
         }  # fmt: skip
 
     def calibrate(self, task: GroupCalibrationTask) -> Calibration:
@@ -169,14 +174,27 @@ def map_partitions(plan: RunPlan, pool: JobPool, *, progress: bool = True) -> No
     cfg = pool.cfg
     staged = plan.staged
     assert staged is not None, "the Ray driver stages its input on the cluster"
+    # A refresh hands each actor bundles of partitions, so that it maps their few changed users
+    # together (`refresh.in_bundles`); a full run hands out partitions one by one.
+    size = (
+        1
+        if plan.source is None
+        else max(1, min(BUNDLE_PARTITIONS, len(plan.todo) // max(1, cfg.job.num_actors)))
+    )
+    bundles = [plan.todo[i : i + size] for i in range(0, len(plan.todo), size)]
     items = [
         {
-            "partition": k,
-            "user_ids": plan.partition_ids[k],
-            "input": staged.inputs[k],
-            "source_parts": plan.source_parts(k),
+            "partitions": [
+                {
+                    "partition": k,
+                    "user_ids": plan.partition_ids[k],
+                    "input": staged.inputs[k],
+                    "source_parts": plan.source_parts(k),
+                }
+                for k in ks
+            ]
         }
-        for k in plan.todo
+        for ks in bundles
     ]
     line = MapProgress(sum(map(len, plan.partition_ids)), resumed=plan.users_resumed, enabled=progress)
 
@@ -195,16 +213,17 @@ def map_partitions(plan: RunPlan, pool: JobPool, *, progress: bool = True) -> No
     finally:
         line.close()
         plan.timings.update(line.figures())
-    errors = {plan.todo[i]: r["error"] for i, r in results.items() if r["error"]}
+    errors = {bundles[i][0]: r["error"] for i, r in results.items() if r["error"]}
     if errors:
         k, error = sorted(errors.items())[0]
         raise JobFailedError(
-            f"partition {k} failed on its actor: {error} ({len(errors)} partitions failed so); "
+            f"partition {k} failed on its actor: {error} ({len(errors)} items failed so); "
             f"nothing was published: rerun with --run-id {plan.run_writer.run_id} to resume"
         )
     tries = cfg.job.max_task_retries + 1
-    for i, k in enumerate(plan.todo):
-        record = results[i]["record"] if i in results else None
+    records = {k: rec for r in results.values() for k, rec in r["records"].items()}
+    for k in plan.todo:
+        record = records.get(k)
         if record is not None and take_record(plan.run_writer, k, record):
             plan.adopted(k, record)
             continue

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -122,37 +122,88 @@ def _concat(a: pa.Table | None, b: pa.Table) -> pa.Table:
     return pa.concat_tables([a, b.select(a.column_names).replace_schema_metadata(a.schema.metadata)])
 
 
-def map_partition(
-    model,
-    tok,
+@dataclass
+class PartitionReuse:
+    """What a refresh's source run supplies for one partition, and which of its users are left to map."""
+
+    users: Sequence[UserRecord]
+    todo: list[UserRecord]
+    reused_pairs: pa.Table | None = None
+    reused_profiles: pa.Table | None = None
+
+    @property
+    def reused(self) -> list[str]:
+        profiles = self.reused_profiles
+        return sorted(set(profiles.column("user_id").to_pylist())) if profiles is not None else []
+
+
+def reuse_rows(
     users: Sequence[UserRecord],
     cfg: ChameleonConfig,
     layers: Sequence[int],
     source: RunReader | None = None,
     source_parts: Sequence[int] = (),
-) -> tuple[pa.Table, pa.Table, list[dict], list[str]]:
-    """`stages.process_partition` for the users the source run cannot supply (it holds them in
-    its partitions `source_parts`: `RefreshSource.partitions_for`); returns (pairs, profiles,
-    failures, reused user ids). Without a source every user is mapped."""
-    reused_pairs = reused_profiles = None
-    if source is not None and source_parts:
-        digests = {u.user_id: record_digest(u) for u in users}
-        reused_pairs, reused_profiles = _reusable_rows(
-            source, source_parts, digests, unit_signature(cfg, layers)
-        )
-    reused = set(reused_profiles.column("user_id").to_pylist()) if reused_profiles is not None else set()
-    todo = [u for u in users if u.user_id not in reused]
+) -> PartitionReuse:
+    """The rows of `users` the source run holds unchanged (in its partitions `source_parts`:
+    `RefreshSource.partitions_for`), and the users left to map; without a source, every user."""
+    if source is None or not source_parts:
+        return PartitionReuse(users, list(users))
+    digests = {u.user_id: record_digest(u) for u in users}
+    pairs, profiles = _reusable_rows(source, source_parts, digests, unit_signature(cfg, layers))
+    reused = set(profiles.column("user_id").to_pylist()) if profiles is not None else set()
+    return PartitionReuse(users, [u for u in users if u.user_id not in reused], pairs, profiles)
+
+
+BUNDLE_PARTITIONS = 16
+"""At most this many partitions of a refresh are mapped in one batch (`in_bundles`): the reused
+rows of a bundle are held until it is written."""
+
+
+def in_bundles(
+    reuses: Iterable[tuple[int, PartitionReuse]], cfg: ChameleonConfig, *, refresh: bool
+) -> Iterator[list[tuple[int, PartitionReuse]]]:
+    """Partitions (k, what the source supplies) grouped for `map_reused`. A full run maps
+    partition by partition. A refresh maps a bundle once its users left to map fill a partition
+    (a full run's batch), or at `BUNDLE_PARTITIONS`: a refresh in which a few users of many
+    partitions changed then pays the map's per-batch cost (generation and per-user CCS steps,
+    about the same for 1 user as for 64) once per bundle, not once per partition."""
+    bundle: list[tuple[int, PartitionReuse]] = []
+    for k, reuse in reuses:
+        bundle.append((k, reuse))
+        todo = sum(len(r.todo) for _, r in bundle)
+        if not refresh or todo >= cfg.job.users_per_partition or len(bundle) >= BUNDLE_PARTITIONS:
+            yield bundle
+            bundle = []
+    if bundle:
+        yield bundle
+
+
+def map_reused(
+    model, tok, bundle: Sequence[PartitionReuse], cfg: ChameleonConfig, layers: Sequence[int]
+) -> list[tuple[pa.Table, pa.Table, list[dict], list[str]]]:
+    """Map the users left to map of every partition of `bundle` in one `stages.process_partition`
+    (a user's map and per-user reduce depend on the user only), then split the results by
+    partition: per partition (pairs, profiles, failures, reused user ids)."""
+    todo = [u for r in bundle for u in r.todo]
     if todo:
         pairs, profiles, failures = process_partition(model, tok, todo, cfg, layers)
     else:
         (pairs, profiles), failures = pairs_to_tables([]), []
     profiles = with_digests(profiles, todo)
-    return (
-        _concat(reused_pairs, pairs),
-        _concat(reused_profiles, profiles),
-        failures,
-        sorted(reused),
-    )
+    out = []
+    for r in bundle:
+        ids = {u.user_id for u in r.todo}
+        if len(bundle) == 1:
+            mine_pairs, mine_profiles = pairs, profiles
+        else:
+            wanted = pa.array(sorted(ids), pa.string())
+            mine_pairs = pairs.filter(pc.is_in(pairs.column("user_id"), value_set=wanted))
+            mine_profiles = profiles.filter(pc.is_in(profiles.column("user_id"), value_set=wanted))
+        out.append((
+            _concat(r.reused_pairs, mine_pairs), _concat(r.reused_profiles, mine_profiles),
+            [f for f in failures if f["user_id"] in ids], r.reused,
+        ))  # fmt: skip
+    return out
 
 
 def check_source_model(reader: RunReader, fingerprint: Mapping[str, object]) -> None:

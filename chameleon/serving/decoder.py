@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from chameleon.core.edit import BoundEdits
+from chameleon.core.model import cache_argument
 
 
 @dataclass
@@ -242,8 +243,7 @@ def _defined(x: torch.Tensor) -> torch.Tensor:
 
 def forward_kwargs(model) -> tuple[str, bool]:
     """(name of the model's cache argument, whether it takes `logits_to_keep`)."""
-    params = inspect.signature(model.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+    return cache_argument(model), "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def pad_id(tok, eos: Sequence[int]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import os
 import platform
 import shutil
 import sys
@@ -57,6 +58,27 @@ def model_path(name: str) -> str:
     workdir = tempfile.mkdtemp(prefix="chameleon-bench-model-")
     atexit.register(shutil.rmtree, workdir, True)
     return str(tiny_model_dir(Path(workdir)))
+
+
+def start_local_ray(num_cpus: int, tries: int = 6) -> None:
+    """A local Ray for a benchmark's driver. Ray gives its raylet 30 s to start, too short on a
+    loaded machine: a failed start is retried (`tries` in all). With RAY_ADDRESS set, the driver
+    joins that cluster instead (tests/test_bench.py: the pytest session's Ray)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    for attempt in range(tries):
+        try:
+            ray.init(
+                address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 2**20
+            )
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == tries - 1:
+                raise
 
 
 def report(figures: dict, headline: str, out: str | None, extra: dict | None = None) -> None:

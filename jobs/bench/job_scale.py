@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parse, parser, report
+from common import parse, parser, report, start_local_ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -86,16 +86,8 @@ def memory_child(users_dir: str, model_dir: str, endpoint: str, access: str, sec
     from chameleon.job.ray_input import stage_input
     from chameleon.job.run import begin_run
     from chameleon.job.spec import model_identity
-    from chameleon.ray_env import init_ray
 
-    for attempt in range(3):  # a local Ray gives its raylet 30 s to start: too short on a loaded machine
-        try:
-            init_ray(num_cpus=2, object_store_memory=512 * 2**20)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    start_local_ray(num_cpus=2)
     store = S3Store(
         "bench",
         f"memory-{os.getpid()}",

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parse, parser, report
+from common import parse, parser, report, start_local_ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -55,7 +55,6 @@ def main() -> None:
     from chameleon.dev.s3server import LocalS3Server
     from chameleon.job.local import run_local
     from chameleon.job.ray_job import run_ray_job
-    from chameleon.ray_env import init_ray
 
     p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
@@ -81,19 +80,19 @@ def main() -> None:
         }
     )
     figures: dict = {}
-    init_ray(num_cpus=cpus, object_store_memory=512 * 2**20)
+    start_local_ray(num_cpus=cpus)
     with LocalS3Server() as s3:
         for n in args.sizes:
             users = tmp / f"users-{n}.jsonl"
             users.write_text("".join(json.dumps(u) + "\n" for u in synthetic_users(n)))
             store = s3.store("bench", f"scaling-{n}")
             t0 = time.perf_counter()
-            run_ray_job(str(users), store, f"ray-{n}", cfg)
+            ray_manifest = run_ray_job(str(users), store, f"ray-{n}", cfg, progress=False)
             t_ray = time.perf_counter() - t0
             # In-process reference: the same work with all of the machine's threads.
             torch.set_num_threads(cpus)
             t1 = time.perf_counter()
-            run_local(
+            local_manifest = run_local(
                 str(users),
                 store,
                 f"local-{n}",
@@ -105,6 +104,9 @@ def main() -> None:
             figures[f"ray_s_{n}"] = t_ray
             figures[f"local_s_{n}"] = t_local
             figures[f"ray_per_user_s_{n}"] = t_ray / n
+            # Where the time went (load_s: opening the run, the Ray driver's input staging included).
+            figures[f"ray_timings_{n}"] = json.dumps(ray_manifest.timings_s)
+            figures[f"local_timings_{n}"] = json.dumps(local_manifest.timings_s)
     ray.shutdown()
     lo, hi = min(args.sizes), max(args.sizes)
     figures["ray_overhead_ratio"] = figures[f"ray_s_{hi}"] / figures[f"local_s_{hi}"]
