@@ -56,13 +56,10 @@ def _quiet_ray_data() -> None:
             handler.setLevel(logging.ERROR)
 
 
-def init_ray(
-    address: str | None = None, *, num_cpus: int | None = None, ray_data: bool = True, **local_options
-) -> bool:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, ray_data: bool = True) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start a local Ray; returns True when it started one.
     Does nothing when Ray is already initialized in this process. `ray_data=False`: the caller
-    runs no Ray Data (Serve), so its console settings are not loaded. `local_options`: more
-    `ray.init` options for a local start (e.g. `object_store_memory`), unused when joining."""
+    runs no Ray Data (Serve), so its console settings are not loaded."""
     set_local_env_defaults()
     import ray
 
@@ -77,7 +74,7 @@ def init_ray(
     if address:
         ray.init(address=address, **output)
     else:
-        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **output, **local_options)
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **output)
     if _quiet and ray_data:
         _quiet_ray_data()
     return not address

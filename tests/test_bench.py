@@ -3,7 +3,7 @@
 Each runs as `make bench` runs it, a script in a fresh interpreter (a tiny random model instead of
 a real one), and must end with `name=value` lines, headline last, and write its `--out` JSON. The
 figures of a smoke run mean nothing. The benchmarks that use Ray join the pytest session's Ray
-through RAY_ADDRESS (`chameleon.ray_env.init_ray`) instead of starting their own: a Ray start
+through RAY_ADDRESS (`jobs/bench/common.start_local_ray`) instead of starting their own: a Ray start
 costs 10 to 30 s on 2 loaded cores.
 """
 

@@ -64,7 +64,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from common import parse, parser, report, stub_manifest
+from common import parse, parser, report, start_local_ray, stub_manifest
 from integrity_store_checks import check_forget, check_storage, stop_servers  # noqa: F401 (registered in CHECKS)
 
 from chameleon.config import ChameleonConfig
@@ -78,7 +78,6 @@ from chameleon.job.publish import reduce_and_publish
 from chameleon.job.reduce import reduce_all, reduce_users
 from chameleon.job.run import begin_run, read_done_record, write_partition
 from chameleon.job.tables import attach_user_reduce, pairs_to_tables, reduce_subspace_config, tables_to_units
-from chameleon.ray_env import init_ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -178,7 +177,7 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        init_ray(num_cpus=2, object_store_memory=512 * 2**20, log_to_driver=False)
+        start_local_ray(num_cpus=2, log_to_driver=False)
 
 
 def published_ids(store, run_id: str) -> list[str]:

@@ -36,10 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import TINY_MODEL, model_path, parse, parser
+from common import TINY_MODEL, model_path, parse, parser, start_local_ray
 
 from chameleon.config import EMBEDDED_MODEL
-from chameleon.ray_env import init_ray
 
 QUESTIONS = [
     "Paraphrase this tweet: I finished reading a book about the history of the city.",
@@ -316,7 +315,7 @@ def served_ratio(store, users, model_id: str, args) -> dict:
         max_ongoing_requests=max(256, 2 * args.concurrency),
     )
     # RAY_ADDRESS set: Serve runs on that cluster (tests/test_bench.py: the pytest session's Ray).
-    init_ray(num_cpus=max(2, int(args.num_cpus) + 1), object_store_memory=512 * 2**20, log_to_driver=False)
+    start_local_ray(num_cpus=max(2, int(args.num_cpus) + 1), log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
