@@ -17,6 +17,12 @@ import os
 import re
 import uuid
 
+# One torch thread in the test process and in what it starts (Ray workers, benchmarks, CLIs):
+# the tests' tensors are tiny, and on a busy 2-core machine a second thread only adds waiting
+# (test_vectorized_ccs_equals_per_user_loop: 100 s with 2 threads, 4 s with 1). Set before torch
+# is imported; code that sizes its threads itself (`job.torch_threads`) still does.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from stub_runs import stub_manifest  # noqa: F401 (the tests import it from here)
 

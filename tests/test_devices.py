@@ -172,9 +172,9 @@ def ray_gpus():
 
 
 @pytest.fixture(scope="class")
-def ray_cpu():
-    with _own_ray(num_gpus=0) as ray:
-        yield ray
+def ray_cpu(ray_session):
+    """The session's Ray: a cluster without GPUs (no Ray start of this class's own)."""
+    return ray_session
 
 
 @pytest.mark.e2e

@@ -64,12 +64,6 @@ def test_a_partition_that_keeps_killing_its_actor_fails_the_job_in_bounded_time_
     assert c.partitions_resumed == 2 and c.users_failed == 0 and c.users_mapped == 6
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race since the long-lived ReplicaPool: an innocent partition handed to the actor "
-    "the deadline timer is stopping can be charged with that death (seen: partitions_failed=2); "
-    "open defect, see the session note",
-)
 def test_a_partition_past_its_deadline_stops_its_actor_and_counts_as_failed(
     ray_local, s3_store, tiny_model_dir, tmp_path, monkeypatch
 ):

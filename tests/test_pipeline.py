@@ -145,19 +145,19 @@ def test_killed_actor_still_finishes_with_identical_artifacts(
 
 
 def test_interrupted_driver_resumes_without_recomputing(
-    clean_run, s3_server, tiny_model_dir, users_file, tmp_path
+    ray_local, clean_run, s3_server, tiny_model_dir, users_file, tmp_path
 ):
+    """A driver killed mid-map (a second driver on the session's Ray: its actors die with it, as
+    on a cluster) is resumed by the next one, which keeps the partitions already done."""
     store = s3_server.store("pipeline", "resumed")
     script = tmp_path / "driver.py"
     script.write_text(
         "import os, sys\n"
         f"sys.path[:0] = [{str(Path(__file__).parent)!r}]\n"
-        "import ray\n"
         "from conftest import tiny_job_config\n"
         "from test_pipeline import job_config\n"
         "from chameleon.data.storage import S3Store\n"
         "from chameleon.job.ray_job import run_ray_job\n"
-        "ray.init(address='local', num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)\n"
         f"store = S3Store('pipeline', 'resumed', endpoint_url={s3_server.endpoint_url!r}, access_key={s3_server.access_key!r}, secret_key={s3_server.secret_key!r})\n"
         f"run_ray_job({str(users_file)!r}, store, 'resumed', job_config({str(tiny_model_dir)!r}))\n"
     )
@@ -165,7 +165,7 @@ def test_interrupted_driver_resumes_without_recomputing(
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ADDRESS": "",
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,  # run_ray_job joins it
     }
     proc = subprocess.Popen(
         [sys.executable, str(script)],
@@ -179,16 +179,12 @@ def test_interrupted_driver_resumes_without_recomputing(
         while time.time() < deadline and len(store.list("runs/resumed/parts/")) < 3 and proc.poll() is None:
             time.sleep(0.1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole local Ray
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver (its actors die with it)
         proc.wait()
     done_before = {k: store.get_bytes(k) for k in store.list("runs/resumed/parts/")}
     assert 3 <= len(done_before) < clean_run[1].counts.partitions, "interrupt came too late"
     assert not store.exists("runs/resumed/manifest.json")
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
     manifest = run_ray_job(str(users_file), store, "resumed", job_config(tiny_model_dir))
     assert manifest.counts.partitions_resumed >= len(done_before)
     for key, data in done_before.items():  # finished partitions were kept, not recomputed

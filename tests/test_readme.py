@@ -158,7 +158,7 @@ def test_readme_quick_start_demo_serve_and_client(tiny_model_dir, tmp_path):
         while "ready in" not in log_path.read_text():
             assert server.poll() is None, f"the server exited:\n{log_path.read_text()}"
             assert time.monotonic() < deadline, f"the server was not ready in time:\n{log_path.read_text()}"
-            time.sleep(1)
+            time.sleep(0.25)
         lines = log_path.read_text().splitlines()
         ready = next(line for line in lines if "ready in" in line)
         noisy = [line for line in lines if re.search(r"\b(INFO|WARNING)\b|Loading weights", line)]

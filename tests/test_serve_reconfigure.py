@@ -141,7 +141,7 @@ def test_serve_applies_a_new_user_config_to_the_running_replica(replica, tiny_mo
             except Exception:  # not deployed yet
                 pass
             assert time.monotonic() < deadline, "the deployment did not get there in time"
-            time.sleep(1)
+            time.sleep(0.25)
 
     # Serve of its own on the session's Ray: apps deployed from a config (deploy_apps) and apps
     # deployed with serve.run (test_serving) cannot share one Serve instance.

@@ -57,6 +57,10 @@ class ModelReplica:
                 "this actor holds GPUs %s but runs on the CPU: torch sees no CUDA device", ray.get_gpu_ids()
             )
 
+    def ready(self) -> bool:
+        """The pool's probe of an actor that died: answers once its restart has loaded the model."""
+        return True
+
 
 def actor_resources(cfg: ChameleonConfig) -> dict[str, float]:
     """What each actor of a pool asks Ray for: `job.num_gpus_per_actor` resolved against the
@@ -72,27 +76,46 @@ DEADLINE_EXIT_CODE = 75
 """Exit status of an actor stopped by `item_deadline` (in its log, next to the reason)."""
 
 
-@contextlib.contextmanager
-def item_deadline(seconds: float, what: str) -> Iterator[None]:
-    """Stop this actor's process when the block takes longer than `seconds`: a hung kernel cannot
-    be interrupted from Python, and Ray then retries the item like one that killed its actor."""
+class Deadline:
+    """Decides, once, whether a block finished before its deadline or the deadline stopped the
+    actor: `finish` (the block ended) and `expire` (the timer fired) race, and only the first
+    counts. A block that loses never returns its result: Ray could hand the actor, which is
+    exiting, the next item, which would then be charged with this death."""
 
-    def expire() -> None:
+    def __init__(self, seconds: float, what: str, exit_process: Callable[[int], Any] = os._exit) -> None:
+        self.seconds, self.what, self.exit_process = seconds, what, exit_process
+        self._decided = threading.Lock()
+
+    def expire(self) -> None:
+        if not self._decided.acquire(blocking=False):
+            return  # the block finished first
         print(
-            f"chameleon: {what} passed its deadline of {seconds:g} s (job.partition_timeout_s); "
+            f"chameleon: {self.what} passed its deadline of {self.seconds:g} s (job.partition_timeout_s); "
             "stopping this actor so that Ray retries it",
             file=sys.stderr,
             flush=True,
         )
-        os._exit(DEADLINE_EXIT_CODE)
+        self.exit_process(DEADLINE_EXIT_CODE)
 
-    timer = threading.Timer(seconds, expire)
+    def finish(self) -> bool:
+        """True when the block finished in time; False when the deadline won (the actor is exiting)."""
+        return self._decided.acquire(blocking=False)
+
+
+@contextlib.contextmanager
+def item_deadline(seconds: float, what: str) -> Iterator[None]:
+    """Stop this actor's process when the block takes longer than `seconds`: a hung kernel cannot
+    be interrupted from Python, and Ray then retries the item like one that killed its actor."""
+    deadline = Deadline(seconds, what)
+    timer = threading.Timer(seconds, deadline.expire)
     timer.daemon = True
     timer.start()
     try:
         yield
     finally:
         timer.cancel()
+        if not deadline.finish():
+            threading.Event().wait()  # the deadline fired as the block ended: wait for the exit
 
 
 def map_with_replicas(
@@ -168,6 +191,16 @@ class ReplicaPool:
         )
         self.actors = [remote.remote(cfg.model_dump_json(), **worker_kwargs) for _ in range(n_actors)]
         self.deaths = [0] * n_actors
+        # Probes of actors that died ({ref: actor}): an actor gets no item until its probe answers.
+        self.probes: dict[Any, int] = {}
+
+    def _usable(self, a: int) -> bool:
+        return self.deaths[a] <= self.cfg.job.max_actor_restarts
+
+    def _probe(self, a: int) -> None:
+        # At-least-once, unlike the items: Ray holds it until the restarted actor is up, and fails
+        # it only when the actor is gone for good (its restarts used up).
+        self.probes[self.actors[a].ready.options(max_task_retries=-1).remote()] = a
 
     def run(
         self,
@@ -179,9 +212,14 @@ class ReplicaPool:
     ) -> dict[int, Any]:
         """`actor.method(item)` for every item; {item index: result}. An item lost with its actor
         (after Ray's retries) fails the stage, or with `drop_lost_items` is left out. `on_result`
-        sees each result as soon as its actor returns it (a progress line)."""
+        sees each result as soon as its actor returns it (a progress line).
+
+        Only the item an actor was running when it died is charged with that death: the actor
+        then gets no item until a probe finds it restarted (an item handed to an actor that is
+        still restarting fails at once in Ray, through no fault of its own)."""
         queue = deque(range(len(items)))
-        idle = [a for a in range(len(self.actors)) if self.deaths[a] <= self.cfg.job.max_actor_restarts]
+        probing = set(self.probes.values())
+        idle = [a for a in range(len(self.actors)) if self._usable(a) and a not in probing]
         pending: dict[Any, tuple[int, int]] = {}
         results: dict[int, Any] = {}
         last_death = ""
@@ -190,15 +228,24 @@ class ReplicaPool:
             while queue and idle:
                 a, i = idle.pop(0), queue.popleft()
                 pending[getattr(self.actors[a], method).remote(items[i])] = (a, i)
-            if not pending:
+            if not pending and not self.probes:
                 raise RuntimeError(
                     f"every actor of the pool died more than job.max_actor_restarts="
                     f"{self.cfg.job.max_actor_restarts} times; {len(queue)} items were not run "
                     f"(last death: {last_death[:2000]})"
                 )
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            ready, _ = ray.wait([*pending, *self.probes], num_returns=1, timeout=timeout)
             if not ready:
                 raise RuntimeError(f"the actor pool made no progress for {timeout:g} s")
+            if ready[0] in self.probes:
+                a = self.probes.pop(ready[0])
+                try:
+                    ray.get(ready[0])
+                    idle.append(a)
+                except ray.exceptions.RayActorError as exc:
+                    self.deaths[a] = self.cfg.job.max_actor_restarts + 1  # gone for good: retired
+                    last_death = str(exc)
+                continue
             a, i = pending.pop(ready[0])
             try:
                 results[i] = ray.get(ready[0])
@@ -210,8 +257,10 @@ class ReplicaPool:
                 last_death = str(exc)
                 if not drop_lost_items:
                     raise
-            if self.deaths[a] <= self.cfg.job.max_actor_restarts:
-                idle.append(a)
+                if self._usable(a):
+                    self._probe(a)
+                continue
+            idle.append(a)
         return results
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import os
 import platform
 import shutil
 import sys
@@ -59,15 +60,23 @@ def model_path(name: str) -> str:
     return str(tiny_model_dir(Path(workdir)))
 
 
-def start_local_ray(num_cpus: int, tries: int = 6) -> None:
+def start_local_ray(num_cpus: int, tries: int = 6, log_to_driver: bool = True) -> None:
     """A local Ray for a benchmark's driver. Ray gives its raylet 30 s to start, too short on a
-    loaded machine: a failed start is retried (`tries` in all)."""
+    loaded machine: a failed start is retried (`tries` in all). With RAY_ADDRESS set, the driver
+    joins that cluster instead (tests/test_bench.py: the pytest session's Ray)."""
     import ray
 
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
+        return
     for attempt in range(tries):
         try:
             ray.init(
-                address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 2**20
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                object_store_memory=512 * 2**20,
+                log_to_driver=log_to_driver,
             )
             return
         except Exception:

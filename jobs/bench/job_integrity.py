@@ -64,7 +64,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from common import parse, parser, report, stub_manifest
+from common import parse, parser, report, start_local_ray, stub_manifest
 from integrity_store_checks import check_forget, check_storage, stop_servers  # noqa: F401 (registered in CHECKS)
 
 from chameleon.config import ChameleonConfig
@@ -177,13 +177,7 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=512 * 2**20,
-            log_to_driver=False,
-        )
+        start_local_ray(num_cpus=2, log_to_driver=False)
 
 
 def published_ids(store, run_id: str) -> list[str]:
@@ -244,15 +238,29 @@ def check_resume(workdir: Path, args) -> dict:
     return figures
 
 
+def _raylet():
+    """The raylet of the Ray this process uses (its own, or the cluster it joined): its workers
+    are the raylet's children."""
+    import psutil
+    import ray
+
+    flag = f"--gcs-address={ray.get_runtime_context().gcs_address}"
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = p.info["cmdline"] or []
+        if cmdline and cmdline[0].endswith("raylet") and flag in cmdline:
+            return p
+    raise RuntimeError(f"no raylet with {flag} on this machine")
+
+
 def _kill_workers_every(seconds: float, stop: threading.Event, killed: list[int]) -> None:
     """SIGKILL one map actor every `seconds` while it maps a partition (Ray titles an actor's
-    process after the method it runs: not `__init__`, the model load). Only this process's own
-    Ray (its descendants): other Ray instances on the machine are left alone."""
+    process after the method it runs: not `__init__`, the model load). Only this bench's Ray
+    (its raylet's workers): other Ray instances on the machine are left alone."""
     import psutil
 
-    me = psutil.Process()
+    raylet = _raylet()
     while not stop.wait(seconds):
-        for p in me.children(recursive=True):
+        for p in raylet.children(recursive=True):
             try:
                 title = " ".join(p.cmdline())
                 if "PartitionWorker" in title and not title.rstrip().endswith("__init__"):
@@ -645,8 +653,11 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=8, help="random pairs: pairs per user")
     p.add_argument("--ccs-steps", type=int, default=100, help="random pairs: CCS steps of the reduce")
     p.add_argument("--reduce-child", help=argparse.SUPPRESS)
-    smoke = {"users": 6, "kill_every": 2.0, "poison_users": 8, "mem_sizes": "40,80", "layers": 2, "pairs": 2}
-    args = parse(p, {**smoke, "ccs_steps": 10, "poison_limit_s": 120.0})
+    # Smoke: the checks of this file (forget and storage have integrity_store_checks.py's smoke run)
+    # at a tiny size; one or two actor kills are enough to see the chaos check work.
+    smoke = {"users": 6, "kill_every": 4.0, "poison_users": 8, "mem_sizes": "40,80", "layers": 2, "pairs": 2}
+    own_checks = [name for name in sorted(CHECKS) if name not in ("forget", "storage")]
+    args = parse(p, {**smoke, "only": own_checks, "ccs_steps": 10, "poison_limit_s": 120.0})
     if args.reduce_child:
         _reduce_child(args.reduce_child, "mem", args)
         return
@@ -656,7 +667,9 @@ def main() -> None:
     try:
         for name in args.only or sorted(CHECKS):
             (workdir / name).mkdir()
+            t_check = time.monotonic()
             figures.update(CHECKS[name](workdir / name, args))
+            print(f"# {name}: {time.monotonic() - t_check:.1f} s", flush=True)
     finally:
         for server in _SERVERS.values():
             server.stop()

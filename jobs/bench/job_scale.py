@@ -242,7 +242,7 @@ def main() -> None:
     )
     p.add_argument("--skip", nargs="*", default=[], choices=["memory", "update", "reads"])
     args = parse(
-        p, {"memory_users": [100, 1_000], "update_users": 24, "partitions": 10, "store_latency_ms": 2.0}
+        p, {"memory_users": [100, 1_000], "update_users": 12, "partitions": 10, "store_latency_ms": 2.0}
     )
     mem, n_update = args.memory_users, args.update_users
     tmp = Path(tempfile.mkdtemp(prefix="chameleon-scale-"))

@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import TINY_MODEL, model_path, parse, parser
+from common import TINY_MODEL, model_path, parse, parser, start_local_ray
 from serve_mixed import _free_port, prompt_text, publish_synthetic_run
 
 from chameleon.config import EMBEDDED_MODEL
@@ -249,13 +249,8 @@ def main(argv=None) -> int:
         "max_batch_size": args.max_batch_size,
         "num_cpus": args.num_cpus,
     }
-    ray.init(
-        address="local",
-        num_cpus=max(2, int(args.num_cpus) + 1),
-        include_dashboard=False,
-        object_store_memory=512 * 2**20,
-        log_to_driver=False,
-    )
+    # RAY_ADDRESS set: Serve runs on that cluster (tests/test_bench.py: the pytest session's Ray).
+    start_local_ray(num_cpus=max(2, int(args.num_cpus) + 1), log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

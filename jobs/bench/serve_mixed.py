@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common import TINY_MODEL, model_path, parse, parser
+from common import TINY_MODEL, model_path, parse, parser, start_local_ray
 
 from chameleon.config import EMBEDDED_MODEL
 
@@ -314,13 +314,8 @@ def served_ratio(store, users, model_id: str, args) -> dict:
         num_cpus=args.num_cpus,
         max_ongoing_requests=max(256, 2 * args.concurrency),
     )
-    ray.init(
-        address="local",
-        num_cpus=max(2, int(args.num_cpus) + 1),
-        include_dashboard=False,
-        object_store_memory=512 * 2**20,
-        log_to_driver=False,
-    )
+    # RAY_ADDRESS set: Serve runs on that cluster (tests/test_bench.py: the pytest session's Ray).
+    start_local_ray(num_cpus=max(2, int(args.num_cpus) + 1), log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
