@@ -1,6 +1,6 @@
 """Command-line flags that override single settings of a pydantic config: one table per command.
 
-    FLAGS = (Flag("--model", "model.name_or_path", help="…"), …)
+    FLAGS = (Flag("synth.pairs_per_user", "…", int), Flag("model.name_or_path", "…", name="--model"), …)
     add_flags(parser, FLAGS, defaults=ChameleonConfig())   # help shows each setting's default
     overrides = flag_overrides(args, FLAGS)               # {"model.name_or_path": "…"} (unset skipped)
 
@@ -23,8 +23,6 @@ from chameleon.config import ChameleonConfig
 
 @dataclass(frozen=True)
 class Flag:
-    flag: str
-    """e.g. `--pairs-per-user`"""
     setting: str
     """dotted config setting it overrides, e.g. `synth.pairs_per_user`"""
     help: str
@@ -34,6 +32,12 @@ class Flag:
     required: bool = False
     shown_default: str | None = None
     """How the help states the default (default: the setting's default value)."""
+    name: str | None = None
+    """The flag, where it is not the setting's own name (`synth.pairs_per_user` → `--pairs-per-user`)."""
+
+    @property
+    def flag(self) -> str:
+        return self.name or "--" + self.setting.rsplit(".", 1)[-1].replace("_", "-")
 
     @property
     def dest(self) -> str:
@@ -78,43 +82,40 @@ def flag_overrides(args: argparse.Namespace, flags: Sequence[Flag]) -> dict[str,
 
 
 JOB_FLAGS: tuple[Flag, ...] = (
-    Flag("--model", "model.name_or_path", "Hugging Face model id or local path"),
-    Flag("--dtype", "model.dtype", "weights dtype", choices=("auto", "float32", "bfloat16", "float16")),
-    Flag("--device-map", "model.device_map", "e.g. `auto` to shard one replica over the GPUs of a node"),
-    Flag("--pairs-per-user", "synth.pairs_per_user", "synthetic pairs per user", int),
-    Flag("--history-k", "synth.history_k", "history items each user's pairs are made from", int),
-    Flag("--max-new-tokens", "synth.answer_max_new_tokens", "token budget of each synthetic answer", int),
+    Flag("model.name_or_path", "Hugging Face model id or local path", name="--model"),
+    Flag("model.dtype", "weights dtype", choices=("auto", "float32", "bfloat16", "float16")),
+    Flag("model.device_map", "e.g. `auto` to shard one replica over the GPUs of a node"),
+    Flag("synth.pairs_per_user", "synthetic pairs per user", int),
+    Flag("synth.history_k", "history items each user's pairs are made from", int),
     Flag(
-        "--batch-size",
+        "synth.answer_max_new_tokens", "token budget of each synthetic answer", int, name="--max-new-tokens"
+    ),
+    Flag(
         "synth.batch_size",
         "generation batch size of the map stage (auto: 16 on CPU, 64-128 on a GPU)",
         auto_or(int),
     ),
-    Flag("--seed", "synth.seed", "seed of the synthesis", int),
-    Flag("--site", "subspace.site", "where hidden states are read and edited", choices=("mlp", "residual")),
-    Flag("--n-layers", "subspace.n_layers", "layers each edit applies to", int),
-    Flag("--n-groups", "groups.n_groups", "number of groups to cluster users into", int),
-    Flag("--min-group-size", "groups.min_group_size", "smallest group a cluster may form", int),
+    Flag("synth.seed", "seed of the synthesis", int),
+    Flag("subspace.site", "where hidden states are read and edited", choices=("mlp", "residual")),
+    Flag("subspace.n_layers", "layers each edit applies to", int),
+    Flag("groups.n_groups", "number of groups to cluster users into", int),
+    Flag("groups.min_group_size", "smallest group a cluster may form", int),
     Flag(
-        "--group-column",
         "groups.group_column",
         "user field that names each user's group (instead of clustering)",
     ),
-    Flag("--num-actors", "job.num_actors", "model replicas (Ray actors) of the map stage", int),
+    Flag("job.num_actors", "model replicas (Ray actors) of the map stage", int),
     Flag(
-        "--num-gpus-per-actor",
         "job.num_gpus_per_actor",
         "GPUs per replica (auto: 1 when the cluster has GPUs, else CPU; a fraction shares a GPU)",
         auto_or(float),
     ),
     Flag(
-        "--users-per-partition",
         "job.users_per_partition",
         "users per map partition (the unit of resume)",
         int,
     ),
     Flag(
-        "--single-writer",
         "storage.single_writer",
         "use a store that does not enforce exclusive create (one writer at a time only)",
         bool,

@@ -25,6 +25,14 @@ from chameleon.serving.decoder import (
     pick_tokens,
     run_forward,
 )
+from chameleon.serving.sampling import SamplingParams
+
+
+def gen_item(prompt_ids: Sequence[int], max_tokens: int, row: int = 0, **sampling) -> GenItem:
+    """An engine item for tests and benchmarks: greedy unless `temperature` is given, the other
+    sampling settings as named (`SamplingParams` fields), resolved as the replica resolves them."""
+    params = SamplingParams(**{"temperature": 0.0, **sampling})
+    return GenItem(list(prompt_ids), params.resolved({}, max_tokens), row)
 
 
 class ReferenceDecoder:

@@ -254,15 +254,21 @@ def test_the_manifest_is_read_by_attribute_outside_its_module():
     assert not bad, "string-key reads of a manifest:\n" + "\n".join(bad)
 
 
+def _sample(tmp_path: Path, code: str) -> Path:
+    path = tmp_path / "sample.py"
+    path.write_text(code)
+    return path
+
+
 def test_the_manifest_check_finds_string_key_reads(tmp_path):
-    sample = tmp_path / "sample.py"
-    sample.write_text(
+    sample = _sample(
+        tmp_path,
         "def f(reader, store):\n"
         "    a = reader.manifest['counts']\n"
         "    m = committed_manifest(store, 'r')\n"
         "    b = m['groups']\n"
         "    c = reader.manifest.get('config')\n"
-        "    d = reader.manifest.counts.partitions\n"
+        "    d = reader.manifest.counts.partitions\n",
     )
     assert [h.split(": ", 1)[1] for h in _manifest_key_reads(sample)] == [
         "reader.manifest['counts']",
@@ -288,3 +294,107 @@ def test_serving_has_one_decode_path():
             ):
                 found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "a second decode path in serving:\n" + "\n".join(found)
+
+
+# -- the serving seam: a typed request crosses the Ray handle; responses are protocol models ------
+
+SERVING = PACKAGE / "serving"
+RESPONSE_KEYS = {"choices", "object", "usage", "delta", "error"}
+"""Keys that only OpenAI response bodies have (the replica's events are checked as `yield {…}`)."""
+WIRE_WRITERS = {"JSONResponse", "sse_line", "json_bytes", "json_response"}
+
+
+def _annotation(fn: ast.FunctionDef | ast.AsyncFunctionDef, name: str) -> str | None:
+    for arg in fn.args.args:
+        if arg.arg == name:
+            return ast.unparse(arg.annotation) if arg.annotation is not None else None
+    return None
+
+
+def _handle_calls(path: Path) -> list[str]:
+    """Every `….generate.remote(x)` of a module: fine when `x` is a parameter of the enclosing
+    function annotated `GenerationRequest`; otherwise reported."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if not (isinstance(node, ast.Call) and ast.unparse(node.func).endswith("generate.remote")):
+                continue
+            args = node.args
+            typed = (
+                len(args) == 1
+                and not node.keywords
+                and isinstance(args[0], ast.Name)
+                and _annotation(fn, args[0].id) == "GenerationRequest"
+            )
+            if not typed:
+                bad.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+def _untyped_bodies(path: Path) -> list[str]:
+    """Dict literals that look like response bodies or replica events (a key of `RESPONSE_KEYS`),
+    dicts yielded as events, and dict literals handed to a wire writer."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+            if keys & RESPONSE_KEYS:
+                found.append(f"{path.name}:{node.lineno}: dict with {sorted(keys & RESPONSE_KEYS)}")
+        elif isinstance(node, ast.Yield) and isinstance(node.value, ast.Dict):
+            found.append(f"{path.name}:{node.lineno}: yields a dict")
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in WIRE_WRITERS:
+            first = node.args[0] if node.args else None
+            if isinstance(first, ast.Dict) or (
+                isinstance(first, ast.Call) and ast.unparse(first.func) == "dict"
+            ):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node.func)} of a dict literal")
+    return found
+
+
+def test_a_typed_request_crosses_the_ray_handle():
+    """The ingress hands the model replica a `GenerationRequest` (built once from the body), and
+    the replica's entry points take one: no dict payload crosses the handle."""
+    assert not _handle_calls(SERVING / "app.py")
+    assert "generate.remote" in (SERVING / "app.py").read_text(), "the check looks at the real call"
+    signatures = {
+        (SERVING / "app.py", "generate"): "request",
+        (SERVING / "replica.py", "events"): "request",
+        (SERVING / "replica.py", "admit"): "request",
+    }
+    for (path, name), param in signatures.items():
+        fns = [
+            n
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == name
+        ]
+        assert fns and all(_annotation(f, param) == "GenerationRequest" for f in fns), (path.name, name)
+
+
+def test_responses_and_events_are_typed_in_serving():
+    """Response bodies are the models of `serving/protocol.py` and replica events the dataclasses
+    of `serving/replica_api.py`: no module of the serving package writes either as a dict."""
+    bad = [hit for p in sorted(SERVING.glob("*.py")) if p.name != "protocol.py" for hit in _untyped_bodies(p)]
+    assert not bad, "untyped response bodies or events:\n" + "\n".join(bad)
+
+
+def test_the_serving_seam_checks_find_what_they_look_for(tmp_path):
+    sample = _sample(
+        tmp_path,
+        "async def start(self, payload: dict, request: GenerationRequest):\n"
+        "    self.handle.generate.remote(payload)\n"
+        "    self.handle.generate.remote(request)\n"
+        "    yield {'type': 'start'}\n"
+        "    body = {'id': rid, 'choices': []}\n"
+        "    return JSONResponse({'status': 'ok'}), sse_line(dict(a=1))\n",
+    )
+    assert _handle_calls(sample) == ["sample.py:2: self.handle.generate.remote(payload)"]
+    assert [h.split(": ", 1)[1] for h in _untyped_bodies(sample)] == [
+        "yields a dict",
+        "dict with ['choices']",
+        "JSONResponse of a dict literal",
+        "sse_line of a dict literal",
+    ]

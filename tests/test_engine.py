@@ -9,13 +9,13 @@ import time
 
 import pytest
 import torch
-from reference_decoder import ReferenceDecoder
+from reference_decoder import ReferenceDecoder, gen_item
 from tiny_models import embedded_tokenizer, tiny_llama
 
 from chameleon.config import EditConfig
 from chameleon.core.edit import Edit
 from chameleon.core.generation import bank_for_edits, chat_prompt, generate_answers
-from chameleon.serving.decoder import GenItem, TextStream, default_eos_ids
+from chameleon.serving.decoder import TextStream, default_eos_ids
 from chameleon.serving.engine import Engine
 from chameleon.serving.metrics import ServingMetrics
 
@@ -111,7 +111,7 @@ def test_greedy_engine_equals_offline_generation_with_rows_joining_and_leaving(m
         for k, (q, (e, n)) in enumerate(zip(QUESTIONS, plan, strict=True)):
             ids = tok(chat_prompt(tok, q), add_special_tokens=False).input_ids
             c = Collector()
-            engine.submit(GenItem(ids, n, row=0 if e is None else rows[e], ignore_eos=True), bank, c)
+            engine.submit(gen_item(ids, n, row=0 if e is None else rows[e], ignore_eos=True), bank, c)
             got.append(c)
             if k in (1, 3):  # later ones join a batch that is already decoding
                 while len(got[0].ids) < 2 + k:
@@ -146,7 +146,7 @@ def test_reference_decoder_gives_offline_tokens(model, tok):
     """The parity oracle itself: a fixed batch with mixed rows gives offline generation's tokens."""
     bank, rows = bank_for_edits(model, [make_edit(3, "additive")], EditConfig())
     items = [
-        GenItem(tok(chat_prompt(tok, q), add_special_tokens=False).input_ids, 8, row=r, ignore_eos=True)
+        gen_item(tok(chat_prompt(tok, q), add_special_tokens=False).input_ids, 8, row=r, ignore_eos=True)
         for q, r in zip(QUESTIONS[:3], (rows[0], 0, rows[0]), strict=True)
     ]
     ref = ReferenceDecoder(model, tok, items, bank).run()
@@ -162,10 +162,10 @@ def test_stream_gathers_chunks_and_abort_frees_the_row(model, tok):
 
     async def main():
         chunks = []
-        async for chunk in engine.stream(GenItem(ids, 30, ignore_eos=True), None):
+        async for chunk in engine.stream(gen_item(ids, 30, ignore_eos=True), None):
             chunks.append(chunk)
         # An aborted stream leaves the batch: the engine goes idle.
-        agen = engine.stream(GenItem(ids, 1000, ignore_eos=True), None)
+        agen = engine.stream(gen_item(ids, 1000, ignore_eos=True), None)
         await agen.__anext__()
         await agen.aclose()
         for _ in range(200):
@@ -190,7 +190,7 @@ def test_sampling_fields(model, tok):
     ids = tok(chat_prompt(tok, "hello"), add_special_tokens=False).input_ids
 
     def run(**kw):
-        return ReferenceDecoder(model, tok, [GenItem(ids, 12, ignore_eos=True, **kw)], None, eos).run()[0][1]
+        return ReferenceDecoder(model, tok, [gen_item(ids, 12, ignore_eos=True, **kw)], None, eos).run()[0][1]
 
     greedy = run()
     # Seeded sampling is reproducible; top_k=1 is greedy whatever the temperature.
@@ -205,12 +205,12 @@ def test_sampling_fields(model, tok):
     # stop_token_ids end the sequence on that token (not in the text), min_tokens postpones it.
     stop_tok = greedy[3]
     ((_, out, finish),) = ReferenceDecoder(
-        model, tok, [GenItem(ids, 12, stop_token_ids=(stop_tok,))], None, eos
+        model, tok, [gen_item(ids, 12, stop_token_ids=(stop_tok,))], None, eos
     ).run()
     first = greedy.index(stop_tok)
     assert out == greedy[: first + 1] and finish == "stop"
     seq = ReferenceDecoder(
-        model, tok, [GenItem(ids, 12, stop_token_ids=(stop_tok,), min_tokens=first + 2)], None, eos
+        model, tok, [gen_item(ids, 12, stop_token_ids=(stop_tok,), min_tokens=first + 2)], None, eos
     )
     ((_, out2, _),) = seq.run()
     assert len(out2) >= first + 2 and stop_tok not in out2[: first + 1]
@@ -253,7 +253,7 @@ def test_engine_records_metrics(model, tok):
     engine = Engine(model, tok, default_eos_ids(model, tok), metrics=metrics)
     c = Collector()
     ids = tok(chat_prompt(tok, "hi"), add_special_tokens=False).input_ids
-    engine.submit(GenItem(ids, 5, ignore_eos=True), None, c)
+    engine.submit(gen_item(ids, 5, ignore_eos=True), None, c)
     assert c.done.wait(30)
     engine.stop()
     for name in (
@@ -267,21 +267,6 @@ def test_engine_records_metrics(model, tok):
         assert seen.get(name), name
     assert sum(seen["chameleon_generated_tokens"]) == 5
     assert len(seen["chameleon_inter_token_latency_seconds"]) == 4
-
-
-def test_sampling_defaults_come_from_the_generation_config(model):
-    from transformers import GenerationConfig
-
-    from chameleon.serving.replica import sampling_defaults
-
-    saved = model.generation_config
-    try:
-        model.generation_config = GenerationConfig(temperature=0.3, top_k=7, do_sample=True)
-        assert sampling_defaults(model) == {"temperature": 0.3, "top_k": 7}
-        model.generation_config = GenerationConfig()
-        assert sampling_defaults(model) == {}
-    finally:
-        model.generation_config = saved
 
 
 def test_model_name_selects_a_group_and_conflicts_are_refused():
@@ -313,10 +298,10 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(model, tok):
     ids = tok(chat_prompt(tok, "hi"), add_special_tokens=False).input_ids
     try:
         bad = Collector()
-        engine.submit(GenItem(ids, 4, row=bank.n_rows + 5), bank, bad)  # no such bank row
+        engine.submit(gen_item(ids, 4, row=bank.n_rows + 5), bank, bad)  # no such bank row
         assert bad.done.wait(30) and bad.error is not None and "decode step failed" in str(bad.error)
         good = Collector()
-        engine.submit(GenItem(ids, 4, row=rows[0], ignore_eos=True), bank, good)
+        engine.submit(gen_item(ids, 4, row=rows[0], ignore_eos=True), bank, good)
         assert good.done.wait(30) and good.error is None and len(good.ids) == 4
     finally:
         engine.stop()
@@ -336,11 +321,11 @@ def test_a_burst_of_long_prompts_is_prefilled_within_the_token_budget(model, tok
     burst = [Collector() for _ in long_ids]
     try:
         for ids, c in zip(short_ids, running, strict=True):
-            engine.submit(GenItem(ids, 24, ignore_eos=True), None, c)
+            engine.submit(gen_item(ids, 24, ignore_eos=True), None, c)
         while len(running[0].ids) < 2:
             time.sleep(0.005)
         for ids, c in zip(long_ids, burst, strict=True):
-            engine.submit(GenItem(ids, 3, ignore_eos=True), None, c)
+            engine.submit(gen_item(ids, 3, ignore_eos=True), None, c)
         for c in (*running, *burst):
             assert c.done.wait(120) and c.error is None, c.error
     finally:
@@ -350,7 +335,7 @@ def test_a_burst_of_long_prompts_is_prefilled_within_the_token_budget(model, tok
         *zip(short_ids, running, [24, 24], strict=True),
         *zip(long_ids, burst, [3] * 10, strict=True),
     ]:
-        want = ReferenceDecoder(model, tok, [GenItem(ids, n, ignore_eos=True)], None, eos).run()[0][1]
+        want = ReferenceDecoder(model, tok, [gen_item(ids, n, ignore_eos=True)], None, eos).run()[0][1]
         assert c.ids == want
 
 
@@ -365,11 +350,11 @@ def test_base_rows_never_wait_for_a_layout_switch(model, tok):
     engine = Engine(model, tok, eos, max_running=8)
     a, b, base = Collector(), Collector(), Collector()
     try:
-        engine.submit(GenItem(ids[0], 60, row=rows_a[0], ignore_eos=True), bank_a, a)
+        engine.submit(gen_item(ids[0], 60, row=rows_a[0], ignore_eos=True), bank_a, a)
         while len(a.ids) < 2:
             time.sleep(0.005)
-        engine.submit(GenItem(ids[1], 4, row=rows_b[0], ignore_eos=True), bank_b, b)
-        engine.submit(GenItem(ids[2], 3, ignore_eos=True), None, base)
+        engine.submit(gen_item(ids[1], 4, row=rows_b[0], ignore_eos=True), bank_b, b)
+        engine.submit(gen_item(ids[2], 3, ignore_eos=True), None, base)
         assert base.done.wait(60) and base.error is None
         assert not a.done.is_set(), "the base request finished while the old layout still ran"
         for c in (a, b):

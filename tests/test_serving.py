@@ -25,7 +25,7 @@ import requests
 import torch
 import yaml
 from conftest import SERVE_API_KEY, SERVE_KEY_ENV, copy_run
-from reference_decoder import ReferenceDecoder
+from reference_decoder import ReferenceDecoder, gen_item
 
 from chameleon.config import ModelConfig
 from chameleon.core.generation import chat_prompt, generate
@@ -35,7 +35,6 @@ with warnings.catch_warnings():  # Ray Serve's own pydantic models warn on impor
     warnings.simplefilter("ignore", DeprecationWarning)
     from chameleon.serving.app import app_builder
     from chameleon.serving.config import ServeConfig
-    from chameleon.serving.decoder import GenItem
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -160,7 +159,7 @@ def test_decoder_matches_generate_and_keeps_rows_independent(tiny):
     ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     # Alone: token for token what model.generate gives.
     for p, pid in zip(prompts, ids, strict=True):
-        ((text, got, _),) = ReferenceDecoder(model, tok, [GenItem(pid, 12)]).run()
+        ((text, got, _),) = ReferenceDecoder(model, tok, [gen_item(pid, 12)]).run()
         enc = tok([p], return_tensors="pt", add_special_tokens=False)
         ref = model.generate(
             **enc,
@@ -174,9 +173,9 @@ def test_decoder_matches_generate_and_keeps_rows_independent(tiny):
         assert got == ref[: len(got)]
         assert text.strip() == generate(model, tok, [p], max_new_tokens=12)[0]
     # A padded batch with per-row budgets: the same tokens as generate() on the same batch.
-    full = ReferenceDecoder(model, tok, [GenItem(i, 12, ignore_eos=True) for i in ids]).run()
+    full = ReferenceDecoder(model, tok, [gen_item(i, 12, ignore_eos=True) for i in ids]).run()
     short = ReferenceDecoder(
-        model, tok, [GenItem(i, n, ignore_eos=True) for i, n in zip(ids, (3, 12, 7), strict=True)]
+        model, tok, [gen_item(i, n, ignore_eos=True) for i, n in zip(ids, (3, 12, 7), strict=True)]
     ).run()
     assert [r[2] for r in short] == ["length"] * 3
     for (_, a, _), (_, b, _), n in zip(full, short, (3, 12, 7), strict=True):
@@ -184,7 +183,7 @@ def test_decoder_matches_generate_and_keeps_rows_independent(tiny):
             "rows that finish early leave the batch without changing the others"
         )
     # Sampling: reproducible per seed, independent of the batch's other rows' settings.
-    mixed = [GenItem(ids[0], 8, temperature=0.9, top_p=0.8, seed=7), GenItem(ids[1], 8)]
+    mixed = [gen_item(ids[0], 8, temperature=0.9, top_p=0.8, seed=7), gen_item(ids[1], 8)]
     a = ReferenceDecoder(model, tok, mixed).run()
     b = ReferenceDecoder(model, tok, mixed).run()
     assert a[0][1] == b[0][1]
@@ -194,10 +193,10 @@ def test_decoder_matches_generate_and_keeps_rows_independent(tiny):
 def test_decoder_stop_sequences_are_cut_and_never_streamed(tiny):
     model, tok = tiny
     pid = tok(chat_prompt(tok, "hello"), add_special_tokens=False).input_ids
-    ((text, ids, _),) = ReferenceDecoder(model, tok, [GenItem(pid, 12, ignore_eos=True)]).run()
+    ((text, ids, _),) = ReferenceDecoder(model, tok, [gen_item(pid, 12, ignore_eos=True)]).run()
     assert len(text) >= 2, "the tiny model produces some text"
     stop = text[1:3]
-    dec = ReferenceDecoder(model, tok, [GenItem(pid, 12, ignore_eos=True, stop=(stop,))])
+    dec = ReferenceDecoder(model, tok, [gen_item(pid, 12, ignore_eos=True, stop=(stop,))])
     streamed, events = "", dec.prefill()
     while True:
         streamed += "".join(e.text for e in events if e is not None)
@@ -271,8 +270,9 @@ def test_request_group_ids_follow_the_id_grammar():
 def test_group_ids_with_colons_and_at_signs_are_served(grammar_run, tiny_model_dir):
     import asyncio
 
-    from chameleon.serving.protocol import ChatRequest, generation_payload
+    from chameleon.serving.protocol import ChatRequest
     from chameleon.serving.replica import ModelServer
+    from chameleon.serving.replica_api import GenerationRequest
 
     store, teams = grammar_run
     cfg = ServeConfig(
@@ -299,7 +299,7 @@ def test_group_ids_with_colons_and_at_signs_are_served(grammar_run, tiny_model_d
             }
         )
         req.check()  # the request's group id passes the same grammar
-        return generation_payload(req, "chat")
+        return GenerationRequest.from_body(req)
 
     async def serve_all():
         admissions = [await core.admit(payload(personalization={"group_id": gid})) for gid in GRAMMAR_GROUPS]
@@ -999,6 +999,7 @@ def test_runs_for_another_model_or_with_bad_checksums_are_refused(app, client):
 
 def test_auth_fails_closed():
     from chameleon.serving.access import AuthConfigError, api_key, public_personalization
+    from chameleon.serving.protocol import PersonalizationDetail
 
     cfg = ServeConfig(store="/x", api_key_env="SOME_KEY")
     assert api_key(cfg, {"SOME_KEY": " sk-1 "}) == "sk-1"
@@ -1011,13 +1012,13 @@ def test_auth_fails_closed():
     open_ = ServeConfig(store="/x", api_key_env="SOME_KEY", allow_unauthenticated=True)
     assert api_key(open_, {"SOME_KEY": "k"}) == "k", "a key that is there is always required"
 
-    pers = {"run_id": "r", "group_id": "g1", "source": "user", "user": "u"}
-    fallback = {"run_id": "r", "group_id": None, "source": "fallback", "user": "u"}
+    pers = PersonalizationDetail(run_id="r", group_id="g1", source="user", user="u")
+    fallback = PersonalizationDetail(run_id="r", group_id=None, source="fallback", user="u")
     assert public_personalization(pers, "minimal") == public_personalization(fallback, "minimal"), (
         "a key holder cannot tell a known user from an unknown one"
     )
-    assert public_personalization(pers, "minimal")["group_id"] is None
-    named = {"run_id": "r", "group_id": "g1", "source": "group", "user": None}
+    assert public_personalization(pers, "minimal").group_id is None
+    named = PersonalizationDetail(run_id="r", group_id="g1", source="group", user=None)
     assert public_personalization(named, "minimal") == named
     assert public_personalization(pers, "full") == pers
 

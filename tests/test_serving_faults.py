@@ -15,11 +15,11 @@ import time
 import pytest
 import torch
 from conftest import copy_run
-from reference_decoder import ReferenceDecoder
+from reference_decoder import ReferenceDecoder, gen_item
 
 from chameleon.data.storage import LocalStore
 from chameleon.serving.config import ServeConfig
-from chameleon.serving.decoder import GenItem, SamplingError, default_eos_ids, pick_tokens
+from chameleon.serving.decoder import SamplingError, default_eos_ids, pick_tokens
 from chameleon.serving.engine import Engine, EngineDeadError
 from chameleon.serving.local import answer
 from chameleon.serving.protocol import TEMPLATE_KWARGS, ApiError, ChatRequest, decode_body
@@ -84,12 +84,12 @@ def test_sampler_never_raises_and_only_undefined_rows_fail():
     from chameleon.serving.decoder import SeqState
 
     items = [
-        GenItem([1, 2], 4, temperature=1e-40),
-        GenItem([1, 2], 4, temperature=1e-40, top_k=5),
-        GenItem([1, 2], 4, temperature=0.7, repetition_penalty=1e-45),
-        GenItem([1, 2], 4, temperature=5e-324, top_p=1e-300, min_p=1.0),
-        GenItem([1, 2], 4, temperature=float("nan")),  # only the engine can be handed this
-        GenItem([1, 2], 4, temperature=1.0, presence_penalty=float("inf")),
+        gen_item([1, 2], 4, temperature=1e-40),
+        gen_item([1, 2], 4, temperature=1e-40, top_k=5),
+        gen_item([1, 2], 4, temperature=0.7, repetition_penalty=1e-45),
+        gen_item([1, 2], 4, temperature=5e-324, top_p=1e-300, min_p=1.0),
+        gen_item([1, 2], 4, temperature=float("nan")),  # only the engine can be handed this
+        gen_item([1, 2], 4, temperature=1.0, presence_penalty=float("inf")),
     ]
     seqs = [SeqState.new(it, tok, [0], "cpu") for it in items]
     for s in seqs:
@@ -110,7 +110,8 @@ def test_a_poison_row_fails_alone_and_the_others_are_untouched(served):
     eos = default_eos_ids(model, tok)
     prompts = [tok(f"question number {i}", add_special_tokens=False).input_ids for i in range(5)]
     want = [
-        ReferenceDecoder(model, tok, [GenItem(p, 6, ignore_eos=True)], None, eos).run()[0][1] for p in prompts
+        ReferenceDecoder(model, tok, [gen_item(p, 6, ignore_eos=True)], None, eos).run()[0][1]
+        for p in prompts
     ]
     engine = Engine(model, tok, eos, max_running=8)
     results: list = [None] * 6
@@ -131,10 +132,10 @@ def test_a_poison_row_fails_alone_and_the_others_are_untouched(served):
 
     try:
         for i, p in enumerate(prompts[:3]):
-            engine.submit(GenItem(p, 6, ignore_eos=True), None, sink(i))
-        engine.submit(GenItem(prompts[0], 6, temperature=1.0, presence_penalty=float("inf")), None, sink(5))
+            engine.submit(gen_item(p, 6, ignore_eos=True), None, sink(i))
+        engine.submit(gen_item(prompts[0], 6, temperature=1.0, presence_penalty=float("inf")), None, sink(5))
         for i, p in enumerate(prompts[3:], start=3):
-            engine.submit(GenItem(p, 6, ignore_eos=True), None, sink(i))
+            engine.submit(gen_item(p, 6, ignore_eos=True), None, sink(i))
         assert all(d.wait(60) for d in done)
     finally:
         engine.stop()
@@ -296,13 +297,13 @@ def test_a_dead_engine_fails_health_and_waiting_requests_get_503_at_once(served,
 
     monkeypatch.setattr(engine, "_take", broken_take)
     t0 = time.monotonic()
-    engine.submit(GenItem(ids, 4), None, sink)
+    engine.submit(gen_item(ids, 4), None, sink)
     assert done.wait(10), "a waiting request is told at once"
     assert time.monotonic() - t0 < 5 and isinstance(got[0], EngineDeadError)
     with pytest.raises(EngineDeadError):
         engine.check(stall_s=60)
     with pytest.raises(EngineDeadError):
-        engine.submit(GenItem(ids, 4), None, sink)  # new requests are refused at once
+        engine.submit(gen_item(ids, 4), None, sink)  # new requests are refused at once
     assert engine.state()["alive"] is False
     # The replica's health check is the engine's: swap the dead engine in.
     live = core.engine
@@ -332,7 +333,7 @@ def test_a_stalled_engine_fails_health(served, monkeypatch):
     finished = threading.Event()
     try:
         engine.check(stall_s=1.0)  # idle: healthy
-        engine.submit(GenItem(ids, 2), None, lambda items: items[-1].finish_reason and finished.set())
+        engine.submit(gen_item(ids, 2), None, lambda items: items[-1].finish_reason and finished.set())
         time.sleep(2.0)
         with pytest.raises(EngineDeadError, match="no decode step"):
             engine.check(stall_s=1.0)
@@ -577,7 +578,7 @@ def _unguarded_pick_tokens(logits, seqs):
     an exception fails the whole step."""
     out = torch.argmax(logits, dim=-1)
     for j, s in enumerate(seqs):
-        it = s.item
+        it = s.item.params
         if it.plain:
             continue
         x = logits[j] / it.temperature if it.temperature > 0 else logits[j]

@@ -18,69 +18,60 @@ from chameleon.evaluation.settings import EvalSettings
 from chameleon.flags import JOB_FLAGS, Flag, add_flags, flag_overrides
 
 EVAL_FLAGS: tuple[Flag, ...] = (
-    Flag("--insight-max-new-tokens", "synth.insight_max_new_tokens", "token budget of each insight", int),
-    Flag("--alpha", "edit.alpha", "edit: scale of the added personalized component", float),
-    Flag("--beta", "edit.beta", "edit: scale of the removed non-personalized component", float),
-    Flag("--theta-p", "subspace.theta_p", "how θP is computed", choices=("svd", "svd_diff", "mean_diff")),
-    Flag("--theta-n", "subspace.theta_n", "how θN is computed", choices=("ccs", "mean_diff")),
-    Flag("--ccs-steps", "subspace.ccs_steps", "gradient steps of each CCS restart", int),
+    Flag("synth.insight_max_new_tokens", "token budget of each insight", int),
+    Flag("edit.alpha", "edit: scale of the added personalized component", float),
+    Flag("edit.beta", "edit: scale of the removed non-personalized component", float),
+    Flag("subspace.theta_p", "how θP is computed", choices=("svd", "svd_diff", "mean_diff")),
+    Flag("subspace.theta_n", "how θN is computed", choices=("ccs", "mean_diff")),
+    Flag("subspace.ccs_steps", "gradient steps of each CCS restart", int),
+    Flag("synth.pair_source", "where pairs come from", choices=("insight", "history", "style")),
     Flag(
-        "--pair-source", "synth.pair_source", "where pairs come from", choices=("insight", "history", "style")
-    ),
-    Flag(
-        "--query-faking",
         "synth.query_faking",
         "how missing queries are faked",
         choices=("neutralize", "wrap"),
     ),
     Flag(
-        "--edit-form",
         "edit.form",
         "how an edit changes the states",
         choices=("projection", "additive", "norm_preserving"),
+        name="--edit-form",
     ),
     Flag(
-        "--strength",
         "edit.strength",
         "additive step relative to the layer's norm (without calibration)",
         float,
     ),
-    Flag("--calibrate", "edit.calibrate", "choose layer and strength on held-out history", bool),
-    Flag("--heldout-items", "synth.heldout_items", "history items per user kept for calibration", int),
+    Flag("edit.calibrate", "choose layer and strength on held-out history", bool),
+    Flag("synth.heldout_items", "history items per user kept for calibration", int),
     Flag(
-        "--reference-items",
         "synth.reference_items",
         "history items per user kept out of pairs and calibration (style references)",
         int,
     ),
-    Flag("--style-max-items", "synth.style_max_items", "style pair source: pairs per user at most", int),
-    Flag("--shared-pairs", "synth.shared_pairs", "style pair source: shared (format) pairs per user", int),
+    Flag("synth.style_max_items", "style pair source: pairs per user at most", int),
+    Flag("synth.shared_pairs", "style pair source: shared (format) pairs per user", int),
     Flag(
-        "--user-calibration-items",
         "edit.user_calibration_items",
         "residual composition: held-out items a user needs for its own strength",
         int,
     ),
     Flag(
-        "--edit-composition",
         "edit.composition",
         "whole edits, or a global edit + group/user residuals",
         choices=("whole", "residual"),
+        name="--edit-composition",
     ),
+    Flag("edit.calibration_examples", "held-out texts per group's calibration", int),
     Flag(
-        "--calibration-examples", "edit.calibration_examples", "held-out texts per group's calibration", int
-    ),
-    Flag(
-        "--strengths",
         "edit.strengths",
         "calibration's candidate strengths, comma-separated",
         lambda v: [float(x) for x in v.split(",")],
     ),
     Flag(
-        "--group-features",
         "groups.features",
         "what users are clustered on",
         choices=("subspace", "contrast", "style"),
+        name="--group-features",
     ),
 )
 """Settings the evaluation overrides besides the job's flags."""
@@ -134,92 +125,76 @@ def _csv(choices: tuple[str, ...]):
 
 EVAL_SETTING_FLAGS: tuple[Flag, ...] = (
     Flag(
-        "--out",
         "out_dir",
         "output directory (results.json, predictions.parquet, report.md, *.png)",
         required=True,
+        name="--out",
     ),
     Flag(
-        "--workdir",
         "workdir",
         "prediction cache, users files and (default) the store of runs; rerun to resume",
     ),
     Flag(
-        "--store",
         "store",
         "store of the runs: s3://bucket/prefix or a path (unset: WORKDIR/store); "
         "with --ray on a cluster, one every node reaches",
     ),
     Flag(
-        "--lamp-dir",
         "lamp_dir",
         "LaMP-7 directory (unset: $CHAMELEON_LAMP7_DIR, else ../shared/data/lamp/lamp7 next to the repository)",
     ),
-    Flag("--tuning-users", "tuning_users", "file positions START:STOP of tuning users, inside 0:500"),
+    Flag("tuning_users", "file positions START:STOP of tuning users, inside 0:500"),
+    Flag("reported_users", "file positions START:STOP of reported users, inside 500:1500"),
+    Flag("methods", "comma list, or all: " + ",".join(METHODS), _csv(METHODS), shown_default="all"),
+    Flag("rag_k", "profile items retrieved by BM25 for the RAG baseline", int),
+    Flag("max_new_tokens", "answer budget of every evaluated method", int, name="--eval-max-new-tokens"),
+    Flag("batch_size", "generation batch size of the evaluated methods", int, name="--eval-batch-size"),
+    Flag("n_resamples", "bootstrap resamples", int),
+    Flag("run_tag", "prefix of run ids in the store"),
     Flag(
-        "--reported-users", "reported_users", "file positions START:STOP of reported users, inside 500:1500"
-    ),
-    Flag(
-        "--methods", "methods", "comma list, or all: " + ",".join(METHODS), _csv(METHODS), shown_default="all"
-    ),
-    Flag("--rag-k", "rag_k", "profile items retrieved by BM25 for the RAG baseline", int),
-    Flag("--eval-max-new-tokens", "max_new_tokens", "answer budget of every evaluated method", int),
-    Flag("--eval-batch-size", "batch_size", "generation batch size of the evaluated methods", int),
-    Flag("--n-resamples", "n_resamples", "bootstrap resamples", int),
-    Flag("--run-tag", "run_tag", "prefix of run ids in the store"),
-    Flag(
-        "--synth-run",
         "synth_run",
         "run id of the synthesis, reused when committed in the store "
         "(unset: the tag, the users and a hash of the synthesis settings)",
     ),
     Flag(
-        "--reuse-synthesis-from",
         "reuse_synthesis_from",
         "copy the partitions of this committed run that hold the same users, to extend an evaluation "
         "(unset: synthesize every user)",
     ),
     Flag(
-        "--ablations",
         "ablations",
         "comma list, all or none (tuning users only): " + ",".join(ABLATIONS),
         _csv(ABLATIONS),
         shown_default="none",
     ),
     Flag(
-        "--ablation-run",
         "ablation_run",
         "committed run holding the tuning users' pairs for the ablations (unset: this synthesis)",
     ),
     Flag(
-        "--ablation-users",
         "ablation_users",
         "tuning positions START:STOP scored in the ablations (unset: all tuning users)",
     ),
-    Flag("--history-users", "history_users", "tuning positions of the history-size ablation"),
+    Flag("history_users", "tuning positions of the history-size ablation"),
     Flag(
-        "--select-on-tuning",
         "select_on_tuning",
         "use the ablations' best group-level setting (tuning ROUGE-L) for the reported run",
         bool,
     ),
     Flag(
-        "--validation",
         "validation",
         "tuning phase: --reported-users are held-out tuning users (inside 0:500, disjoint from --tuning-users)",
         bool,
     ),
-    Flag("--system-prompt", "system_prompt", "system turn of every method's prompt; `none` for none"),
+    Flag("system_prompt", "system turn of every method's prompt; `none` for none"),
     Flag(
-        "--ray",
         "use_ray",
         "run on Ray: the synthesis as the Ray job, and every method's answers "
         "on the same kind of actor pool (--num-actors, --num-gpus-per-actor size both)",
         bool,
+        name="--ray",
     ),
-    Flag(
-        "--address", "address", "Ray cluster address with --ray (unset: $RAY_ADDRESS, else a new local Ray)"
-    ),
+    Flag("address", "Ray cluster address with --ray (unset: $RAY_ADDRESS, else a new local Ray)"),
 )
 """The evaluation's own settings (`EvalSettings`), one flag each."""
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from chameleon.serving.config import ServeConfig
+from chameleon.serving.protocol import PersonalizationDetail
 
 PUBLIC_STATUS = ("status",)
 """Fields of the replica's health that unauthenticated `/healthz` may return."""
@@ -43,17 +43,16 @@ def api_key(cfg: ServeConfig, environ: Mapping[str, str] | None = None) -> str |
     )
 
 
-def public_personalization(pers: dict[str, Any], detail: str) -> dict[str, Any]:
+def public_personalization(pers: PersonalizationDetail, detail: str) -> PersonalizationDetail:
     """The personalization a response may show. `full`: as resolved. `minimal`: the run id, and
     the group only when the request named it; requests that gave a `user` all read `source:
     "user"` with no group, whether the user was found or got the fallback."""
     if detail == "full":
-        return dict(pers)
-    source = pers.get("source")
-    named = source == "group"
-    return {
-        "run_id": pers.get("run_id"),
-        "group_id": pers.get("group_id") if named else None,
-        "source": source if source in ("group", "off") or pers.get("user") is None else "user",
-        "user": pers.get("user"),
-    }
+        return pers
+    source = pers.source
+    return PersonalizationDetail(
+        run_id=pers.run_id,
+        group_id=pers.group_id if source == "group" else None,
+        source=source if source in ("group", "off") or pers.user is None else "user",
+        user=pers.user,
+    )

@@ -3,7 +3,8 @@
 Two deployments, one concern each:
 
     HTTP ─► ChameleonIngress (FastAPI)          auth, request size, validation, OpenAI shapes, SSE
-               │  handle.options(stream=True).generate.remote(payload)
+               │  handle.options(stream=True).generate.remote(GenerationRequest)
+               │  ◄── Started, Generated…, Finished | Failed          (chameleon.serving.replica_api)
                ▼
             ChameleonServer (model replica)     tokenizer limits, run + group resolution, EditCache,
                                                 the engine: one batched decode for every group
@@ -52,27 +53,27 @@ from chameleon.core.devices import gpus_per_replica
 from chameleon.core.model import runs_on_cpu, worker_torch_threads
 from chameleon.data.storage import Store
 from chameleon.ray_env import cluster_gpu_capacity
-from chameleon.serving.access import api_key, public_personalization
+from chameleon.serving.access import api_key
+from chameleon.serving.answers import Answer, collect, started_or_raise
 from chameleon.serving.config import ServeConfig, ServeUserConfig
 from chameleon.serving.metrics import TAG_KEYS, ServingMetrics
 from chameleon.serving.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    HealthBody,
+    ModelCard,
+    ModelList,
     RequestBody,
-    chunk_body,
-    completion_body,
+    WireModel,
     decode_body,
-    generation_payload,
     parse_request,
     public_error,
-    response_headers,
     sse_line,
-    stream_head,
     timeout_error,
-    usage_of,
 )
 from chameleon.serving.replica import ModelServer
+from chameleon.serving.replica_api import GenerationRequest, ReplicaEvent, Started
 from chameleon.serving.run_model import with_run_model
 
 log = logging.getLogger("chameleon.serving")
@@ -81,8 +82,12 @@ log = logging.getLogger("chameleon.serving")
 # HTTP ingress
 
 
+def json_response(body: WireModel, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body.wire(), status_code=status, headers=headers)
+
+
 def error_response(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return json_response(exc.body(), exc.status, headers)
 
 
 api = FastAPI(title="Chameleon (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
@@ -176,13 +181,11 @@ class ChameleonIngress:
                 raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
         return decode_body(bytes(body))
 
-    def _parse(self, cls: type[RequestBody], data: dict[str, Any]) -> Any:
-        return parse_request(cls, data, self.cfg.model_name, self.cfg.max_tokens_limit)
-
-    async def _start(self, payload: dict[str, Any], deadline: float):
-        gen = self.streaming.generate.remote(payload)
+    async def _start(self, request: GenerationRequest, deadline: float) -> tuple[Any, Started]:
+        """Send the typed request to the model replica: its event stream and its `Started`."""
+        gen = self.streaming.generate.remote(request)
         try:
-            first = await asyncio.wait_for(gen.__anext__(), _left(deadline))
+            first: ReplicaEvent = await asyncio.wait_for(gen.__anext__(), _left(deadline))
         except TimeoutError:
             with contextlib.suppress(Exception):
                 gen.cancel()
@@ -196,9 +199,7 @@ class ChameleonIngress:
             raise ApiError(
                 503, f"the model replica is unavailable: {type(exc).__name__}", "replica_unavailable"
             ) from None
-        if first.get("type") == "error":
-            raise ApiError.from_event(first)
-        return gen, first
+        return gen, started_or_raise(first)
 
     def _public(self, exc: ApiError) -> ApiError:
         out = public_error(exc)
@@ -206,101 +207,57 @@ class ChameleonIngress:
             out.retry_after = self.cfg.retry_after_s
         return out
 
-    async def _complete(self, request: Request, cls: type[RequestBody], kind: str):
+    async def _complete(self, request: Request, cls: type[RequestBody]):
         try:
-            return await self._answer(request, cls, kind)
+            return await self._answer(request, cls)
         except ApiError as exc:
             raise self._public(exc) from None
 
-    async def _answer(self, request: Request, cls: type[RequestBody], kind: str):
+    async def _answer(self, request: Request, cls: type[RequestBody]):
         deadline = time.monotonic() + self.cfg.request_timeout_s
         self._auth(request)
-        req = self._parse(cls, await self._json(request))
-        payload = generation_payload(req, kind)
-        gen, start = await self._start(payload, deadline)
-        start["personalization"] = public_personalization(
-            start["personalization"], self.cfg.personalization_detail
-        )
-        pers = start["personalization"]
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + _request_id()
-        created = int(time.time())
-        headers = response_headers(pers)
-        fingerprint = start.get("system_fingerprint")
-        if req.stream:
+        body = parse_request(cls, await self._json(request), self.cfg.model_name, self.cfg.max_tokens_limit)
+        gen, started = await self._start(GenerationRequest.from_body(body), deadline)
+        response = Answer(body, started, _request_id(), self.cfg.personalization_detail)
+        if body.stream:
             return StreamingResponse(
-                self._sse(gen, start, req, kind, rid, created, deadline),
+                self._sse(gen, response, deadline),
                 media_type="text/event-stream",
-                headers={**headers, "Cache-Control": "no-cache"},
+                headers={**response.headers(), "Cache-Control": "no-cache"},
             )
-        text, ids, end = "", [], None
         try:
-            while True:
-                ev = await asyncio.wait_for(anext(gen), _left(deadline))
-                if ev["type"] == "delta":
-                    text += ev["text"]
-                    ids += ev["token_ids"]
-                elif ev["type"] == "end":
-                    end = ev
-                    break
-                elif ev["type"] == "error":
-                    raise ApiError.from_event(ev)
+            text, ids, end = await collect(lambda: asyncio.wait_for(anext(gen), _left(deadline)))
         except ApiError:
             raise
-        except (TimeoutError, StopAsyncIteration) as exc:
+        except TimeoutError:
             with contextlib.suppress(Exception):
                 gen.cancel()
-            if isinstance(exc, TimeoutError):
-                raise timeout_error(self.cfg.request_timeout_s) from None
+            raise timeout_error(self.cfg.request_timeout_s) from None
         except Exception as exc:  # the replica died mid-answer (RayActorError, ...)
             log.warning("model replica failed mid-request: %r", exc)
             raise ApiError(
                 503, f"the model replica failed: {type(exc).__name__}; retry", "replica_unavailable"
             ) from None
-        if end is None:
-            raise ApiError(500, "the model replica ended the response early", "internal_error")
-        usage = usage_of(start, end)
-        body = completion_body(req, kind, rid, created, fingerprint, text, ids, end, usage, pers)
-        return JSONResponse(body, headers=headers)
+        return json_response(response.completion(text, ids, end), headers=response.headers())
 
-    async def _sse(
-        self, gen, start, req: RequestBody, kind: str, rid: str, created: int, deadline: float
-    ) -> AsyncIterator[str]:
-        pers = start["personalization"]
-        base = stream_head(req, kind, rid, created, start.get("system_fingerprint"))
-
-        def chunk(
-            text: str | None,
-            finish: str | None,
-            ids: list[int] | None = None,
-            first: bool = False,
-            stop_reason: str | int | None = None,
-        ) -> str:
-            return sse_line(chunk_body(req, kind, base, pers, text, finish, ids, first, stop_reason))
-
+    async def _sse(self, gen, response: Answer, deadline: float) -> AsyncIterator[str]:
         finished = timed_out = False
         try:
-            if kind == "chat":
-                yield chunk("", None, first=True)
-            while True:
+            for chunk in response.opening_chunks():
+                yield sse_line(chunk)
+            done = False
+            while not done:
                 try:
-                    ev = await asyncio.wait_for(anext(gen), _left(deadline))
+                    event = await asyncio.wait_for(anext(gen), _left(deadline))
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
                     timed_out = True  # not finished: the finally cancels the request on the replica
                     yield sse_line(timeout_error(self.cfg.request_timeout_s).body())
                     break
-                if ev["type"] == "delta":
-                    yield chunk(ev["text"], None, ev["token_ids"])
-                elif ev["type"] == "end":
-                    yield chunk(None, ev["finish_reason"], [], stop_reason=ev.get("stop_reason"))
-                    if req.include_usage():
-                        yield sse_line(
-                            {**base, "choices": [], "usage": usage_of(start, ev), "personalization": pers}
-                        )
-                    break
-                elif ev["type"] == "error":
-                    yield sse_line(self._public(ApiError.from_event(ev)).body())
+                bodies, done = response.chunks_for(event)
+                for b in bodies:
+                    yield sse_line(b)
             finished = not timed_out
         except Exception as exc:
             log.exception("stream failed")
@@ -323,7 +280,7 @@ class ChameleonIngress:
         except Exception:
             log.warning("health: the model replica did not answer", exc_info=True)
             state = "unavailable"
-        return JSONResponse({"status": state}, status_code=503 if state == "unavailable" else 200)
+        return json_response(HealthBody(status=state), 503 if state == "unavailable" else 200)
 
     @api.get("/status")
     @_hints
@@ -333,10 +290,8 @@ class ChameleonIngress:
         try:
             status = await asyncio.wait_for(self.server.health.remote(), _HEALTH_TIMEOUT_S)
         except Exception as exc:
-            return JSONResponse(
-                {"status": "unavailable", "problems": [f"model replica: {type(exc).__name__}: {exc}"]},
-                status_code=503,
-            )
+            problem = f"model replica: {type(exc).__name__}: {exc}"
+            return json_response(HealthBody(status="unavailable", problems=[problem]), 503)
         status["auth"] = self.api_key is not None
         return JSONResponse(status, status_code=503 if status["status"] == "unavailable" else 200)
 
@@ -346,42 +301,22 @@ class ChameleonIngress:
         """The base model, then one entry per group of the run being served: `<model>:<group>`
         (the Ray Serve LLM convention for adapters), so any OpenAI client can pick a group."""
         self._auth(request)
-        name = self.cfg.model_name
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "chameleon",
-                "root": self.cfg.model.name_or_path,
-                "parent": None,
-            }
-        ]
+        name, root = self.cfg.model_name, self.cfg.model.name_or_path
+        cards = [ModelCard(id=name, root=root, parent=None)]
         with contextlib.suppress(Exception):  # no replica answering: the base model alone
             run_id, groups = await self.server.groups.remote()
-            data += [
-                {
-                    "id": f"{name}:{g}",
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "chameleon",
-                    "root": self.cfg.model.name_or_path,
-                    "parent": name,
-                    "run_id": run_id,
-                }
-                for g in groups
-            ]
-        return JSONResponse({"object": "list", "data": data})
+            cards += [ModelCard(id=f"{name}:{g}", root=root, parent=name, run_id=run_id) for g in groups]
+        return json_response(ModelList(data=cards))
 
     @api.post("/v1/chat/completions")
     @_hints
     async def chat_completions(self, request: Request):
-        return await self._complete(request, ChatRequest, "chat")
+        return await self._complete(request, ChatRequest)
 
     @api.post("/v1/completions")
     @_hints
     async def completions(self, request: Request):
-        return await self._complete(request, CompletionRequest, "completion")
+        return await self._complete(request, CompletionRequest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,9 +395,9 @@ class ChameleonServer:
         await asyncio.to_thread(self.core.registry.refresh)
         return self.core.health()
 
-    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Events: one `start` (or `error`), then `delta`s, then `end` (`ModelServer.events`)."""
-        async with contextlib.aclosing(self.core.events(payload, _request_id)) as events:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[ReplicaEvent]:
+        """Events: `Started` (or `Failed`), then `Generated`…, then `Finished` (`ModelServer.events`)."""
+        async with contextlib.aclosing(self.core.events(request, _request_id)) as events:
             async for ev in events:
                 yield ev
 

@@ -2,7 +2,7 @@
 
 No Ray and no web framework: importable and testable with torch alone.
 
-- `GenItem`: one sequence to generate and its sampling settings (the request's fields).
+- `GenItem`: one sequence to generate: prompt ids, resolved `SamplingParams`, edit row.
 - `TextStream`: incremental detokenization (prefix/read offsets, as vLLM's detokenizer and
   transformers' TextStreamer do: each new token decodes a short window, never the whole text),
   stop strings cut before they are streamed, incomplete UTF-8 characters held back.
@@ -23,45 +23,22 @@ import torch
 
 from chameleon.core.edit import BoundEdits
 from chameleon.core.model import cache_argument
+from chameleon.serving.sampling import SamplingParams
 
 
 @dataclass
 class GenItem:
-    """One sequence to generate."""
+    """One sequence to generate: its prompt, its resolved sampling settings and its edit row."""
 
     prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 = off."""
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    """Over prompt and output tokens, as transformers and vLLM (divide positive logits, multiply negative)."""
-    frequency_penalty: float = 0.0
-    """OpenAI's: minus penalty × count of the token in the output so far."""
-    presence_penalty: float = 0.0
-    """OpenAI's: minus penalty once the token appeared in the output."""
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    """End the sequence on these tokens (not part of the output), besides end-of-sequence."""
-    min_tokens: int = 0
-    """End-of-sequence and `stop_token_ids` are masked until this many tokens were generated."""
+    params: SamplingParams
+    """Resolved (`SamplingParams.resolved`): every setting concrete."""
     row: int = 0
     """Bank row (0 = no edit)."""
-    ignore_eos: bool = False
 
-    @property
-    def plain(self) -> bool:
-        """Greedy with no logits processing: plain argmax."""
-        return (
-            self.temperature <= 0
-            and self.repetition_penalty == 1.0
-            and not self.frequency_penalty
-            and not self.presence_penalty
-            and not self.min_tokens
-        )
+    def __post_init__(self) -> None:
+        if not self.params.is_resolved:
+            raise ValueError("a GenItem needs resolved sampling settings (SamplingParams.resolved)")
 
 
 @dataclass
@@ -137,21 +114,22 @@ class SeqState:
     def new(cls, item: GenItem, tok, eos: Sequence[int], device) -> SeqState:
         if not item.prompt_ids:
             raise ValueError("empty prompt")
-        s = cls(item, TextStream(tok, item.stop), frozenset(eos))
-        if item.temperature > 0:
-            seed = item.seed if item.seed is not None else secrets.randbits(63)
+        p = item.params
+        s = cls(item, TextStream(tok, p.stop), frozenset(eos))
+        if p.temperature > 0:
+            seed = p.seed if p.seed is not None else secrets.randbits(63)
             s.generator = torch.Generator(device=device).manual_seed(seed % (2**63))
         return s
 
     def append(self, token: int) -> Delta:
         """Take a sampled token: the delta to emit (its finish reason set when the sequence ends)."""
-        it = self.item
+        p = self.item.params
         self.n_generated += 1
         self.out_ids.append(token)
-        is_eos = token in self.eos and not it.ignore_eos
-        is_stop_id = token in it.stop_token_ids
+        is_eos = token in self.eos and not p.ignore_eos
+        is_stop_id = token in p.stop_token_ids
         finish = (
-            "stop" if (is_eos or is_stop_id) else ("length" if self.n_generated >= it.max_tokens else None)
+            "stop" if (is_eos or is_stop_id) else ("length" if self.n_generated >= p.max_tokens else None)
         )
         stop_reason: str | int | None = token if is_stop_id and not is_eos else None
         text, hit = self.stream.push(None if finish == "stop" else token, final=finish is not None)
@@ -183,7 +161,7 @@ def pick_tokens(logits: torch.Tensor, seqs: Sequence[SeqState]) -> tuple[torch.T
         if nan_rows[j]:
             failed[j] = "the model produced undefined (NaN) logits for this request"
             continue
-        if s.item.plain:
+        if s.item.params.plain:
             continue
         try:
             out[j] = _sample_row(logits[j], s)
@@ -195,34 +173,34 @@ def pick_tokens(logits: torch.Tensor, seqs: Sequence[SeqState]) -> tuple[torch.T
 
 
 def _sample_row(logits: torch.Tensor, s: SeqState) -> torch.Tensor:
-    it = s.item
+    p = s.item.params
     x = logits.clone()
-    if it.min_tokens and s.n_generated < it.min_tokens:
-        banned = [t for t in (*(() if it.ignore_eos else s.eos), *it.stop_token_ids) if t < x.shape[0]]
+    if p.min_tokens and s.n_generated < p.min_tokens:
+        banned = [t for t in (*(() if p.ignore_eos else s.eos), *p.stop_token_ids) if t < x.shape[0]]
         if banned:
             x[banned] = -float("inf")
-    if it.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(it.prompt_ids) | set(s.out_ids)), device=x.device)
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(s.item.prompt_ids) | set(s.out_ids)), device=x.device)
         v = x[seen]
-        x[seen] = torch.where(v < 0, v * it.repetition_penalty, v / it.repetition_penalty)
-    if (it.frequency_penalty or it.presence_penalty) and s.out_ids:
+        x[seen] = torch.where(v < 0, v * p.repetition_penalty, v / p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and s.out_ids:
         counts = torch.bincount(torch.tensor(s.out_ids, device=x.device), minlength=x.shape[0])
         counts = counts[: x.shape[0]].to(x.dtype)
-        x -= it.frequency_penalty * counts + it.presence_penalty * (counts > 0).to(x.dtype)
-    if it.temperature <= 0:
+        x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+    if p.temperature <= 0:
         return torch.argmax(_defined(x))
-    x = x / max(it.temperature, MIN_TEMPERATURE)
-    if 0 < it.top_k < x.shape[0]:
-        kth = torch.topk(x, it.top_k).values[-1]
+    x = x / max(p.temperature, MIN_TEMPERATURE)
+    if 0 < p.top_k < x.shape[0]:
+        kth = torch.topk(x, p.top_k).values[-1]
         x = x.masked_fill(x < kth, -float("inf"))
     probs = torch.softmax(_defined(x), dim=-1)
-    if it.top_p < 1.0:
+    if p.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > it.top_p  # keeps at least one
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) > p.top_p  # keeps at least one
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    if it.min_p > 0:
-        probs = probs.masked_fill(probs < it.min_p * probs.max(), 0.0)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     # Checked before the draw: on a GPU, NaN reaching the sampling kernel is a device-side assert
     # that takes the whole CUDA context (every request of the replica) down with it.
     if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:

@@ -1,18 +1,21 @@
-"""The OpenAI-compatible wire format: request bodies, errors, and what is refused.
+"""The OpenAI-compatible wire format: request bodies, response bodies, errors, what is refused.
 
-Plain pydantic, no web framework: the ingress (`chameleon.serving.app`) parses bodies with these
-models and turns `ApiError` into responses; the model replica raises `ApiError` too and sends it
-to the ingress as an event (`to_event` / `from_event`).
+Plain pydantic, no web framework. The ingress (`chameleon.serving.app`) and the local path
+(`chameleon.serving.local`) parse bodies with the request models, build the request's
+`SamplingParams` once (`RequestBody.sampling_params`), and answer with the response models
+(`ChatCompletion`, `Completion`, their stream chunks, `ErrorBody`, ...), encoded by `json_bytes`
+and `sse_line`: no response body is written as a dict anywhere else.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from chameleon.data.ids import ID_RULE, is_valid_id
+from chameleon.serving.sampling import SamplingParams
 
 USER_MAX_CHARS = 256
 MAX_STOP_SEQUENCES = 4
@@ -38,16 +41,10 @@ class ApiError(Exception):
         self.param = param
         self.type = type or error_type(status)
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def to_event(self) -> dict[str, Any]:
-        return {"type": "error", "status": self.status, **self.body()}
-
-    @classmethod
-    def from_event(cls, event: dict[str, Any]) -> ApiError:
-        e = event["error"]
-        return cls(event["status"], e["message"], e.get("code"), param=e.get("param"), type=e.get("type"))
+    def body(self) -> ErrorBody:
+        return ErrorBody(
+            error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
 
 
 def error_type(status: int) -> str:
@@ -145,6 +142,7 @@ class RequestBody(BaseModel):
     many); fields that would change the answer and are not supported are refused in `check`."""
 
     model_config = ConfigDict(extra="allow")
+    kind: ClassVar[Literal["chat", "completion"]]
 
     model: str
     """The served model's name, or `<name>:<group>` for a group's edit (as `personalization.group_id`)."""
@@ -269,8 +267,29 @@ class RequestBody(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def sampling_params(self) -> SamplingParams:
+        """The request's sampling settings (stop lists checked here); unset ones stay None for the
+        replica to resolve against the model (`SamplingParams.resolved`)."""
+        return SamplingParams(
+            max_tokens=self.requested_max_tokens(),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            stop=tuple(self.stops()),
+            stop_token_ids=tuple(self.stop_ids()),
+            min_tokens=self.min_tokens or 0,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            n=self.n,
+        )
+
 
 class ChatRequest(RequestBody):
+    kind: ClassVar[Literal["chat", "completion"]] = "chat"
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
@@ -328,6 +347,7 @@ class ChatRequest(RequestBody):
 
 
 class CompletionRequest(RequestBody):
+    kind: ClassVar[Literal["chat", "completion"]] = "completion"
     prompt: str | list[str]
 
     def prompt_text(self) -> str:
@@ -422,37 +442,6 @@ def validation_message(exc: ValidationError) -> str:
     return "invalid request body: " + "; ".join(parts)
 
 
-def generation_payload(req: RequestBody, kind: str) -> dict[str, Any]:
-    """What the ingress sends the model replica for one validated request (`kind`: chat or completion)."""
-    p = req.personalization
-    payload: dict[str, Any] = {
-        "kind": kind,
-        "max_tokens": req.requested_max_tokens(),
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "top_k": req.top_k,
-        "min_p": req.min_p,
-        "repetition_penalty": req.repetition_penalty,
-        "frequency_penalty": req.frequency_penalty,
-        "presence_penalty": req.presence_penalty,
-        "stop_token_ids": req.stop_ids(),
-        "min_tokens": req.min_tokens,
-        "stop": req.stops(),
-        "seed": req.seed,
-        "stream": req.stream,
-        "user": req.user,
-        "personalization": p.model_dump() if p else None,
-        "return_token_ids": req.return_token_ids,
-        "ignore_eos": req.ignore_eos,
-    }
-    if kind == "chat":
-        payload["messages"] = req.plain_messages()
-        payload["chat_template_kwargs"] = req.template_kwargs()
-    else:
-        payload["prompt"] = req.prompt_text()
-    return payload
-
-
 # -- what a client sees of answers and errors --------------------------------------------------------
 
 _PUBLIC_5XX = frozenset(
@@ -484,96 +473,196 @@ def timeout_error(seconds: float) -> ApiError:
     return ApiError(408, f"the request took longer than {seconds:g} s", "request_timeout")
 
 
-def usage_of(start: dict[str, Any], end: dict[str, Any]) -> dict[str, int]:
-    """OpenAI's `usage` from a generation's `start` and `end` events."""
-    p, c = int(start["prompt_tokens"]), int(end["completion_tokens"])
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+# -- response bodies ---------------------------------------------------------------------------------
 
 
-def response_headers(pers: dict[str, Any]) -> dict[str, str]:
-    """The `x-chameleon-*` headers of an answer (from its public personalization)."""
-    return {"x-chameleon-run": pers["run_id"] or "none", "x-chameleon-group": pers["group_id"] or "none"}
+def _absent(value: Any) -> bool:
+    return value is None
 
 
-def completion_body(
-    req: RequestBody,
-    kind: str,
-    rid: str,
-    created: int,
-    fingerprint: str | None,
-    text: str,
-    ids: list[int],
-    end: dict[str, Any],
-    usage: dict[str, int],
-    pers: dict[str, Any],
-) -> dict[str, Any]:
-    """The body of a whole (non-streamed) chat or text completion."""
-    choice: dict[str, Any] = {"index": 0}
-    if kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    choice.update(
-        {"finish_reason": end["finish_reason"], "stop_reason": end.get("stop_reason"), "logprobs": None}
-    )
-    if req.return_token_ids:
-        choice["token_ids"] = ids
-    return {
-        "id": rid,
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": created,
-        "model": req.model,
-        "system_fingerprint": fingerprint,
-        "choices": [choice],
-        "usage": usage,
-        "personalization": pers,
-    }
+class WireModel(BaseModel):
+    """A response body or part of one: fields in the order clients see them; a field declared
+    with `exclude_if=_absent` is left out of the body when None (OpenAI's optional fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
 
-def chunk_body(
-    req: RequestBody,
-    kind: str,
-    head: dict[str, Any],
-    pers: dict[str, Any],
-    text: str | None,
-    finish: str | None,
-    ids: list[int] | None = None,
-    first: bool = False,
-    stop_reason: str | int | None = None,
-) -> dict[str, Any]:
-    """One streamed chunk; `head` is `stream_head(...)` of the stream."""
-    if kind == "chat":
-        delta: dict[str, Any] = (
-            {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+class ErrorDetail(WireModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(WireModel):
+    """`{"error": {"message", "type", "param", "code"}}`, as OpenAI answers errors."""
+
+    error: ErrorDetail
+
+
+class Usage(WireModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
         )
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-    if finish is not None:
-        choice["stop_reason"] = stop_reason
-    if ids is not None and req.return_token_ids:
-        choice["token_ids"] = ids
-    return {**head, "choices": [choice], "personalization": pers}
 
 
-def stream_head(
-    req: RequestBody, kind: str, rid: str, created: int, fingerprint: str | None
-) -> dict[str, Any]:
-    """The fields every chunk of a stream repeats."""
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-        "created": created,
-        "model": req.model,
-        "system_fingerprint": fingerprint,
-    }
+class PersonalizationDetail(WireModel):
+    """The extension field `personalization` of every answer: which edit produced it (what a
+    caller may see of it: `access.public_personalization`)."""
+
+    run_id: str | None
+    group_id: str | None
+    source: Literal["user", "group", "fallback", "off"]
+    """`user` (assignment), `group` (named in the request), `fallback`, or `off`."""
+    user: str | None
+
+    def headers(self) -> dict[str, str]:
+        """The `x-chameleon-*` headers of an answer."""
+        return {"x-chameleon-run": self.run_id or "none", "x-chameleon-group": self.group_id or "none"}
 
 
-def json_bytes(obj: dict[str, Any]) -> bytes:
+class AssistantMessage(WireModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(WireModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    stop_reason: str | int | None
+    """The stop string or stop token id that ended the answer (vLLM's extension)."""
+    logprobs: None = None
+    token_ids: list[int] | None = Field(None, exclude_if=_absent)
+    """Extension (vLLM): only when the request set `return_token_ids`."""
+
+
+class CompletionChoice(WireModel):
+    index: int = 0
+    text: str
+    finish_reason: str
+    stop_reason: str | int | None
+    logprobs: None = None
+    token_ids: list[int] | None = Field(None, exclude_if=_absent)
+
+
+class _AnswerBody(WireModel):
+    """What every answer body has, in this order; subclasses narrow `object` and `choices`."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list
+    usage: Usage | None = Field(None, exclude_if=_absent)
+    """Whole answers: always. Streams: only in the extra last chunk that
+    `stream_options.include_usage` asks for (with no choices)."""
+    personalization: PersonalizationDetail
+
+
+class ChatCompletion(_AnswerBody):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Completion(_AnswerBody):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatDelta(WireModel):
+    """What a chunk adds to the message: the role in the first chunk only, content when there is some."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_absent)
+    content: str | None = Field(None, exclude_if=_absent)
+
+
+class _StreamChoice(WireModel):
+    """A streamed choice: its `stop_reason` is sent in the final chunk only (the one with a
+    finish reason). Subclasses declare the fields, in the order clients see them."""
+
+    @model_serializer(mode="wrap")
+    def _stop_reason_when_finished(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("finish_reason") is None:
+            out.pop("stop_reason", None)
+        return out
+
+
+class ChatChunkChoice(_StreamChoice):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+    stop_reason: str | int | None = None
+    token_ids: list[int] | None = Field(None, exclude_if=_absent)
+
+
+class CompletionChunkChoice(_StreamChoice):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+    stop_reason: str | int | None = None
+    token_ids: list[int] | None = Field(None, exclude_if=_absent)
+
+
+class ChatCompletionChunk(_AnswerBody):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunk(_AnswerBody):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChunkChoice]
+
+
+class ModelCard(WireModel):
+    """One entry of `/v1/models`: the base model, or `<model>:<group>` for a group's edit."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "chameleon"
+    root: str
+    parent: str | None
+    run_id: str | None = Field(None, exclude_if=_absent)
+    """The run the group belongs to (group entries only)."""
+
+
+class ModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthBody(WireModel):
+    """`/healthz` (and `/status` when the replica does not answer)."""
+
+    status: Literal["ok", "degraded", "unavailable"]
+    problems: list[str] | None = Field(None, exclude_if=_absent)
+
+
+def json_bytes(body: WireModel) -> bytes:
     """A JSON body as the app sends it (Starlette's `JSONResponse` encoding)."""
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+    return json.dumps(
+        body.wire(), ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode()
 
 
-def sse_line(obj: dict[str, Any]) -> str:
+def sse_line(body: WireModel) -> str:
     """One server-sent event (the OpenAI streaming wire format)."""
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(body.wire(), ensure_ascii=False)}\n\n"

@@ -271,8 +271,16 @@ def membership_figures(core, loop, answer, members: list[str]) -> dict:
     return {"fields_differing_by_membership": len(differing)}
 
 
-def dead_engine_figures(core, loop, answer) -> dict:
+def greedy_item(prompt_ids, max_tokens: int, ignore_eos: bool = True):
+    """An engine item decoded greedily."""
     from chameleon.serving.decoder import GenItem
+    from chameleon.serving.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, ignore_eos=ignore_eos).resolved({}, max_tokens)
+    return GenItem(list(prompt_ids), params)
+
+
+def dead_engine_figures(core, loop, answer) -> dict:
     from chameleon.serving.engine import Engine
 
     engine = Engine(core.model, core.tok, core.eos_ids)
@@ -283,7 +291,7 @@ def dead_engine_figures(core, loop, answer) -> dict:
 
     engine._take = broken_take
     t0 = time.perf_counter()
-    engine.submit(GenItem(core.tok("hi").input_ids, 4), None, lambda items: told.set())
+    engine.submit(greedy_item(core.tok("hi").input_ids, 4, ignore_eos=False), None, lambda items: told.set())
     told.wait(30)
     seconds = time.perf_counter() - t0
     live, core.engine = core.engine, engine
@@ -419,7 +427,6 @@ def line_figures(n: int, seed: int) -> dict:
 
 
 def burst_figures(core, n_burst: int, burst_tokens: int) -> dict:
-    from chameleon.serving.decoder import GenItem
     from chameleon.serving.engine import Engine
 
     engine = Engine(
@@ -451,12 +458,12 @@ def burst_figures(core, n_burst: int, burst_tokens: int) -> dict:
     words = tok(" rain", add_special_tokens=False).input_ids
     try:
         for i in range(8):
-            engine.submit(GenItem(tok(f"stream {i}").input_ids, 48, ignore_eos=True), None, sink(i))
+            engine.submit(greedy_item(tok(f"stream {i}").input_ids, 48), None, sink(i))
         while len(results.get(0, [])) < 4:
             time.sleep(0.005)
         for j in range(n_burst):
             ids = (words * burst_tokens)[: burst_tokens - 1] + [j]
-            engine.submit(GenItem(ids, 2, ignore_eos=True), None, sink(8 + j))
+            engine.submit(greedy_item(ids, 2), None, sink(8 + j))
         finished = all(d.wait(600) for d in done)
     finally:
         engine.stop()
