@@ -77,6 +77,10 @@ def config_summary(cfg: ChameleonConfig) -> dict[str, Any]:
         "synth": {
             k: getattr(cfg.synth, k)
             for k in (
+                "pair_source",
+                "shared_pairs",
+                "reference_items",
+                "heldout_items",
                 "pairs_per_user",
                 "history_k",
                 "insight_max_new_tokens",
