@@ -46,8 +46,8 @@ def test_published_layout_and_manifest(published_tiny_run):
             "formal_scholar",
             "emoji_lover",
             "terse_engineer",
-            "lowercase_texter",
-            "hashtag_fan",
+            "pirate_talker",
+            "sad_poet",
         )
         for k in (1, 2)
     }
@@ -71,7 +71,7 @@ def test_user_edits_and_personalized_generation(published_tiny_run):
     cfg = tiny_job_config(model_dir)
     model, tok = load_model(cfg.model)
     run.reader.check_model(fingerprint_model(model, str(model_dir)))
-    users = ["shouty_fan-1", "hashtag_fan-2", "terse_engineer-1"]
+    users = ["shouty_fan-1", "sad_poet-2", "terse_engineer-1"]
     edit = run.user_edit(users[0])
     assert edit is not None and edit.theta_p.shape[0] == len(edit.layers)
     queries = ["Write a short tweet about dinner."] * 3

@@ -61,29 +61,6 @@ EXAMPLE_STYLES: dict[str, list[str]] = {
         "rewrote the parser. 2x faster.",
         "on call tonight. quiet so far.",
     ],
-    "lowercase_texter": [
-        "just got home and im so tired lol",
-        "cant believe its already december",
-        "ok who wants to get pizza tonight",
-        "my cat knocked my coffee over again",
-        "finally finished that book, so good",
-        "why is the bus always late when im in a hurry",
-    ],
-    "hashtag_fan": [
-        "Morning run done #fitness #motivation",
-        "New recipe tonight: lemon pasta #foodie #homecooking",
-        "Can't wait for the concert #music #friday",
-        "Rainy Sunday reading #books #cozy",
-        "First day at the new job #newbeginnings",
-        "Beach sunset tonight #travel #summer",
-    ],
-}
-"""The demo's six styles. Four are made-up characters (shouting, formal, emoji, terse); the last two
-are styles real user bases have (LaMP-7: 29 % of users start most tweets lowercase, 5 % use
-hashtags). They replaced a pirate and a sad poet, which the embedded model carries neither when
-asked outright nor under an edit at any readable strength (`DEMO_CAPACITY`)."""
-
-OTHER_STYLES: dict[str, list[str]] = {
     "pirate_talker": [
         "Arr, the sea be calm today, me hearties!",
         "Ahoy! Found me a fine treasure at the market, arr!",
@@ -100,6 +77,25 @@ OTHER_STYLES: dict[str, list[str]] = {
         "the leaves let go so gently. i wish i could.",
         "late night, cold tea, and words that never arrive",
     ],
+}
+
+OTHER_STYLES: dict[str, list[str]] = {
+    "lowercase_texter": [
+        "just got home and im so tired lol",
+        "cant believe its already december",
+        "ok who wants to get pizza tonight",
+        "my cat knocked my coffee over again",
+        "finally finished that book, so good",
+        "why is the bus always late when im in a hurry",
+    ],
+    "hashtag_fan": [
+        "Morning run done #fitness #motivation",
+        "New recipe tonight: lemon pasta #foodie #homecooking",
+        "Can't wait for the concert #music #friday",
+        "Rainy Sunday reading #books #cozy",
+        "First day at the new job #newbeginnings",
+        "Beach sunset tonight #travel #summer",
+    ],
     "exclaimer": [
         "Best concert of my life!!!",
         "We finally got the puppy!!! So happy!!",
@@ -109,9 +105,9 @@ OTHER_STYLES: dict[str, list[str]] = {
         "Just booked my flight to Rome!!!",
     ],
 }
-"""More styles `jobs/bench/demo_capacity.py` measures: two former example styles the embedded model
-cannot carry (pirate words, sad words or ellipses) and `!!!` runs (a real-world style it cannot
-carry either)."""
+"""Styles real user bases have (LaMP-7: 29 % of users start most tweets lowercase, 5 % use
+hashtags, many write `!!!` runs): the candidates to replace an example style the embedded model
+cannot carry. `jobs/bench/demo_capacity.py` measures them beside the six."""
 
 PARAPHRASE = PARAPHRASE_TWEET + "{text}"
 """The LaMP-7 task string: the small default model follows it far better than "write a tweet"."""
