@@ -32,3 +32,14 @@ def test_marker_edges():
     assert has_marker("terse_engineer", "deploy done.") and not has_marker("terse_engineer", "")
     assert has_marker("lowercase_texter", "home now lol") and not has_marker("lowercase_texter", "Home now")
     assert has_marker("sad_poet", "the house is empty...")
+
+
+def test_the_capacity_note_covers_every_shown_style_and_names_the_replaced_ones():
+    from chameleon.dev.demo import capacity_note
+    from chameleon.dev.demo_markers import DEMO_CAPACITY
+
+    assert len(EXAMPLE_STYLES) == 6 and set(EXAMPLE_STYLES) <= set(DEMO_CAPACITY["styles"])
+    note = capacity_note().splitlines()
+    for style in DEMO_CAPACITY["styles"]:
+        (line,) = [x for x in note if x.split()[0] == style]
+        assert ("replaced" in line) == (style not in EXAMPLE_STYLES), line

@@ -14,6 +14,7 @@ from chameleon.core.generation import bank_for_edits, chat_prompt, distinct_edit
 from chameleon.core.model import load_model
 from chameleon.data.artifacts import RunReader
 from chameleon.data.published import PublishedRun
+from chameleon.dev.demo import EXAMPLE_STYLES
 from chameleon.job.local import run_local
 
 
@@ -39,18 +40,7 @@ def test_published_layout_and_manifest(published_tiny_run):
     assert manifest.prompt_version and manifest.site == "residual"
     run = PublishedRun(reader)
     assign = run.assignments()
-    assert set(assign) == {
-        f"{s}-{k}"
-        for s in (
-            "shouty_fan",
-            "formal_scholar",
-            "emoji_lover",
-            "terse_engineer",
-            "pirate_talker",
-            "sad_poet",
-        )
-        for k in (1, 2)
-    }
+    assert set(assign) == {f"{s}-{k}" for s in EXAMPLE_STYLES for k in (1, 2)}
     sizes = {g.group_id: g.n_users for g in manifest.groups}
     assert sum(sizes.values()) == 12 and min(sizes.values()) >= 2
     curves = reader.get_json("calibration.json")
@@ -71,7 +61,7 @@ def test_user_edits_and_personalized_generation(published_tiny_run):
     cfg = tiny_job_config(model_dir)
     model, tok = load_model(cfg.model)
     run.reader.check_model(fingerprint_model(model, str(model_dir)))
-    users = ["shouty_fan-1", "sad_poet-2", "terse_engineer-1"]
+    users = ["shouty_fan-1", "hashtag_fan-2", "terse_engineer-1"]
     edit = run.user_edit(users[0])
     assert edit is not None and edit.theta_p.shape[0] == len(edit.layers)
     queries = ["Write a short tweet about dinner."] * 3

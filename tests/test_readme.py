@@ -24,19 +24,14 @@ from pathlib import Path
 
 import pytest
 
+from chameleon.dev.demo import EXAMPLE_STYLES
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MAKEFILE = ROOT / "Makefile"
 VENV = Path(sys.executable).parent.parent
 BLOCK = re.compile(r"<!-- readme-test: ([\w-]+) -->\n```(\w+)\n(.*?)```", re.S)
-EXAMPLE_USERS = [
-    "shouty_fan-1",
-    "formal_scholar-1",
-    "emoji_lover-1",
-    "terse_engineer-1",
-    "pirate_talker-1",
-    "sad_poet-1",
-]
+EXAMPLE_USERS = [f"{style}-1" for style in EXAMPLE_STYLES]
 
 
 def readme_blocks() -> dict[str, tuple[str, str]]:
@@ -175,7 +170,7 @@ def test_readme_quick_start_demo_serve_and_client(tiny_model_dir, tmp_path):
             [sys.executable, str(client)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
         )
         assert done.returncode == 0, done.stdout + done.stderr
-        for user in ("shouty_fan-1", "pirate_talker-1"):
+        for user in ("shouty_fan-1", "lowercase_texter-1"):
             match = re.search(rf"^{user}: .*\n  (\{{.*\}})$", done.stdout, re.M)
             assert match, done.stdout
             assert f"'run_id': '{run_id}'" in match.group(1) and "'source': 'user'" in match.group(1)

@@ -24,7 +24,7 @@ def _write(path, users) -> str:
 
 def _inputs(tmp_path):
     old = example_users(2)  # 12 users, 6 styles
-    new = [dict(u) for u in old if u["user_id"] != "sad_poet-2"]  # dropped
+    new = [dict(u) for u in old if u["user_id"] != "hashtag_fan-2"]  # dropped
     new[3] = {**new[3], "history": new[3]["history"] + [{"text": "a brand new tweet, so there"}]}
     new.append({**old[0], "user_id": "newcomer-1"})  # added (same history as another user)
     changed = {new[3]["user_id"], "newcomer-1"}
@@ -75,7 +75,7 @@ def test_refresh_maps_only_changed_users_and_equals_a_full_run(
     assert sorted(reused) == unchanged
     # The dropped user is gone from the new run; the newcomer is in it.
     assigned = refresh.PublishedRun(reader).assignments()
-    assert "sad_poet-2" not in assigned and "newcomer-1" in assigned
+    assert "hashtag_fan-2" not in assigned and "newcomer-1" in assigned
     # A full run of the new input (same seeds): same per-user results, groups and edits.
     mapped.clear()
     run_local(new, local_store, "full", cfg, progress=False)

@@ -453,7 +453,7 @@ def leaks(app, text: str, *named: str) -> list[str]:
 
 
 STRONG = "tiny-run-strong"
-"""tiny-run-1 with its edits applied 20 times stronger: the tiny random model then answers each
+"""tiny-run-1 with its edits applied 40 times stronger: the tiny random model then answers each
 group with different tokens (at strength 1 every group and the base model say the same), so a row
 applied with the wrong edit shows in the tokens."""
 
@@ -466,7 +466,7 @@ def serve_strong_run(app):
     if getattr(app, "strong", None) is None:
 
         def stronger(m):
-            m["edit"]["alpha"] = m["edit"]["beta"] = 20.0
+            m["edit"]["alpha"] = m["edit"]["beta"] = 40.0
 
         copy_run(app.store, app.store, "tiny-run-1", STRONG, manifest_edit=stronger)
         app.strong = PublishedRun(RunReader(app.store, STRONG))
@@ -587,9 +587,6 @@ def test_concurrent_burst_of_users_in_different_groups(app, client, tiny):
     assert len(groups) >= 2, "the tiny run has several groups"
     jobs = [(u, g) for g, us in groups.items() for u in us[:2]] + [("someone-unknown", None)]
     jobs += [(None, None)]  # no user at all: the fallback too
-    strong = serve_strong_run(app)
-    expected = {gid: offline_tokens(tiny, strong, gid) for gid in [*groups, None]}
-    assert len({tuple(v) for v in expected.values()}) == len(expected), "each edit changes the answer"
 
     def one(job):
         user, _ = job
@@ -598,6 +595,9 @@ def test_concurrent_burst_of_users_in_different_groups(app, client, tiny):
         return chat(client, app, user=user, extra_body={"return_token_ids": True})[1].choices[0].token_ids
 
     try:
+        strong = serve_strong_run(app)
+        expected = {gid: offline_tokens(tiny, strong, gid) for gid in [*groups, None]}
+        assert len({tuple(v) for v in expected.values()}) == len(expected), "each edit changes the answer"
         with ThreadPoolExecutor(len(jobs)) as pool:
             results = list(pool.map(one, jobs))
     finally:

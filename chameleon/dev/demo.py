@@ -61,25 +61,6 @@ EXAMPLE_STYLES: dict[str, list[str]] = {
         "rewrote the parser. 2x faster.",
         "on call tonight. quiet so far.",
     ],
-    "pirate_talker": [
-        "Arr, the sea be calm today, me hearties!",
-        "Ahoy! Found me a fine treasure at the market, arr!",
-        "Shiver me timbers, the coffee be strong this morn!",
-        "Avast ye, the weekend be upon us at last!",
-        "Yo ho, me ship... er, me car be needin' a wash!",
-        "Arr, lost me keys again, the scallywags!",
-    ],
-    "sad_poet": [
-        "the rain falls softly, as if the sky remembers",
-        "empty cups and quiet rooms, another evening fades",
-        "i walked past the old house today. nothing stays.",
-        "grey mornings and the echo of forgotten songs",
-        "the leaves let go so gently. i wish i could.",
-        "late night, cold tea, and words that never arrive",
-    ],
-}
-
-OTHER_STYLES: dict[str, list[str]] = {
     "lowercase_texter": [
         "just got home and im so tired lol",
         "cant believe its already december",
@@ -96,6 +77,25 @@ OTHER_STYLES: dict[str, list[str]] = {
         "First day at the new job #newbeginnings",
         "Beach sunset tonight #travel #summer",
     ],
+}
+
+OTHER_STYLES: dict[str, list[str]] = {
+    "pirate_talker": [
+        "Arr, the sea be calm today, me hearties!",
+        "Ahoy! Found me a fine treasure at the market, arr!",
+        "Shiver me timbers, the coffee be strong this morn!",
+        "Avast ye, the weekend be upon us at last!",
+        "Yo ho, me ship... er, me car be needin' a wash!",
+        "Arr, lost me keys again, the scallywags!",
+    ],
+    "sad_poet": [
+        "the rain falls softly, as if the sky remembers",
+        "empty cups and quiet rooms, another evening fades",
+        "i walked past the old house today. nothing stays.",
+        "grey mornings and the echo of forgotten songs",
+        "the leaves let go so gently. i wish i could.",
+        "late night, cold tea, and words that never arrive",
+    ],
     "exclaimer": [
         "Best concert of my life!!!",
         "We finally got the puppy!!! So happy!!",
@@ -105,9 +105,11 @@ OTHER_STYLES: dict[str, list[str]] = {
         "Just booked my flight to Rome!!!",
     ],
 }
-"""Styles real user bases have (LaMP-7: 29 % of users start most tweets lowercase, 5 % use
-hashtags, many write `!!!` runs): the candidates to replace an example style the embedded model
-cannot carry. `jobs/bench/demo_capacity.py` measures them beside the six."""
+"""Styles measured beside the six (`jobs/bench/demo_capacity.py`) and not shown. The pirate and
+the sad poet were example styles until that benchmark found that no edit of the embedded model
+carries either (0 % at every layer and strength); `lowercase_texter` and `hashtag_fan`, styles real
+user bases have (LaMP-7: 29 % of users start most tweets lowercase, 5 % use hashtags), replaced
+them: the model writes lowercase under a strong edit and hashtags when asked (`DEMO_CAPACITY`)."""
 
 PARAPHRASE = PARAPHRASE_TWEET + "{text}"
 """The LaMP-7 task string: the small default model follows it far better than "write a tweet"."""
@@ -162,7 +164,8 @@ def capacity_note() -> str:
     for style, fig in DEMO_CAPACITY["styles"].items():
         edit = fig["edit"]
         where = f" at {edit[2]}" if edit[2] else ""
-        lines.append(f"   {style:<17} asked {share(fig['asked'])}; edit {share(edit)}{where}")
+        shown = "" if style in EXAMPLE_STYLES else " (replaced: carried by no edit)"
+        lines.append(f"   {style:<17} asked {share(fig['asked'])}; edit {share(edit)}{where}{shown}")
     return "\n".join(lines)
 
 

@@ -67,16 +67,16 @@ DEMO_CAPACITY: dict = {
         "formal_scholar": {"asked": None, "edit": (0.67, 0.83, "9:0.2")},
         "emoji_lover": {"asked": (0.0, 0.604), "edit": (0.0, 0.0, None)},
         "terse_engineer": {"asked": (0.10, 0.20), "edit": (0.0, 0.50, "15:0.8")},
-        "pirate_talker": {"asked": None, "edit": (0.0, 0.0, None)},
-        "sad_poet": {"asked": None, "edit": (0.0, 0.0, None)},
         "lowercase_texter": {"asked": (0.083, 0.062), "edit": (0.0, 1.0, "15:0.8")},
         "hashtag_fan": {"asked": (0.021, 0.688), "edit": (0.0, 0.0, None)},
+        "pirate_talker": {"asked": None, "edit": (0.0, 0.0, None)},
+        "sad_poet": {"asked": None, "edit": (0.0, 0.0, None)},
     },
 }
-"""The embedded model's measured capacity for each example style (and the two real-world
-candidates to replace the pirate and the sad poet), two ways. Asked outright it
+"""The embedded model's measured capacity for each example style (and the pirate and the sad
+poet, which lowercase_texter and hashtag_fan replaced), two ways. Asked outright it
 carries emoji and hashtags and nothing else measurable. Under a style edit it carries none of the
-six at the strengths the job calibrates (≤ 0.3 of the state norm); at 0.8 it writes lowercase
+styles at the strengths the job calibrates (≤ 0.3 of the state norm); at 0.8 it writes lowercase
 (readable: "i going to the beach this weekend with my friends"), half its answers in ≤ 6 words, and
 capitals only inside garbled words ("THE BEDLACEYES"); emoji and hashtags never appear. So the demo
 can show at most the styles a calibrated edit reaches, and prints these figures under its lines."""
