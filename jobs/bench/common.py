@@ -60,6 +60,26 @@ def model_path(name: str) -> str:
     return str(tiny_model_dir(Path(workdir)))
 
 
+SYNTHETIC_STYLES = (
+    "OMG so hyped!!!",
+    "i guess it was fine.",
+    "Indeed, most agreeable.",
+    "lol ok 😂",
+    "deploy done.",
+)
+"""Five writing styles the synthetic users cycle through (so groups have something to find)."""
+
+
+def synthetic_user(i: int, items: int = 6, changed: bool = False) -> dict:
+    """User `i` of the job benchmarks: `items` short texts in one of SYNTHETIC_STYLES; `changed`
+    adds a new item (the user's history grew since the last run)."""
+    style = SYNTHETIC_STYLES[i % len(SYNTHETIC_STYLES)]
+    history = [{"text": f"{style} item {j} of user {i}"} for j in range(items)]
+    if changed:
+        history.append({"text": f"{style} a new item of user {i}"})
+    return {"user_id": f"user-{i:06d}", "history": history}
+
+
 def start_local_ray(num_cpus: int, tries: int = 6, log_to_driver: bool = True) -> None:
     """A local Ray for a benchmark's driver. Ray gives its raylet 30 s to start, too short on a
     loaded machine: a failed start is retried (`tries` in all). With RAY_ADDRESS set, the driver

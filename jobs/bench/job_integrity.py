@@ -64,7 +64,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from common import parse, parser, report, start_local_ray, stub_manifest
+from common import parse, parser, report, start_local_ray, stub_manifest, synthetic_user
 from integrity_store_checks import check_forget, check_storage, stop_servers  # noqa: F401 (registered in CHECKS)
 
 from chameleon.config import ChameleonConfig
@@ -114,20 +114,7 @@ def users_file(workdir: Path, users: list[dict]) -> str:
 
 
 def synthetic_users(n: int) -> list[dict]:
-    styles = [
-        "OMG so hyped!!!",
-        "i guess it was fine.",
-        "Indeed, most agreeable.",
-        "lol ok 😂",
-        "deploy done.",
-    ]
-    return [
-        {
-            "user_id": f"user-{i:05d}",
-            "history": [{"text": f"{styles[i % 5]} item {j} of user {i}"} for j in range(6)],
-        }
-        for i in range(n)
-    ]
+    return [synthetic_user(i) for i in range(n)]
 
 
 def tiny_model(workdir: Path, seed: int = 0) -> Path:

@@ -32,20 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parse, parser, report, start_local_ray
+from common import parse, parser, report, start_local_ray, synthetic_user
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-STYLES = ["OMG so hyped!!!", "i guess it was fine.", "Indeed, most agreeable.", "lol ok", "deploy done."]
-
-
-def user(i: int, items: int = 6, changed: bool = False) -> dict:
-    history = [{"text": f"{STYLES[i % len(STYLES)]} item {j} of user {i}"} for j in range(items)]
-    if changed:
-        history.append({"text": f"{STYLES[i % len(STYLES)]} a new item of user {i}"})
-    return {"user_id": f"user-{i:06d}", "history": history}
 
 
 def write_users(path: Path, ids, changed=frozenset(), files: int = 1) -> Path:
@@ -56,7 +47,7 @@ def write_users(path: Path, ids, changed=frozenset(), files: int = 1) -> Path:
     for f in range(files):
         with open(path / f"part-{f:03d}.jsonl", "w") as out:
             for i in ids[f * per : (f + 1) * per]:
-                out.write(json.dumps(user(i, changed=i in changed)) + "\n")
+                out.write(json.dumps(synthetic_user(i, changed=i in changed)) + "\n")
     return path
 
 
