@@ -293,7 +293,8 @@ def check_poison(workdir: Path, args) -> dict:
     ensure_ray()
     users = synthetic_users(args.users)
     cfg = job_config(
-        tiny_model(workdir), **{"job.num_actors": 2, "job.max_task_retries": 2, "job.max_user_failures": 0.0}
+        tiny_model(workdir),
+        **{"job.num_actors": 2, "job.max_task_retries": args.poison_retries, "job.max_user_failures": 0.0},
     )
     os.environ[FAULTS_ENV] = json.dumps({"exit_on_user": users[len(users) // 2]["user_id"]})
     outcome: dict = {}
@@ -632,6 +633,12 @@ def main() -> None:
     p.add_argument(
         "--poison-limit-s", type=float, default=300.0, help="poison: a job still running then is hung"
     )
+    p.add_argument(
+        "--poison-retries",
+        type=int,
+        default=2,
+        help="poison: job.max_task_retries (each retry restarts an actor)",
+    )
     p.add_argument("--outage-deadline-s", type=float, default=5.0, help="outage: the store's retry deadline")
     p.add_argument("--poison-users", type=int, default=100, help="poison_input and forget: good users")
     p.add_argument("--mem-sizes", default="1000,10000", help="driver_memory: user counts, comma-separated")
@@ -644,7 +651,9 @@ def main() -> None:
     # at a tiny size; one or two actor kills are enough to see the chaos check work.
     smoke = {"users": 6, "kill_every": 4.0, "poison_users": 8, "mem_sizes": "40,80", "layers": 2, "pairs": 2}
     own_checks = [name for name in sorted(CHECKS) if name not in ("forget", "storage")]
-    args = parse(p, {**smoke, "only": own_checks, "ccs_steps": 10, "poison_limit_s": 120.0})
+    args = parse(
+        p, {**smoke, "only": own_checks, "ccs_steps": 10, "poison_limit_s": 120.0, "poison_retries": 0}
+    )
     if args.reduce_child:
         _reduce_child(args.reduce_child, "mem", args)
         return
