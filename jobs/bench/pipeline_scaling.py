@@ -21,28 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parse, parser, report, start_local_ray
+from common import parse, parser, report, start_local_ray, synthetic_user
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def synthetic_users(n: int, items: int = 6) -> list[dict]:
-    styles = [
-        "OMG so hyped!!!",
-        "i guess it was fine.",
-        "Indeed, most agreeable.",
-        "lol ok 😂",
-        "deploy done.",
-    ]
-    return [
-        {
-            "user_id": f"user-{i:05d}",
-            "history": [{"text": f"{styles[i % len(styles)]} item {j} of user {i}"} for j in range(items)],
-        }
-        for i in range(n)
-    ]
 
 
 def main() -> None:
@@ -84,7 +67,7 @@ def main() -> None:
     with LocalS3Server() as s3:
         for n in args.sizes:
             users = tmp / f"users-{n}.jsonl"
-            users.write_text("".join(json.dumps(u) + "\n" for u in synthetic_users(n)))
+            users.write_text("".join(json.dumps(synthetic_user(i)) + "\n" for i in range(n)))
             store = s3.store("bench", f"scaling-{n}")
             t0 = time.perf_counter()
             ray_manifest = run_ray_job(str(users), store, f"ray-{n}", cfg, progress=False)
