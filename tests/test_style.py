@@ -50,3 +50,17 @@ def test_features_and_their_distance():
 )
 def test_assistant_talk(answer, talks):
     assert assistant_talk(answer) is talks
+
+
+def test_features_count_what_the_markers_count_and_nothing_inside_words():
+    def feature(text: str, name: str) -> float:
+        return float(style_features(text)[FEATURES.index(name)])
+
+    # "xp" in "experience", "8)" in "item 8)", a 1000's zeros: not emoticons or elongations.
+    assert feature("an experience worth 1000 words (item 8)", "emoticons") == 0
+    assert feature("an experience worth 1000 words (item 8)", "elongations") == 0
+    assert (
+        feature("so good :) sooo good", "emoticons") > 0
+        and feature("so good :) sooo good", "elongations") > 0
+    )
+    assert feature("wait... what?!", "punct_runs") > 0 and feature("we are #1 or #winning", "hashtags") > 0

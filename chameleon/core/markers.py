@@ -47,23 +47,24 @@ HISTORY_THRESHOLDS: dict[str, float] = {
 }
 """Least share of a user's history items carrying a marker for the history to show it."""
 
-_URL = re.compile(r"https?://\S+|www\.\S+")
-_MENTION = re.compile(r"(?<!\w)@\w+")
+# The patterns of informal writing, shared with `core.style`'s features (one definition each).
+URL = re.compile(r"https?://\S+|www\.\S+")
+MENTION = re.compile(r"(?<!\w)@\w+")
 _LEAD = re.compile(r"^(?:\s*(?:@\w+|https?://\S+|www\.\S+)(?=\s))+\s*")
 _LOWER_I = re.compile(r"(?<![\w'’])i(?=$|[\s'’.,!?;:)\]])")
-_RUN = re.compile(r"[!?]{2,}|\.{2,}|…")
-_ELONGATION = re.compile(r"([^\W\d_])\1{2,}")
-_EMOTICON = re.compile(
+PUNCT_RUN = re.compile(r"[!?]{2,}|\.{2,}|…")
+ELONGATION = re.compile(r"([^\W\d_])\1{2,}")
+EMOTICON = re.compile(
     r"(?<![\w:/])(?:[:;=][-o^']?[)(DPpO/\\|\]\[3*]|[xX][-']?D|<3|\^_?\^)(?![\w/])"
     r"|[\U0001F300-\U0001FAFF\u2600-\u27BF]"
 )
-_HASHTAG = re.compile(r"(?<![\w&])#[^\W\d_]\w*")
+HASHTAG = re.compile(r"(?<![\w&])#[^\W\d_]\w*")
 
 
 def without_handles(text: str) -> str:
     """The text HTML-unescaped, with its URLs and @mentions removed (who and what a tweet links to
     is not how it is written)."""
-    return _MENTION.sub(" ", _URL.sub(" ", html.unescape(str(text))))
+    return MENTION.sub(" ", URL.sub(" ", html.unescape(str(text))))
 
 
 def lower_start(text: str) -> bool | None:
@@ -82,10 +83,10 @@ def text_markers(text: str) -> dict[str, bool]:
     return {
         "lower_start": bool(lower_start(text)),
         "lowercase_i": bool(_LOWER_I.search(t)),
-        "punct_run": bool(_RUN.search(t)),
-        "elongation": bool(_ELONGATION.search(_HASHTAG.sub(" ", t))),
-        "emoticon": bool(_EMOTICON.search(t)),
-        "hashtag": bool(_HASHTAG.search(t)),
+        "punct_run": bool(PUNCT_RUN.search(t)),
+        "elongation": bool(ELONGATION.search(HASHTAG.sub(" ", t))),
+        "emoticon": bool(EMOTICON.search(t)),
+        "hashtag": bool(HASHTAG.search(t)),
     }
 
 

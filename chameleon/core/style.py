@@ -27,14 +27,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from chameleon.core.markers import ELONGATION, EMOTICON, HASHTAG, MENTION, PUNCT_RUN, URL
+
 NGRAM_RANGE = (2, 4)
 
-_EMOTICON = re.compile(r"(?:[:;=8xX][-o^']?[)(DPpO/\\|\]\[]|<3|\^_?\^|[\U0001F300-\U0001FAFF\u2600-\u27BF])")
-_MENTION = re.compile(r"(?<!\w)@\w+")
-_URL = re.compile(r"https?://\S+|www\.\S+")
-_HASHTAG = re.compile(r"(?<!\w)#\w+")
-_ELONGATION = re.compile(r"(\w)\1{2,}")
-_PUNCT_RUN = re.compile(r"[!?.]{2,}")
 _WORD = re.compile(r"[A-Za-z']+")
 _ASSISTANT = re.compile(
     r"(?:\bI'?m sorry\b|\bas an AI\b|\bAI (?:language )?model\b|\bhere(?:'s| is| are)\b[^.:]*[:]|"
@@ -86,12 +82,12 @@ def style_features(text: str) -> np.ndarray:
         [
             sum(c.islower() for c in letters) / max(1, len(letters)),
             math.log1p(len(text.split())),
-            len(_PUNCT_RUN.findall(text)) / n_words,
-            len(_EMOTICON.findall(text)) / n_words,
-            len(_MENTION.findall(text)) / n_words,
-            len(_URL.findall(text)) / n_words,
-            len(_HASHTAG.findall(text)) / n_words,
-            len(_ELONGATION.findall(text)) / n_words,
+            len(PUNCT_RUN.findall(text)) / n_words,
+            len(EMOTICON.findall(text)) / n_words,
+            len(MENTION.findall(text)) / n_words,
+            len(URL.findall(text)) / n_words,
+            len(HASHTAG.findall(text)) / n_words,
+            len(ELONGATION.findall(text)) / n_words,
             sum(len(w) > 1 and w.isupper() for w in words) / n_words,
             float(bool(text.strip()) and text.strip()[0].islower()),
         ]

@@ -21,6 +21,11 @@ __all__ = ["CAPACITY_FILE", "gain_label", "personalization_section"]
 CAPACITY_FILE = "style_capacity.json"
 
 
+def _head(*columns: str) -> list[str]:
+    """A markdown table's header row and separator."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _ci(ci: Sequence[float], fmt: str = "+.3f") -> str:
     return f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
@@ -47,10 +52,11 @@ def _method_table(res: dict[str, Any], order: Sequence[str]) -> list[str]:
         f"{A['chance_top1'] * 100:.0f} %. Closeness-adjusted gain: intercept of per-user ΔROUGE-L on "
         "Δcloseness to the input (the gain without moving closer to the input), bootstrap 95 % CI. A "
         "ROUGE-L gain over base is called **format** unless that intercept's CI is above 0.\n",
-        "| method | ROUGE-L vs base | adjusted gain vs base | reading | adjusted gain vs global | "
-        "attribution MRR [CI] | top-1 | MRR vs base | MRR vs global |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        *_head(
+            "method", "ROUGE-L vs base", "adjusted gain vs base", "reading", "adjusted gain vs global",
+            "attribution MRR [CI]", "top-1", "MRR vs base", "MRR vs global",
+        ),
+    ]  # fmt: skip
     for m in order:
         a = A["methods"].get(m)
         if a is None:
@@ -80,14 +86,12 @@ def _marker_tables(res: dict[str, Any], order: Sequence[str], capacity: dict[str
     marks = [mk for mk in MARKERS if mk in K]
     if not marks:
         return []
-    head = " | ".join(f"{mk} ({K[mk]['n_with']}/{K[mk]['n_without']})" for mk in marks)
     L = [
         "Marker transfer: share of answers carrying a marker, for the users whose unused history shows it "
         "/ for the users whose history does not (thresholds: "
         + ", ".join(f"{mk} ≥ {K[mk]['threshold'] * 100:.0f} % of items" for mk in marks)
         + "; column heads: users with / without).\n",
-        f"| method | {head} |",
-        "|---|" + "---|" * len(marks),
+        *_head("method", *(f"{mk} ({K[mk]['n_with']}/{K[mk]['n_without']})" for mk in marks)),
     ]
     for m in order:
         if m not in K[marks[0]]["methods"]:
@@ -103,8 +107,7 @@ def _marker_tables(res: dict[str, Any], order: Sequence[str], capacity: dict[str
     for ref in res["personalization"]["references"]:
         L += [
             f"Marker share vs `{ref}` (paired difference [95 % CI]; users with the marker / without):\n",
-            f"| method | {' | '.join(marks)} |",
-            "|---|" + "---|" * len(marks),
+            *_head("method", *marks),
         ]
         for m in order:
             if m == ref or m not in K[marks[0]]["methods"]:
@@ -136,8 +139,7 @@ def _capacity_table(capacity: dict[str, Any], marks: Sequence[str]) -> list[str]
         "each marker under the same prompt when an instruction asks for it (appended to the system turn, "
         "or after the user's message); the capacity is the larger, the ceiling any personalization can "
         "reach on this model. The users' own golds beside it.\n",
-        "| marker | no instruction | asked (system) | asked (user) | capacity | the users' golds |",
-        "|---|---|---|---|---|---|",
+        *_head("marker", "no instruction", "asked (system)", "asked (user)", "capacity", "the users' golds"),
     ]
     for mk in marks:
         e = cap["markers"].get(mk)
@@ -154,7 +156,7 @@ def _capacity_table(capacity: dict[str, Any], marks: Sequence[str]) -> list[str]
 
 
 def _goals_table(goals: dict[str, Any]) -> list[str]:
-    L = ["### Goals of issue 18\n", "| goal | what it asks | figure | met |", "|---|---|---|---|"]
+    L = ["### Goals of issue 18\n", *_head("goal", "what it asks", "figure", "met")]
     for name, g in goals.items():
         met = "not run" if not g["evaluated"] else ("**met**" if g["met"] else "**not met**")
         L.append(f"| {name} | {g['goal']} | {g['figure']} | {met} |")
