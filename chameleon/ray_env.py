@@ -1,9 +1,10 @@
-"""Joining or starting Ray, and sizing torch inside Ray workers: the one place for both.
+"""Ray's environment for this process, without importing Ray: loopback-only defaults, a quiet
+console, the arguments every entry point passes to `ray.init`, and the GPU count of a cluster.
 
-Every entry point that needs Ray (the job's Ray driver, the evaluation's answer pool, the server)
-calls `init_ray`: it connects to `address` (or RAY_ADDRESS; `auto` finds a running cluster) and,
-with neither, starts a new local Ray bound to loopback (never silently attaching to whatever
-cluster this machine last ran).
+Ray itself is imported only where DESIGN §2 allows it: the job's Ray driver calls
+`job.replicas.init_ray` and serving's CLI `ray.init` directly, both with `ray_init_kwargs`: connect
+to `address` (or RAY_ADDRESS; `auto` finds a running cluster) and, with neither, start a new local
+Ray bound to loopback (never silently attaching to whatever cluster this machine last ran).
 
 The console is quiet unless the CLI was asked for `-v`: `chameleon.cli.main` calls
 `set_quiet_console`, and Ray started or joined afterwards keeps its INFO lines and its workers'
@@ -44,27 +45,13 @@ def quiet_console() -> bool:
     return _quiet
 
 
-def _quiet_ray_data() -> None:
-    """Ray Data in this driver: the global progress bar only (no per-operator bars), and on the
-    console only errors (its execution plans and progress lines still go to ray-data.log)."""
-    from ray.data import DataContext
-    from ray.data._internal.logging import SessionFileHandler
-
-    DataContext.get_current().enable_operator_progress_bars = False
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, SessionFileHandler):
-            handler.setLevel(logging.ERROR)
-
-
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, ray_data: bool = True) -> bool:
-    """Connect to `address` / RAY_ADDRESS, or start a local Ray; returns True when it started one.
-    Does nothing when Ray is already initialized in this process. `ray_data=False`: the caller
-    runs no Ray Data (Serve), so its console settings are not loaded."""
+def ray_init_kwargs(
+    address: str | None = None, *, num_cpus: int | None = None, ray_data: bool = True
+) -> dict:
+    """The `ray.init` arguments: join `address` / RAY_ADDRESS, or start a local Ray (`"address":
+    "local"`). Sets the loopback defaults first; `ray_data=False`: the caller runs no Ray Data
+    (Serve), so Ray Data's console settings are not asked for."""
     set_local_env_defaults()
-    import ray
-
-    if ray.is_initialized():
-        return False
     output = {"log_to_driver": False, "logging_level": logging.ERROR} if _quiet else {}
     if _quiet and ray_data:
         # Ray Data's actor pools make the driver's C++ core log an error-level notice about actor
@@ -72,12 +59,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, ray_dat
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, **output)
-    else:
-        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **output)
-    if _quiet and ray_data:
-        _quiet_ray_data()
-    return not address
+        return {"address": address, **output}
+    return {"address": "local", "include_dashboard": False, "num_cpus": num_cpus, **output}
 
 
 MAX_GPUS_ENV = "CHAMELEON_CLUSTER_MAX_GPUS"
@@ -101,16 +84,3 @@ def cluster_gpus(
         raise ValueError(f"${MAX_GPUS_ENV} must be a number of GPUs, got {declared!r}") from None
     reported = float((autoscaler_max or {}).get("GPU", 0))
     return max(float(resources.get("GPU", 0)), reported, declared_gpus)
-
-
-def cluster_gpu_capacity() -> float:
-    """GPUs of the Ray cluster this process is connected to (`cluster_gpus`): those it has now, or
-    the most its autoscaler can add (a GPU group that scales from zero has none at the start)."""
-    import ray
-    from ray._private.state import state
-
-    try:  # the autoscaler's node types, as Ray Train reads them; None when not reported
-        autoscaler_max = state.get_max_resources_from_cluster_config()
-    except Exception:  # an older or a client-mode connection: what the cluster has now
-        autoscaler_max = None
-    return cluster_gpus(ray.cluster_resources(), autoscaler_max)

@@ -2,9 +2,9 @@
 
     core ← data ← job ← evaluation;  serving uses core and data only;  dev sits beside job.
 
-`config`, `flags` and `ray_env` (Ray setup) are leaves every layer may use. The rule holds for the
+`config`, `flags` and `ray_env` (Ray's environment, without Ray) are leaves every layer may use. The rule holds for the
 CLIs too (`serving/cli` uses core, data and the leaves). Ray is imported only by the job's Ray
-driver, actor pools, Ray setup, serving's app and the CLIs; FastAPI and Starlette only by serving's
+driver, actor pools, serving's app and the CLIs; FastAPI and Starlette only by serving's
 app. No import cycle, not even through imports made for type checking only.
 """
 
@@ -31,7 +31,6 @@ ALLOWED = {  # package -> chameleon packages it may import (besides itself and t
     "dev": {"core", "data", "job"},
 }
 RAY_MODULES = {
-    "chameleon.ray_env",
     "chameleon.job.ray_input",
     "chameleon.job.ray_job",
     "chameleon.job.replicas",

@@ -10,7 +10,7 @@ Two separate decisions, so that each can be tested on any machine:
 - **the device** inside a replica (`core.model.pick_device`: cuda when torch sees one), and from it
   the batch size (`batch_size_for`).
 
-Nothing here imports Ray: `chameleon.ray_env.cluster_gpu_capacity` reads the cluster's GPUs and
+Nothing here imports Ray: `cluster_gpu_capacity` (in `job.replicas` and `serving.app`) reads the cluster's GPUs and
 the callers pass them in (and torch is imported only when a batch size is chosen).
 """
 
@@ -36,7 +36,7 @@ class NoGpuError(ValueError):
 
 def gpus_per_replica(setting: float | str, available: float, *, setting_name: str) -> float:
     """GPUs one model replica asks for: `setting` (`auto` or a number) on a cluster with
-    `available` GPUs (`chameleon.ray_env.cluster_gpu_capacity`). `auto`: 1 with GPUs, else 0
+    `available` GPUs (`cluster_gpu_capacity` of the job or of serving). `auto`: 1 with GPUs, else 0
     (CPU). A number is kept, and refused (`NoGpuError`, naming `setting_name`) when it asks for
     GPUs the cluster cannot have."""
     if setting == "auto":

@@ -47,7 +47,7 @@ from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_input import read_staged, stage_input
 from chameleon.job.reduce import Reduced
 from chameleon.job.refresh import BUNDLE_PARTITIONS, check_source_model, in_bundles, map_reused, reuse_rows
-from chameleon.job.replicas import ModelReplica, ReplicaPool, actor_resources, item_deadline
+from chameleon.job.replicas import ModelReplica, ReplicaPool, actor_resources, init_ray, item_deadline
 from chameleon.job.run import (
     RunPlan,
     adopt_partition,
@@ -58,7 +58,6 @@ from chameleon.job.run import (
     write_partition,
 )
 from chameleon.job.spec import model_identity
-from chameleon.ray_env import init_ray
 
 FAULTS_ENV = "CHAMELEON_TEST_FAULTS"
 

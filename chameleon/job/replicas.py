@@ -39,7 +39,42 @@ from chameleon.core.edit import Edit
 from chameleon.core.generation import distinct_edits, generate_answers
 from chameleon.core.model import model_device, worker_torch_threads
 from chameleon.data.model_mirror import load_model_for
-from chameleon.ray_env import cluster_gpu_capacity, init_ray
+from chameleon.ray_env import cluster_gpus, quiet_console, ray_init_kwargs
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join `address` / RAY_ADDRESS or start a local Ray (`ray_env.ray_init_kwargs`) for the job's
+    Ray driver, unless this process is connected already; a quiet console quiets Ray Data too."""
+    if ray.is_initialized():
+        return
+    ray.init(**ray_init_kwargs(address))
+    if quiet_console():
+        _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data in this driver: the global progress bar only (no per-operator bars), and on the
+    console only errors (its execution plans and progress lines still go to ray-data.log)."""
+    from ray.data import DataContext
+    from ray.data._internal.logging import SessionFileHandler
+
+    DataContext.get_current().enable_operator_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.ERROR)
+
+
+def cluster_gpu_capacity() -> float:
+    """GPUs of the Ray cluster this process is connected to (`ray_env.cluster_gpus`): those it has
+    now, or the most its autoscaler can add (a GPU group that scales from zero has none at the start)."""
+    from ray._private.state import state
+
+    try:  # the autoscaler's node types, as Ray Train reads them; None when not reported
+        autoscaler_max = state.get_max_resources_from_cluster_config()
+    except Exception:  # an older or a client-mode connection: what the cluster has now
+        autoscaler_max = None
+    return cluster_gpus(ray.cluster_resources(), autoscaler_max)
+
 
 log = logging.getLogger(__name__)
 

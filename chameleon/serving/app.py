@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chameleon.core.devices import gpus_per_replica
 from chameleon.core.model import runs_on_cpu, worker_torch_threads
 from chameleon.data.storage import Store
-from chameleon.ray_env import cluster_gpu_capacity
+from chameleon.ray_env import cluster_gpus
 from chameleon.serving.access import api_key
 from chameleon.serving.answers import Answer, collect, started_or_raise
 from chameleon.serving.config import ServeConfig, ServeUserConfig
@@ -404,6 +404,20 @@ class ChameleonServer:
 
 # ---------------------------------------------------------------------------------------------
 # Building the application
+
+
+def cluster_gpu_capacity() -> float:
+    """GPUs of the Ray cluster serving runs on (`ray_env.cluster_gpus`): those it has now, or the
+    most its autoscaler can add. The job's Ray driver reads them the same way
+    (`job.replicas.cluster_gpu_capacity`): serving may not import the job, and Ray stays out of
+    the shared leaf (DESIGN §2)."""
+    from ray._private.state import state
+
+    try:  # the autoscaler's node types, as Ray Train reads them; None when not reported
+        autoscaler_max = state.get_max_resources_from_cluster_config()
+    except Exception:  # an older or a client-mode connection: what the cluster has now
+        autoscaler_max = None
+    return cluster_gpus(ray.cluster_resources(), autoscaler_max)
 
 
 def replica_gpus(cfg: ServeConfig) -> float:

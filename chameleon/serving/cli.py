@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from chameleon.flags import Flag, add_flags, auto_or, flag_overrides
-from chameleon.ray_env import init_ray, quiet_console
+from chameleon.ray_env import quiet_console, ray_init_kwargs
 from chameleon.serving.access import api_key
 from chameleon.serving.config import ServeConfig
 
@@ -266,7 +266,11 @@ def run_server(
     if quiet_console():  # Serve's own lines in this process (its replicas' logs stay in Ray's files)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     owns_ray = not ray.is_initialized()
-    started_local = init_ray(address, num_cpus=ray_num_cpus, ray_data=False)
+    started_local = False
+    if owns_ray:
+        init = ray_init_kwargs(address, num_cpus=ray_num_cpus, ray_data=False)
+        ray.init(**init)
+        started_local = init["address"] == "local"
     started = time.perf_counter()
     try:
         # The proxy's own limit sits just above the app's, which answers 408 with a clear body.
