@@ -115,16 +115,10 @@ def _write_partition_input(
     return {"partition": [k], "user_ids": [json.dumps(ids)], "entry": [json.dumps(entry)], "sha256": [digest]}
 
 
+@_sort_shuffle()
 def stage_input(input_uri: str, writer: RunWriter, cfg: ChameleonConfig, **store_options: Any) -> StagedInput:
     """Read, validate and hash-partition `input_uri` on the cluster into `writer`'s attempt
     folder; the rejects files are recorded in `writer`. Raises ValueError when no record is valid."""
-    with _sort_shuffle():
-        return _stage_input(input_uri, writer, cfg, **store_options)
-
-
-def _stage_input(
-    input_uri: str, writer: RunWriter, cfg: ChameleonConfig, **store_options: Any
-) -> StagedInput:
     files = expand_input(input_uri, **store_options)
     common = {"store": writer.store, "run_id": writer.run_id, "attempt": writer.attempt}
     items = [{"index": i, "file": f} for i, f in enumerate(files)]
