@@ -36,10 +36,15 @@ lint: install
 	$(VENV)/bin/ruff check chameleon jobs tests
 	$(VENV)/bin/ruff format --check chameleon jobs tests
 
-# Every test (the CI command): lint, then unit, job and e2e tiers in one pytest run (one Ray, one
-# S3 server); the 25 slowest tests are listed at the end.
+# Test workers of `make test` (pytest-xdist). Each worker has its own local Ray and S3 server; the
+# tests of one file run on one worker, in order. 2 on a 2-core machine: a test waiting on Ray,
+# Serve or a subprocess leaves a core idle that the other worker uses.
+TEST_WORKERS ?= 2
+
+# Every test (the CI command): lint, then unit, job and e2e tiers in one pytest run over
+# $(TEST_WORKERS) workers; the 25 slowest tests are listed at the end.
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The fast signal (under 90 s): lint and the unit tier (no S3 server, no job run, no Ray, no real
 # model; tiers are set from the fixtures a test uses, tests/conftest.py).

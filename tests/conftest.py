@@ -1,5 +1,9 @@
 """Shared fixtures. Storage: a real S3-compatible server (SeaweedFS, SigV4 auth) on loopback.
 
+`make test` runs two pytest-xdist workers with `--dist loadfile`: session fixtures (the S3
+server, Ray, the tiny model and runs) exist once per worker, and the tests of one file run on one
+worker in file order, so module fixtures and a file's test order hold as in a plain `pytest`.
+
 Tiers (`make test-unit`, `pytest -m unit|job|e2e`): every test is marked with the heaviest tier
 among the fixtures it uses (directly or through other fixtures) and the tier marks it carries:
 
@@ -101,8 +105,9 @@ def _start_ray(ray, metrics_port: int | None = None) -> None:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole pytest run (2 CPUs, every port on loopback): a start costs
-    seconds on 2 cores, so the job, evaluation and serving tests share it (each Serve test module
+    """One local Ray for the whole pytest run, or per worker under `make test`'s pytest-xdist
+    (2 CPUs, every port on loopback): a start costs seconds on 2 cores, so the job, evaluation and
+    serving tests share it (each Serve test module
     starts and stops Serve on it). Its workers' environment is fixed here, at the start: the
     serving tests' key and a 1 s metrics interval (metrics reach Prometheus within seconds)."""
     import ray

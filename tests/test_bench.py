@@ -2,7 +2,9 @@
 
 Each runs as `make bench` runs it, a script in a fresh interpreter (a tiny random model instead of
 a real one), and must end with `name=value` lines, headline last, and write its `--out` JSON. The
-figures of a smoke run mean nothing. The benchmarks that use Ray join the pytest session's Ray
+speed figures of a smoke run mean nothing; the integrity benchmarks' goals hold at any size, so
+their smoke runs are tests of them (`SMOKE_GOALS`: the chaos, outage, poison, resume, writers,
+forget and storage checks are tested here and nowhere else). The benchmarks that use Ray join the pytest session's Ray
 through RAY_ADDRESS (`jobs/bench/common.start_local_ray`) instead of starting their own: a Ray start
 costs 10 to 30 s on 2 loaded cores.
 """
@@ -22,6 +24,14 @@ pytestmark = pytest.mark.e2e
 
 BENCH = Path(__file__).resolve().parents[1] / "jobs" / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name != "common.py")
+
+
+SMOKE_GOALS = {
+    "job_integrity.py": {"integrity_violations": 0, "killed_actors": 1},
+    "integrity_store_checks.py": {"store_integrity_violations": 0},
+}
+"""Figures a smoke run must reach: 0 = exactly 0 (a goal-0 count), 1 = at least 1 (the chaos
+check really killed an actor, so its artifact comparison tested something)."""
 
 
 def test_every_benchmark_is_found():
@@ -52,4 +62,10 @@ def test_benchmark_runs_at_smoke_size(script, tmp_path, ray_session):
     assert last == lines[-1], f"the headline `name=value` line must come last, got {last!r}"
     headline = last.split("=", 1)[0]
     payload = json.loads(out.read_text())
-    assert headline in payload or headline in payload.get("figures", {}), sorted(payload)
+    figures = payload.get("figures", payload)
+    assert headline in figures, sorted(payload)
+    for name, goal in SMOKE_GOALS.get(script, {}).items():
+        value = figures[name]
+        assert (value == 0) if goal == 0 else (value >= goal), (
+            f"{script}: {name}={value}\n{done.stdout[-3000:]}"
+        )

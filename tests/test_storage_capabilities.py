@@ -115,6 +115,7 @@ def test_multipart_on_seaweedfs_round_trips_with_checksums(s3_store, monkeypatch
 def test_409_is_retried(moto_server):
     with S3Proxy(moto_server.endpoint_url) as proxy:
         store = _store_via(moto_server, proxy, retry_deadline_s=20)
+        store.list()  # bucket checked (and made) before the injected error, whatever ran first
         proxy.fail_next("PUT", 409, "ConditionalRequestConflict")
         store.put_bytes("m", b"first", if_absent=True)
         assert store.get_bytes("m") == b"first"
@@ -125,7 +126,7 @@ def test_409_is_retried(moto_server):
 def test_501_is_unsupported_not_an_outage(moto_server):
     with S3Proxy(moto_server.endpoint_url) as proxy:
         store = _store_via(moto_server, proxy, retry_deadline_s=20)
-        store.list()  # bucket checked before the injected error
+        store.list()  # bucket checked (and made) before the injected error, whatever ran first
         proxy.fail_next("PUT", 501, "NotImplemented", times=50)
         t0 = time.monotonic()
         with pytest.raises(StoreUnsupportedError, match="does not implement"):

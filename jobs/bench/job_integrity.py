@@ -240,19 +240,25 @@ def _raylet():
 
 
 def _kill_workers_every(seconds: float, stop: threading.Event, killed: list[int]) -> None:
-    """SIGKILL one map actor every `seconds` while it maps a partition (Ray titles an actor's
-    process after the method it runs: not `__init__`, the model load). Only this bench's Ray
-    (its raylet's workers): other Ray instances on the machine are left alone."""
+    """SIGKILL a map actor as soon as one has loaded its model, then one every `seconds` (Ray
+    titles an actor's process after the method it runs: not `__init__`, the model load; a tiny
+    job may map all its partitions between two ticks of `seconds`, so the actors are watched
+    every 50 ms). Only this bench's Ray (its raylet's workers): other Ray instances on the
+    machine are left alone."""
     import psutil
 
     raylet = _raylet()
-    while not stop.wait(seconds):
+    last_kill = -float("inf")
+    while not stop.wait(0.05):
+        if time.monotonic() - last_kill < seconds:
+            continue
         for p in raylet.children(recursive=True):
             try:
                 title = " ".join(p.cmdline())
                 if "PartitionWorker" in title and not title.rstrip().endswith("__init__"):
                     p.kill()
                     killed.append(p.pid)
+                    last_kill = time.monotonic()
                     break
             except psutil.Error:
                 continue
