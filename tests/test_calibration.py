@@ -6,7 +6,15 @@ import pytest
 import torch
 from tiny_models import embedded_tokenizer, tiny_llama
 
-from chameleon.core.calibration import answer_nll, choose, encode_answers, nll_curve, steering_edit
+from chameleon.core.calibration import (
+    UnitItems,
+    answer_nll,
+    choose,
+    encode_answers,
+    nll_curve,
+    steering_edit,
+    unit_curves,
+)
 from chameleon.core.edit import EditBank
 from chameleon.core.generation import chat_prompt
 
@@ -149,3 +157,30 @@ def test_candidates_share_the_prompt_prefix_and_score_as_whole_sequences(setup):
     assert curve["base"] == pytest.approx(
         _full_forward_nll(model, tok, prompts, answers, EditBank(64, [0]), 0)[0], abs=1e-5
     )
+
+
+def test_unit_curves_in_shared_batches_equal_each_units_own_curve(setup):
+    """Many units' candidates scored in shared batches (each answer under its own unit's row, a
+    bank of two units at a time) give each unit the curve `nll_curve` gives it alone, with and
+    without an offset under every candidate."""
+    model, tok = setup
+    g = torch.Generator().manual_seed(3)
+    texts = [*ANSWERS, "ok", "yes!! totally", "nope", "the end"]
+    units = [
+        UnitItems(torch.randn(64, generator=g), 2.0 + k, [chat_prompt(tok, p) for p in PROMPTS[: 1 + k % 2]],
+                  texts[k : k + 1 + k % 2])
+        for k in range(5)
+    ]  # fmt: skip
+    for offset in (None, torch.randn(64, generator=g)):
+        curves = unit_curves(model, tok, units, layer=1, strengths=[0.0, 0.5, 2.0], site="residual",
+                             offset=offset, batch_size=3, units_per_bank=2)  # fmt: skip
+        assert len(curves) == len(units)
+        for u, curve in zip(units, curves, strict=True):
+            alone = nll_curve(model, tok, u.prompts, u.answers, directions=u.direction[None],
+                              norms=torch.tensor([u.norm]), layers=[1], strengths=[0.0, 0.5, 2.0],
+                              site="residual", offset=offset)  # fmt: skip
+            assert curve.keys() == alone.keys() == {"base", "1:0.5", "1:2"}
+            for key in alone:
+                assert curve[key] == pytest.approx(alone[key], abs=1e-5), key
+        # The units differ, so a unit scored under another unit's row would show.
+        assert len({round(c["1:2"], 4) for c in curves}) == len(units)

@@ -117,7 +117,6 @@ def answer_nll(
     )[0]
 
 
-@torch.no_grad()
 def answer_nlls(
     model,
     tok,
@@ -129,21 +128,52 @@ def answer_nlls(
     batch_size: int = 16,
     changes: Sequence[list[float]] | None = None,
 ) -> list[float]:
-    """`answer_nll` for each bank row of `rows`, in one pass over the batches.
+    """`answer_nll` for each bank row of `rows` (every answer under the same row), in one pass."""
+    assignments = [[row] * len(prompts) for row in rows]
+    sums, counts = sequence_nlls(
+        model,
+        tok,
+        prompts,
+        answers,
+        bank=bank,
+        assignments=assignments,
+        batch_size=batch_size,
+        changes=changes,
+    )
+    total = max(sum(counts), 1)
+    return [sum(per_answer) / total for per_answer in sums]
+
+
+@torch.no_grad()
+def sequence_nlls(
+    model,
+    tok,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    bank: EditBank | None,
+    assignments: Sequence[Sequence[int]],
+    batch_size: int = 16,
+    changes: Sequence[list[float]] | None = None,
+) -> tuple[list[list[float]], list[int]]:
+    """Per answer, the summed NLL of its tokens under each assignment of bank rows, and its token
+    count: `assignments[i][j]` is the row edited into answer j under assignment i (0 = none),
+    from its prompt's last token onward. Rows may differ within a batch (the bank edits each
+    sequence with its own row), so the candidates of many units share one forward per batch.
 
     No row edits a position before its prompt's last token, so the positions every row of a batch
     has before that (the system prompt and the query, for all but the longest answer) are the
-    same under every edit: they run once per batch, and each row's forward starts from their KV
-    cache (a copy: the forward extends it). Per row, the batches are summed in the same order as
-    `answer_nll` alone would."""
+    same under every assignment: they run once per batch, and each assignment's forward starts
+    from their KV cache (a copy: the forward extends it). With `changes`, each edited
+    assignment's mean ‖Δh‖/‖h‖ of each batch is appended to `changes[i]`."""
     device = model_device(model)
     decoder = model.get_decoder()
     cache_kw = cache_argument(decoder)
-    totals, counts = [0.0] * len(rows), [0] * len(rows)
+    sums = [[0.0] * len(prompts) for _ in assignments]
+    counts = [0] * len(prompts)
     for start in range(0, len(prompts), batch_size):
-        ids, attention, answer_mask, first = encode_answers(
-            tok, prompts[start : start + batch_size], answers[start : start + batch_size]
-        )
+        stop = min(start + batch_size, len(prompts))
+        ids, attention, answer_mask, first = encode_answers(tok, prompts[start:stop], answers[start:stop])
         ids, attention, answer_mask = ids.to(device), attention.to(device), answer_mask.to(device)
         # Positions [0, cut) precede every row's edit (an edit starts at its prompt's last token).
         cut = max(int(first.min()) - 1, 0)
@@ -155,11 +185,14 @@ def answer_nlls(
         # Token t is predicted at position t-1; the vocabulary projection runs on answer positions only.
         predicting = answer_mask[:, cut + 1 :]
         targets = ids[:, cut + 1 :][predicting]
-        for i, row in enumerate(rows):
+        owner = torch.arange(len(ids), device=device)[:, None].expand_as(predicting)[predicting]
+        counts[start:stop] = predicting.sum(1).tolist()
+        for i, assignment in enumerate(assignments):
+            batch_rows = [int(r) for r in assignment[start:stop]]
             ratios = None
             with contextlib.ExitStack() as stack:
-                if bank is not None and row:
-                    bound = bank.bind([row] * len(ids)).from_position(first - 1 - cut)
+                if bank is not None and any(batch_rows):
+                    bound = bank.bind(batch_rows).from_position(first - 1 - cut)
                     ratios = bound.record_change() if changes is not None else None
                     stack.enter_context(bound.apply(model))
                 hidden = decoder(
@@ -169,14 +202,15 @@ def answer_nlls(
                     **{cache_kw: copy.deepcopy(prefix)},
                 ).last_hidden_state
             logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
-            totals[i] += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-            counts[i] += int(predicting.sum())
+            token_nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+            per_answer = torch.zeros(len(ids), dtype=torch.float64, device=device)
+            sums[i][start:stop] = per_answer.index_add_(0, owner, token_nll.double()).tolist()
             if changes is not None and ratios:
                 # A ratio is a mean over the positions the forward ran; rescaled to the whole
                 # sequence's (the unedited prefix adds zeros), as if it had run from position 0.
                 scale = (ids.shape[1] - cut) / ids.shape[1]
                 changes[i].extend(r * scale for values in ratios.values() for r in values)
-    return [t / max(c, 1) for t, c in zip(totals, counts, strict=True)]
+    return sums, counts
 
 
 def steering_edit(
@@ -221,23 +255,12 @@ def nll_curve(
     """
     if offset is not None and len(layers) != 1:
         raise ValueError("an offset calibrates candidates of one layer")
-    d = directions.shape[-1]
-    bank = EditBank(d, layers, site=site, max_rank=1, device=model_device(model))
-    base_row = 0
-    if offset is not None:
-        unit_offset = offset / offset.norm().clamp_min(1e-12)
-        base_row = bank.add(
-            steering_edit(layers[0], unit_offset, float(offset.norm()), 1.0, site=site, renorm=renorm)
-        )
+    bank = EditBank(directions.shape[-1], layers, site=site, max_rank=1, device=model_device(model))
+    base_row = _add_offset(bank, layers[0], offset, site=site, renorm=renorm)
     candidates = [(i, s) for i in range(len(layers)) for s in strengths if s > 0]
-
-    def vector(i: int, s: float) -> torch.Tensor:
-        step = s * float(norms[i]) * directions[i] / directions[i].norm().clamp_min(1e-12)
-        return step if offset is None else step + offset
-
     rows = bank.add_many(
         [
-            steering_edit(layers[i], vector(i, s), float(vector(i, s).norm()), 1.0, site=site, renorm=renorm)
+            candidate_edit(layers[i], directions[i], float(norms[i]), s, offset, site=site, renorm=renorm)
             for i, s in candidates
         ]
     )
@@ -250,6 +273,91 @@ def nll_curve(
     if change is not None:
         change.update({key: sum(r) / len(r) for key, r in zip(keys, ratios[1:], strict=True) if r})
     return curve
+
+
+@dataclass
+class UnitItems:
+    """One unit's own candidate direction and norm (at the layer calibrated), and its held-out items."""
+
+    direction: torch.Tensor
+    """[d]"""
+    norm: float
+    prompts: list[str]
+    answers: list[str]
+
+
+def unit_curves(
+    model,
+    tok,
+    units: Sequence[UnitItems],
+    *,
+    layer: int,
+    strengths: Sequence[float],
+    site: str,
+    offset: torch.Tensor | None = None,
+    renorm: bool = False,
+    batch_size: int = 16,
+    units_per_bank: int = 64,
+) -> list[dict[str, float]]:
+    """`nll_curve` of many units at one layer, each on its own items: the curve of unit u is that
+    of `nll_curve(u.prompts, u.answers, directions=u.direction[None], norms=[u.norm], ...)`. The
+    units' items run in shared batches, each answer under its own unit's candidate row, so a
+    thousand small units cost a few full batches per strength instead of a thousand tiny ones.
+    A bank holds `units_per_bank` units' candidates at a time (memory: units × strengths × d)."""
+    positive = [s for s in strengths if s > 0]
+    curves = []
+    for start in range(0, len(units), units_per_bank):
+        chunk = units[start : start + units_per_bank]
+        d = chunk[0].direction.shape[-1]
+        bank = EditBank(d, [layer], site=site, max_rank=1, device=model_device(model))
+        base_row = _add_offset(bank, layer, offset, site=site, renorm=renorm)
+        rows = bank.add_many(
+            [
+                candidate_edit(layer, u.direction, u.norm, s, offset, site=site, renorm=renorm)
+                for u in chunk
+                for s in positive
+            ]
+        )
+        owners = [k for k, u in enumerate(chunk) for _ in u.prompts]
+        prompts = [p for u in chunk for p in u.prompts]
+        answers = [a for u in chunk for a in u.answers]
+        assignments = [[base_row] * len(owners)]
+        assignments += [[rows[k * len(positive) + j] for k in owners] for j in range(len(positive))]
+        sums, counts = sequence_nlls(
+            model, tok, prompts, answers, bank=bank, assignments=assignments, batch_size=batch_size
+        )
+        for k in range(len(chunk)):
+            mine = [i for i, owner in enumerate(owners) if owner == k]
+            tokens = max(sum(counts[i] for i in mine), 1)
+            nll = [sum(per_answer[i] for i in mine) / tokens for per_answer in sums]
+            curves.append(
+                {"base": nll[0], **{f"{layer}:{s:g}": v for s, v in zip(positive, nll[1:], strict=True)}}
+            )
+    return curves
+
+
+def candidate_edit(
+    layer: int,
+    direction: torch.Tensor,
+    norm: float,
+    strength: float,
+    offset: torch.Tensor | None,
+    *,
+    site: str,
+    renorm: bool,
+) -> Edit:
+    """A candidate: `strength` × `norm` along `direction`, plus the fixed `offset` when given."""
+    step = strength * norm * direction / direction.norm().clamp_min(1e-12)
+    vector = step if offset is None else step + offset
+    return steering_edit(layer, vector, float(vector.norm()), 1.0, site=site, renorm=renorm)
+
+
+def _add_offset(bank: EditBank, layer: int, offset: torch.Tensor | None, *, site: str, renorm: bool) -> int:
+    """The bank row of the offset alone (every candidate's baseline); row 0 when there is none."""
+    if offset is None:
+        return 0
+    unit = offset / offset.norm().clamp_min(1e-12)
+    return bank.add(steering_edit(layer, unit, float(offset.norm()), 1.0, site=site, renorm=renorm))
 
 
 def choose(curve: dict[str, float], min_gain: float = 0.0) -> Calibration:

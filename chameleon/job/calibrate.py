@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from chameleon.config import ChameleonConfig
-from chameleon.core.calibration import Calibration, choose, nll_curve
+from chameleon.core.calibration import Calibration, UnitItems, choose, nll_curve, unit_curves
 from chameleon.core.devices import batch_size_for
 from chameleon.core.generation import chat_prompt
 from chameleon.core.model import model_device
@@ -167,41 +167,34 @@ def calibration_tasks(
 
 
 def calibrate_task(model, tok, task: GroupCalibrationTask, cfg: ChameleonConfig) -> Calibration:
-    """Score every (layer, strength) candidate of one group on its held-out texts; keep the best."""
+    """Score every (layer, strength) candidate of one group on its held-out texts; keep the best.
+    With members, each member's own residual strength on top of the group's choice."""
     if not task.texts:  # nothing held out: no evidence, so no edit
         return Calibration(layer=-1, strength=0.0, nll=float("nan"), base_nll=float("nan"), curve={})
+    settings = {
+        "strengths": cfg.edit.strengths,
+        "site": cfg.subspace.site,
+        "renorm": cfg.edit.form == "norm_preserving",
+        "batch_size": batch_size_for(cfg.synth.batch_size, model_device(model)),
+    }
     change: dict[str, float] = {}
-    curve = _curve(
-        model, tok, task.queries, task.texts, task.directions, task.norms, task, cfg, task.offset, change
-    )
+    curve = nll_curve(
+        model, tok, _prompts(tok, task.queries, cfg), task.texts, directions=task.directions, norms=task.norms,
+        layers=task.layers, offset=task.offset, change=change, **settings,
+    )  # fmt: skip
     calibration = choose(curve)
     calibration.change = change
     if task.members:  # each member's residual on top of the shared edit + the group's residual
         offset = task.offset + calibration.strength * float(task.norms[0]) * task.directions[0]
-        for m in task.members:
-            own = _curve(
-                model, tok, m.queries, m.texts, m.direction[None], torch.tensor([m.norm]), task, cfg, offset
-            )
-            calibration.members[m.user_id] = choose(own).strength
+        units = [UnitItems(m.direction, m.norm, _prompts(tok, m.queries, cfg), m.texts) for m in task.members]
+        curves = unit_curves(model, tok, units, layer=task.layers[0], offset=offset, **settings)
+        for m, member_curve in zip(task.members, curves, strict=True):
+            calibration.members[m.user_id] = choose(member_curve).strength
     return calibration
 
 
-def _curve(model, tok, queries, texts, directions, norms, task, cfg: ChameleonConfig, offset, change=None):
-    return nll_curve(
-        model,
-        tok,
-        [chat_prompt(tok, q, cfg.synth.system_prompt) for q in queries],
-        texts,
-        directions=directions,
-        norms=norms,
-        layers=task.layers,
-        strengths=cfg.edit.strengths,
-        site=cfg.subspace.site,
-        renorm=cfg.edit.form == "norm_preserving",
-        batch_size=batch_size_for(cfg.synth.batch_size, model_device(model)),
-        change=change,
-        offset=offset,
-    )
+def _prompts(tok, queries: Sequence[str], cfg: ChameleonConfig) -> list[str]:
+    return [chat_prompt(tok, q, cfg.synth.system_prompt) for q in queries]
 
 
 def calibrate_in_process(
