@@ -3,10 +3,10 @@
 Each runs as `make bench` runs it, a script in a fresh interpreter (a tiny random model instead of
 a real one), and must end with `name=value` lines, headline last, and write its `--out` JSON. The
 speed figures of a smoke run mean nothing; the integrity benchmarks' goals hold at any size, so
-their smoke runs are tests of them (`SMOKE_GOALS`: the chaos, outage, poison, resume, writers,
-forget and storage checks are tested here and nowhere else). The benchmarks that use Ray join the pytest session's Ray
-through RAY_ADDRESS (`jobs/bench/common.start_local_ray`) instead of starting their own: a Ray start
-costs 10 to 30 s on 2 loaded cores.
+their smoke runs are tests of them (`SMOKE_GOALS`; map actors killed mid-run and store outages
+mid-job are tested here only). The benchmarks that use Ray join the pytest session's Ray through
+RAY_ADDRESS (`jobs/bench/common.start_local_ray`) instead of starting their own: a Ray start costs
+10 to 30 s on 2 loaded cores.
 """
 
 from __future__ import annotations
