@@ -14,7 +14,8 @@ checks print as `name=value`, the headline last.
                   captured layers, input (first user deleted) or model weights:
                   stale_partitions_adopted, duplicate_users, records_lost, deleted_user_published
                   (all goal 0), resumes_refused
-    chaos         a Ray run whose map actors are SIGKILLed every --kill-every s: killed_actors,
+    chaos         a Ray run whose map actors are SIGKILLed, the first as soon as one has loaded
+                  its model, then one every --kill-every s: killed_actors (at least 1),
                   artifact_mismatches against a clean run (goal 0)
     poison        a partition that kills its actor every time: the job ends within the configured
                   retries: hung_jobs (goal 0), poison_job_s
