@@ -53,8 +53,11 @@ def users_file(tmp_path_factory) -> Path:
 
 
 def job_config(model_dir, **overrides):
+    # One map actor: each actor costs a process and a model load, and these tests are about the
+    # job's layout, rejects and resume (several actors: the answers test here, and the chaos
+    # check of jobs/bench/job_integrity.py).
     base = {
-        "job.num_actors": 2,
+        "job.num_actors": 1,
         "job.num_cpus_per_actor": 0.5,
         "job.users_per_partition": 2,
         "synth.answer_max_new_tokens": 12,
@@ -220,7 +223,7 @@ def test_answers_on_ray_equal_the_in_process_answers(ray_local, tiny_model_dir):
     from chameleon.core.model import load_model
     from chameleon.job.replicas import generate_answers_on_ray
 
-    cfg = job_config(tiny_model_dir, **{"job.torch_threads": 1})
+    cfg = job_config(tiny_model_dir, **{"job.torch_threads": 1, "job.num_actors": 2})
     model, tok = load_model(cfg.model)
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
