@@ -114,9 +114,9 @@ def _start_ray(ray, metrics_port: int | None = None) -> None:
 def ray_session():
     """One local Ray for the whole pytest run, or per worker under `make test`'s pytest-xdist
     (2 CPUs, every port on loopback): a start costs seconds on 2 cores, so the job, evaluation and
-    serving tests share it (each Serve test module
-    starts and stops Serve on it). Its workers' environment is fixed here, at the start: the
-    serving tests' key and a 1 s metrics interval (metrics reach Prometheus within seconds)."""
+    serving tests share it (each Serve test module starts and stops Serve on it). Its workers'
+    environment is fixed here, at the start: the serving tests' key and a 1 s metrics interval
+    (metrics reach Prometheus within seconds)."""
     import ray
 
     os.environ.update(

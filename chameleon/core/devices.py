@@ -10,8 +10,9 @@ Two separate decisions, so that each can be tested on any machine:
 - **the device** inside a replica (`core.model.pick_device`: cuda when torch sees one), and from it
   the batch size (`batch_size_for`).
 
-Nothing here imports Ray: `cluster_gpu_capacity` (in `job.replicas` and `serving.app`) reads the cluster's GPUs and
-the callers pass them in (and torch is imported only when a batch size is chosen).
+Nothing here imports Ray: `cluster_gpu_capacity` (in `job.replicas` and `serving.app`) reads the
+cluster's GPUs and the callers pass them in (and torch is imported only when a batch size is
+chosen).
 """
 
 from __future__ import annotations
