@@ -42,9 +42,11 @@ lint: install
 TEST_WORKERS ?= 2
 
 # Every test (the CI command): lint, then unit, job and e2e tiers in one pytest run over
-# $(TEST_WORKERS) workers; the 25 slowest tests are listed at the end.
+# $(TEST_WORKERS) workers, then the tests marked `alone` (latency comparisons) with nothing beside
+# them; each run lists its 25 slowest tests.
 test: lint
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not alone"
+	$(VENV)/bin/pytest -q -m alone
 
 # The fast signal (under 90 s): lint and the unit tier (no S3 server, no job run, no Ray, no real
 # model; tiers are set from the fixtures a test uses, tests/conftest.py).
