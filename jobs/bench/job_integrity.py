@@ -14,8 +14,7 @@ checks print as `name=value`, the headline last.
                   captured layers, input (first user deleted) or model weights:
                   stale_partitions_adopted, duplicate_users, records_lost, deleted_user_published
                   (all goal 0), resumes_refused
-    chaos         a Ray run whose map actors are SIGKILLed, the first as soon as one has loaded
-                  its model, then one every --kill-every s: killed_actors (at least 1),
+    chaos         a Ray run whose map actors are SIGKILLed every --kill-every s: killed_actors,
                   artifact_mismatches against a clean run (goal 0)
     poison        a partition that kills its actor every time: the job ends within the configured
                   retries: hung_jobs (goal 0), poison_job_s
@@ -241,25 +240,19 @@ def _raylet():
 
 
 def _kill_workers_every(seconds: float, stop: threading.Event, killed: list[int]) -> None:
-    """SIGKILL a map actor as soon as one has loaded its model, then one every `seconds` (Ray
-    titles an actor's process after the method it runs: not `__init__`, the model load; a tiny
-    job may map all its partitions between two ticks of `seconds`, so the actors are watched
-    every 50 ms). Only this bench's Ray (its raylet's workers): other Ray instances on the
-    machine are left alone."""
+    """SIGKILL one map actor every `seconds` while it maps a partition (Ray titles an actor's
+    process after the method it runs: not `__init__`, the model load). Only this bench's Ray
+    (its raylet's workers): other Ray instances on the machine are left alone."""
     import psutil
 
     raylet = _raylet()
-    last_kill = -float("inf")
-    while not stop.wait(0.05):
-        if time.monotonic() - last_kill < seconds:
-            continue
+    while not stop.wait(seconds):
         for p in raylet.children(recursive=True):
             try:
                 title = " ".join(p.cmdline())
                 if "PartitionWorker" in title and not title.rstrip().endswith("__init__"):
                     p.kill()
                     killed.append(p.pid)
-                    last_kill = time.monotonic()
                     break
             except psutil.Error:
                 continue
