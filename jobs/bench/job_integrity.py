@@ -14,7 +14,8 @@ checks print as `name=value`, the headline last.
                   captured layers, input (first user deleted) or model weights:
                   stale_partitions_adopted, duplicate_users, records_lost, deleted_user_published
                   (all goal 0), resumes_refused
-    chaos         a Ray run whose map actors are SIGKILLed every --kill-every s: killed_actors,
+    chaos         a Ray run whose map actors are SIGKILLed --kills times (the first as soon as one
+                  maps, then every --kill-every s): killed_actors,
                   artifact_mismatches against a clean run (goal 0)
     poison        a partition that kills its actor every time: the job ends within the configured
                   retries: hung_jobs (goal 0), poison_job_s
@@ -239,20 +240,25 @@ def _raylet():
     raise RuntimeError(f"no raylet with {flag} on this machine")
 
 
-def _kill_workers_every(seconds: float, stop: threading.Event, killed: list[int]) -> None:
-    """SIGKILL one map actor every `seconds` while it maps a partition (Ray titles an actor's
-    process after the method it runs: not `__init__`, the model load). Only this bench's Ray
-    (its raylet's workers): other Ray instances on the machine are left alone."""
+def _kill_workers_every(seconds: float, kills: int, stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL a map actor as soon as one maps a partition, then again every `seconds`, `kills`
+    times in all (Ray titles an actor's process after the method it runs, `PartitionWorker.map`:
+    the model load and the calibration are left alone). Looking every 50 ms, a run of a few
+    seconds still sees its kills; bounded, they cannot exhaust a partition's retries. Only this
+    bench's Ray (its raylet's workers): other Ray instances on the machine are left alone."""
     import psutil
 
     raylet = _raylet()
-    while not stop.wait(seconds):
+    next_kill = 0.0
+    while len(killed) < kills and not stop.wait(0.05):
+        if time.monotonic() < next_kill:
+            continue
         for p in raylet.children(recursive=True):
             try:
-                title = " ".join(p.cmdline())
-                if "PartitionWorker" in title and not title.rstrip().endswith("__init__"):
+                if "PartitionWorker.map" in " ".join(p.cmdline()):
                     p.kill()
                     killed.append(p.pid)
+                    next_kill = time.monotonic() + seconds
                     break
             except psutil.Error:
                 continue
@@ -270,7 +276,7 @@ def check_chaos(workdir: Path, args) -> dict:
     )
     clean = run_ray_job(users, s3_store(workdir, "clean"), "r", cfg)
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_workers_every, args=(args.kill_every, stop, killed))
+    killer = threading.Thread(target=_kill_workers_every, args=(args.kill_every, args.kills, stop, killed))
     killer.start()
     try:
         chaos = run_ray_job(users, s3_store(workdir, "chaos"), "r", cfg)
@@ -630,6 +636,7 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="checks to run (default: all)")
     p.add_argument("--users", type=int, default=24, help="users per job")
     p.add_argument("--kill-every", type=float, default=10.0, help="chaos: seconds between actor kills")
+    p.add_argument("--kills", type=int, default=3, help="chaos: actor kills in all")
     p.add_argument(
         "--poison-limit-s", type=float, default=300.0, help="poison: a job still running then is hung"
     )
@@ -648,8 +655,16 @@ def main() -> None:
     p.add_argument("--ccs-steps", type=int, default=100, help="random pairs: CCS steps of the reduce")
     p.add_argument("--reduce-child", help=argparse.SUPPRESS)
     # Smoke: the checks of this file (forget and storage have integrity_store_checks.py's smoke run)
-    # at a tiny size; one or two actor kills are enough to see the chaos check work.
-    smoke = {"users": 6, "kill_every": 4.0, "poison_users": 8, "mem_sizes": "40,80", "layers": 2, "pairs": 2}
+    # at a tiny size; two actor kills are enough to see the chaos check work.
+    smoke = {
+        "users": 6,
+        "kill_every": 2.0,
+        "kills": 2,
+        "poison_users": 8,
+        "mem_sizes": "40,80",
+        "layers": 2,
+        "pairs": 2,
+    }
     own_checks = [name for name in sorted(CHECKS) if name not in ("forget", "storage")]
     args = parse(
         p, {**smoke, "only": own_checks, "ccs_steps": 10, "poison_limit_s": 120.0, "poison_retries": 0}
@@ -670,6 +685,11 @@ def main() -> None:
         for server in _SERVERS.values():
             server.stop()
         stop_servers()
+        import ray
+
+        # Ray's notices of the killed actors reach this driver's stdout at any time while it is
+        # connected: disconnect first, so none can follow the headline line.
+        ray.shutdown()
     figures["wall_s"] = round(time.monotonic() - t0, 1)
     figures["integrity_violations"] = sum(figures.get(k, 0) for k in BAD_WHEN_ABOVE_0) + sum(
         1 - figures[k] for k in BAD_WHEN_BELOW_1 if k in figures
