@@ -63,7 +63,7 @@ bench: install
 	for b in jobs/bench/*.py; do case $$b in */common.py) continue;; esac; \
 		echo "== $$b"; $(PY) $$b || exit 1; done
 
-# Every benchmark at its smoke size (seconds each; tests/test_bench.py runs the same).
+# Every benchmark at its smoke size (seconds each; tests/test_bench_*.py runs the same).
 bench-smoke: install
 	for b in jobs/bench/*.py; do case $$b in */common.py) continue;; esac; \
 		echo "== $$b"; $(PY) $$b --smoke || exit 1; done

@@ -2,7 +2,7 @@
 
 Store outages (a real SeaweedFS paused with SIGSTOP mid-job: a short one ridden out, a long one
 failing cleanly with no manifest and `latest` kept) are the outage check of
-`jobs/bench/job_integrity.py`, which `tests/test_bench.py` runs and holds to its goals."""
+`jobs/bench/job_integrity.py`, which `tests/test_bench_job.py` runs and holds to its goals."""
 
 from __future__ import annotations
 

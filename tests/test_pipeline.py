@@ -1,7 +1,7 @@
 """The Ray job on a local Ray with SeaweedFS (real SigV4 auth): layout, rejects, resume.
 
 Map actors killed mid-run (the job still publishes a clean run's artifacts) are the chaos check
-of `jobs/bench/job_integrity.py`, which `tests/test_bench.py` runs and holds to its goals."""
+of `jobs/bench/job_integrity.py`, which `tests/test_bench_job.py` runs and holds to its goals."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny size that runs in seconds (tests/test_bench.py): checks that the script works; "
+        help="a tiny size that runs in seconds (tests/test_bench_*.py): checks that the script works; "
         "its figures mean nothing",
     )
     return p
@@ -83,7 +83,7 @@ def synthetic_user(i: int, items: int = 6, changed: bool = False) -> dict:
 def start_local_ray(num_cpus: int, tries: int = 6, log_to_driver: bool = True) -> None:
     """A local Ray for a benchmark's driver. Ray gives its raylet 30 s to start, too short on a
     loaded machine: a failed start is retried (`tries` in all). With RAY_ADDRESS set, the driver
-    joins that cluster instead (tests/test_bench.py: the pytest session's Ray)."""
+    joins that cluster instead (tests/test_bench_*.py: the pytest session's Ray)."""
     import ray
 
     if os.environ.get("RAY_ADDRESS"):

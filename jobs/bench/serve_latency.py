@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         "max_batch_size": args.max_batch_size,
         "num_cpus": args.num_cpus,
     }
-    # RAY_ADDRESS set: Serve runs on that cluster (tests/test_bench.py: the pytest session's Ray).
+    # RAY_ADDRESS set: Serve runs on that cluster (tests/test_bench_*.py: the pytest session's Ray).
     start_local_ray(num_cpus=max(2, int(args.num_cpus) + 1), log_to_driver=False)
     try:
         port = _free_port()

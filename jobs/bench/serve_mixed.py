@@ -314,7 +314,7 @@ def served_ratio(store, users, model_id: str, args) -> dict:
         num_cpus=args.num_cpus,
         max_ongoing_requests=max(256, 2 * args.concurrency),
     )
-    # RAY_ADDRESS set: Serve runs on that cluster (tests/test_bench.py: the pytest session's Ray).
+    # RAY_ADDRESS set: Serve runs on that cluster (tests/test_bench_*.py: the pytest session's Ray).
     start_local_ray(num_cpus=max(2, int(args.num_cpus) + 1), log_to_driver=False)
     try:
         port = _free_port()

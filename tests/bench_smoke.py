@@ -1,12 +1,15 @@
-"""Every benchmark in jobs/bench/ runs at its smoke size (`--smoke`), so none can break unseen.
+"""Running a benchmark of jobs/bench/ at its smoke size (`--smoke`), so none can break unseen.
 
-Each runs as `make bench` runs it, a script in a fresh interpreter (a tiny random model instead of
-a real one), and must end with `name=value` lines, headline last, and write its `--out` JSON. The
-speed figures of a smoke run mean nothing; the integrity benchmarks' goals hold at any size, so
-their smoke runs are tests of them (`SMOKE_GOALS`; map actors killed mid-run and store outages
-mid-job are tested here only). The benchmarks that use Ray join the pytest session's Ray through
-RAY_ADDRESS (`jobs/bench/common.start_local_ray`) instead of starting their own: a Ray start costs
-10 to 30 s on 2 loaded cores.
+`tests/test_bench_job.py` and `tests/test_bench_serving.py` run every script through
+`run_smoke`, a file each so that `make test`'s workers can take them side by side; every script
+belongs to exactly one (`tests/test_bench_job.py` checks). Each runs as `make bench` runs it, a
+script in a fresh interpreter (a tiny random model instead of a real one), and must end with
+`name=value` lines, headline last, and write its `--out` JSON. The speed figures of a smoke run
+mean nothing; the integrity benchmarks' goals hold at any size, so their smoke runs are tests of
+them (`SMOKE_GOALS`; map actors killed mid-run and store outages mid-job are tested there only).
+The benchmarks that use Ray join the pytest session's Ray through RAY_ADDRESS
+(`jobs/bench/common.start_local_ray`) instead of starting their own: a Ray start costs 10 to 30 s
+on 2 loaded cores.
 """
 
 from __future__ import annotations
@@ -18,13 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.e2e
-
 BENCH = Path(__file__).resolve().parents[1] / "jobs" / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name != "common.py")
-
 
 SMOKE_GOALS = {
     "job_integrity.py": {"integrity_violations": 0, "killed_actors": 1},
@@ -34,22 +32,15 @@ SMOKE_GOALS = {
 check really killed an actor, so its artifact comparison tested something)."""
 
 
-def test_every_benchmark_is_found():
-    assert {"reduce_speed.py", "serve_latency.py", "edit_overhead.py"} <= set(SCRIPTS)
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_benchmark_runs_at_smoke_size(script, tmp_path, ray_session):
-    out = tmp_path / "figures.json"
+def run_smoke(script: str, workdir: Path, ray_address: str) -> dict:
+    """Run `script --smoke` in `workdir`, joined to the Ray at `ray_address`; check its output
+    convention and `SMOKE_GOALS`; return its figures."""
+    out = workdir / "figures.json"
     env = {k: v for k, v in os.environ.items() if k != "CHAMELEON_API_KEY"}
-    env.update(
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
-    )
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS=ray_address)
     done = subprocess.run(
         [sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
-        cwd=tmp_path,
+        cwd=workdir,
         env=env,
         capture_output=True,
         text=True,
@@ -69,3 +60,4 @@ def test_benchmark_runs_at_smoke_size(script, tmp_path, ray_session):
         assert (value == 0) if goal == 0 else (value >= goal), (
             f"{script}: {name}={value}\n{done.stdout[-3000:]}"
         )
+    return figures
