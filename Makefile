@@ -37,17 +37,14 @@ lint: install
 	$(VENV)/bin/ruff format --check chameleon jobs tests
 
 # Test workers of `make test` (pytest-xdist; 0 = none, one process). Each worker has its own local
-# Ray and S3 server; the tests of one file run on one worker, in order. `TEST_WORKERS=2` takes
-# about 11 min instead of 17 on 2 cores, but a neighbour worker's load has failed timing-bound
-# tests there, so CI runs without workers.
-TEST_WORKERS ?= 0
+# Ray and S3 server; the tests of one file run on one worker, in order. Two take about 10 min on
+# 2 cores, against about 16 without workers.
+TEST_WORKERS ?= 2
 
-# Every test (the CI command): lint, then unit, job and e2e tiers in one pytest run over
-# $(TEST_WORKERS) workers, then the tests marked `alone` (latency comparisons) with nothing beside
-# them; each run lists its 25 slowest tests.
+# Every test (the CI command): lint, then the unit, job and e2e tiers over $(TEST_WORKERS) workers;
+# the run lists its 25 slowest tests.
 test: lint
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not alone"
-	$(VENV)/bin/pytest -q -m alone
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The fast signal (under 90 s): lint and the unit tier (no S3 server, no job run, no Ray, no real
 # model; tiers are set from the fixtures a test uses, tests/conftest.py).

@@ -1090,11 +1090,16 @@ def test_streams_aborted_at_random_points_release_their_rows(app):
 
 
 @pytest.mark.slow
-@pytest.mark.alone  # its p99 bound compares two load runs: a neighbour worker's load would skew one
 def test_store_pause_leaves_cached_and_base_requests_alone(app, client):
     """SIGSTOP the S3 server: requests for resident groups and the base model keep their latency
     (no 5xx); requests for groups that must be loaded get 503 + Retry-After within the admission
-    timeout. SIGCONT: those groups load again."""
+    timeout. SIGCONT: those groups load again.
+
+    Latency is compared by medians, and no request may take the admission timeout: a request that
+    waited on the store would take that long (and fail), and a decode loop that waited on a load
+    would slow every request, the median with them. A p99 of 18 requests is their slowest one,
+    which a neighbour test's load on a shared 2-core machine can decide alone (1.60 s against a
+    0.26 s baseline in a CI run)."""
     import statistics
 
     proc = app.s3._proc
@@ -1135,7 +1140,7 @@ def test_store_pause_leaves_cached_and_base_requests_alone(app, client):
     load()  # warm-up
     base = load()
     assert all(st == 200 for _, st, _, _ in base), [t for _, st, t, _ in base if st != 200]
-    p99_base = statistics.quantiles([t for t, *_ in base], n=100)[98]
+    base_s = [t for t, *_ in base]
     pgid = os.getpgid(proc.pid)
     os.killpg(pgid, signal.SIGSTOP)
     try:
@@ -1144,7 +1149,7 @@ def test_store_pause_leaves_cached_and_base_requests_alone(app, client):
         os.killpg(pgid, signal.SIGCONT)
     warm_res, cold_res = paused[: len(warm)], paused[len(warm) :]
     errors_5xx_cached = sum(st >= 500 for _, st, _, _ in warm_res)
-    p99_paused = statistics.quantiles([t for t, *_ in warm_res], n=100)[98]
+    paused_s = [t for t, *_ in warm_res]
     cold_ok = [
         st == 503
         and h.get("retry-after") == str(app.cfg.retry_after_s)
@@ -1153,13 +1158,18 @@ def test_store_pause_leaves_cached_and_base_requests_alone(app, client):
     ]
     leaked = sum(len(leaks(app, text, *cold)) for _, _, text, _ in cold_res)
     print(
-        f"errors_5xx_cached={errors_5xx_cached} cached_p99_base_s={p99_base:.3f} "
-        f"cached_p99_paused_s={p99_paused:.3f} cold_503_in_time={sum(cold_ok)}/{len(cold_ok)} leaked_fields={leaked}"
+        f"errors_5xx_cached={errors_5xx_cached} cached_median_base_s={statistics.median(base_s):.3f} "
+        f"cached_median_paused_s={statistics.median(paused_s):.3f} cached_max_paused_s={max(paused_s):.3f} "
+        f"cold_503_in_time={sum(cold_ok)}/{len(cold_ok)} leaked_fields={leaked}"
     )
     assert errors_5xx_cached == 0, [t for _, st, t, _ in warm_res if st >= 500]
     assert all(cold_ok), [(round(t, 2), st, text[:200]) for t, st, text, _ in cold_res]
     assert leaked == 0
-    assert p99_paused <= 2 * p99_base + 0.5, (p99_base, p99_paused)  # + slack for a shared 2-CPU box
+    assert max(paused_s) < app.cfg.admission_timeout_s, sorted(paused_s)
+    assert statistics.median(paused_s) <= 2 * statistics.median(base_s) + 0.25, (
+        sorted(base_s),
+        sorted(paused_s),
+    )
     # The store is back: a cold group is served once its failure (if any) has expired.
     deadline = time.monotonic() + app.cfg.edit_failure_ttl_s + 90
     while (st := timed({"group_id": cold[0]})[1]) != 200 and time.monotonic() < deadline:
