@@ -51,8 +51,7 @@ def fixture_tier(fixturenames) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark each test with its tier (see the module doc); files with e2e tests run first."""
-    file_tier: dict = {}
+    """Mark each test with its tier (see the module doc)."""
     for item in items:
         tiers = [fixture_tier(getattr(item, "fixturenames", ()))]
         tiers += [m.name for m in item.iter_markers() if m.name in TIERS]
@@ -60,11 +59,6 @@ def pytest_collection_modifyitems(config, items):
             tiers.append("e2e")
         tier = max(tiers, key=TIERS.index)
         item.add_marker(getattr(pytest.mark, tier))
-        file_tier[item.path] = max(file_tier.get(item.path, 0), TIERS.index(tier))
-    # Under `make test`'s two workers (`--dist loadfile`) the long files then start early and the
-    # short ones fill in, so both workers finish together. A stable sort on the file's heaviest
-    # tier: the tests of a file stay together and in order.
-    items.sort(key=lambda item: -file_tier[item.path])
 
 
 TEST_BUCKET = "chameleon-test"
