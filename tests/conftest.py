@@ -1,8 +1,9 @@
 """Shared fixtures. Storage: a real S3-compatible server (SeaweedFS, SigV4 auth) on loopback.
 
-`make test` runs two pytest-xdist workers with `--dist loadfile`: session fixtures (the S3
-server, Ray, the tiny model and runs) exist once per worker, and the tests of one file run on one
-worker in file order, so module fixtures and a file's test order hold as in a plain `pytest`.
+`make test` runs two pytest-xdist workers with `--dist loadfile --no-loadscope-reorder`: session
+fixtures (the S3 server, Ray, the tiny model and runs) exist once per worker, the tests of one
+file run on one worker in file order, so module fixtures and a file's test order hold as in a
+plain `pytest`, and the workers take the files in the order `pytest_collection_modifyitems` sets.
 
 Tiers (`make test-unit`, `pytest -m unit|job|e2e`): every test is marked with the heaviest tier
 among the fixtures it uses (directly or through other fixtures) and the tier marks it carries:
@@ -51,7 +52,10 @@ def fixture_tier(fixturenames) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark each test with its tier (see the module doc)."""
+    """Mark each test with its tier (see the module doc), and order the files for `make test`'s
+    workers (module doc)."""
+    file_tier: dict = {}
+    file_tests: dict = {}
     for item in items:
         tiers = [fixture_tier(getattr(item, "fixturenames", ()))]
         tiers += [m.name for m in item.iter_markers() if m.name in TIERS]
@@ -59,6 +63,12 @@ def pytest_collection_modifyitems(config, items):
             tiers.append("e2e")
         tier = max(tiers, key=TIERS.index)
         item.add_marker(getattr(pytest.mark, tier))
+        file_tier[item.path] = max(file_tier.get(item.path, 0), TIERS.index(tier))
+        file_tests[item.path] = file_tests.get(item.path, 0) + 1
+    # Files with e2e tests first, the fewest tests first among them (the whole-system scenarios, a
+    # test or two of a minute each), the unit files last to fill in: a long file handed out last
+    # would leave the other worker idle. A stable sort: a file's tests stay together and in order.
+    items.sort(key=lambda item: (-file_tier[item.path], file_tests[item.path]))
 
 
 TEST_BUCKET = "chameleon-test"
