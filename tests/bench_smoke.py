@@ -1,10 +1,11 @@
 """Running a benchmark of jobs/bench/ at its smoke size (`--smoke`), so none can break unseen.
 
-`tests/test_bench_job.py` and `tests/test_bench_serving.py` run every script through
-`run_smoke`, a file each so that `make test`'s workers can take them side by side; every script
-belongs to exactly one (`tests/test_bench_job.py` checks). Each runs as `make bench` runs it, a
-script in a fresh interpreter (a tiny random model instead of a real one), and must end with
-`name=value` lines, headline last, and write its `--out` JSON. The speed figures of a smoke run
+`tests/test_bench_job.py` runs the scripts of `JOB_BENCHES` through `run_smoke` and
+`tests/test_bench_serving.py` those of `SERVING_BENCHES`, a file each so that `make test`'s workers
+can take them side by side; every script is in exactly one list (`tests/test_bench_job.py`
+checks). Each runs as `make bench` runs it, a script in a fresh interpreter (a tiny random model
+instead of a real one), and must end with `name=value` lines, headline last, and write its
+`--out` JSON. The speed figures of a smoke run
 mean nothing; the integrity benchmarks' goals hold at any size, so their smoke runs are tests of
 them (`SMOKE_GOALS`; map actors killed mid-run and store outages mid-job are tested there only).
 The benchmarks that use Ray join the pytest session's Ray through RAY_ADDRESS
@@ -23,6 +24,27 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "jobs" / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name != "common.py")
+
+JOB_BENCHES = (
+    "calibration_speed.py",
+    "integrity_store_checks.py",
+    "job_integrity.py",
+    "job_scale.py",
+    "pipeline_scaling.py",
+    "reduce_speed.py",
+)
+"""Run by tests/test_bench_job.py."""
+
+SERVING_BENCHES = (
+    "demo_capacity.py",
+    "edit_overhead.py",
+    "serve_faults.py",
+    "serve_latency.py",
+    "serve_load.py",
+    "serve_mixed.py",
+    "style_capacity.py",
+)
+"""Run by tests/test_bench_serving.py."""
 
 SMOKE_GOALS = {
     "job_integrity.py": {"integrity_violations": 0, "killed_actors": 1},

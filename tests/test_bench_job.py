@@ -4,19 +4,9 @@ check that every benchmark has a smoke test here or in `tests/test_bench_serving
 from __future__ import annotations
 
 import pytest
-from bench_smoke import SCRIPTS, run_smoke
-from test_bench_serving import SERVING_BENCHES
+from bench_smoke import JOB_BENCHES, SCRIPTS, SERVING_BENCHES, run_smoke
 
 pytestmark = pytest.mark.e2e
-
-JOB_BENCHES = (
-    "calibration_speed.py",
-    "integrity_store_checks.py",
-    "job_integrity.py",
-    "job_scale.py",
-    "pipeline_scaling.py",
-    "reduce_speed.py",
-)
 
 
 def test_every_benchmark_has_one_smoke_test():

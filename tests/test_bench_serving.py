@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from bench_smoke import run_smoke
+from bench_smoke import SERVING_BENCHES, run_smoke
 
 pytestmark = pytest.mark.e2e
-
-SERVING_BENCHES = (
-    "demo_capacity.py",
-    "edit_overhead.py",
-    "serve_faults.py",
-    "serve_latency.py",
-    "serve_load.py",
-    "serve_mixed.py",
-    "style_capacity.py",
-)
 
 
 @pytest.mark.parametrize("script", SERVING_BENCHES)
