@@ -16,7 +16,7 @@ from chameleon.data.artifacts import RunReader
 from chameleon.dev.demo import example_users
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_job import FAULTS_ENV, run_ray_job
-from chameleon.job.run import hash_partition
+from chameleon.job.staging import hash_partition
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,6 @@
 """The run manifest as a typed contract: JSON round trip, old formats, refusals, the user-shard
-codec, and artifacts that are byte-identical for the same input and config."""
+codec (`data.user_shards`) that the manifest lists, and artifacts that are byte-identical for the
+same input and config."""
 
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ from chameleon.data.manifest import (
     GroupEntry,
     ManifestError,
     RunManifest,
-    user_shard_edit,
-    user_shard_tensors,
 )
 from chameleon.data.published import PublishedRun
 from chameleon.data.storage import LocalStore
+from chameleon.data.user_shards import user_shard_edit, user_shard_tensors
 
 
 def _edit(seed: int, form: str, layers=(1, 2), r: int = 2, d: int = 8) -> Edit:

@@ -182,7 +182,8 @@ def test_ray_driver_maps_a_partition_in_which_every_user_failed_again(
 ):
     """A partition whose users all failed (say, on a broken actor) is not adopted by a rerun."""
     from chameleon.data.artifacts import RunWriter
-    from chameleon.job.run import hash_partition, write_partition
+    from chameleon.job.run import write_partition
+    from chameleon.job.staging import hash_partition
     from chameleon.job.tables import pairs_to_tables
 
     users = [

@@ -15,7 +15,7 @@ from chameleon.config import ChameleonConfig
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.inputs import expand_input, prepare_input
 from chameleon.job.ray_input import DUPLICATES, read_staged, rejects_key, stage_input
-from chameleon.job.run import hash_partition
+from chameleon.job.staging import hash_partition
 
 
 def _user(i: int, **extra) -> dict:

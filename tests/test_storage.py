@@ -227,11 +227,25 @@ def test_pickled_s3_store_works_and_carries_no_client(s3_store):
     s3_store.put_bytes("before.txt", b"1")  # the client exists now
     data = pickle.dumps(s3_store)
     copy = pickle.loads(data)
-    assert copy._client is None
+    assert copy._shared.client is None
     assert copy.get_bytes("before.txt") == b"1"
     copy.put_bytes("after.txt", b"2")
     assert s3_store.list() == ["after.txt", "before.txt"]
     assert s3_store.secret_key not in repr(s3_store)
+
+
+def test_children_made_before_first_use_share_one_client(s3_store, monkeypatch):
+    """A Ray task gets a pickled store (no client) and opens a child per file it writes: they must
+    share one client, not build one each (about 0.2 s apiece: 40 staged partitions took 8 s)."""
+    fresh = pickle.loads(pickle.dumps(s3_store))
+    made = []
+    make = type(fresh)._make_client
+    monkeypatch.setattr(type(fresh), "_make_client", lambda self: made.append(1) or make(self))
+    children = [fresh.child(f"part-{k}") for k in range(5)]
+    for k, child in enumerate(children):
+        child.put_bytes("x.txt", str(k).encode())
+    assert [fresh.child(f"part-{k}").get_bytes("x.txt") for k in range(5)] == [b"0", b"1", b"2", b"3", b"4"]
+    assert len(made) == 1
 
 
 def test_large_object_goes_multipart(s3_store, monkeypatch):

@@ -2,6 +2,10 @@
 
 Edits are only valid on the model they were computed on. A run records the fingerprint of its
 model; serving and evaluation refuse a run whose fingerprint differs from the loaded model's.
+
+The record and its comparison are read by the data layer, down to the Ray Data tasks that read a
+job's input; only hashing a loaded model needs torch, so torch and the model helpers are imported
+there, when a model is fingerprinted.
 """
 
 from __future__ import annotations
@@ -11,10 +15,6 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
-
-import torch
-
-from chameleon.core.model import decoder_layers, hidden_size, num_layers
 
 
 class ModelMismatchError(ValueError):
@@ -98,6 +98,8 @@ def config_sha256(config: Any) -> str:
 
 def _fingerprint_tensors(model: Any) -> list[tuple[str, Any]]:
     """The input embedding, every parameter of the last decoder layer, in a fixed order."""
+    from chameleon.core.model import decoder_layers
+
     chosen: list[tuple[str, Any]] = []
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is not None and getattr(embed, "weight", None) is not None:
@@ -121,6 +123,8 @@ def weights_sha256(model: Any) -> str:
     of weights (another seed, a fine-tune) changes far more than bfloat16 rounding hides. At most
     `_SAMPLE_ELEMENTS` values per tensor are read: cheap even for an 8B model.
     """
+    import torch
+
     h = hashlib.sha256()
     with torch.no_grad():
         for name, param in _fingerprint_tensors(model):
@@ -136,6 +140,8 @@ def weights_sha256(model: Any) -> str:
 
 def fingerprint_model(model: Any, model_id: str) -> ModelFingerprint:
     """Identify a loaded causal LM: config hash, weight-sample hash, hidden size, layer count."""
+    from chameleon.core.model import hidden_size, num_layers
+
     return ModelFingerprint(
         model_id=str(model_id),
         config_sha256=config_sha256(model.config),

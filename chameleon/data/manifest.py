@@ -18,21 +18,17 @@ Versions:
      edit (the only form when the field did not exist). Read: the missing fields take those values.
   3  files in attempt folders, each entry names its object in `key` (what the job writes today).
 
-The user-shard codec lives here too (`user_shard_tensors` / `user_shard_edit`): a run's user
-edits are written and read by these two functions only.
+The users' own edits are written and read by `data.user_shards`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from chameleon.config import ChameleonConfig, EditConfig
-from chameleon.core.edit import Edit
 from chameleon.core.fingerprint import ModelFingerprint
 from chameleon.data.ids import is_valid_id
 
@@ -269,42 +265,3 @@ class RunManifest(_Part):
         except ValueError as exc:
             raise ManifestError(f"run {run_id!r}: manifest.json is not valid JSON ({exc})") from None
         return cls.from_dict(data, run_id=run_id)
-
-
-# -- the user-shard codec -------------------------------------------------------------------------
-
-
-def user_shard_tensors(
-    edits: Sequence[Edit], *, ccs_loss: torch.Tensor, has_edit: torch.Tensor, n_pairs_kept: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """One user shard: the users' own edits stacked (every user of a run has edits of one shape and
-    form), with their CCS losses, whether each has an edit, and their kept pair counts."""
-    forms = {e.form for e in edits}
-    if len(forms) != 1:
-        raise ValueError(f"a user shard holds edits of one form, got {sorted(forms)}")
-    tensors = {
-        "layers": torch.tensor([e.layers for e in edits], dtype=torch.int64),
-        "theta_p": torch.stack([e.theta_p for e in edits]).contiguous(),
-        "theta_n": torch.stack([e.theta_n for e in edits]).contiguous(),
-        "mean": torch.stack([e.mean for e in edits]).contiguous(),
-        "ccs_loss": ccs_loss.contiguous(),
-        "has_edit": has_edit.to(torch.uint8),
-        "n_pairs_kept": n_pairs_kept,
-    }
-    if edits[0].steer is not None:
-        tensors["steer"] = torch.stack([e.steer for e in edits]).contiguous()  # type: ignore[misc]
-        tensors["renorm"] = torch.tensor(int(edits[0].renorm), dtype=torch.uint8)
-    return tensors
-
-
-def user_shard_edit(tensors: dict[str, torch.Tensor], row: int, site: str) -> Edit:
-    """The edit of the user in `row` of a shard written by `user_shard_tensors`."""
-    return Edit(
-        layers=tensors["layers"][row].tolist(),
-        theta_p=tensors["theta_p"][row],
-        theta_n=tensors["theta_n"][row],
-        mean=tensors["mean"][row],
-        site=site,
-        steer=tensors["steer"][row] if "steer" in tensors else None,
-        renorm=bool(int(tensors["renorm"])) if "renorm" in tensors else False,
-    )

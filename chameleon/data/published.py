@@ -19,7 +19,7 @@ from chameleon.core import subspace
 from chameleon.core.edit import Edit
 from chameleon.data.artifacts import RunReader
 from chameleon.data.layout import ASSIGNMENTS, CENTROIDS, group_key, user_shard_key
-from chameleon.data.manifest import user_shard_edit
+from chameleon.data.user_shards import user_shard_edit
 
 LEVELS = ("none", "group", "user")
 GROUP_PARTS = ("global_steer", "group_steer")

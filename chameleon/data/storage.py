@@ -295,6 +295,16 @@ _ACCESS_CODES = {
 }
 
 
+class _ClientSlot:
+    """Where an `S3Store` and its children keep the one boto3 client they share (made on first
+    use): a child made before that use still finds it, so a task that opens many children of a
+    store it was handed pays for one client and one bucket check, not one per child."""
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.lock = threading.Lock()
+
+
 class S3Store(Store):
     """Objects under `s3://bucket/prefix` through boto3.
 
@@ -361,20 +371,18 @@ class S3Store(Store):
         """`native`: `if_absent` sends `If-None-Match: *` and the server enforces it; `emulated`
         (single-writer mode on a server that does not enforce it): a HEAD before the write, which
         only protects against writers that run one after another."""
-        self._client: Any = None
-        self._lock = threading.Lock()
+        self._shared = _ClientSlot()
 
     # Pickling: the client (sockets, locks) stays behind; the copy builds its own on first use.
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_client"] = None
-        state["_lock"] = None
+        state["_shared"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._shared = _ClientSlot()
 
     def __repr__(self) -> str:
         # Never the secret key.
@@ -387,13 +395,14 @@ class S3Store(Store):
     @property
     def client(self) -> Any:
         """The boto3 S3 client (created, and the bucket checked, on first use)."""
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
+        slot = self._shared
+        if slot.client is None:
+            with slot.lock:
+                if slot.client is None:
                     client = self._make_client()
                     self._check_bucket(client)
-                    self._client = client
-        return self._client
+                    slot.client = client
+        return slot.client
 
     def _make_client(self) -> Any:
         import boto3
@@ -619,15 +628,16 @@ class S3Store(Store):
 
     def child(self, prefix: str) -> S3Store:
         prefix = _child_prefix(prefix)
-        # A shallow copy shares the (thread-safe) client and its one bucket check.
+        # A shallow copy shares the client slot: one (thread-safe) client and one bucket check for
+        # a store and all its children, even when the client is made after the copy.
         new = copy.copy(self)
         new.prefix = join_key(self.prefix, prefix)
         return new
 
     def __copy__(self) -> S3Store:
+        # Not through `__getstate__`, which leaves the client behind for a pickled copy.
         new = object.__new__(S3Store)
         new.__dict__.update(self.__dict__)
-        new._lock = threading.Lock()
         return new
 
 

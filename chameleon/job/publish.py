@@ -32,8 +32,8 @@ from chameleon.data.manifest import (
     GroupEntry,
     ModelInfo,
     RunManifest,
-    user_shard_tensors,
 )
+from chameleon.data.user_shards import user_shard_tensors
 from chameleon.job import compose
 from chameleon.job.reduce import Reduced
 from chameleon.job.reduce_stream import reduce_partitions

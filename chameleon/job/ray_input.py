@@ -4,7 +4,7 @@
         (`data.inputs.prepare_input`), writes its rejects (`rejects/file-F.jsonl`, with reasons)
       ─ ids only: a groupby count finds ids accepted in more than one record (all copies rejected,
         `rejects/duplicates.jsonl`, as for one file)
-      ─ the accepted records, keyed by a stable hash of the user id (`job.run.hash_partition`),
+      ─ the accepted records, keyed by a stable hash of the user id (`job.staging.hash_partition`),
         grouped per partition: each group's records, sorted by id, are written to the run's
         attempt folder (`inputs/part-K.jsonl`) for the map actors to read
 
@@ -32,7 +32,7 @@ from chameleon.data.artifacts import RunWriter
 from chameleon.data.inputs import expand_input, prepare_input
 from chameleon.data.schema import Reject, json_safe
 from chameleon.data.storage import Store
-from chameleon.job.run import StagedInput, hash_partition, jsonl_safe_rows
+from chameleon.job.staging import StagedInput, hash_partition, jsonl_safe_rows
 
 DUPLICATES = "rejects/duplicates.jsonl"
 

@@ -16,7 +16,6 @@ mapped (a partition in which every user failed, e.g. on a broken actor, is mappe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -46,37 +45,14 @@ from chameleon.job.publish import Calibrate, JobFailedError, reduce_and_publish
 from chameleon.job.refresh import RefreshSource, check_source_model, open_source
 from chameleon.job.spec import build_spec, check_refresh_source, check_spec, input_summary
 from chameleon.job.stages import candidate_layers
+from chameleon.job.staging import StagedInput, jsonl_safe_rows
 from chameleon.job.tables import pairs_to_tables
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StagedInput:
-    """An input read and validated off the driver (`job.ray_input`): counts, and per partition
-    its user ids and where its validated records were staged."""
-
-    records: int
-    rejected: int
-    partition_ids: list[list[str]]
-    inputs: list[dict[str, Any] | None]
-    """per partition: the {key, sha256} of its staged records (`inputs/part-K.jsonl`)"""
-    sha256: str = ""
-    """digest of every accepted record (of the partitions' digests)"""
-
-
 StageInput = Callable[[RunWriter], StagedInput]
 """Reads the input into a run's attempt folder (the Ray driver's `job.ray_input.stage_input`)."""
-
-
-def hash_partition(user_id: str, n_partitions: int) -> int:
-    """A user's partition by a stable hash of the id: the same whatever the rest of the input."""
-    return int.from_bytes(hashlib.sha256(user_id.encode("utf-8")).digest()[:8], "big") % n_partitions
-
-
-def jsonl_safe_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows that JSON can always carry (repr of anything it cannot)."""
-    return [json.loads(json.dumps(r, default=repr)) for r in rows]
 
 
 @dataclass
