@@ -32,6 +32,7 @@ from chameleon.evaluation.cache import PredictionCache
 from chameleon.evaluation.cli import add_eval_parser, eval_config, eval_settings
 from chameleon.evaluation.lamp import LAMP7_PROMPT, LampQuestion
 from chameleon.evaluation.names import ABLATIONS, EVAL_SYNTH_DEFAULTS, METHODS
+from chameleon.evaluation.report import write_report
 from chameleon.evaluation.runner import run_evaluation
 from chameleon.evaluation.scoring import goal_verdict, paired_comparison, score_methods
 from chameleon.evaluation.settings import EvalSettings
@@ -406,6 +407,12 @@ def test_run_evaluation_end_to_end(tmp_path, fake_lamp, tiny_model_dir, monkeypa
     assert (
         f"{os.cpu_count()} CPU cores visible" in report and "shared CPU" not in report
     )  # measured, not assumed
+    assert "Reported users: **4** (file positions 500..503, never used for tuning)" in report
+    # A validation run (held-out tuning users) never reads as a report on never-used users.
+    (out / "results.json").write_text(json.dumps({**saved, "phase": "validation (held-out tuning users)"}))
+    validation_report = write_report(out).read_text()
+    assert "**Validation run**" in validation_report and "never used for tuning" not in validation_report
+    (out / "results.json").write_text(json.dumps(saved))
 
     # Resume: a second run reads every answer from the cache and the runs from the store.
     def no_generation(*a, **k):

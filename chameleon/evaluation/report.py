@@ -224,9 +224,15 @@ def write_report(out_dir: str | Path) -> Path:
     L: list[str] = []
     L.append(f"# LaMP-7 evaluation: {res['model']}\n")
     u = res["users"]
+    scored = f"file positions {u['reported_positions'][0]}..{u['reported_positions'][1] - 1}"
+    tuning = f"Tuning users: positions {u['tuning_positions'][0]}..{u['tuning_positions'][1] - 1}.\n"
     L.append(
-        f"Reported users: **{res['n_users']}** (file positions {u['reported_positions'][0]}..{u['reported_positions'][1] - 1}, "
-        f"never used for tuning). Tuning users: positions {u['tuning_positions'][0]}..{u['tuning_positions'][1] - 1}.\n"
+        # A validation run scores held-out tuning users: decisions may be taken on it, so it must
+        # never read as a report on never-used users.
+        f"**Validation run**: scored users **{res['n_users']}** ({scored}) are held-out *tuning* users, "
+        f"not reported ones. {tuning}"
+        if res.get("phase", "reported") != "reported"
+        else f"Reported users: **{res['n_users']}** ({scored}, never used for tuning). {tuning}"
     )
     g = res.get("goal", {})
     if g.get("evaluated"):
