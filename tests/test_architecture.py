@@ -193,37 +193,35 @@ def test_every_subpackage_is_a_regular_package():
     assert (PACKAGE / "__init__.py").is_file()
 
 
+def _heavy_modules_after(code: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of `heavy` a fresh interpreter has imported after running `code`."""
+    probe = f"{code}\nimport sys\nprint('HEAVY', [m for m in {heavy!r} if m in sys.modules])\n"
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next((x for x in out.stdout.splitlines() if x.startswith("HEAVY ")), None)
+    assert line is not None, out.stdout[-500:]
+    return ast.literal_eval(line.removeprefix("HEAVY "))
+
+
 def test_help_imports_neither_torch_nor_ray():
     code = (
-        "import sys\n"
         "from chameleon.cli import build_parser\n"
         "for cmd in ([], ['personalize'], ['demo'], ['serve'], ['eval']):\n"
         "    try:\n"
         "        build_parser().parse_args([*cmd, '--help'])\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "heavy = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]\n"
-        "print('HEAVY', heavy)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    assert _heavy_modules_after(code, ("torch", "ray", "transformers")) == []
 
 
 def test_the_input_tasks_import_neither_torch_nor_transformers():
     """Ray Data's input tasks import `job.ray_input` in every worker that runs one: with torch and
     transformers behind it, each worker's start cost seconds (the input stage of a 1,000-user
     job took 17 s on 2 cores instead of 4)."""
-    code = (
-        "import sys\n"
-        "import chameleon.job.ray_input\n"
-        "print('HEAVY', [m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules])\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    code = "import chameleon.job.ray_input"
+    assert _heavy_modules_after(code, ("torch", "transformers", "safetensors")) == []
 
 
 def _manifest_key_reads(path: Path) -> list[str]:
