@@ -1,9 +1,9 @@
 """How a run's input is cut into partitions, and the record of an input staged off the driver.
 
-Both drivers place a user by `hash_partition`. The Ray driver's input tasks (`job.ray_input`) run
-in Ray Data workers, which import that module and this one: neither may import torch or the
-model, which would add seconds to every worker's start (the input stage of a 1,000-user job took
-17 s instead of a few when they did).
+The Ray driver places a user by `hash_partition` (the in-process driver keeps input order). Its
+input tasks (`job.ray_input`) run in Ray Data workers, which import that module and this one:
+neither may import torch or the model, which would add seconds to every worker's start (the input
+stage of a 1,000-user job took 17 s instead of a few when they did).
 """
 
 from __future__ import annotations
