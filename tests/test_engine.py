@@ -161,8 +161,12 @@ def test_stream_gathers_chunks_and_abort_frees_the_row(model, tok):
     ids = tok(chat_prompt(tok, "hello"), add_special_tokens=False).input_ids
 
     async def main():
-        chunks = []
-        async for chunk in engine.stream(gen_item(ids, 30, ignore_eos=True), None):
+        stream = engine.stream(gen_item(ids, 30, ignore_eos=True), None)
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # the stream submits its request and waits for the first token
+        time.sleep(0.5)  # hold the event loop while the engine decodes several tokens
+        chunks = [await first]
+        async for chunk in stream:
             chunks.append(chunk)
         # An aborted stream leaves the batch: the engine goes idle.
         agen = engine.stream(gen_item(ids, 1000, ignore_eos=True), None)
@@ -178,7 +182,7 @@ def test_stream_gathers_chunks_and_abort_frees_the_row(model, tok):
         chunks = asyncio.run(main())
     finally:
         engine.stop()
-    assert len(chunks[0]) == 1, "the first token is sent at once"
+    assert len(chunks[0]) == 1, "the first token is sent alone, at once, however many are ready"
     assert sum(len(c) for c in chunks) == 30 and len(chunks) < 30, "later tokens are gathered"
     assert chunks[-1][-1].finish_reason == "length"
     assert engine.counts() == {"running": 0, "waiting": 0}

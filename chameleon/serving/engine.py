@@ -210,8 +210,9 @@ class Engine:
     async def stream(
         self, item: GenItem, bank: EditBank | None, interval_s: float | None = None
     ) -> AsyncIterator[list[Delta]]:
-        """Generate one sequence: lists of deltas, the first at once, then one list per interval;
-        the last delta of the last list carries the finish reason. Leaving early aborts the row."""
+        """Generate one sequence: lists of deltas, the first token alone and at once, then one list
+        per interval; the last delta of the last list carries the finish reason. Leaving early
+        aborts the row."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
@@ -228,11 +229,12 @@ class Engine:
         try:
             while not done:
                 got = [await queue.get()]
-                if not first and interval > 0 and not _ends(got[-1]):
-                    await asyncio.sleep(interval)  # gather what the next steps produce
+                if not first:  # the first token goes out alone, at once; later ones are gathered
+                    if interval > 0 and not _ends(got[-1]):
+                        await asyncio.sleep(interval)  # gather what the next steps produce
+                    while not _ends(got[-1]) and not queue.empty():
+                        got.append(queue.get_nowait())
                 first = False
-                while not _ends(got[-1]) and not queue.empty():
-                    got.append(queue.get_nowait())
                 if isinstance(got[-1], BaseException):
                     raise got[-1]
                 done = got[-1].finish_reason is not None
