@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from chameleon.evaluation import attribution, recompute
-from chameleon.evaluation.capacity import MARKER_INSTRUCTIONS, _prompts, marker_shares
+from chameleon.evaluation.capacity import MARKER_INSTRUCTIONS, instructed_prompts, marker_shares
 from chameleon.evaluation.personalization import (
     closeness_adjusted_gain,
     figures_from_per_user,
@@ -303,11 +303,11 @@ def test_report_section_rows(tmp_path):
 
 
 def test_capacity_prompts_carry_the_instruction_where_asked():
-    msgs, system = _prompts(["tweet a"], "SYS", "hashtag", "system")
+    msgs, system = instructed_prompts(["tweet a"], "SYS", "hashtag", "system")
     assert msgs == ["tweet a"] and system == "SYS " + MARKER_INSTRUCTIONS["hashtag"]
-    msgs, system = _prompts(["tweet a"], "SYS", "hashtag", "user")
+    msgs, system = instructed_prompts(["tweet a"], "SYS", "hashtag", "user")
     assert msgs == ["tweet a\n\n" + MARKER_INSTRUCTIONS["hashtag"]] and system == "SYS"
-    assert _prompts(["tweet a"], "SYS", None, "user") == (["tweet a"], "SYS")
+    assert instructed_prompts(["tweet a"], "SYS", None, "user") == (["tweet a"], "SYS")
     shares = marker_shares(["#a :)", "Plain", "i think so..."])
     assert shares["hashtag"] == pytest.approx(1 / 3) and shares["punct_run"] == pytest.approx(1 / 3)
     assert shares["lower_start"] == pytest.approx(1 / 3) and shares["elongation"] == 0.0

@@ -21,7 +21,7 @@ from chameleon.evaluation.metrics import bootstrap_ci
 from chameleon.evaluation.names import NO_PREAMBLE
 from chameleon.evaluation.scoring import postprocess
 
-__all__ = ["MARKER_INSTRUCTIONS", "PLACEMENTS", "marker_shares", "measure_capacity"]
+__all__ = ["MARKER_INSTRUCTIONS", "PLACEMENTS", "instructed_prompts", "marker_shares", "measure_capacity"]
 
 MARKER_INSTRUCTIONS: dict[str, str] = {
     "lower_start": "Write it in all lowercase letters, like a casual tweet: no capital letters at all.",
@@ -45,7 +45,11 @@ def marker_shares(answers: Sequence[str]) -> dict[str, float]:
     return {m: sum(f[m] for f in flags) / len(flags) for m in MARKERS}
 
 
-def _prompts(messages: Sequence[str], system: str | None, marker: str | None, placement: str):
+def instructed_prompts(
+    messages: Sequence[str], system: str | None, marker: str | None, placement: str
+) -> tuple[list[str], str | None]:
+    """The user messages and system turn with ``marker``'s instruction at ``placement`` (None: as
+    they are)."""
     if marker is None:
         return list(messages), system
     instruction = MARKER_INSTRUCTIONS[marker]
@@ -82,7 +86,7 @@ def measure_capacity(
         raise ValueError("no messages")
 
     def answer(marker: str | None, placement: str) -> list[str]:
-        msgs, sys_turn = _prompts(messages, system, marker, placement)
+        msgs, sys_turn = instructed_prompts(messages, system, marker, placement)
         raw = generate_answers(
             model, tok, msgs, system=sys_turn, max_new_tokens=max_new_tokens, batch_size=batch_size
         )

@@ -1,16 +1,28 @@
 """Style capacity of a model on LaMP-7 tuning users: the share of answers carrying each style marker
 when the prompt asks for it outright (the ceiling any personalization can reach on that model).
 
-    python jobs/bench/style_capacity.py [--users 0:48] [--model ID] [--lamp-dir DIR] [--out FILE] [--smoke]
+    python jobs/bench/style_capacity.py [--users 0:48] [--derive-users 48:96] [--model ID]
+        [--edit-layers 3,6,...] [--edit-strengths 0.1,0.2,...] [--lamp-dir DIR] [--out FILE] [--smoke]
 
 The evaluation's prompt (no-preamble system turn, the LaMP input as the user turn), greedy, the
 evaluation's answer clean-up; one instruction per marker (`evaluation.capacity.MARKER_INSTRUCTIONS`)
 appended to the system turn or after the user's message. Prints per marker the share without an
 instruction, with it at each placement, and the capacity (the larger); the golds' share of the same
-users beside it (what the users themselves write). Only tuning users (positions < 500) are
-accepted. The headline counts the markers whose instructed share's 95 % interval lies above the
-share without instruction. The JSON (`--out`) holds figures only, no LaMP text. `--smoke`: the
-tiny random model on three built-in tweets (no LaMP data), 4 new tokens: checks the script only.
+users beside it (what the users themselves write).
+
+Then the same markers under an edit instead of an instruction (`evaluation.edit_capacity`): the
+change each instruction makes to the residual stream at the prompt's last position, averaged over
+the `--derive-users`' prompts, added at every layer of `--edit-layers` (default every third layer
+from 3) at each of `--edit-strengths`, while the model answers the `--users`' inputs unasked.
+Printed per marker: the largest share among the strengths whose answers keep a mean ROUGE-L to the
+input tweet of at least `--min-closeness` (`{marker}_edit_capacity`) and that strength
+(`{marker}_edit_at`, 0 when none beat no edit); `markers_carried_by_edit` counts the markers whose
+share at that strength has its 95 % interval above the share without an edit.
+
+Only tuning users (positions < 500) are accepted. The headline counts the markers whose instructed
+share's 95 % interval lies above the share without instruction. The JSON (`--out`) holds figures
+and shares only, no LaMP text. `--smoke`: the tiny random model on three built-in tweets (no LaMP
+data), 4 new tokens: checks the script only.
 """
 
 from __future__ import annotations
@@ -25,19 +37,20 @@ from chameleon.core.markers import MARKERS
 from chameleon.core.model import load_model
 from chameleon.core.prompts import PARAPHRASE_TWEET
 from chameleon.evaluation.capacity import PLACEMENTS, marker_shares, measure_capacity
+from chameleon.evaluation.edit_capacity import measure_edit_capacity
 from chameleon.evaluation.lamp import N_TUNING, load_lamp7
 from chameleon.evaluation.split import parse_range
 
 SMOKE_TWEETS = ["Great game tonight!", "so tired of this rain", "New phone, who dis."]
 
 
-def _questions(args) -> tuple[list[str], list[str] | None]:
+def _questions(args, users: str) -> tuple[list[str], list[str] | None]:
     """The LaMP inputs and golds of the tuning users asked for (smoke: built-in tweets, no golds)."""
     if args.smoke:
         return [PARAPHRASE_TWEET + t for t in SMOKE_TWEETS], None
-    lo, hi = parse_range(args.users)
+    lo, hi = parse_range(users)
     if hi > N_TUNING:
-        raise SystemExit(f"--users {args.users}: only tuning users (positions < {N_TUNING}) may be used here")
+        raise SystemExit(f"{users}: only tuning users (positions < {N_TUNING}) may be used here")
     questions, golds = load_lamp7(args.lamp_dir)
     qs = questions[lo:hi]
     return [q.input for q in qs], [golds[q.id] for q in qs]
@@ -46,20 +59,44 @@ def _questions(args) -> tuple[list[str], list[str] | None]:
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--users", default="0:48", help="LaMP-7 file positions START:END (tuning users only)")
+    p.add_argument(
+        "--derive-users",
+        default="48:96",
+        help="positions whose prompts give the edit directions (tuning only)",
+    )
+    p.add_argument(
+        "--edit-layers", default=None, help="layers the edit touches (default: every third from 3)"
+    )
+    p.add_argument("--edit-strengths", default="0.1,0.2,0.25,0.3,0.4")
+    p.add_argument("--min-closeness", type=float, default=0.5, help="readable: mean ROUGE-L to the input")
     p.add_argument("--model", default=EMBEDDED_MODEL)
     p.add_argument("--lamp-dir", default=None)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parse(p, {"model": TINY_MODEL, "max_new_tokens": 4})
+    args = parse(p, {"model": TINY_MODEL, "max_new_tokens": 4, "edit_strengths": "0.5"})
     if args.threads:
         torch.set_num_threads(args.threads)
-    messages, golds = _questions(args)
+    messages, golds = _questions(args, args.users)
+    derive, _ = _questions(args, args.derive_users)
+    if not args.smoke and set(range(*parse_range(args.users))) & set(range(*parse_range(args.derive_users))):
+        raise SystemExit("--users and --derive-users overlap: a direction would replay its own prompts")
     model, tok = load_model(ModelConfig(name_or_path=model_path(args.model)))
+    n_layers = model.config.num_hidden_layers
+    layers = (
+        [int(x) for x in args.edit_layers.split(",")]
+        if args.edit_layers
+        else list(range(3, n_layers, 3)) or [0]
+    )
     t0 = time.perf_counter()
     res = measure_capacity(
         model, tok, messages, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
     )
+    edit = measure_edit_capacity(
+        model, tok, derive, messages, layers=layers,
+        strengths=[float(x) for x in args.edit_strengths.split(",")], min_closeness=args.min_closeness,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    )  # fmt: skip
     wall = time.perf_counter() - t0
     gold = marker_shares(golds) if golds else {m: None for m in MARKERS}
     figures: dict = {}
@@ -73,10 +110,21 @@ def main() -> None:
         if gold[m] is not None:
             figures[f"{m}_gold"] = gold[m]
         above += any(v["ci95"][0] > e["none"] for v in e["by_placement"].values())
+    carried = 0
+    for m in MARKERS:
+        e = edit["markers"][m]
+        figures[f"{m}_edit_capacity"] = e["capacity"]
+        figures[f"{m}_edit_at"] = e["at"] or 0
+        if e["at"] is not None:
+            figures[f"{m}_edit_closeness"] = e["by_strength"][f"{e['at']:g}"]["closeness"]
+            carried += e["by_strength"][f"{e['at']:g}"]["ci95"][0] > edit["none"]["shares"][m]
+    figures["closeness_without_edit"] = edit["none"]["closeness"]
+    figures["markers_carried_by_edit"] = carried
     figures["n_users"] = len(messages)
     figures["wall_s"] = round(wall, 1)
     figures["markers_above_none_when_asked"] = above
     res.pop("answers")
+    edit.pop("answers")
     report(
         figures,
         "markers_above_none_when_asked",
@@ -84,9 +132,11 @@ def main() -> None:
         extra={
             "model": args.model,
             "users": None if args.smoke else list(parse_range(args.users)),
+            "derive_users": None if args.smoke else list(parse_range(args.derive_users)),
             "max_new_tokens": args.max_new_tokens,
             "gold": gold,
             "capacity": res,
+            "edit_capacity": edit,
         },
     )
 

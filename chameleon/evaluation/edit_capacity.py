@@ -1,0 +1,141 @@
+"""Edit capacity of a model: how often its answers carry a marker under a hidden-state edit whose
+direction is the change the model's own instruction for that marker makes.
+
+`evaluation.capacity` measures what the model writes when the prompt asks for a marker. This
+module asks the next question: can an edit of the form the project serves (additive, at the last
+position of every forward call, through `EditBank`) make the model write it without being asked?
+The direction is the best one the model itself offers: the mean change the marker's instruction
+(appended after the user's message, where the model follows it) makes to the residual stream at
+the prompt's last position, where the answer starts, at each edited layer. The directions come
+from one set of users' prompts (`derive`) and are measured on another (`test`), so a direction
+cannot simply replay the prompts it was taken from.
+
+Strength 1 adds, at every edited layer, the whole change the instruction makes there. Each layer's
+change already holds what the earlier layers passed on, so several layers compound: readable
+strengths lie well below 1, and the answer degenerates (a marker repeated, no words) above them.
+Each strength is therefore reported with the answers' closeness to the input tweet (ROUGE-L), and
+a marker's capacity under the edit is its largest share among the strengths whose answers stay at
+least `min_closeness` close to the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from chameleon.core.capture import capture
+from chameleon.core.edit import Edit
+from chameleon.core.generation import chat_prompt, generate_answers
+from chameleon.core.markers import MARKERS, text_markers
+from chameleon.evaluation.capacity import MARKER_INSTRUCTIONS, instructed_prompts
+from chameleon.evaluation.lamp import extract_lamp7_tweet
+from chameleon.evaluation.metrics import bootstrap_ci, rouge_per_item
+from chameleon.evaluation.names import NO_PREAMBLE
+from chameleon.evaluation.scoring import postprocess
+
+__all__ = ["instruction_directions", "instruction_edit", "measure_edit_capacity"]
+
+
+def instruction_directions(
+    model,
+    tok,
+    messages: Sequence[str],
+    markers: Sequence[str],
+    layers: Sequence[int],
+    *,
+    system: str | None = NO_PREAMBLE,
+    batch_size: int = 16,
+) -> dict[str, torch.Tensor]:
+    """Per marker, ``[len(layers), d]``: the mean over ``messages`` of the residual stream at the
+    prompt's last position with the marker's instruction after the message, minus without it."""
+    if not messages or not layers:
+        raise ValueError("need messages and layers")
+
+    def states(marker: str | None) -> torch.Tensor:
+        msgs, sys_turn = instructed_prompts(messages, system, marker, "user")
+        prompts = [chat_prompt(tok, m, sys_turn) for m in msgs]
+        return capture(model, tok, prompts, list(layers), "residual", batch_size=batch_size, reduce="last")
+
+    plain = states(None)
+    return {m: (states(m) - plain).mean(0) for m in markers}
+
+
+def instruction_edit(layers: Sequence[int], direction: torch.Tensor, strength: float) -> Edit:
+    """An additive residual-stream edit of ``strength`` × ``direction`` (``[len(layers), d]``) at
+    every layer of ``layers``."""
+    n, d = direction.shape
+    return Edit(
+        layers=list(layers),
+        theta_p=torch.zeros(n, 1, d),
+        theta_n=torch.zeros(n, d),
+        mean=torch.zeros(n, d),
+        site="residual",
+        steer=strength * direction.float(),
+    )
+
+
+def measure_edit_capacity(
+    model,
+    tok,
+    derive: Sequence[str],
+    test: Sequence[str],
+    *,
+    layers: Sequence[int],
+    strengths: Sequence[float],
+    markers: Sequence[str] = MARKERS,
+    min_closeness: float = 0.5,
+    system: str | None = NO_PREAMBLE,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Answers to ``test`` without an edit and under each marker's instruction edit (directions
+    from ``derive``) at each of ``strengths``. Returns ``{"layers", "min_closeness", "none":
+    {"shares": {marker: share}, "closeness"}, "markers": {marker: {"by_strength": {strength:
+    {"share", "ci95", "closeness"}}, "capacity", "at"}}, "answers": {...}}``; ``capacity`` is the
+    largest share among the readable strengths (mean closeness ≥ ``min_closeness``; the share
+    without an edit when none is), ``at`` its strength (None: no readable strength beat no edit).
+    """
+    unknown = [m for m in markers if m not in MARKER_INSTRUCTIONS]
+    if unknown or not test or not strengths:
+        raise ValueError(f"need test messages, strengths and known markers (unknown: {unknown})")
+    tweets = [extract_lamp7_tweet(m) for m in test]
+
+    def answer(edit: Edit | None) -> tuple[list[str], float]:
+        got = postprocess(
+            generate_answers(
+                model, tok, test, edits=None if edit is None else [edit] * len(test), system=system,
+                max_new_tokens=max_new_tokens, batch_size=batch_size,
+            )
+        )  # fmt: skip
+        closeness = sum(rouge_per_item(got, tweets)["rougeL"]) / len(got)
+        return got, closeness
+
+    base, base_closeness = answer(None)
+    base_shares = {m: sum(text_markers(a)[m] for a in base) / len(base) for m in markers}
+    answers: dict[str, list[str]] = {"none": base}
+    out: dict[str, Any] = {
+        "layers": list(layers),
+        "min_closeness": min_closeness,
+        "none": {"shares": base_shares, "closeness": base_closeness},
+        "markers": {},
+    }
+    directions = instruction_directions(
+        model, tok, derive, markers, layers, system=system, batch_size=batch_size
+    )
+    for m in markers:
+        by_strength: dict[str, Any] = {}
+        capacity, at = base_shares[m], None
+        for s in strengths:
+            got, closeness = answer(instruction_edit(layers, directions[m], s))
+            answers[f"{m}@{s:g}"] = got
+            ci = bootstrap_ci([float(text_markers(a)[m]) for a in got], n_resamples=n_resamples, seed=seed)
+            by_strength[f"{s:g}"] = {"share": ci.mean, "ci95": [ci.low, ci.high], "closeness": closeness}
+            if closeness >= min_closeness and ci.mean > capacity:
+                capacity, at = ci.mean, s
+        out["markers"][m] = {"by_strength": by_strength, "capacity": capacity, "at": at}
+    out["answers"] = answers
+    return out

@@ -1,0 +1,91 @@
+"""evaluation.edit_capacity on the tiny random model: the instruction directions are the state
+change the instruction makes where the answer starts, the edit applies them at every listed layer,
+and the capacity is read only from readable strengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import embedded_tokenizer, tiny_llama
+
+from chameleon.core.capture import capture
+from chameleon.core.generation import chat_prompt, generate_answers
+from chameleon.core.prompts import PARAPHRASE_TWEET
+from chameleon.evaluation.capacity import MARKER_INSTRUCTIONS
+from chameleon.evaluation.edit_capacity import (
+    instruction_directions,
+    instruction_edit,
+    measure_edit_capacity,
+)
+from chameleon.evaluation.names import NO_PREAMBLE
+
+MESSAGES = [PARAPHRASE_TWEET + t for t in ("Great game tonight!", "so tired of this rain", "New phone.")]
+LAYERS = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = embedded_tokenizer()
+    return tiny_llama(tok), tok
+
+
+def _last_states(model, tok, message: str) -> torch.Tensor:
+    return capture(model, tok, [chat_prompt(tok, message, NO_PREAMBLE)], LAYERS, "residual", reduce="last")[0]
+
+
+def test_a_direction_is_the_mean_change_the_instruction_after_the_message_makes(setup):
+    model, tok = setup
+    got = instruction_directions(model, tok, MESSAGES[:2], ["hashtag", "emoticon"], LAYERS)
+    assert set(got) == {"hashtag", "emoticon"} and got["hashtag"].shape == (2, model.config.hidden_size)
+    for marker in ("hashtag", "emoticon"):
+        changes = [
+            _last_states(model, tok, f"{m}\n\n{MARKER_INSTRUCTIONS[marker]}") - _last_states(model, tok, m)
+            for m in MESSAGES[:2]
+        ]
+        assert torch.allclose(got[marker], torch.stack(changes).mean(0), atol=1e-4)
+    assert not torch.allclose(got["hashtag"], got["emoticon"]), "each marker has its own direction"
+
+
+def test_the_edit_adds_strength_times_the_direction_at_every_layer(setup):
+    model, tok = setup
+    direction = instruction_directions(model, tok, MESSAGES[:1], ["hashtag"], LAYERS)["hashtag"]
+    edit = instruction_edit(LAYERS, direction, 0.5)
+    assert edit.layers == LAYERS and edit.site == "residual" and edit.form == "additive"
+    assert torch.allclose(edit.steer, 0.5 * direction)
+    base = generate_answers(model, tok, MESSAGES, system=NO_PREAMBLE, max_new_tokens=6)
+    zero = instruction_edit(LAYERS, direction, 0.0)
+    assert generate_answers(model, tok, MESSAGES, system=NO_PREAMBLE, edits=[zero] * 3, max_new_tokens=6) == base
+    strong = instruction_edit(LAYERS, direction, 200.0)
+    assert generate_answers(model, tok, MESSAGES, system=NO_PREAMBLE, edits=[strong] * 3, max_new_tokens=6) != base
+
+
+def test_capacity_is_read_from_readable_strengths_only(setup):
+    model, tok = setup
+    kw = dict(layers=LAYERS, markers=["hashtag", "lower_start"], max_new_tokens=4, n_resamples=50)
+    res = measure_edit_capacity(model, tok, MESSAGES[:1], MESSAGES, strengths=[0.0, 200.0], **kw)
+    assert res["layers"] == LAYERS and len(res["answers"]["none"]) == 3
+    for m in ("hashtag", "lower_start"):
+        at_zero = res["markers"][m]["by_strength"]["0"]
+        assert at_zero["share"] == res["none"]["shares"][m], "strength 0 is the unedited model"
+        assert at_zero["closeness"] == pytest.approx(res["none"]["closeness"])
+        assert res["markers"][m]["capacity"] >= res["none"]["shares"][m]
+    # Nothing readable: the capacity is the unedited share, at no strength.
+    unreadable = measure_edit_capacity(
+        model, tok, MESSAGES[:1], MESSAGES, strengths=[200.0], min_closeness=1.01, **kw
+    )
+    for m in ("hashtag", "lower_start"):
+        assert unreadable["markers"][m] == {
+            "by_strength": unreadable["markers"][m]["by_strength"],
+            "capacity": unreadable["none"]["shares"][m],
+            "at": None,
+        }
+
+
+def test_unknown_markers_and_empty_inputs_are_refused(setup):
+    model, tok = setup
+    with pytest.raises(ValueError, match="unknown"):
+        measure_edit_capacity(model, tok, MESSAGES, MESSAGES, layers=LAYERS, strengths=[0.1], markers=["caps"])
+    with pytest.raises(ValueError, match="strengths"):
+        measure_edit_capacity(model, tok, MESSAGES, MESSAGES, layers=LAYERS, strengths=[])
+    with pytest.raises(ValueError, match="need messages"):
+        instruction_directions(model, tok, [], ["hashtag"], LAYERS)
