@@ -52,11 +52,14 @@ def test_the_edit_adds_strength_times_the_direction_at_every_layer(setup):
     edit = instruction_edit(LAYERS, direction, 0.5)
     assert edit.layers == LAYERS and edit.site == "residual" and edit.form == "additive"
     assert torch.allclose(edit.steer, 0.5 * direction)
-    base = generate_answers(model, tok, MESSAGES, system=NO_PREAMBLE, max_new_tokens=6)
-    zero = instruction_edit(LAYERS, direction, 0.0)
-    assert generate_answers(model, tok, MESSAGES, system=NO_PREAMBLE, edits=[zero] * 3, max_new_tokens=6) == base
-    strong = instruction_edit(LAYERS, direction, 200.0)
-    assert generate_answers(model, tok, MESSAGES, system=NO_PREAMBLE, edits=[strong] * 3, max_new_tokens=6) != base
+
+    def answers(edit=None):
+        edits = None if edit is None else [edit] * len(MESSAGES)
+        return generate_answers(model, tok, MESSAGES, system=NO_PREAMBLE, edits=edits, max_new_tokens=6)
+
+    base = answers()
+    assert answers(instruction_edit(LAYERS, direction, 0.0)) == base
+    assert answers(instruction_edit(LAYERS, direction, 200.0)) != base
 
 
 def test_capacity_is_read_from_readable_strengths_only(setup):
@@ -84,7 +87,9 @@ def test_capacity_is_read_from_readable_strengths_only(setup):
 def test_unknown_markers_and_empty_inputs_are_refused(setup):
     model, tok = setup
     with pytest.raises(ValueError, match="unknown"):
-        measure_edit_capacity(model, tok, MESSAGES, MESSAGES, layers=LAYERS, strengths=[0.1], markers=["caps"])
+        measure_edit_capacity(
+            model, tok, MESSAGES, MESSAGES, layers=LAYERS, strengths=[0.1], markers=["caps"]
+        )
     with pytest.raises(ValueError, match="strengths"):
         measure_edit_capacity(model, tok, MESSAGES, MESSAGES, layers=LAYERS, strengths=[])
     with pytest.raises(ValueError, match="need messages"):
