@@ -16,6 +16,7 @@ from chameleon.evaluation.edit_capacity import (
     instruction_directions,
     instruction_edit,
     measure_edit_capacity,
+    measure_edit_transfer,
 )
 from chameleon.evaluation.names import NO_PREAMBLE
 
@@ -94,3 +95,22 @@ def test_unknown_markers_and_empty_inputs_are_refused(setup):
         measure_edit_capacity(model, tok, MESSAGES, MESSAGES, layers=LAYERS, strengths=[])
     with pytest.raises(ValueError, match="need messages"):
         instruction_directions(model, tok, [], ["hashtag"], LAYERS)
+
+
+def test_transfer_is_measured_on_the_users_whose_history_shows_the_marker(setup):
+    model, tok = setup
+    histories = [["so fun :)", "yay :D", "ok :)"], ["Fine.", "Good."], ["great :)", "nice :)"]]
+    direction = instruction_directions(model, tok, MESSAGES[:1], ["emoticon"], LAYERS)
+    kw = dict(layers=LAYERS, directions=direction, max_new_tokens=4, n_resamples=50)
+    got = measure_edit_transfer(model, tok, MESSAGES, histories, strengths={"emoticon": 0.0}, **kw)
+    assert got["emoticon"]["users"] == 2, "users 0 and 2 show emoticons, user 1 does not"
+    e = got["emoticon"]
+    assert e["edited_share"] == e["base_share"] and e["paired_gain"]["mean"] == 0.0, "strength 0 is base"
+    assert e["edited_closeness"] == pytest.approx(e["base_closeness"])
+    nobody = [["Fine."], ["Good."], ["Well."]]
+    kw["directions"] = {"hashtag": direction["emoticon"]}
+    assert measure_edit_transfer(model, tok, MESSAGES, nobody, strengths={"hashtag": 0.3}, **kw) == {
+        "hashtag": {"users": 0, "strength": 0.3}
+    }
+    with pytest.raises(ValueError, match="histories"):
+        measure_edit_transfer(model, tok, MESSAGES, histories[:2], strengths={"hashtag": 0.3}, **kw)

@@ -28,14 +28,14 @@ import torch
 from chameleon.core.capture import capture
 from chameleon.core.edit import Edit
 from chameleon.core.generation import chat_prompt, generate_answers
-from chameleon.core.markers import MARKERS, text_markers
+from chameleon.core.markers import MARKERS, history_shares, history_shows, text_markers
 from chameleon.evaluation.capacity import MARKER_INSTRUCTIONS, instructed_prompts
 from chameleon.evaluation.lamp import extract_lamp7_tweet
 from chameleon.evaluation.metrics import bootstrap_ci, rouge_per_item
 from chameleon.evaluation.names import NO_PREAMBLE
 from chameleon.evaluation.scoring import postprocess
 
-__all__ = ["instruction_directions", "instruction_edit", "measure_edit_capacity"]
+__all__ = ["instruction_directions", "instruction_edit", "measure_edit_capacity", "measure_edit_transfer"]
 
 
 def instruction_directions(
@@ -95,7 +95,8 @@ def measure_edit_capacity(
     """Answers to ``test`` without an edit and under each marker's instruction edit (directions
     from ``derive``) at each of ``strengths``. Returns ``{"layers", "min_closeness", "none":
     {"shares": {marker: share}, "closeness"}, "markers": {marker: {"by_strength": {strength:
-    {"share", "ci95", "closeness"}}, "capacity", "at"}}, "answers": {...}}``; ``capacity`` is the
+    {"share", "ci95", "closeness"}}, "capacity", "at"}}, "answers": {...}, "directions": {marker:
+    [len(layers), d]}}``; ``capacity`` is the
     largest share among the readable strengths (mean closeness ≥ ``min_closeness``; the share
     without an edit when none is), ``at`` its strength (None: no readable strength beat no edit).
     """
@@ -138,4 +139,70 @@ def measure_edit_capacity(
                 capacity, at = ci.mean, s
         out["markers"][m] = {"by_strength": by_strength, "capacity": capacity, "at": at}
     out["answers"] = answers
+    out["directions"] = directions
+    return out
+
+
+def measure_edit_transfer(
+    model,
+    tok,
+    messages: Sequence[str],
+    histories: Sequence[Sequence[str]],
+    *,
+    layers: Sequence[int],
+    directions: dict[str, torch.Tensor],
+    strengths: dict[str, float],
+    system: str | None = NO_PREAMBLE,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What a marker part chosen from each user's own history would transfer: for each marker of
+    ``strengths``, the users whose history shows it (``core.markers.history_shows``) answer their
+    message unedited and under the marker's instruction edit at its strength. Returns per marker
+    ``{"users", "strength", "base_share", "edited_share", "paired_gain": {"mean", "ci95"},
+    "base_closeness", "edited_closeness"}`` (``users`` 0: no figures). Users whose history does not
+    show a marker would get no such part, so their answers are the unedited ones by construction.
+    """
+    if len(messages) != len(histories):
+        raise ValueError(f"{len(messages)} messages but {len(histories)} histories")
+    shows = [history_shows(history_shares(h)) for h in histories]
+    out: dict[str, Any] = {}
+    for m, strength in strengths.items():
+        msgs = [msg for msg, sh in zip(messages, shows, strict=True) if sh[m]]
+        if not msgs:
+            out[m] = {"users": 0, "strength": strength}
+            continue
+        tweets = [extract_lamp7_tweet(x) for x in msgs]
+        edit = instruction_edit(layers, directions[m], strength)
+        got = {
+            name: postprocess(
+                generate_answers(
+                    model,
+                    tok,
+                    msgs,
+                    edits=edits,
+                    system=system,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                )
+            )  # fmt: skip
+            for name, edits in (("base", None), ("edited", [edit] * len(msgs)))
+        }
+        carried = {k: [float(text_markers(a)[m]) for a in v] for k, v in got.items()}
+        gain = bootstrap_ci(
+            [e - b for e, b in zip(carried["edited"], carried["base"], strict=True)],
+            n_resamples=n_resamples,
+            seed=seed,
+        )
+        out[m] = {
+            "users": len(msgs),
+            "strength": strength,
+            "base_share": sum(carried["base"]) / len(msgs),
+            "edited_share": sum(carried["edited"]) / len(msgs),
+            "paired_gain": {"mean": gain.mean, "ci95": [gain.low, gain.high]},
+            "base_closeness": sum(rouge_per_item(got["base"], tweets)["rougeL"]) / len(msgs),
+            "edited_closeness": sum(rouge_per_item(got["edited"], tweets)["rougeL"]) / len(msgs),
+        }
     return out

@@ -19,6 +19,13 @@ input tweet of at least `--min-closeness` (`{marker}_edit_capacity`) and that st
 (`{marker}_edit_at`, 0 when none beat no edit); `markers_carried_by_edit` counts the markers whose
 share at that strength has its 95 % interval above the share without an edit.
 
+Last, what a marker part chosen from each user's own history would transfer
+(`measure_edit_transfer`): the `--transfer-users` whose LaMP profile shows a marker answer their
+input unedited and under that marker's edit at the strength found above (markers whose edit beat
+no edit only). Printed per marker: `{marker}_transfer_users`, `_base`, `_edited`, the paired gain
+with its 95 % interval (`_gain`, `_gain_low`, `_gain_high`) and the edited answers' closeness.
+`--transfer-users ''` skips it.
+
 Only tuning users (positions < 500) are accepted. The headline counts the markers whose instructed
 share's 95 % interval lies above the share without instruction. The JSON (`--out`) holds figures
 and shares only, no LaMP text. `--smoke`: the tiny random model on three built-in tweets (no LaMP
@@ -37,11 +44,12 @@ from chameleon.core.markers import MARKERS
 from chameleon.core.model import load_model
 from chameleon.core.prompts import PARAPHRASE_TWEET
 from chameleon.evaluation.capacity import PLACEMENTS, marker_shares, measure_capacity
-from chameleon.evaluation.edit_capacity import measure_edit_capacity
-from chameleon.evaluation.lamp import N_TUNING, load_lamp7
+from chameleon.evaluation.edit_capacity import measure_edit_capacity, measure_edit_transfer
+from chameleon.evaluation.lamp import N_TUNING, load_lamp7, profile_texts
 from chameleon.evaluation.split import parse_range
 
 SMOKE_TWEETS = ["Great game tonight!", "so tired of this rain", "New phone, who dis."]
+SMOKE_HISTORIES = [["lol :)", "yay :D"], ["#rain again", "#tired"], ["ok.", "fine."]]
 
 
 def _questions(args, users: str) -> tuple[list[str], list[str] | None]:
@@ -54,6 +62,17 @@ def _questions(args, users: str) -> tuple[list[str], list[str] | None]:
     questions, golds = load_lamp7(args.lamp_dir)
     qs = questions[lo:hi]
     return [q.input for q in qs], [golds[q.id] for q in qs]
+
+
+def _users_with_histories(args, users: str) -> tuple[list[str], list[list[str]]]:
+    """The LaMP inputs and whole profiles of the tuning users asked for (smoke: built-in ones)."""
+    if args.smoke:
+        return [PARAPHRASE_TWEET + t for t in SMOKE_TWEETS], SMOKE_HISTORIES
+    lo, hi = parse_range(users)
+    if hi > N_TUNING:
+        raise SystemExit(f"{users}: only tuning users (positions < {N_TUNING}) may be used here")
+    qs = load_lamp7(args.lamp_dir)[0][lo:hi]
+    return [q.input for q in qs], [profile_texts(q) for q in qs]
 
 
 def main() -> None:
@@ -69,6 +88,11 @@ def main() -> None:
     )
     p.add_argument("--edit-strengths", default="0.1,0.2,0.25,0.3,0.4")
     p.add_argument("--min-closeness", type=float, default=0.5, help="readable: mean ROUGE-L to the input")
+    p.add_argument(
+        "--transfer-users",
+        default="100:400",
+        help="positions whose history picks a marker part (tuning only; '' skips)",
+    )
     p.add_argument("--model", default=EMBEDDED_MODEL)
     p.add_argument("--lamp-dir", default=None)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -79,8 +103,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     messages, golds = _questions(args, args.users)
     derive, _ = _questions(args, args.derive_users)
-    if not args.smoke and set(range(*parse_range(args.users))) & set(range(*parse_range(args.derive_users))):
-        raise SystemExit("--users and --derive-users overlap: a direction would replay its own prompts")
+    if not args.smoke:  # each set of users serves one purpose, so no figure replays its own choice
+        sets = [args.users, args.derive_users] + ([args.transfer_users] if args.transfer_users else [])
+        ranges = [set(range(*parse_range(u))) for u in sets]
+        if any(a & b for i, a in enumerate(ranges) for b in ranges[i + 1 :]):
+            raise SystemExit("--users, --derive-users and --transfer-users must not overlap")
     model, tok = load_model(ModelConfig(name_or_path=model_path(args.model)))
     n_layers = model.config.num_hidden_layers
     layers = (
@@ -97,6 +124,16 @@ def main() -> None:
         strengths=[float(x) for x in args.edit_strengths.split(",")], min_closeness=args.min_closeness,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
     )  # fmt: skip
+    chosen = {m: e["at"] for m, e in edit["markers"].items() if e["at"] is not None}
+    if args.smoke:  # the tiny model's answers are unreadable: measure at the smoke strength
+        chosen = {"emoticon": float(args.edit_strengths.split(",")[0])}
+    transfer = {}
+    if args.transfer_users and chosen:
+        t_messages, t_histories = _users_with_histories(args, args.transfer_users)
+        transfer = measure_edit_transfer(
+            model, tok, t_messages, t_histories, layers=layers, directions=edit["directions"],
+            strengths=chosen, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        )  # fmt: skip
     wall = time.perf_counter() - t0
     gold = marker_shares(golds) if golds else {m: None for m in MARKERS}
     figures: dict = {}
@@ -119,12 +156,23 @@ def main() -> None:
             figures[f"{m}_edit_closeness"] = e["by_strength"][f"{e['at']:g}"]["closeness"]
             carried += e["by_strength"][f"{e['at']:g}"]["ci95"][0] > edit["none"]["shares"][m]
     figures["closeness_without_edit"] = edit["none"]["closeness"]
+    for m, t in transfer.items():
+        figures[f"{m}_transfer_users"] = t["users"]
+        if t["users"]:
+            figures[f"{m}_transfer_base"] = t["base_share"]
+            figures[f"{m}_transfer_edited"] = t["edited_share"]
+            figures[f"{m}_transfer_gain"] = t["paired_gain"]["mean"]
+            figures[f"{m}_transfer_gain_low"] = t["paired_gain"]["ci95"][0]
+            figures[f"{m}_transfer_gain_high"] = t["paired_gain"]["ci95"][1]
+            figures[f"{m}_transfer_base_closeness"] = t["base_closeness"]
+            figures[f"{m}_transfer_edited_closeness"] = t["edited_closeness"]
     figures["markers_carried_by_edit"] = carried
     figures["n_users"] = len(messages)
     figures["wall_s"] = round(wall, 1)
     figures["markers_above_none_when_asked"] = above
     res.pop("answers")
     edit.pop("answers")
+    edit.pop("directions")
     report(
         figures,
         "markers_above_none_when_asked",
@@ -137,6 +185,10 @@ def main() -> None:
             "gold": gold,
             "capacity": res,
             "edit_capacity": edit,
+            "transfer_users": list(parse_range(args.transfer_users))
+            if args.transfer_users and not args.smoke
+            else None,
+            "edit_transfer": transfer,
         },
     )
 
