@@ -16,6 +16,9 @@ strengths lie well below 1, and the answer degenerates (a marker repeated, no wo
 Each strength is therefore reported with the answers' closeness to the input tweet (ROUGE-L), and
 a marker's capacity under the edit is its largest share among the strengths whose answers stay at
 least `min_closeness` close to the input.
+
+`measure_edit_transfer` then asks what such an edit would give as a personal part chosen from each
+user's own history: the users whose history shows a marker answer under that marker's edit.
 """
 
 from __future__ import annotations
@@ -187,7 +190,7 @@ def measure_edit_transfer(
                     max_new_tokens=max_new_tokens,
                     batch_size=batch_size,
                 )
-            )  # fmt: skip
+            )
             for name, edits in (("base", None), ("edited", [edit] * len(msgs)))
         }
         carried = {k: [float(text_markers(a)[m]) for a in v] for k, v in got.items()}
