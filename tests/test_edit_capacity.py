@@ -13,6 +13,7 @@ from chameleon.core.generation import chat_prompt, generate_answers
 from chameleon.core.prompts import PARAPHRASE_TWEET
 from chameleon.evaluation.capacity import MARKER_INSTRUCTIONS
 from chameleon.evaluation.edit_capacity import (
+    Answering,
     instruction_directions,
     instruction_edit,
     measure_edit_capacity,
@@ -65,7 +66,11 @@ def test_the_edit_adds_strength_times_the_direction_at_every_layer(setup):
 
 def test_capacity_is_read_from_readable_strengths_only(setup):
     model, tok = setup
-    kw = dict(layers=LAYERS, markers=["hashtag", "lower_start"], max_new_tokens=4, n_resamples=50)
+    kw = dict(
+        layers=LAYERS,
+        markers=["hashtag", "lower_start"],
+        answering=Answering(max_new_tokens=4, n_resamples=50),
+    )
     res = measure_edit_capacity(model, tok, MESSAGES[:1], MESSAGES, strengths=[0.0, 200.0], **kw)
     assert res["layers"] == LAYERS and len(res["answers"]["none"]) == 3
     for m in ("hashtag", "lower_start"):
@@ -101,7 +106,7 @@ def test_transfer_is_measured_on_the_users_whose_history_shows_the_marker(setup)
     model, tok = setup
     histories = [["so fun :)", "yay :D", "ok :)"], ["Fine.", "Good."], ["great :)", "nice :)"]]
     direction = instruction_directions(model, tok, MESSAGES[:1], ["emoticon"], LAYERS)
-    kw = dict(layers=LAYERS, directions=direction, max_new_tokens=4, n_resamples=50)
+    kw = dict(layers=LAYERS, directions=direction, answering=Answering(max_new_tokens=4, n_resamples=50))
     got = measure_edit_transfer(model, tok, MESSAGES, histories, strengths={"emoticon": 0.0}, **kw)
     assert got["emoticon"]["users"] == 2, "users 0 and 2 show emoticons, user 1 does not"
     e = got["emoticon"]

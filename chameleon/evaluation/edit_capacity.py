@@ -24,6 +24,7 @@ user's own history: the users whose history shows a marker answer under that mar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +39,37 @@ from chameleon.evaluation.metrics import bootstrap_ci, rouge_per_item
 from chameleon.evaluation.names import NO_PREAMBLE
 from chameleon.evaluation.scoring import postprocess
 
-__all__ = ["instruction_directions", "instruction_edit", "measure_edit_capacity", "measure_edit_transfer"]
+__all__ = [
+    "Answering",
+    "instruction_directions",
+    "instruction_edit",
+    "measure_edit_capacity",
+    "measure_edit_transfer",
+]
+
+
+@dataclass(frozen=True)
+class Answering:
+    """How the measured answers are made and summarized: the evaluation's prompt, greedy."""
+
+    system: str | None = NO_PREAMBLE
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    n_resamples: int = 1000
+    """Bootstrap resamples of each interval."""
+    seed: int = 0
+
+    def answers(self, model, tok, messages: Sequence[str], edit: Edit | None) -> tuple[list[str], float]:
+        """Cleaned answers to ``messages`` (all under ``edit``) and their mean closeness (ROUGE-L)
+        to the input tweets."""
+        got = postprocess(
+            generate_answers(
+                model, tok, messages, edits=None if edit is None else [edit] * len(messages),
+                system=self.system, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+            )
+        )  # fmt: skip
+        tweets = [extract_lamp7_tweet(m) for m in messages]
+        return got, sum(rouge_per_item(got, tweets)["rougeL"]) / len(got)
 
 
 def instruction_directions(
@@ -89,37 +120,21 @@ def measure_edit_capacity(
     strengths: Sequence[float],
     markers: Sequence[str] = MARKERS,
     min_closeness: float = 0.5,
-    system: str | None = NO_PREAMBLE,
-    max_new_tokens: int = 48,
-    batch_size: int = 16,
-    n_resamples: int = 1000,
-    seed: int = 0,
+    answering: Answering = Answering(),
 ) -> dict[str, Any]:
     """Answers to ``test`` without an edit and under each marker's instruction edit (directions
     from ``derive``) at each of ``strengths``. Returns ``{"layers", "min_closeness", "none":
     {"shares": {marker: share}, "closeness"}, "markers": {marker: {"by_strength": {strength:
     {"share", "ci95", "closeness"}}, "capacity", "at"}}, "answers": {...}, "directions": {marker:
-    [len(layers), d]}}``; ``capacity`` is the
-    largest share among the readable strengths (mean closeness ≥ ``min_closeness``; the share
-    without an edit when none is), ``at`` its strength (None: no readable strength beat no edit).
+    [len(layers), d]}}``; ``capacity`` is the largest share among the readable strengths (mean
+    closeness ≥ ``min_closeness``; the share without an edit when none is), ``at`` its strength
+    (None: no readable strength beat no edit).
     """
     unknown = [m for m in markers if m not in MARKER_INSTRUCTIONS]
     if unknown or not test or not strengths:
         raise ValueError(f"need test messages, strengths and known markers (unknown: {unknown})")
-    tweets = [extract_lamp7_tweet(m) for m in test]
-
-    def answer(edit: Edit | None) -> tuple[list[str], float]:
-        got = postprocess(
-            generate_answers(
-                model, tok, test, edits=None if edit is None else [edit] * len(test), system=system,
-                max_new_tokens=max_new_tokens, batch_size=batch_size,
-            )
-        )  # fmt: skip
-        closeness = sum(rouge_per_item(got, tweets)["rougeL"]) / len(got)
-        return got, closeness
-
-    base, base_closeness = answer(None)
-    base_shares = {m: sum(text_markers(a)[m] for a in base) / len(base) for m in markers}
+    base, base_closeness = answering.answers(model, tok, test, None)
+    base_shares = {m: sum(text_markers(x)[m] for x in base) / len(base) for m in markers}
     answers: dict[str, list[str]] = {"none": base}
     out: dict[str, Any] = {
         "layers": list(layers),
@@ -128,15 +143,16 @@ def measure_edit_capacity(
         "markers": {},
     }
     directions = instruction_directions(
-        model, tok, derive, markers, layers, system=system, batch_size=batch_size
+        model, tok, derive, markers, layers, system=answering.system, batch_size=answering.batch_size
     )
     for m in markers:
         by_strength: dict[str, Any] = {}
         capacity, at = base_shares[m], None
         for s in strengths:
-            got, closeness = answer(instruction_edit(layers, directions[m], s))
+            got, closeness = answering.answers(model, tok, test, instruction_edit(layers, directions[m], s))
             answers[f"{m}@{s:g}"] = got
-            ci = bootstrap_ci([float(text_markers(a)[m]) for a in got], n_resamples=n_resamples, seed=seed)
+            carried = [float(text_markers(x)[m]) for x in got]
+            ci = bootstrap_ci(carried, n_resamples=answering.n_resamples, seed=answering.seed)
             by_strength[f"{s:g}"] = {"share": ci.mean, "ci95": [ci.low, ci.high], "closeness": closeness}
             if closeness >= min_closeness and ci.mean > capacity:
                 capacity, at = ci.mean, s
@@ -155,11 +171,7 @@ def measure_edit_transfer(
     layers: Sequence[int],
     directions: dict[str, torch.Tensor],
     strengths: dict[str, float],
-    system: str | None = NO_PREAMBLE,
-    max_new_tokens: int = 48,
-    batch_size: int = 16,
-    n_resamples: int = 1000,
-    seed: int = 0,
+    answering: Answering = Answering(),
 ) -> dict[str, Any]:
     """What a marker part chosen from each user's own history would transfer: for each marker of
     ``strengths``, the users whose history shows it (``core.markers.history_shows``) answer their
@@ -177,27 +189,15 @@ def measure_edit_transfer(
         if not msgs:
             out[m] = {"users": 0, "strength": strength}
             continue
-        tweets = [extract_lamp7_tweet(x) for x in msgs]
         edit = instruction_edit(layers, directions[m], strength)
-        got = {
-            name: postprocess(
-                generate_answers(
-                    model,
-                    tok,
-                    msgs,
-                    edits=edits,
-                    system=system,
-                    max_new_tokens=max_new_tokens,
-                    batch_size=batch_size,
-                )
-            )
-            for name, edits in (("base", None), ("edited", [edit] * len(msgs)))
-        }
-        carried = {k: [float(text_markers(a)[m]) for a in v] for k, v in got.items()}
+        (base, base_closeness), (edited, edited_closeness) = (
+            answering.answers(model, tok, msgs, e) for e in (None, edit)
+        )
+        carried = {k: [float(text_markers(x)[m]) for x in v] for k, v in (("base", base), ("edited", edited))}
         gain = bootstrap_ci(
             [e - b for e, b in zip(carried["edited"], carried["base"], strict=True)],
-            n_resamples=n_resamples,
-            seed=seed,
+            n_resamples=answering.n_resamples,
+            seed=answering.seed,
         )
         out[m] = {
             "users": len(msgs),
@@ -205,7 +205,7 @@ def measure_edit_transfer(
             "base_share": sum(carried["base"]) / len(msgs),
             "edited_share": sum(carried["edited"]) / len(msgs),
             "paired_gain": {"mean": gain.mean, "ci95": [gain.low, gain.high]},
-            "base_closeness": sum(rouge_per_item(got["base"], tweets)["rougeL"]) / len(msgs),
-            "edited_closeness": sum(rouge_per_item(got["edited"], tweets)["rougeL"]) / len(msgs),
+            "base_closeness": base_closeness,
+            "edited_closeness": edited_closeness,
         }
     return out

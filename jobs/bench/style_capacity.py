@@ -44,7 +44,7 @@ from chameleon.core.markers import MARKERS
 from chameleon.core.model import load_model
 from chameleon.core.prompts import PARAPHRASE_TWEET
 from chameleon.evaluation.capacity import PLACEMENTS, marker_shares, measure_capacity
-from chameleon.evaluation.edit_capacity import measure_edit_capacity, measure_edit_transfer
+from chameleon.evaluation.edit_capacity import Answering, measure_edit_capacity, measure_edit_transfer
 from chameleon.evaluation.lamp import N_TUNING, load_lamp7, profile_texts
 from chameleon.evaluation.split import parse_range
 
@@ -115,6 +115,7 @@ def main() -> None:
         if args.edit_layers
         else list(range(3, n_layers, 3)) or [0]
     )
+    answering = Answering(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     t0 = time.perf_counter()
     res = measure_capacity(
         model, tok, messages, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
@@ -122,7 +123,7 @@ def main() -> None:
     edit = measure_edit_capacity(
         model, tok, derive, messages, layers=layers,
         strengths=[float(x) for x in args.edit_strengths.split(",")], min_closeness=args.min_closeness,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        answering=answering,
     )  # fmt: skip
     chosen = {m: e["at"] for m, e in edit["markers"].items() if e["at"] is not None}
     if args.smoke:  # the tiny model's answers are unreadable: measure at the smoke strength
@@ -132,7 +133,7 @@ def main() -> None:
         t_messages, t_histories = _users_with_histories(args, args.transfer_users)
         transfer = measure_edit_transfer(
             model, tok, t_messages, t_histories, layers=layers, directions=edit["directions"],
-            strengths=chosen, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            strengths=chosen, answering=answering,
         )  # fmt: skip
     wall = time.perf_counter() - t0
     gold = marker_shares(golds) if golds else {m: None for m in MARKERS}
