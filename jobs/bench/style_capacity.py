@@ -52,27 +52,17 @@ SMOKE_TWEETS = ["Great game tonight!", "so tired of this rain", "New phone, who 
 SMOKE_HISTORIES = [["lol :)", "yay :D"], ["#rain again", "#tired"], ["ok.", "fine."]]
 
 
-def _questions(args, users: str) -> tuple[list[str], list[str] | None]:
-    """The LaMP inputs and golds of the tuning users asked for (smoke: built-in tweets, no golds)."""
+def _questions(args, users: str) -> tuple[list[str], list[str] | None, list[list[str]]]:
+    """The LaMP inputs, golds and whole profiles of the tuning users asked for (smoke: built-in
+    tweets and histories, no golds)."""
     if args.smoke:
-        return [PARAPHRASE_TWEET + t for t in SMOKE_TWEETS], None
+        return [PARAPHRASE_TWEET + t for t in SMOKE_TWEETS], None, SMOKE_HISTORIES
     lo, hi = parse_range(users)
     if hi > N_TUNING:
         raise SystemExit(f"{users}: only tuning users (positions < {N_TUNING}) may be used here")
     questions, golds = load_lamp7(args.lamp_dir)
     qs = questions[lo:hi]
-    return [q.input for q in qs], [golds[q.id] for q in qs]
-
-
-def _users_with_histories(args, users: str) -> tuple[list[str], list[list[str]]]:
-    """The LaMP inputs and whole profiles of the tuning users asked for (smoke: built-in ones)."""
-    if args.smoke:
-        return [PARAPHRASE_TWEET + t for t in SMOKE_TWEETS], SMOKE_HISTORIES
-    lo, hi = parse_range(users)
-    if hi > N_TUNING:
-        raise SystemExit(f"{users}: only tuning users (positions < {N_TUNING}) may be used here")
-    qs = load_lamp7(args.lamp_dir)[0][lo:hi]
-    return [q.input for q in qs], [profile_texts(q) for q in qs]
+    return [q.input for q in qs], [golds[q.id] for q in qs], [profile_texts(q) for q in qs]
 
 
 def main() -> None:
@@ -101,8 +91,8 @@ def main() -> None:
     args = parse(p, {"model": TINY_MODEL, "max_new_tokens": 4, "edit_strengths": "0.5"})
     if args.threads:
         torch.set_num_threads(args.threads)
-    messages, golds = _questions(args, args.users)
-    derive, _ = _questions(args, args.derive_users)
+    messages, golds, _ = _questions(args, args.users)
+    derive = _questions(args, args.derive_users)[0]
     if not args.smoke:  # each set of users serves one purpose, so no figure replays its own choice
         sets = [args.users, args.derive_users] + ([args.transfer_users] if args.transfer_users else [])
         ranges = [set(range(*parse_range(u))) for u in sets]
@@ -130,7 +120,7 @@ def main() -> None:
         chosen = {"emoticon": float(args.edit_strengths.split(",")[0])}
     transfer = {}
     if args.transfer_users and chosen:
-        t_messages, t_histories = _users_with_histories(args, args.transfer_users)
+        t_messages, _, t_histories = _questions(args, args.transfer_users)
         transfer = measure_edit_transfer(
             model, tok, t_messages, t_histories, layers=layers, directions=edit["directions"],
             strengths=chosen, answering=answering,
