@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
@@ -20,6 +20,10 @@ GpuSetting = Annotated[float, Field(ge=0)] | Literal["auto"]
 """GPUs per model replica: a number (a fraction packs replicas of a small model on one GPU), or
 `auto`: one GPU per replica when the Ray cluster has GPUs (or can add them), else CPU
 (`chameleon.core.devices.gpus_per_replica`)."""
+
+
+MarkerName = Literal["lower_start", "lowercase_i", "punct_run", "elongation", "emoticon", "hashtag"]
+"""A marker of `chameleon.core.markers.MARKERS` (named here: this module imports no other)."""
 
 
 class _Section(BaseModel):
@@ -192,6 +196,28 @@ class EditConfig(_Section):
     user_calibration_items: int = Field(4, ge=1)
     """`residual`: a user's residual strength is calibrated on the user's own held-out items when
     the user has at least this many; otherwise it takes the group residual's strength."""
+    markers: list[MarkerName] = ["emoticon"]
+    """Marker parts (`chameleon.core.marker_steering`): for each user whose own history (pair and
+    held-out items, never the evaluation's reference items) shows one of these markers
+    (`core.markers`), the served row adds the model's own "write it with this marker" direction
+    at `marker_layers`. The directions are derived once per run, in the calibration step, from the
+    held-out queries. Needs an additive form at `subspace.site: residual`; [] = off. The default
+    is the one marker the embedded model carries under an edit (`docs/results/lamp7-style-capacity`):
+    measure a larger model's markers with `jobs/bench/style_capacity.py` before adding more."""
+    marker_strength: float = Field(0.25, ge=0)
+    """Scale of a marker direction (1 = the whole change the instruction makes at each layer);
+    0.25 was the most the embedded model's answers stay readable at, on tuning users."""
+    marker_layers: list[int] | None = None
+    """Layers of the marker parts; None = every third layer from 3 (`default_marker_layers`)."""
+    marker_examples: int = Field(32, ge=1)
+    """Held-out queries (a seeded sample over all users) the marker directions are averaged over."""
+
+    @field_validator("markers")
+    @classmethod
+    def _markers_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"markers listed twice: {v}")
+        return v
 
     alpha: float = 1.0
     """Scale of the added personalized component (projection form); for the additive forms, a

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 from pydantic import ValidationError
 
-from chameleon.config import ChameleonConfig
+from chameleon.config import ChameleonConfig, MarkerName
+from chameleon.core.markers import MARKERS
 
 
 def test_yaml_sections_and_defaults(tmp_path):
@@ -73,3 +76,13 @@ def test_boolean_settings_are_switches_not_strings():
     assert "edit.calibrate" not in flag_overrides(p.parse_args([]), EVAL_FLAGS)  # the config decides
     with pytest.raises(SystemExit):
         p.parse_args(["--calibrate", "false"])
+
+
+def test_marker_settings_name_known_markers_once():
+    assert ChameleonConfig().edit.markers == ["emoticon"], "the one marker the embedded model carries"
+    assert set(get_args(MarkerName)) == set(MARKERS), "the config's names are the detector's"
+    with pytest.raises(ValidationError, match="emoticon"):
+        ChameleonConfig.model_validate({"edit": {"markers": ["caps"]}})
+    with pytest.raises(ValidationError, match="listed twice"):
+        ChameleonConfig.model_validate({"edit": {"markers": ["hashtag", "hashtag"]}})
+    assert ChameleonConfig.model_validate({"edit": {"markers": []}}).edit.markers == []

@@ -1,24 +1,14 @@
-"""evaluation.edit_capacity on the tiny random model: the instruction directions are the state
-change the instruction makes where the answer starts, the edit applies them at every listed layer,
-and the capacity is read only from readable strengths."""
+"""evaluation.edit_capacity on the tiny random model: the capacity is read only from readable
+strengths, and the transfer is measured on the users whose history shows the marker."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 from tiny_models import embedded_tokenizer, tiny_llama
 
-from chameleon.core.capture import capture
-from chameleon.core.generation import chat_prompt, generate_answers
+from chameleon.core.marker_steering import instruction_directions
 from chameleon.core.prompts import PARAPHRASE_TWEET
-from chameleon.evaluation.capacity import MARKER_INSTRUCTIONS
-from chameleon.evaluation.edit_capacity import (
-    Answering,
-    instruction_directions,
-    instruction_edit,
-    measure_edit_capacity,
-    measure_edit_transfer,
-)
+from chameleon.evaluation.edit_capacity import Answering, measure_edit_capacity, measure_edit_transfer
 from chameleon.evaluation.names import NO_PREAMBLE
 
 MESSAGES = [PARAPHRASE_TWEET + t for t in ("Great game tonight!", "so tired of this rain", "New phone.")]
@@ -29,39 +19,6 @@ LAYERS = [1, 3]
 def setup():
     tok = embedded_tokenizer()
     return tiny_llama(tok), tok
-
-
-def _last_states(model, tok, message: str) -> torch.Tensor:
-    return capture(model, tok, [chat_prompt(tok, message, NO_PREAMBLE)], LAYERS, "residual", reduce="last")[0]
-
-
-def test_a_direction_is_the_mean_change_the_instruction_after_the_message_makes(setup):
-    model, tok = setup
-    got = instruction_directions(model, tok, MESSAGES[:2], ["hashtag", "emoticon"], LAYERS)
-    assert set(got) == {"hashtag", "emoticon"} and got["hashtag"].shape == (2, model.config.hidden_size)
-    for marker in ("hashtag", "emoticon"):
-        changes = [
-            _last_states(model, tok, f"{m}\n\n{MARKER_INSTRUCTIONS[marker]}") - _last_states(model, tok, m)
-            for m in MESSAGES[:2]
-        ]
-        assert torch.allclose(got[marker], torch.stack(changes).mean(0), atol=1e-4)
-    assert not torch.allclose(got["hashtag"], got["emoticon"]), "each marker has its own direction"
-
-
-def test_the_edit_adds_strength_times_the_direction_at_every_layer(setup):
-    model, tok = setup
-    direction = instruction_directions(model, tok, MESSAGES[:1], ["hashtag"], LAYERS)["hashtag"]
-    edit = instruction_edit(LAYERS, direction, 0.5)
-    assert edit.layers == LAYERS and edit.site == "residual" and edit.form == "additive"
-    assert torch.allclose(edit.steer, 0.5 * direction)
-
-    def answers(edit=None):
-        edits = None if edit is None else [edit] * len(MESSAGES)
-        return generate_answers(model, tok, MESSAGES, system=NO_PREAMBLE, edits=edits, max_new_tokens=6)
-
-    base = answers()
-    assert answers(instruction_edit(LAYERS, direction, 0.0)) == base
-    assert answers(instruction_edit(LAYERS, direction, 200.0)) != base
 
 
 def test_capacity_is_read_from_readable_strengths_only(setup):
@@ -99,13 +56,13 @@ def test_unknown_markers_and_empty_inputs_are_refused(setup):
     with pytest.raises(ValueError, match="strengths"):
         measure_edit_capacity(model, tok, MESSAGES, MESSAGES, layers=LAYERS, strengths=[])
     with pytest.raises(ValueError, match="need messages"):
-        instruction_directions(model, tok, [], ["hashtag"], LAYERS)
+        instruction_directions(model, tok, [], ["hashtag"], LAYERS, system=NO_PREAMBLE)
 
 
 def test_transfer_is_measured_on_the_users_whose_history_shows_the_marker(setup):
     model, tok = setup
     histories = [["so fun :)", "yay :D", "ok :)"], ["Fine.", "Good."], ["great :)", "nice :)"]]
-    direction = instruction_directions(model, tok, MESSAGES[:1], ["emoticon"], LAYERS)
+    direction = instruction_directions(model, tok, MESSAGES[:1], ["emoticon"], LAYERS, system=NO_PREAMBLE)
     kw = dict(layers=LAYERS, directions=direction, answering=Answering(max_new_tokens=4, n_resamples=50))
     got = measure_edit_transfer(model, tok, MESSAGES, histories, strengths={"emoticon": 0.0}, **kw)
     assert got["emoticon"]["users"] == 2, "users 0 and 2 show emoticons, user 1 does not"

@@ -92,6 +92,32 @@ def test_pinned_rows_are_shared_per_group_and_released(loaded):
     assert status["edit_loads_in_flight"] == 0 and status["edit_caches"][0]["pinned"] == 0
 
 
+def test_a_users_marker_part_is_their_own_row_and_never_a_groups(loaded):
+    edits = loader(loaded)
+    run = edits.registry.current
+    got = edits.resolve(ask(user="emoji_lover-1"))
+    assert got.source == "user" and got.markers == ("emoticon",)
+    group = got.group_id
+    mates = [u for u, g in run.user_groups.items() if g == group and not u.startswith("emoji_lover")]
+    named = edits.resolve(ask(user="emoji_lover-1", group_id=group))
+    assert named.markers == (), "a group named in the request is the group's edit alone"
+
+    async def pins():
+        own = await edits.pin(run, group, got.markers)
+        plain = await edits.pin(run, group, ())
+        return own, plain
+
+    own, plain = asyncio.run(pins())
+    assert own.row != plain.row and min(own.row, plain.row) >= 1
+    bank = edits.cache_for(run.spec).bank
+    slot = bank.layers.index(3)  # the tiny model's marker layer
+    assert bank.S[own.row, slot].abs().sum() > 0 and bank.S[plain.row, slot].abs().sum() == 0
+    if mates:  # a group-mate without the marker is served the group's row
+        assert edits.resolve(ask(user=mates[0])).markers == ()
+    own.release()
+    plain.release()
+
+
 def test_a_broken_edit_is_a_503_remembered_without_store_detail(loaded):
     _model, _fp, store, src, _dir = loaded
     gid = sorted(loaded_run_groups(loaded))[0]

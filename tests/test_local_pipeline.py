@@ -87,6 +87,35 @@ def test_user_edits_and_personalized_generation(published_tiny_run):
         assert group_edits[0] is group_edits[1]
 
 
+def test_marker_parts_reach_only_the_users_whose_history_shows_the_marker(published_tiny_run):
+    store, manifest, _ = published_tiny_run
+    run = PublishedRun(RunReader(store, "tiny-run-1"))
+    # The tiny model has 4 layers: the default marker layers are [3].
+    spec = manifest.marker_parts
+    assert spec["markers"] == ["emoticon"] and spec["layers"] == [3] and spec["strength"] == 0.25
+    assert 0 < spec["n_queries"] <= 32 and "markers.safetensors" in manifest.files
+    assert 3 in manifest.bank_spec().layers
+    shown = {u for u in run.assignments() if run.user_markers(u) == ("emoticon",)}
+    assert shown == {"emoji_lover-1", "emoji_lover-2"} and spec["users"] == {"emoticon": 2}
+    direction = run.marker_parts().directions["emoticon"]
+    assert direction.shape == (1, manifest.hidden_size) and float(direction.norm()) > 0
+    for user in run.assignments():
+        group = run.group_edit(run.user_group(user))
+        served = run.edit_for(user, "group")
+        if user not in shown:  # everybody else is served the group's edit itself
+            assert served is group
+            continue
+        assert served.layers == sorted({3, *group.layers}) and served.form == "additive"
+        expected = {
+            layer: 0.25 * direction[0] if layer == 3 else torch.zeros_like(direction[0])
+            for layer in served.layers
+        }
+        for i, layer in enumerate(group.layers):
+            expected[layer] = expected[layer] + group.steer[i]
+        assert torch.allclose(served.steer, torch.stack([expected[layer] for layer in served.layers]))
+        assert run.edit_for(user, "group") is served, "one served row per (group, markers)"
+
+
 def test_bad_records_are_rejected_with_reasons(tmp_path, local_store, tiny_model_dir):
     from chameleon.dev.demo import example_users
 

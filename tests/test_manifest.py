@@ -86,7 +86,7 @@ def test_job_manifest_round_trips_through_json_and_is_what_was_written(published
     assert manifest.chameleon_config().edit == manifest.edit
     assert manifest.group_ids == [g.group_id for g in manifest.groups]
     assert manifest.bank_spec() == BankSpec(
-        layers=tuple(sorted(manifest.captured_layers)),
+        layers=tuple(sorted({*manifest.captured_layers, *manifest.marker_parts["layers"]})),
         site=manifest.site,
         max_rank=manifest.max_rank,
         positions=manifest.edit.positions,

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from chameleon.core.marker_steering import MARKER_INSTRUCTIONS, instructed_prompts
 from chameleon.evaluation import attribution, recompute
-from chameleon.evaluation.capacity import MARKER_INSTRUCTIONS, instructed_prompts, marker_shares
+from chameleon.evaluation.capacity import marker_shares
 from chameleon.evaluation.personalization import (
     closeness_adjusted_gain,
     figures_from_per_user,

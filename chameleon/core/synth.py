@@ -35,6 +35,7 @@ from chameleon.core import prompts
 from chameleon.core.capture import capture
 from chameleon.core.devices import batch_size_for
 from chameleon.core.generation import chat_prompt, generate
+from chameleon.core.markers import MARKERS, history_shares
 from chameleon.core.model import model_device, num_layers
 from chameleon.core.normalize import neutralize
 from chameleon.core.records import UserRecord
@@ -97,6 +98,9 @@ class UserPairs:
     shared_norm: torch.Tensor | None = None
     """[L] sum over the shared pairs of the mean state norm of their two sides."""
     shared_count: int = 0
+    marker_shares: list[float] | None = None
+    """Per marker of `core.markers.MARKERS`, the share of the user's history items that carry it,
+    over every item but the evaluation's reference items (which marker parts the user gets)."""
 
 
 def pair_queries(user: UserRecord, selected: Sequence[int], k: int, template: str = "{text}") -> list[str]:
@@ -247,8 +251,12 @@ def synthesize(
             selected.append(pool[: s.history_k])
     pair_source = {"history": _history_pairs, "insight": _insight_pairs, "style": _style_pairs}[s.pair_source]
     out = pair_source(model, tok, users, cfg, layers, item_embs, selected, heldout)
-    for pairs, u in zip(out, users, strict=True):
-        pairs.style_features = torch.from_numpy(history_style([h.text for h in u.history])).float()
+    for pairs, u, held, res in zip(out, users, heldout, reserved, strict=True):
+        # Style groups and marker parts read every item but the evaluation's reference items.
+        references = set(res) - set(held)
+        own = [h.text for i, h in enumerate(u.history) if i not in references]
+        pairs.style_features = torch.from_numpy(history_style(own)).float()
+        pairs.marker_shares = [history_shares(own)[m] for m in MARKERS]
     return out
 
 

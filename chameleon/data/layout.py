@@ -14,7 +14,10 @@ runs/<run_id>/pairs/part-K.parquet          map output
 runs/<run_id>/users/shard-S.safetensors     per-user θP, θN, μ, ranks, CCS losses (1024 users a shard)
 runs/<run_id>/groups/<group_id>.safetensors one group edit each (nothing else lives in groups/)
 runs/<run_id>/centroids.safetensors         history centroids of the groups (assign unseen users)
-runs/<run_id>/assignments.parquet           user_id → group_id, distance, how assigned, shard row
+runs/<run_id>/markers.safetensors           the model's marker directions (`edit.markers`; no user's data
+                                            but the held-out queries they are the mean over)
+runs/<run_id>/assignments.parquet           user_id → group_id, distance, how assigned, shard row,
+                                            the markers the user's part adds
 runs/<run_id>/manifest.json                 written last; then <root>/latest
 """
 
@@ -35,6 +38,7 @@ REJECTS = "rejects.jsonl"
 ASSIGNMENTS = "assignments.parquet"
 CENTROIDS = "centroids.safetensors"
 CALIBRATION = "calibration.json"
+MARKER_DIRECTIONS = "markers.safetensors"
 JOB_SPEC = "job-spec.json"
 
 

@@ -166,7 +166,7 @@ class BankSpec(_Part):
 class RunManifest(_Part):
     """`manifest.json` of a committed run (see the module docstring)."""
 
-    _omit_if_none = frozenset({"min_contributors", "job_spec", "forget", "edit_parts"})
+    _omit_if_none = frozenset({"min_contributors", "job_spec", "forget", "edit_parts", "marker_parts"})
     model: ModelInfo
     hidden_size: int = Field(ge=1)
     captured_layers: list[int] = Field(min_length=1)
@@ -192,6 +192,10 @@ class RunManifest(_Part):
     """`edit.composition: residual` only: the global part's layer and calibration curve, where the
     global direction came from, and how many users have their own residual strength
     (`job.publish.edit_parts_manifest`)."""
+    marker_parts: dict[str, Any] | None = None
+    """Runs with marker parts (`edit.markers`) only: `markers`, `layers` and `strength` of the
+    marker directions in `markers.safetensors`, the `n_queries` they are the mean over, and how
+    many `users` each marker's part reaches (`job.publish.marker_parts_manifest`)."""
     # The envelope, stamped by `RunWriter.commit`.
     run_id: str = ""
     format_version: int = FORMAT_VERSION
@@ -222,8 +226,9 @@ class RunManifest(_Part):
 
     def bank_spec(self) -> BankSpec:
         """The edit bank this run's edits fit in."""
+        marker_layers = self.marker_parts["layers"] if self.marker_parts else []
         return BankSpec(
-            layers=tuple(sorted(set(self.captured_layers))),
+            layers=tuple(sorted(set(self.captured_layers) | set(marker_layers))),
             site=self.site,
             max_rank=self.max_rank,
             positions=self.edit.positions,

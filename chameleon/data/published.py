@@ -3,6 +3,11 @@
 Every read goes through `RunReader` (checksums verified). Group edits are read once per group
 and user shards once per shard, then kept: resolving edits for many users costs one read per
 distinct file, not one per user.
+
+The edit a user is served is their group's (or own) edit plus their **marker part** when the run
+has marker parts (`edit.markers`, `core.marker_steering`): the markers the user's history shows
+(`assignments.markers`) select directions of `markers.safetensors`. `served_edit` composes it, so
+the evaluation and serving answer with the same row.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import torch
 
 from chameleon.core import subspace
 from chameleon.core.edit import Edit
+from chameleon.core.marker_steering import MarkerParts, with_marker_part
 from chameleon.data.artifacts import RunReader
-from chameleon.data.layout import ASSIGNMENTS, CENTROIDS, group_key, user_shard_key
+from chameleon.data.layout import ASSIGNMENTS, CENTROIDS, MARKER_DIRECTIONS, group_key, user_shard_key
 from chameleon.data.user_shards import user_shard_edit
 
 LEVELS = ("none", "group", "user")
@@ -43,6 +49,8 @@ class PublishedRun:
         self._group_parts: dict[str, dict[str, torch.Tensor]] = {}  # read with the edit, evicted with it
         self._groups_lock = threading.Lock()  # serving loads groups from several threads
         self._shards: dict[int, dict[str, Any]] = {}
+        self._marker_parts: MarkerParts | None = None
+        self._composed: dict[tuple[str, tuple[str, ...]], Edit] = {}  # (group, markers) -> served row
 
     @property
     def group_ids(self) -> list[str]:
@@ -110,16 +118,62 @@ class PublishedRun:
             self._shards[shard], _ = self.reader.get_safetensors(user_shard_key(shard))
         return user_shard_edit(self._shards[shard], row["user_row"], self.site)
 
+    def user_markers(self, user_id: str) -> tuple[str, ...]:
+        """The markers the user's marker part adds (empty: none, an unknown user, or a run
+        without marker parts)."""
+        if not self.manifest.marker_parts:
+            return ()
+        row = self.assignments().get(user_id)
+        return tuple(row.get("markers") or ()) if row else ()
+
+    def marker_parts(self) -> MarkerParts | None:
+        """The run's marker directions (read once), or None for a run without marker parts."""
+        spec = self.manifest.marker_parts
+        if not spec:
+            return None
+        if self._marker_parts is None:
+            tensors, meta = self.reader.get_safetensors(MARKER_DIRECTIONS)
+            self._marker_parts = MarkerParts(
+                layers=[int(x) for x in json.loads(meta["layers"])],
+                directions={m: tensors[m] for m in spec["markers"]},
+                n_queries=int(spec["n_queries"]),
+            )
+        return self._marker_parts
+
+    def with_markers(self, edit: Edit | None, markers: Sequence[str]) -> Edit | None:
+        """`edit` plus the marker part of `markers` (`edit` itself when there are none)."""
+        parts = self.marker_parts() if markers else None
+        if parts is None:
+            return edit
+        return with_marker_part(edit, parts.layers, parts.steer(markers, self.manifest.edit.marker_strength))
+
+    def served_edit(self, group_id: str, markers: Sequence[str] = ()) -> Edit:
+        """The row a user of `group_id` whose marker part adds `markers` is served (one Edit
+        object per combination while the run is open)."""
+        if not markers:
+            return self.group_edit(group_id)
+        key = (group_id, tuple(markers))
+        with self._groups_lock:
+            edit = self._composed.get(key)
+        if edit is None:
+            edit = self.with_markers(self.group_edit(group_id), markers)
+            with self._groups_lock:
+                edit = self._composed.setdefault(key, edit)
+        return edit
+
     def edit_for(self, user_id: str, level: str, group_id: str | None = None) -> Edit | None:
-        """The edit a user gets at `level` (None = base model). `group_id` overrides the assignment."""
+        """The edit a user gets at `level` (None = base model), with the user's marker part.
+        `group_id` overrides the assignment."""
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         if level == "none":
             return None
+        markers = self.user_markers(user_id)
         if level == "user":
-            return self.user_edit(user_id)
+            own = self.user_edit(user_id)
+            return self.with_markers(own, markers) if own is not None else None
         gid = group_id or self.user_group(user_id)
-        return self.group_edit(gid) if gid else None
+        return self.served_edit(gid, markers) if gid else None
 
     def edits_for(
         self, user_ids: Sequence[str], level: str, group_ids: Sequence[str | None] | None = None

@@ -16,22 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from chameleon.core.generation import generate_answers
+from chameleon.core.marker_steering import MARKER_INSTRUCTIONS, instructed_prompts
 from chameleon.core.markers import MARKERS, text_markers
 from chameleon.evaluation.metrics import bootstrap_ci
 from chameleon.evaluation.names import NO_PREAMBLE
 from chameleon.evaluation.scoring import postprocess
 
-__all__ = ["MARKER_INSTRUCTIONS", "PLACEMENTS", "instructed_prompts", "marker_shares", "measure_capacity"]
-
-MARKER_INSTRUCTIONS: dict[str, str] = {
-    "lower_start": "Write it in all lowercase letters, like a casual tweet: no capital letters at all.",
-    "lowercase_i": 'Write the word "I" in lowercase, as "i" (i am, i\'m, i\'ll).',
-    "punct_run": "End it with several exclamation marks (!!!) or an ellipsis (...).",
-    "elongation": 'Stretch one word by repeating a letter, like "sooo" or "yesss".',
-    "emoticon": "Add an emoticon like :) or an emoji.",
-    "hashtag": "Add a hashtag, like #happy.",
-}
-"""The explicit instruction that asks for each marker of :data:`~chameleon.core.markers.MARKERS`."""
+__all__ = ["PLACEMENTS", "marker_shares", "measure_capacity"]
 
 PLACEMENTS = ("system", "user")
 """Where an instruction goes: appended to the system turn, or after the user's message."""
@@ -43,19 +34,6 @@ def marker_shares(answers: Sequence[str]) -> dict[str, float]:
         raise ValueError("no answers")
     flags = [text_markers(a) for a in answers]
     return {m: sum(f[m] for f in flags) / len(flags) for m in MARKERS}
-
-
-def instructed_prompts(
-    messages: Sequence[str], system: str | None, marker: str | None, placement: str
-) -> tuple[list[str], str | None]:
-    """The user messages and system turn with ``marker``'s instruction at ``placement`` (None: as
-    they are)."""
-    if marker is None:
-        return list(messages), system
-    instruction = MARKER_INSTRUCTIONS[marker]
-    if placement == "system":
-        return list(messages), f"{system} {instruction}" if system else instruction
-    return [f"{m}\n\n{instruction}" for m in messages], system
 
 
 def measure_capacity(

@@ -29,11 +29,10 @@ from typing import Any
 
 import torch
 
-from chameleon.core.capture import capture
 from chameleon.core.edit import Edit
-from chameleon.core.generation import chat_prompt, generate_answers
+from chameleon.core.generation import generate_answers
+from chameleon.core.marker_steering import MARKER_INSTRUCTIONS, instruction_directions, marker_edit
 from chameleon.core.markers import MARKERS, history_shares, history_shows, text_markers
-from chameleon.evaluation.capacity import MARKER_INSTRUCTIONS, instructed_prompts
 from chameleon.evaluation.lamp import extract_lamp7_tweet
 from chameleon.evaluation.metrics import bootstrap_ci, rouge_per_item
 from chameleon.evaluation.names import NO_PREAMBLE
@@ -41,8 +40,6 @@ from chameleon.evaluation.scoring import postprocess
 
 __all__ = [
     "Answering",
-    "instruction_directions",
-    "instruction_edit",
     "measure_edit_capacity",
     "measure_edit_transfer",
 ]
@@ -70,44 +67,6 @@ class Answering:
         )  # fmt: skip
         tweets = [extract_lamp7_tweet(m) for m in messages]
         return got, sum(rouge_per_item(got, tweets)["rougeL"]) / len(got)
-
-
-def instruction_directions(
-    model,
-    tok,
-    messages: Sequence[str],
-    markers: Sequence[str],
-    layers: Sequence[int],
-    *,
-    system: str | None = NO_PREAMBLE,
-    batch_size: int = 16,
-) -> dict[str, torch.Tensor]:
-    """Per marker, ``[len(layers), d]``: the mean over ``messages`` of the residual stream at the
-    prompt's last position with the marker's instruction after the message, minus without it."""
-    if not messages or not layers:
-        raise ValueError("need messages and layers")
-
-    def states(marker: str | None) -> torch.Tensor:
-        msgs, sys_turn = instructed_prompts(messages, system, marker, "user")
-        prompts = [chat_prompt(tok, m, sys_turn) for m in msgs]
-        return capture(model, tok, prompts, list(layers), "residual", batch_size=batch_size, reduce="last")
-
-    plain = states(None)
-    return {m: (states(m) - plain).mean(0) for m in markers}
-
-
-def instruction_edit(layers: Sequence[int], direction: torch.Tensor, strength: float) -> Edit:
-    """An additive residual-stream edit of ``strength`` × ``direction`` (``[len(layers), d]``) at
-    every layer of ``layers``."""
-    n, d = direction.shape
-    return Edit(
-        layers=list(layers),
-        theta_p=torch.zeros(n, 1, d),
-        theta_n=torch.zeros(n, d),
-        mean=torch.zeros(n, d),
-        site="residual",
-        steer=strength * direction.float(),
-    )
 
 
 def measure_edit_capacity(
@@ -149,7 +108,7 @@ def measure_edit_capacity(
         by_strength: dict[str, Any] = {}
         capacity, at = base_shares[m], None
         for s in strengths:
-            got, closeness = answering.answers(model, tok, test, instruction_edit(layers, directions[m], s))
+            got, closeness = answering.answers(model, tok, test, marker_edit(layers, s * directions[m]))
             answers[f"{m}@{s:g}"] = got
             carried = [float(text_markers(x)[m]) for x in got]
             ci = bootstrap_ci(carried, n_resamples=answering.n_resamples, seed=answering.seed)
@@ -189,7 +148,7 @@ def measure_edit_transfer(
         if not msgs:
             out[m] = {"users": 0, "strength": strength}
             continue
-        edit = instruction_edit(layers, directions[m], strength)
+        edit = marker_edit(layers, strength * directions[m])
         (base, base_closeness), (edited, edited_closeness) = (
             answering.answers(model, tok, msgs, e) for e in (None, edit)
         )

@@ -16,6 +16,7 @@ them with their neutral rendering, so no candidate is rewarded for copying the q
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +28,12 @@ from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration, UnitItems, choose, nll_curve, unit_curves
 from chameleon.core.devices import batch_size_for
 from chameleon.core.generation import chat_prompt
-from chameleon.core.model import model_device
+from chameleon.core.marker_steering import MarkerParts, default_marker_layers, instruction_directions
+from chameleon.core.model import model_device, num_layers
 from chameleon.job import compose
 from chameleon.job.reduce import Reduced
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +52,9 @@ class GroupCalibrationTask:
     """Residual composition: [d] the shared edit under every candidate (one layer)."""
     members: list[MemberItems] = field(default_factory=list)
     """Residual composition: members whose own residual strength is calibrated in this task."""
+    markers: list[str] = field(default_factory=list)
+    """A marker task (`marker_task`): derive these markers' directions from `queries` at
+    `layers` (empty: the default marker layers of the model) instead of scoring candidates."""
 
 
 @dataclass
@@ -61,7 +68,7 @@ class MemberItems:
     texts: list[str]
 
 
-RunTasks = Callable[[Sequence[GroupCalibrationTask]], list[Calibration]]
+RunTasks = Callable[[Sequence[GroupCalibrationTask]], list[Calibration | MarkerParts]]
 """Calibrates tasks on a model replica (in process, or spread over an actor pool)."""
 
 
@@ -124,12 +131,42 @@ def residual_tasks(reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig) -
     return tasks
 
 
+def marker_task(profiles: pa.Table, cfg: ChameleonConfig) -> GroupCalibrationTask | None:
+    """The run's marker directions (`edit.markers`), from a seeded sample of every user's held-out
+    queries; None when the run has no marker parts (none asked, an edit they cannot join, or no
+    held-out query)."""
+    if not cfg.edit.markers:
+        return None
+    if cfg.subspace.site != "residual":
+        log.warning("edit.markers needs subspace.site: residual (got %r): no marker parts", cfg.subspace.site)
+        return None
+    queries = [q for items in _heldout_by_user(profiles).values() for q, _ in items]
+    random.Random(f"{cfg.subspace.seed}:markers").shuffle(queries)
+    if not queries:
+        log.warning("no held-out queries to derive the marker directions from: no marker parts")
+        return None
+    return GroupCalibrationTask(
+        group_id="markers",
+        layers=list(cfg.edit.marker_layers or []),
+        directions=torch.zeros(0),
+        norms=torch.zeros(0),
+        queries=queries[: cfg.edit.marker_examples],
+        texts=[],
+        markers=list(cfg.edit.markers),
+    )
+
+
 def calibrate_reduced(
     run: RunTasks, reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig
 ) -> list[Calibration]:
     """Each group's calibration (what `Reduced.group_calibration` holds); with the residual
     composition also the global edit's (`reduced.global_calibration`, first round) and the
-    members' own strengths (`reduced.user_strengths`)."""
+    members' own strengths (`reduced.user_strengths`); with `edit.markers` also the run's marker
+    directions (`reduced.marker_parts`, on the same replicas)."""
+    task = marker_task(profiles, cfg)
+    if task is not None:
+        parts = run([task])[0]
+        reduced.marker_parts = parts if parts.layers else None  # a model too shallow for them
     if cfg.edit.composition != "residual":
         return run(calibration_tasks(reduced, profiles, cfg))
     reduced.global_calibration = run([global_task(reduced, profiles, cfg)])[0]
@@ -166,9 +203,19 @@ def calibration_tasks(
     return tasks
 
 
-def calibrate_task(model, tok, task: GroupCalibrationTask, cfg: ChameleonConfig) -> Calibration:
+def calibrate_task(model, tok, task: GroupCalibrationTask, cfg: ChameleonConfig) -> Calibration | MarkerParts:
     """Score every (layer, strength) candidate of one group on its held-out texts; keep the best.
-    With members, each member's own residual strength on top of the group's choice."""
+    With members, each member's own residual strength on top of the group's choice. A marker
+    task derives the marker directions instead."""
+    if task.markers:
+        layers = task.layers or default_marker_layers(num_layers(model))
+        if not layers:
+            return MarkerParts(layers=[], directions={}, n_queries=0)
+        directions = instruction_directions(
+            model, tok, task.queries, task.markers, layers, system=cfg.synth.system_prompt,
+            batch_size=batch_size_for(cfg.synth.batch_size, model_device(model)),
+        )  # fmt: skip
+        return MarkerParts(layers=layers, directions=directions, n_queries=len(task.queries))
     if not task.texts:  # nothing held out: no evidence, so no edit
         return Calibration(layer=-1, strength=0.0, nll=float("nan"), base_nll=float("nan"), curve={})
     settings = {
@@ -200,7 +247,7 @@ def _prompts(tok, queries: Sequence[str], cfg: ChameleonConfig) -> list[str]:
 def calibrate_in_process(
     model, tok, reduced: Reduced, profiles: pa.Table, *, cfg: ChameleonConfig
 ) -> list[Calibration]:
-    def run(tasks: Sequence[GroupCalibrationTask]) -> list[Calibration]:
+    def run(tasks: Sequence[GroupCalibrationTask]) -> list[Calibration | MarkerParts]:
         return [calibrate_task(model, tok, task, cfg) for task in tasks]
 
     return calibrate_reduced(run, reduced, profiles, cfg)

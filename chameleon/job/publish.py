@@ -1,5 +1,5 @@
 """Reduce a run's partitions and publish its artifacts: user shards, group edits, assignments,
-centroids, then the manifest (last) and the `latest` pointer."""
+centroids, marker directions, then the manifest (last) and the `latest` pointer."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from chameleon.config import ChameleonConfig
 from chameleon.core import prompts
 from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import ModelFingerprint
+from chameleon.core.markers import MARKERS, history_shows
 from chameleon.data.artifacts import RunWriter
 from chameleon.data.layout import (
     ASSIGNMENTS,
     CALIBRATION,
     CENTROIDS,
+    MARKER_DIRECTIONS,
     USER_SHARD_SIZE,
+    column_matrix,
     group_key,
     user_shards,
 )
@@ -61,10 +64,28 @@ def _user_shard_tensors(reduced: Reduced, rows: slice, cfg: ChameleonConfig) -> 
     return tensors
 
 
-def assignments_table(reduced: Reduced) -> pa.Table:
-    """user_id → group_id, distance, how assigned, and where the user's own edit is stored."""
+def user_markers(profiles: pa.Table, user_ids: Sequence[str], markers: Sequence[str]) -> list[list[str]]:
+    """Per user (in `user_ids` order): which of `markers` the user's history shows (the
+    synthesis' `marker_shares`, `core.markers.history_shows`); [] for runs made without them."""
+    if "marker_shares" not in profiles.column_names:
+        return [[] for _ in user_ids]
+    shares = column_matrix(profiles, "marker_shares")
+    row = {u: i for i, u in enumerate(profiles.column("user_id").to_pylist())}
+    out = []
+    for u in user_ids:
+        shows = history_shows(dict(zip(MARKERS, shares[row[u]].tolist(), strict=True)))
+        out.append([m for m in markers if shows[m]])
+    return out
+
+
+def assignments_table(reduced: Reduced, markers: Sequence[Sequence[str]] | None = None) -> pa.Table:
+    """user_id → group_id, distance, how assigned, where the user's own edit is stored, and the
+    markers its marker part adds (with marker parts)."""
     data, users, grouping = reduced.data, reduced.users, reduced.grouping
     n = len(data.user_ids)
+    extra = (
+        {} if markers is None else {"markers": pa.array([list(m) for m in markers], pa.list_(pa.string()))}
+    )
     return pa.table(
         {
             "user_id": pa.array(data.user_ids, pa.string()),
@@ -75,12 +96,16 @@ def assignments_table(reduced: Reduced) -> pa.Table:
             "user_row": pa.array([i % USER_SHARD_SIZE for i in range(n)], pa.int32()),
             "has_user_edit": pa.array(users.has_edit.tolist(), pa.bool_()),
             "n_pairs_kept": pa.array(users.keep.sum(1).tolist(), pa.int32()),
+            **extra,
         }
     )
 
 
-def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> list[GroupEntry]:
-    """Write user shards, group edits, calibration, centroids and assignments; returns the groups'
+def write_edits(
+    writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig, markers: Sequence[Sequence[str]] | None = None
+) -> list[GroupEntry]:
+    """Write user shards, group edits, calibration, centroids, the marker directions and
+    assignments (with each user's `markers` when the run has marker parts); returns the groups'
     manifest entries."""
     for key, rows in user_shards(len(reduced.data.user_ids)):
         meta = {"user_ids": json.dumps(reduced.data.user_ids[rows])}
@@ -125,8 +150,34 @@ def write_edits(writer: RunWriter, reduced: Reduced, cfg: ChameleonConfig) -> li
         {"history_centroids": grouping.history_centroids.contiguous()},
         {"group_ids": json.dumps(grouping.group_ids)},
     )
-    writer.put_parquet(ASSIGNMENTS, assignments_table(reduced))
+    parts = reduced.marker_parts
+    if parts is not None:
+        writer.put_safetensors(
+            MARKER_DIRECTIONS,
+            {m: d.float().contiguous() for m, d in parts.directions.items()},
+            {"layers": json.dumps(parts.layers)},
+        )
+    writer.put_parquet(ASSIGNMENTS, assignments_table(reduced, markers if parts is not None else None))
     return groups_meta
+
+
+def marker_parts_manifest(
+    reduced: Reduced, cfg: ChameleonConfig, markers: Sequence[Sequence[str]]
+) -> dict[str, Any]:
+    """`marker_parts` (runs with marker parts only): the markers, layers and strength, how many
+    queries the directions are the mean over, and how many users each marker's part reaches."""
+    parts = reduced.marker_parts
+    if parts is None:
+        return {}
+    return {
+        "marker_parts": {
+            "markers": list(parts.directions),
+            "layers": parts.layers,
+            "strength": cfg.edit.marker_strength,
+            "n_queries": parts.n_queries,
+            "users": {m: sum(m in ms for ms in markers) for m in parts.directions},
+        }
+    }
 
 
 def edit_parts_manifest(reduced: Reduced, cfg: ChameleonConfig) -> dict[str, Any]:
@@ -218,8 +269,9 @@ def reduce_and_publish(
         t_cal = time.perf_counter()
         reduced.group_calibration = calibrate(reduced, profiles)
         timings["calibrate_s"] = time.perf_counter() - t_cal
+    markers = user_markers(profiles, reduced.data.user_ids, cfg.edit.markers)
     t0 = time.perf_counter()
-    groups_meta = write_edits(writer, reduced, cfg)
+    groups_meta = write_edits(writer, reduced, cfg, markers)
     timings["publish_s"] = time.perf_counter() - t0
     manifest = RunManifest(
         model=ModelInfo(
@@ -250,5 +302,6 @@ def reduce_and_publish(
         job_spec=job_spec,
         forget=forget,
         **edit_parts_manifest(reduced, cfg),
+        **marker_parts_manifest(reduced, cfg, markers),
     )
     return writer.commit(manifest, set_latest=set_latest)

@@ -37,6 +37,7 @@ from chameleon.config import ChameleonConfig
 from chameleon.core.calibration import Calibration
 from chameleon.core.fingerprint import fingerprint_model
 from chameleon.core.generation import count_generated_tokens
+from chameleon.core.marker_steering import MarkerParts
 from chameleon.data.artifacts import RunReader, RunWriter
 from chameleon.data.manifest import RunManifest
 from chameleon.data.parallel_reads import read_in_order
@@ -124,8 +125,8 @@ class PartitionWorker(ModelReplica):
             "seconds": time.perf_counter() - t0, "error": error, "records": records,
         }  # fmt: skip
 
-    def calibrate(self, task: GroupCalibrationTask) -> Calibration:
-        """Calibrate one group on the held-out texts of its members."""
+    def calibrate(self, task: GroupCalibrationTask) -> Calibration | MarkerParts:
+        """Calibrate one group on the held-out texts of its members (or derive the marker directions)."""
         return calibrate_task(self.model, self.tok, task, self.cfg)
 
 
@@ -158,7 +159,9 @@ def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, pool: JobPool) -> 
     return calibrate_reduced(partial(_calibrate_tasks_on_ray, pool=pool), reduced, profiles, pool.cfg)
 
 
-def _calibrate_tasks_on_ray(tasks: Sequence[GroupCalibrationTask], *, pool: JobPool) -> list[Calibration]:
+def _calibrate_tasks_on_ray(
+    tasks: Sequence[GroupCalibrationTask], *, pool: JobPool
+) -> list[Calibration | MarkerParts]:
     results = pool.get(len(tasks)).run("calibrate", list(tasks))
     missing = [k for k in range(len(tasks)) if k not in results]
     if missing:

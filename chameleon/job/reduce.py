@@ -20,6 +20,7 @@ from chameleon.config import ChameleonConfig, EditConfig, SubspaceConfig
 from chameleon.core import subspace as ss
 from chameleon.core.calibration import Calibration
 from chameleon.core.edit import Edit
+from chameleon.core.marker_steering import MarkerParts
 from chameleon.job import compose
 from chameleon.job.grouping import Grouping, group_users
 from chameleon.job.tables import UnitData, UserReduce, reduce_subspace_config, tables_to_units
@@ -111,6 +112,8 @@ class Reduced:
     user_strengths: dict[str, float] = field(default_factory=dict)
     """`residual` composition: users' own residual strengths, calibrated on their own held-out
     items (users not in it take their group's residual strength)"""
+    marker_parts: MarkerParts | None = None
+    """`edit.markers`: the marker directions the calibration step derived (None: no marker parts)"""
 
     def group_edit(self, j: int, edit: EditConfig, site: str) -> Edit:
         if edit.composition == "residual":

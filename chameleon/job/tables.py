@@ -5,7 +5,8 @@ dense per-user tensors; each user's reduce results stored beside its profile row
                              insight_p, insight_n, emb_p, emb_n  (float32 [L*d] at the captured layers)
     profiles/part-K.parquet  user_id, group_id, selected (history indices), history_embedding [d],
                              heldout_query, heldout_text (held-out items for self-calibration),
-                             style_features [F], and `unit_*` (each user's reduce, `attach_user_reduce`)
+                             style_features [F], marker_shares [len(MARKERS)], and `unit_*`
+                             (each user's reduce, `attach_user_reduce`)
 
 Everything past this module works on tensors (`UnitData`, `UserReduce`); nothing else converts.
 """
@@ -76,6 +77,9 @@ def pairs_to_tables(pairs: Sequence[UserPairs]) -> tuple[pa.Table, pa.Table]:
         if all(p.style_features is not None for p in pairs):
             styles = np.stack([p.style_features.numpy() for p in pairs])
             profile_cols["style_features"] = vector_column(styles, styles.shape[1])
+        if all(p.marker_shares is not None for p in pairs):
+            shares = np.array([p.marker_shares for p in pairs], dtype=np.float32)
+            profile_cols["marker_shares"] = vector_column(shares, shares.shape[1])
         if all(p.shared_diff is not None for p in pairs):  # per-user sums of the shared pairs
             diff = np.stack([p.shared_diff.reshape(-1).numpy() for p in pairs])
             norm = np.stack([p.shared_norm.numpy() for p in pairs])

@@ -1,4 +1,4 @@
-"""Which group edits sit in an `EditBank`: a bounded LRU of (run_id, group_id) → bank row.
+"""Which group edits sit in an `EditBank`: a bounded LRU of (run_id, group_id, markers) → bank row.
 
 The bank is the table a batched forward indexes (row 0 = identity); this cache decides which
 edits occupy its other rows. It is the "slots" tier of serving (vLLM's `max_loras`, Ray Serve
@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass
 from chameleon.config import EditConfig
 from chameleon.core.edit import Edit, EditBank
 
-CacheKey = tuple[str, str]
-"""(run_id, group_id)."""
+CacheKey = tuple[str, str, tuple[str, ...]]
+"""(run_id, group_id, the markers of the marker part the row adds to the group's edit)."""
 
 
 class CacheFullError(RuntimeError):

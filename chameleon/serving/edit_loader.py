@@ -1,9 +1,11 @@
 """Which edit answers a request, and getting it onto the model's device (no Ray).
 
 `EditLoader.resolve` decides once, at admission, the run and group a request gets (the request's
-group, the user's assignment, the fallback, or none). `EditLoader.pin` then pins the group's row
-in the `EditCache` of that run's bank layout, loading the edit from the store on a miss: one read
-per (run, group) however many requests wait (single flight), on its own thread pool so a hanging
+group, the user's assignment, the fallback, or none), and for a user's own assignment the markers
+of the user's marker part (`PublishedRun.user_markers`). `EditLoader.pin` then pins that row (the
+group's edit plus the marker part, `PublishedRun.served_edit`) in the `EditCache` of that run's
+bank layout, loading the edit from the store on a miss: one read per (run, group, markers)
+however many requests wait (single flight), on its own thread pool so a hanging
 store never ties up decoding, within one deadline (`admission_timeout_s`), and a failed load is
 answered from memory for `edit_failure_ttl_s`. Client messages carry no store detail; it is
 logged and kept for the status endpoint (`RunRegistry.record_artifact_error`).
@@ -21,7 +23,7 @@ from typing import Any
 from chameleon.core.edit import Edit, EditBank
 from chameleon.data.storage import StoreError
 from chameleon.serving.config import ServeConfig
-from chameleon.serving.edit_cache import CacheFullError, EditCache
+from chameleon.serving.edit_cache import CacheFullError, CacheKey, EditCache
 from chameleon.serving.metrics import ServingMetrics
 from chameleon.serving.protocol import ApiError, PersonalizationDetail
 from chameleon.serving.registry import BankSpec, LoadedRun, RunRegistry
@@ -37,6 +39,8 @@ class Resolution:
     source: str
     """`user` (assignment), `group` (named in the request), `fallback`, or `off`."""
     user: str | None
+    markers: tuple[str, ...] = ()
+    """The user's marker part (source `user` only: a user's part is never served to a group name)."""
 
     def describe(self) -> PersonalizationDetail:
         return PersonalizationDetail(
@@ -78,11 +82,11 @@ class EditLoader:
         self.device = device
         self.metrics = metrics
         self._caches: dict[BankSpec, EditCache] = {}
-        self._loading: dict[tuple[str, str], asyncio.Future] = {}
+        self._loading: dict[CacheKey, asyncio.Future] = {}
         # Edit loads get their own threads: a hanging store ties these up, never the default
         # executor that runs every decode step (and tokenization).
         self._load_pool = ThreadPoolExecutor(cfg.edit_load_workers, thread_name_prefix="chameleon-edit-load")
-        self._failed: dict[tuple[str, str], tuple[float, ApiError]] = {}  # key -> (until, answer)
+        self._failed: dict[CacheKey, tuple[float, ApiError]] = {}  # key -> (until, answer)
 
     def resolve(self, request: GenerationRequest) -> Resolution:
         """Which run and group a request gets (decided once, at admission)."""
@@ -108,7 +112,7 @@ class EditLoader:
                 )
             return Resolution(run, gid, "group", user)
         if user is not None and user in run.user_groups and run.user_groups[user] in run.group_ids:
-            return Resolution(run, run.user_groups[user], "user", user)
+            return Resolution(run, run.user_groups[user], "user", user, run.published.user_markers(user))
         fb = self.cfg.fallback_group
         return Resolution(run, fb if fb in run.group_ids else None, "fallback", user)
 
@@ -126,18 +130,19 @@ class EditLoader:
             cache = self._caches[spec] = EditCache(bank, self.cfg.edit_cache_size)
         return cache
 
-    def load_edit(self, run: LoadedRun, group_id: str) -> Edit:
-        return run.published.group_edit(group_id)
+    def load_edit(self, run: LoadedRun, group_id: str, markers: tuple[str, ...] = ()) -> Edit:
+        return run.published.served_edit(group_id, markers)
 
-    async def pin(self, run: LoadedRun, group_id: str) -> PinnedEdit:
-        """Pin the group's row, loading its edit on a miss. One deadline, `admission_timeout_s`,
-        covers the load and the wait for a free row (FIFO); past it: 503 with Retry-After."""
+    async def pin(self, run: LoadedRun, group_id: str, markers: tuple[str, ...] = ()) -> PinnedEdit:
+        """Pin the row of the group's edit plus the marker part of `markers`, loading it on a miss.
+        One deadline, `admission_timeout_s`, covers the load and the wait for a free row (FIFO);
+        past it: 503 with Retry-After."""
         cache = self.cache_for(run.spec)
-        key = (run.run_id, group_id)
+        key = (run.run_id, group_id, markers)
         deadline = time.monotonic() + self.cfg.admission_timeout_s
 
         async def load() -> Edit:
-            return await self._load(run, group_id, deadline)
+            return await self._load(run, group_id, markers, deadline)
 
         try:
             # One FIFO line for hits and misses; the edit loads (only if needed) while in line.
@@ -156,21 +161,21 @@ class EditLoader:
         self.metrics.edit_cache(id(cache), st.hits, st.misses, st.evictions)
         return PinnedEdit(row, cache, run.spec)
 
-    def _remember_failure(self, key: tuple[str, str], err: ApiError) -> ApiError:
+    def _remember_failure(self, key: CacheKey, err: ApiError) -> ApiError:
         """Answer `err` from memory for `edit_failure_ttl_s` (no download per request)."""
         if self.cfg.edit_failure_ttl_s > 0:
             self._failed[key] = (time.monotonic() + self.cfg.edit_failure_ttl_s, err)
         return err
 
-    def _load_done(self, key: tuple[str, str], fut: asyncio.Future) -> None:
+    def _load_done(self, key: CacheKey, fut: asyncio.Future) -> None:
         self._loading.pop(key, None)
         if not fut.cancelled():
             fut.exception()  # retrieved: a load every waiter gave up on is not an unhandled error
 
-    async def _load(self, run: LoadedRun, group_id: str, deadline: float) -> Edit:
-        """The group's edit, read once however many requests wait for it, on the load pool, by
-        `deadline` (time.monotonic)."""
-        key = (run.run_id, group_id)
+    async def _load(self, run: LoadedRun, group_id: str, markers: tuple[str, ...], deadline: float) -> Edit:
+        """The group's edit with the marker part, read once however many requests wait for it, on
+        the load pool, by `deadline` (time.monotonic)."""
+        key = (run.run_id, group_id, markers)
         failed = self._failed.get(key)
         if failed is not None:
             if failed[0] > time.monotonic():
@@ -179,7 +184,7 @@ class EditLoader:
         fut = self._loading.get(key)
         if fut is None:
             loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self._load_pool, self.load_edit, run, group_id)
+            fut = loop.run_in_executor(self._load_pool, self.load_edit, run, group_id, markers)
             self._loading[key] = fut
             fut.add_done_callback(lambda f: self._load_done(key, f))
         try:

@@ -144,7 +144,7 @@ class ModelServer:
         prompt_ids = await asyncio.to_thread(self.limits.token_ids, request)  # keeps the event loop free
         params = self.limits.resolve_sampling(request.params, len(prompt_ids), self.sampling_defaults)
         res = self.edits.resolve(request)
-        edit = await self.edits.pin(res.run, res.group_id) if res.group_id is not None else None
+        edit = await self.edits.pin(res.run, res.group_id, res.markers) if res.group_id is not None else None
         item = GenItem(prompt_ids, params, edit.row if edit is not None else 0)
         return Admission(item, res, edit, stream=request.stream, admitted_at=time.perf_counter())
 

@@ -5,7 +5,7 @@ when the prompt asks for it outright (the ceiling any personalization can reach 
         [--edit-layers 3,6,...] [--edit-strengths 0.1,0.2,...] [--lamp-dir DIR] [--out FILE] [--smoke]
 
 The evaluation's prompt (no-preamble system turn, the LaMP input as the user turn), greedy, the
-evaluation's answer clean-up; one instruction per marker (`evaluation.capacity.MARKER_INSTRUCTIONS`)
+evaluation's answer clean-up; one instruction per marker (`core.marker_steering.MARKER_INSTRUCTIONS`)
 appended to the system turn or after the user's message. Prints per marker the share without an
 instruction, with it at each placement, and the capacity (the larger); the golds' share of the same
 users beside it (what the users themselves write).
