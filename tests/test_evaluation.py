@@ -340,7 +340,10 @@ def fake_lamp(tmp_path):
 
 
 def test_run_evaluation_end_to_end(tmp_path, fake_lamp, tiny_model_dir, monkeypatch):
-    cfg = tiny_job_config(tiny_model_dir, **{"groups.n_groups": 2, "subspace.ccs_steps": 30})
+    # Two of each user's four history items held out: calibration and the marker directions need them.
+    cfg = tiny_job_config(
+        tiny_model_dir, **{"groups.n_groups": 2, "subspace.ccs_steps": 30, "synth.heldout_items": 2}
+    )
     settings = EvalSettings(
         out_dir=str(tmp_path / "out"),
         workdir=str(tmp_path / "work"),
@@ -393,6 +396,9 @@ def test_run_evaluation_end_to_end(tmp_path, fake_lamp, tiny_model_dir, monkeypa
     assert all(p["group_id"] for p in preds if p["method"] in ("chameleon_group", "chameleon_unseen"))
     report = (out / "report.md").read_text()
     assert "copy" in report and "chameleon eval --test" in report and (out / "metric_by_method.png").is_file()
+    parts = res["runs"]["marker_parts"]  # the default marker part, and how many reported users it reaches
+    assert parts["markers"] == ["emoticon"] and set(parts["reported_users"]) == {"emoticon"}
+    assert "- Marker parts (in `chameleon_group` and `chameleon_user`): emoticon at strength 0.25" in report
     # Issue 18: per-user vectors aligned with the users, no text, every figure recomputable from them.
     pu = saved["per_user"]
     assert pu["user_ids"] == [p["user_id"] for p in preds if p["method"] == "base"]

@@ -307,6 +307,14 @@ def write_report(out_dir: str | Path) -> Path:
             sizes = sorted(runs[key].values(), reverse=True)
             what = "tuning + reported users" if key == "groups_all" else "tuning users only (unseen setting)"
             L.append(f"- Groups from {what}: {len(sizes)} groups, sizes {sizes}.")
+    if "marker_parts" in runs:
+        mp = runs["marker_parts"]
+        reached = ", ".join(f"{m} {n}" for m, n in mp["reported_users"].items())
+        L.append(
+            f"- Marker parts (in `chameleon_group` and `chameleon_user`): {', '.join(mp['markers'])} at "
+            f"strength {mp['strength']:g}, layers {mp['layers']}, directions from {mp['n_queries']} "
+            f"held-out queries; reported users reached: {reached}."
+        )
     if "users_without_own_edit" in runs:
         L.append(
             f"- Reported users without an own edit (too few pairs kept; they get the base model in `chameleon_user`): {runs['users_without_own_edit']}."

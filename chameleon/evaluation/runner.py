@@ -133,6 +133,12 @@ def _main_methods(
         all_run = synth_run if same else ev.derived(synth_run, "all", all_cfg, None)
         info["run_all"] = all_run
         run = PublishedRun(RunReader(ev.store, all_run))
+        if run.manifest.marker_parts:  # what `chameleon_group` and `chameleon_user` add per user
+            parts = run.manifest.marker_parts
+            info["marker_parts"] = {
+                **parts,
+                "reported_users": {m: sum(m in run.user_markers(u) for u in ids) for m in parts["markers"]},
+            }
         if "chameleon_user" in methods:
             edits = run.edits_for(ids, "user")
             info["users_without_own_edit"] = sum(e is None for e in edits)
