@@ -217,17 +217,8 @@ def steering_edit(
     layer: int, direction: torch.Tensor, norm: float, strength: float, *, site: str, renorm: bool
 ) -> Edit:
     """A one-layer additive edit: `strength` × the layer's typical state norm along `direction`."""
-    d = direction.shape[-1]
     unit = direction / direction.norm().clamp_min(1e-12)
-    return Edit(
-        layers=[layer],
-        theta_p=torch.zeros(1, 1, d),
-        theta_n=torch.zeros(1, d),
-        mean=torch.zeros(1, d),
-        site=site,
-        steer=(strength * norm * unit)[None],
-        renorm=renorm,
-    )
+    return Edit.additive([layer], (strength * norm * unit)[None], site=site, renorm=renorm)
 
 
 def nll_curve(

@@ -48,6 +48,23 @@ class Edit:
     renorm: bool = False
     """With `steer`: keep each state's norm (the norm-preserving form)."""
 
+    @classmethod
+    def additive(
+        cls, layers: Sequence[int], steer: torch.Tensor, *, site: str, renorm: bool = False, rank: int = 1
+    ) -> Edit:
+        """An additive edit adding `steer[i]` ([len(layers), d]) at `layers[i]` (the projection
+        fields, unused by the additive forms, are zeros of rank `rank`)."""
+        n, d = steer.shape
+        return cls(
+            layers=list(layers),
+            theta_p=torch.zeros(n, rank, d),
+            theta_n=torch.zeros(n, d),
+            mean=torch.zeros(n, d),
+            site=site,
+            steer=steer.float(),
+            renorm=renorm,
+        )
+
     @property
     def form(self) -> str:
         if self.steer is None:

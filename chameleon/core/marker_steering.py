@@ -124,15 +124,7 @@ def marker_steer(
 
 def marker_edit(layers: Sequence[int], steer: torch.Tensor) -> Edit:
     """An additive residual-stream edit adding ``steer[i]`` at ``layers[i]``."""
-    n, d = steer.shape
-    return Edit(
-        layers=list(layers),
-        theta_p=torch.zeros(n, 1, d),
-        theta_n=torch.zeros(n, d),
-        mean=torch.zeros(n, d),
-        site="residual",
-        steer=steer.float(),
-    )
+    return Edit.additive(layers, steer, site="residual")
 
 
 def with_marker_part(edit: Edit | None, layers: Sequence[int], steer: torch.Tensor | None) -> Edit | None:
@@ -153,13 +145,4 @@ def with_marker_part(edit: Edit | None, layers: Sequence[int], steer: torch.Tens
     for source_layers, source in ((edit.layers, edit.steer), (list(layers), steer)):
         for i, layer in enumerate(source_layers):
             total[out_layers.index(layer)] += source[i].float()
-    # The projection fields are unused by the additive forms: zeros of the right shape.
-    return Edit(
-        layers=out_layers,
-        theta_p=torch.zeros(len(out_layers), edit.theta_p.shape[1], d),
-        theta_n=torch.zeros(len(out_layers), d),
-        mean=torch.zeros(len(out_layers), d),
-        site=edit.site,
-        steer=total,
-        renorm=edit.renorm,
-    )
+    return Edit.additive(out_layers, total, site=edit.site, renorm=edit.renorm, rank=edit.theta_p.shape[1])
