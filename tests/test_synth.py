@@ -9,8 +9,10 @@ from tiny_models import embedded_tokenizer, tiny_llama
 
 from chameleon.core import prompts
 from chameleon.core.generation import chat_prompt, generate
+from chameleon.core.markers import MARKERS, history_shares
 from chameleon.core.normalize import neutralize
 from chameleon.core.records import HistoryItem, UserRecord
+from chameleon.core.style import history_style
 from chameleon.core.synth import first_line, heldout_indices, pair_queries, select_history, synthesize
 
 
@@ -257,3 +259,24 @@ def test_style_pairs_use_every_item_not_held_out_and_calibration_queries_hold_no
             assert q == f"Paraphrase: {neutralize(t)}" and t not in q  # calibration cannot reward copying
         assert x.emb_p.shape == (6, 2, 64) and not torch.equal(x.emb_p, x.emb_n)
         assert x.shared_count == 2 and x.shared_diff.shape == (2, 64) and x.shared_norm.shape == (2,)
+
+
+def test_marker_shares_and_style_features_read_every_item_but_the_reference_items(model_tok, tiny_model_dir):
+    model, tok = model_tok
+    cfg = tiny_job_config(
+        tiny_model_dir,
+        **{"synth.pair_source": "style", "synth.heldout_items": 2, "synth.reference_items": 4},
+    )
+    # Items differ in length and in which carry an emoticon: every subset has its own figures.
+    texts = ["word " * (i + 1) + (":)" if i % 3 == 0 else ".") for i in range(12)]
+    (out,) = synthesize(model, tok, [UserRecord("u", tuple(HistoryItem(text=t) for t in texts))], cfg, [1])
+    held = set(heldout_indices(UserRecord("u", tuple(HistoryItem(text=t) for t in texts)), [], 2))
+    references = set(range(12)) - held - set(out.selected)
+    assert len(references) == 4
+    own = [t for i, t in enumerate(texts) if i not in references]
+    assert (
+        history_shares(own) != history_shares(texts)
+        and not (history_style(own) == history_style(texts)).all()
+    )
+    assert out.marker_shares == [history_shares(own)[m] for m in MARKERS]
+    assert torch.allclose(out.style_features, torch.from_numpy(history_style(own)).float())

@@ -259,7 +259,8 @@ def run_demo(
             marker, found = MARKERS[style]
             in_base, in_group = found(b), found(g)
             carried += in_group and not in_base
-            print(f"\n== {u['user_id']} (group {run.user_group(u['user_id'])}) — {q}")
+            part = ", ".join(run.user_markers(u["user_id"])) or "none"
+            print(f"\n== {u['user_id']} (group {run.user_group(u['user_id'])}, marker part: {part}) — {q}")
             print(f"   base:         {b}")
             print(f"   personalized: {g}")
             print(f"   marker ({marker}): base {_yes(in_base)}, personalized {_yes(in_group)}")
