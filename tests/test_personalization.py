@@ -267,6 +267,42 @@ def test_recompute_from_results_json_alone(tmp_path, capsys):
         recompute.recompute({"methods": {}})
 
 
+def test_served_marker_parts_are_scored_among_the_users_they_reach(tmp_path):
+    # Users 4 and 5 get the emoticon part (the run's choice), user 4 alone also shows it in the
+    # unused history; the group's answers carry an emoticon for users 4 and 5 only.
+    methods = {"base": ["Hello there."] * 6, "chameleon_group": ["Hello."] * 4 + ["Hello :)", "Hi :)"]}
+    parts = [[], [], [], [], ["emoticon"], ["emoticon"]]
+    ids = [f"7{k:03d}" for k in range(6)]
+    golds, inputs = ["a gold tweet"] * 6, ["a gold tweet here"] * 6
+    scores = score_methods(methods, golds, n_resamples=200, style_references=STYLES, inputs=inputs)
+    res = personalization_results(ids, STYLES, methods, scores, marker_parts=parts, n_resamples=200)
+    assert res["per_user"]["marker_parts"] == parts
+    served = res["personalization"]["served_markers"]
+    assert list(served) == ["emoticon"] and (
+        served["emoticon"]["n_with"],
+        served["emoticon"]["n_without"],
+    ) == (2, 4)
+    group = served["emoticon"]["methods"]["chameleon_group"]
+    assert group["with"]["share"] == 1.0 and group["without"]["share"] == 0.0
+    assert group["with"]["vs_base"]["diff"] == 1.0
+    # The issue's own marker transfer reads the unused history instead: only user 4 shows emoticons.
+    assert res["personalization"]["markers"]["emoticon"]["n_with"] == 1
+    results = {
+        "methods": {m: {"rougeL": e["rougeL"]} for m, e in scores.items()},
+        "scoring": {"bootstrap": {"n_resamples": 200, "seed": 0}},
+        **res,
+    }
+    assert recompute.compare(json.loads(json.dumps(results))) == []
+    assert recompute.headline(recompute.recompute(results))["chameleon_group.emoticon_share_reached"] == 1.0
+    lines = "\n".join(personalization_section(results, tmp_path, ["base", "chameleon_group"]))
+    assert "| emoticon (2/4) | `chameleon_group` | 100 % / 0 % | +1.00 [" in lines
+    # Without marker parts there is no such block (and older results.json files stay recomputable).
+    _, _, plain = _run(methods)
+    assert "served_markers" not in plain["personalization"] and "marker_parts" not in plain["per_user"]
+    with pytest.raises(ValueError, match="marker parts"):
+        personalization_results(ids, STYLES, methods, scores, marker_parts=parts[:5])
+
+
 def test_report_section_rows(tmp_path):
     methods = {"base": ["Hello there."] * 6, "chameleon_group": OWN}
     _, scores, res = _run(methods)

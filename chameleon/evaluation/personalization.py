@@ -50,21 +50,23 @@ def per_user_table(
     predictions: dict[str, Sequence[str]],
     scores: dict[str, dict[str, Any]],
     *,
+    marker_parts: Sequence[Sequence[str]] | None = None,
     n_candidates: int = attribution.N_CANDIDATES,
     seed: int = 0,
 ) -> dict[str, Any]:
     """The ``per_user`` block: ``user_ids``, ``history_lower_start_share`` and
     ``history_marker_shares`` ({marker: per user}) of each user's unused history (``references``),
-    the attribution draw, and ``methods``: {method: {"rougeL", "closeness", "style",
-    "attribution_rank", "lower_start", <every other marker>: per user}}, aligned with ``user_ids``.
+    the attribution draw, ``marker_parts`` (per user, the markers the run's served rows add; only
+    when given), and ``methods``: {method: {"rougeL", "closeness", "style", "attribution_rank",
+    "lower_start", <every other marker>: per user}}, aligned with ``user_ids``.
 
     ``scores`` are :func:`scoring.score_methods`' (with style references and inputs, so each
     method's ``per_user`` has ``rougeL``, ``rougeL_vs_input`` and ``style``); ``predictions`` the
     scored (post-processed) answers.
     """
     n = len(user_ids)
-    if len(references) != n:
-        raise ValueError(f"{n} users but {len(references)} reference lists")
+    if len(references) != n or (marker_parts is not None and len(marker_parts) != n):
+        raise ValueError(f"{n} users but {len(references)} reference lists or marker parts")
     shares = [history_shares(r) for r in references]
     cands = attribution.candidate_sets(list(user_ids), n_candidates=n_candidates, seed=seed)
     profiles = attribution.profiles_of(references)
@@ -83,12 +85,14 @@ def per_user_table(
             ),
             **{mk: [int(f[mk]) for f in flags] for mk in MARKERS},
         }
+    parts = {} if marker_parts is None else {"marker_parts": [list(p) for p in marker_parts]}
     return {
         "user_ids": [str(u) for u in user_ids],
         "history_lower_start_share": [s["lower_start"] for s in shares],
         "history_marker_shares": {mk: [s[mk] for s in shares] for mk in MARKERS},
         "history_thresholds": dict(HISTORY_THRESHOLDS),
         "attribution": {"n_candidates": min(n_candidates, n), "seed": seed},
+        **parts,
         "methods": methods,
     }
 
@@ -166,35 +170,57 @@ def _attribution(per_user: dict[str, Any], references: Sequence[str], n_resample
 
 
 def _markers(per_user: dict[str, Any], references: Sequence[str], n_resamples: int, seed: int):
-    M = per_user["methods"]
+    """Per marker: shares among the users whose unused history shows it, and among the others."""
     out: dict[str, Any] = {}
     for mk in MARKERS:
-        if not all(mk in e for e in M.values()):
+        if not all(mk in e for e in per_user["methods"].values()):
             continue
         shows = np.asarray(per_user["history_marker_shares"][mk]) >= per_user["history_thresholds"][mk]
-        entry: dict[str, Any] = {
+        out[mk] = {
             "threshold": per_user["history_thresholds"][mk],
-            "n_with": int(shows.sum()),
-            "n_without": int((~shows).sum()),
-            "methods": {},
+            **_shares_with_and_without(per_user["methods"], mk, shows, references, n_resamples, seed),
         }
-        for m, e in M.items():
-            carried = np.asarray(e[mk], dtype=float)
-            me: dict[str, Any] = {}
-            for side, sel in (("with", shows), ("without", ~shows)):
-                if not sel.any():
-                    me[side] = None
-                    continue
-                ci = bootstrap_ci(carried[sel], n_resamples=n_resamples, seed=seed)
-                se: dict[str, Any] = {"share": ci.mean, "ci95": [ci.low, ci.high]}
-                for ref in _refs_for(m, M, references):
-                    se[f"vs_{ref}"] = paired_comparison(
-                        carried[sel], np.asarray(M[ref][mk], dtype=float)[sel], n_resamples, seed
-                    )
-                me[side] = se
-            entry["methods"][m] = me
-        out[mk] = entry
     return out
+
+
+def _served_markers(per_user: dict[str, Any], references: Sequence[str], n_resamples: int, seed: int):
+    """Per marker of the run's marker parts: shares among the users whose served row adds it (the
+    run's own choice, from their history without the reference items), and among the others."""
+    parts = per_user.get("marker_parts")
+    if parts is None:
+        return {}
+    served = sorted({mk for p in parts for mk in p}, key=MARKERS.index)
+    return {
+        mk: _shares_with_and_without(
+            per_user["methods"], mk, np.array([mk in p for p in parts]), references, n_resamples, seed
+        )
+        for mk in served
+        if all(mk in e for e in per_user["methods"].values())
+    }
+
+
+def _shares_with_and_without(
+    M: dict[str, Any], mk: str, shows: np.ndarray, references: Sequence[str], n_resamples: int, seed: int
+) -> dict[str, Any]:
+    """``n_with``, ``n_without`` and per method the share of answers carrying ``mk`` on each side
+    of ``shows``, each paired against the references."""
+    entry: dict[str, Any] = {"n_with": int(shows.sum()), "n_without": int((~shows).sum()), "methods": {}}
+    for m, e in M.items():
+        carried = np.asarray(e[mk], dtype=float)
+        me: dict[str, Any] = {}
+        for side, sel in (("with", shows), ("without", ~shows)):
+            if not sel.any():
+                me[side] = None
+                continue
+            ci = bootstrap_ci(carried[sel], n_resamples=n_resamples, seed=seed)
+            se: dict[str, Any] = {"share": ci.mean, "ci95": [ci.low, ci.high]}
+            for ref in _refs_for(m, M, references):
+                se[f"vs_{ref}"] = paired_comparison(
+                    carried[sel], np.asarray(M[ref][mk], dtype=float)[sel], n_resamples, seed
+                )
+            me[side] = se
+        entry["methods"][m] = me
+    return entry
 
 
 def _closeness_adjusted(per_user: dict[str, Any], references: Sequence[str], n_resamples: int, seed: int):
@@ -228,10 +254,18 @@ def personalization_scores(
         bad = [k for k, v in e.items() if len(v) != n]
         if bad:
             raise ValueError(f"per_user of {m}: {bad} not aligned with {n} user ids")
+    if len(per_user.get("marker_parts", [None] * n)) != n:
+        raise ValueError(f"per_user marker_parts not aligned with {n} user ids")
     return {
         "references": [r for r in references if r in per_user["methods"]],
         "attribution": _attribution(per_user, references, n_resamples, seed),
         "markers": _markers(per_user, references, n_resamples, seed),
+        # Runs with marker parts only (older results.json files have no such block).
+        **(
+            {"served_markers": _served_markers(per_user, references, n_resamples, seed)}
+            if "marker_parts" in per_user
+            else {}
+        ),
         "closeness_adjusted": _closeness_adjusted(per_user, references, n_resamples, seed),
     }
 
@@ -249,10 +283,11 @@ def personalization_results(
     predictions: dict[str, Sequence[str]],
     scores: dict[str, dict[str, Any]],
     *,
+    marker_parts: Sequence[Sequence[str]] | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
     """What the evaluation adds to results.json: ``per_user`` (:func:`per_user_table`) and the
     figures and goals computed from it (:func:`figures_from_per_user`)."""
-    per_user = per_user_table(user_ids, references, predictions, scores, seed=seed)
+    per_user = per_user_table(user_ids, references, predictions, scores, marker_parts=marker_parts, seed=seed)
     return {**figures_from_per_user(per_user, n_resamples, seed), "per_user": per_user}

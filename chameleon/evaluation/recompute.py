@@ -54,6 +54,11 @@ def headline(figures: dict[str, Any]) -> dict[str, float | str]:
             for side in ("with", "without"):
                 if me[side] is not None:
                     out[f"{m}.{mk}_share_{side}"] = me[side]["share"]
+    for mk, e in pers.get("served_markers", {}).items():
+        for m, me in e["methods"].items():
+            for side, name in (("with", "reached"), ("without", "not_reached")):
+                if me[side] is not None:
+                    out[f"{m}.{mk}_share_{name}"] = me[side]["share"]
     for g, row in figures["style_goals"].items():
         out[f"goal.{g}"] = "not run" if not row["evaluated"] else ("met" if row["met"] else "not met")
     return out

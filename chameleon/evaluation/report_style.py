@@ -130,6 +130,35 @@ def _marker_tables(res: dict[str, Any], order: Sequence[str], capacity: dict[str
     return L
 
 
+def _served_marker_table(res: dict[str, Any], order: Sequence[str]) -> list[str]:
+    """Marker parts as the run served them: shares among the users each part reaches, paired."""
+    S = res["personalization"].get("served_markers") or {}
+    if not S:
+        return []
+    refs = res["personalization"]["references"]
+    L = [
+        "Marker parts as served: share of answers carrying the marker among the users whose served "
+        "row adds its part (chosen by the run from their history without the reference items) / "
+        "among the others, and the paired difference against "
+        + " and ".join(f"`{r}`" for r in refs)
+        + " for the users it reaches.\n",
+        *_head("marker", "method", "reached / others", *(f"reached vs `{r}`" for r in refs)),
+    ]
+    for mk, e in S.items():
+        for m in order:
+            me = e["methods"].get(m)
+            if me is None:
+                continue
+            w, wo = me["with"], me["without"]
+            cmps = [(_cmp(w and w.get(f"vs_{r}"), "+.2f") or "–") for r in refs]
+            shares = f"{_pct(w and w['share'])} / {_pct(wo and wo['share'])}"
+            L.append(
+                f"| {mk} ({e['n_with']}/{e['n_without']}) | `{m}` | {shares} | " + " | ".join(cmps) + " |"
+            )
+    L.append("")
+    return L
+
+
 def _capacity_table(capacity: dict[str, Any], marks: Sequence[str]) -> list[str]:
     cap = capacity["capacity"]
     users = capacity.get("users") or ["?", "?"]
@@ -173,6 +202,7 @@ def personalization_section(res: dict[str, Any], out_dir: str | Path, order: Seq
     L = ["## Personalization, not format\n"]
     L += _method_table(res, order)
     L += _marker_tables(res, order, capacity)
+    L += _served_marker_table(res, order)
     if res.get("style_goals"):
         L += _goals_table(res["style_goals"])
     L.append(

@@ -139,6 +139,8 @@ def _main_methods(
                 **parts,
                 "reported_users": {m: sum(m in run.user_markers(u) for u in ids) for m in parts["markers"]},
             }
+            # Per reported user (goes to `per_user`, not to `runs`): what their served rows add.
+            info["marker_parts_per_user"] = [list(run.user_markers(u)) for u in ids]
         if "chameleon_user" in methods:
             edits = run.edits_for(ids, "user")
             info["users_without_own_edit"] = sum(e is None for e in edits)
@@ -239,6 +241,8 @@ def run_evaluation(
         raw.update(raw_t)
         groups.update(groups_t)
 
+    marker_parts = info.pop("marker_parts_per_user", None)  # the chameleon methods' run's
+    info.pop("marker_parts_per_user_default", None)
     with ev.clock.stage("score"):
         preds = {m: postprocess(r) for m, r in raw.items()}
         golds = [ev.golds[q.id] for q in ev.reported]
@@ -257,6 +261,7 @@ def run_evaluation(
             references,
             preds,
             scores,
+            marker_parts=marker_parts,
             n_resamples=settings.n_resamples,
             seed=settings.seed,
         )
