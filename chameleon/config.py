@@ -196,17 +196,19 @@ class EditConfig(_Section):
     user_calibration_items: int = Field(4, ge=1)
     """`residual`: a user's residual strength is calibrated on the user's own held-out items when
     the user has at least this many; otherwise it takes the group residual's strength."""
-    markers: list[MarkerName] = ["emoticon"]
+    markers: list[MarkerName] = []
     """Marker parts (`chameleon.core.marker_steering`): for each user whose own history (pair and
     held-out items, never the evaluation's reference items) shows one of these markers
     (`core.markers`), the served row adds the model's own "write it with this marker" direction
     at `marker_layers`. The directions are derived once per run, in the calibration step, from the
-    held-out queries. Needs an additive form at `subspace.site: residual`; [] = off. The default
-    is the one marker the embedded model carries under an edit (`docs/results/lamp7-style-capacity`):
-    measure a larger model's markers with `jobs/bench/style_capacity.py` before adding more."""
+    held-out queries. Needs an additive form at `subspace.site: residual`. Off by default: the
+    embedded SmolLM2-135M writes emoticons or hashtags only as degenerate answers ("🌟🌟🌟…"),
+    when asked and under this part alike (`docs/results/lamp7-style-capacity`); measure a model's
+    readable capacity with `jobs/bench/style_capacity.py` before turning a marker on."""
     marker_strength: float = Field(0.25, ge=0)
     """Scale of a marker direction (1 = the whole change the instruction makes at each layer);
-    0.25 was the most the embedded model's answers stay readable at, on tuning users."""
+    0.25: the most at which the embedded model's answers stayed close to the input on average
+    (tuning users; most of those that carry the marker are degenerate even so)."""
     marker_layers: list[int] | None = None
     """Layers of the marker parts; None = every third layer from 3 (`default_marker_layers`)."""
     marker_examples: int = Field(32, ge=1)

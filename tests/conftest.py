@@ -203,6 +203,9 @@ def tiny_job_config(model_dir, **overrides):
         "groups.min_group_size": 2,
         "groups.min_contributors": 2,
         "job.users_per_partition": 4,
+        # Off by default (the embedded model carries no marker readably); on here so every tiny
+        # run exercises the marker parts (the tiny model's marker layer is 3).
+        "edit.markers": ["emoticon"],
     }
     return ChameleonConfig().with_overrides({**base, **overrides})
 

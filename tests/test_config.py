@@ -79,10 +79,10 @@ def test_boolean_settings_are_switches_not_strings():
 
 
 def test_marker_settings_name_known_markers_once():
-    assert ChameleonConfig().edit.markers == ["emoticon"], "the one marker the embedded model carries"
+    assert ChameleonConfig().edit.markers == [], "off: the embedded model carries no marker readably"
     assert set(get_args(MarkerName)) == set(MARKERS), "the config's names are the detector's"
     with pytest.raises(ValidationError, match="emoticon"):
         ChameleonConfig.model_validate({"edit": {"markers": ["caps"]}})
     with pytest.raises(ValidationError, match="listed twice"):
         ChameleonConfig.model_validate({"edit": {"markers": ["hashtag", "hashtag"]}})
-    assert ChameleonConfig.model_validate({"edit": {"markers": []}}).edit.markers == []
+    assert ChameleonConfig.model_validate({"edit": {"markers": ["emoticon"]}}).edit.markers == ["emoticon"]

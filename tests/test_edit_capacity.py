@@ -44,6 +44,7 @@ def test_capacity_is_read_from_readable_strengths_only(setup):
             "by_strength": unreadable["markers"][m]["by_strength"],
             "capacity": unreadable["none"]["shares"][m],
             "at": None,
+            "readable_capacity": unreadable["markers"][m]["readable_capacity"],
         }
 
 

@@ -10,6 +10,7 @@ from chameleon.core.markers import (
     history_shares,
     history_shows,
     lower_start,
+    readable,
     text_markers,
 )
 
@@ -79,3 +80,19 @@ def test_history_shares_and_the_70_percent_rule():
     assert history_shares(["@a, hi", "ok then", "🎉"])["lower_start"] == 1.0
     assert history_shares(["#tag one", "no tag", "", "  "])["hashtag"] == 0.5
     assert history_shares([]) == {m: 0.0 for m in MARKERS}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("so happy today :)", True),
+        ("I love it 😊", True),
+        ("🌟🌟🌟🌟🌟🌟🌟🌟", False),  # a marker and nothing else: degenerate
+        ('@Hydrohs: "👍👍👍👍👍', False),
+        ("#happy #happy #happy", False),
+        ("see https://x.co/abc @bob", False),
+        ("Hello there.", False),  # two words: too short to tell a style
+    ],
+)
+def test_readable_needs_three_words_besides_the_markers(text, expected):
+    assert readable(text) is expected

@@ -10,7 +10,7 @@ import pytest
 
 from chameleon.core.marker_steering import MARKER_INSTRUCTIONS, instructed_prompts
 from chameleon.evaluation import attribution, recompute
-from chameleon.evaluation.capacity import marker_shares
+from chameleon.evaluation.capacity import marker_shares, readable_share
 from chameleon.evaluation.personalization import (
     closeness_adjusted_gain,
     figures_from_per_user,
@@ -368,3 +368,9 @@ def test_one_user_gives_figures_without_a_regression_line():
     figs = figures_from_per_user(pu, n_resamples=20)
     assert figs["personalization"]["closeness_adjusted"] == {}
     assert not figs["style_goals"]["group_closeness_adjusted_gain"]["evaluated"]
+
+
+def test_readable_share_counts_answers_that_carry_the_marker_and_stay_readable():
+    answers = ["great day today :)", "🌟🌟🌟🌟", "great day today", "what a day :D"]
+    assert readable_share(answers, "emoticon") == 0.5
+    assert readable_share(answers, "hashtag") == 0.0

@@ -90,6 +90,21 @@ def text_markers(text: str) -> dict[str, bool]:
     }
 
 
+READABLE_MIN_WORDS = 3
+"""Words a text needs besides its markers to count as readable."""
+
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def readable(text: str) -> bool:
+    """Whether a text has at least :data:`READABLE_MIN_WORDS` words once its hashtags,
+    emoticons/emoji, @mentions and URLs are removed. A small model pushed toward a marker can
+    answer with nothing else ("🌟🌟🌟🌟…", "#happy #happy …"): that carries the marker but is
+    no one's style, so capacity and transfer also count the answers that carry it and stay readable."""
+    rest = EMOTICON.sub(" ", HASHTAG.sub(" ", without_handles(text)))
+    return len(_WORD.findall(rest)) >= READABLE_MIN_WORDS
+
+
 def history_shares(texts: Sequence[str]) -> dict[str, float]:
     """Per marker, the share of a user's items that carry it (0 for no items).
 

@@ -17,12 +17,12 @@ from typing import Any
 
 from chameleon.core.generation import generate_answers
 from chameleon.core.marker_steering import MARKER_INSTRUCTIONS, instructed_prompts
-from chameleon.core.markers import MARKERS, text_markers
+from chameleon.core.markers import MARKERS, readable, text_markers
 from chameleon.evaluation.metrics import bootstrap_ci
 from chameleon.evaluation.names import NO_PREAMBLE
 from chameleon.evaluation.scoring import postprocess
 
-__all__ = ["PLACEMENTS", "marker_shares", "measure_capacity"]
+__all__ = ["PLACEMENTS", "marker_shares", "measure_capacity", "readable_share"]
 
 PLACEMENTS = ("system", "user")
 """Where an instruction goes: appended to the system turn, or after the user's message."""
@@ -34,6 +34,11 @@ def marker_shares(answers: Sequence[str]) -> dict[str, float]:
         raise ValueError("no answers")
     flags = [text_markers(a) for a in answers]
     return {m: sum(f[m] for f in flags) / len(flags) for m in MARKERS}
+
+
+def readable_share(answers: Sequence[str], marker: str) -> float:
+    """The share of ``answers`` that carry ``marker`` and stay readable (``core.markers.readable``)."""
+    return sum(text_markers(a)[marker] and readable(a) for a in answers) / len(answers)
 
 
 def measure_capacity(
@@ -79,12 +84,18 @@ def measure_capacity(
             answers[f"{m}@{p}"] = got = answer(m, p)
             carried = [float(text_markers(a)[m]) for a in got]
             ci = bootstrap_ci(carried, n_resamples=n_resamples, seed=seed)
-            by_placement[p] = {"share": ci.mean, "ci95": [ci.low, ci.high]}
+            by_placement[p] = {
+                "share": ci.mean,
+                "ci95": [ci.low, ci.high],
+                "readable_share": readable_share(got, m),
+            }
         out["markers"][m] = {
             "instruction": MARKER_INSTRUCTIONS[m],
             "by_placement": by_placement,
             "capacity": max(v["share"] for v in by_placement.values()),
+            "readable_capacity": max(v["readable_share"] for v in by_placement.values()),
             "none": none[m],
+            "readable_none": readable_share(answers["none"], m),
         }
     out["answers"] = answers
     return out

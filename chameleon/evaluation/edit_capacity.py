@@ -33,6 +33,7 @@ from chameleon.core.edit import Edit
 from chameleon.core.generation import generate_answers
 from chameleon.core.marker_steering import MARKER_INSTRUCTIONS, instruction_directions, marker_edit
 from chameleon.core.markers import MARKERS, history_shares, history_shows, text_markers
+from chameleon.evaluation.capacity import readable_share
 from chameleon.evaluation.lamp import extract_lamp7_tweet
 from chameleon.evaluation.metrics import bootstrap_ci, rouge_per_item
 from chameleon.evaluation.names import NO_PREAMBLE
@@ -84,10 +85,12 @@ def measure_edit_capacity(
     """Answers to ``test`` without an edit and under each marker's instruction edit (directions
     from ``derive``) at each of ``strengths``. Returns ``{"layers", "min_closeness", "none":
     {"shares": {marker: share}, "closeness"}, "markers": {marker: {"by_strength": {strength:
-    {"share", "ci95", "closeness"}}, "capacity", "at"}}, "answers": {...}, "directions": {marker:
-    [len(layers), d]}}``; ``capacity`` is the largest share among the readable strengths (mean
-    closeness ≥ ``min_closeness``; the share without an edit when none is), ``at`` its strength
-    (None: no readable strength beat no edit).
+    {"share", "ci95", "readable_share", "closeness"}}, "capacity", "at", "readable_capacity"}},
+    "answers": {...}, "directions": {marker: [len(layers), d]}}``; ``capacity`` is the largest
+    share among the readable strengths (mean closeness ≥ ``min_closeness``; the share without an
+    edit when none is), ``at`` its strength (None: no readable strength beat no edit);
+    ``readable_capacity`` the largest share, over no edit and every strength, of answers that
+    carry the marker and are readable themselves (``core.markers.readable``).
     """
     unknown = [m for m in markers if m not in MARKER_INSTRUCTIONS]
     if unknown or not test or not strengths:
@@ -112,10 +115,23 @@ def measure_edit_capacity(
             answers[f"{m}@{s:g}"] = got
             carried = [float(text_markers(x)[m]) for x in got]
             ci = bootstrap_ci(carried, n_resamples=answering.n_resamples, seed=answering.seed)
-            by_strength[f"{s:g}"] = {"share": ci.mean, "ci95": [ci.low, ci.high], "closeness": closeness}
+            by_strength[f"{s:g}"] = {
+                "share": ci.mean,
+                "ci95": [ci.low, ci.high],
+                "readable_share": readable_share(got, m),
+                "closeness": closeness,
+            }
             if closeness >= min_closeness and ci.mean > capacity:
                 capacity, at = ci.mean, s
-        out["markers"][m] = {"by_strength": by_strength, "capacity": capacity, "at": at}
+        readable_capacity = max(
+            [readable_share(base, m), *(v["readable_share"] for v in by_strength.values())]
+        )
+        out["markers"][m] = {
+            "by_strength": by_strength,
+            "capacity": capacity,
+            "at": at,
+            "readable_capacity": readable_capacity,
+        }
     out["answers"] = answers
     out["directions"] = directions
     return out
@@ -163,6 +179,8 @@ def measure_edit_transfer(
             "strength": strength,
             "base_share": sum(carried["base"]) / len(msgs),
             "edited_share": sum(carried["edited"]) / len(msgs),
+            "base_readable_share": readable_share(base, m),
+            "edited_readable_share": readable_share(edited, m),
             "paired_gain": {"mean": gain.mean, "ci95": [gain.low, gain.high]},
             "base_closeness": base_closeness,
             "edited_closeness": edited_closeness,

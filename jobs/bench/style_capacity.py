@@ -26,6 +26,11 @@ no edit only). Printed per marker: `{marker}_transfer_users`, `_base`, `_edited`
 with its 95 % interval (`_gain`, `_gain_low`, `_gain_high`) and the edited answers' closeness.
 `--transfer-users ''` skips it.
 
+Every share has a readable twin (`_asked_readable`, `_edit_readable`, `_transfer_*_readable`): the
+share of answers that carry the marker AND keep at least three words besides their markers
+(`core.markers.readable`); `markers_readable_when_asked` counts the markers whose readable share
+rises when asked. A small model can carry a marker only as a degenerate answer ("🌟🌟🌟…").
+
 Only tuning users (positions < 500) are accepted. The headline counts the markers whose instructed
 share's 95 % interval lies above the share without instruction. The JSON (`--out`) holds figures
 and shares only, no LaMP text. `--smoke`: the tiny random model on three built-in tweets (no LaMP
@@ -128,13 +133,15 @@ def main() -> None:
     wall = time.perf_counter() - t0
     gold = marker_shares(golds) if golds else {m: None for m in MARKERS}
     figures: dict = {}
-    above = 0
+    above = readable_asked = 0
     for m in MARKERS:
         e = res["markers"][m]
         figures[f"{m}_none"] = e["none"]
         for pl in PLACEMENTS:
             figures[f"{m}_asked_{pl}"] = e["by_placement"][pl]["share"]
         figures[f"{m}_capacity"] = e["capacity"]
+        figures[f"{m}_asked_readable"] = e["readable_capacity"]
+        readable_asked += e["readable_capacity"] > e["readable_none"]
         if gold[m] is not None:
             figures[f"{m}_gold"] = gold[m]
         above += any(v["ci95"][0] > e["none"] for v in e["by_placement"].values())
@@ -143,6 +150,7 @@ def main() -> None:
         e = edit["markers"][m]
         figures[f"{m}_edit_capacity"] = e["capacity"]
         figures[f"{m}_edit_at"] = e["at"] or 0
+        figures[f"{m}_edit_readable"] = e["readable_capacity"]
         if e["at"] is not None:
             figures[f"{m}_edit_closeness"] = e["by_strength"][f"{e['at']:g}"]["closeness"]
             carried += e["by_strength"][f"{e['at']:g}"]["ci95"][0] > edit["none"]["shares"][m]
@@ -152,6 +160,8 @@ def main() -> None:
         if t["users"]:
             figures[f"{m}_transfer_base"] = t["base_share"]
             figures[f"{m}_transfer_edited"] = t["edited_share"]
+            figures[f"{m}_transfer_base_readable"] = t["base_readable_share"]
+            figures[f"{m}_transfer_edited_readable"] = t["edited_readable_share"]
             figures[f"{m}_transfer_gain"] = t["paired_gain"]["mean"]
             figures[f"{m}_transfer_gain_low"] = t["paired_gain"]["ci95"][0]
             figures[f"{m}_transfer_gain_high"] = t["paired_gain"]["ci95"][1]
@@ -160,6 +170,7 @@ def main() -> None:
     figures["markers_carried_by_edit"] = carried
     figures["n_users"] = len(messages)
     figures["wall_s"] = round(wall, 1)
+    figures["markers_readable_when_asked"] = readable_asked
     figures["markers_above_none_when_asked"] = above
     res.pop("answers")
     edit.pop("answers")
