@@ -284,6 +284,7 @@ def test_served_marker_parts_are_scored_among_the_users_they_reach(tmp_path):
     ) == (2, 4)
     group = served["emoticon"]["methods"]["chameleon_group"]
     assert group["with"]["share"] == 1.0 and group["without"]["share"] == 0.0
+    assert group["with"]["readable_share"] == 0.0, "'Hello :)' and 'Hi :)' are too short to read as a style"
     assert group["with"]["vs_base"]["diff"] == 1.0
     # The issue's own marker transfer reads the unused history instead: only user 4 shows emoticons.
     assert res["personalization"]["markers"]["emoticon"]["n_with"] == 1
@@ -295,7 +296,7 @@ def test_served_marker_parts_are_scored_among_the_users_they_reach(tmp_path):
     assert recompute.compare(json.loads(json.dumps(results))) == []
     assert recompute.headline(recompute.recompute(results))["chameleon_group.emoticon_share_reached"] == 1.0
     lines = "\n".join(personalization_section(results, tmp_path, ["base", "chameleon_group"]))
-    assert "| emoticon (2/4) | `chameleon_group` | 100 % / 0 % | +1.00 [" in lines
+    assert "| emoticon (2/4) | `chameleon_group` | 100 % / 0 % | 0 % | +1.00 [" in lines
     # Without marker parts there is no such block (and older results.json files stay recomputable).
     _, _, plain = _run(methods)
     assert "served_markers" not in plain["personalization"] and "marker_parts" not in plain["per_user"]

@@ -68,6 +68,12 @@ EVAL_FLAGS: tuple[Flag, ...] = (
         lambda v: [float(x) for x in v.split(",")],
     ),
     Flag(
+        "edit.markers",
+        "marker parts: markers a user's own history can add to their served row, comma-separated",
+        lambda v: [x for x in v.split(",") if x],
+        name="--markers",
+    ),
+    Flag(
         "groups.features",
         "what users are clustered on",
         choices=("subspace", "contrast", "style"),

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from chameleon.core.markers import HISTORY_THRESHOLDS, MARKERS, history_shares, text_markers
+from chameleon.core.markers import HISTORY_THRESHOLDS, MARKERS, history_shares, readable, text_markers
 from chameleon.evaluation import attribution
 from chameleon.evaluation.metrics import bootstrap_ci
 from chameleon.evaluation.scoring import paired_comparison
@@ -58,7 +58,8 @@ def per_user_table(
     ``history_marker_shares`` ({marker: per user}) of each user's unused history (``references``),
     the attribution draw, ``marker_parts`` (per user, the markers the run's served rows add; only
     when given), and ``methods``: {method: {"rougeL", "closeness", "style", "attribution_rank",
-    "lower_start", <every other marker>: per user}}, aligned with ``user_ids``.
+    "lower_start", <every other marker>, "readable" (``core.markers.readable``): per user}},
+    aligned with ``user_ids``.
 
     ``scores`` are :func:`scoring.score_methods`' (with style references and inputs, so each
     method's ``per_user`` has ``rougeL``, ``rougeL_vs_input`` and ``style``); ``predictions`` the
@@ -84,6 +85,7 @@ def per_user_table(
                 answers, references, cands, user_ids, seed=seed, profiles=profiles
             ),
             **{mk: [int(f[mk]) for f in flags] for mk in MARKERS},
+            "readable": [int(readable(a)) for a in answers],
         }
     parts = {} if marker_parts is None else {"marker_parts": [list(p) for p in marker_parts]}
     return {
@@ -192,7 +194,7 @@ def _served_markers(per_user: dict[str, Any], references: Sequence[str], n_resam
     served = sorted({mk for p in parts for mk in p}, key=MARKERS.index)
     return {
         mk: _shares_with_and_without(
-            per_user["methods"], mk, np.array([mk in p for p in parts]), references, n_resamples, seed
+            per_user["methods"], mk, np.array([mk in p for p in parts]), references, n_resamples, seed, True
         )
         for mk in served
         if all(mk in e for e in per_user["methods"].values())
@@ -200,10 +202,17 @@ def _served_markers(per_user: dict[str, Any], references: Sequence[str], n_resam
 
 
 def _shares_with_and_without(
-    M: dict[str, Any], mk: str, shows: np.ndarray, references: Sequence[str], n_resamples: int, seed: int
+    M: dict[str, Any],
+    mk: str,
+    shows: np.ndarray,
+    references: Sequence[str],
+    n_resamples: int,
+    seed: int,
+    readable_too: bool = False,
 ) -> dict[str, Any]:
     """``n_with``, ``n_without`` and per method the share of answers carrying ``mk`` on each side
-    of ``shows``, each paired against the references."""
+    of ``shows``, each paired against the references (``readable_too``: also the share that carry
+    it in a readable answer)."""
     entry: dict[str, Any] = {"n_with": int(shows.sum()), "n_without": int((~shows).sum()), "methods": {}}
     for m, e in M.items():
         carried = np.asarray(e[mk], dtype=float)
@@ -214,6 +223,8 @@ def _shares_with_and_without(
                 continue
             ci = bootstrap_ci(carried[sel], n_resamples=n_resamples, seed=seed)
             se: dict[str, Any] = {"share": ci.mean, "ci95": [ci.low, ci.high]}
+            if readable_too and "readable" in e:  # carried in an answer that is more than markers
+                se["readable_share"] = float((carried * np.asarray(e["readable"]))[sel].mean())
             for ref in _refs_for(m, M, references):
                 se[f"vs_{ref}"] = paired_comparison(
                     carried[sel], np.asarray(M[ref][mk], dtype=float)[sel], n_resamples, seed

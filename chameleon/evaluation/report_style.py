@@ -139,10 +139,12 @@ def _served_marker_table(res: dict[str, Any], order: Sequence[str]) -> list[str]
     L = [
         "Marker parts as served: share of answers carrying the marker among the users whose served "
         "row adds its part (chosen by the run from their history without the reference items) / "
-        "among the others, and the paired difference against "
+        "among the others; the share of the reached users' answers that carry it AND stay readable "
+        "(three words besides the markers, `core.markers.readable`: a run of emoji is not a style); "
+        "and the paired difference against "
         + " and ".join(f"`{r}`" for r in refs)
         + " for the users it reaches.\n",
-        *_head("marker", "method", "reached / others", *(f"reached vs `{r}`" for r in refs)),
+        *_head("marker", "method", "reached / others", "readable", *(f"reached vs `{r}`" for r in refs)),
     ]
     for mk, e in S.items():
         for m in order:
@@ -152,9 +154,9 @@ def _served_marker_table(res: dict[str, Any], order: Sequence[str]) -> list[str]
             w, wo = me["with"], me["without"]
             cmps = [(_cmp(w and w.get(f"vs_{r}"), "+.2f") or "–") for r in refs]
             shares = f"{_pct(w and w['share'])} / {_pct(wo and wo['share'])}"
-            L.append(
-                f"| {mk} ({e['n_with']}/{e['n_without']}) | `{m}` | {shares} | " + " | ".join(cmps) + " |"
-            )
+            read = _pct(w and w.get("readable_share"))
+            row = f"| {mk} ({e['n_with']}/{e['n_without']}) | `{m}` | {shares} | {read} | "
+            L.append(row + " | ".join(cmps) + " |")
     L.append("")
     return L
 
