@@ -256,7 +256,8 @@ def synthesize(
         references = set(res) - set(held)
         own = [h.text for i, h in enumerate(u.history) if i not in references]
         pairs.style_features = torch.from_numpy(history_style(own)).float()
-        pairs.marker_shares = [history_shares(own)[m] for m in MARKERS]
+        shares = history_shares(own)
+        pairs.marker_shares = [shares[m] for m in MARKERS]
     return out
 
 
