@@ -292,14 +292,18 @@ class JobConfig(_Section):
     its deadline). A partition still failing then is recorded as failed (all its users count
     against `max_user_failures`; a rerun retries it) instead of being retried forever."""
     max_actor_restarts: int = Field(16, ge=0)
-    """Ray: times one actor of a pool may be restarted after dying. A pool whose actors used up
-    their restarts stops making progress; the job then fails after twice `partition_timeout_s`."""
+    """Ray: times one actor of a pool may be restarted after dying. A pool whose actors all used
+    up their restarts fails its stage at once."""
     partition_timeout_s: float = Field(3600.0, gt=0)
     """Ray: deadline of one map item (a partition; in a refresh, a bundle of partitions whose few
     changed users are mapped together). An actor still busy with it after this long is stopped
     (a hung kernel cannot be interrupted otherwise) and the partition is retried like one that
-    killed its actor. Every actor pool (calibration and evaluation answers too) fails when it
-    makes no progress for twice this long."""
+    killed its actor."""
+    actor_start_timeout_s: float = Field(1800.0, gt=0)
+    """Ray: how long an actor of a pool may take to come up, its first start or a restart after a
+    death (a new worker process, its imports and the model load: minutes for a large sharded
+    model). A pool waiting longer for one fails its stage. It is never charged to a partition's
+    deadline."""
 
 
 class StorageConfig(_Section):

@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+import pytest
+
 from chameleon.config import ChameleonConfig
 from chameleon.job.replicas import DEADLINE_EXIT_CODE, Deadline, ReplicaPool
 
@@ -70,3 +72,32 @@ def test_the_pool_waits_for_a_dead_actor_to_restart_before_handing_it_an_item(ra
         pool.close()
     assert results == {1: True, 3: True}
     assert pool.deaths == [2]
+
+
+class StartsSlowly:
+    """A stand-in replica whose start (its model load) takes longer than the pool allows."""
+
+    def __init__(self, cfg_json: str) -> None:
+        time.sleep(60)
+
+    def ready(self) -> bool:
+        return True
+
+    def work(self, item: str) -> str:
+        return item
+
+
+def test_an_actor_that_does_not_come_up_in_time_fails_the_stage_naming_the_start(ray_session):
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = ChameleonConfig().with_overrides(
+        {"job.num_cpus_per_actor": 0.5, "job.actor_start_timeout_s": 3, "job.partition_timeout_s": 600}
+    )
+    pool = ReplicaPool(StartsSlowly, cfg, 1)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"waited too long for actor 0 to start"):
+            pool.run("work", ["a"])
+    finally:
+        pool.close()
+    # The start's own bound, not the partition deadline's (600 s), ended the wait.
+    assert time.monotonic() - started < 30

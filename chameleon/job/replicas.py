@@ -8,8 +8,10 @@ cluster's resources) and the device it then runs on (whatever torch sees there) 
 Failure is bounded (Ray Data's own default restarts actors and retries their tasks forever): an
 actor restarts at most `job.max_actor_restarts` times, an item whose actor died is retried at most
 `job.max_task_retries` times, an item still running after `job.partition_timeout_s` stops its
-actor (`item_deadline`) and counts as such a death, and a pool that makes no progress for twice
-that deadline fails the execution.
+actor (`item_deadline`) and counts as such a death, and an actor that takes longer than
+`job.actor_start_timeout_s` to come up (its first start or a restart, model load included) fails
+the execution. Each wait has a bound of its own: time an actor spends restarting is never charged
+to an item's deadline, nor an item's run to an actor's start.
 
 `ReplicaPool` keeps its actors across stages (the job's map, then its calibration, on the same
 loaded models); `map_with_replicas` runs one stage on a Ray Data actor pool (the evaluation's answers).
@@ -24,6 +26,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -173,7 +176,8 @@ def map_with_replicas(
     ctx.enable_progress_bars = ctx.enable_progress_bars and on_row is None
     # Only actor deaths can lose an item: workers that drop items return their errors as rows.
     ctx.max_errored_blocks = -1 if drop_lost_items else 0
-    ctx.execution_no_progress_timeout_s = 2 * cfg.job.partition_timeout_s
+    # Ray Data has one no-progress bound: an actor's start and an item's run may both fall in it.
+    ctx.execution_no_progress_timeout_s = cfg.job.actor_start_timeout_s + cfg.job.partition_timeout_s
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         with warnings.catch_warnings():
@@ -210,9 +214,11 @@ class ReplicaPool:
 
     Bounded failure as in `map_with_replicas`: one item per actor at a time, an actor restarts at
     most `job.max_actor_restarts` times, an item whose actor died is retried by Ray at most
-    `job.max_task_retries` times, and a stage that makes no progress for twice
-    `job.partition_timeout_s` fails. An actor that used up its restarts is retired; when none is
-    left, the stage fails at once.
+    `job.max_task_retries` times. An actor gets items only once a probe found it up; a probe not
+    answered within `job.actor_start_timeout_s` fails the stage, and so does an item not answered
+    within the time its tries may take (its deadline `item_deadline` stops it well before: that
+    bound only catches an actor the deadline could not stop). An actor that used up its restarts
+    is retired; when none is left, the stage fails at once.
     """
 
     def __init__(self, worker: type[ModelReplica], cfg: ChameleonConfig, n_actors: int, **worker_kwargs: Any):
@@ -226,8 +232,11 @@ class ReplicaPool:
         )
         self.actors = [remote.remote(cfg.model_dump_json(), **worker_kwargs) for _ in range(n_actors)]
         self.deaths = [0] * n_actors
-        # Probes of actors that died ({ref: actor}): an actor gets no item until its probe answers.
-        self.probes: dict[Any, int] = {}
+        # Probes of actors starting or restarting ({ref: (actor, sent at)}): an actor gets no item
+        # until its probe answers.
+        self.probes: dict[Any, tuple[int, float]] = {}
+        for a in range(n_actors):
+            self._probe(a)
 
     def _usable(self, a: int) -> bool:
         return self.deaths[a] <= self.cfg.job.max_actor_restarts
@@ -235,7 +244,20 @@ class ReplicaPool:
     def _probe(self, a: int) -> None:
         # At-least-once, unlike the items: Ray holds it until the restarted actor is up, and fails
         # it only when the actor is gone for good (its restarts used up).
-        self.probes[self.actors[a].ready.options(max_task_retries=-1).remote()] = a
+        self.probes[self.actors[a].ready.options(max_task_retries=-1).remote()] = (a, time.monotonic())
+
+    def _item_timeout(self) -> float:
+        # Every try of an item may wait for its actor's restart, then run up to its deadline.
+        job = self.cfg.job
+        return (job.max_task_retries + 1) * (job.actor_start_timeout_s + job.partition_timeout_s)
+
+    def _first_expiry(self, pending: dict[Any, tuple[int, int, float]]) -> tuple[float, str]:
+        """When the earliest outstanding wait runs out, and what it waited for."""
+        waits = [
+            (t + self.cfg.job.actor_start_timeout_s, f"actor {a} to start") for a, t in self.probes.values()
+        ]
+        waits += [(t + self._item_timeout(), f"item {i} on actor {a}") for a, i, t in pending.values()]
+        return min(waits)
 
     def run(
         self,
@@ -253,27 +275,33 @@ class ReplicaPool:
         then gets no item until a probe finds it restarted (an item handed to an actor that is
         still restarting fails at once in Ray, through no fault of its own)."""
         queue = deque(range(len(items)))
-        probing = set(self.probes.values())
+        probing = {a for a, _ in self.probes.values()}
         idle = [a for a in range(len(self.actors)) if self._usable(a) and a not in probing]
-        pending: dict[Any, tuple[int, int]] = {}
+        pending: dict[Any, tuple[int, int, float]] = {}  # {ref: (actor, item, sent at)}
         results: dict[int, Any] = {}
         last_death = ""
-        timeout = 2 * self.cfg.job.partition_timeout_s
         while queue or pending:
             while queue and idle:
                 a, i = idle.pop(0), queue.popleft()
-                pending[getattr(self.actors[a], method).remote(items[i])] = (a, i)
+                pending[getattr(self.actors[a], method).remote(items[i])] = (a, i, time.monotonic())
             if not pending and not self.probes:
                 raise RuntimeError(
-                    f"every actor of the pool died more than job.max_actor_restarts="
-                    f"{self.cfg.job.max_actor_restarts} times; {len(queue)} items were not run "
+                    f"no actor of the pool is left: each failed to start or died more than "
+                    f"job.max_actor_restarts={self.cfg.job.max_actor_restarts} times; "
+                    f"{len(queue)} items were not run "
                     f"(last death: {last_death[:2000]})"
                 )
+            expiry, waited_for = self._first_expiry(pending)
+            timeout = max(0.0, expiry - time.monotonic())
             ready, _ = ray.wait([*pending, *self.probes], num_returns=1, timeout=timeout)
             if not ready:
-                raise RuntimeError(f"the actor pool made no progress for {timeout:g} s")
+                raise RuntimeError(
+                    f"the actor pool waited too long for {waited_for} (job.actor_start_timeout_s="
+                    f"{self.cfg.job.actor_start_timeout_s:g}, job.partition_timeout_s="
+                    f"{self.cfg.job.partition_timeout_s:g})"
+                )
             if ready[0] in self.probes:
-                a = self.probes.pop(ready[0])
+                a, _ = self.probes.pop(ready[0])
                 try:
                     ray.get(ready[0])
                     idle.append(a)
@@ -281,7 +309,7 @@ class ReplicaPool:
                     self.deaths[a] = self.cfg.job.max_actor_restarts + 1  # gone for good: retired
                     last_death = str(exc)
                 continue
-            a, i = pending.pop(ready[0])
+            a, i, _ = pending.pop(ready[0])
             try:
                 results[i] = ray.get(ready[0])
                 if on_result is not None:
