@@ -117,9 +117,9 @@ def test_ray_refresh_maps_changed_users_on_the_actors_that_then_calibrate(
     old, new, new_users, changed = _inputs(tmp_path)
     run_local(old, s3_store, "day-1", cfg, progress=False)
     manifest = ray_job.run_ray_job(new, s3_store, "day-2", cfg, update_from="day-1")
-    # One pool of one actor (one model load) mapped, then calibrated (the marker directions, then
-    # the groups): no second pool.
-    assert pools == [1] and stages == ["map", "calibrate", "calibrate"]
+    # One pool of one actor (one model load) mapped, derived the marker directions, then
+    # calibrated the groups: no second pool.
+    assert pools == [1] and stages == ["map", "marker_directions", "calibrate"]
     # The one actor got every partition in one bundle (its changed users mapped together).
     assert bundles == [[list(range(manifest.counts.partitions))]] and manifest.counts.partitions > 1
     assert manifest.counts.users_reused == len(new_users) - len(changed)

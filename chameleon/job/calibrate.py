@@ -52,9 +52,16 @@ class GroupCalibrationTask:
     """Residual composition: [d] the shared edit under every candidate (one layer)."""
     members: list[MemberItems] = field(default_factory=list)
     """Residual composition: members whose own residual strength is calibrated in this task."""
-    markers: list[str] = field(default_factory=list)
-    """A marker task (`marker_task`): derive these markers' directions from `queries` at
-    `layers` (empty: the default marker layers of the model) instead of scoring candidates."""
+
+
+@dataclass
+class MarkerTask:
+    """What the run's marker directions (`edit.markers`) need: the markers, the layers (empty:
+    the model's default marker layers) and a sample of held-out queries to instruct."""
+
+    markers: list[str]
+    layers: list[int]
+    queries: list[str]
 
 
 @dataclass
@@ -68,8 +75,15 @@ class MemberItems:
     texts: list[str]
 
 
-RunTasks = Callable[[Sequence[GroupCalibrationTask]], list[Calibration | MarkerParts]]
-"""Calibrates tasks on a model replica (in process, or spread over an actor pool)."""
+@dataclass(frozen=True)
+class ReplicaWork:
+    """How the calibration stage reaches a model replica: in process, or over the job's actor
+    pool (`ray_job.calibrate_on_ray`)."""
+
+    calibrate: Callable[[Sequence[GroupCalibrationTask]], list[Calibration]]
+    """`calibrate_task` for each task, results in task order."""
+    marker_directions: Callable[[MarkerTask], MarkerParts]
+    """`derive_marker_parts` for the run's one marker task."""
 
 
 def _heldout_by_user(profiles: pa.Table) -> dict[str, list[tuple[str, str]]]:
@@ -131,7 +145,7 @@ def residual_tasks(reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig) -
     return tasks
 
 
-def marker_task(profiles: pa.Table, cfg: ChameleonConfig) -> GroupCalibrationTask | None:
+def marker_task(profiles: pa.Table, cfg: ChameleonConfig) -> MarkerTask | None:
     """The run's marker directions (`edit.markers`), from a seeded sample of every user's held-out
     queries; None when the run has no marker parts (none asked, an edit they cannot join, or no
     held-out query)."""
@@ -145,19 +159,28 @@ def marker_task(profiles: pa.Table, cfg: ChameleonConfig) -> GroupCalibrationTas
     if not queries:
         log.warning("no held-out queries to derive the marker directions from: no marker parts")
         return None
-    return GroupCalibrationTask(
-        group_id="markers",
-        layers=list(cfg.edit.marker_layers or []),
-        directions=torch.zeros(0),
-        norms=torch.zeros(0),
-        queries=queries[: cfg.edit.marker_examples],
-        texts=[],
+    return MarkerTask(
         markers=list(cfg.edit.markers),
+        layers=list(cfg.edit.marker_layers or []),
+        queries=queries[: cfg.edit.marker_examples],
     )
 
 
+def derive_marker_parts(model, tok, task: MarkerTask, cfg: ChameleonConfig) -> MarkerParts:
+    """The marker directions: what each marker's instruction changes in the model's states
+    (`core.marker_steering.instruction_directions`); no layers on a model too shallow for them."""
+    layers = task.layers or default_marker_layers(num_layers(model))
+    if not layers:
+        return MarkerParts(layers=[], directions={}, n_queries=0)
+    directions = instruction_directions(
+        model, tok, task.queries, task.markers, layers, system=cfg.synth.system_prompt,
+        batch_size=batch_size_for(cfg.synth.batch_size, model_device(model)),
+    )  # fmt: skip
+    return MarkerParts(layers=layers, directions=directions, n_queries=len(task.queries))
+
+
 def calibrate_reduced(
-    run: RunTasks, reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig
+    work: ReplicaWork, reduced: Reduced, profiles: pa.Table, cfg: ChameleonConfig
 ) -> list[Calibration]:
     """Each group's calibration (what `Reduced.group_calibration` holds); with the residual
     composition also the global edit's (`reduced.global_calibration`, first round) and the
@@ -165,12 +188,12 @@ def calibrate_reduced(
     directions (`reduced.marker_parts`, on the same replicas)."""
     task = marker_task(profiles, cfg)
     if task is not None:
-        parts = run([task])[0]
+        parts = work.marker_directions(task)
         reduced.marker_parts = parts if parts.layers else None  # a model too shallow for them
     if cfg.edit.composition != "residual":
-        return run(calibration_tasks(reduced, profiles, cfg))
-    reduced.global_calibration = run([global_task(reduced, profiles, cfg)])[0]
-    calibrations = run(residual_tasks(reduced, profiles, cfg))
+        return work.calibrate(calibration_tasks(reduced, profiles, cfg))
+    reduced.global_calibration = work.calibrate([global_task(reduced, profiles, cfg)])[0]
+    calibrations = work.calibrate(residual_tasks(reduced, profiles, cfg))
     reduced.user_strengths = {u: s for cal in calibrations for u, s in cal.members.items()}
     return calibrations
 
@@ -203,19 +226,9 @@ def calibration_tasks(
     return tasks
 
 
-def calibrate_task(model, tok, task: GroupCalibrationTask, cfg: ChameleonConfig) -> Calibration | MarkerParts:
+def calibrate_task(model, tok, task: GroupCalibrationTask, cfg: ChameleonConfig) -> Calibration:
     """Score every (layer, strength) candidate of one group on its held-out texts; keep the best.
-    With members, each member's own residual strength on top of the group's choice. A marker
-    task derives the marker directions instead."""
-    if task.markers:
-        layers = task.layers or default_marker_layers(num_layers(model))
-        if not layers:
-            return MarkerParts(layers=[], directions={}, n_queries=0)
-        directions = instruction_directions(
-            model, tok, task.queries, task.markers, layers, system=cfg.synth.system_prompt,
-            batch_size=batch_size_for(cfg.synth.batch_size, model_device(model)),
-        )  # fmt: skip
-        return MarkerParts(layers=layers, directions=directions, n_queries=len(task.queries))
+    With members, each member's own residual strength on top of the group's choice."""
     if not task.texts:  # nothing held out: no evidence, so no edit
         return Calibration(layer=-1, strength=0.0, nll=float("nan"), base_nll=float("nan"), curve={})
     settings = {
@@ -247,7 +260,8 @@ def _prompts(tok, queries: Sequence[str], cfg: ChameleonConfig) -> list[str]:
 def calibrate_in_process(
     model, tok, reduced: Reduced, profiles: pa.Table, *, cfg: ChameleonConfig
 ) -> list[Calibration]:
-    def run(tasks: Sequence[GroupCalibrationTask]) -> list[Calibration | MarkerParts]:
-        return [calibrate_task(model, tok, task, cfg) for task in tasks]
-
-    return calibrate_reduced(run, reduced, profiles, cfg)
+    work = ReplicaWork(
+        calibrate=lambda tasks: [calibrate_task(model, tok, task, cfg) for task in tasks],
+        marker_directions=lambda task: derive_marker_parts(model, tok, task, cfg),
+    )
+    return calibrate_reduced(work, reduced, profiles, cfg)

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -42,7 +41,14 @@ from chameleon.data.artifacts import RunReader, RunWriter
 from chameleon.data.manifest import RunManifest
 from chameleon.data.parallel_reads import read_in_order
 from chameleon.data.storage import Store
-from chameleon.job.calibrate import GroupCalibrationTask, calibrate_reduced, calibrate_task
+from chameleon.job.calibrate import (
+    GroupCalibrationTask,
+    MarkerTask,
+    ReplicaWork,
+    calibrate_reduced,
+    calibrate_task,
+    derive_marker_parts,
+)
 from chameleon.job.progress import MapProgress
 from chameleon.job.publish import JobFailedError
 from chameleon.job.ray_input import read_staged, stage_input
@@ -125,9 +131,13 @@ class PartitionWorker(ModelReplica):
             "seconds": time.perf_counter() - t0, "error": error, "records": records,
         }  # fmt: skip
 
-    def calibrate(self, task: GroupCalibrationTask) -> Calibration | MarkerParts:
-        """Calibrate one group on the held-out texts of its members (or derive the marker directions)."""
+    def calibrate(self, task: GroupCalibrationTask) -> Calibration:
+        """Calibrate one group on the held-out texts of its members."""
         return calibrate_task(self.model, self.tok, task, self.cfg)
+
+    def marker_directions(self, task: MarkerTask) -> MarkerParts:
+        """The run's marker directions (`edit.markers`), on this replica's model."""
+        return derive_marker_parts(self.model, self.tok, task, self.cfg)
 
 
 class JobPool:
@@ -156,16 +166,19 @@ class JobPool:
 def calibrate_on_ray(reduced: Reduced, profiles: pa.Table, *, pool: JobPool) -> list[Calibration]:
     """`job.calibrate` for every group, spread over the job's actors (the models that mapped);
     the residual composition calibrates in two rounds (`calibrate_reduced`)."""
-    return calibrate_reduced(partial(_calibrate_tasks_on_ray, pool=pool), reduced, profiles, pool.cfg)
+    work = ReplicaWork(
+        calibrate=lambda tasks: _on_ray(pool, "calibrate", list(tasks), [t.group_id for t in tasks]),
+        marker_directions=lambda task: _on_ray(pool, "marker_directions", [task], ["the marker task"])[0],
+    )
+    return calibrate_reduced(work, reduced, profiles, pool.cfg)
 
 
-def _calibrate_tasks_on_ray(
-    tasks: Sequence[GroupCalibrationTask], *, pool: JobPool
-) -> list[Calibration | MarkerParts]:
-    results = pool.get(len(tasks)).run("calibrate", list(tasks))
+def _on_ray(pool: JobPool, method: str, tasks: list[Any], names: list[str]) -> list[Any]:
+    """`method` for every task on the job's actors, results in task order."""
+    results = pool.get(len(tasks)).run(method, tasks)
     missing = [k for k in range(len(tasks)) if k not in results]
     if missing:
-        raise JobFailedError(f"calibration of groups {[tasks[k].group_id for k in missing]} returned nothing")
+        raise JobFailedError(f"{method} of {[names[k] for k in missing]} returned nothing")
     return [results[k] for k in range(len(tasks))]
 
 
