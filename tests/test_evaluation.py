@@ -403,6 +403,9 @@ def test_run_evaluation_end_to_end(tmp_path, fake_lamp, tiny_model_dir, monkeypa
     pu = saved["per_user"]
     assert pu["user_ids"] == [p["user_id"] for p in preds if p["method"] == "base"]
     assert len(pu["history_lower_start_share"]) == 4 and set(pu["methods"]) == set(res["methods"])
+    # What each reported user's served rows add, as the run published it.
+    assert sum(m == ["emoticon"] for m in pu["marker_parts"]) == parts["reported_users"]["emoticon"]
+    assert all(m in ([], ["emoticon"]) for m in pu["marker_parts"]) and len(pu["marker_parts"]) == 4
     for m, e in pu["methods"].items():
         assert {"rougeL", "closeness", "attribution_rank", "lower_start"} <= set(e)
         assert all(len(v) == 4 for v in e.values()) and set(e["attribution_rank"]) <= {1, 2, 3, 4}

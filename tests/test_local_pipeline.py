@@ -114,6 +114,15 @@ def test_marker_parts_reach_only_the_users_whose_history_shows_the_marker(publis
             expected[layer] = expected[layer] + group.steer[i]
         assert torch.allclose(served.steer, torch.stack([expected[layer] for layer in served.layers]))
         assert run.edit_for(user, "group") is served, "one served row per (group, markers)"
+    # A bounded cache drops a group's rows with marker parts with the group's edit.
+    bounded = PublishedRun(RunReader(store, "tiny-run-1"), group_cache_size=1)
+    user = sorted(shown)[0]
+    gid = bounded.user_group(user)
+    served = bounded.served_edit(gid, ("emoticon",))
+    assert bounded.served_edit(gid, ("emoticon",)) is served
+    bounded.group_edit(next(g for g in bounded.group_ids if g != gid))  # evicts gid
+    again = bounded.served_edit(gid, ("emoticon",))
+    assert again is not served and torch.equal(again.steer, served.steer)
 
 
 def test_bad_records_are_rejected_with_reasons(tmp_path, local_store, tiny_model_dir):

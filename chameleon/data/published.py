@@ -50,7 +50,8 @@ class PublishedRun:
         self._groups_lock = threading.Lock()  # serving loads groups from several threads
         self._shards: dict[int, dict[str, Any]] = {}
         self._marker_parts: MarkerParts | None = None
-        self._composed: dict[tuple[str, tuple[str, ...]], Edit] = {}  # (group, markers) -> served row
+        # (group, markers) -> served row; evicted with its group's edit.
+        self._composed: dict[tuple[str, tuple[str, ...]], Edit] = {}
 
     @property
     def group_ids(self) -> list[str]:
@@ -75,6 +76,8 @@ class PublishedRun:
             if self.group_cache_size is not None and len(self._groups) > self.group_cache_size:
                 evicted, _ = self._groups.popitem(last=False)
                 self._group_parts.pop(evicted, None)
+                for key in [k for k in self._composed if k[0] == evicted]:  # its rows with marker parts
+                    del self._composed[key]
         return edit
 
     def group_parts(self, group_id: str) -> dict[str, torch.Tensor]:
@@ -149,7 +152,7 @@ class PublishedRun:
 
     def served_edit(self, group_id: str, markers: Sequence[str] = ()) -> Edit:
         """The row a user of `group_id` whose marker part adds `markers` is served (one Edit
-        object per combination while the run is open)."""
+        object per combination while its group's edit stays cached)."""
         if not markers:
             return self.group_edit(group_id)
         key = (group_id, tuple(markers))
@@ -158,7 +161,8 @@ class PublishedRun:
         if edit is None:
             edit = self.with_markers(self.group_edit(group_id), markers)
             with self._groups_lock:
-                edit = self._composed.setdefault(key, edit)
+                if group_id in self._groups:  # not evicted meanwhile by another thread's load
+                    edit = self._composed.setdefault(key, edit)
         return edit
 
     def edit_for(self, user_id: str, level: str, group_id: str | None = None) -> Edit | None:

@@ -139,8 +139,6 @@ def _main_methods(
                 **parts,
                 "reported_users": {m: sum(m in run.user_markers(u) for u in ids) for m in parts["markers"]},
             }
-            # Per reported user (goes to `per_user`, not to `runs`): what their served rows add.
-            info["marker_parts_per_user"] = [list(run.user_markers(u)) for u in ids]
         if "chameleon_user" in methods:
             edits = run.edits_for(ids, "user")
             info["users_without_own_edit"] = sum(e is None for e in edits)
@@ -194,6 +192,17 @@ def _main_methods(
     return raw, groups, info
 
 
+def _served_markers(ev: EvalContext, run_id: str | None) -> list[list[str]] | None:
+    """Per reported user, the markers their served rows in run `run_id` (the `chameleon_*`
+    methods' run) add; None when that run has no marker parts or there is none."""
+    if run_id is None:
+        return None
+    run = PublishedRun(RunReader(ev.store, run_id))
+    if not run.manifest.marker_parts:
+        return None
+    return [list(run.user_markers(q.id)) for q in ev.reported]
+
+
 def run_evaluation(
     settings: EvalSettings, cfg: ChameleonConfig, *, model_and_tokenizer=None, progress: bool = True
 ) -> dict[str, Any]:
@@ -241,8 +250,7 @@ def run_evaluation(
         raw.update(raw_t)
         groups.update(groups_t)
 
-    marker_parts = info.pop("marker_parts_per_user", None)  # the chameleon methods' run's
-    info.pop("marker_parts_per_user_default", None)
+    marker_parts = _served_markers(ev, info.get("run_all"))
     with ev.clock.stage("score"):
         preds = {m: postprocess(r) for m, r in raw.items()}
         golds = [ev.golds[q.id] for q in ev.reported]
