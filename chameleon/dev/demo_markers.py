@@ -54,8 +54,9 @@ def has_marker(style: str, text: str) -> bool:
 
 DEMO_CAPACITY: dict = {
     "asked": (
-        "share of answers with the marker without -> with an instruction asking for it, LaMP-7 tuning "
-        "users (docs/results/lamp7-style-capacity; capitals and length: the system-turn probe)"
+        "share of readable answers (the marker and 3 words besides) with the marker without -> with "
+        "an instruction asking for it, LaMP-7 tuning users (docs/results/lamp7-style-capacity; "
+        "capitals and length: the system-turn probe)"
     ),
     "edit": (
         "share of the demo's 6 paraphrases with the marker, base -> the best edit whose answers stay "
@@ -65,17 +66,18 @@ DEMO_CAPACITY: dict = {
     "styles": {
         "shouty_fan": {"asked": (0.10, 0.10), "edit": (0.0, 0.83, "12:0.8")},
         "formal_scholar": {"asked": None, "edit": (0.67, 0.83, "9:0.2")},
-        "emoji_lover": {"asked": (0.0, 0.604), "edit": (0.0, 0.0, None)},
+        "emoji_lover": {"asked": (0.0, 0.0), "edit": (0.0, 0.0, None)},
         "terse_engineer": {"asked": (0.10, 0.20), "edit": (0.0, 0.50, "15:0.8")},
         "lowercase_texter": {"asked": (0.083, 0.062), "edit": (0.0, 1.0, "15:0.8")},
-        "hashtag_fan": {"asked": (0.021, 0.688), "edit": (0.0, 0.0, None)},
+        "hashtag_fan": {"asked": (0.021, 0.521), "edit": (0.0, 0.0, None)},
         "pirate_talker": {"asked": None, "edit": (0.0, 0.0, None)},
         "sad_poet": {"asked": None, "edit": (0.0, 0.0, None)},
     },
 }
 """The embedded model's measured capacity for each example style (and the pirate and the sad
 poet, which lowercase_texter and hashtag_fan replaced), two ways. Asked outright it
-carries emoji and hashtags and nothing else measurable. Under a style edit it carries none of the
+writes hashtags in readable answers and nothing else measurable: the emoji it writes when asked
+(60 % of answers) are runs of emoji with no words, none readable. Under a style edit it carries none of the
 styles at the strengths the job calibrates (≤ 0.3 of the state norm); at 0.8 it writes lowercase
 (readable: "i going to the beach this weekend with my friends"), half its answers in ≤ 6 words, and
 capitals only inside garbled words ("THE BEDLACEYES"); emoji and hashtags never appear. So the demo
