@@ -194,7 +194,13 @@ def _served_markers(per_user: dict[str, Any], references: Sequence[str], n_resam
     served = sorted({mk for p in parts for mk in p}, key=MARKERS.index)
     return {
         mk: _shares_with_and_without(
-            per_user["methods"], mk, np.array([mk in p for p in parts]), references, n_resamples, seed, True
+            per_user["methods"],
+            mk,
+            np.array([mk in p for p in parts]),
+            references,
+            n_resamples,
+            seed,
+            readable_too=True,
         )
         for mk in served
         if all(mk in e for e in per_user["methods"].values())

@@ -192,7 +192,7 @@ def _main_methods(
     return raw, groups, info
 
 
-def _served_markers(ev: EvalContext, run_id: str | None) -> list[list[str]] | None:
+def _marker_parts_per_user(ev: EvalContext, run_id: str | None) -> list[list[str]] | None:
     """Per reported user, the markers their served rows in run `run_id` (the `chameleon_*`
     methods' run) add; None when that run has no marker parts or there is none."""
     if run_id is None:
@@ -250,7 +250,7 @@ def run_evaluation(
         raw.update(raw_t)
         groups.update(groups_t)
 
-    marker_parts = _served_markers(ev, info.get("run_all"))
+    marker_parts = _marker_parts_per_user(ev, info.get("run_all"))
     with ev.clock.stage("score"):
         preds = {m: postprocess(r) for m, r in raw.items()}
         golds = [ev.golds[q.id] for q in ev.reported]
